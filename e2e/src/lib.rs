@@ -1,0 +1,316 @@
+//! The end-to-end harness: starts the workspace's real binaries (`mock-provider`, `worker`,
+//! `producer`) as processes against the real RabbitMQ, each test on its own namespace.
+//!
+//! Binaries are found next to the test executable (`target/<profile>/`), as ripgrep's tests
+//! do; the harness builds them once per test process if they are missing or stale.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+pub use serde_json::Value;
+
+/// RabbitMQ used by the tests (`FLEET__AMQP__URL` overrides).
+pub fn amqp_url() -> String {
+    std::env::var("FLEET__AMQP__URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Pushgateway used by the tests.
+pub fn pushgateway_url() -> String {
+    std::env::var("FLEET__PUSHGATEWAY__URL").unwrap_or_else(|_| "http://127.0.0.1:9091".into())
+}
+
+/// Prometheus used by the tests.
+pub fn prometheus_url() -> String {
+    std::env::var("PROMETHEUS_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into())
+}
+
+/// Path of a workspace binary, building the binaries once per test process.
+pub fn bin(name: &str) -> PathBuf {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let profile_dir = target_dir();
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "--bins", "-p", "worker", "-p", "producer", "-p", "mock-provider"]);
+        if profile_dir.ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+    });
+    target_dir().join(name)
+}
+
+fn target_dir() -> PathBuf {
+    // target/<profile>/deps/<test-exe>
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+}
+
+/// A scratch directory for one test.
+pub fn scratch(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fleet-e2e-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A fresh namespace name, unique per test run.
+pub fn namespace(test: &str) -> String {
+    format!("t.{test}.{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+/// A process that is killed when dropped (tests never leak processes).
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    /// Sends a signal by name (`TERM`, `KILL`, `STOP`, `CONT`) with the `kill` command.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{sig} {}", self.pid());
+    }
+    /// Waits for the process to exit, at most `timeout`; returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The mock provider, started on a free port.
+pub struct Mock {
+    pub proc: Proc,
+    pub url: String,
+}
+
+impl Mock {
+    /// Starts `mock-provider --port 0` with extra knob flags.
+    pub fn start(args: &[&str]) -> Mock {
+        let mut child = Command::new(bin("mock-provider"))
+            .args(["--port", "0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start mock-provider");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).expect("mock prints its address");
+        let url = line.trim().rsplit(' ').next().expect("address").to_string();
+        assert!(url.starts_with("http://"), "unexpected mock banner: {line:?}");
+        Mock { proc: Proc { child, name: "mock-provider".into() }, url }
+    }
+
+    /// The mock's `/stats`.
+    pub fn stats(&self) -> Value {
+        reqwest::blocking_get_json(&format!("{}/stats", self.url))
+    }
+
+    /// Count of responses with `status` in `/stats`.
+    pub fn status_count(&self, status: u16) -> u64 {
+        self.stats()["by_status"][status.to_string()].as_u64().unwrap_or(0)
+    }
+}
+
+/// Minimal blocking HTTP GET of JSON over a fresh runtime (tests are synchronous).
+mod reqwest {
+    pub fn blocking_get_json(url: &str) -> serde_json::Value {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            ::reqwest::get(url).await.expect("GET").json().await.expect("JSON")
+        })
+    }
+}
+pub use self::reqwest::blocking_get_json as get_json;
+
+/// One test's fleet: a namespace, a config file, and the processes it started.
+pub struct Fleet {
+    pub ns: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub mock_url: String,
+}
+
+impl Fleet {
+    /// A fleet on a fresh namespace whose `mock` provider is `mock_url`. `extra_toml` is
+    /// appended to the config (e.g. retry settings).
+    pub fn new(test: &str, mock_url: &str, extra_toml: &str) -> Fleet {
+        let dir = scratch(test);
+        let ns = namespace(test);
+        let config = dir.join("fleet.toml");
+        let toml = format!(
+            "namespace = \"{ns}\"\n\
+             [amqp]\nurl = \"{amqp}\"\n\
+             [pushgateway]\nurl = \"{pg}\"\npush_interval_s = 1\n\
+             [retry]\nmax_attempts = 8\ninitial_backoff_ms = 5\nmax_backoff_ms = 200\nmax_elapsed_s = 30\n\
+             [providers.mock]\nkind = \"openai\"\nbase_url = \"{mock_url}\"\ntimeout_s = 10\nmax_in_flight = 64\n\
+             {extra_toml}\n",
+            amqp = amqp_url(),
+            pg = pushgateway_url(),
+        );
+        std::fs::write(&config, toml).expect("write config");
+        Fleet { ns, dir, config, mock_url: mock_url.to_string() }
+    }
+
+    /// Starts a worker process with `FLEET__WORKER__ID=<id>` and extra env.
+    pub fn worker(&self, id: &str, env: &[(&str, &str)]) -> Proc {
+        let log = std::fs::File::create(self.dir.join(format!("{id}.log"))).expect("log file");
+        let child = Command::new(bin("worker"))
+            .arg("--config")
+            .arg(&self.config)
+            .env("FLEET__WORKER__ID", id)
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start worker");
+        Proc { child, name: id.to_string() }
+    }
+
+    /// The worker's log so far.
+    pub fn worker_log(&self, id: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{id}.log"))).unwrap_or_default()
+    }
+
+    /// Runs `producer --config <cfg> --quiet ARGS` to completion.
+    pub fn producer(&self, args: &[&str]) -> Output {
+        Command::new(bin("producer"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--quiet")
+            .args(args)
+            .output()
+            .expect("run producer")
+    }
+
+    /// Starts a producer in the background.
+    pub fn producer_spawn(&self, args: &[&str]) -> Proc {
+        let child = Command::new(bin("producer"))
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--quiet")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start producer");
+        Proc { child, name: "producer".into() }
+    }
+
+    /// Submits `file` to `mock` and returns the job id.
+    pub fn submit(&self, file: &Path) -> (String, u64) {
+        let out = self.producer(&["submit", file.to_str().unwrap(), "--provider", "mock", "--json"]);
+        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
+        (v["job_id"].as_str().unwrap().to_string(), v["total"].as_u64().unwrap())
+    }
+
+    /// Waits for a job's results into `output`, failing after `timeout_s`.
+    pub fn wait(&self, job: &str, output: &Path, timeout_s: u64) -> Output {
+        self.producer(&["wait", job, "--output", output.to_str().unwrap(), "--timeout", &timeout_s.to_string()])
+    }
+
+    /// Runs an async block against the broker with a fresh connection.
+    pub fn amqp<F, Fut, T>(&self, f: F) -> T
+    where
+        F: FnOnce(lapin::Connection, fleet::topology::Topology) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let topology = fleet::topology::Topology::new(&self.ns, 5);
+        rt.block_on(async {
+            let conn = fleet::amqp::connect(&amqp_url(), "e2e").await.expect("connect to RabbitMQ");
+            f(conn, topology).await
+        })
+    }
+
+    /// Messages ready in a queue (`None` if it does not exist).
+    pub fn queue_len(&self, queue: &str) -> Option<u32> {
+        let q = queue.to_string();
+        self.amqp(|conn, t| async move { t.queue_len(&conn, &q).await.expect("queue_len") })
+    }
+
+    /// Deletes the namespace's queues (called at the end of a passing test).
+    pub fn cleanup(&self, jobs: &[&str]) {
+        let jobs: Vec<String> = jobs.iter().map(|s| s.to_string()).collect();
+        self.amqp(|conn, t| async move {
+            let ch = conn.create_channel().await.expect("channel");
+            for j in jobs {
+                let _ = ch.queue_delete(t.results_queue(&j).into(), Default::default()).await;
+            }
+            let _ = t.delete_all(&ch, &["mock"]).await;
+        });
+    }
+}
+
+/// Writes `n` chat-completion requests (custom ids `req-<i>`) to `path`.
+pub fn write_requests(path: &Path, n: usize) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).expect("create input"));
+    for i in 0..n {
+        writeln!(
+            f,
+            r#"{{"custom_id":"req-{i}","method":"POST","url":"/v1/chat/completions","body":{{"model":"mock-model","messages":[{{"role":"user","content":"Say something about the number {i}."}}]}}}}"#
+        )
+        .expect("write input");
+    }
+}
+
+/// The output file's lines, parsed.
+pub fn read_output(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines().map(|l| serde_json::from_str(l).expect("output line is JSON")).collect()
+}
+
+/// Checks that every `req-<i>` for i < n appears exactly once; returns counts by
+/// `response.status_code` (0 when there is no response).
+pub fn assert_exactly_once(lines: &[Value], n: usize) -> HashMap<u64, u64> {
+    assert_eq!(lines.len(), n, "output has {} lines, want {n}", lines.len());
+    let mut ids = HashSet::new();
+    let mut by_status = HashMap::new();
+    for l in lines {
+        let id = l["custom_id"].as_str().expect("custom_id").to_string();
+        assert!(ids.insert(id.clone()), "custom_id {id} appears twice");
+        let status = l["response"]["status_code"].as_u64().unwrap_or(0);
+        *by_status.entry(status).or_default() += 1;
+    }
+    for i in 0..n {
+        assert!(ids.contains(&format!("req-{i}")), "req-{i} is missing");
+    }
+    by_status
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}

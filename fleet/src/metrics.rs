@@ -1,0 +1,203 @@
+//! Metric definitions: the one owner of every metric name and label.
+//!
+//! Names follow the system this fleet replaces (see `observability/`), so its dashboard
+//! semantics carry over. Label values come from small fixed sets: never a job id or a
+//! custom id, which would explode the number of series.
+//!
+//! Two registries exist because two Pushgateway groups exist: each worker pushes its own
+//! (`job="batch_worker", instance=<worker id>`), and the active tracker pushes the
+//! job-level one (`job="batch_tracker"`).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+
+/// Provider latency buckets: 5 ms to 5 minutes (LLM calls range that widely).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+/// Job duration buckets: 1 second to 2 days.
+const JOB_BUCKETS: &[f64] = &[
+    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0, 172800.0,
+];
+
+/// Metrics of one worker process.
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pub registry: Registry,
+    /// `batch_items_total{provider,status}`: items finished by this worker.
+    pub items: IntCounterVec,
+    /// `batch_provider_latency_seconds{provider,operation}`: one provider HTTP call.
+    pub provider_latency: HistogramVec,
+    /// `batch_retry_attempts_total{provider,task_type,retry_reason}`.
+    pub retries: IntCounterVec,
+    /// `batch_errors_total{provider,error_type,operation}`: every failed call or message.
+    pub errors: IntCounterVec,
+    /// `batch_items_in_flight{provider}`: items being worked on now.
+    pub in_flight: IntGaugeVec,
+    /// `batch_dead_letters_total{reason}`: messages this worker parked in the dead queue.
+    pub dead_letters: IntCounterVec,
+    /// `batch_tokens_total{provider,kind}`: tokens reported in the providers' `usage`.
+    pub tokens: IntCounterVec,
+    /// `batch_push_failures_total`: failed pushes to the Pushgateway.
+    pub push_failures: IntCounter,
+    /// `batch_worker_up`: 1 while the worker runs; its final push sets 0.
+    pub worker_up: IntGauge,
+    /// `batch_concurrency_limit{provider}`: current in-flight limit per provider.
+    pub concurrency_limit: IntGaugeVec,
+    /// `batch_poll_cycle_seconds`: one poll of a provider batch (batch-API mode).
+    pub poll_cycle: Histogram,
+}
+
+impl WorkerMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = WorkerMetrics {
+            items: counter_vec("batch_items_total", "Items finished, by final status", &["provider", "status"]),
+            provider_latency: histogram_vec(
+                "batch_provider_latency_seconds",
+                "Latency of one provider call",
+                &["provider", "operation"],
+                LATENCY_BUCKETS,
+            ),
+            retries: counter_vec(
+                "batch_retry_attempts_total",
+                "Retries of provider calls, by reason",
+                &["provider", "task_type", "retry_reason"],
+            ),
+            errors: counter_vec(
+                "batch_errors_total",
+                "Errors, by type and operation",
+                &["provider", "error_type", "operation"],
+            ),
+            in_flight: gauge_vec("batch_items_in_flight", "Items being processed now", &["provider"]),
+            dead_letters: counter_vec("batch_dead_letters_total", "Messages dead-lettered", &["reason"]),
+            tokens: counter_vec("batch_tokens_total", "Tokens reported by providers", &["provider", "kind"]),
+            push_failures: IntCounter::new("batch_push_failures_total", "Failed pushes to the Pushgateway")
+                .expect("valid metric"),
+            worker_up: IntGauge::new("batch_worker_up", "1 while the worker runs, 0 after a clean stop")
+                .expect("valid metric"),
+            concurrency_limit: gauge_vec(
+                "batch_concurrency_limit",
+                "Current in-flight limit per provider",
+                &["provider"],
+            ),
+            poll_cycle: Histogram::with_opts(
+                HistogramOpts::new("batch_poll_cycle_seconds", "Duration of one provider batch poll cycle")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+            )
+            .expect("valid metric"),
+            registry,
+        };
+        for c in [
+            Box::new(m.items.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.provider_latency.clone()),
+            Box::new(m.retries.clone()),
+            Box::new(m.errors.clone()),
+            Box::new(m.in_flight.clone()),
+            Box::new(m.dead_letters.clone()),
+            Box::new(m.tokens.clone()),
+            Box::new(m.push_failures.clone()),
+            Box::new(m.worker_up.clone()),
+            Box::new(m.concurrency_limit.clone()),
+            Box::new(m.poll_cycle.clone()),
+        ] {
+            m.registry.register(c).expect("metric registered once");
+        }
+        m
+    }
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Job-level metrics, owned by the active tracker.
+#[derive(Clone)]
+pub struct TrackerMetrics {
+    pub registry: Registry,
+    /// `batch_jobs_total{provider,status}`: submitted, and each end state.
+    pub jobs: IntCounterVec,
+    /// `batch_job_duration_seconds{provider,status}`: submit to last item.
+    pub job_duration: HistogramVec,
+    /// `batch_jobs_in_progress{provider}`.
+    pub jobs_in_progress: IntGaugeVec,
+    /// `batch_queue_backlog{provider}`: messages ready in each items queue.
+    pub queue_backlog: IntGaugeVec,
+    /// `batch_push_failures_total`.
+    pub push_failures: IntCounter,
+}
+
+impl TrackerMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let m = TrackerMetrics {
+            jobs: counter_vec("batch_jobs_total", "Jobs submitted and ended, by status", &["provider", "status"]),
+            job_duration: histogram_vec(
+                "batch_job_duration_seconds",
+                "Time from submission to the last item",
+                &["provider", "status"],
+                JOB_BUCKETS,
+            ),
+            jobs_in_progress: gauge_vec("batch_jobs_in_progress", "Jobs not yet finished", &["provider"]),
+            queue_backlog: gauge_vec("batch_queue_backlog", "Messages ready in the items queue", &["provider"]),
+            push_failures: IntCounter::new("batch_push_failures_total", "Failed pushes to the Pushgateway")
+                .expect("valid metric"),
+            registry,
+        };
+        for c in [
+            Box::new(m.jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.job_duration.clone()),
+            Box::new(m.jobs_in_progress.clone()),
+            Box::new(m.queue_backlog.clone()),
+            Box::new(m.push_failures.clone()),
+        ] {
+            m.registry.register(c).expect("metric registered once");
+        }
+        m
+    }
+}
+
+impl Default for TrackerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter_vec(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric")
+}
+
+fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric")
+}
+
+/// The registry in Prometheus' text format.
+pub fn encode(registry: &Registry) -> Vec<u8> {
+    use prometheus::Encoder;
+    let mut buf = Vec::new();
+    // Encoding our own well-formed registry into a Vec cannot fail.
+    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut buf);
+    buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_metrics_encode_with_seed_names() {
+        let m = WorkerMetrics::new();
+        m.items.with_label_values(&["mock", "succeeded"]).inc();
+        m.provider_latency.with_label_values(&["mock", "chat_completions"]).observe(0.1);
+        let text = String::from_utf8(encode(&m.registry)).unwrap();
+        assert!(text.contains("batch_items_total{provider=\"mock\",status=\"succeeded\"} 1"), "{text}");
+        assert!(text.contains("batch_provider_latency_seconds_bucket"), "{text}");
+    }
+}

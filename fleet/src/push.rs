@@ -1,0 +1,158 @@
+//! The Pushgateway client and the background pusher.
+//!
+//! The `prometheus` crate's own push helper is blocking (and panics inside a tokio
+//! runtime) and cannot delete groups, so pushes are async reqwest calls here: `PUT` replaces
+//! a whole group, `DELETE` removes one, and the JSON API lists groups with their last push
+//! time (used by the tracker to prune groups of workers long gone).
+//!
+//! Pushing is off the hot path: a slow or absent Pushgateway costs a failed request per
+//! interval, counted in `batch_push_failures_total` and logged at most every 30 s.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use prometheus::{IntCounter, Registry};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::PushgatewayConfig;
+
+/// A Pushgateway at one base URL.
+#[derive(Clone)]
+pub struct Pushgateway {
+    client: reqwest::Client,
+    base: String,
+    username: Option<String>,
+    password: Option<String>,
+}
+
+/// One group on the Pushgateway: its grouping labels and last successful push.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub labels: BTreeMap<String, String>,
+    /// Unix seconds of the last successful push.
+    pub push_time_s: f64,
+}
+
+impl Pushgateway {
+    /// `None` when pushing is disabled (empty URL).
+    pub fn from_config(cfg: &PushgatewayConfig) -> Option<Self> {
+        if cfg.url.trim().is_empty() {
+            return None;
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(cfg.timeout_s.max(1)))
+            .build()
+            .ok()?;
+        Some(Pushgateway {
+            client,
+            base: cfg.url.trim_end_matches('/').to_string(),
+            username: cfg.username.clone(),
+            password: cfg.password.clone(),
+        })
+    }
+
+    fn group_url(&self, job: &str, instance: Option<&str>) -> String {
+        match instance {
+            Some(i) => format!("{}/metrics/job/{}/instance/{}", self.base, path_safe(job), path_safe(i)),
+            None => format!("{}/metrics/job/{}", self.base, path_safe(job)),
+        }
+    }
+
+    fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.username {
+            Some(u) => req.basic_auth(u, self.password.as_deref()),
+            None => req,
+        }
+    }
+
+    /// Replaces the group's metrics with `registry`'s.
+    pub async fn push(&self, job: &str, instance: Option<&str>, registry: &Registry) -> anyhow::Result<()> {
+        let body = crate::metrics::encode(registry);
+        let resp = self
+            .auth(self.client.put(self.group_url(job, instance)))
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(body)
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            anyhow::bail!("pushgateway answered {}", resp.status());
+        }
+        Ok(())
+    }
+
+    /// Deletes a group.
+    pub async fn delete(&self, job: &str, instance: Option<&str>) -> anyhow::Result<()> {
+        let resp = self.auth(self.client.delete(self.group_url(job, instance))).send().await?;
+        if !resp.status().is_success() {
+            anyhow::bail!("pushgateway answered {}", resp.status());
+        }
+        Ok(())
+    }
+
+    /// Every group on the Pushgateway.
+    pub async fn groups(&self) -> anyhow::Result<Vec<Group>> {
+        let v: serde_json::Value = self
+            .auth(self.client.get(format!("{}/api/v1/metrics", self.base)))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let mut out = Vec::new();
+        for g in v["data"].as_array().into_iter().flatten() {
+            let labels = g["labels"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+                .unwrap_or_default();
+            let push_time_s = g["push_time_seconds"]["metrics"][0]["value"]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            out.push(Group { labels, push_time_s });
+        }
+        Ok(out)
+    }
+}
+
+/// Grouping label values go into the URL path; a `/` would split them.
+fn path_safe(s: &str) -> String {
+    s.replace('/', "_")
+}
+
+/// Pushes `registry` as one group every `interval` until `stop` fires, then once more so
+/// the final values (a worker's last counter increments, `batch_worker_up 0`) reach the
+/// Pushgateway. Returns a handle to await that final push.
+pub fn spawn_pusher(
+    pg: Option<Pushgateway>,
+    job: &'static str,
+    instance: Option<String>,
+    registry: Registry,
+    interval: Duration,
+    failures: IntCounter,
+    stop: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(pg) = pg else { return };
+        let mut last_warn: Option<Instant> = None;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let stopping = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tick.tick() => false,
+            };
+            if let Err(e) = pg.push(job, instance.as_deref(), &registry).await {
+                failures.inc();
+                // A Pushgateway outage would otherwise log every interval on every worker.
+                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                    tracing::warn!(error = %e, job, "metrics push failed (counted in batch_push_failures_total)");
+                    last_warn = Some(Instant::now());
+                }
+            }
+            if stopping {
+                return;
+            }
+        }
+    })
+}

@@ -1,0 +1,216 @@
+//! The AMQP topology: every exchange and queue name (derived from the configured
+//! `namespace`) and the functions that declare them. Declaring is idempotent, so every
+//! process declares what it uses at (re)connect time and the order of start-up never matters.
+//!
+//! ```text
+//! <ns>.items   (direct) --provider--> <ns>.items.<provider>   quorum, delivery limit, DLX
+//! <ns>.results (direct) --job id----> <ns>.results.<job id>   quorum, one per job
+//! <ns>.dead    (fanout) -----------> <ns>.dead               quorum, parked messages
+//! (default)    ------------------> <ns>.ledger              quorum, single active consumer
+//! ```
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Results queues of jobs nobody collects disappear after a week without consumers.
+const RESULTS_QUEUE_EXPIRES_MS: i64 = 7 * 24 * 3600 * 1000;
+
+/// Header the fleet sets on messages it dead-letters itself, saying why.
+pub const DEAD_REASON_HEADER: &str = "x-fleet-reason";
+
+/// Names of everything on the broker for one namespace.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    ns: String,
+    delivery_limit: u32,
+}
+
+impl Topology {
+    pub fn new(namespace: &str, delivery_limit: u32) -> Self {
+        Topology { ns: namespace.to_string(), delivery_limit }
+    }
+
+    pub fn from_config(cfg: &crate::Config) -> Self {
+        Topology::new(&cfg.namespace, cfg.amqp.delivery_limit)
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+    pub fn items_exchange(&self) -> String {
+        format!("{}.items", self.ns)
+    }
+    pub fn items_queue(&self, provider: &str) -> String {
+        format!("{}.items.{provider}", self.ns)
+    }
+    pub fn results_exchange(&self) -> String {
+        format!("{}.results", self.ns)
+    }
+    pub fn results_queue(&self, job_id: &str) -> String {
+        format!("{}.results.{job_id}", self.ns)
+    }
+    pub fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.ns)
+    }
+    pub fn ledger_queue(&self) -> String {
+        format!("{}.ledger", self.ns)
+    }
+    /// Exclusive queue whose owner is the active job tracker (a broker-side lock: it
+    /// disappears with the owner's connection, and only one connection can hold it).
+    pub fn tracker_lock_queue(&self) -> String {
+        format!("{}.tracker.lock", self.ns)
+    }
+    /// Status queries for the tracker (request/reply over direct reply-to).
+    pub fn tracker_rpc_queue(&self) -> String {
+        format!("{}.tracker.rpc", self.ns)
+    }
+    /// Holds the tracker's latest checkpoint (a one-message queue).
+    pub fn tracker_state_queue(&self) -> String {
+        format!("{}.tracker.state", self.ns)
+    }
+
+    /// Declares the exchanges and the shared queues (dead letters, ledger, tracker).
+    pub async fn declare_common(&self, ch: &Channel) -> lapin::Result<()> {
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        for (name, kind) in [
+            (self.items_exchange(), ExchangeKind::Direct),
+            (self.results_exchange(), ExchangeKind::Direct),
+            (self.dead_exchange(), ExchangeKind::Fanout),
+        ] {
+            ch.exchange_declare(name.into(), kind, durable, FieldTable::default()).await?;
+        }
+        declare_queue(ch, &self.dead_queue(), quorum()).await?;
+        ch.queue_bind(
+            self.dead_queue().into(),
+            self.dead_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        let mut ledger = quorum();
+        // One tracker folds the ledger at a time; a standby takes over when it goes away.
+        ledger.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        declare_queue(ch, &self.ledger_queue(), ledger).await?;
+        let mut rpc = FieldTable::default();
+        // Status queries are worthless after a few seconds; don't let them pile up.
+        rpc.insert("x-message-ttl".into(), AMQPValue::LongLongInt(10_000));
+        declare_queue(ch, &self.tracker_rpc_queue(), rpc).await?;
+        let mut state = quorum();
+        // Only the newest checkpoint matters: publishing one drops the previous.
+        state.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+        state.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+        declare_queue(ch, &self.tracker_state_queue(), state).await?;
+        Ok(())
+    }
+
+    /// Declares the items queue of `provider` and binds it to the items exchange.
+    pub async fn declare_items_queue(&self, ch: &Channel, provider: &str) -> lapin::Result<()> {
+        let mut args = quorum();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
+        // At-least-once dead-lettering needs reject-publish overflow; without it RabbitMQ
+        // silently falls back to at-most-once and a parked message could be lost.
+        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        let queue = self.items_queue(provider);
+        declare_queue(ch, &queue, args).await?;
+        ch.queue_bind(
+            queue.into(),
+            self.items_exchange().into(),
+            provider.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// Declares the results queue of a job and binds it to the results exchange.
+    pub async fn declare_results_queue(&self, ch: &Channel, job_id: &str) -> lapin::Result<()> {
+        let mut args = quorum();
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(RESULTS_QUEUE_EXPIRES_MS));
+        let queue = self.results_queue(job_id);
+        declare_queue(ch, &queue, args).await?;
+        ch.queue_bind(
+            queue.into(),
+            self.results_exchange().into(),
+            job_id.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    /// Number of messages ready in a queue, or `None` if it does not exist. Uses its own
+    /// channel because a passive declare of a missing queue closes the channel.
+    pub async fn queue_len(&self, conn: &lapin::Connection, queue: &str) -> lapin::Result<Option<u32>> {
+        let ch = conn.create_channel().await?;
+        let res = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { passive: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = ch.close(200, "done".into()).await;
+        match res {
+            Ok(q) => Ok(Some(q.message_count())),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes every queue of this namespace that a test created (items of `providers`,
+    /// the shared ones). Results queues are deleted by their collector.
+    pub async fn delete_all(&self, ch: &Channel, providers: &[&str]) -> lapin::Result<()> {
+        let mut queues: Vec<String> = providers.iter().map(|p| self.items_queue(p)).collect();
+        queues.extend([
+            self.dead_queue(),
+            self.ledger_queue(),
+            self.tracker_rpc_queue(),
+            self.tracker_state_queue(),
+        ]);
+        for q in queues {
+            ch.queue_delete(q.into(), Default::default()).await?;
+        }
+        for x in [self.items_exchange(), self.results_exchange(), self.dead_exchange()] {
+            ch.exchange_delete(x.into(), Default::default()).await?;
+        }
+        Ok(())
+    }
+}
+
+/// True when a lapin error is the broker's 404 NOT_FOUND.
+pub fn is_not_found(e: &lapin::Error) -> bool {
+    e.to_string().contains("NOT_FOUND")
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args
+}
+
+async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+    let name: ShortString = name.into();
+    ch.queue_declare(name, QueueDeclareOptions { durable: true, ..Default::default() }, args)
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_namespaced() {
+        let t = Topology::new("t42", 5);
+        assert_eq!(t.items_queue("mock"), "t42.items.mock");
+        assert_eq!(t.results_queue("job1"), "t42.results.job1");
+        assert_eq!(t.ledger_queue(), "t42.ledger");
+    }
+}

@@ -1,0 +1,221 @@
+//! Owns the HTTP surface: shared server state, the axum router, the `x-request-id` middleware
+//! and the request pipeline (count -> rate limit -> validate -> fault draw -> delay -> answer).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, Endpoint};
+use crate::faults::{Fault, FaultInjector};
+use crate::knobs::Knobs;
+use crate::limiter::{Admission, TokenBucket};
+use crate::stats::Stats;
+
+/// How long a "hung" request waits before giving up: effectively forever for any client.
+const HANG_FOR: Duration = Duration::from_secs(3600);
+const GARBAGE_BODY: &[u8] = b"<html>oops, this is not JSON</html>";
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// State shared by every request of one server.
+#[derive(Debug)]
+pub(crate) struct AppState {
+    faults: FaultInjector,
+    // Std mutex for the same reason as the fault generator: a few float operations, never held
+    // across an await.
+    limiter: Option<Mutex<TokenBucket>>,
+    stats: Stats,
+    next_request: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub(crate) fn new(knobs: &Knobs, shutdown: CancellationToken) -> Self {
+        Self {
+            faults: FaultInjector::new(knobs),
+            limiter: knobs
+                .rpm
+                .map(|rpm| Mutex::new(TokenBucket::new(rpm, Instant::now()))),
+            stats: Stats::default(),
+            next_request: AtomicU64::new(0),
+            shutdown,
+        }
+    }
+}
+
+/// The request number assigned by [`request_id`], available to handlers as an extension.
+#[derive(Clone, Copy, Debug)]
+struct RequestId(u64);
+
+/// Builds the router serving the provider endpoints plus `/stats`, `/stats/reset` and
+/// `/healthz`.
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/messages", post(messages))
+        .route("/stats", get(stats))
+        .route("/stats/reset", post(reset_stats))
+        .route("/healthz", get(healthz))
+        // A middleware rather than per-handler code so that every answer, including axum's own
+        // 404/405/413 rejections, carries an id.
+        .layer(middleware::from_fn_with_state(state.clone(), request_id))
+        .with_state(state)
+}
+
+async fn request_id(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let n = state.next_request.fetch_add(1, Relaxed) + 1;
+    req.extensions_mut().insert(RequestId(n));
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(
+        X_REQUEST_ID,
+        HeaderValue::from_str(&format!("req_{n}")).expect("ASCII"),
+    );
+    response
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    Extension(RequestId(n)): Extension<RequestId>,
+    body: Bytes,
+) -> Response {
+    handle(&state, Endpoint::ChatCompletions, n, &body).await
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    Extension(RequestId(n)): Extension<RequestId>,
+    body: Bytes,
+) -> Response {
+    handle(&state, Endpoint::Completions, n, &body).await
+}
+
+async fn embeddings(
+    State(state): State<Arc<AppState>>,
+    Extension(RequestId(n)): Extension<RequestId>,
+    body: Bytes,
+) -> Response {
+    handle(&state, Endpoint::Embeddings, n, &body).await
+}
+
+async fn messages(
+    State(state): State<Arc<AppState>>,
+    Extension(RequestId(n)): Extension<RequestId>,
+    body: Bytes,
+) -> Response {
+    handle(&state, Endpoint::Messages, n, &body).await
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    Json(state.stats.snapshot()).into_response()
+}
+
+async fn reset_stats(State(state): State<Arc<AppState>>) -> Response {
+    state.stats.reset();
+    Json(state.stats.snapshot()).into_response()
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// The pipeline shared by every provider endpoint.
+async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Response {
+    let _in_flight = state.stats.enter(endpoint);
+
+    // The limiter comes first, as with a real provider: throttling happens at the edge, before
+    // the request is even looked at, and a throttled request costs no latency.
+    let admission = state.limiter.as_ref().map(|bucket| {
+        bucket
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_acquire(Instant::now())
+    });
+    if let Some(Admission::Refused { .. }) = admission {
+        let body = api::error_body(endpoint, 429, "mock-provider: rate limit reached (rpm)");
+        return answer(state, endpoint, 429, body, admission.as_ref());
+    }
+
+    // Validation is deterministic and immediate: a malformed request is a caller bug, so it
+    // neither consumes a fault draw nor waits for the simulated latency.
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let success = match api::success_body(endpoint, body, n, created) {
+        Ok(bytes) => bytes,
+        Err(message) => {
+            let body = api::error_body(endpoint, 400, &message);
+            return answer(state, endpoint, 400, body, admission.as_ref());
+        }
+    };
+
+    let decision = state.faults.decide();
+    if decision.fault == Fault::Hang {
+        state.stats.record_hung();
+        // Wake up on shutdown so graceful shutdown is not held hostage by hung requests; the
+        // answer is not counted, the request already is (as hung).
+        tokio::select! {
+            () = tokio::time::sleep(HANG_FOR) => {}
+            () = state.shutdown.cancelled() => {}
+        }
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
+    if !decision.delay.is_zero() {
+        tokio::time::sleep(decision.delay).await;
+    }
+    match decision.fault {
+        Fault::None => answer(state, endpoint, 200, success, admission.as_ref()),
+        Fault::Garbage => {
+            state.stats.record_garbage();
+            let mut response = Response::new(Body::from(GARBAGE_BODY));
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            add_rate_headers(&mut response, admission.as_ref(), endpoint);
+            response
+        }
+        Fault::Status(status) => {
+            let message = format!("mock-provider: injected {status}");
+            let body = api::error_body(endpoint, status, &message);
+            answer(state, endpoint, status, body, admission.as_ref())
+        }
+        Fault::Hang => unreachable!("handled above"),
+    }
+}
+
+/// Builds a JSON answer with `status`, counts it, and attaches the rate-limit headers if the
+/// limiter is on.
+fn answer(
+    state: &AppState,
+    endpoint: Endpoint,
+    status: u16,
+    body: Vec<u8>,
+    admission: Option<&Admission>,
+) -> Response {
+    state.stats.record_status(status);
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(status).expect("valid status code");
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    add_rate_headers(&mut response, admission, endpoint);
+    response
+}
+
+/// Attaches the limiter's headers (only present when `--rpm` is set).
+fn add_rate_headers(response: &mut Response, admission: Option<&Admission>, endpoint: Endpoint) {
+    if let Some(admission) = admission {
+        admission.write_headers(response.headers_mut(), endpoint.is_anthropic());
+    }
+}

@@ -1,0 +1,155 @@
+//! Owns the fault-injection knobs: the command-line / environment configuration that decides
+//! how slow, flaky and throttled the mock provider is.
+
+/// Everything that shapes the mock provider's behaviour.
+///
+/// Every field is settable by a `--kebab-case` flag and by a `MOCK_*` environment variable, so
+/// the same knobs work for the binary, for `docker compose` and (through [`Default`] plus
+/// struct update syntax) for tests that embed the server.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Knobs {
+    /// Fixed delay, in milliseconds, before every answer that is not refused by the limiter.
+    #[arg(long, env = "MOCK_LATENCY_MS", default_value_t = 0)]
+    pub latency_ms: u64,
+
+    /// Extra uniformly distributed delay, in milliseconds (0..=jitter), added to the latency.
+    #[arg(long, env = "MOCK_JITTER_MS", default_value_t = 0)]
+    pub jitter_ms: u64,
+
+    /// Fraction of requests answered 500 Internal Server Error.
+    #[arg(long = "error-500", env = "MOCK_ERROR_500", default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_500: f64,
+
+    /// Fraction of requests answered 503 Service Unavailable.
+    #[arg(long = "error-503", env = "MOCK_ERROR_503", default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_503: f64,
+
+    /// Fraction of requests answered 400 Bad Request (OpenAI `invalid_request_error` body).
+    #[arg(long = "error-400", env = "MOCK_ERROR_400", default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_400: f64,
+
+    /// Fraction of requests answered 429 Too Many Requests (independent of `--rpm`).
+    #[arg(long = "error-429", env = "MOCK_ERROR_429", default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_429: f64,
+
+    /// Fraction of requests answered 529 (Anthropic `overloaded_error`).
+    #[arg(long = "error-529", env = "MOCK_ERROR_529", default_value_t = 0.0, value_parser = parse_rate)]
+    pub error_529: f64,
+
+    /// Fraction of requests that never answer (until the client gives up or the server stops).
+    #[arg(long, env = "MOCK_HANG_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub hang_rate: f64,
+
+    /// Fraction of requests answered 200 with a body that is not JSON.
+    #[arg(long, env = "MOCK_GARBAGE_RATE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub garbage_rate: f64,
+
+    /// Requests-per-minute limit, enforced by a token bucket holding one second of burst.
+    #[arg(long, env = "MOCK_RPM", value_parser = clap::value_parser!(u64).range(1..))]
+    pub rpm: Option<u64>,
+
+    /// Seed of the random generator behind every fault and jitter decision.
+    #[arg(long, env = "MOCK_SEED", default_value_t = 42)]
+    pub seed: u64,
+}
+
+impl Default for Knobs {
+    /// A well-behaved provider: no latency, no faults, no rate limit, seed 42 — the same values
+    /// as the command-line defaults.
+    fn default() -> Self {
+        Self {
+            latency_ms: 0,
+            jitter_ms: 0,
+            error_500: 0.0,
+            error_503: 0.0,
+            error_400: 0.0,
+            error_429: 0.0,
+            error_529: 0.0,
+            hang_rate: 0.0,
+            garbage_rate: 0.0,
+            rpm: None,
+            seed: 42,
+        }
+    }
+}
+
+/// Parses a fraction, refusing anything outside `0.0..=1.0` (including NaN) so a typo such as
+/// `--error-500 5` fails loudly instead of silently meaning "always".
+fn parse_rate(s: &str) -> Result<f64, String> {
+    let rate: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if (0.0..=1.0).contains(&rate) {
+        Ok(rate)
+    } else {
+        Err(format!("`{s}` is not a fraction between 0 and 1"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct Cli {
+        #[command(flatten)]
+        knobs: Knobs,
+    }
+
+    #[test]
+    fn defaults_match_default_impl() {
+        let parsed = Cli::try_parse_from(["mock"]).unwrap().knobs;
+        let default = Knobs::default();
+        assert_eq!(parsed.latency_ms, default.latency_ms);
+        assert_eq!(parsed.jitter_ms, default.jitter_ms);
+        assert_eq!(parsed.error_500, default.error_500);
+        assert_eq!(parsed.error_529, default.error_529);
+        assert_eq!(parsed.hang_rate, default.hang_rate);
+        assert_eq!(parsed.garbage_rate, default.garbage_rate);
+        assert_eq!(parsed.rpm, None);
+        assert_eq!(parsed.seed, 42);
+    }
+
+    #[test]
+    fn flags_are_parsed() {
+        let k = Cli::try_parse_from([
+            "mock",
+            "--latency-ms",
+            "200",
+            "--jitter-ms",
+            "20",
+            "--error-500",
+            "0.1",
+            "--error-529",
+            "0.25",
+            "--hang-rate",
+            "0.01",
+            "--garbage-rate",
+            "0.02",
+            "--rpm",
+            "600",
+            "--seed",
+            "7",
+        ])
+        .unwrap()
+        .knobs;
+        assert_eq!(k.latency_ms, 200);
+        assert_eq!(k.jitter_ms, 20);
+        assert_eq!(k.error_500, 0.1);
+        assert_eq!(k.error_529, 0.25);
+        assert_eq!(k.hang_rate, 0.01);
+        assert_eq!(k.garbage_rate, 0.02);
+        assert_eq!(k.rpm, Some(600));
+        assert_eq!(k.seed, 7);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Cli::try_parse_from(["mock", "--error-500", "1.5"]).is_err());
+        assert!(Cli::try_parse_from(["mock", "--error-503", "-0.1"]).is_err());
+        assert!(Cli::try_parse_from(["mock", "--hang-rate", "NaN"]).is_err());
+        assert!(Cli::try_parse_from(["mock", "--rpm", "0"]).is_err());
+    }
+}

@@ -1,0 +1,7 @@
+//! The producer CLI's library: submitting jobs, collecting results, and (through the job
+//! tracker) inspecting and controlling jobs.
+
+pub mod collect;
+pub mod progress;
+pub mod submit;
+pub mod validate;

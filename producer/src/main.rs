@@ -1,0 +1,137 @@
+//! `producer`: submit JSONL jobs to the fleet and collect their results.
+//!
+//! Exit codes: 0 success, 1 a runtime failure (broker unreachable, ...), 2 bad input or
+//! configuration (nothing was published).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use producer::collect::{self, Collected, WaitRequest};
+use producer::submit::{self, InputError, SubmitRequest};
+
+#[derive(Parser)]
+#[command(version, about = "Submit batches of LLM requests to the fleet and collect the results")]
+struct Cli {
+    /// TOML configuration file (also `FLEET_CONFIG`); `FLEET__*` env variables override it.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    /// Log JSON lines instead of human-readable text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate an OpenAI Batch input file and enqueue it as one job.
+    Submit {
+        /// JSONL file: one {custom_id, method, url, body} request per line.
+        file: PathBuf,
+        /// Provider (a name from the config's `providers`).
+        #[arg(long, short)]
+        provider: String,
+        /// Replace `body.model` of every request.
+        #[arg(long)]
+        model: Option<String>,
+        /// Print `{"job_id": ..., "total": ...}` on stdout instead of the bare job id.
+        #[arg(long)]
+        json: bool,
+        /// Then wait for the results (as `producer wait`).
+        #[arg(long)]
+        wait: bool,
+        /// Output file for `--wait` (default `<job id>.jsonl`).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Collect a job's results into an OpenAI Batch output file; resumable.
+    Wait {
+        /// Job id printed by `submit`.
+        job: String,
+        /// Output file; results already in it are kept and not written twice.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Give up after this many seconds (run again to resume).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    fleet::telemetry::init(cli.log_json);
+    let cfg = match fleet::Config::load(cli.config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("producer: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let progress = !cli.quiet;
+    let result = match cli.command {
+        Command::Submit { file, provider, model, json, wait, output } => {
+            let req = SubmitRequest { file: &file, provider: &provider, model: model.as_deref(), deadline_ms: None, progress };
+            match submit::submit(&cfg, &req).await {
+                Ok(job) => {
+                    if json {
+                        println!("{}", serde_json::to_string(&job).expect("serializable"));
+                    } else {
+                        println!("{}", job.job_id);
+                    }
+                    eprintln!("submitted job {} with {} requests", job.job_id, job.total);
+                    if wait {
+                        let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
+                        let req = WaitRequest { job_id: &job.job_id, output: &output, progress, timeout: None };
+                        collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, false))
+                    } else {
+                        Ok(())
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Command::Wait { job, output, timeout, json } => {
+            let req = WaitRequest { job_id: &job, output: &output, progress, timeout: timeout.map(Duration::from_secs) };
+            collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("producer: {e:#}");
+            if e.downcast_ref::<InputError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn summary(c: &Collected, output: &std::path::Path, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(c).expect("serializable"));
+        return;
+    }
+    let n = c.counts.finished();
+    eprintln!(
+        "job {}: {} results (succeeded {}, failed {}, cancelled {}, expired {}) in {:.1} s -> {}",
+        c.job_id,
+        n,
+        c.counts.succeeded,
+        c.counts.failed,
+        c.counts.cancelled,
+        c.counts.expired,
+        c.elapsed_s,
+        output.display()
+    );
+}

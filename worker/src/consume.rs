@@ -1,0 +1,95 @@
+//! Consuming the items queues over one connection: a channel per provider with
+//! `basic_qos` = that provider's in-flight limit, one task per delivery.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fleet::metrics::WorkerMetrics;
+use fleet::topology::Topology;
+use fleet::Config;
+use futures::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::process::{self, Context};
+use crate::provider::ProviderClient;
+
+/// Consumes every served provider's queue on `conn` until the connection fails (`Err`) or
+/// `shutdown` fires (`Ok` once every consumer is cancelled; in-flight tasks keep running
+/// in `in_flight`).
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_connection(
+    conn: &Connection,
+    cfg: &Config,
+    worker_id: &str,
+    topology: &Topology,
+    metrics: &WorkerMetrics,
+    clients: &BTreeMap<String, (Arc<ProviderClient>, u16)>,
+    in_flight: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let publish = fleet::amqp::confirm_channel(conn).await?;
+    topology.declare_common(&publish).await?;
+    for name in clients.keys() {
+        topology.declare_items_queue(&publish, name).await?;
+    }
+    let ctx = Arc::new(Context {
+        worker_id: worker_id.to_string(),
+        topology: topology.clone(),
+        metrics: metrics.clone(),
+        publish,
+        max_message_bytes: cfg.amqp.max_message_bytes,
+    });
+    let mut consumers = tokio::task::JoinSet::new();
+    for (name, (client, prefetch)) in clients {
+        let ch = conn.create_channel().await?;
+        // The prefetch is the in-flight bound: the broker never hands us more unacked items.
+        ch.basic_qos(*prefetch, BasicQosOptions::default()).await?;
+        let tag = format!("{worker_id}/{name}");
+        let consumer = ch
+            .basic_consume(
+                topology.items_queue(name).into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let (ctx, client, in_flight, shutdown) = (ctx.clone(), client.clone(), in_flight.clone(), shutdown.clone());
+        consumers.spawn(async move {
+            let mut consumer = consumer;
+            let mut cancelling = false;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled(), if !cancelling => {
+                        cancelling = true;
+                        // Stop new deliveries; the stream ends once the broker confirms, and
+                        // whatever arrived before that is still processed.
+                        if ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    next = consumer.next() => match next {
+                        Some(Ok(delivery)) => {
+                            in_flight.spawn(process::handle(ctx.clone(), client.clone(), delivery));
+                        }
+                        Some(Err(e)) => return Err(anyhow::Error::from(e)),
+                        None if cancelling => return Ok(()),
+                        None => anyhow::bail!("consumer of {} ended unexpectedly", client.name),
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!(providers = clients.len(), "consuming");
+    while let Some(res) = consumers.join_next().await {
+        match res {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(e) => anyhow::bail!("consumer task failed: {e}"),
+        }
+    }
+    Ok(())
+}

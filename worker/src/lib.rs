@@ -1,0 +1,109 @@
+//! The worker: consumes the items queues of the providers it serves, calls the providers,
+//! publishes results, and (when it holds the role) runs the fleet's job tracker.
+//!
+//! Lifecycle of [`run`]: connect (retrying), declare the topology, consume until the
+//! connection fails (then reconnect) or shutdown fires (then stop consuming, drain the
+//! items in flight within `worker.drain_timeout_s`, push metrics one last time, exit).
+
+pub mod consume;
+pub mod process;
+pub mod provider;
+pub mod tracker;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet::metrics::WorkerMetrics;
+use fleet::push::{spawn_pusher, Pushgateway};
+use fleet::topology::Topology;
+use fleet::Config;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::provider::ProviderClient;
+
+/// Pushgateway `job` label of worker groups.
+pub const PUSH_JOB: &str = "batch_worker";
+
+/// Runs a worker until `shutdown` fires, then drains and returns.
+pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let worker_id = cfg.worker_id();
+    let topology = Topology::from_config(&cfg);
+    let metrics = WorkerMetrics::new();
+    metrics.worker_up.set(1);
+
+    let served = cfg.served_providers();
+    if served.is_empty() {
+        anyhow::bail!("this worker serves no provider: check `providers` and `worker.providers`");
+    }
+    let mut clients = BTreeMap::new();
+    for (name, pcfg) in &served {
+        let client = ProviderClient::new(name, pcfg, &cfg.retry, metrics.clone())?;
+        let prefetch = pcfg.max_in_flight.min(cfg.worker.max_in_flight).max(1);
+        metrics.concurrency_limit.with_label_values(&[name.as_str()]).set(prefetch.into());
+        clients.insert(name.to_string(), (Arc::new(client), prefetch));
+    }
+
+    let pg = Pushgateway::from_config(&cfg.pushgateway);
+    let stop_pushing = CancellationToken::new();
+    let pusher = spawn_pusher(
+        pg.clone(),
+        PUSH_JOB,
+        Some(worker_id.clone()),
+        metrics.registry.clone(),
+        Duration::from_secs(cfg.pushgateway.push_interval_s.max(1)),
+        metrics.push_failures.clone(),
+        stop_pushing.clone(),
+    );
+    tracing::info!(worker = %worker_id, namespace = topology.namespace(), providers = ?clients.keys().collect::<Vec<_>>(), "worker starting");
+
+    // Items in flight across reconnections: the drain waits for all of them.
+    let in_flight = TaskTracker::new();
+    let tracker_role = tracker::spawn_candidate(&cfg, &worker_id, pg, shutdown.clone());
+    let mut retry_delay = Duration::from_millis(200);
+    while !shutdown.is_cancelled() {
+        let name = format!("worker {worker_id}");
+        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await else { break };
+        match consume::serve_connection(&conn, &cfg, &worker_id, &topology, &metrics, &clients, &in_flight, &shutdown).await {
+            Ok(()) => {
+                retry_delay = Duration::from_millis(200);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lost the broker; reconnecting");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(retry_delay) => {}
+                }
+                retry_delay = (retry_delay * 2).min(Duration::from_secs(5));
+            }
+        }
+        if shutdown.is_cancelled() {
+            drain(&in_flight, Duration::from_secs(cfg.worker.drain_timeout_s)).await;
+            let _ = conn.close(200, "worker shutting down".into()).await;
+        }
+    }
+    if let Some(handle) = tracker_role {
+        let _ = handle.await;
+    }
+    metrics.worker_up.set(0);
+    for name in clients.keys() {
+        metrics.in_flight.with_label_values(&[name.as_str()]).set(0);
+    }
+    stop_pushing.cancel();
+    let _ = pusher.await;
+    tracing::info!(worker = %worker_id, "worker stopped");
+    Ok(())
+}
+
+/// Waits for in-flight items to finish, at most `timeout`.
+async fn drain(in_flight: &TaskTracker, timeout: Duration) {
+    in_flight.close();
+    let n = in_flight.len();
+    if n > 0 {
+        tracing::info!(in_flight = n, timeout_s = timeout.as_secs(), "draining items in flight");
+    }
+    if tokio::time::timeout(timeout, in_flight.wait()).await.is_err() {
+        tracing::warn!(left = in_flight.len(), "drain timeout: unfinished items will be redelivered");
+    }
+}

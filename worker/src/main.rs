@@ -1,0 +1,39 @@
+//! `worker`: a stateless worker of the batch-inference fleet.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Consume job items from RabbitMQ, call LLM providers, publish results.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// TOML configuration file (also `FLEET_CONFIG`); `FLEET__*` env variables override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Log JSON lines instead of human-readable text.
+    #[arg(long)]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    fleet::telemetry::init(args.log_json);
+    let cfg = match fleet::Config::load(args.config.as_deref()) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("worker: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let shutdown = fleet::shutdown::on_signals();
+    match worker::run(cfg, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "worker failed");
+            ExitCode::FAILURE
+        }
+    }
+}

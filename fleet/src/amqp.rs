@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{Confirmation, PublisherConfirm};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{Confirmation, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
 
 /// Why a publish did not reach a queue.
@@ -19,7 +19,10 @@ pub enum PublishError {
     Nacked,
     /// No queue is bound for it: retrying will not help.
     #[error("unroutable: no queue bound for exchange {exchange:?} key {routing_key:?}")]
-    Unroutable { exchange: String, routing_key: String },
+    Unroutable {
+        exchange: String,
+        routing_key: String,
+    },
     /// The channel or connection failed: reconnect and retry.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
@@ -45,7 +48,11 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
 
 /// Connects, retrying with capped exponential backoff until it succeeds or `shutdown`
 /// fires (then `None`). Used at start-up and after the broker went away.
-pub async fn connect_with_retry(url: &str, name: &str, shutdown: &CancellationToken) -> Option<Connection> {
+pub async fn connect_with_retry(
+    url: &str,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Option<Connection> {
     let mut delay = Duration::from_millis(200);
     loop {
         match connect(url, name).await {
@@ -88,12 +95,19 @@ pub async fn publish(
         .basic_publish(
             exchange.into(),
             routing_key.into(),
-            BasicPublishOptions { mandatory: true, ..Default::default() },
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
             payload,
             props,
         )
         .await?;
-    Ok(PendingConfirm { confirm, exchange: exchange.to_string(), routing_key: routing_key.to_string() })
+    Ok(PendingConfirm {
+        confirm,
+        exchange: exchange.to_string(),
+        routing_key: routing_key.to_string(),
+    })
 }
 
 /// A publish waiting for the broker's confirm.
@@ -109,7 +123,10 @@ impl PendingConfirm {
         match self.confirm.await? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
-                Err(PublishError::Unroutable { exchange: self.exchange, routing_key: self.routing_key })
+                Err(PublishError::Unroutable {
+                    exchange: self.exchange,
+                    routing_key: self.routing_key,
+                })
             }
             Confirmation::Nack(None) => Err(PublishError::Nacked),
         }
@@ -124,7 +141,10 @@ pub async fn publish_confirmed(
     payload: &[u8],
     props: BasicProperties,
 ) -> Result<(), PublishError> {
-    publish(ch, exchange, routing_key, payload, props).await?.wait().await
+    publish(ch, exchange, routing_key, payload, props)
+        .await?
+        .wait()
+        .await
 }
 
 #[cfg(test)]
@@ -133,7 +153,10 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_logs() {
-        assert_eq!(redact_url("amqp://u:secret@h:5672/%2f"), "amqp://u:***@h:5672/%2f");
+        assert_eq!(
+            redact_url("amqp://u:secret@h:5672/%2f"),
+            "amqp://u:***@h:5672/%2f"
+        );
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
     }
 }

@@ -203,7 +203,10 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
-            anyhow::bail!("namespace must be a non-empty word, got {:?}", self.namespace);
+            anyhow::bail!(
+                "namespace must be a non-empty word, got {:?}",
+                self.namespace
+            );
         }
         for name in &self.worker.providers {
             if !self.providers.contains_key(name) {
@@ -222,7 +225,9 @@ impl Config {
     pub fn served_providers(&self) -> Vec<(&String, &ProviderConfig)> {
         self.providers
             .iter()
-            .filter(|(name, _)| self.worker.providers.is_empty() || self.worker.providers.contains(name))
+            .filter(|(name, _)| {
+                self.worker.providers.is_empty() || self.worker.providers.contains(name)
+            })
             .collect()
     }
 

@@ -52,11 +52,12 @@ impl Pushgateway {
         })
     }
 
-    fn group_url(&self, job: &str, instance: Option<&str>) -> String {
-        match instance {
-            Some(i) => format!("{}/metrics/job/{}/instance/{}", self.base, path_safe(job), path_safe(i)),
-            None => format!("{}/metrics/job/{}", self.base, path_safe(job)),
+    fn group_url(&self, key: &GroupKey) -> String {
+        let mut url = format!("{}/metrics/job/{}", self.base, path_safe(&key.job));
+        for (k, v) in &key.labels {
+            url.push_str(&format!("/{k}/{}", path_safe(v)));
         }
+        url
     }
 
     fn auth(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -67,10 +68,10 @@ impl Pushgateway {
     }
 
     /// Replaces the group's metrics with `registry`'s.
-    pub async fn push(&self, job: &str, instance: Option<&str>, registry: &Registry) -> anyhow::Result<()> {
+    pub async fn push(&self, key: &GroupKey, registry: &Registry) -> anyhow::Result<()> {
         let body = crate::metrics::encode(registry);
         let resp = self
-            .auth(self.client.put(self.group_url(job, instance)))
+            .auth(self.client.put(self.group_url(key)))
             .header("content-type", "text/plain; version=0.0.4")
             .body(body)
             .send()
@@ -82,8 +83,11 @@ impl Pushgateway {
     }
 
     /// Deletes a group.
-    pub async fn delete(&self, job: &str, instance: Option<&str>) -> anyhow::Result<()> {
-        let resp = self.auth(self.client.delete(self.group_url(job, instance))).send().await?;
+    pub async fn delete(&self, key: &GroupKey) -> anyhow::Result<()> {
+        let resp = self
+            .auth(self.client.delete(self.group_url(key)))
+            .send()
+            .await?;
         if !resp.status().is_success() {
             anyhow::bail!("pushgateway answered {}", resp.status());
         }
@@ -103,17 +107,59 @@ impl Pushgateway {
         for g in v["data"].as_array().into_iter().flatten() {
             let labels = g["labels"]
                 .as_object()
-                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+                        .collect()
+                })
                 .unwrap_or_default();
             let push_time_s = g["push_time_seconds"]["metrics"][0]["value"]
                 .as_str()
                 .and_then(|s| s.parse::<f64>().ok())
                 .unwrap_or(0.0);
-            out.push(Group { labels, push_time_s });
+            out.push(Group {
+                labels,
+                push_time_s,
+            });
         }
         Ok(out)
     }
 }
+
+/// The grouping key of a Pushgateway group: `job` plus further labels, in URL order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupKey {
+    pub job: String,
+    pub labels: Vec<(String, String)>,
+}
+
+impl GroupKey {
+    /// A worker's group: `job="batch_worker", namespace=<ns>, instance=<worker id>`.
+    pub fn worker(namespace: &str, worker_id: &str) -> Self {
+        GroupKey {
+            job: WORKER_JOB.into(),
+            labels: vec![("namespace".into(), namespace.into()), ("instance".into(), worker_id.into())],
+        }
+    }
+
+    /// The tracker's group: `job="batch_tracker", namespace=<ns>` (one per fleet, so a
+    /// takeover replaces the previous tracker's values instead of adding to them).
+    pub fn tracker(namespace: &str) -> Self {
+        GroupKey { job: TRACKER_JOB.into(), labels: vec![("namespace".into(), namespace.into())] }
+    }
+
+    /// The key of a group listed by [`Pushgateway::groups`].
+    pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<Self> {
+        let job = labels.get("job")?.clone();
+        let labels = labels.iter().filter(|(k, _)| *k != "job").map(|(k, v)| (k.clone(), v.clone())).collect();
+        Some(GroupKey { job, labels })
+    }
+}
+
+/// `job` label of worker groups.
+pub const WORKER_JOB: &str = "batch_worker";
+/// `job` label of the tracker group.
+pub const TRACKER_JOB: &str = "batch_tracker";
 
 /// Grouping label values go into the URL path; a `/` would split them.
 fn path_safe(s: &str) -> String {
@@ -125,8 +171,7 @@ fn path_safe(s: &str) -> String {
 /// Pushgateway. Returns a handle to await that final push.
 pub fn spawn_pusher(
     pg: Option<Pushgateway>,
-    job: &'static str,
-    instance: Option<String>,
+    key: GroupKey,
     registry: Registry,
     interval: Duration,
     failures: IntCounter,
@@ -142,11 +187,11 @@ pub fn spawn_pusher(
                 _ = stop.cancelled() => true,
                 _ = tick.tick() => false,
             };
-            if let Err(e) = pg.push(job, instance.as_deref(), &registry).await {
+            if let Err(e) = pg.push(&key, &registry).await {
                 failures.inc();
                 // A Pushgateway outage would otherwise log every interval on every worker.
                 if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                    tracing::warn!(error = %e, job, "metrics push failed (counted in batch_push_failures_total)");
+                    tracing::warn!(error = %e, job = %key.job, "metrics push failed (counted in batch_push_failures_total)");
                     last_warn = Some(Instant::now());
                 }
             }

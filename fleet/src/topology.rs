@@ -28,7 +28,10 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(namespace: &str, delivery_limit: u32) -> Self {
-        Topology { ns: namespace.to_string(), delivery_limit }
+        Topology {
+            ns: namespace.to_string(),
+            delivery_limit,
+        }
     }
 
     pub fn from_config(cfg: &crate::Config) -> Self {
@@ -75,13 +78,17 @@ impl Topology {
 
     /// Declares the exchanges and the shared queues (dead letters, ledger, tracker).
     pub async fn declare_common(&self, ch: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         for (name, kind) in [
             (self.items_exchange(), ExchangeKind::Direct),
             (self.results_exchange(), ExchangeKind::Direct),
             (self.dead_exchange(), ExchangeKind::Fanout),
         ] {
-            ch.exchange_declare(name.into(), kind, durable, FieldTable::default()).await?;
+            ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
+                .await?;
         }
         declare_queue(ch, &self.dead_queue(), quorum()).await?;
         ch.queue_bind(
@@ -103,7 +110,10 @@ impl Topology {
         let mut state = quorum();
         // Only the newest checkpoint matters: publishing one drops the previous.
         state.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-        state.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+        state.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("drop-head".into()),
+        );
         declare_queue(ch, &self.tracker_state_queue(), state).await?;
         Ok(())
     }
@@ -111,12 +121,24 @@ impl Topology {
     /// Declares the items queue of `provider` and binds it to the items exchange.
     pub async fn declare_items_queue(&self, ch: &Channel, provider: &str) -> lapin::Result<()> {
         let mut args = quorum();
-        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
+        args.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(self.delivery_limit.into()),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_exchange().into()),
+        );
         // At-least-once dead-lettering needs reject-publish overflow; without it RabbitMQ
         // silently falls back to at-most-once and a parked message could be lost.
-        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
-        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
         let queue = self.items_queue(provider);
         declare_queue(ch, &queue, args).await?;
         ch.queue_bind(
@@ -132,7 +154,10 @@ impl Topology {
     /// Declares the results queue of a job and binds it to the results exchange.
     pub async fn declare_results_queue(&self, ch: &Channel, job_id: &str) -> lapin::Result<()> {
         let mut args = quorum();
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(RESULTS_QUEUE_EXPIRES_MS));
+        args.insert(
+            "x-expires".into(),
+            AMQPValue::LongLongInt(RESULTS_QUEUE_EXPIRES_MS),
+        );
         let queue = self.results_queue(job_id);
         declare_queue(ch, &queue, args).await?;
         ch.queue_bind(
@@ -147,12 +172,19 @@ impl Topology {
 
     /// Number of messages ready in a queue, or `None` if it does not exist. Uses its own
     /// channel because a passive declare of a missing queue closes the channel.
-    pub async fn queue_len(&self, conn: &lapin::Connection, queue: &str) -> lapin::Result<Option<u32>> {
+    pub async fn queue_len(
+        &self,
+        conn: &lapin::Connection,
+        queue: &str,
+    ) -> lapin::Result<Option<u32>> {
         let ch = conn.create_channel().await?;
         let res = ch
             .queue_declare(
                 queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await;
@@ -177,7 +209,11 @@ impl Topology {
         for q in queues {
             ch.queue_delete(q.into(), Default::default()).await?;
         }
-        for x in [self.items_exchange(), self.results_exchange(), self.dead_exchange()] {
+        for x in [
+            self.items_exchange(),
+            self.results_exchange(),
+            self.dead_exchange(),
+        ] {
             ch.exchange_delete(x.into(), Default::default()).await?;
         }
         Ok(())
@@ -191,15 +227,25 @@ pub fn is_not_found(e: &lapin::Error) -> bool {
 
 fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
     args
 }
 
 async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
     let name: ShortString = name.into();
-    ch.queue_declare(name, QueueDeclareOptions { durable: true, ..Default::default() }, args)
-        .await
-        .map(|_| ())
+    ch.queue_declare(
+        name,
+        QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -210,7 +210,11 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&item).unwrap();
         let back: Item = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(back.body.get(), body, "body bytes are passed through unchanged");
+        assert_eq!(
+            back.body.get(),
+            body,
+            "body bytes are passed through unchanged"
+        );
         assert_eq!(back.index, 3);
     }
 
@@ -228,7 +232,10 @@ mod tests {
                 request_id: "req_1".into(),
                 body: RawValue::from_string("{\"error\":{}}".into()).unwrap(),
             }),
-            error: Some(ErrorRecord { code: "client_error".into(), message: "bad".into() }),
+            error: Some(ErrorRecord {
+                code: "client_error".into(),
+                message: "bad".into(),
+            }),
             attempts: 1,
             worker: "w".into(),
             finished_at_ms: 2,

@@ -270,6 +270,36 @@ mod tests {
     }
 
     #[test]
+    fn fractional_capacity_and_steady_rate() {
+        // 90 rpm: 1.5 tokens per second, 1.5 tokens of burst.
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(90, t0);
+        assert!(matches!(
+            b.try_acquire(t0),
+            Admission::Granted { remaining: 0, .. }
+        ));
+        // Half a token left: refused, one token needs a third of a second more (666.67 ms,
+        // rounded up).
+        assert_eq!(
+            b.try_acquire(t0),
+            Admission::Refused {
+                limit: 90,
+                retry_after: ms(334)
+            }
+        );
+        assert!(matches!(
+            b.try_acquire(t0 + ms(334)),
+            Admission::Granted { .. }
+        ));
+        // Over a minute of constant hammering, exactly burst + rate x time get through.
+        let mut b = TokenBucket::new(90, t0);
+        let granted = (0..=60_000)
+            .filter(|i| matches!(b.try_acquire(t0 + ms(*i)), Admission::Granted { .. }))
+            .count();
+        assert_eq!(granted, 1 + 90);
+    }
+
+    #[test]
     fn granted_reset_is_time_until_full() {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(600, t0);

@@ -12,7 +12,10 @@ use producer::collect::{self, Collected, WaitRequest};
 use producer::submit::{self, InputError, SubmitRequest};
 
 #[derive(Parser)]
-#[command(version, about = "Submit batches of LLM requests to the fleet and collect the results")]
+#[command(
+    version,
+    about = "Submit batches of LLM requests to the fleet and collect the results"
+)]
 struct Cli {
     /// TOML configuration file (also `FLEET_CONFIG`); `FLEET__*` env variables override it.
     #[arg(long, short, global = true)]
@@ -78,8 +81,21 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit { file, provider, model, json, wait, output } => {
-            let req = SubmitRequest { file: &file, provider: &provider, model: model.as_deref(), deadline_ms: None, progress };
+        Command::Submit {
+            file,
+            provider,
+            model,
+            json,
+            wait,
+            output,
+        } => {
+            let req = SubmitRequest {
+                file: &file,
+                provider: &provider,
+                model: model.as_deref(),
+                deadline_ms: None,
+                progress,
+            };
             match submit::submit(&cfg, &req).await {
                 Ok(job) => {
                     if json {
@@ -89,9 +105,17 @@ async fn main() -> ExitCode {
                     }
                     eprintln!("submitted job {} with {} requests", job.job_id, job.total);
                     if wait {
-                        let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
-                        let req = WaitRequest { job_id: &job.job_id, output: &output, progress, timeout: None };
-                        collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, false))
+                        let output = output
+                            .unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
+                        let req = WaitRequest {
+                            job_id: &job.job_id,
+                            output: &output,
+                            progress,
+                            timeout: None,
+                        };
+                        collect::wait(&cfg, &req)
+                            .await
+                            .map(|c| summary(&c, &output, false))
                     } else {
                         Ok(())
                     }
@@ -99,9 +123,21 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Wait { job, output, timeout, json } => {
-            let req = WaitRequest { job_id: &job, output: &output, progress, timeout: timeout.map(Duration::from_secs) };
-            collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
+        Command::Wait {
+            job,
+            output,
+            timeout,
+            json,
+        } => {
+            let req = WaitRequest {
+                job_id: &job,
+                output: &output,
+                progress,
+                timeout: timeout.map(Duration::from_secs),
+            };
+            collect::wait(&cfg, &req)
+                .await
+                .map(|c| summary(&c, &output, json))
         }
     };
     match result {

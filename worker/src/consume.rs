@@ -57,7 +57,12 @@ pub async fn serve_connection(
                 FieldTable::default(),
             )
             .await?;
-        let (ctx, client, in_flight, shutdown) = (ctx.clone(), client.clone(), in_flight.clone(), shutdown.clone());
+        let (ctx, client, in_flight, shutdown) = (
+            ctx.clone(),
+            client.clone(),
+            in_flight.clone(),
+            shutdown.clone(),
+        );
         consumers.spawn(async move {
             let mut consumer = consumer;
             let mut cancelling = false;
@@ -73,7 +78,14 @@ pub async fn serve_connection(
                     }
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
-                            in_flight.spawn(process::handle(ctx.clone(), client.clone(), delivery));
+                            // The task holds a handle of the channel: lapin closes a channel
+                            // when its last handle drops, which would requeue this delivery
+                            // even after the consumer task has finished (during the drain).
+                            let (ctx, client, ch) = (ctx.clone(), client.clone(), ch.clone());
+                            in_flight.spawn(async move {
+                                process::handle(ctx, client, delivery).await;
+                                drop(ch);
+                            });
                         }
                         Some(Err(e)) => return Err(anyhow::Error::from(e)),
                         None if cancelling => return Ok(()),

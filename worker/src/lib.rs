@@ -15,16 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet::metrics::WorkerMetrics;
-use fleet::push::{spawn_pusher, Pushgateway};
+use fleet::push::{spawn_pusher, GroupKey, Pushgateway};
 use fleet::topology::Topology;
 use fleet::Config;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::provider::ProviderClient;
-
-/// Pushgateway `job` label of worker groups.
-pub const PUSH_JOB: &str = "batch_worker";
 
 /// Runs a worker until `shutdown` fires, then drains and returns.
 pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -41,7 +38,10 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     for (name, pcfg) in &served {
         let client = ProviderClient::new(name, pcfg, &cfg.retry, metrics.clone())?;
         let prefetch = pcfg.max_in_flight.min(cfg.worker.max_in_flight).max(1);
-        metrics.concurrency_limit.with_label_values(&[name.as_str()]).set(prefetch.into());
+        metrics
+            .concurrency_limit
+            .with_label_values(&[name.as_str()])
+            .set(prefetch.into());
         clients.insert(name.to_string(), (Arc::new(client), prefetch));
     }
 
@@ -49,8 +49,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let stop_pushing = CancellationToken::new();
     let pusher = spawn_pusher(
         pg.clone(),
-        PUSH_JOB,
-        Some(worker_id.clone()),
+        GroupKey::worker(topology.namespace(), &worker_id),
         metrics.registry.clone(),
         Duration::from_secs(cfg.pushgateway.push_interval_s.max(1)),
         metrics.push_failures.clone(),
@@ -64,8 +63,15 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let mut retry_delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let name = format!("worker {worker_id}");
-        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await else { break };
-        match consume::serve_connection(&conn, &cfg, &worker_id, &topology, &metrics, &clients, &in_flight, &shutdown).await {
+        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await
+        else {
+            break;
+        };
+        match consume::serve_connection(
+            &conn, &cfg, &worker_id, &topology, &metrics, &clients, &in_flight, &shutdown,
+        )
+        .await
+        {
             Ok(()) => {
                 retry_delay = Duration::from_millis(200);
             }
@@ -101,9 +107,19 @@ async fn drain(in_flight: &TaskTracker, timeout: Duration) {
     in_flight.close();
     let n = in_flight.len();
     if n > 0 {
-        tracing::info!(in_flight = n, timeout_s = timeout.as_secs(), "draining items in flight");
+        tracing::info!(
+            in_flight = n,
+            timeout_s = timeout.as_secs(),
+            "draining items in flight"
+        );
     }
-    if tokio::time::timeout(timeout, in_flight.wait()).await.is_err() {
-        tracing::warn!(left = in_flight.len(), "drain timeout: unfinished items will be redelivered");
+    if tokio::time::timeout(timeout, in_flight.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = in_flight.len(),
+            "drain timeout: unfinished items will be redelivered"
+        );
     }
 }

@@ -31,7 +31,11 @@ pub struct Context {
 /// the outcome is always settled on the broker (or left to redelivery if the channel died).
 pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Delivery) {
     if delivery.data.len() > ctx.max_message_bytes {
-        let reason = format!("oversized: {} bytes > {}", delivery.data.len(), ctx.max_message_bytes);
+        let reason = format!(
+            "oversized: {} bytes > {}",
+            delivery.data.len(),
+            ctx.max_message_bytes
+        );
         return dead_letter(&ctx, &client.name, delivery, "oversized", &reason).await;
     }
     let item: Item = match serde_json::from_slice(&delivery.data) {
@@ -42,7 +46,10 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
         }
     };
     if item.provider != client.name {
-        let reason = format!("item for provider {:?} on the queue of {:?}", item.provider, client.name);
+        let reason = format!(
+            "item for provider {:?} on the queue of {:?}",
+            item.provider, client.name
+        );
         return dead_letter(&ctx, &client.name, delivery, "malformed", &reason).await;
     }
 
@@ -88,7 +95,12 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
         }
         Err(e) => {
             tracing::warn!(job_id = %item.job_id, custom_id = %item.custom_id, error = %e, "cannot publish result; item will be redelivered");
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = delivery
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
             return;
         }
     }
@@ -98,10 +110,19 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
         return;
     }
     // Counted after the ack so that the fleet's counters equal the results delivered.
-    ctx.metrics.items.with_label_values(&[&client.name, result.status.as_str()]).inc();
+    ctx.metrics
+        .items
+        .with_label_values(&[&client.name, result.status.as_str()])
+        .inc();
     if tokens.0 + tokens.1 > 0 {
-        ctx.metrics.tokens.with_label_values(&[&client.name, "prompt"]).inc_by(tokens.0);
-        ctx.metrics.tokens.with_label_values(&[&client.name, "completion"]).inc_by(tokens.1);
+        ctx.metrics
+            .tokens
+            .with_label_values(&[&client.name, "prompt"])
+            .inc_by(tokens.0);
+        ctx.metrics
+            .tokens
+            .with_label_values(&[&client.name, "completion"])
+            .inc_by(tokens.1);
     }
 }
 
@@ -124,22 +145,56 @@ pub async fn publish_outcome(ctx: &Context, result: &ItemResult) -> Result<(), P
         props,
     )
     .await?;
-    let ledger_confirm = amqp::publish(&ctx.publish, "", &ctx.topology.ledger_queue(), &event, amqp::persistent_json()).await?;
+    let ledger_confirm = amqp::publish(
+        &ctx.publish,
+        "",
+        &ctx.topology.ledger_queue(),
+        &event,
+        amqp::persistent_json(),
+    )
+    .await?;
     result_confirm.wait().await?;
     ledger_confirm.wait().await
 }
 
 /// Parks a message in the dead-letter queue with a reason header, then acks it. If that
 /// publish fails, rejects it instead so the queue's own dead-lettering parks it.
-pub async fn dead_letter(ctx: &Context, provider: &str, delivery: Delivery, label: &'static str, reason: &str) {
-    tracing::warn!(provider, reason, bytes = delivery.data.len(), "dead-lettering message");
+pub async fn dead_letter(
+    ctx: &Context,
+    provider: &str,
+    delivery: Delivery,
+    label: &'static str,
+    reason: &str,
+) {
+    tracing::warn!(
+        provider,
+        reason,
+        bytes = delivery.data.len(),
+        "dead-lettering message"
+    );
     let mut headers = FieldTable::default();
-    headers.insert(DEAD_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
-    headers.insert("x-fleet-queue".into(), AMQPValue::LongString(ctx.topology.items_queue(provider).into()));
+    headers.insert(
+        DEAD_REASON_HEADER.into(),
+        AMQPValue::LongString(reason.into()),
+    );
+    headers.insert(
+        "x-fleet-queue".into(),
+        AMQPValue::LongString(ctx.topology.items_queue(provider).into()),
+    );
     let props = amqp::persistent_json().with_headers(headers);
-    let published = amqp::publish_confirmed(&ctx.publish, &ctx.topology.dead_exchange(), "", &delivery.data, props).await;
+    let published = amqp::publish_confirmed(
+        &ctx.publish,
+        &ctx.topology.dead_exchange(),
+        "",
+        &delivery.data,
+        props,
+    )
+    .await;
     ctx.metrics.dead_letters.with_label_values(&[label]).inc();
-    ctx.metrics.errors.with_label_values(&[provider, "malformed_message", "consume"]).inc();
+    ctx.metrics
+        .errors
+        .with_label_values(&[provider, "malformed_message", "consume"])
+        .inc();
     let settled = match published {
         Ok(()) => delivery.ack(BasicAckOptions::default()).await,
         Err(e) => {

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prints a short summary of the fleet read back from Prometheus.
+# Prints a short summary of the fleet read back from Prometheus: totals over the lifetime
+# of the selected workers (counters as pushed), so it is right even for a short demo.
 #   scripts/prom-summary.sh [PROMETHEUS_URL] [WORKER_INSTANCE_REGEX] [NAMESPACE]
 set -euo pipefail
 PROM=${1:-http://127.0.0.1:9090}
@@ -8,7 +9,7 @@ NS=${3:-.*}
 
 q() {
     curl -fsS --max-time 5 "$PROM/api/v1/query" --data-urlencode "query=$1" |
-        python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(round(float(r[0]["value"][1]),3) if r else "n/a")'
+        python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(round(float(r[0]["value"][1]),3) if r else 0)'
 }
 
 W="job=\"batch_worker\",instance=~\"$INSTANCES\""
@@ -16,5 +17,5 @@ echo "from Prometheus ($PROM):"
 echo "  items succeeded:        $(q "sum(batch_items_total{$W,status=\"succeeded\"})")"
 echo "  items failed:           $(q "sum(batch_items_total{$W,status=\"failed\"})")"
 echo "  retries:                $(q "sum(batch_retry_attempts_total{$W})")"
-echo "  provider latency p95 s: $(q "histogram_quantile(0.95, sum by (le) (rate(batch_provider_latency_seconds_bucket{$W}[5m])))")"
+echo "  provider latency p95 s: $(q "histogram_quantile(0.95, sum by (le) (batch_provider_latency_seconds_bucket{$W}))")"
 echo "  jobs completed:         $(q "sum(batch_jobs_total{job=\"batch_tracker\",namespace=~\"$NS\",status=\"completed\"})")"

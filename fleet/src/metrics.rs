@@ -130,9 +130,17 @@ impl WorkerMetrics {
         ] {
             m.registry.register(c).expect("metric registered once");
         }
+        // Series that exist from the start read as 0 instead of "no data", so rates and
+        // alerts on them work before the first event.
+        for reason in DEAD_LETTER_REASONS {
+            m.dead_letters.with_label_values(&[reason]);
+        }
         m
     }
 }
+
+/// `reason` label values of `batch_dead_letters_total`.
+pub const DEAD_LETTER_REASONS: [&str; 4] = ["malformed", "oversized", "no_results_queue", "poison"];
 
 impl Default for WorkerMetrics {
     fn default() -> Self {

@@ -69,7 +69,11 @@ impl Pushgateway {
 
     /// Replaces the group's metrics with `registry`'s.
     pub async fn push(&self, key: &GroupKey, registry: &Registry) -> anyhow::Result<()> {
-        let body = crate::metrics::encode(registry);
+        self.push_encoded(key, crate::metrics::encode(registry)).await
+    }
+
+    /// Replaces the group's metrics with an already encoded text exposition.
+    pub async fn push_encoded(&self, key: &GroupKey, body: Vec<u8>) -> anyhow::Result<()> {
         let resp = self
             .auth(self.client.put(self.group_url(key)))
             .header("content-type", "text/plain; version=0.0.4")

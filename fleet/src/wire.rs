@@ -154,7 +154,7 @@ impl JobCounts {
 }
 
 /// The job-level state the tracker reports (status queries and `job_finished`).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobSummary {
     pub job_id: String,
     pub provider: String,
@@ -164,6 +164,30 @@ pub struct JobSummary {
     pub counts: JobCounts,
     pub submitted_at_ms: u64,
     pub finished_at_ms: Option<u64>,
+    /// Items finished per second since submission (or over the whole job once finished).
+    #[serde(default)]
+    pub rate_per_s: f64,
+}
+
+/// A status query to the active tracker (published to `<ns>.tracker.rpc` with `reply_to`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum TrackerRequest {
+    /// One job.
+    Status { job_id: String },
+    /// Jobs in progress and recently finished.
+    Jobs,
+}
+
+/// The tracker's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrackerReply {
+    /// Worker id of the tracker that answered.
+    pub tracker: String,
+    pub jobs: Vec<JobSummary>,
+    /// Set when the request could not be answered (e.g. an unknown job id).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Events on the ledger queue, folded by the job tracker.

@@ -2,6 +2,7 @@
 //! tracker) inspecting and controlling jobs.
 
 pub mod collect;
+pub mod inspect;
 pub mod progress;
 pub mod submit;
 pub mod validate;

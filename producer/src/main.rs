@@ -8,7 +8,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use fleet::wire::TrackerRequest;
 use producer::collect::{self, Collected, WaitRequest};
+use producer::inspect;
 use producer::submit::{self, InputError, SubmitRequest};
 
 #[derive(Parser)]
@@ -65,6 +67,26 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Show one job's progress, as the fleet's job tracker knows it.
+    Status {
+        /// Job id.
+        job: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the tracker's answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
+    /// List jobs in progress and recently finished.
+    Jobs {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for the tracker's answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
     },
 }
 
@@ -139,6 +161,13 @@ async fn main() -> ExitCode {
                 .await
                 .map(|c| summary(&c, &output, json))
         }
+        Command::Status { job, json, timeout } => {
+            let req = TrackerRequest::Status { job_id: job };
+            inspect::ask(&cfg, &req, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
+        }
+        Command::Jobs { json, timeout } => {
+            inspect::ask(&cfg, &TrackerRequest::Jobs, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -149,6 +178,18 @@ async fn main() -> ExitCode {
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+fn print_jobs(jobs: &[fleet::wire::JobSummary], json: bool) {
+    for job in jobs {
+        if json {
+            let mut v = serde_json::to_value(job).expect("serializable");
+            v["pending"] = job.counts.pending().into();
+            println!("{v}");
+        } else {
+            println!("{}", inspect::render(job));
         }
     }
 }

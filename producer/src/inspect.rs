@@ -1,0 +1,93 @@
+//! `producer status` and `producer jobs`: questions answered by the active job tracker
+//! (request/reply over RabbitMQ's direct reply-to, with a timeout).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use fleet::topology::Topology;
+use fleet::wire::{JobSummary, TrackerReply, TrackerRequest};
+use fleet::Config;
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+
+/// RabbitMQ's pseudo-queue for replies without declaring a queue.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// Asks the tracker; fails with a clear message if none answers within `timeout`.
+pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyhow::Result<TrackerReply> {
+    let topology = Topology::from_config(cfg);
+    let conn = fleet::amqp::connect(&cfg.amqp.url, "producer query")
+        .await
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", fleet::amqp::redact_url(&cfg.amqp.url)))?;
+    if topology.queue_len(&conn, &topology.tracker_rpc_queue()).await?.is_none() {
+        anyhow::bail!("no worker has ever run in namespace {:?}: start one with `worker`", topology.namespace());
+    }
+    let ch = conn.create_channel().await?;
+    // Direct reply-to: consume first (no-ack), then publish with reply_to set to it.
+    let mut replies = ch
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "producer-query".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let props = BasicProperties::default()
+        .with_reply_to(DIRECT_REPLY_TO.into())
+        .with_correlation_id(id.as_str().into())
+        .with_content_type("application/json".into());
+    ch.basic_publish(
+        "".into(),
+        topology.tracker_rpc_queue().into(),
+        BasicPublishOptions::default(),
+        &serde_json::to_vec(req)?,
+        props,
+    )
+    .await?;
+    let reply = tokio::time::timeout(timeout, async {
+        while let Some(d) = replies.next().await {
+            let d = d?;
+            if d.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(id.as_str()) {
+                return Ok::<_, anyhow::Error>(serde_json::from_slice::<TrackerReply>(&d.data)?);
+            }
+        }
+        anyhow::bail!("reply consumer closed")
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "no job tracker answered within {} s: is a worker running in namespace {:?}?",
+            timeout.as_secs(),
+            topology.namespace()
+        )
+    })??;
+    let _ = conn.close(200, "done".into()).await;
+    if let Some(e) = &reply.error {
+        anyhow::bail!("{e}");
+    }
+    Ok(reply)
+}
+
+/// One line per job for humans.
+pub fn render(job: &JobSummary) -> String {
+    let c = &job.counts;
+    let fmt_ts = |ms: u64| format!("{}s-ago", fleet::now_ms().saturating_sub(ms) / 1000);
+    format!(
+        "{id}  {status:<11} provider={p} total={t} succeeded={s} failed={f} cancelled={ca} expired={e} pending={pe} rate={r:.1}/s submitted={sub}{fin}",
+        id = job.job_id,
+        status = job.status,
+        p = job.provider,
+        t = c.total,
+        s = c.succeeded,
+        f = c.failed,
+        ca = c.cancelled,
+        e = c.expired,
+        pe = c.pending(),
+        r = job.rate_per_s,
+        sub = fmt_ts(job.submitted_at_ms),
+        fin = job.finished_at_ms.map(|t| format!(" finished={}", fmt_ts(t))).unwrap_or_default(),
+    )
+}

@@ -1,0 +1,391 @@
+//! The job tracker: a role every worker can take, exactly one active at a time.
+//!
+//! Election: the active tracker owns the exclusive queue `<ns>.tracker.lock`. The broker
+//! lets only one connection declare it and deletes it when that connection dies, so a
+//! standby's next attempt (every [`STANDBY_RETRY`]) succeeds after a crash. The ledger queue
+//! is also single-active-consumer, as a second guard.
+//!
+//! The active tracker folds ledger events into [`state::State`], and in each cycle:
+//! checkpoints the state to `<ns>.tracker.state` (confirmed), then acks the events the
+//! checkpoint covers, then publishes the job-level metrics of that same checkpoint. Metrics
+//! are only ever pushed from checkpointed state, so a takeover (which restores the newest
+//! checkpoint) never shows a counter going down.
+
+pub mod state;
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use fleet::amqp;
+use fleet::metrics::TrackerMetrics;
+use fleet::push::{GroupKey, Pushgateway, WORKER_JOB};
+use fleet::topology::Topology;
+use fleet::wire::{JobSummary, LedgerEvent, TrackerReply, TrackerRequest, KIND_JOB_FINISHED};
+use fleet::Config;
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use state::State;
+
+/// How often a standby tries to take the role.
+const STANDBY_RETRY: Duration = Duration::from_secs(2);
+/// Ledger events folded between checkpoints at most.
+const MAX_UNACKED: usize = 2000;
+/// How often the tracker lists Pushgateway groups to prune departed workers'.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How often queue backlogs are measured.
+const BACKLOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Starts the tracker candidate loop if this worker may take the role.
+pub fn spawn_candidate(
+    cfg: &Config,
+    worker_id: &str,
+    pg: Option<Pushgateway>,
+    shutdown: CancellationToken,
+) -> Option<JoinHandle<()>> {
+    if !cfg.tracker.enabled {
+        return None;
+    }
+    let (cfg, worker_id) = (cfg.clone(), worker_id.to_string());
+    Some(tokio::spawn(async move {
+        let name = format!("tracker candidate {worker_id}");
+        while !shutdown.is_cancelled() {
+            let Some(conn) = amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await else { return };
+            if let Err(e) = candidate(&conn, &cfg, &worker_id, pg.clone(), &shutdown).await {
+                tracing::warn!(error = %format!("{e:#}"), "tracker role lost; standing by again");
+            }
+            let _ = conn.close(200, "tracker stopping".into()).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(STANDBY_RETRY) => {}
+            }
+        }
+    }))
+}
+
+/// Stands by until the lock is ours, then runs the active tracker on `conn`.
+async fn candidate(
+    conn: &Connection,
+    cfg: &Config,
+    worker_id: &str,
+    pg: Option<Pushgateway>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let topology = Topology::from_config(cfg);
+    loop {
+        let ch = conn.create_channel().await?;
+        let lock = ch
+            .queue_declare(
+                topology.tracker_lock_queue().into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await;
+        match lock {
+            Ok(_) => break,
+            // RESOURCE_LOCKED: another connection holds it. The channel is closed for us.
+            Err(e) if e.to_string().contains("RESOURCE_LOCKED") => {}
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(STANDBY_RETRY) => {}
+        }
+    }
+    tracing::info!(tracker = worker_id, "took the job tracker role");
+    Active::start(conn, cfg, worker_id, topology, pg).await?.run(shutdown).await
+}
+
+/// The active tracker on one connection.
+struct Active<'a> {
+    cfg: Config,
+    worker_id: String,
+    topology: Topology,
+    conn: &'a Connection,
+    ch: Channel,
+    state: State,
+    metrics: TrackerMetrics,
+    /// Latest encoded metrics of a checkpointed state, for the pusher task.
+    snapshot: watch::Sender<Option<Vec<u8>>>,
+    pusher: JoinHandle<()>,
+    pg: Option<Pushgateway>,
+}
+
+impl<'a> Active<'a> {
+    async fn start(
+        conn: &'a Connection,
+        cfg: &Config,
+        worker_id: &str,
+        topology: Topology,
+        pg: Option<Pushgateway>,
+    ) -> anyhow::Result<Active<'a>> {
+        let ch = amqp::confirm_channel(conn).await?;
+        topology.declare_common(&ch).await?;
+        let state = restore(&ch, &topology).await?;
+        let metrics = TrackerMetrics::new();
+        let (snapshot, rx) = watch::channel(None);
+        let pusher = spawn_snapshot_pusher(
+            pg.clone(),
+            GroupKey::tracker(topology.namespace()),
+            rx,
+            Duration::from_secs(cfg.pushgateway.push_interval_s.max(1)),
+            metrics.push_failures.clone(),
+        );
+        let active = Active {
+            cfg: cfg.clone(),
+            worker_id: worker_id.to_string(),
+            topology,
+            conn,
+            ch,
+            state,
+            metrics,
+            snapshot,
+            pusher,
+            pg,
+        };
+        active.replay_metrics();
+        active.publish_metrics();
+        Ok(active)
+    }
+
+    /// Replays the restored job durations into the histogram.
+    fn replay_metrics(&self) {
+        for (key, durations) in &self.state.durations {
+            let (provider, status) = state::split_key(key);
+            let h = self.metrics.job_duration.with_label_values(&[provider, status]);
+            for d in durations {
+                h.observe(*d);
+            }
+        }
+    }
+
+    /// Hands the current (checkpointed) metrics to the pusher.
+    fn publish_metrics(&self) {
+        // The state holds the counter values; the metric catches up by the difference.
+        for (key, n) in &self.state.jobs_total {
+            let (provider, status) = state::split_key(key);
+            let counter = self.metrics.jobs.with_label_values(&[provider, status]);
+            counter.inc_by(n.saturating_sub(counter.get()));
+        }
+        for (provider, n) in self.state.in_progress() {
+            self.metrics.jobs_in_progress.with_label_values(&[&provider]).set(n);
+        }
+        self.snapshot.send_replace(Some(fleet::metrics::encode(&self.metrics.registry)));
+    }
+
+    async fn run(mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let ledger_ch = self.conn.create_channel().await?;
+        ledger_ch.basic_qos(MAX_UNACKED as u16, BasicQosOptions::default()).await?;
+        let mut ledger = ledger_ch
+            .basic_consume(
+                self.topology.ledger_queue().into(),
+                format!("tracker/{}", self.worker_id).as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let rpc_ch = self.conn.create_channel().await?;
+        let mut rpc = rpc_ch
+            .basic_consume(
+                self.topology.tracker_rpc_queue().into(),
+                format!("tracker-rpc/{}", self.worker_id).as_str().into(),
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut unacked: Option<lapin::Acker> = None;
+        let mut unacked_n = 0usize;
+        let mut dirty = false;
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.tracker.checkpoint_interval_ms.max(50)));
+        let mut backlog = tokio::time::interval(BACKLOG_EVERY);
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    if dirty {
+                        self.checkpoint(&mut unacked, &mut unacked_n).await?;
+                    }
+                    break;
+                }
+                next = ledger.next() => {
+                    let delivery = next.context("ledger consumer ended")?.context("ledger delivery")?;
+                    match serde_json::from_slice::<LedgerEvent>(&delivery.data) {
+                        Ok(event) => self.fold(&event).await?,
+                        Err(e) => tracing::warn!(error = %e, "ignoring a malformed ledger event"),
+                    }
+                    unacked = Some(delivery.acker);
+                    unacked_n += 1;
+                    dirty = true;
+                    if unacked_n >= MAX_UNACKED {
+                        self.checkpoint(&mut unacked, &mut unacked_n).await?;
+                        dirty = false;
+                    }
+                }
+                Some(Ok(req)) = rpc.next() => self.answer(req).await,
+                _ = tick.tick() => {
+                    if dirty {
+                        self.checkpoint(&mut unacked, &mut unacked_n).await?;
+                        dirty = false;
+                    }
+                }
+                _ = backlog.tick() => self.measure_backlog().await,
+                _ = prune.tick() => {
+                    let before = self.state.jobs.len();
+                    self.state.prune(fleet::now_ms(), self.cfg.tracker.retention_s * 1000);
+                    dirty |= self.state.jobs.len() != before;
+                    self.prune_groups().await;
+                }
+            }
+        }
+        self.pusher.abort();
+        let _ = self.pusher.await;
+        // Final push of the checkpointed state, so the last job counts are not lost.
+        if let Some(pg) = &self.pg {
+            let _ = pg.push(&GroupKey::tracker(self.topology.namespace()), &self.metrics.registry).await;
+        }
+        Ok(())
+    }
+
+    /// Folds one event; announces a job that ended.
+    async fn fold(&mut self, event: &LedgerEvent) -> anyhow::Result<()> {
+        let Some(ended) = self.state.apply(event, fleet::now_ms()) else { return Ok(()) };
+        let s = &ended.summary;
+        tracing::info!(job_id = %s.job_id, status = %s.status, total = s.counts.total, succeeded = s.counts.succeeded,
+            failed = s.counts.failed, duration_s = ended.duration_s, "job finished");
+        self.metrics.job_duration.with_label_values(&[&s.provider, &s.status]).observe(ended.duration_s);
+        self.announce(s).await;
+        Ok(())
+    }
+
+    /// Publishes `job_finished` to the job's results queue (so `producer wait` can stop).
+    async fn announce(&self, summary: &JobSummary) {
+        let payload = serde_json::to_vec(summary).expect("summaries serialize");
+        let props = amqp::persistent_json().with_type(KIND_JOB_FINISHED.into());
+        let res = amqp::publish(&self.ch, &self.topology.results_exchange(), &summary.job_id, &payload, props).await;
+        // Not awaited here: the confirm arrives while we keep folding; an unroutable one
+        // (results queue deleted) is harmless.
+        if let Ok(pending) = res {
+            tokio::spawn(async move {
+                let _ = pending.wait().await;
+            });
+        }
+    }
+
+    /// Checkpoint, then ack what it covers, then expose its metrics.
+    async fn checkpoint(&mut self, unacked: &mut Option<lapin::Acker>, n: &mut usize) -> anyhow::Result<()> {
+        let payload = serde_json::to_vec(&self.state)?;
+        amqp::publish_confirmed(&self.ch, "", &self.topology.tracker_state_queue(), &payload, amqp::persistent_json())
+            .await
+            .context("writing the tracker checkpoint")?;
+        if let Some(acker) = unacked.take() {
+            acker.ack(BasicAckOptions { multiple: true }).await?;
+        }
+        *n = 0;
+        self.publish_metrics();
+        Ok(())
+    }
+
+    /// Answers one status query on its `reply_to`.
+    async fn answer(&self, req: lapin::message::Delivery) {
+        let Some(reply_to) = req.properties.reply_to().clone() else { return };
+        let now = fleet::now_ms();
+        let mut reply = TrackerReply { tracker: self.worker_id.clone(), jobs: vec![], error: None };
+        match serde_json::from_slice::<TrackerRequest>(&req.data) {
+            Ok(TrackerRequest::Status { job_id }) => match self.state.jobs.get(&job_id) {
+                Some(j) => reply.jobs.push(j.summary(now)),
+                None => reply.error = Some(format!("no job {job_id:?} is known to the tracker")),
+            },
+            Ok(TrackerRequest::Jobs) => reply.jobs = self.state.jobs.values().map(|j| j.summary(now)).collect(),
+            Err(e) => reply.error = Some(format!("bad request: {e}")),
+        }
+        let mut props = BasicProperties::default().with_content_type("application/json".into());
+        if let Some(id) = req.properties.correlation_id() {
+            props = props.with_correlation_id(id.clone());
+        }
+        let payload = serde_json::to_vec(&reply).expect("replies serialize");
+        let _ = self
+            .ch
+            .basic_publish("".into(), reply_to, Default::default(), &payload, props)
+            .await;
+    }
+
+    /// Sets `batch_queue_backlog` for every provider in the config.
+    async fn measure_backlog(&self) {
+        for provider in self.cfg.providers.keys() {
+            if let Ok(Some(n)) = self.topology.queue_len(self.conn, &self.topology.items_queue(provider)).await {
+                self.metrics.queue_backlog.with_label_values(&[provider]).set(n.into());
+            }
+        }
+    }
+
+    /// Deletes Pushgateway groups of this namespace's workers that stopped pushing more
+    /// than `pushgateway.stale_group_s` ago. Until then their counters keep counting
+    /// (dashboards exclude their gauges by push time).
+    async fn prune_groups(&self) {
+        let Some(pg) = &self.pg else { return };
+        let Ok(groups) = pg.groups().await else { return };
+        let now_s = fleet::now_ms() as f64 / 1000.0;
+        for g in groups {
+            let ours = g.labels.get("job").map(String::as_str) == Some(WORKER_JOB)
+                && g.labels.get("namespace").map(String::as_str) == Some(self.topology.namespace());
+            if ours && now_s - g.push_time_s > self.cfg.pushgateway.stale_group_s as f64 {
+                if let Some(key) = GroupKey::from_labels(&g.labels) {
+                    tracing::info!(group = ?key.labels, idle_s = (now_s - g.push_time_s) as u64, "deleting stale worker group");
+                    let _ = pg.delete(&key).await;
+                }
+            }
+        }
+    }
+}
+
+/// Reads the newest checkpoint (leaving it in place), or starts empty.
+async fn restore(ch: &Channel, topology: &Topology) -> anyhow::Result<State> {
+    let Some(msg) = ch.basic_get(topology.tracker_state_queue().into(), BasicGetOptions::default()).await? else {
+        tracing::info!("no tracker checkpoint: starting empty");
+        return Ok(State::default());
+    };
+    let state = serde_json::from_slice::<State>(&msg.delivery.data);
+    msg.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
+    let state = state.context("the tracker checkpoint is unreadable")?;
+    tracing::info!(jobs = state.jobs.len(), "restored tracker checkpoint");
+    Ok(state)
+}
+
+/// Pushes the newest snapshot every `interval` and whenever a new one arrives (at most
+/// once per second), off the tracker's loop so a slow Pushgateway never delays it.
+fn spawn_snapshot_pusher(
+    pg: Option<Pushgateway>,
+    key: GroupKey,
+    mut rx: watch::Receiver<Option<Vec<u8>>>,
+    interval: Duration,
+    failures: prometheus::IntCounter,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let Some(pg) = pg else { return };
+        let mut warned = false;
+        loop {
+            let body = rx.borrow_and_update().clone();
+            if let Some(body) = body {
+                if let Err(e) = pg.push_encoded(&key, body).await {
+                    failures.inc();
+                    if !warned {
+                        tracing::warn!(error = %e, "tracker metrics push failed (counted in batch_push_failures_total)");
+                        warned = true;
+                    }
+                } else {
+                    warned = false;
+                }
+            }
+            let _ = tokio::time::timeout(interval, rx.changed()).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+

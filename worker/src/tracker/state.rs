@@ -1,0 +1,271 @@
+//! The tracker's state: per-job progress folded from ledger events, and the job-level
+//! counters, all serializable as one checkpoint.
+//!
+//! Folding is idempotent: an item's index is recorded once in the job's bitmap, a job is
+//! submitted once and finished once. So replaying events the checkpoint already contains
+//! (redelivered after a takeover) changes nothing, and the counters restored from the
+//! checkpoint only ever grow.
+
+use std::collections::BTreeMap;
+
+use fleet::wire::{JobCounts, JobSummary, LedgerEvent};
+use serde::{Deserialize, Serialize};
+
+/// A set of item indices, one bit each.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Bitmap(Vec<u64>);
+
+impl Bitmap {
+    /// Sets bit `i`; returns whether it was newly set.
+    pub fn insert(&mut self, i: u64) -> bool {
+        let (word, bit) = ((i / 64) as usize, i % 64);
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        let was = self.0[word] & (1 << bit) != 0;
+        self.0[word] |= 1 << bit;
+        !was
+    }
+}
+
+/// One job as the tracker knows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct JobState {
+    pub job_id: String,
+    pub provider: String,
+    /// `None` until `job_submitted` is seen (item events may in theory arrive first).
+    pub total: Option<u64>,
+    pub submitted_at_ms: u64,
+    pub deadline_ms: Option<u64>,
+    /// Finished item indices; dropped once the job ends.
+    pub done: Bitmap,
+    pub counts: JobCounts,
+    pub cancel_requested: bool,
+    /// Set when the job ended: `completed`, `failed`, `cancelled` or `expired`.
+    pub end_status: Option<String>,
+    pub finished_at_ms: Option<u64>,
+}
+
+impl JobState {
+    pub fn summary(&self, now_ms: u64) -> JobSummary {
+        let mut counts = self.counts.clone();
+        counts.total = self.total.unwrap_or(0);
+        let end = self.finished_at_ms.unwrap_or(now_ms);
+        let secs = (end.saturating_sub(self.submitted_at_ms) as f64 / 1000.0).max(0.001);
+        JobSummary {
+            job_id: self.job_id.clone(),
+            provider: self.provider.clone(),
+            status: self.end_status.clone().unwrap_or_else(|| "in_progress".into()),
+            rate_per_s: counts.finished() as f64 / secs,
+            counts,
+            submitted_at_ms: self.submitted_at_ms,
+            finished_at_ms: self.finished_at_ms,
+        }
+    }
+}
+
+/// A job that just ended (for metrics and the `job_finished` message).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ended {
+    pub summary: JobSummary,
+    pub duration_s: f64,
+}
+
+/// Everything the tracker checkpoints.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct State {
+    pub jobs: BTreeMap<String, JobState>,
+    /// `batch_jobs_total` by `provider/status`, restored on takeover so it never decreases.
+    pub jobs_total: BTreeMap<String, u64>,
+    /// Durations of ended jobs by `provider/status`, replayed into the histogram on restore.
+    pub durations: BTreeMap<String, Vec<f64>>,
+}
+
+/// The end status of a job whose items are all finished.
+fn end_status(job: &JobState) -> &'static str {
+    let c = &job.counts;
+    if job.cancel_requested && c.cancelled > 0 {
+        "cancelled"
+    } else if c.expired > 0 && c.succeeded + c.failed == 0 {
+        "expired"
+    } else if c.succeeded == 0 && c.failed > 0 {
+        "failed"
+    } else {
+        "completed"
+    }
+}
+
+impl State {
+    fn bump(&mut self, provider: &str, status: &str) {
+        *self.jobs_total.entry(format!("{provider}/{status}")).or_default() += 1;
+    }
+
+    fn job_mut(&mut self, job_id: &str, provider: &str) -> &mut JobState {
+        self.jobs.entry(job_id.to_string()).or_insert_with(|| JobState {
+            job_id: job_id.to_string(),
+            provider: provider.to_string(),
+            total: None,
+            submitted_at_ms: 0,
+            deadline_ms: None,
+            done: Bitmap::default(),
+            counts: JobCounts::default(),
+            cancel_requested: false,
+            end_status: None,
+            finished_at_ms: None,
+        })
+    }
+
+    /// Folds one event; returns the job it ended, if any.
+    pub fn apply(&mut self, event: &LedgerEvent, now_ms: u64) -> Option<Ended> {
+        let job_id = match event {
+            LedgerEvent::JobSubmitted { job_id, provider, total, submitted_at_ms, deadline_ms } => {
+                let job = self.job_mut(job_id, provider);
+                if job.total.is_some() {
+                    return None; // a redelivered submission
+                }
+                job.total = Some(*total);
+                job.submitted_at_ms = *submitted_at_ms;
+                job.deadline_ms = *deadline_ms;
+                let provider = provider.clone();
+                self.bump(&provider, "submitted");
+                job_id
+            }
+            LedgerEvent::ItemsFinished { job_id, provider, items } => {
+                let job = self.job_mut(job_id, provider);
+                if job.end_status.is_some() {
+                    return None;
+                }
+                for (index, status) in items {
+                    if job.done.insert(*index) {
+                        job.counts.add(*status);
+                    }
+                }
+                job_id
+            }
+            LedgerEvent::JobCancel { job_id } => {
+                let job = self.jobs.get_mut(job_id)?;
+                job.cancel_requested = true;
+                job_id
+            }
+        };
+        self.maybe_end(job_id, now_ms)
+    }
+
+    fn maybe_end(&mut self, job_id: &str, now_ms: u64) -> Option<Ended> {
+        let job = self.jobs.get_mut(job_id)?;
+        let total = job.total?;
+        if job.end_status.is_some() || job.counts.finished() < total {
+            return None;
+        }
+        let status = end_status(job);
+        job.end_status = Some(status.to_string());
+        job.finished_at_ms = Some(now_ms);
+        job.done = Bitmap::default();
+        let summary = job.summary(now_ms);
+        let duration_s = now_ms.saturating_sub(job.submitted_at_ms) as f64 / 1000.0;
+        let provider = job.provider.clone();
+        self.bump(&provider, status);
+        self.durations.entry(format!("{provider}/{status}")).or_default().push(duration_s);
+        Some(Ended { summary, duration_s })
+    }
+
+    /// Jobs not yet ended, by provider.
+    pub fn in_progress(&self) -> BTreeMap<String, i64> {
+        let mut m = BTreeMap::new();
+        for j in self.jobs.values() {
+            let n = m.entry(j.provider.clone()).or_default();
+            if j.end_status.is_none() && j.total.is_some() {
+                *n += 1;
+            }
+        }
+        m
+    }
+
+    /// Forgets jobs that ended more than `retention_ms` ago.
+    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) {
+        self.jobs.retain(|_, j| j.finished_at_ms.is_none_or(|t| now_ms.saturating_sub(t) < retention_ms));
+    }
+
+    /// Whether a cancel was requested for `job_id`.
+    pub fn is_cancelled(&self, job_id: &str) -> bool {
+        self.jobs.get(job_id).is_some_and(|j| j.cancel_requested)
+    }
+}
+
+/// Splits a `provider/status` key.
+pub fn split_key(key: &str) -> (&str, &str) {
+    key.rsplit_once('/').unwrap_or((key, ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet::wire::ItemStatus;
+
+    fn submitted(job: &str, total: u64) -> LedgerEvent {
+        LedgerEvent::JobSubmitted {
+            job_id: job.into(),
+            provider: "p".into(),
+            total,
+            submitted_at_ms: 1_000,
+            deadline_ms: None,
+        }
+    }
+
+    fn finished(job: &str, items: &[(u64, ItemStatus)]) -> LedgerEvent {
+        LedgerEvent::ItemsFinished { job_id: job.into(), provider: "p".into(), items: items.to_vec() }
+    }
+
+    #[test]
+    fn duplicates_are_counted_once_and_the_job_ends_once() {
+        let mut s = State::default();
+        assert!(s.apply(&submitted("j", 3), 1_000).is_none());
+        assert!(s.apply(&submitted("j", 3), 1_000).is_none());
+        s.apply(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Failed)]), 2_000);
+        s.apply(&finished("j", &[(1, ItemStatus::Failed)]), 2_000);
+        let ended = s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 4_000).expect("ends");
+        assert_eq!(ended.summary.status, "completed");
+        assert_eq!(ended.summary.counts, JobCounts { total: 3, succeeded: 2, failed: 1, cancelled: 0, expired: 0 });
+        assert_eq!(ended.duration_s, 3.0);
+        assert!(s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 5_000).is_none());
+        assert_eq!(s.jobs_total["p/submitted"], 1);
+        assert_eq!(s.jobs_total["p/completed"], 1);
+    }
+
+    #[test]
+    fn items_before_submission_are_kept() {
+        let mut s = State::default();
+        s.apply(&finished("j", &[(0, ItemStatus::Failed)]), 1);
+        let ended = s.apply(&submitted("j", 1), 2).expect("ends on submission");
+        assert_eq!(ended.summary.status, "failed");
+    }
+
+    #[test]
+    fn a_checkpoint_round_trips_and_replay_changes_nothing() {
+        let mut s = State::default();
+        s.apply(&submitted("j", 100), 1);
+        s.apply(&finished("j", &[(5, ItemStatus::Succeeded), (70, ItemStatus::Expired)]), 2);
+        let restored: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(restored, s);
+        let mut replayed = restored.clone();
+        replayed.apply(&submitted("j", 100), 3);
+        replayed.apply(&finished("j", &[(5, ItemStatus::Succeeded)]), 3);
+        assert_eq!(replayed, s);
+    }
+
+    #[test]
+    fn cancelled_jobs_end_cancelled_and_prune_after_retention() {
+        let mut s = State::default();
+        s.apply(&submitted("j", 2), 1);
+        s.apply(&LedgerEvent::JobCancel { job_id: "j".into() }, 2);
+        let ended = s
+            .apply(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Cancelled)]), 3)
+            .expect("ends");
+        assert_eq!(ended.summary.status, "cancelled");
+        assert_eq!(s.in_progress()["p"], 0);
+        s.prune(10, 100);
+        assert!(s.jobs.contains_key("j"));
+        s.prune(1_000, 100);
+        assert!(s.jobs.is_empty());
+    }
+}

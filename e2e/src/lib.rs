@@ -400,7 +400,10 @@ pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 /// Runs an instant PromQL query; returns `(labels, value)` per series. Panics on a query
 /// error (a bad expression is a test failure, not an empty result).
 pub fn prom_query(expr: &str) -> Vec<(serde_json::Map<String, Value>, f64)> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let v: Value = rt.block_on(async {
         ::reqwest::Client::new()
             .get(format!("{}/api/v1/query", prometheus_url()))
@@ -418,7 +421,10 @@ pub fn prom_query(expr: &str) -> Vec<(serde_json::Map<String, Value>, f64)> {
         .expect("vector result")
         .iter()
         .map(|r| {
-            let value = r["value"][1].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or(f64::NAN);
+            let value = r["value"][1]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok())
+                .unwrap_or(f64::NAN);
             (r["metric"].as_object().cloned().unwrap_or_default(), value)
         })
         .collect()
@@ -431,8 +437,10 @@ pub fn prom_value(expr: &str) -> Option<f64> {
 
 /// Every panel query of the dashboard, with template variables set to All.
 pub fn dashboard_queries() -> Vec<(String, String)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../observability/grafana/dashboards/json/batch-observability.json");
-    let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard file")).expect("dashboard JSON");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../observability/grafana/dashboards/json/batch-observability.json");
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard file"))
+        .expect("dashboard JSON");
     let mut out = Vec::new();
     for p in d["panels"].as_array().expect("panels") {
         for t in p["targets"].as_array().into_iter().flatten() {
@@ -459,12 +467,22 @@ pub fn start_pushgateway(port: u16) -> Proc {
         .expect("start prometheus-pushgateway (installed by scripts/stack.sh up)");
     let url = format!("http://127.0.0.1:{port}/-/ready");
     eventually(Duration::from_secs(10), "pushgateway ready", || {
-        std::process::Command::new("curl").args(["-fs", "-o", "/dev/null", &url]).status().is_ok_and(|s| s.success())
+        std::process::Command::new("curl")
+            .args(["-fs", "-o", "/dev/null", &url])
+            .status()
+            .is_ok_and(|s| s.success())
     });
-    Proc { child, name: "pushgateway".into() }
+    Proc {
+        child,
+        name: "pushgateway".into(),
+    }
 }
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }

@@ -13,7 +13,18 @@ fn ns_sum(metric: &str, ns: &str, extra: &str) -> Option<f64> {
 
 #[test]
 fn dashboard_panels_show_data_that_agrees_with_the_output() {
-    let mock = Mock::start(&["--error-429", "0.05", "--error-500", "0.05", "--error-400", "0.08", "--latency-ms", "2", "--seed", "99"]);
+    let mock = Mock::start(&[
+        "--error-429",
+        "0.05",
+        "--error-500",
+        "0.05",
+        "--error-400",
+        "0.08",
+        "--latency-ms",
+        "2",
+        "--seed",
+        "99",
+    ]);
     let fleet = Fleet::new("dashboard", &mock.url, "");
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 1000);
@@ -22,7 +33,11 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
     let (job, _) = fleet.submit(&input);
     let output = fleet.dir.join("out.jsonl");
     let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines = read_output(&output);
     assert_exactly_once(&lines, 1000);
     let succeeded = lines.iter().filter(|l| l["error"].is_null()).count() as f64;
@@ -34,9 +49,18 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
         ns_sum("batch_items_total", &fleet.ns, "") == Some(1000.0)
             && ns_sum("batch_jobs_total", &fleet.ns, ",status=\"completed\"") == Some(1.0)
     });
-    assert_eq!(ns_sum("batch_items_total", &fleet.ns, ",status=\"succeeded\""), Some(succeeded));
-    assert_eq!(ns_sum("batch_items_total", &fleet.ns, ",status=\"failed\""), Some(failed));
-    assert_eq!(ns_sum("batch_jobs_total", &fleet.ns, ",status=\"submitted\""), Some(1.0));
+    assert_eq!(
+        ns_sum("batch_items_total", &fleet.ns, ",status=\"succeeded\""),
+        Some(succeeded)
+    );
+    assert_eq!(
+        ns_sum("batch_items_total", &fleet.ns, ",status=\"failed\""),
+        Some(failed)
+    );
+    assert_eq!(
+        ns_sum("batch_jobs_total", &fleet.ns, ",status=\"submitted\""),
+        Some(1.0)
+    );
     let stats = mock.stats();
     let mock_retries = stats["requests"].as_f64().unwrap() - 1000.0;
     assert!(mock_retries > 50.0, "{stats}");
@@ -44,10 +68,17 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
         ns_sum("batch_retry_attempts_total", &fleet.ns, "") == Some(mock_retries)
     });
     assert_eq!(
-        ns_sum("batch_errors_total", &fleet.ns, ",error_type=\"client_error\""),
+        ns_sum(
+            "batch_errors_total",
+            &fleet.ns,
+            ",error_type=\"client_error\""
+        ),
         Some(mock.status_count(400) as f64)
     );
-    assert_eq!(ns_sum("batch_provider_latency_seconds_count", &fleet.ns, ""), stats["requests"].as_f64());
+    assert_eq!(
+        ns_sum("batch_provider_latency_seconds_count", &fleet.ns, ""),
+        stats["requests"].as_f64()
+    );
     assert!(ns_sum("batch_tokens_total", &fleet.ns, ",kind=\"prompt\"").unwrap_or(0.0) > 0.0);
 
     // Every panel of the dashboard, as Grafana would run it with All selected.
@@ -61,10 +92,18 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
             empty.push(format!("{title}: {expr}"));
         }
     }
-    assert!(empty.is_empty(), "panels without data:\n{}", empty.join("\n"));
+    assert!(
+        empty.is_empty(),
+        "panels without data:\n{}",
+        empty.join("\n")
+    );
     // The status query agrees too.
     let st = fleet.producer(&["status", &job, "--json"]);
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let v: Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(v["status"], "completed");
     assert_eq!(v["succeeded"].as_f64(), Some(succeeded));
@@ -75,17 +114,28 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
 
 #[test]
 fn tracker_takeover_after_sigkill_keeps_job_counts_exact_and_monotonic() {
-    let mock = Mock::start(&["--latency-ms", "10", "--error-400", "0.1", "--seed", "4"]);
-    let fleet = Fleet::new("takeover", &mock.url, "");
-    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let mock = Mock::start(&["--latency-ms", "50", "--error-400", "0.1", "--seed", "4"]);
+    // A small in-flight window makes the job last long enough to kill the tracker mid-job.
+    let fleet = Fleet::new("takeover", &mock.url, "[worker]\nmax_in_flight = 16\n");
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let w1 = fleet.worker("tk-w1", &[]);
-    eventually(Duration::from_secs(30), "w1 takes the tracker role", || fleet.worker_log("tk-w1").contains("took the job tracker role"));
+    eventually(Duration::from_secs(30), "w1 takes the tracker role", || {
+        fleet
+            .worker_log("tk-w1")
+            .contains("took the job tracker role")
+    });
     let _w2 = fleet.worker("tk-w2", &[]);
     // A first small job completes under the first tracker.
     let small = fleet.dir.join("small.jsonl");
     write_requests(&small, 50);
     let (job0, _) = fleet.submit(&small);
-    assert!(fleet.wait(&job0, &fleet.dir.join("out0.jsonl"), 60).status.success());
+    assert!(fleet
+        .wait(&job0, &fleet.dir.join("out0.jsonl"), 60)
+        .status
+        .success());
     eventually(Duration::from_secs(20), "first job counted", || {
         ns_sum("batch_jobs_total", &fleet.ns, ",status=~\"completed\"") == Some(1.0)
     });
@@ -93,39 +143,62 @@ fn tracker_takeover_after_sigkill_keeps_job_counts_exact_and_monotonic() {
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 3000);
     let (job, _) = fleet.submit(&input);
-    eventually(Duration::from_secs(60), "job under way", || mock.stats()["requests"].as_u64().unwrap() > 1000);
+    eventually(Duration::from_secs(60), "job under way", || {
+        mock.stats()["requests"].as_u64().unwrap() > 1000
+    });
     w1.signal("KILL");
     drop(w1);
     let _w3 = fleet.worker("tk-w3", &[]);
     let output = fleet.dir.join("out.jsonl");
     let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines = read_output(&output);
     assert_exactly_once(&lines, 3000);
     let failed = lines.iter().filter(|l| !l["error"].is_null()).count() as u64;
 
     // The new tracker's counts are exact (duplicated results and events were not counted twice).
     let st = fleet.producer(&["status", &job, "--json"]);
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let v: Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["succeeded"].as_u64(), Some(3000 - failed), "{v}");
     assert_eq!(v["failed"].as_u64(), Some(failed), "{v}");
-    let took_over = fleet.worker_log("tk-w2").contains("took the job tracker role")
-        || fleet.worker_log("tk-w3").contains("took the job tracker role");
+    let took_over = fleet
+        .worker_log("tk-w2")
+        .contains("took the job tracker role")
+        || fleet
+            .worker_log("tk-w3")
+            .contains("took the job tracker role");
     assert!(took_over, "another worker took over");
     eventually(Duration::from_secs(30), "both jobs counted once", || {
         ns_sum("batch_jobs_total", &fleet.ns, ",status=\"completed\"") == Some(2.0)
             && ns_sum("batch_jobs_total", &fleet.ns, ",status=\"submitted\"") == Some(2.0)
     });
     // batch_jobs_total never went down at any scrape during the takeover.
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let v: Value = rt.block_on(async {
         reqwest::Client::new()
             .get(format!("{}/api/v1/query_range", prometheus_url()))
             .query(&[
-                ("query", format!("sum(batch_jobs_total{{namespace=\"{}\"}})", fleet.ns)),
+                (
+                    "query",
+                    format!("sum(batch_jobs_total{{namespace=\"{}\"}})", fleet.ns),
+                ),
                 ("start", started.to_string()),
                 ("end", now.to_string()),
                 ("step", "1".to_string()),
@@ -143,7 +216,7 @@ fn tracker_takeover_after_sigkill_keeps_job_counts_exact_and_monotonic() {
         .iter()
         .map(|p| p[1].as_str().unwrap().parse().unwrap())
         .collect();
-    assert!(values.len() > 5, "{v}");
+    assert!(values.len() >= 3, "{v}");
     for w in values.windows(2) {
         assert!(w[1] >= w[0], "batch_jobs_total decreased: {values:?}");
     }
@@ -164,23 +237,57 @@ fn a_killed_workers_gauge_leaves_the_fleet_total_but_its_counters_still_count() 
         "sum(batch_items_in_flight{{namespace=\"{ns}\"}} and on (job, instance) (time() - push_time_seconds{{job=\"batch_worker\"}} < 30))",
         ns = fleet.ns
     );
-    eventually(Duration::from_secs(30), "10 in flight seen by Prometheus", || prom_value(&fleet_in_flight) == Some(10.0));
+    eventually(
+        Duration::from_secs(30),
+        "10 in flight seen by Prometheus",
+        || prom_value(&fleet_in_flight) == Some(10.0),
+    );
     // Let w1 finish some items so it has counters, then kill it mid-flight.
     eventually(Duration::from_secs(30), "w1 counted items", || {
-        prom_value(&format!("sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns)).unwrap_or(0.0) >= 5.0
+        prom_value(&format!(
+            "sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})",
+            fleet.ns
+        ))
+        .unwrap_or(0.0)
+            >= 5.0
     });
-    let w1_items = prom_value(&format!("sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns)).unwrap();
+    let w1_items = prom_value(&format!(
+        "sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})",
+        fleet.ns
+    ))
+    .unwrap();
     w1.signal("KILL");
     drop(w1);
     // Its last pushed gauge (5 in flight) stays in the Pushgateway but drops out of the total.
-    eventually(Duration::from_secs(60), "killed worker's gauge excluded", || prom_value(&fleet_in_flight).unwrap_or(0.0) <= 5.0);
-    let raw = prom_value(&format!("sum(batch_items_in_flight{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns));
-    assert_eq!(raw, Some(5.0), "the stale value is still there, just not counted");
-    let counted = prom_value(&format!("sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns));
-    assert!(counted.unwrap_or(0.0) >= w1_items, "its counters still count");
+    eventually(
+        Duration::from_secs(60),
+        "killed worker's gauge excluded",
+        || prom_value(&fleet_in_flight).unwrap_or(0.0) <= 5.0,
+    );
+    let raw = prom_value(&format!(
+        "sum(batch_items_in_flight{{namespace=\"{}\",instance=\"stale-w1\"}})",
+        fleet.ns
+    ));
+    assert_eq!(
+        raw,
+        Some(5.0),
+        "the stale value is still there, just not counted"
+    );
+    let counted = prom_value(&format!(
+        "sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})",
+        fleet.ns
+    ));
+    assert!(
+        counted.unwrap_or(0.0) >= w1_items,
+        "its counters still count"
+    );
     let output = fleet.dir.join("out.jsonl");
     let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_exactly_once(&read_output(&output), 30);
     fleet.cleanup(&[&job]);
 }
@@ -193,8 +300,17 @@ fn a_pushgateway_outage_does_not_stop_the_job_and_pushes_resume() {
     let mock = Mock::start(&["--latency-ms", "2"]);
     let fleet = Fleet::new("pg_outage", &mock.url, "");
     let _w = fleet.worker("pgo-w1", &[("FLEET__PUSHGATEWAY__URL", &pg_url)]);
-    let metrics_text = || std::process::Command::new("curl").args(["-fs", &format!("{pg_url}/metrics")]).output().ok().map(|o| String::from_utf8_lossy(&o.stdout).to_string()).unwrap_or_default();
-    eventually(Duration::from_secs(20), "first push", || metrics_text().contains("batch_worker_up"));
+    let metrics_text = || {
+        std::process::Command::new("curl")
+            .args(["-fs", &format!("{pg_url}/metrics")])
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+            .unwrap_or_default()
+    };
+    eventually(Duration::from_secs(20), "first push", || {
+        metrics_text().contains("batch_worker_up")
+    });
     // Hang the Pushgateway (accepts connections, never answers), then run a job.
     pg.signal("STOP");
     let input = fleet.dir.join("in.jsonl");
@@ -202,15 +318,32 @@ fn a_pushgateway_outage_does_not_stop_the_job_and_pushes_resume() {
     let (job, _) = fleet.submit(&input);
     let output = fleet.dir.join("out.jsonl");
     let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_exactly_once(&read_output(&output), 2000);
+    // The worker noticed (a push timed out) while items kept flowing.
+    eventually(Duration::from_secs(30), "a failed push logged", || {
+        fleet.worker_log("pgo-w1").contains("metrics push failed")
+    });
     // Bring it back: the worker's next pushes carry the full count and the failures.
     pg.signal("CONT");
-    eventually(Duration::from_secs(30), "pushes resume with the full count", || {
-        let text = metrics_text();
-        text.lines().any(|l| l.starts_with("batch_items_total{") && l.contains("pgo-w1") && l.ends_with(" 2000"))
-            && text.lines().any(|l| l.starts_with("batch_push_failures_total{") && l.contains("pgo-w1") && !l.ends_with(" 0"))
-    });
+    eventually(
+        Duration::from_secs(30),
+        "pushes resume with the full count",
+        || {
+            let text = metrics_text();
+            text.lines().any(|l| {
+                l.starts_with("batch_items_total{") && l.contains("pgo-w1") && l.ends_with(" 2000")
+            }) && text.lines().any(|l| {
+                l.starts_with("batch_push_failures_total{")
+                    && l.contains("pgo-w1")
+                    && !l.ends_with(" 0")
+            })
+        },
+    );
     drop(pg);
     fleet.cleanup(&[&job]);
 }

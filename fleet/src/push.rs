@@ -69,7 +69,8 @@ impl Pushgateway {
 
     /// Replaces the group's metrics with `registry`'s.
     pub async fn push(&self, key: &GroupKey, registry: &Registry) -> anyhow::Result<()> {
-        self.push_encoded(key, crate::metrics::encode(registry)).await
+        self.push_encoded(key, crate::metrics::encode(registry))
+            .await
     }
 
     /// Replaces the group's metrics with an already encoded text exposition.
@@ -142,20 +143,30 @@ impl GroupKey {
     pub fn worker(namespace: &str, worker_id: &str) -> Self {
         GroupKey {
             job: WORKER_JOB.into(),
-            labels: vec![("namespace".into(), namespace.into()), ("instance".into(), worker_id.into())],
+            labels: vec![
+                ("namespace".into(), namespace.into()),
+                ("instance".into(), worker_id.into()),
+            ],
         }
     }
 
     /// The tracker's group: `job="batch_tracker", namespace=<ns>` (one per fleet, so a
     /// takeover replaces the previous tracker's values instead of adding to them).
     pub fn tracker(namespace: &str) -> Self {
-        GroupKey { job: TRACKER_JOB.into(), labels: vec![("namespace".into(), namespace.into())] }
+        GroupKey {
+            job: TRACKER_JOB.into(),
+            labels: vec![("namespace".into(), namespace.into())],
+        }
     }
 
     /// The key of a group listed by [`Pushgateway::groups`].
     pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<Self> {
         let job = labels.get("job")?.clone();
-        let labels = labels.iter().filter(|(k, _)| *k != "job").map(|(k, v)| (k.clone(), v.clone())).collect();
+        let labels = labels
+            .iter()
+            .filter(|(k, _)| *k != "job")
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         Some(GroupKey { job, labels })
     }
 }

@@ -163,10 +163,14 @@ async fn main() -> ExitCode {
         }
         Command::Status { job, json, timeout } => {
             let req = TrackerRequest::Status { job_id: job };
-            inspect::ask(&cfg, &req, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
+            inspect::ask(&cfg, &req, Duration::from_secs(timeout))
+                .await
+                .map(|r| print_jobs(&r.jobs, json))
         }
         Command::Jobs { json, timeout } => {
-            inspect::ask(&cfg, &TrackerRequest::Jobs, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
+            inspect::ask(&cfg, &TrackerRequest::Jobs, Duration::from_secs(timeout))
+                .await
+                .map(|r| print_jobs(&r.jobs, json))
         }
     };
     match result {

@@ -13,10 +13,12 @@ use std::time::{Duration, Instant};
 
 pub use serde_json::Value;
 
+/// Delay tiers of the tests' fleets: short, so long-retry paths finish quickly.
+pub const TEST_DELAY_TIERS_S: &[u64] = &[1, 2];
+
 /// RabbitMQ used by the tests (`FLEET__AMQP__URL` overrides).
 pub fn amqp_url() -> String {
-    std::env::var("FLEET__AMQP__URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    std::env::var("FLEET__AMQP__URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// Pushgateway used by the tests.
@@ -36,17 +38,7 @@ pub fn bin(name: &str) -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let profile_dir = target_dir();
         let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "-q",
-            "--bins",
-            "-p",
-            "worker",
-            "-p",
-            "producer",
-            "-p",
-            "mock-provider",
-        ]);
+        cmd.args(["build", "-q", "--bins", "-p", "worker", "-p", "producer", "-p", "mock-provider"]);
         if profile_dir.ends_with("release") {
             cmd.arg("--release");
         }
@@ -59,10 +51,7 @@ pub fn bin(name: &str) -> PathBuf {
 fn target_dir() -> PathBuf {
     // target/<profile>/deps/<test-exe>
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf()
+    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
 }
 
 /// A scratch directory for one test.
@@ -75,10 +64,7 @@ pub fn scratch(test: &str) -> PathBuf {
 
 /// A fresh namespace name, unique per test run.
 pub fn namespace(test: &str) -> String {
-    format!(
-        "t.{test}.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
-    )
+    format!("t.{test}.{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
 /// A process that is killed when dropped (tests never leak processes).
@@ -93,11 +79,7 @@ impl Proc {
     }
     /// Sends a signal by name (`TERM`, `KILL`, `STOP`, `CONT`) with the `kill` command.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill");
+        let status = Command::new("kill").arg(format!("-{sig}")).arg(self.pid().to_string()).status().expect("kill");
         assert!(status.success(), "kill -{sig} {}", self.pid());
     }
     /// Waits for the process to exit, at most `timeout`; returns its exit code.
@@ -140,21 +122,10 @@ impl Mock {
             .expect("start mock-provider");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("mock prints its address");
+        BufReader::new(stdout).read_line(&mut line).expect("mock prints its address");
         let url = line.trim().rsplit(' ').next().expect("address").to_string();
-        assert!(
-            url.starts_with("http://"),
-            "unexpected mock banner: {line:?}"
-        );
-        Mock {
-            proc: Proc {
-                child,
-                name: "mock-provider".into(),
-            },
-            url,
-        }
+        assert!(url.starts_with("http://"), "unexpected mock banner: {line:?}");
+        Mock { proc: Proc { child, name: "mock-provider".into() }, url }
     }
 
     /// The mock's `/stats`.
@@ -164,27 +135,15 @@ impl Mock {
 
     /// Count of responses with `status` in `/stats`.
     pub fn status_count(&self, status: u16) -> u64 {
-        self.stats()["by_status"][status.to_string()]
-            .as_u64()
-            .unwrap_or(0)
+        self.stats()["by_status"][status.to_string()].as_u64().unwrap_or(0)
     }
 }
 
 /// Minimal blocking HTTP GET of JSON over a fresh runtime (tests are synchronous).
 mod reqwest {
     pub fn blocking_get_json(url: &str) -> serde_json::Value {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            ::reqwest::get(url)
-                .await
-                .expect("GET")
-                .json()
-                .await
-                .expect("JSON")
-        })
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async { ::reqwest::get(url).await.expect("GET").json().await.expect("JSON") })
     }
 }
 pub use self::reqwest::blocking_get_json as get_json;
@@ -208,19 +167,14 @@ impl Fleet {
             "namespace = \"{ns}\"\n\
              [amqp]\nurl = \"{amqp}\"\n\
              [pushgateway]\nurl = \"{pg}\"\npush_interval_s = 1\n\
-             [retry]\nmax_attempts = 8\ninitial_backoff_ms = 5\nmax_backoff_ms = 200\nmax_elapsed_s = 30\n\
+             [retry]\nmax_attempts = 8\ninitial_backoff_ms = 5\nmax_backoff_ms = 200\nmax_elapsed_s = 30\ndelay_tiers_s = [1, 2]\n\
              [providers.mock]\nkind = \"openai\"\nbase_url = \"{mock_url}\"\ntimeout_s = 10\nmax_in_flight = 64\n\
              {extra_toml}\n",
             amqp = amqp_url(),
             pg = pushgateway_url(),
         );
         std::fs::write(&config, toml).expect("write config");
-        Fleet {
-            ns,
-            dir,
-            config,
-            mock_url: mock_url.to_string(),
-        }
+        Fleet { ns, dir, config, mock_url: mock_url.to_string() }
     }
 
     /// Starts a worker process with `FLEET__WORKER__ID=<id>` and extra env.
@@ -235,10 +189,7 @@ impl Fleet {
             .stderr(log)
             .spawn()
             .expect("start worker");
-        Proc {
-            child,
-            name: id.to_string(),
-        }
+        Proc { child, name: id.to_string() }
     }
 
     /// The worker's log so far.
@@ -268,43 +219,20 @@ impl Fleet {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start producer");
-        Proc {
-            child,
-            name: "producer".into(),
-        }
+        Proc { child, name: "producer".into() }
     }
 
     /// Submits `file` to `mock` and returns the job id.
     pub fn submit(&self, file: &Path) -> (String, u64) {
-        let out = self.producer(&[
-            "submit",
-            file.to_str().unwrap(),
-            "--provider",
-            "mock",
-            "--json",
-        ]);
-        assert!(
-            out.status.success(),
-            "submit failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = self.producer(&["submit", file.to_str().unwrap(), "--provider", "mock", "--json"]);
+        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
-        (
-            v["job_id"].as_str().unwrap().to_string(),
-            v["total"].as_u64().unwrap(),
-        )
+        (v["job_id"].as_str().unwrap().to_string(), v["total"].as_u64().unwrap())
     }
 
     /// Waits for a job's results into `output`, failing after `timeout_s`.
     pub fn wait(&self, job: &str, output: &Path, timeout_s: u64) -> Output {
-        self.producer(&[
-            "wait",
-            job,
-            "--output",
-            output.to_str().unwrap(),
-            "--timeout",
-            &timeout_s.to_string(),
-        ])
+        self.producer(&["wait", job, "--output", output.to_str().unwrap(), "--timeout", &timeout_s.to_string()])
     }
 
     /// Runs an async block against the broker with a fresh connection.
@@ -313,15 +241,10 @@ impl Fleet {
         F: FnOnce(lapin::Connection, fleet::topology::Topology) -> Fut,
         Fut: std::future::Future<Output = T>,
     {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let topology = fleet::topology::Topology::new(&self.ns, 5);
         rt.block_on(async {
-            let conn = fleet::amqp::connect(&amqp_url(), "e2e")
-                .await
-                .expect("connect to RabbitMQ");
+            let conn = fleet::amqp::connect(&amqp_url(), "e2e").await.expect("connect to RabbitMQ");
             f(conn, topology).await
         })
     }
@@ -338,11 +261,9 @@ impl Fleet {
         self.amqp(|conn, t| async move {
             let ch = conn.create_channel().await.expect("channel");
             for j in jobs {
-                let _ = ch
-                    .queue_delete(t.results_queue(&j).into(), Default::default())
-                    .await;
+                let _ = ch.queue_delete(t.results_queue(&j).into(), Default::default()).await;
             }
-            let _ = t.delete_all(&ch, &["mock"]).await;
+            let _ = t.delete_all(&ch, &["mock"], TEST_DELAY_TIERS_S).await;
         });
     }
 }
@@ -362,9 +283,7 @@ pub fn write_requests(path: &Path, n: usize) {
 /// The output file's lines, parsed.
 pub fn read_output(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .map(|l| serde_json::from_str(l).expect("output line is JSON"))
-        .collect()
+    text.lines().map(|l| serde_json::from_str(l).expect("output line is JSON")).collect()
 }
 
 /// Checks that every `req-<i>` for i < n appears exactly once; returns counts by
@@ -400,10 +319,7 @@ pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 /// Runs an instant PromQL query; returns `(labels, value)` per series. Panics on a query
 /// error (a bad expression is a test failure, not an empty result).
 pub fn prom_query(expr: &str) -> Vec<(serde_json::Map<String, Value>, f64)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let v: Value = rt.block_on(async {
         ::reqwest::Client::new()
             .get(format!("{}/api/v1/query", prometheus_url()))
@@ -421,10 +337,7 @@ pub fn prom_query(expr: &str) -> Vec<(serde_json::Map<String, Value>, f64)> {
         .expect("vector result")
         .iter()
         .map(|r| {
-            let value = r["value"][1]
-                .as_str()
-                .and_then(|s| s.parse::<f64>().ok())
-                .unwrap_or(f64::NAN);
+            let value = r["value"][1].as_str().and_then(|s| s.parse::<f64>().ok()).unwrap_or(f64::NAN);
             (r["metric"].as_object().cloned().unwrap_or_default(), value)
         })
         .collect()
@@ -437,10 +350,10 @@ pub fn prom_value(expr: &str) -> Option<f64> {
 
 /// Every panel query of the dashboard, with template variables set to All.
 pub fn dashboard_queries() -> Vec<(String, String)> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../observability/grafana/dashboards/json/batch-observability.json");
-    let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard file"))
-        .expect("dashboard JSON");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../observability/grafana/dashboards/json/batch-observability.json");
+    let d: Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dashboard file")).expect("dashboard JSON");
     let mut out = Vec::new();
     for p in d["panels"].as_array().expect("panels") {
         for t in p["targets"].as_array().into_iter().flatten() {
@@ -467,22 +380,12 @@ pub fn start_pushgateway(port: u16) -> Proc {
         .expect("start prometheus-pushgateway (installed by scripts/stack.sh up)");
     let url = format!("http://127.0.0.1:{port}/-/ready");
     eventually(Duration::from_secs(10), "pushgateway ready", || {
-        std::process::Command::new("curl")
-            .args(["-fs", "-o", "/dev/null", &url])
-            .status()
-            .is_ok_and(|s| s.success())
+        std::process::Command::new("curl").args(["-fs", "-o", "/dev/null", &url]).status().is_ok_and(|s| s.success())
     });
-    Proc {
-        child,
-        name: "pushgateway".into(),
-    }
+    Proc { child, name: "pushgateway".into() }
 }
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }

@@ -33,11 +33,7 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
     let (job, _) = fleet.submit(&input);
     let output = fleet.dir.join("out.jsonl");
     let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines = read_output(&output);
     assert_exactly_once(&lines, 1000);
     let succeeded = lines.iter().filter(|l| l["error"].is_null()).count() as f64;
@@ -49,18 +45,9 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
         ns_sum("batch_items_total", &fleet.ns, "") == Some(1000.0)
             && ns_sum("batch_jobs_total", &fleet.ns, ",status=\"completed\"") == Some(1.0)
     });
-    assert_eq!(
-        ns_sum("batch_items_total", &fleet.ns, ",status=\"succeeded\""),
-        Some(succeeded)
-    );
-    assert_eq!(
-        ns_sum("batch_items_total", &fleet.ns, ",status=\"failed\""),
-        Some(failed)
-    );
-    assert_eq!(
-        ns_sum("batch_jobs_total", &fleet.ns, ",status=\"submitted\""),
-        Some(1.0)
-    );
+    assert_eq!(ns_sum("batch_items_total", &fleet.ns, ",status=\"succeeded\""), Some(succeeded));
+    assert_eq!(ns_sum("batch_items_total", &fleet.ns, ",status=\"failed\""), Some(failed));
+    assert_eq!(ns_sum("batch_jobs_total", &fleet.ns, ",status=\"submitted\""), Some(1.0));
     let stats = mock.stats();
     let mock_retries = stats["requests"].as_f64().unwrap() - 1000.0;
     assert!(mock_retries > 50.0, "{stats}");
@@ -68,17 +55,10 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
         ns_sum("batch_retry_attempts_total", &fleet.ns, "") == Some(mock_retries)
     });
     assert_eq!(
-        ns_sum(
-            "batch_errors_total",
-            &fleet.ns,
-            ",error_type=\"client_error\""
-        ),
+        ns_sum("batch_errors_total", &fleet.ns, ",error_type=\"client_error\""),
         Some(mock.status_count(400) as f64)
     );
-    assert_eq!(
-        ns_sum("batch_provider_latency_seconds_count", &fleet.ns, ""),
-        stats["requests"].as_f64()
-    );
+    assert_eq!(ns_sum("batch_provider_latency_seconds_count", &fleet.ns, ""), stats["requests"].as_f64());
     assert!(ns_sum("batch_tokens_total", &fleet.ns, ",kind=\"prompt\"").unwrap_or(0.0) > 0.0);
 
     // Every panel of the dashboard, as Grafana would run it with All selected.
@@ -92,18 +72,10 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
             empty.push(format!("{title}: {expr}"));
         }
     }
-    assert!(
-        empty.is_empty(),
-        "panels without data:\n{}",
-        empty.join("\n")
-    );
+    assert!(empty.is_empty(), "panels without data:\n{}", empty.join("\n"));
     // The status query agrees too.
     let st = fleet.producer(&["status", &job, "--json"]);
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     let v: Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(v["status"], "completed");
     assert_eq!(v["succeeded"].as_f64(), Some(succeeded));
@@ -117,25 +89,17 @@ fn tracker_takeover_after_sigkill_keeps_job_counts_exact_and_monotonic() {
     let mock = Mock::start(&["--latency-ms", "50", "--error-400", "0.1", "--seed", "4"]);
     // A small in-flight window makes the job last long enough to kill the tracker mid-job.
     let fleet = Fleet::new("takeover", &mock.url, "[worker]\nmax_in_flight = 16\n");
-    let started = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let w1 = fleet.worker("tk-w1", &[]);
     eventually(Duration::from_secs(30), "w1 takes the tracker role", || {
-        fleet
-            .worker_log("tk-w1")
-            .contains("took the job tracker role")
+        fleet.worker_log("tk-w1").contains("took the job tracker role")
     });
     let _w2 = fleet.worker("tk-w2", &[]);
     // A first small job completes under the first tracker.
     let small = fleet.dir.join("small.jsonl");
     write_requests(&small, 50);
     let (job0, _) = fleet.submit(&small);
-    assert!(fleet
-        .wait(&job0, &fleet.dir.join("out0.jsonl"), 60)
-        .status
-        .success());
+    assert!(fleet.wait(&job0, &fleet.dir.join("out0.jsonl"), 60).status.success());
     eventually(Duration::from_secs(20), "first job counted", || {
         ns_sum("batch_jobs_total", &fleet.ns, ",status=~\"completed\"") == Some(1.0)
     });
@@ -143,62 +107,39 @@ fn tracker_takeover_after_sigkill_keeps_job_counts_exact_and_monotonic() {
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 3000);
     let (job, _) = fleet.submit(&input);
-    eventually(Duration::from_secs(60), "job under way", || {
-        mock.stats()["requests"].as_u64().unwrap() > 1000
-    });
+    eventually(Duration::from_secs(60), "job under way", || mock.stats()["requests"].as_u64().unwrap() > 1000);
     w1.signal("KILL");
     drop(w1);
     let _w3 = fleet.worker("tk-w3", &[]);
     let output = fleet.dir.join("out.jsonl");
     let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines = read_output(&output);
     assert_exactly_once(&lines, 3000);
     let failed = lines.iter().filter(|l| !l["error"].is_null()).count() as u64;
 
     // The new tracker's counts are exact (duplicated results and events were not counted twice).
     let st = fleet.producer(&["status", &job, "--json"]);
-    assert!(
-        st.status.success(),
-        "{}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
     let v: Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["succeeded"].as_u64(), Some(3000 - failed), "{v}");
     assert_eq!(v["failed"].as_u64(), Some(failed), "{v}");
-    let took_over = fleet
-        .worker_log("tk-w2")
-        .contains("took the job tracker role")
-        || fleet
-            .worker_log("tk-w3")
-            .contains("took the job tracker role");
+    let took_over = fleet.worker_log("tk-w2").contains("took the job tracker role")
+        || fleet.worker_log("tk-w3").contains("took the job tracker role");
     assert!(took_over, "another worker took over");
     eventually(Duration::from_secs(30), "both jobs counted once", || {
         ns_sum("batch_jobs_total", &fleet.ns, ",status=\"completed\"") == Some(2.0)
             && ns_sum("batch_jobs_total", &fleet.ns, ",status=\"submitted\"") == Some(2.0)
     });
     // batch_jobs_total never went down at any scrape during the takeover.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let v: Value = rt.block_on(async {
         reqwest::Client::new()
             .get(format!("{}/api/v1/query_range", prometheus_url()))
             .query(&[
-                (
-                    "query",
-                    format!("sum(batch_jobs_total{{namespace=\"{}\"}})", fleet.ns),
-                ),
+                ("query", format!("sum(batch_jobs_total{{namespace=\"{}\"}})", fleet.ns)),
                 ("start", started.to_string()),
                 ("end", now.to_string()),
                 ("step", "1".to_string()),
@@ -237,57 +178,30 @@ fn a_killed_workers_gauge_leaves_the_fleet_total_but_its_counters_still_count() 
         "sum(batch_items_in_flight{{namespace=\"{ns}\"}} and on (job, instance) (time() - push_time_seconds{{job=\"batch_worker\"}} < 30))",
         ns = fleet.ns
     );
-    eventually(
-        Duration::from_secs(30),
-        "10 in flight seen by Prometheus",
-        || prom_value(&fleet_in_flight) == Some(10.0),
-    );
+    eventually(Duration::from_secs(30), "10 in flight seen by Prometheus", || {
+        prom_value(&fleet_in_flight) == Some(10.0)
+    });
     // Let w1 finish some items so it has counters, then kill it mid-flight.
     eventually(Duration::from_secs(30), "w1 counted items", || {
-        prom_value(&format!(
-            "sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})",
-            fleet.ns
-        ))
-        .unwrap_or(0.0)
+        prom_value(&format!("sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns))
+            .unwrap_or(0.0)
             >= 5.0
     });
-    let w1_items = prom_value(&format!(
-        "sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})",
-        fleet.ns
-    ))
-    .unwrap();
+    let w1_items =
+        prom_value(&format!("sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns)).unwrap();
     w1.signal("KILL");
     drop(w1);
     // Its last pushed gauge (5 in flight) stays in the Pushgateway but drops out of the total.
-    eventually(
-        Duration::from_secs(60),
-        "killed worker's gauge excluded",
-        || prom_value(&fleet_in_flight).unwrap_or(0.0) <= 5.0,
-    );
-    let raw = prom_value(&format!(
-        "sum(batch_items_in_flight{{namespace=\"{}\",instance=\"stale-w1\"}})",
-        fleet.ns
-    ));
-    assert_eq!(
-        raw,
-        Some(5.0),
-        "the stale value is still there, just not counted"
-    );
-    let counted = prom_value(&format!(
-        "sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})",
-        fleet.ns
-    ));
-    assert!(
-        counted.unwrap_or(0.0) >= w1_items,
-        "its counters still count"
-    );
+    eventually(Duration::from_secs(60), "killed worker's gauge excluded", || {
+        prom_value(&fleet_in_flight).unwrap_or(0.0) <= 5.0
+    });
+    let raw = prom_value(&format!("sum(batch_items_in_flight{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns));
+    assert_eq!(raw, Some(5.0), "the stale value is still there, just not counted");
+    let counted = prom_value(&format!("sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns));
+    assert!(counted.unwrap_or(0.0) >= w1_items, "its counters still count");
     let output = fleet.dir.join("out.jsonl");
     let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_exactly_once(&read_output(&output), 30);
     fleet.cleanup(&[&job]);
 }
@@ -308,9 +222,7 @@ fn a_pushgateway_outage_does_not_stop_the_job_and_pushes_resume() {
             .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
             .unwrap_or_default()
     };
-    eventually(Duration::from_secs(20), "first push", || {
-        metrics_text().contains("batch_worker_up")
-    });
+    eventually(Duration::from_secs(20), "first push", || metrics_text().contains("batch_worker_up"));
     // Hang the Pushgateway (accepts connections, never answers), then run a job.
     pg.signal("STOP");
     let input = fleet.dir.join("in.jsonl");
@@ -318,32 +230,21 @@ fn a_pushgateway_outage_does_not_stop_the_job_and_pushes_resume() {
     let (job, _) = fleet.submit(&input);
     let output = fleet.dir.join("out.jsonl");
     let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_exactly_once(&read_output(&output), 2000);
     // The worker noticed (a push timed out) while items kept flowing.
     eventually(Duration::from_secs(30), "a failed push logged", || {
-        fleet.worker_log("pgo-w1").contains("metrics push failed")
+        fleet.worker_log("pgo-w1").contains("metrics push failed for group batch_worker")
     });
     // Bring it back: the worker's next pushes carry the full count and the failures.
     pg.signal("CONT");
-    eventually(
-        Duration::from_secs(30),
-        "pushes resume with the full count",
-        || {
-            let text = metrics_text();
-            text.lines().any(|l| {
-                l.starts_with("batch_items_total{") && l.contains("pgo-w1") && l.ends_with(" 2000")
-            }) && text.lines().any(|l| {
-                l.starts_with("batch_push_failures_total{")
-                    && l.contains("pgo-w1")
-                    && !l.ends_with(" 0")
-            })
-        },
-    );
+    eventually(Duration::from_secs(30), "pushes resume with the full count", || {
+        let text = metrics_text();
+        text.lines().any(|l| l.starts_with("batch_items_total{") && l.contains("pgo-w1") && l.ends_with(" 2000"))
+            && text
+                .lines()
+                .any(|l| l.starts_with("batch_push_failures_total{") && l.contains("pgo-w1") && !l.ends_with(" 0"))
+    });
     drop(pg);
     fleet.cleanup(&[&job]);
 }

@@ -19,10 +19,7 @@ pub enum PublishError {
     Nacked,
     /// No queue is bound for it: retrying will not help.
     #[error("unroutable: no queue bound for exchange {exchange:?} key {routing_key:?}")]
-    Unroutable {
-        exchange: String,
-        routing_key: String,
-    },
+    Unroutable { exchange: String, routing_key: String },
     /// The channel or connection failed: reconnect and retry.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
@@ -48,11 +45,7 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
 
 /// Connects, retrying with capped exponential backoff until it succeeds or `shutdown`
 /// fires (then `None`). Used at start-up and after the broker went away.
-pub async fn connect_with_retry(
-    url: &str,
-    name: &str,
-    shutdown: &CancellationToken,
-) -> Option<Connection> {
+pub async fn connect_with_retry(url: &str, name: &str, shutdown: &CancellationToken) -> Option<Connection> {
     let mut delay = Duration::from_millis(200);
     loop {
         match connect(url, name).await {
@@ -78,9 +71,7 @@ pub async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
 
 /// Persistent properties with a content type, the base of every message the fleet sends.
 pub fn persistent_json() -> BasicProperties {
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
+    BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into())
 }
 
 /// Starts a mandatory publish; the returned future resolves when the broker confirms.
@@ -95,19 +86,12 @@ pub async fn publish(
         .basic_publish(
             exchange.into(),
             routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..Default::default()
-            },
+            BasicPublishOptions { mandatory: true, ..Default::default() },
             payload,
             props,
         )
         .await?;
-    Ok(PendingConfirm {
-        confirm,
-        exchange: exchange.to_string(),
-        routing_key: routing_key.to_string(),
-    })
+    Ok(PendingConfirm { confirm, exchange: exchange.to_string(), routing_key: routing_key.to_string() })
 }
 
 /// A publish waiting for the broker's confirm.
@@ -123,10 +107,7 @@ impl PendingConfirm {
         match self.confirm.await? {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) | Confirmation::Nack(Some(_)) => {
-                Err(PublishError::Unroutable {
-                    exchange: self.exchange,
-                    routing_key: self.routing_key,
-                })
+                Err(PublishError::Unroutable { exchange: self.exchange, routing_key: self.routing_key })
             }
             Confirmation::Nack(None) => Err(PublishError::Nacked),
         }
@@ -141,10 +122,7 @@ pub async fn publish_confirmed(
     payload: &[u8],
     props: BasicProperties,
 ) -> Result<(), PublishError> {
-    publish(ch, exchange, routing_key, payload, props)
-        .await?
-        .wait()
-        .await
+    publish(ch, exchange, routing_key, payload, props).await?.wait().await
 }
 
 #[cfg(test)]
@@ -153,10 +131,7 @@ mod tests {
 
     #[test]
     fn passwords_never_reach_logs() {
-        assert_eq!(
-            redact_url("amqp://u:secret@h:5672/%2f"),
-            "amqp://u:***@h:5672/%2f"
-        );
+        assert_eq!(redact_url("amqp://u:secret@h:5672/%2f"), "amqp://u:***@h:5672/%2f");
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
     }
 }

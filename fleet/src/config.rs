@@ -16,7 +16,7 @@ namespace = "fleet"
 
 [amqp]
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
-delivery_limit = 5
+delivery_limit = 10
 max_message_bytes = 2097152
 
 [pushgateway]
@@ -34,11 +34,15 @@ providers = []
 max_attempts = 8
 initial_backoff_ms = 100
 max_backoff_ms = 10000
-max_elapsed_s = 120
+max_elapsed_s = 60
+delay_tiers_s = [5, 30, 120, 600]
+max_delays = 8
+delay_budget_s = 7200
 
 [producer]
 max_body_bytes = 1048576
 confirm_window = 2048
+default_deadline_s = 86400
 
 [tracker]
 enabled = true
@@ -121,6 +125,20 @@ pub struct RetryConfig {
     pub max_backoff_ms: u64,
     /// Total time spent sleeping between attempts of one item before giving up.
     pub max_elapsed_s: u64,
+    /// Delay-queue tiers: after the in-process budget, an item waits in the tier for its
+    /// attempt number (the last tier repeats) instead of holding a prefetch slot.
+    #[serde(default = "default_tiers")]
+    pub delay_tiers_s: Vec<u64>,
+    /// Passes through a delay queue before the item ends failed with its last error.
+    #[serde(default)]
+    pub max_delays: u32,
+    /// Time from an item's first delay after which it ends failed rather than wait again.
+    #[serde(default)]
+    pub delay_budget_s: u64,
+}
+
+fn default_tiers() -> Vec<u64> {
+    vec![5, 30, 120, 600]
 }
 
 /// Producer settings.
@@ -130,6 +148,9 @@ pub struct ProducerConfig {
     pub max_body_bytes: usize,
     /// Publishes awaiting a broker confirm at once.
     pub confirm_window: usize,
+    /// Deadline of a job when `submit --deadline` is not given (0: none).
+    #[serde(default)]
+    pub default_deadline_s: u64,
 }
 
 /// The job tracker role.
@@ -172,13 +193,10 @@ impl Config {
     /// Loads defaults, then `path` (or the file named by `FLEET_CONFIG`), then `FLEET__*`
     /// environment variables.
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
-        let path: Option<PathBuf> = path
-            .map(Path::to_path_buf)
-            .or_else(|| std::env::var_os("FLEET_CONFIG").map(PathBuf::from));
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULTS_TOML,
-            config::FileFormat::Toml,
-        ));
+        let path: Option<PathBuf> =
+            path.map(Path::to_path_buf).or_else(|| std::env::var_os("FLEET_CONFIG").map(PathBuf::from));
+        let mut builder =
+            config::Config::builder().add_source(config::File::from_str(DEFAULTS_TOML, config::FileFormat::Toml));
         if let Some(path) = &path {
             if !path.exists() {
                 anyhow::bail!("config file {} does not exist", path.display());
@@ -203,15 +221,15 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
-            anyhow::bail!(
-                "namespace must be a non-empty word, got {:?}",
-                self.namespace
-            );
+            anyhow::bail!("namespace must be a non-empty word, got {:?}", self.namespace);
         }
         for name in &self.worker.providers {
             if !self.providers.contains_key(name) {
                 anyhow::bail!("worker.providers names unknown provider {name:?}");
             }
+        }
+        if self.retry.delay_tiers_s.is_empty() || self.retry.delay_tiers_s.contains(&0) {
+            anyhow::bail!("retry.delay_tiers_s must list positive numbers of seconds");
         }
         for (name, p) in &self.providers {
             if p.max_in_flight == 0 || p.timeout_s == 0 {
@@ -225,9 +243,7 @@ impl Config {
     pub fn served_providers(&self) -> Vec<(&String, &ProviderConfig)> {
         self.providers
             .iter()
-            .filter(|(name, _)| {
-                self.worker.providers.is_empty() || self.worker.providers.contains(name)
-            })
+            .filter(|(name, _)| self.worker.providers.is_empty() || self.worker.providers.contains(name))
             .collect()
     }
 

@@ -9,18 +9,15 @@
 //! job-level one (`job="batch_tracker"`).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Provider latency buckets: 5 ms to 5 minutes (LLM calls range that widely).
-const LATENCY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 /// Job duration buckets: 1 second to 2 days.
-const JOB_BUCKETS: &[f64] = &[
-    1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0, 172800.0,
-];
+const JOB_BUCKETS: &[f64] =
+    &[1.0, 5.0, 15.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0, 172800.0];
 
 /// Metrics of one worker process.
 #[derive(Clone)]
@@ -54,11 +51,7 @@ impl WorkerMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = WorkerMetrics {
-            items: counter_vec(
-                "batch_items_total",
-                "Items finished, by final status",
-                &["provider", "status"],
-            ),
+            items: counter_vec("batch_items_total", "Items finished, by final status", &["provider", "status"]),
             provider_latency: histogram_vec(
                 "batch_provider_latency_seconds",
                 "Latency of one provider call",
@@ -75,42 +68,21 @@ impl WorkerMetrics {
                 "Errors, by type and operation",
                 &["provider", "error_type", "operation"],
             ),
-            in_flight: gauge_vec(
-                "batch_items_in_flight",
-                "Items being processed now",
-                &["provider"],
-            ),
-            dead_letters: counter_vec(
-                "batch_dead_letters_total",
-                "Messages dead-lettered",
-                &["reason"],
-            ),
-            tokens: counter_vec(
-                "batch_tokens_total",
-                "Tokens reported by providers",
-                &["provider", "kind"],
-            ),
-            push_failures: IntCounter::new(
-                "batch_push_failures_total",
-                "Failed pushes to the Pushgateway",
-            )
-            .expect("valid metric"),
-            worker_up: IntGauge::new(
-                "batch_worker_up",
-                "1 while the worker runs, 0 after a clean stop",
-            )
-            .expect("valid metric"),
+            in_flight: gauge_vec("batch_items_in_flight", "Items being processed now", &["provider"]),
+            dead_letters: counter_vec("batch_dead_letters_total", "Messages dead-lettered", &["reason"]),
+            tokens: counter_vec("batch_tokens_total", "Tokens reported by providers", &["provider", "kind"]),
+            push_failures: IntCounter::new("batch_push_failures_total", "Failed pushes to the Pushgateway")
+                .expect("valid metric"),
+            worker_up: IntGauge::new("batch_worker_up", "1 while the worker runs, 0 after a clean stop")
+                .expect("valid metric"),
             concurrency_limit: gauge_vec(
                 "batch_concurrency_limit",
                 "Current in-flight limit per provider",
                 &["provider"],
             ),
             poll_cycle: Histogram::with_opts(
-                HistogramOpts::new(
-                    "batch_poll_cycle_seconds",
-                    "Duration of one provider batch poll cycle",
-                )
-                .buckets(LATENCY_BUCKETS.to_vec()),
+                HistogramOpts::new("batch_poll_cycle_seconds", "Duration of one provider batch poll cycle")
+                    .buckets(LATENCY_BUCKETS.to_vec()),
             )
             .expect("valid metric"),
             registry,
@@ -168,32 +140,17 @@ impl TrackerMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = TrackerMetrics {
-            jobs: counter_vec(
-                "batch_jobs_total",
-                "Jobs submitted and ended, by status",
-                &["provider", "status"],
-            ),
+            jobs: counter_vec("batch_jobs_total", "Jobs submitted and ended, by status", &["provider", "status"]),
             job_duration: histogram_vec(
                 "batch_job_duration_seconds",
                 "Time from submission to the last item",
                 &["provider", "status"],
                 JOB_BUCKETS,
             ),
-            jobs_in_progress: gauge_vec(
-                "batch_jobs_in_progress",
-                "Jobs not yet finished",
-                &["provider"],
-            ),
-            queue_backlog: gauge_vec(
-                "batch_queue_backlog",
-                "Messages ready in the items queue",
-                &["provider"],
-            ),
-            push_failures: IntCounter::new(
-                "batch_push_failures_total",
-                "Failed pushes to the Pushgateway",
-            )
-            .expect("valid metric"),
+            jobs_in_progress: gauge_vec("batch_jobs_in_progress", "Jobs not yet finished", &["provider"]),
+            queue_backlog: gauge_vec("batch_queue_backlog", "Messages ready in the items queue", &["provider"]),
+            push_failures: IntCounter::new("batch_push_failures_total", "Failed pushes to the Pushgateway")
+                .expect("valid metric"),
             registry,
         };
         for c in [
@@ -224,11 +181,7 @@ fn gauge_vec(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 }
 
 fn histogram_vec(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
-    HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
-    )
-    .expect("valid metric")
+    HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).expect("valid metric")
 }
 
 /// The registry in Prometheus' text format.
@@ -248,17 +201,9 @@ mod tests {
     fn worker_metrics_encode_with_seed_names() {
         let m = WorkerMetrics::new();
         m.items.with_label_values(&["mock", "succeeded"]).inc();
-        m.provider_latency
-            .with_label_values(&["mock", "chat_completions"])
-            .observe(0.1);
+        m.provider_latency.with_label_values(&["mock", "chat_completions"]).observe(0.1);
         let text = String::from_utf8(encode(&m.registry)).unwrap();
-        assert!(
-            text.contains("batch_items_total{provider=\"mock\",status=\"succeeded\"} 1"),
-            "{text}"
-        );
-        assert!(
-            text.contains("batch_provider_latency_seconds_bucket"),
-            "{text}"
-        );
+        assert!(text.contains("batch_items_total{provider=\"mock\",status=\"succeeded\"} 1"), "{text}");
+        assert!(text.contains("batch_provider_latency_seconds_bucket"), "{text}");
     }
 }

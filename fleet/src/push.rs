@@ -40,10 +40,7 @@ impl Pushgateway {
         if cfg.url.trim().is_empty() {
             return None;
         }
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(cfg.timeout_s.max(1)))
-            .build()
-            .ok()?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(cfg.timeout_s.max(1))).build().ok()?;
         Some(Pushgateway {
             client,
             base: cfg.url.trim_end_matches('/').to_string(),
@@ -69,8 +66,7 @@ impl Pushgateway {
 
     /// Replaces the group's metrics with `registry`'s.
     pub async fn push(&self, key: &GroupKey, registry: &Registry) -> anyhow::Result<()> {
-        self.push_encoded(key, crate::metrics::encode(registry))
-            .await
+        self.push_encoded(key, crate::metrics::encode(registry)).await
     }
 
     /// Replaces the group's metrics with an already encoded text exposition.
@@ -89,10 +85,7 @@ impl Pushgateway {
 
     /// Deletes a group.
     pub async fn delete(&self, key: &GroupKey) -> anyhow::Result<()> {
-        let resp = self
-            .auth(self.client.delete(self.group_url(key)))
-            .send()
-            .await?;
+        let resp = self.auth(self.client.delete(self.group_url(key))).send().await?;
         if !resp.status().is_success() {
             anyhow::bail!("pushgateway answered {}", resp.status());
         }
@@ -112,20 +105,13 @@ impl Pushgateway {
         for g in v["data"].as_array().into_iter().flatten() {
             let labels = g["labels"]
                 .as_object()
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
-                        .collect()
-                })
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string())).collect())
                 .unwrap_or_default();
             let push_time_s = g["push_time_seconds"]["metrics"][0]["value"]
                 .as_str()
                 .and_then(|s| s.parse::<f64>().ok())
                 .unwrap_or(0.0);
-            out.push(Group {
-                labels,
-                push_time_s,
-            });
+            out.push(Group { labels, push_time_s });
         }
         Ok(out)
     }
@@ -143,30 +129,20 @@ impl GroupKey {
     pub fn worker(namespace: &str, worker_id: &str) -> Self {
         GroupKey {
             job: WORKER_JOB.into(),
-            labels: vec![
-                ("namespace".into(), namespace.into()),
-                ("instance".into(), worker_id.into()),
-            ],
+            labels: vec![("namespace".into(), namespace.into()), ("instance".into(), worker_id.into())],
         }
     }
 
     /// The tracker's group: `job="batch_tracker", namespace=<ns>` (one per fleet, so a
     /// takeover replaces the previous tracker's values instead of adding to them).
     pub fn tracker(namespace: &str) -> Self {
-        GroupKey {
-            job: TRACKER_JOB.into(),
-            labels: vec![("namespace".into(), namespace.into())],
-        }
+        GroupKey { job: TRACKER_JOB.into(), labels: vec![("namespace".into(), namespace.into())] }
     }
 
     /// The key of a group listed by [`Pushgateway::groups`].
     pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<Self> {
         let job = labels.get("job")?.clone();
-        let labels = labels
-            .iter()
-            .filter(|(k, _)| *k != "job")
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let labels = labels.iter().filter(|(k, _)| *k != "job").map(|(k, v)| (k.clone(), v.clone())).collect();
         Some(GroupKey { job, labels })
     }
 }
@@ -206,7 +182,7 @@ pub fn spawn_pusher(
                 failures.inc();
                 // A Pushgateway outage would otherwise log every interval on every worker.
                 if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                    tracing::warn!(error = %e, job = %key.job, "metrics push failed (counted in batch_push_failures_total)");
+                    tracing::warn!(error = %e, "metrics push failed for group {} (counted in batch_push_failures_total)", key.job);
                     last_warn = Some(Instant::now());
                 }
             }

@@ -7,6 +7,10 @@
 //! <ns>.results (direct) --job id----> <ns>.results.<job id>   quorum, one per job
 //! <ns>.dead    (fanout) -----------> <ns>.dead               quorum, parked messages
 //! (default)    ------------------> <ns>.ledger              quorum, single active consumer
+//! (default)    ------------------> <ns>.delay.<provider>.<n>s  TTL n s, dead-letters back
+//!                                                            to <ns>.items / <provider>
+//! (default)    ------------------> <ns>.control             stream: job cancels, replayed
+//!                                                            from the start by every worker
 //! ```
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -28,10 +32,7 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(namespace: &str, delivery_limit: u32) -> Self {
-        Topology {
-            ns: namespace.to_string(),
-            delivery_limit,
-        }
+        Topology { ns: namespace.to_string(), delivery_limit }
     }
 
     pub fn from_config(cfg: &crate::Config) -> Self {
@@ -76,19 +77,24 @@ impl Topology {
         format!("{}.tracker.state", self.ns)
     }
 
+    /// Delay queue of `provider` for items waiting `secs` before their next attempt.
+    pub fn delay_queue(&self, provider: &str, secs: u64) -> String {
+        format!("{}.delay.{provider}.{secs}s", self.ns)
+    }
+    /// Stream of control messages (job cancels) every worker reads from the start.
+    pub fn control_stream(&self) -> String {
+        format!("{}.control", self.ns)
+    }
+
     /// Declares the exchanges and the shared queues (dead letters, ledger, tracker).
     pub async fn declare_common(&self, ch: &Channel) -> lapin::Result<()> {
-        let durable = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
+        let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         for (name, kind) in [
             (self.items_exchange(), ExchangeKind::Direct),
             (self.results_exchange(), ExchangeKind::Direct),
             (self.dead_exchange(), ExchangeKind::Fanout),
         ] {
-            ch.exchange_declare(name.into(), kind, durable, FieldTable::default())
-                .await?;
+            ch.exchange_declare(name.into(), kind, durable, FieldTable::default()).await?;
         }
         declare_queue(ch, &self.dead_queue(), quorum()).await?;
         ch.queue_bind(
@@ -110,35 +116,39 @@ impl Topology {
         let mut state = quorum();
         // Only the newest checkpoint matters: publishing one drops the previous.
         state.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
-        state.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("drop-head".into()),
-        );
+        state.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
         declare_queue(ch, &self.tracker_state_queue(), state).await?;
+        let mut control = FieldTable::default();
+        control.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        // Cancels only matter while a job's items can still be around.
+        control.insert("x-max-age".into(), AMQPValue::LongString("14D".into()));
+        declare_queue(ch, &self.control_stream(), control).await?;
+        Ok(())
+    }
+
+    /// Declares the delay queues of `provider`, one per tier. A message expires at the head
+    /// of its queue (one TTL per queue, so expiry order is arrival order) and is
+    /// dead-lettered back to the items exchange under the provider's routing key.
+    pub async fn declare_delay_queues(&self, ch: &Channel, provider: &str, tiers_s: &[u64]) -> lapin::Result<()> {
+        for secs in tiers_s {
+            let mut args = FieldTable::default();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt((*secs * 1000) as i64));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.items_exchange().into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(provider.into()));
+            declare_queue(ch, &self.delay_queue(provider, *secs), args).await?;
+        }
         Ok(())
     }
 
     /// Declares the items queue of `provider` and binds it to the items exchange.
     pub async fn declare_items_queue(&self, ch: &Channel, provider: &str) -> lapin::Result<()> {
         let mut args = quorum();
-        args.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongLongInt(self.delivery_limit.into()),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(self.dead_exchange().into()),
-        );
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
         // At-least-once dead-lettering needs reject-publish overflow; without it RabbitMQ
         // silently falls back to at-most-once and a parked message could be lost.
-        args.insert(
-            "x-dead-letter-strategy".into(),
-            AMQPValue::LongString("at-least-once".into()),
-        );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
+        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
         let queue = self.items_queue(provider);
         declare_queue(ch, &queue, args).await?;
         ch.queue_bind(
@@ -154,10 +164,7 @@ impl Topology {
     /// Declares the results queue of a job and binds it to the results exchange.
     pub async fn declare_results_queue(&self, ch: &Channel, job_id: &str) -> lapin::Result<()> {
         let mut args = quorum();
-        args.insert(
-            "x-expires".into(),
-            AMQPValue::LongLongInt(RESULTS_QUEUE_EXPIRES_MS),
-        );
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(RESULTS_QUEUE_EXPIRES_MS));
         let queue = self.results_queue(job_id);
         declare_queue(ch, &queue, args).await?;
         ch.queue_bind(
@@ -172,19 +179,12 @@ impl Topology {
 
     /// Number of messages ready in a queue, or `None` if it does not exist. Uses its own
     /// channel because a passive declare of a missing queue closes the channel.
-    pub async fn queue_len(
-        &self,
-        conn: &lapin::Connection,
-        queue: &str,
-    ) -> lapin::Result<Option<u32>> {
+    pub async fn queue_len(&self, conn: &lapin::Connection, queue: &str) -> lapin::Result<Option<u32>> {
         let ch = conn.create_channel().await?;
         let res = ch
             .queue_declare(
                 queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
+                QueueDeclareOptions { passive: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await;
@@ -198,9 +198,13 @@ impl Topology {
 
     /// Deletes every queue of this namespace that a test created (items of `providers`,
     /// the shared ones). Results queues are deleted by their collector.
-    pub async fn delete_all(&self, ch: &Channel, providers: &[&str]) -> lapin::Result<()> {
+    pub async fn delete_all(&self, ch: &Channel, providers: &[&str], tiers_s: &[u64]) -> lapin::Result<()> {
         let mut queues: Vec<String> = providers.iter().map(|p| self.items_queue(p)).collect();
+        for p in providers {
+            queues.extend(tiers_s.iter().map(|s| self.delay_queue(p, *s)));
+        }
         queues.extend([
+            self.control_stream(),
             self.dead_queue(),
             self.ledger_queue(),
             self.tracker_rpc_queue(),
@@ -209,11 +213,7 @@ impl Topology {
         for q in queues {
             ch.queue_delete(q.into(), Default::default()).await?;
         }
-        for x in [
-            self.items_exchange(),
-            self.results_exchange(),
-            self.dead_exchange(),
-        ] {
+        for x in [self.items_exchange(), self.results_exchange(), self.dead_exchange()] {
             ch.exchange_delete(x.into(), Default::default()).await?;
         }
         Ok(())
@@ -227,25 +227,13 @@ pub fn is_not_found(e: &lapin::Error) -> bool {
 
 fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
-    args.insert(
-        "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
-    );
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     args
 }
 
 async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
     let name: ShortString = name.into();
-    ch.queue_declare(
-        name,
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .map(|_| ())
+    ch.queue_declare(name, QueueDeclareOptions { durable: true, ..Default::default() }, args).await.map(|_| ())
 }
 
 #[cfg(test)]

@@ -41,6 +41,16 @@ pub struct Item {
     /// After this instant the item ends `expired` instead of being called.
     #[serde(default)]
     pub deadline_ms: Option<u64>,
+    /// When the item was first sent to a delay queue (the long-retry budget starts there).
+    #[serde(default)]
+    pub first_delay_ms: Option<u64>,
+}
+
+/// A message on the control stream.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ControlMessage {
+    CancelJob { job_id: String },
 }
 
 /// How an item ended.
@@ -54,12 +64,8 @@ pub enum ItemStatus {
 }
 
 impl ItemStatus {
-    pub const ALL: [ItemStatus; 4] = [
-        ItemStatus::Succeeded,
-        ItemStatus::Failed,
-        ItemStatus::Cancelled,
-        ItemStatus::Expired,
-    ];
+    pub const ALL: [ItemStatus; 4] =
+        [ItemStatus::Succeeded, ItemStatus::Failed, ItemStatus::Cancelled, ItemStatus::Expired];
 
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
@@ -231,14 +237,11 @@ mod tests {
             attempt: 0,
             submitted_at_ms: 1,
             deadline_ms: None,
+            first_delay_ms: None,
         };
         let bytes = serde_json::to_vec(&item).unwrap();
         let back: Item = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(
-            back.body.get(),
-            body,
-            "body bytes are passed through unchanged"
-        );
+        assert_eq!(back.body.get(), body, "body bytes are passed through unchanged");
         assert_eq!(back.index, 3);
     }
 
@@ -256,10 +259,7 @@ mod tests {
                 request_id: "req_1".into(),
                 body: RawValue::from_string("{\"error\":{}}".into()).unwrap(),
             }),
-            error: Some(ErrorRecord {
-                code: "client_error".into(),
-                message: "bad".into(),
-            }),
+            error: Some(ErrorRecord { code: "client_error".into(), message: "bad".into() }),
             attempts: 1,
             worker: "w".into(),
             finished_at_ms: 2,

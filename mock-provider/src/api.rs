@@ -19,12 +19,8 @@ pub enum Endpoint {
 
 impl Endpoint {
     /// Every endpoint, in the order used for counters.
-    pub const ALL: [Endpoint; 4] = [
-        Endpoint::ChatCompletions,
-        Endpoint::Completions,
-        Endpoint::Embeddings,
-        Endpoint::Messages,
-    ];
+    pub const ALL: [Endpoint; 4] =
+        [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Messages];
 
     /// The route path.
     pub fn path(self) -> &'static str {
@@ -52,12 +48,7 @@ const EMBEDDING_DIM: usize = 8;
 /// sentence why the request is invalid (to be answered 400).
 ///
 /// `n` is the request number, used in the response `id`; `created` is Unix seconds.
-pub fn success_body(
-    endpoint: Endpoint,
-    body: &[u8],
-    n: u64,
-    created: u64,
-) -> Result<Vec<u8>, String> {
+pub fn success_body(endpoint: Endpoint, body: &[u8], n: u64, created: u64) -> Result<Vec<u8>, String> {
     let json = match endpoint {
         Endpoint::ChatCompletions => chat(body, n, created)?,
         Endpoint::Completions => completion(body, n, created)?,
@@ -68,8 +59,7 @@ pub fn success_body(
 }
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
-    serde_json::from_slice(body)
-        .map_err(|e| format!("request body is not valid JSON for this endpoint: {e}"))
+    serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON for this endpoint: {e}"))
 }
 
 fn render<T: Serialize>(value: &T) -> Vec<u8> {
@@ -84,9 +74,7 @@ fn tokens(chars: usize) -> u64 {
 
 /// The first [`QUOTE_CHARS`] characters of `s`, cut on a character boundary.
 fn quote(s: &str) -> &str {
-    s.char_indices()
-        .nth(QUOTE_CHARS)
-        .map_or(s, |(i, _)| &s[..i])
+    s.char_indices().nth(QUOTE_CHARS).map_or(s, |(i, _)| &s[..i])
 }
 
 /// The text of a message `content`: either a string or an array of parts whose `text` fields
@@ -94,11 +82,9 @@ fn quote(s: &str) -> &str {
 fn content_text(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect::<Vec<_>>()
-            .join(""),
+        Value::Array(parts) => {
+            parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).collect::<Vec<_>>().join("")
+        }
         _ => String::new(),
     }
 }
@@ -148,11 +134,7 @@ struct OpenAiUsage {
 
 impl OpenAiUsage {
     fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
-        Self {
-            prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
-        }
+        Self { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens }
     }
 }
 
@@ -189,10 +171,7 @@ fn chat(body: &[u8], n: u64, created: u64) -> Result<Vec<u8>, String> {
         model: &r.model,
         choices: [ChatChoice {
             index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content: &r.text,
-            },
+            message: AssistantMessage { role: "assistant", content: &r.text },
             logprobs: None,
             finish_reason: "stop",
         }],
@@ -232,17 +211,11 @@ fn messages(body: &[u8], n: u64) -> Result<Vec<u8>, String> {
         id: format!("msg_{n}"),
         kind: "message",
         role: "assistant",
-        content: [TextBlock {
-            kind: "text",
-            text: &r.text,
-        }],
+        content: [TextBlock { kind: "text", text: &r.text }],
         model: &r.model,
         stop_reason: "end_turn",
         stop_sequence: None,
-        usage: AnthropicUsage {
-            input_tokens: r.prompt_tokens,
-            output_tokens: r.completion_tokens,
-        },
+        usage: AnthropicUsage { input_tokens: r.prompt_tokens, output_tokens: r.completion_tokens },
     }))
 }
 
@@ -292,21 +265,13 @@ fn completion(body: &[u8], n: u64, created: u64) -> Result<Vec<u8>, String> {
     let req: CompletionRequest = parse(body)?;
     let prompt = req.prompt.ok_or("missing required field `prompt`")?;
     let (texts, prompt_tokens) = inputs(&prompt);
-    let text = format!(
-        "mock completion of: {}",
-        quote(texts.first().map_or("", String::as_str))
-    );
+    let text = format!("mock completion of: {}", quote(texts.first().map_or("", String::as_str)));
     Ok(render(&TextCompletion {
         id: format!("cmpl-{n}"),
         object: "text_completion",
         created,
         model: req.model.as_deref().unwrap_or(DEFAULT_MODEL),
-        choices: [TextChoice {
-            text: &text,
-            index: 0,
-            logprobs: None,
-            finish_reason: "stop",
-        }],
+        choices: [TextChoice { text: &text, index: 0, logprobs: None, finish_reason: "stop" }],
         usage: OpenAiUsage::new(prompt_tokens, tokens(text.chars().count())),
     }))
 }
@@ -349,20 +314,13 @@ fn embeddings(body: &[u8]) -> Result<Vec<u8>, String> {
     let data = texts
         .iter()
         .enumerate()
-        .map(|(index, text)| Embedding {
-            object: "embedding",
-            index,
-            embedding: fake_embedding(text),
-        })
+        .map(|(index, text)| Embedding { object: "embedding", index, embedding: fake_embedding(text) })
         .collect();
     Ok(render(&EmbeddingList {
         object: "list",
         data,
         model: req.model.as_deref().unwrap_or(DEFAULT_MODEL),
-        usage: EmbeddingUsage {
-            prompt_tokens,
-            total_tokens: prompt_tokens,
-        },
+        usage: EmbeddingUsage { prompt_tokens, total_tokens: prompt_tokens },
     }))
 }
 
@@ -382,12 +340,7 @@ fn fake_embedding(text: &str) -> [f32; EMBEDDING_DIM] {
         z ^= z >> 31;
         *x = (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
     }
-    let norm = v
-        .iter()
-        .map(|x| x * x)
-        .sum::<f64>()
-        .sqrt()
-        .max(f64::MIN_POSITIVE);
+    let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
     v.map(|x| (x / norm) as f32)
 }
 
@@ -436,10 +389,7 @@ mod tests {
         assert_eq!(v["created"], 1000);
         assert_eq!(v["model"], "gpt-x");
         assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-        assert_eq!(
-            v["choices"][0]["message"]["content"],
-            "mock reply to: hello world"
-        );
+        assert_eq!(v["choices"][0]["message"]["content"], "mock reply to: hello world");
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
         // 4 + 11 = 15 chars -> 4 tokens; reply is 26 chars -> 7 tokens.
         assert_eq!(v["usage"]["prompt_tokens"], 4);
@@ -471,26 +421,19 @@ mod tests {
 
     #[test]
     fn completion_and_embeddings() {
-        let v =
-            json(&success_body(Endpoint::Completions, br#"{"prompt":"say hi"}"#, 1, 0).unwrap());
+        let v = json(&success_body(Endpoint::Completions, br#"{"prompt":"say hi"}"#, 1, 0).unwrap());
         assert_eq!(v["object"], "text_completion");
         assert_eq!(v["choices"][0]["text"], "mock completion of: say hi");
         assert_eq!(v["usage"]["prompt_tokens"], 2);
 
-        let v =
-            json(&success_body(Endpoint::Embeddings, br#"{"input":["a","b","a"]}"#, 1, 0).unwrap());
+        let v = json(&success_body(Endpoint::Embeddings, br#"{"input":["a","b","a"]}"#, 1, 0).unwrap());
         let data = v["data"].as_array().unwrap();
         assert_eq!(data.len(), 3);
         assert_eq!(data[2]["index"], 2);
         assert_eq!(data[0]["embedding"].as_array().unwrap().len(), 8);
         assert_eq!(data[0]["embedding"], data[2]["embedding"]);
         assert_ne!(data[0]["embedding"], data[1]["embedding"]);
-        let norm: f64 = data[1]["embedding"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_f64().unwrap().powi(2))
-            .sum();
+        let norm: f64 = data[1]["embedding"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap().powi(2)).sum();
         assert!((norm - 1.0).abs() < 1e-5);
 
         // A single pre-tokenised input is one embedding, one token per element.
@@ -505,16 +448,8 @@ mod tests {
         let err = success_body(Endpoint::ChatCompletions, br#"{"model":"m"}"#, 1, 0).unwrap_err();
         assert!(err.contains("messages"), "{err}");
         assert!(success_body(Endpoint::Messages, br#"{"messages":"nope"}"#, 1, 0).is_err());
-        assert!(
-            success_body(Endpoint::Completions, br#"{"messages":[]}"#, 1, 0)
-                .unwrap_err()
-                .contains("prompt")
-        );
-        assert!(
-            success_body(Endpoint::Embeddings, br#"{"prompt":"x"}"#, 1, 0)
-                .unwrap_err()
-                .contains("input")
-        );
+        assert!(success_body(Endpoint::Completions, br#"{"messages":[]}"#, 1, 0).unwrap_err().contains("prompt"));
+        assert!(success_body(Endpoint::Embeddings, br#"{"prompt":"x"}"#, 1, 0).unwrap_err().contains("input"));
         assert!(success_body(Endpoint::Embeddings, br#"{"input":[]}"#, 1, 0).is_err());
     }
 

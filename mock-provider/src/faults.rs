@@ -81,22 +81,11 @@ impl FaultInjector {
             // way that matters, so a poisoned lock is simply reused.
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             let u: f64 = rng.random();
-            let jitter = if self.jitter_ms > 0 {
-                rng.random_range(0..=self.jitter_ms)
-            } else {
-                0
-            };
+            let jitter = if self.jitter_ms > 0 { rng.random_range(0..=self.jitter_ms) } else { 0 };
             (u, jitter)
         };
-        let fault = self
-            .thresholds
-            .iter()
-            .find(|(upper, _)| u < *upper)
-            .map_or(Fault::None, |&(_, fault)| fault);
-        Decision {
-            fault,
-            delay: self.latency + Duration::from_millis(jitter),
-        }
+        let fault = self.thresholds.iter().find(|(upper, _)| u < *upper).map_or(Fault::None, |&(_, fault)| fault);
+        Decision { fault, delay: self.latency + Duration::from_millis(jitter) }
     }
 }
 
@@ -148,64 +137,40 @@ mod tests {
         for (fault, rate) in expect {
             let got = *counts.get(&fault).unwrap_or(&0) as f64 / n as f64;
             // Binomial standard deviation at n = 100k is at most 0.0016; allow ~4 sigma.
-            assert!(
-                (got - rate).abs() < 0.006,
-                "{fault:?}: expected {rate}, got {got}"
-            );
+            assert!((got - rate).abs() < 0.006, "{fault:?}: expected {rate}, got {got}");
         }
     }
 
     #[test]
     fn rate_one_always_and_precedence() {
-        let knobs = Knobs {
-            error_503: 1.0,
-            error_429: 1.0,
-            ..Knobs::default()
-        };
+        let knobs = Knobs { error_503: 1.0, error_429: 1.0, ..Knobs::default() };
         let counts = count(&knobs, 1000);
         assert_eq!(counts.get(&Fault::Status(503)), Some(&1000));
     }
 
     #[test]
     fn same_seed_same_sequence_different_seed_different_sequence() {
-        let knobs = Knobs {
-            error_500: 0.3,
-            hang_rate: 0.3,
-            jitter_ms: 50,
-            ..Knobs::default()
-        };
+        let knobs = Knobs { error_500: 0.3, hang_rate: 0.3, jitter_ms: 50, ..Knobs::default() };
         let run = |k: &Knobs| {
             let inj = FaultInjector::new(k);
             (0..200).map(|_| inj.decide()).collect::<Vec<_>>()
         };
         assert_eq!(run(&knobs), run(&knobs));
-        let other = Knobs {
-            seed: 7,
-            ..knobs.clone()
-        };
+        let other = Knobs { seed: 7, ..knobs.clone() };
         assert_ne!(run(&knobs), run(&other));
     }
 
     #[test]
     fn delay_is_latency_plus_bounded_jitter() {
-        let knobs = Knobs {
-            latency_ms: 100,
-            jitter_ms: 20,
-            ..Knobs::default()
-        };
+        let knobs = Knobs { latency_ms: 100, jitter_ms: 20, ..Knobs::default() };
         let inj = FaultInjector::new(&knobs);
-        let delays: Vec<u64> = (0..2000)
-            .map(|_| inj.decide().delay.as_millis() as u64)
-            .collect();
+        let delays: Vec<u64> = (0..2000).map(|_| inj.decide().delay.as_millis() as u64).collect();
         assert!(delays.iter().all(|d| (100..=120).contains(d)));
         // Both ends of the inclusive range are reachable.
         assert!(delays.contains(&100));
         assert!(delays.contains(&120));
 
-        let fixed = FaultInjector::new(&Knobs {
-            latency_ms: 5,
-            ..Knobs::default()
-        });
+        let fixed = FaultInjector::new(&Knobs { latency_ms: 5, ..Knobs::default() });
         assert_eq!(fixed.decide().delay, Duration::from_millis(5));
     }
 }

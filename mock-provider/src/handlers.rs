@@ -41,9 +41,7 @@ impl AppState {
     pub(crate) fn new(knobs: &Knobs, shutdown: CancellationToken) -> Self {
         Self {
             faults: FaultInjector::new(knobs),
-            limiter: knobs
-                .rpm
-                .map(|rpm| Mutex::new(TokenBucket::new(rpm, Instant::now()))),
+            limiter: knobs.rpm.map(|rpm| Mutex::new(TokenBucket::new(rpm, Instant::now()))),
             stats: Stats::default(),
             next_request: AtomicU64::new(0),
             shutdown,
@@ -76,10 +74,7 @@ async fn request_id(State(state): State<Arc<AppState>>, mut req: Request, next: 
     let n = state.next_request.fetch_add(1, Relaxed) + 1;
     req.extensions_mut().insert(RequestId(n));
     let mut response = next.run(req).await;
-    response.headers_mut().insert(
-        X_REQUEST_ID,
-        HeaderValue::from_str(&format!("req_{n}")).expect("ASCII"),
-    );
+    response.headers_mut().insert(X_REQUEST_ID, HeaderValue::from_str(&format!("req_{n}")).expect("ASCII"));
     response
 }
 
@@ -134,12 +129,10 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
 
     // The limiter comes first, as with a real provider: throttling happens at the edge, before
     // the request is even looked at, and a throttled request costs no latency.
-    let admission = state.limiter.as_ref().map(|bucket| {
-        bucket
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .try_acquire(Instant::now())
-    });
+    let admission = state
+        .limiter
+        .as_ref()
+        .map(|bucket| bucket.lock().unwrap_or_else(|e| e.into_inner()).try_acquire(Instant::now()));
     if let Some(Admission::Refused { .. }) = admission {
         let body = api::error_body(endpoint, 429, "mock-provider: rate limit reached (rpm)");
         return answer(state, endpoint, 429, body, admission.as_ref());
@@ -147,10 +140,7 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
 
     // Validation is deterministic and immediate: a malformed request is a caller bug, so it
     // neither consumes a fault draw nor waits for the simulated latency.
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs();
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let success = match api::success_body(endpoint, body, n, created) {
         Ok(bytes) => bytes,
         Err(message) => {
@@ -178,9 +168,7 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
         Fault::Garbage => {
             state.stats.record_garbage();
             let mut response = Response::new(Body::from(GARBAGE_BODY));
-            response
-                .headers_mut()
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
             add_rate_headers(&mut response, admission.as_ref(), endpoint);
             response
         }
@@ -195,20 +183,11 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
 
 /// Builds a JSON answer with `status`, counts it, and attaches the rate-limit headers if the
 /// limiter is on.
-fn answer(
-    state: &AppState,
-    endpoint: Endpoint,
-    status: u16,
-    body: Vec<u8>,
-    admission: Option<&Admission>,
-) -> Response {
+fn answer(state: &AppState, endpoint: Endpoint, status: u16, body: Vec<u8>, admission: Option<&Admission>) -> Response {
     state.stats.record_status(status);
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = StatusCode::from_u16(status).expect("valid status code");
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     add_rate_headers(&mut response, admission, endpoint);
     response
 }

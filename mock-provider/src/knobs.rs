@@ -76,10 +76,7 @@ impl Default for Knobs {
 /// Parses a fraction, refusing anything outside `0.0..=1.0` (including NaN) so a typo such as
 /// `--error-500 5` fails loudly instead of silently meaning "always".
 fn parse_rate(s: &str) -> Result<f64, String> {
-    let rate: f64 = s
-        .trim()
-        .parse()
-        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    let rate: f64 = s.trim().parse().map_err(|e| format!("`{s}` is not a number: {e}"))?;
     if (0.0..=1.0).contains(&rate) {
         Ok(rate)
     } else {

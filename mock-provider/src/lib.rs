@@ -33,11 +33,7 @@ pub use stats::StatsSnapshot;
 ///
 /// # Errors
 /// Returns the I/O error that stopped the server, if any.
-pub async fn serve(
-    listener: TcpListener,
-    knobs: Knobs,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, knobs: Knobs, shutdown: CancellationToken) -> std::io::Result<()> {
     tracing::info!(?knobs, addr = ?listener.local_addr().ok(), "mock-provider starting");
     let state = Arc::new(handlers::AppState::new(&knobs, shutdown.clone()));
     let app = handlers::router(state);
@@ -48,9 +44,7 @@ pub async fn serve(
             tracing::debug!(%error, "could not set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
     tracing::info!("mock-provider stopped");
     Ok(())
 }
@@ -62,19 +56,9 @@ pub async fn serve(
 ///
 /// # Panics
 /// Panics if no local port can be bound.
-pub async fn spawn(
-    knobs: Knobs,
-) -> (
-    SocketAddr,
-    CancellationToken,
-    JoinHandle<std::io::Result<()>>,
-) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0 for mock-provider");
-    let addr = listener
-        .local_addr()
-        .expect("bound listener has an address");
+pub async fn spawn(knobs: Knobs) -> (SocketAddr, CancellationToken, JoinHandle<std::io::Result<()>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0 for mock-provider");
+    let addr = listener.local_addr().expect("bound listener has an address");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(listener, knobs, shutdown.clone()));
     (addr, shutdown, task)

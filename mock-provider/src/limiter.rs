@@ -51,12 +51,7 @@ impl TokenBucket {
         // One second of burst, but never less than one token: below 60 rpm a bucket smaller than
         // one token could never admit anything.
         let window = interval.max(Duration::from_secs(1));
-        Self {
-            rpm,
-            interval,
-            window,
-            full_at: now,
-        }
+        Self { rpm, interval, window, full_at: now }
     }
 
     /// Takes a token if one is available at `now`. A refused request takes nothing, so clients
@@ -69,16 +64,9 @@ impl TokenBucket {
             self.full_at = self.full_at.max(now) + self.interval;
             let deficit = deficit + self.interval;
             let remaining = (self.window - deficit).as_nanos() / self.interval.as_nanos();
-            Admission::Granted {
-                limit: self.rpm,
-                remaining: remaining as u64,
-                reset: ceil_ms(deficit),
-            }
+            Admission::Granted { limit: self.rpm, remaining: remaining as u64, reset: ceil_ms(deficit) }
         } else {
-            Admission::Refused {
-                limit: self.rpm,
-                retry_after: ceil_ms(deficit + self.interval - self.window),
-            }
+            Admission::Refused { limit: self.rpm, retry_after: ceil_ms(deficit + self.interval - self.window) }
         }
     }
 }
@@ -103,23 +91,13 @@ impl Admission {
     /// `anthropic` is true, and `Retry-After` / `retry-after-ms` when the request was refused.
     pub fn write_headers(&self, headers: &mut HeaderMap, anthropic: bool) {
         let (limit, remaining, reset) = match *self {
-            Admission::Granted {
-                limit,
-                remaining,
-                reset,
-            } => (limit, remaining, reset),
+            Admission::Granted { limit, remaining, reset } => (limit, remaining, reset),
             Admission::Refused { limit, retry_after } => {
                 // Retry-After only speaks whole seconds; round up (and never say 0, which many
                 // clients read as "retry immediately").
                 let whole = retry_after.as_millis().div_ceil(1000).max(1);
-                headers.insert(
-                    axum::http::header::RETRY_AFTER,
-                    HeaderValue::from(whole as u64),
-                );
-                headers.insert(
-                    RETRY_AFTER_MS,
-                    HeaderValue::from(retry_after.as_millis() as u64),
-                );
+                headers.insert(axum::http::header::RETRY_AFTER, HeaderValue::from(whole as u64));
+                headers.insert(RETRY_AFTER_MS, HeaderValue::from(retry_after.as_millis() as u64));
                 (limit, 0, retry_after)
             }
         };
@@ -199,30 +177,12 @@ mod tests {
                 other => panic!("request {i} should pass, got {other:?}"),
             }
         }
-        assert_eq!(
-            b.try_acquire(t0),
-            Admission::Refused {
-                limit: 600,
-                retry_after: ms(100)
-            }
-        );
+        assert_eq!(b.try_acquire(t0), Admission::Refused { limit: 600, retry_after: ms(100) });
         // 40 ms later, 0.4 tokens: still refused, 60 ms to go.
-        assert_eq!(
-            b.try_acquire(t0 + ms(40)),
-            Admission::Refused {
-                limit: 600,
-                retry_after: ms(60)
-            }
-        );
+        assert_eq!(b.try_acquire(t0 + ms(40)), Admission::Refused { limit: 600, retry_after: ms(60) });
         // At 100 ms exactly one token is back.
-        assert!(matches!(
-            b.try_acquire(t0 + ms(100)),
-            Admission::Granted { remaining: 0, .. }
-        ));
-        assert!(matches!(
-            b.try_acquire(t0 + ms(100)),
-            Admission::Refused { .. }
-        ));
+        assert!(matches!(b.try_acquire(t0 + ms(100)), Admission::Granted { remaining: 0, .. }));
+        assert!(matches!(b.try_acquire(t0 + ms(100)), Admission::Refused { .. }));
     }
 
     #[test]
@@ -231,16 +191,10 @@ mod tests {
         let mut b = TokenBucket::new(60, t0); // 1/s, capacity 1
         assert!(matches!(b.try_acquire(t0), Admission::Granted { .. }));
         for step in 1..10 {
-            assert!(matches!(
-                b.try_acquire(t0 + ms(step * 100)),
-                Admission::Refused { .. }
-            ));
+            assert!(matches!(b.try_acquire(t0 + ms(step * 100)), Admission::Refused { .. }));
         }
         // Hammering did not delay the refill: a token is back exactly one second later.
-        assert!(matches!(
-            b.try_acquire(t0 + ms(1000)),
-            Admission::Granted { .. }
-        ));
+        assert!(matches!(b.try_acquire(t0 + ms(1000)), Admission::Granted { .. }));
     }
 
     #[test]
@@ -248,24 +202,12 @@ mod tests {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(6, t0); // 0.1/s, capacity 1
         assert!(matches!(b.try_acquire(t0), Admission::Granted { .. }));
-        assert_eq!(
-            b.try_acquire(t0),
-            Admission::Refused {
-                limit: 6,
-                retry_after: ms(10_000)
-            }
-        );
+        assert_eq!(b.try_acquire(t0), Admission::Refused { limit: 6, retry_after: ms(10_000) });
         // After an hour of idleness the bucket holds one second of burst, not an hour.
         let mut b = TokenBucket::new(120, t0); // 2/s, capacity 2
         let later = t0 + Duration::from_secs(3600);
-        assert!(matches!(
-            b.try_acquire(later),
-            Admission::Granted { remaining: 1, .. }
-        ));
-        assert!(matches!(
-            b.try_acquire(later),
-            Admission::Granted { remaining: 0, .. }
-        ));
+        assert!(matches!(b.try_acquire(later), Admission::Granted { remaining: 1, .. }));
+        assert!(matches!(b.try_acquire(later), Admission::Granted { remaining: 0, .. }));
         assert!(matches!(b.try_acquire(later), Admission::Refused { .. }));
     }
 
@@ -274,28 +216,14 @@ mod tests {
         // 90 rpm: 1.5 tokens per second, 1.5 tokens of burst.
         let t0 = Instant::now();
         let mut b = TokenBucket::new(90, t0);
-        assert!(matches!(
-            b.try_acquire(t0),
-            Admission::Granted { remaining: 0, .. }
-        ));
+        assert!(matches!(b.try_acquire(t0), Admission::Granted { remaining: 0, .. }));
         // Half a token left: refused, one token needs a third of a second more (666.67 ms,
         // rounded up).
-        assert_eq!(
-            b.try_acquire(t0),
-            Admission::Refused {
-                limit: 90,
-                retry_after: ms(334)
-            }
-        );
-        assert!(matches!(
-            b.try_acquire(t0 + ms(334)),
-            Admission::Granted { .. }
-        ));
+        assert_eq!(b.try_acquire(t0), Admission::Refused { limit: 90, retry_after: ms(334) });
+        assert!(matches!(b.try_acquire(t0 + ms(334)), Admission::Granted { .. }));
         // Over a minute of constant hammering, exactly burst + rate x time get through.
         let mut b = TokenBucket::new(90, t0);
-        let granted = (0..=60_000)
-            .filter(|i| matches!(b.try_acquire(t0 + ms(*i)), Admission::Granted { .. }))
-            .count();
+        let granted = (0..=60_000).filter(|i| matches!(b.try_acquire(t0 + ms(*i)), Admission::Granted { .. })).count();
         assert_eq!(granted, 1 + 90);
     }
 
@@ -303,14 +231,7 @@ mod tests {
     fn granted_reset_is_time_until_full() {
         let t0 = Instant::now();
         let mut b = TokenBucket::new(600, t0);
-        assert_eq!(
-            b.try_acquire(t0),
-            Admission::Granted {
-                limit: 600,
-                remaining: 9,
-                reset: ms(100)
-            }
-        );
+        assert_eq!(b.try_acquire(t0), Admission::Granted { limit: 600, remaining: 9, reset: ms(100) });
     }
 
     #[test]
@@ -318,14 +239,8 @@ mod tests {
         let t0 = Instant::now() + Duration::from_secs(10);
         let mut b = TokenBucket::new(60, t0);
         assert!(matches!(b.try_acquire(t0), Admission::Granted { .. }));
-        assert!(matches!(
-            b.try_acquire(t0 - ms(500)),
-            Admission::Refused { .. }
-        ));
-        assert!(matches!(
-            b.try_acquire(t0 + ms(999)),
-            Admission::Refused { .. }
-        ));
+        assert!(matches!(b.try_acquire(t0 - ms(500)), Admission::Refused { .. }));
+        assert!(matches!(b.try_acquire(t0 + ms(999)), Admission::Refused { .. }));
     }
 
     #[tokio::test(start_paused = true)]
@@ -342,11 +257,7 @@ mod tests {
     #[test]
     fn refused_headers() {
         let mut h = HeaderMap::new();
-        Admission::Refused {
-            limit: 60,
-            retry_after: ms(1200),
-        }
-        .write_headers(&mut h, true);
+        Admission::Refused { limit: 60, retry_after: ms(1200) }.write_headers(&mut h, true);
         assert_eq!(h["retry-after"], "2");
         assert_eq!(h["retry-after-ms"], "1200");
         assert_eq!(h["x-ratelimit-limit-requests"], "60");
@@ -359,11 +270,7 @@ mod tests {
         assert!(reset.ends_with('Z'));
 
         let mut h = HeaderMap::new();
-        Admission::Refused {
-            limit: 600,
-            retry_after: ms(120),
-        }
-        .write_headers(&mut h, false);
+        Admission::Refused { limit: 600, retry_after: ms(120) }.write_headers(&mut h, false);
         assert_eq!(h["retry-after"], "1", "never 0");
         assert_eq!(h["x-ratelimit-reset-requests"], "120ms");
         assert!(!h.contains_key("anthropic-ratelimit-requests-limit"));
@@ -372,12 +279,7 @@ mod tests {
     #[test]
     fn granted_headers_have_no_retry_after() {
         let mut h = HeaderMap::new();
-        Admission::Granted {
-            limit: 600,
-            remaining: 7,
-            reset: ms(300),
-        }
-        .write_headers(&mut h, false);
+        Admission::Granted { limit: 600, remaining: 7, reset: ms(300) }.write_headers(&mut h, false);
         assert_eq!(h["x-ratelimit-remaining-requests"], "7");
         assert_eq!(h["x-ratelimit-reset-requests"], "300ms");
         assert!(!h.contains_key("retry-after"));

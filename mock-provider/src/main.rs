@@ -32,9 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
 
     // Install the signal handlers before announcing the port: a harness may send SIGTERM as
@@ -56,9 +54,7 @@ async fn main() -> anyhow::Result<()> {
         out.flush()?;
     }
 
-    mock_provider::serve(listener, cli.knobs, shutdown)
-        .await
-        .context("serving")?;
+    mock_provider::serve(listener, cli.knobs, shutdown).await.context("serving")?;
     Ok(())
 }
 

@@ -109,8 +109,7 @@ impl Stats {
         }
         self.hung.store(0, Relaxed);
         self.garbage.store(0, Relaxed);
-        self.max_in_flight
-            .store(self.in_flight.load(Relaxed), Relaxed);
+        self.max_in_flight.store(self.in_flight.load(Relaxed), Relaxed);
     }
 
     /// Reads every counter. The reads are individually atomic, not a consistent cut, which is
@@ -180,14 +179,7 @@ mod tests {
 
         s.reset();
         let snap = s.snapshot();
-        assert_eq!(
-            snap,
-            StatsSnapshot {
-                in_flight: 1,
-                max_in_flight: 1,
-                ..StatsSnapshot::default()
-            }
-        );
+        assert_eq!(snap, StatsSnapshot { in_flight: 1, max_in_flight: 1, ..StatsSnapshot::default() });
         drop(_d);
         assert_eq!(s.snapshot().in_flight, 0);
     }

@@ -20,23 +20,11 @@ fn url(addr: SocketAddr, path: &str) -> String {
 }
 
 async fn post(addr: SocketAddr, path: &str, body: Value) -> reqwest::Response {
-    client()
-        .post(url(addr, path))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
+    client().post(url(addr, path)).json(&body).send().await.unwrap()
 }
 
 async fn stats(addr: SocketAddr) -> StatsSnapshot {
-    client()
-        .get(url(addr, "/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    client().get(url(addr, "/stats")).send().await.unwrap().json().await.unwrap()
 }
 
 fn chat_body() -> Value {
@@ -45,10 +33,7 @@ fn chat_body() -> Value {
 
 fn request_number(resp: &reqwest::Response) -> u64 {
     let id = resp.headers()["x-request-id"].to_str().unwrap();
-    id.strip_prefix("req_")
-        .unwrap_or_else(|| panic!("bad x-request-id {id}"))
-        .parse()
-        .unwrap()
+    id.strip_prefix("req_").unwrap_or_else(|| panic!("bad x-request-id {id}")).parse().unwrap()
 }
 
 #[tokio::test]
@@ -65,10 +50,7 @@ async fn chat_completions_shape() {
     assert_eq!(v["model"], "gpt-test");
     assert_eq!(v["choices"][0]["index"], 0);
     assert_eq!(v["choices"][0]["message"]["role"], "assistant");
-    assert_eq!(
-        v["choices"][0]["message"]["content"],
-        "mock reply to: hello there"
-    );
+    assert_eq!(v["choices"][0]["message"]["content"], "mock reply to: hello there");
     assert_eq!(v["choices"][0]["finish_reason"], "stop");
     assert_eq!(v["usage"]["prompt_tokens"], 3); // 11 chars
     assert_eq!(v["usage"]["total_tokens"], 3 + 7);
@@ -86,20 +68,12 @@ async fn chat_completions_shape() {
 async fn other_routes_shapes() {
     let (addr, stop, _task) = mock_provider::spawn(Knobs::default()).await;
 
-    let resp = post(
-        addr,
-        "/v1/completions",
-        json!({"prompt": "once upon a time"}),
-    )
-    .await;
+    let resp = post(addr, "/v1/completions", json!({"prompt": "once upon a time"})).await;
     assert_eq!(resp.status(), StatusCode::OK);
     let v: Value = resp.json().await.unwrap();
     assert_eq!(v["object"], "text_completion");
     assert_eq!(v["model"], "mock-model");
-    assert_eq!(
-        v["choices"][0]["text"],
-        "mock completion of: once upon a time"
-    );
+    assert_eq!(v["choices"][0]["text"], "mock completion of: once upon a time");
     assert_eq!(v["usage"]["prompt_tokens"], 4);
 
     let resp = post(addr, "/v1/embeddings", json!({"input": "one"})).await;
@@ -110,11 +84,7 @@ async fn other_routes_shapes() {
     assert_eq!(v["data"][0]["object"], "embedding");
     assert_eq!(v["data"][0]["embedding"].as_array().unwrap().len(), 8);
 
-    let v: Value = post(addr, "/v1/embeddings", json!({"input": ["a", "b"]}))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let v: Value = post(addr, "/v1/embeddings", json!({"input": ["a", "b"]})).await.json().await.unwrap();
     assert_eq!(v["data"][1]["index"], 1);
     assert_eq!(v["usage"]["prompt_tokens"], 2);
 
@@ -161,13 +131,8 @@ async fn bad_input_is_400_with_openai_error() {
         ("/v1/embeddings", r#"{"model":"x"}"#, "input"),
     ];
     for (path, body, mentions) in cases {
-        let resp = client()
-            .post(url(addr, path))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+        let resp =
+            client().post(url(addr, path)).header("content-type", "application/json").body(body).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{path} {body}");
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error");
@@ -186,10 +151,7 @@ async fn bad_input_is_400_with_openai_error() {
 #[tokio::test]
 async fn rpm_limiter_429_and_headers() {
     // 60 rpm: one token of burst, one new token per second.
-    let knobs = Knobs {
-        rpm: Some(60),
-        ..Knobs::default()
-    };
+    let knobs = Knobs { rpm: Some(60), ..Knobs::default() };
     let (addr, stop, _task) = mock_provider::spawn(knobs).await;
 
     let ok = post(addr, "/v1/chat/completions", chat_body()).await;
@@ -198,9 +160,7 @@ async fn rpm_limiter_429_and_headers() {
     assert_eq!(ok.headers()["x-ratelimit-remaining-requests"], "0");
     assert!(ok.headers().contains_key("x-ratelimit-reset-requests"));
     assert!(!ok.headers().contains_key("retry-after"));
-    assert!(!ok
-        .headers()
-        .contains_key("anthropic-ratelimit-requests-limit"));
+    assert!(!ok.headers().contains_key("anthropic-ratelimit-requests-limit"));
 
     let limited = post(addr, "/v1/chat/completions", chat_body()).await;
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -210,29 +170,18 @@ async fn rpm_limiter_429_and_headers() {
     assert!((1..=1000).contains(&retry_ms), "retry-after-ms {retry_ms}");
     assert_eq!(h["x-ratelimit-limit-requests"], "60");
     assert_eq!(h["x-ratelimit-remaining-requests"], "0");
-    assert_eq!(
-        h["x-ratelimit-reset-requests"],
-        format!("{retry_ms}ms").as_str()
-    );
+    assert_eq!(h["x-ratelimit-reset-requests"], format!("{retry_ms}ms").as_str());
     let v: Value = limited.json().await.unwrap();
     assert_eq!(v["error"]["code"], "rate_limit_exceeded");
 
     // Anthropic route: Anthropic headers and error body too.
-    let limited = post(
-        addr,
-        "/v1/messages",
-        json!({"messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let limited = post(addr, "/v1/messages", json!({"messages": [{"role": "user", "content": "x"}]})).await;
     assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
     let h = limited.headers();
     assert_eq!(h["anthropic-ratelimit-requests-limit"], "60");
     assert_eq!(h["anthropic-ratelimit-requests-remaining"], "0");
     let reset = h["anthropic-ratelimit-requests-reset"].to_str().unwrap();
-    assert!(
-        reset.len() == 24 && reset.as_bytes()[10] == b'T' && reset.ends_with('Z'),
-        "{reset}"
-    );
+    assert!(reset.len() == 24 && reset.as_bytes()[10] == b'T' && reset.ends_with('Z'), "{reset}");
     assert!(h.contains_key("x-ratelimit-limit-requests"));
     let v: Value = limited.json().await.unwrap();
     assert_eq!(v["type"], "error");
@@ -240,12 +189,7 @@ async fn rpm_limiter_429_and_headers() {
 
     // Refused requests took no token: after the advertised wait, a request passes again.
     tokio::time::sleep(Duration::from_millis(retry_ms + 50)).await;
-    let ok = post(
-        addr,
-        "/v1/messages",
-        json!({"messages": [{"role": "user", "content": "x"}]}),
-    )
-    .await;
+    let ok = post(addr, "/v1/messages", json!({"messages": [{"role": "user", "content": "x"}]})).await;
     assert_eq!(ok.status(), StatusCode::OK);
     assert_eq!(ok.headers()["anthropic-ratelimit-requests-limit"], "60");
     assert_eq!(ok.headers()["anthropic-ratelimit-requests-remaining"], "0");
@@ -259,78 +203,30 @@ async fn rpm_limiter_429_and_headers() {
 
 #[tokio::test]
 async fn rpm_limiter_admits_about_one_second_of_burst() {
-    let knobs = Knobs {
-        rpm: Some(600),
-        ..Knobs::default()
-    };
+    let knobs = Knobs { rpm: Some(600), ..Knobs::default() };
     let (addr, stop, _task) = mock_provider::spawn(knobs).await;
     let started = Instant::now();
     let mut statuses = Vec::new();
     for _ in 0..30 {
-        statuses.push(
-            post(addr, "/v1/chat/completions", chat_body())
-                .await
-                .status(),
-        );
+        statuses.push(post(addr, "/v1/chat/completions", chat_body()).await.status());
     }
     let elapsed = started.elapsed().as_secs_f64();
     let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
     // 10 of burst plus 10/s refill during the loop.
     let max_ok = 10 + (elapsed * 10.0).ceil() as usize;
     assert!(ok >= 10 && ok <= max_ok, "{ok} ok in {elapsed:.3}s");
-    assert_eq!(
-        statuses
-            .iter()
-            .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
-            .count(),
-        30 - ok
-    );
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count(), 30 - ok);
     stop.cancel();
 }
 
 #[tokio::test]
 async fn injected_statuses_use_documented_bodies() {
     for (knobs, status, check) in [
-        (
-            Knobs {
-                error_500: 1.0,
-                ..Knobs::default()
-            },
-            500,
-            ("/error/type", "server_error"),
-        ),
-        (
-            Knobs {
-                error_503: 1.0,
-                ..Knobs::default()
-            },
-            503,
-            ("/error/type", "server_error"),
-        ),
-        (
-            Knobs {
-                error_400: 1.0,
-                ..Knobs::default()
-            },
-            400,
-            ("/error/type", "invalid_request_error"),
-        ),
-        (
-            Knobs {
-                error_429: 1.0,
-                ..Knobs::default()
-            },
-            429,
-            ("/error/code", "rate_limit_exceeded"),
-        ),
-        (
-            Knobs {
-                error_529: 1.0,
-                ..Knobs::default()
-            },
-            529,
-            ("/error/type", "overloaded_error"),
-        ),
+        (Knobs { error_500: 1.0, ..Knobs::default() }, 500, ("/error/type", "server_error")),
+        (Knobs { error_503: 1.0, ..Knobs::default() }, 503, ("/error/type", "server_error")),
+        (Knobs { error_400: 1.0, ..Knobs::default() }, 400, ("/error/type", "invalid_request_error")),
+        (Knobs { error_429: 1.0, ..Knobs::default() }, 429, ("/error/code", "rate_limit_exceeded")),
+        (Knobs { error_529: 1.0, ..Knobs::default() }, 529, ("/error/type", "overloaded_error")),
     ] {
         let (addr, stop, _task) = mock_provider::spawn(knobs).await;
         let resp = post(addr, "/v1/chat/completions", chat_body()).await;
@@ -345,11 +241,7 @@ async fn injected_statuses_use_documented_bodies() {
 
 #[tokio::test]
 async fn garbage_and_mixed_stats_and_reset() {
-    let knobs = Knobs {
-        garbage_rate: 0.5,
-        seed: 1,
-        ..Knobs::default()
-    };
+    let knobs = Knobs { garbage_rate: 0.5, seed: 1, ..Knobs::default() };
     let (addr, stop, _task) = mock_provider::spawn(knobs).await;
     let mut garbage = 0;
     for _ in 0..40 {
@@ -370,59 +262,28 @@ async fn garbage_and_mixed_stats_and_reset() {
     assert_eq!(s.in_flight, 0);
     assert!(s.max_in_flight >= 1);
 
-    let resp = client()
-        .post(url(addr, "/stats/reset"))
-        .send()
-        .await
-        .unwrap();
+    let resp = client().post(url(addr, "/stats/reset")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     let s = stats(addr).await;
     assert_eq!(s, StatsSnapshot::default());
 
     // The raw JSON has exactly the documented keys.
-    let v: Value = client()
-        .get(url(addr, "/stats"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = client().get(url(addr, "/stats")).send().await.unwrap().json().await.unwrap();
     let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
     keys.sort();
-    assert_eq!(
-        keys,
-        [
-            "by_path",
-            "by_status",
-            "garbage",
-            "hung",
-            "in_flight",
-            "max_in_flight",
-            "requests"
-        ]
-    );
+    assert_eq!(keys, ["by_path", "by_status", "garbage", "hung", "in_flight", "max_in_flight", "requests"]);
     stop.cancel();
 }
 
 #[tokio::test]
 async fn same_seed_same_decisions() {
-    let knobs = Knobs {
-        error_500: 0.3,
-        error_503: 0.2,
-        seed: 99,
-        ..Knobs::default()
-    };
+    let knobs = Knobs { error_500: 0.3, error_503: 0.2, seed: 99, ..Knobs::default() };
     let mut runs = Vec::new();
     for _ in 0..2 {
         let (addr, stop, _task) = mock_provider::spawn(knobs.clone()).await;
         let mut statuses = Vec::new();
         for _ in 0..50 {
-            statuses.push(
-                post(addr, "/v1/completions", json!({"prompt": "p"}))
-                    .await
-                    .status(),
-            );
+            statuses.push(post(addr, "/v1/completions", json!({"prompt": "p"})).await.status());
         }
         stop.cancel();
         runs.push(statuses);
@@ -435,23 +296,12 @@ async fn same_seed_same_decisions() {
 
 #[tokio::test]
 async fn hang_counts_and_releases_on_disconnect_and_shutdown() {
-    let knobs = Knobs {
-        hang_rate: 1.0,
-        ..Knobs::default()
-    };
+    let knobs = Knobs { hang_rate: 1.0, ..Knobs::default() };
     let (addr, stop, task) = mock_provider::spawn(knobs).await;
 
     // A client that gives up: the request is counted as hung and leaves in_flight.
-    let quick = Client::builder()
-        .timeout(Duration::from_millis(200))
-        .build()
-        .unwrap();
-    let err = quick
-        .post(url(addr, "/v1/chat/completions"))
-        .json(&chat_body())
-        .send()
-        .await
-        .unwrap_err();
+    let quick = Client::builder().timeout(Duration::from_millis(200)).build().unwrap();
+    let err = quick.post(url(addr, "/v1/chat/completions")).json(&chat_body()).send().await.unwrap_err();
     assert!(err.is_timeout(), "{err}");
     let mut s = stats(addr).await;
     for _ in 0..50 {
@@ -472,22 +322,14 @@ async fn hang_counts_and_releases_on_disconnect_and_shutdown() {
     }
     let started = Instant::now();
     stop.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("server stops promptly")
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.expect("server stops promptly").unwrap().unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
     let _ = waiting.await;
 }
 
 #[tokio::test]
 async fn latency_holds_many_concurrent_requests() {
-    let knobs = Knobs {
-        latency_ms: 200,
-        jitter_ms: 20,
-        ..Knobs::default()
-    };
+    let knobs = Knobs { latency_ms: 200, jitter_ms: 20, ..Knobs::default() };
     let (addr, stop, _task) = mock_provider::spawn(knobs).await;
     let client = client();
     let started = Instant::now();
@@ -555,27 +397,16 @@ async fn binary_prints_port_reads_env_and_exits_on_sigterm() {
     assert_ne!(addr.port(), 0);
 
     let resp = post(addr, "/v1/chat/completions", chat_body()).await;
-    assert_eq!(
-        resp.status(),
-        StatusCode::SERVICE_UNAVAILABLE,
-        "MOCK_ERROR_503 applies"
-    );
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE, "MOCK_ERROR_503 applies");
 
     let pid = child.0.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "no exit after SIGTERM"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "no exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status:?}");

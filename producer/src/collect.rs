@@ -80,12 +80,8 @@ fn open_output(path: &Path) -> anyhow::Result<(std::fs::File, HashSet<String>, J
         if n == 0 || line.last() != Some(&b'\n') {
             break; // end, or a torn last line from an interrupted write
         }
-        let v: serde_json::Value = serde_json::from_slice(&line).with_context(|| {
-            format!(
-                "{} has a line that is not a result; refusing to append to it",
-                path.display()
-            )
-        })?;
+        let v: serde_json::Value = serde_json::from_slice(&line)
+            .with_context(|| format!("{} has a line that is not a result; refusing to append to it", path.display()))?;
         let id = v["custom_id"].as_str().unwrap_or_default().to_string();
         if seen.insert(id) {
             count(&mut counts, line_status(&v));
@@ -109,12 +105,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
 
     let conn = fleet::amqp::connect(&cfg.amqp.url, "producer wait")
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to RabbitMQ at {}",
-                fleet::amqp::redact_url(&cfg.amqp.url)
-            )
-        })?;
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", fleet::amqp::redact_url(&cfg.amqp.url)))?;
     let queue = topology.results_queue(req.job_id);
     if topology.queue_len(&conn, &queue).await?.is_none() {
         anyhow::bail!(
@@ -124,8 +115,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         );
     }
     let ch = conn.create_channel().await?;
-    ch.basic_qos(2 * ACK_BATCH as u16, BasicQosOptions::default())
-        .await?;
+    ch.basic_qos(2 * ACK_BATCH as u16, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(
             queue.as_str().into(),
@@ -157,15 +147,9 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
                 anyhow::bail!("timed out with {} results in {}; run `producer wait` again to resume", seen.len(), req.output.display());
             }
         };
-        let Some(delivery) = next else {
-            anyhow::bail!("the broker closed the results consumer")
-        };
+        let Some(delivery) = next else { anyhow::bail!("the broker closed the results consumer") };
         let delivery = delivery.context("reading results")?;
-        let kind = delivery
-            .properties
-            .kind()
-            .as_ref()
-            .map(|k| k.as_str().to_string());
+        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string());
         if kind.as_deref() == Some(KIND_JOB_FINISHED) {
             if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
                 total.get_or_insert(summary.counts.total);
@@ -200,12 +184,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     bar.finish_and_clear();
     let _ = conn.close(200, "done".into()).await;
     counts.total = total.unwrap_or(seen.len() as u64);
-    Ok(Collected {
-        job_id: req.job_id.to_string(),
-        counts,
-        elapsed_s: started.elapsed().as_secs_f64(),
-        job_status,
-    })
+    Ok(Collected { job_id: req.job_id.to_string(), counts, elapsed_s: started.elapsed().as_secs_f64(), job_status })
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

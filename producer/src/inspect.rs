@@ -16,29 +16,13 @@ use lapin::BasicProperties;
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
 /// Asks the tracker; fails with a clear message if none answers within `timeout`.
-pub async fn ask(
-    cfg: &Config,
-    req: &TrackerRequest,
-    timeout: Duration,
-) -> anyhow::Result<TrackerReply> {
+pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyhow::Result<TrackerReply> {
     let topology = Topology::from_config(cfg);
     let conn = fleet::amqp::connect(&cfg.amqp.url, "producer query")
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to RabbitMQ at {}",
-                fleet::amqp::redact_url(&cfg.amqp.url)
-            )
-        })?;
-    if topology
-        .queue_len(&conn, &topology.tracker_rpc_queue())
-        .await?
-        .is_none()
-    {
-        anyhow::bail!(
-            "no worker has ever run in namespace {:?}: start one with `worker`",
-            topology.namespace()
-        );
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", fleet::amqp::redact_url(&cfg.amqp.url)))?;
+    if topology.queue_len(&conn, &topology.tracker_rpc_queue()).await?.is_none() {
+        anyhow::bail!("no worker has ever run in namespace {:?}: start one with `worker`", topology.namespace());
     }
     let ch = conn.create_channel().await?;
     // Direct reply-to: consume first (no-ack), then publish with reply_to set to it.
@@ -46,10 +30,7 @@ pub async fn ask(
         .basic_consume(
             DIRECT_REPLY_TO.into(),
             "producer-query".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
             FieldTable::default(),
         )
         .await?;

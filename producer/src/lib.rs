@@ -2,6 +2,7 @@
 //! tracker) inspecting and controlling jobs.
 
 pub mod collect;
+pub mod control;
 pub mod inspect;
 pub mod progress;
 pub mod submit;

@@ -10,14 +10,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fleet::wire::TrackerRequest;
 use producer::collect::{self, Collected, WaitRequest};
+use producer::control;
 use producer::inspect;
 use producer::submit::{self, InputError, SubmitRequest};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Submit batches of LLM requests to the fleet and collect the results"
-)]
+#[command(version, about = "Submit batches of LLM requests to the fleet and collect the results")]
 struct Cli {
     /// TOML configuration file (also `FLEET_CONFIG`); `FLEET__*` env variables override it.
     #[arg(long, short, global = true)]
@@ -53,6 +51,10 @@ enum Command {
         /// Output file for `--wait` (default `<job id>.jsonl`).
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Items not finished within this time end `expired` (e.g. 90s, 30m, 24h, 2d;
+        /// default `producer.default_deadline_s`, 0 = none).
+        #[arg(long)]
+        deadline: Option<String>,
     },
     /// Collect a job's results into an OpenAI Batch output file; resumable.
     Wait {
@@ -79,6 +81,23 @@ enum Command {
         #[arg(long, default_value_t = 5)]
         timeout: u64,
     },
+    /// Cancel a job: items not yet started end `cancelled` without a provider call.
+    Cancel {
+        /// Job id.
+        job: String,
+    },
+    /// List dead-lettered messages with their reasons; optionally put items back.
+    Dead {
+        /// Put the dead-lettered items back on their items queues.
+        #[arg(long)]
+        requeue: bool,
+        /// Only this job's items (with --requeue).
+        #[arg(long)]
+        job: Option<String>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// List jobs in progress and recently finished.
     Jobs {
         /// Print JSON.
@@ -103,21 +122,17 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit {
-            file,
-            provider,
-            model,
-            json,
-            wait,
-            output,
-        } => {
-            let req = SubmitRequest {
-                file: &file,
-                provider: &provider,
-                model: model.as_deref(),
-                deadline_ms: None,
-                progress,
+        Command::Submit { file, provider, model, json, wait, output, deadline } => {
+            let deadline_s = match deadline.as_deref().map(control::parse_duration).transpose() {
+                Ok(d) => d.map_or(cfg.producer.default_deadline_s, |d| d.as_secs()),
+                Err(e) => {
+                    eprintln!("producer: {e:#}");
+                    return ExitCode::from(2);
+                }
             };
+            let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
+            let req =
+                SubmitRequest { file: &file, provider: &provider, model: model.as_deref(), deadline_ms, progress };
             match submit::submit(&cfg, &req).await {
                 Ok(job) => {
                     if json {
@@ -127,17 +142,9 @@ async fn main() -> ExitCode {
                     }
                     eprintln!("submitted job {} with {} requests", job.job_id, job.total);
                     if wait {
-                        let output = output
-                            .unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
-                        let req = WaitRequest {
-                            job_id: &job.job_id,
-                            output: &output,
-                            progress,
-                            timeout: None,
-                        };
-                        collect::wait(&cfg, &req)
-                            .await
-                            .map(|c| summary(&c, &output, false))
+                        let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
+                        let req = WaitRequest { job_id: &job.job_id, output: &output, progress, timeout: None };
+                        collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, false))
                     } else {
                         Ok(())
                     }
@@ -145,33 +152,40 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Wait {
-            job,
-            output,
-            timeout,
-            json,
-        } => {
-            let req = WaitRequest {
-                job_id: &job,
-                output: &output,
-                progress,
-                timeout: timeout.map(Duration::from_secs),
-            };
-            collect::wait(&cfg, &req)
-                .await
-                .map(|c| summary(&c, &output, json))
+        Command::Wait { job, output, timeout, json } => {
+            let req =
+                WaitRequest { job_id: &job, output: &output, progress, timeout: timeout.map(Duration::from_secs) };
+            collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
         }
         Command::Status { job, json, timeout } => {
             let req = TrackerRequest::Status { job_id: job };
-            inspect::ask(&cfg, &req, Duration::from_secs(timeout))
-                .await
-                .map(|r| print_jobs(&r.jobs, json))
+            inspect::ask(&cfg, &req, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
         }
-        Command::Jobs { json, timeout } => {
-            inspect::ask(&cfg, &TrackerRequest::Jobs, Duration::from_secs(timeout))
-                .await
-                .map(|r| print_jobs(&r.jobs, json))
-        }
+        Command::Cancel { job } => control::cancel(&cfg, &job).await.map(|()| {
+            eprintln!("cancel requested for job {job}: unstarted items end `cancelled`");
+        }),
+        Command::Dead { requeue, job, json } => control::dead(&cfg, requeue, job.as_deref()).await.map(|msgs| {
+            for m in &msgs {
+                if json {
+                    println!("{}", serde_json::to_string(m).expect("serializable"));
+                } else {
+                    println!(
+                        "{}{} job={} custom_id={} bytes={}: {}",
+                        if m.requeued { "requeued " } else { "" },
+                        m.provider.as_deref().unwrap_or("-"),
+                        m.job_id.as_deref().unwrap_or("-"),
+                        m.custom_id.as_deref().unwrap_or("-"),
+                        m.bytes,
+                        m.reason
+                    );
+                }
+            }
+            let requeued = msgs.iter().filter(|m| m.requeued).count();
+            eprintln!("{} dead-lettered message(s), {requeued} requeued", msgs.len());
+        }),
+        Command::Jobs { json, timeout } => inspect::ask(&cfg, &TrackerRequest::Jobs, Duration::from_secs(timeout))
+            .await
+            .map(|r| print_jobs(&r.jobs, json)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,29 +50,18 @@ pub fn new_job_id() -> String {
 
 /// Validates and publishes `req.file`; nothing is published if any line is bad.
 pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Submitted> {
-    let provider = cfg
-        .providers
-        .get(req.provider)
-        .ok_or_else(|| InputError::UnknownProvider {
-            name: req.provider.to_string(),
-            known: cfg.providers.keys().cloned().collect::<Vec<_>>().join(", "),
-        })?;
-    let rules = Rules {
-        kind: provider.kind,
-        max_body_bytes: cfg.producer.max_body_bytes,
-    };
+    let provider = cfg.providers.get(req.provider).ok_or_else(|| InputError::UnknownProvider {
+        name: req.provider.to_string(),
+        known: cfg.providers.keys().cloned().collect::<Vec<_>>().join(", "),
+    })?;
+    let rules = Rules { kind: provider.kind, max_body_bytes: cfg.producer.max_body_bytes };
     let total = validate::validate_file(req.file, &rules).map_err(InputError::from)?;
 
     let topology = Topology::from_config(cfg);
     let job_id = new_job_id();
     let conn = amqp::connect(&cfg.amqp.url, "producer submit")
         .await
-        .with_context(|| {
-            format!(
-                "cannot connect to RabbitMQ at {}",
-                amqp::redact_url(&cfg.amqp.url)
-            )
-        })?;
+        .with_context(|| format!("cannot connect to RabbitMQ at {}", amqp::redact_url(&cfg.amqp.url)))?;
     let ch = amqp::confirm_channel(&conn).await?;
     topology.declare_common(&ch).await?;
     topology.declare_items_queue(&ch, req.provider).await?;
@@ -86,15 +75,9 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
         submitted_at_ms,
         deadline_ms: req.deadline_ms,
     };
-    amqp::publish_confirmed(
-        &ch,
-        "",
-        &topology.ledger_queue(),
-        &serde_json::to_vec(&event)?,
-        amqp::persistent_json(),
-    )
-    .await
-    .context("publishing the job to the ledger")?;
+    amqp::publish_confirmed(&ch, "", &topology.ledger_queue(), &serde_json::to_vec(&event)?, amqp::persistent_json())
+        .await
+        .context("publishing the job to the ledger")?;
 
     let bar = crate::progress::bar(total, req.progress, "submitting");
     let exchange = topology.items_exchange();
@@ -108,8 +91,8 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
     let mut lines = read_lines(req.file.to_path_buf());
     while let Some(raw) = lines.recv().await {
         let raw = raw?;
-        let line = validate::check_line(&raw, &rules)
-            .map_err(|e| anyhow::anyhow!("file changed while submitting: {e}"))?;
+        let line =
+            validate::check_line(&raw, &rules).map_err(|e| anyhow::anyhow!("file changed while submitting: {e}"))?;
         let body = match req.model {
             Some(model) => with_model(&line.body, model)?,
             None => line.body,
@@ -125,30 +108,17 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
             attempt: 0,
             submitted_at_ms,
             deadline_ms: req.deadline_ms,
+            first_delay_ms: None,
         };
         payload.clear();
         serde_json::to_writer(&mut payload, &item)?;
         if pending.len() >= window {
-            if let Err(e) = pending
-                .pop_front()
-                .expect("window is non-empty")
-                .wait()
-                .await
-            {
+            if let Err(e) = pending.pop_front().expect("window is non-empty").wait().await {
                 failure = Some(e.into());
                 break;
             }
         }
-        pending.push_back(
-            amqp::publish(
-                &ch,
-                &exchange,
-                req.provider,
-                &payload,
-                amqp::persistent_json(),
-            )
-            .await?,
-        );
+        pending.push_back(amqp::publish(&ch, &exchange, req.provider, &payload, amqp::persistent_json()).await?);
         index += 1;
         bar.inc(1);
     }
@@ -160,9 +130,7 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
     bar.finish_and_clear();
     let _ = conn.close(200, "done".into()).await;
     if let Some(e) = failure {
-        return Err(e.context(format!(
-            "job {job_id}: publishing failed after {index} of {total} items"
-        )));
+        return Err(e.context(format!("job {job_id}: publishing failed after {index} of {total} items")));
     }
     if index != total {
         anyhow::bail!("file changed while submitting: validated {total} requests, read {index}");
@@ -176,8 +144,7 @@ fn read_lines(path: std::path::PathBuf) -> tokio::sync::mpsc::Receiver<std::io::
     tokio::task::spawn_blocking(move || {
         let res = validate::for_each_line(&path, |_, raw| {
             // A closed receiver means the publisher gave up; stop reading.
-            tx.blocking_send(Ok(raw.to_vec()))
-                .map_err(|_| std::io::Error::other("publisher stopped"))
+            tx.blocking_send(Ok(raw.to_vec())).map_err(|_| std::io::Error::other("publisher stopped"))
         });
         if let Err(e) = res {
             let _ = tx.blocking_send(Err(e));

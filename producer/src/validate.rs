@@ -44,18 +44,11 @@ impl fmt::Display for LineError {
 #[derive(Debug, thiserror::Error)]
 pub enum ValidationError {
     #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    Io { path: String, source: std::io::Error },
     #[error("{path} contains no requests")]
     Empty { path: String },
     #[error("{path} has {count} invalid line(s):\n{}", render(.errors, *.count))]
-    Lines {
-        path: String,
-        errors: Vec<LineError>,
-        count: usize,
-    },
+    Lines { path: String, errors: Vec<LineError>, count: usize },
 }
 
 fn render(errors: &[LineError], count: usize) -> String {
@@ -87,35 +80,21 @@ pub fn check_line(raw: &[u8], rules: &Rules) -> Result<BatchInputLine, String> {
         return Err("custom_id is empty".into());
     }
     if line.custom_id.len() > 512 {
-        return Err(format!(
-            "custom_id is {} bytes long (at most 512)",
-            line.custom_id.len()
-        ));
+        return Err(format!("custom_id is {} bytes long (at most 512)", line.custom_id.len()));
     }
     if !line.method.eq_ignore_ascii_case("POST") {
-        return Err(format!(
-            "method {:?} is not supported (only POST)",
-            line.method
-        ));
+        return Err(format!("method {:?} is not supported (only POST)", line.method));
     }
     let urls = supported_urls(rules.kind);
     if !urls.contains(&line.url.as_str()) {
-        return Err(format!(
-            "url {:?} is not supported by this provider (supported: {})",
-            line.url,
-            urls.join(", ")
-        ));
+        return Err(format!("url {:?} is not supported by this provider (supported: {})", line.url, urls.join(", ")));
     }
     let body = line.body.get();
     if !body.starts_with('{') {
         return Err("body must be a JSON object".into());
     }
     if body.len() > rules.max_body_bytes {
-        return Err(format!(
-            "body is {} bytes, over the limit of {} bytes",
-            body.len(),
-            rules.max_body_bytes
-        ));
+        return Err(format!("body is {} bytes, over the limit of {} bytes", body.len(), rules.max_body_bytes));
     }
     Ok(line)
 }
@@ -130,10 +109,7 @@ fn strip_position(e: &serde_json::Error) -> String {
 }
 
 /// Reads non-blank lines of a file with their 1-based line numbers.
-pub fn for_each_line(
-    path: &Path,
-    mut f: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
-) -> std::io::Result<()> {
+pub fn for_each_line(path: &Path, mut f: impl FnMut(u64, &[u8]) -> std::io::Result<()>) -> std::io::Result<()> {
     let file = std::fs::File::open(path)?;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut buf = Vec::with_capacity(4096);
@@ -154,10 +130,7 @@ pub fn for_each_line(
 
 /// Validates the whole file; returns the number of requests.
 pub fn validate_file(path: &Path, rules: &Rules) -> Result<u64, ValidationError> {
-    let io_err = |source| ValidationError::Io {
-        path: path.display().to_string(),
-        source,
-    };
+    let io_err = |source| ValidationError::Io { path: path.display().to_string(), source };
     let mut errors = Vec::new();
     let mut count = 0usize;
     let mut requests = 0u64;
@@ -176,10 +149,7 @@ pub fn validate_file(path: &Path, rules: &Rules) -> Result<u64, ValidationError>
             Err(message) => {
                 count += 1;
                 if errors.len() < MAX_REPORTED {
-                    errors.push(LineError {
-                        line: line_no,
-                        message,
-                    });
+                    errors.push(LineError { line: line_no, message });
                 }
             }
         }
@@ -196,16 +166,10 @@ pub fn validate_file(path: &Path, rules: &Rules) -> Result<u64, ValidationError>
         errors.sort_by_key(|e| e.line);
     }
     if count > 0 {
-        return Err(ValidationError::Lines {
-            path: path.display().to_string(),
-            errors,
-            count,
-        });
+        return Err(ValidationError::Lines { path: path.display().to_string(), errors, count });
     }
     if requests == 0 {
-        return Err(ValidationError::Empty {
-            path: path.display().to_string(),
-        });
+        return Err(ValidationError::Empty { path: path.display().to_string() });
     }
     Ok(requests)
 }
@@ -227,10 +191,7 @@ fn confirm_duplicates(path: &Path, candidates: &[(u64, u64)]) -> std::io::Result
         .filter(|(a, b)| ids.get(a) == ids.get(b))
         .map(|(line, first)| LineError {
             line: *line,
-            message: format!(
-                "duplicate custom_id {:?} (first seen on line {first})",
-                ids[line]
-            ),
+            message: format!("duplicate custom_id {:?} (first seen on line {first})", ids[line]),
         })
         .collect())
 }
@@ -240,10 +201,7 @@ mod tests {
     use super::*;
 
     fn rules() -> Rules {
-        Rules {
-            kind: ProviderKind::Openai,
-            max_body_bytes: 100,
-        }
+        Rules { kind: ProviderKind::Openai, max_body_bytes: 100 }
     }
 
     fn write(name: &str, content: &[u8]) -> std::path::PathBuf {
@@ -252,28 +210,17 @@ mod tests {
         p
     }
 
-    const OK: &str = r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[]}}"#;
+    const OK: &str =
+        r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[]}}"#;
 
     #[test]
     fn each_kind_of_bad_line_is_named() {
         let cases = [
             ("{not json", "malformed JSON"),
-            (
-                r#"{"method":"POST","url":"/v1/chat/completions","body":{}}"#,
-                "missing field `custom_id`",
-            ),
-            (
-                r#"{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{}}"#,
-                "only POST",
-            ),
-            (
-                r#"{"custom_id":"a","method":"POST","url":"/v1/images","body":{}}"#,
-                "not supported",
-            ),
-            (
-                r#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":[1]}"#,
-                "JSON object",
-            ),
+            (r#"{"method":"POST","url":"/v1/chat/completions","body":{}}"#, "missing field `custom_id`"),
+            (r#"{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{}}"#, "only POST"),
+            (r#"{"custom_id":"a","method":"POST","url":"/v1/images","body":{}}"#, "not supported"),
+            (r#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":[1]}"#, "JSON object"),
         ];
         for (line, want) in cases {
             let err = check_line(line.as_bytes(), &rules()).unwrap_err();
@@ -283,25 +230,17 @@ mod tests {
             r#"{{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{{"input":"{}"}}}}"#,
             "x".repeat(200)
         );
-        assert!(check_line(big.as_bytes(), &rules())
-            .unwrap_err()
-            .contains("over the limit"));
+        assert!(check_line(big.as_bytes(), &rules()).unwrap_err().contains("over the limit"));
     }
 
     #[test]
     fn duplicates_are_reported_with_both_lines() {
-        let p = write(
-            "dup",
-            format!("{OK}\n\n{}\n{OK}\n", OK.replace("\"a\"", "\"b\"")).as_bytes(),
-        );
+        let p = write("dup", format!("{OK}\n\n{}\n{OK}\n", OK.replace("\"a\"", "\"b\"")).as_bytes());
         match validate_file(&p, &rules()).unwrap_err() {
             ValidationError::Lines { errors, .. } => {
                 assert_eq!(
                     errors,
-                    vec![LineError {
-                        line: 4,
-                        message: "duplicate custom_id \"a\" (first seen on line 1)".into()
-                    }]
+                    vec![LineError { line: 4, message: "duplicate custom_id \"a\" (first seen on line 1)".into() }]
                 );
             }
             e => panic!("{e}"),
@@ -311,10 +250,7 @@ mod tests {
     #[test]
     fn empty_and_binary_files_are_refused() {
         let p = write("empty", b"\n  \n");
-        assert!(matches!(
-            validate_file(&p, &rules()),
-            Err(ValidationError::Empty { .. })
-        ));
+        assert!(matches!(validate_file(&p, &rules()), Err(ValidationError::Empty { .. })));
         let p = write("bin", &[0xff, 0xfe, 0x00, 0x12, b'\n']);
         let e = validate_file(&p, &rules()).unwrap_err().to_string();
         assert!(e.contains("line 1"), "{e}");
@@ -322,10 +258,7 @@ mod tests {
 
     #[test]
     fn valid_file_counts_requests() {
-        let p = write(
-            "ok",
-            format!("{OK}\n{}\n", OK.replace("\"a\"", "\"b\"")).as_bytes(),
-        );
+        let p = write("ok", format!("{OK}\n{}\n", OK.replace("\"a\"", "\"b\"")).as_bytes());
         assert_eq!(validate_file(&p, &rules()).unwrap(), 2);
     }
 }

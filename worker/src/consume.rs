@@ -14,27 +14,33 @@ use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::control::{self, Cancelled};
 use crate::process::{self, Context};
 use crate::provider::ProviderClient;
+
+/// What a worker keeps across reconnections.
+pub struct Worker {
+    pub cfg: Config,
+    pub worker_id: String,
+    pub topology: Topology,
+    pub metrics: WorkerMetrics,
+    /// Provider clients by name, with their prefetch (in-flight limit).
+    pub clients: BTreeMap<String, (Arc<ProviderClient>, u16)>,
+    /// Items in flight; the drain waits for all of them.
+    pub in_flight: TaskTracker,
+    pub cancelled: Cancelled,
+}
 
 /// Consumes every served provider's queue on `conn` until the connection fails (`Err`) or
 /// `shutdown` fires (`Ok` once every consumer is cancelled; in-flight tasks keep running
 /// in `in_flight`).
-#[allow(clippy::too_many_arguments)]
-pub async fn serve_connection(
-    conn: &Connection,
-    cfg: &Config,
-    worker_id: &str,
-    topology: &Topology,
-    metrics: &WorkerMetrics,
-    clients: &BTreeMap<String, (Arc<ProviderClient>, u16)>,
-    in_flight: &TaskTracker,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let Worker { cfg, worker_id, topology, metrics, clients, in_flight, cancelled } = w;
     let publish = fleet::amqp::confirm_channel(conn).await?;
     topology.declare_common(&publish).await?;
     for name in clients.keys() {
         topology.declare_items_queue(&publish, name).await?;
+        topology.declare_delay_queues(&publish, name, &cfg.retry.delay_tiers_s).await?;
     }
     let ctx = Arc::new(Context {
         worker_id: worker_id.to_string(),
@@ -42,6 +48,9 @@ pub async fn serve_connection(
         metrics: metrics.clone(),
         publish,
         max_message_bytes: cfg.amqp.max_message_bytes,
+        delivery_limit: cfg.amqp.delivery_limit,
+        retry: cfg.retry.clone(),
+        cancelled: cancelled.clone(),
     });
     let mut consumers = tokio::task::JoinSet::new();
     for (name, (client, prefetch)) in clients {
@@ -57,12 +66,7 @@ pub async fn serve_connection(
                 FieldTable::default(),
             )
             .await?;
-        let (ctx, client, in_flight, shutdown) = (
-            ctx.clone(),
-            client.clone(),
-            in_flight.clone(),
-            shutdown.clone(),
-        );
+        let (ctx, client, in_flight, shutdown) = (ctx.clone(), client.clone(), in_flight.clone(), shutdown.clone());
         consumers.spawn(async move {
             let mut consumer = consumer;
             let mut cancelling = false;
@@ -96,12 +100,20 @@ pub async fn serve_connection(
         });
     }
     tracing::info!(providers = clients.len(), "consuming");
-    while let Some(res) = consumers.join_next().await {
-        match res {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(e) => anyhow::bail!("consumer task failed: {e}"),
+    let all_consumers = async {
+        while let Some(res) = consumers.join_next().await {
+            match res {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(e) => anyhow::bail!("consumer task failed: {e}"),
+            }
         }
+        Ok(())
+    };
+    // Cancels are followed for as long as the item consumers run; they decide when this
+    // connection is done (a follower failure means the connection failed too).
+    tokio::select! {
+        res = all_consumers => res,
+        res = control::follow(conn, topology, cancelled.clone()) => res,
     }
-    Ok(())
 }

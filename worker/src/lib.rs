@@ -6,6 +6,7 @@
 //! items in flight within `worker.drain_timeout_s`, push metrics one last time, exit).
 
 pub mod consume;
+pub mod control;
 pub mod process;
 pub mod provider;
 pub mod tracker;
@@ -38,10 +39,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     for (name, pcfg) in &served {
         let client = ProviderClient::new(name, pcfg, &cfg.retry, metrics.clone())?;
         let prefetch = pcfg.max_in_flight.min(cfg.worker.max_in_flight).max(1);
-        metrics
-            .concurrency_limit
-            .with_label_values(&[name.as_str()])
-            .set(prefetch.into());
+        metrics.concurrency_limit.with_label_values(&[name.as_str()]).set(prefetch.into());
         clients.insert(name.to_string(), (Arc::new(client), prefetch));
     }
 
@@ -58,20 +56,23 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     tracing::info!(worker = %worker_id, namespace = topology.namespace(), providers = ?clients.keys().collect::<Vec<_>>(), "worker starting");
 
     // Items in flight across reconnections: the drain waits for all of them.
-    let in_flight = TaskTracker::new();
+    let worker = consume::Worker {
+        cfg: cfg.clone(),
+        worker_id: worker_id.clone(),
+        topology: topology.clone(),
+        metrics: metrics.clone(),
+        clients,
+        in_flight: TaskTracker::new(),
+        cancelled: control::Cancelled::default(),
+    };
     let tracker_role = tracker::spawn_candidate(&cfg, &worker_id, pg, shutdown.clone());
     let mut retry_delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let name = format!("worker {worker_id}");
-        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await
-        else {
+        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await else {
             break;
         };
-        match consume::serve_connection(
-            &conn, &cfg, &worker_id, &topology, &metrics, &clients, &in_flight, &shutdown,
-        )
-        .await
-        {
+        match consume::serve_connection(&conn, &worker, &shutdown).await {
             Ok(()) => {
                 retry_delay = Duration::from_millis(200);
             }
@@ -85,7 +86,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             }
         }
         if shutdown.is_cancelled() {
-            drain(&in_flight, Duration::from_secs(cfg.worker.drain_timeout_s)).await;
+            drain(&worker.in_flight, Duration::from_secs(cfg.worker.drain_timeout_s)).await;
             let _ = conn.close(200, "worker shutting down".into()).await;
         }
     }
@@ -93,7 +94,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         let _ = handle.await;
     }
     metrics.worker_up.set(0);
-    for name in clients.keys() {
+    for name in worker.clients.keys() {
         metrics.in_flight.with_label_values(&[name.as_str()]).set(0);
     }
     stop_pushing.cancel();
@@ -107,19 +108,9 @@ async fn drain(in_flight: &TaskTracker, timeout: Duration) {
     in_flight.close();
     let n = in_flight.len();
     if n > 0 {
-        tracing::info!(
-            in_flight = n,
-            timeout_s = timeout.as_secs(),
-            "draining items in flight"
-        );
+        tracing::info!(in_flight = n, timeout_s = timeout.as_secs(), "draining items in flight");
     }
-    if tokio::time::timeout(timeout, in_flight.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            left = in_flight.len(),
-            "drain timeout: unfinished items will be redelivered"
-        );
+    if tokio::time::timeout(timeout, in_flight.wait()).await.is_err() {
+        tracing::warn!(left = in_flight.len(), "drain timeout: unfinished items will be redelivered");
     }
 }

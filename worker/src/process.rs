@@ -1,41 +1,58 @@
-//! Processing one delivery from an items queue: parse, call the provider, publish the
-//! result and the ledger event with confirms, and only then ack.
+//! Processing one delivery from an items queue: decide, call the provider if the item still
+//! needs it, publish the result and the ledger event with confirms, and only then ack.
 //!
-//! Every delivery ends in an explicit decision: ack (result published), dead-letter with a
-//! reason (garbage), or nack-requeue (we could not publish; someone will redo it).
+//! Every delivery ends in an explicit decision:
+//! - garbage (not an item) is dead-lettered with its reason;
+//! - an item of a cancelled job, or past its deadline, gets a `cancelled`/`expired` result
+//!   without a provider call;
+//! - an item delivered `amqp.delivery_limit` times (it keeps killing workers) gets a failed
+//!   result with code `poison` and is parked in the dead-letter queue;
+//! - a transient failure that outlasts the in-process retries goes to a delay queue;
+//! - otherwise the provider's answer becomes the result;
+//! - if the result cannot be published the item is requeued, and redone later.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use fleet::amqp::{self, PublishError};
+use fleet::config::RetryConfig;
 use fleet::metrics::WorkerMetrics;
 use fleet::topology::{Topology, DEAD_REASON_HEADER};
-use fleet::wire::{Item, ItemResult, ItemStatus, LedgerEvent, KIND_RESULT};
+use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, LedgerEvent, KIND_RESULT};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 
-use crate::provider::ProviderClient;
+use crate::control::Cancelled;
+use crate::provider::{CallError, ProviderClient};
 
 /// What every delivery handler shares.
 pub struct Context {
     pub worker_id: String,
     pub topology: Topology,
     pub metrics: WorkerMetrics,
-    /// Confirm-mode channel for results, ledger events and dead letters.
+    /// Confirm-mode channel for results, ledger events, delays and dead letters.
     pub publish: Channel,
     pub max_message_bytes: usize,
+    pub delivery_limit: u32,
+    pub retry: RetryConfig,
+    pub cancelled: Cancelled,
+}
+
+/// How an item is settled.
+enum Decision {
+    /// Publish this result, then ack.
+    Finish(Box<ItemResult>),
+    /// Republish to the delay queue for another try later, then ack.
+    Delay(Box<Item>, CallError),
 }
 
 /// Handles one delivery to completion. Never panics on bad input; never returns an error:
 /// the outcome is always settled on the broker (or left to redelivery if the channel died).
 pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Delivery) {
     if delivery.data.len() > ctx.max_message_bytes {
-        let reason = format!(
-            "oversized: {} bytes > {}",
-            delivery.data.len(),
-            ctx.max_message_bytes
-        );
+        let reason = format!("oversized: {} bytes > {}", delivery.data.len(), ctx.max_message_bytes);
         return dead_letter(&ctx, &client.name, delivery, "oversized", &reason).await;
     }
     let item: Item = match serde_json::from_slice(&delivery.data) {
@@ -46,83 +63,168 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
         }
     };
     if item.provider != client.name {
-        let reason = format!(
-            "item for provider {:?} on the queue of {:?}",
-            item.provider, client.name
-        );
+        let reason = format!("item for provider {:?} on the queue of {:?}", item.provider, client.name);
         return dead_letter(&ctx, &client.name, delivery, "malformed", &reason).await;
     }
 
+    let deliveries = delivery_count(&delivery) + 1;
+    let now = fleet::now_ms();
+    let decision = if ctx.cancelled.contains(&item.job_id) {
+        Decision::Finish(Box::new(early_result(
+            &ctx,
+            &item,
+            ItemStatus::Cancelled,
+            "job cancelled before this request was made",
+        )))
+    } else if item.deadline_ms.is_some_and(|d| now > d) {
+        Decision::Finish(Box::new(early_result(
+            &ctx,
+            &item,
+            ItemStatus::Expired,
+            "job deadline passed before this request was made",
+        )))
+    } else if deliveries > u64::from(ctx.delivery_limit) {
+        return poison(&ctx, &client.name, item, delivery, deliveries).await;
+    } else {
+        call(&ctx, &client, item).await
+    };
+
+    match decision {
+        Decision::Finish(result) => settle(&ctx, &client.name, delivery, &result).await,
+        Decision::Delay(item, error) => delay(&ctx, &client.name, *item, error, delivery).await,
+    }
+}
+
+/// Calls the provider (with in-process retries) and decides what the outcome means.
+async fn call(ctx: &Context, client: &ProviderClient, item: Item) -> Decision {
     let in_flight = ctx.metrics.in_flight.with_label_values(&[&client.name]);
     in_flight.inc();
     let outcome = client.execute(&item).await;
     in_flight.dec();
+    let mut result = early_result(ctx, &item, ItemStatus::Succeeded, "");
+    result.error = None;
+    result.attempts = outcome.attempts;
+    match outcome.result {
+        Ok(success) => {
+            result.response = success.answer.to_record();
+            let tokens = [("prompt", success.prompt_tokens), ("completion", success.completion_tokens)];
+            for (kind, n) in tokens {
+                if n > 0 {
+                    ctx.metrics.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
+                }
+            }
+            Decision::Finish(Box::new(result))
+        }
+        Err(e) if e.is_transient() && may_delay(&ctx.retry, &item) => Decision::Delay(Box::new(item), e),
+        Err(e) => {
+            tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, error = %e, attempts = outcome.attempts, "item failed");
+            result.status = ItemStatus::Failed;
+            result.response = e.answer().and_then(|a| a.to_record());
+            result.error = Some(e.to_record());
+            Decision::Finish(Box::new(result))
+        }
+    }
+}
 
-    let mut result = ItemResult {
+/// Whether a transiently failing item may wait in a delay queue once more.
+fn may_delay(retry: &RetryConfig, item: &Item) -> bool {
+    let within_budget =
+        item.first_delay_ms.is_none_or(|t| fleet::now_ms().saturating_sub(t) < retry.delay_budget_s * 1000);
+    item.attempt < retry.max_delays && within_budget
+}
+
+/// A result for an item that ends without (more) provider calls.
+fn early_result(ctx: &Context, item: &Item, status: ItemStatus, message: &str) -> ItemResult {
+    ItemResult {
         job_id: item.job_id.clone(),
         index: item.index,
         total: item.total,
         custom_id: item.custom_id.clone(),
         provider: item.provider.clone(),
-        status: ItemStatus::Succeeded,
+        status,
         response: None,
-        error: None,
-        attempts: outcome.attempts,
+        error: Some(ErrorRecord { code: status.as_str().to_string(), message: message.to_string() }),
+        attempts: 0,
         worker: ctx.worker_id.clone(),
         finished_at_ms: fleet::now_ms(),
-    };
-    let mut tokens = (0, 0);
-    match outcome.result {
-        Ok(success) => {
-            result.response = success.answer.to_record();
-            tokens = (success.prompt_tokens, success.completion_tokens);
-        }
-        Err(e) => {
-            result.status = ItemStatus::Failed;
-            result.response = e.answer().and_then(|a| a.to_record());
-            result.error = Some(e.to_record());
-            tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, error = %e, attempts = outcome.attempts, "item failed");
-        }
     }
+}
 
-    match publish_outcome(&ctx, &result).await {
+/// Publishes the result, acks, counts.
+async fn settle(ctx: &Context, provider: &str, delivery: Delivery, result: &ItemResult) {
+    match publish_outcome(ctx, result).await {
         Ok(()) => {}
         Err(PublishError::Unroutable { .. }) => {
             // The job's results queue is gone (deleted or expired): nobody can receive this
             // result. Park the item with the reason rather than drop it.
-            let reason = format!("results queue of job {} does not exist", item.job_id);
-            return dead_letter(&ctx, &client.name, delivery, "no_results_queue", &reason).await;
+            let reason = format!("results queue of job {} does not exist", result.job_id);
+            return dead_letter(ctx, provider, delivery, "no_results_queue", &reason).await;
         }
         Err(e) => {
-            tracing::warn!(job_id = %item.job_id, custom_id = %item.custom_id, error = %e, "cannot publish result; item will be redelivered");
-            let _ = delivery
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
-                })
-                .await;
+            tracing::warn!(job_id = %result.job_id, custom_id = %result.custom_id, error = %e, "cannot publish result; item will be redelivered");
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
             return;
         }
     }
     if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
         // The result is out; a redelivery will publish a duplicate, which collectors drop.
-        tracing::warn!(job_id = %item.job_id, custom_id = %item.custom_id, error = %e, "ack failed after publishing the result");
+        tracing::warn!(job_id = %result.job_id, custom_id = %result.custom_id, error = %e, "ack failed after publishing the result");
         return;
     }
     // Counted after the ack so that the fleet's counters equal the results delivered.
-    ctx.metrics
-        .items
-        .with_label_values(&[&client.name, result.status.as_str()])
-        .inc();
-    if tokens.0 + tokens.1 > 0 {
-        ctx.metrics
-            .tokens
-            .with_label_values(&[&client.name, "prompt"])
-            .inc_by(tokens.0);
-        ctx.metrics
-            .tokens
-            .with_label_values(&[&client.name, "completion"])
-            .inc_by(tokens.1);
+    ctx.metrics.items.with_label_values(&[provider, result.status.as_str()]).inc();
+}
+
+/// Sends a transiently failing item to the delay queue of its attempt, then acks it.
+async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, delivery: Delivery) {
+    let tiers = &ctx.retry.delay_tiers_s;
+    let secs = tiers[(item.attempt as usize).min(tiers.len() - 1)];
+    item.attempt += 1;
+    item.first_delay_ms.get_or_insert(fleet::now_ms());
+    tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, error = %error, delay_s = secs, attempt = item.attempt, "provider still failing; delaying item");
+    let payload = serde_json::to_vec(&item).expect("items serialize");
+    let queue = ctx.topology.delay_queue(provider, secs);
+    match amqp::publish_confirmed(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await {
+        Ok(()) => {
+            ctx.metrics.retries.with_label_values(&[provider, "delay", error.kind()]).inc();
+            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                tracing::warn!(error = %e, "ack failed after delaying; the item may run twice");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot publish to the delay queue; requeueing the item");
+            // Requeue after a pause so an outage does not turn into a hot loop.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        }
+    }
+}
+
+/// An item that has been delivered more than the delivery limit allows: it keeps killing
+/// workers. Its job gets a failed result (so the job can finish) and the message is parked.
+async fn poison(ctx: &Context, provider: &str, item: Item, delivery: Delivery, deliveries: u64) {
+    let reason = format!("poison: delivered {deliveries} times without completing");
+    let mut result = early_result(ctx, &item, ItemStatus::Failed, &reason);
+    result.error = Some(ErrorRecord { code: "poison".into(), message: reason.clone() });
+    if let Err(e) = publish_outcome(ctx, &result).await {
+        tracing::warn!(error = %e, "cannot publish the poison result; parking the item anyway");
+    } else {
+        ctx.metrics.items.with_label_values(&[provider, "failed"]).inc();
+    }
+    dead_letter(ctx, provider, delivery, "poison", &reason).await;
+}
+
+/// Times this message was delivered before (quorum queues count in `x-delivery-count`).
+fn delivery_count(delivery: &Delivery) -> u64 {
+    let Some(headers) = delivery.properties.headers() else { return 0 };
+    match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u64,
+        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u64,
+        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => (*n).max(0) as u64,
+        Some(AMQPValue::ShortShortInt(n)) => (*n).max(0) as u64,
+        Some(AMQPValue::ShortShortUInt(n)) => u64::from(*n),
+        _ => 0,
     }
 }
 
@@ -137,64 +239,29 @@ pub async fn publish_outcome(ctx: &Context, result: &ItemResult) -> Result<(), P
     };
     let event = serde_json::to_vec(&event).expect("events serialize");
     let props = amqp::persistent_json().with_type(KIND_RESULT.into());
-    let result_confirm = amqp::publish(
-        &ctx.publish,
-        &ctx.topology.results_exchange(),
-        &result.job_id,
-        &payload,
-        props,
-    )
-    .await?;
-    let ledger_confirm = amqp::publish(
-        &ctx.publish,
-        "",
-        &ctx.topology.ledger_queue(),
-        &event,
-        amqp::persistent_json(),
-    )
-    .await?;
+    let result_confirm =
+        amqp::publish(&ctx.publish, &ctx.topology.results_exchange(), &result.job_id, &payload, props).await?;
+    let ledger_confirm =
+        amqp::publish(&ctx.publish, "", &ctx.topology.ledger_queue(), &event, amqp::persistent_json()).await?;
     result_confirm.wait().await?;
     ledger_confirm.wait().await
 }
 
 /// Parks a message in the dead-letter queue with a reason header, then acks it. If that
 /// publish fails, rejects it instead so the queue's own dead-lettering parks it.
-pub async fn dead_letter(
-    ctx: &Context,
-    provider: &str,
-    delivery: Delivery,
-    label: &'static str,
-    reason: &str,
-) {
-    tracing::warn!(
-        provider,
-        reason,
-        bytes = delivery.data.len(),
-        "dead-lettering message"
-    );
+pub async fn dead_letter(ctx: &Context, provider: &str, delivery: Delivery, label: &'static str, reason: &str) {
+    tracing::warn!(provider, reason, bytes = delivery.data.len(), "dead-lettering message");
     let mut headers = FieldTable::default();
-    headers.insert(
-        DEAD_REASON_HEADER.into(),
-        AMQPValue::LongString(reason.into()),
-    );
-    headers.insert(
-        "x-fleet-queue".into(),
-        AMQPValue::LongString(ctx.topology.items_queue(provider).into()),
-    );
+    headers.insert(DEAD_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert("x-fleet-queue".into(), AMQPValue::LongString(ctx.topology.items_queue(provider).into()));
+    headers.insert("x-fleet-provider".into(), AMQPValue::LongString(provider.into()));
     let props = amqp::persistent_json().with_headers(headers);
-    let published = amqp::publish_confirmed(
-        &ctx.publish,
-        &ctx.topology.dead_exchange(),
-        "",
-        &delivery.data,
-        props,
-    )
-    .await;
+    let published =
+        amqp::publish_confirmed(&ctx.publish, &ctx.topology.dead_exchange(), "", &delivery.data, props).await;
     ctx.metrics.dead_letters.with_label_values(&[label]).inc();
-    ctx.metrics
-        .errors
-        .with_label_values(&[provider, "malformed_message", "consume"])
-        .inc();
+    if matches!(label, "malformed" | "oversized") {
+        ctx.metrics.errors.with_label_values(&[provider, "malformed_message", "consume"]).inc();
+    }
     let settled = match published {
         Ok(()) => delivery.ack(BasicAckOptions::default()).await,
         Err(e) => {

@@ -46,15 +46,9 @@ impl Answer {
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
     #[error("rate limited (HTTP {})", .answer.status)]
-    RateLimited {
-        answer: Answer,
-        retry_after: Option<Duration>,
-    },
+    RateLimited { answer: Answer, retry_after: Option<Duration> },
     #[error("provider overloaded (HTTP {})", .answer.status)]
-    Overloaded {
-        answer: Answer,
-        retry_after: Option<Duration>,
-    },
+    Overloaded { answer: Answer, retry_after: Option<Duration> },
     #[error("provider server error (HTTP {})", .answer.status)]
     Server { answer: Answer },
     #[error("request timed out after {0:?}")]
@@ -76,8 +70,7 @@ impl CallError {
     /// How long the provider asked us to wait, if it said.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            CallError::RateLimited { retry_after, .. }
-            | CallError::Overloaded { retry_after, .. } => *retry_after,
+            CallError::RateLimited { retry_after, .. } | CallError::Overloaded { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -107,10 +100,7 @@ impl CallError {
     }
 
     pub fn to_record(&self) -> ErrorRecord {
-        ErrorRecord {
-            code: self.kind().to_string(),
-            message: self.to_string(),
-        }
+        ErrorRecord { code: self.kind().to_string(), message: self.to_string() }
     }
 }
 
@@ -153,12 +143,7 @@ pub struct ProviderClient {
 }
 
 impl ProviderClient {
-    pub fn new(
-        name: &str,
-        cfg: &ProviderConfig,
-        retry: &RetryConfig,
-        metrics: WorkerMetrics,
-    ) -> anyhow::Result<Self> {
+    pub fn new(name: &str, cfg: &ProviderConfig, retry: &RetryConfig, metrics: WorkerMetrics) -> anyhow::Result<Self> {
         let api_key = match &cfg.api_key_env {
             Some(var) => match std::env::var(var) {
                 Ok(k) if !k.is_empty() => Some(k),
@@ -227,24 +212,12 @@ impl ProviderClient {
             tracing::debug!(job_id = %item.job_id, custom_id = %item.custom_id, error = %e, wait_ms = wait.as_millis() as u64, "retrying");
         })
         .await;
-        Outcome {
-            result,
-            attempts: attempts.load(Ordering::Relaxed),
-        }
+        Outcome { result, attempts: attempts.load(Ordering::Relaxed) }
     }
 
     /// One HTTP call, classified.
-    async fn call_once(
-        &self,
-        url: &str,
-        op: &'static str,
-        body: Bytes,
-    ) -> Result<Success, CallError> {
-        let mut req = self
-            .http
-            .post(self.endpoint(url))
-            .header("content-type", "application/json")
-            .body(body);
+    async fn call_once(&self, url: &str, op: &'static str, body: Bytes) -> Result<Success, CallError> {
+        let mut req = self.http.post(self.endpoint(url)).header("content-type", "application/json").body(body);
         req = match (self.kind, &self.api_key) {
             (ProviderKind::Openai, Some(key)) => req.bearer_auth(key),
             (ProviderKind::Anthropic, Some(key)) => req.header("x-api-key", key),
@@ -255,15 +228,9 @@ impl ProviderClient {
         }
         let started = Instant::now();
         let result = self.send(req).await;
-        self.metrics
-            .provider_latency
-            .with_label_values(&[&self.name, op])
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());
         if let Err(e) = &result {
-            self.metrics
-                .errors
-                .with_label_values(&[&self.name, e.kind(), op])
-                .inc();
+            self.metrics.errors.with_label_values(&[&self.name, e.kind(), op]).inc();
         }
         result
     }
@@ -279,38 +246,19 @@ impl ProviderClient {
             .to_string();
         let bytes = resp.bytes().await.map_err(|e| self.transport_error(e))?;
         let parsed: Result<Box<RawValue>, _> = serde_json::from_slice(&bytes);
-        let answer = Answer {
-            status,
-            request_id,
-            body: parsed.as_ref().ok().cloned(),
-        };
+        let answer = Answer { status, request_id, body: parsed.as_ref().ok().cloned() };
         let retry_after = retry_after(&headers);
         match status {
             200..=299 => match parsed {
                 Ok(_) => {
-                    let usage = serde_json::from_slice::<UsageEnvelope>(&bytes)
-                        .ok()
-                        .and_then(|u| u.usage);
+                    let usage = serde_json::from_slice::<UsageEnvelope>(&bytes).ok().and_then(|u| u.usage);
                     let (p, c) = usage.map(|u| u.totals()).unwrap_or((0, 0));
-                    Ok(Success {
-                        answer,
-                        prompt_tokens: p,
-                        completion_tokens: c,
-                    })
+                    Ok(Success { answer, prompt_tokens: p, completion_tokens: c })
                 }
-                Err(e) => Err(CallError::InvalidResponse {
-                    answer,
-                    reason: format!("body is not JSON: {e}"),
-                }),
+                Err(e) => Err(CallError::InvalidResponse { answer, reason: format!("body is not JSON: {e}") }),
             },
-            429 | 408 | 409 | 425 => Err(CallError::RateLimited {
-                answer,
-                retry_after,
-            }),
-            503 | 529 => Err(CallError::Overloaded {
-                answer,
-                retry_after,
-            }),
+            429 | 408 | 409 | 425 => Err(CallError::RateLimited { answer, retry_after }),
+            503 | 529 => Err(CallError::Overloaded { answer, retry_after }),
             500..=599 => Err(CallError::Server { answer }),
             _ => {
                 let message = error_message(&bytes).unwrap_or_else(|| format!("HTTP {status}"));
@@ -335,9 +283,7 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
         return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
     }
-    get("retry-after")
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
+    get("retry-after").and_then(|v| v.trim().parse::<f64>().ok()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
 }
 
 /// `error.message` of an OpenAI or Anthropic error body.
@@ -391,16 +337,8 @@ mod tests {
 
     #[test]
     fn client_errors_are_permanent_and_others_transient() {
-        let answer = Answer {
-            status: 400,
-            request_id: String::new(),
-            body: None,
-        };
-        assert!(!CallError::Client {
-            answer: answer.clone(),
-            message: "x".into()
-        }
-        .is_transient());
+        let answer = Answer { status: 400, request_id: String::new(), body: None };
+        assert!(!CallError::Client { answer: answer.clone(), message: "x".into() }.is_transient());
         assert!(CallError::Server { answer }.is_transient());
         assert!(CallError::Timeout(Duration::from_secs(1)).is_transient());
     }
@@ -415,16 +353,8 @@ mod tests {
             max_in_flight: 1,
             rpm: None,
         };
-        let retry = RetryConfig {
-            max_attempts: 1,
-            initial_backoff_ms: 1,
-            max_backoff_ms: 1,
-            max_elapsed_s: 1,
-        };
+        let retry = RetryConfig { max_attempts: 1, initial_backoff_ms: 1, max_backoff_ms: 1, max_elapsed_s: 1 };
         let c = ProviderClient::new("p", &cfg, &retry, WorkerMetrics::new()).unwrap();
-        assert_eq!(
-            c.endpoint("/v1/chat/completions"),
-            "https://api.example.com/v1/chat/completions"
-        );
+        assert_eq!(c.endpoint("/v1/chat/completions"), "https://api.example.com/v1/chat/completions");
     }
 }

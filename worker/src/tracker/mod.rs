@@ -24,8 +24,7 @@ use fleet::wire::{JobSummary, LedgerEvent, TrackerReply, TrackerRequest, KIND_JO
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
-    QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection};
@@ -87,11 +86,7 @@ async fn candidate(
         let lock = ch
             .queue_declare(
                 topology.tracker_lock_queue().into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await;
@@ -107,10 +102,7 @@ async fn candidate(
         }
     }
     tracing::info!(tracker = worker_id, "took the job tracker role");
-    Active::start(conn, cfg, worker_id, topology, pg)
-        .await?
-        .run(shutdown)
-        .await
+    Active::start(conn, cfg, worker_id, topology, pg).await?.run(shutdown).await
 }
 
 /// The active tracker on one connection.
@@ -166,10 +158,7 @@ impl<'a> Active<'a> {
             for status in ["submitted", "completed", "failed", "cancelled", "expired"] {
                 active.metrics.jobs.with_label_values(&[provider, status]);
             }
-            active
-                .metrics
-                .jobs_in_progress
-                .with_label_values(&[provider]);
+            active.metrics.jobs_in_progress.with_label_values(&[provider]);
         }
         active.replay_metrics();
         active.publish_metrics();
@@ -180,10 +169,7 @@ impl<'a> Active<'a> {
     fn replay_metrics(&self) {
         for (key, durations) in &self.state.durations {
             let (provider, status) = state::split_key(key);
-            let h = self
-                .metrics
-                .job_duration
-                .with_label_values(&[provider, status]);
+            let h = self.metrics.job_duration.with_label_values(&[provider, status]);
             for d in durations {
                 h.observe(*d);
             }
@@ -199,20 +185,14 @@ impl<'a> Active<'a> {
             counter.inc_by(n.saturating_sub(counter.get()));
         }
         for (provider, n) in self.state.in_progress() {
-            self.metrics
-                .jobs_in_progress
-                .with_label_values(&[&provider])
-                .set(n);
+            self.metrics.jobs_in_progress.with_label_values(&[&provider]).set(n);
         }
-        self.snapshot
-            .send_replace(Some(fleet::metrics::encode(&self.metrics.registry)));
+        self.snapshot.send_replace(Some(fleet::metrics::encode(&self.metrics.registry)));
     }
 
     async fn run(mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let ledger_ch = self.conn.create_channel().await?;
-        ledger_ch
-            .basic_qos(MAX_UNACKED as u16, BasicQosOptions::default())
-            .await?;
+        ledger_ch.basic_qos(MAX_UNACKED as u16, BasicQosOptions::default()).await?;
         let mut ledger = ledger_ch
             .basic_consume(
                 self.topology.ledger_queue().into(),
@@ -226,19 +206,14 @@ impl<'a> Active<'a> {
             .basic_consume(
                 self.topology.tracker_rpc_queue().into(),
                 format!("tracker-rpc/{}", self.worker_id).as_str().into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
+                BasicConsumeOptions { no_ack: true, ..Default::default() },
                 FieldTable::default(),
             )
             .await?;
         let mut unacked: Option<lapin::Acker> = None;
         let mut unacked_n = 0usize;
         let mut dirty = false;
-        let mut tick = tokio::time::interval(Duration::from_millis(
-            self.cfg.tracker.checkpoint_interval_ms.max(50),
-        ));
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.tracker.checkpoint_interval_ms.max(50)));
         let mut backlog = tokio::time::interval(BACKLOG_EVERY);
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         loop {
@@ -283,12 +258,7 @@ impl<'a> Active<'a> {
         let _ = self.pusher.await;
         // Final push of the checkpointed state, so the last job counts are not lost.
         if let Some(pg) = &self.pg {
-            let _ = pg
-                .push(
-                    &GroupKey::tracker(self.topology.namespace()),
-                    &self.metrics.registry,
-                )
-                .await;
+            let _ = pg.push(&GroupKey::tracker(self.topology.namespace()), &self.metrics.registry).await;
         }
         Ok(())
     }
@@ -301,10 +271,7 @@ impl<'a> Active<'a> {
         let s = &ended.summary;
         tracing::info!(job_id = %s.job_id, status = %s.status, total = s.counts.total, succeeded = s.counts.succeeded,
             failed = s.counts.failed, duration_s = ended.duration_s, "job finished");
-        self.metrics
-            .job_duration
-            .with_label_values(&[&s.provider, &s.status])
-            .observe(ended.duration_s);
+        self.metrics.job_duration.with_label_values(&[&s.provider, &s.status]).observe(ended.duration_s);
         self.announce(s).await;
         Ok(())
     }
@@ -313,14 +280,7 @@ impl<'a> Active<'a> {
     async fn announce(&self, summary: &JobSummary) {
         let payload = serde_json::to_vec(summary).expect("summaries serialize");
         let props = amqp::persistent_json().with_type(KIND_JOB_FINISHED.into());
-        let res = amqp::publish(
-            &self.ch,
-            &self.topology.results_exchange(),
-            &summary.job_id,
-            &payload,
-            props,
-        )
-        .await;
+        let res = amqp::publish(&self.ch, &self.topology.results_exchange(), &summary.job_id, &payload, props).await;
         // Not awaited here: the confirm arrives while we keep folding; an unroutable one
         // (results queue deleted) is harmless.
         if let Ok(pending) = res {
@@ -331,21 +291,11 @@ impl<'a> Active<'a> {
     }
 
     /// Checkpoint, then ack what it covers, then expose its metrics.
-    async fn checkpoint(
-        &mut self,
-        unacked: &mut Option<lapin::Acker>,
-        n: &mut usize,
-    ) -> anyhow::Result<()> {
+    async fn checkpoint(&mut self, unacked: &mut Option<lapin::Acker>, n: &mut usize) -> anyhow::Result<()> {
         let payload = serde_json::to_vec(&self.state)?;
-        amqp::publish_confirmed(
-            &self.ch,
-            "",
-            &self.topology.tracker_state_queue(),
-            &payload,
-            amqp::persistent_json(),
-        )
-        .await
-        .context("writing the tracker checkpoint")?;
+        amqp::publish_confirmed(&self.ch, "", &self.topology.tracker_state_queue(), &payload, amqp::persistent_json())
+            .await
+            .context("writing the tracker checkpoint")?;
         if let Some(acker) = unacked.take() {
             acker.ack(BasicAckOptions { multiple: true }).await?;
         }
@@ -360,19 +310,13 @@ impl<'a> Active<'a> {
             return;
         };
         let now = fleet::now_ms();
-        let mut reply = TrackerReply {
-            tracker: self.worker_id.clone(),
-            jobs: vec![],
-            error: None,
-        };
+        let mut reply = TrackerReply { tracker: self.worker_id.clone(), jobs: vec![], error: None };
         match serde_json::from_slice::<TrackerRequest>(&req.data) {
             Ok(TrackerRequest::Status { job_id }) => match self.state.jobs.get(&job_id) {
                 Some(j) => reply.jobs.push(j.summary(now)),
                 None => reply.error = Some(format!("no job {job_id:?} is known to the tracker")),
             },
-            Ok(TrackerRequest::Jobs) => {
-                reply.jobs = self.state.jobs.values().map(|j| j.summary(now)).collect()
-            }
+            Ok(TrackerRequest::Jobs) => reply.jobs = self.state.jobs.values().map(|j| j.summary(now)).collect(),
             Err(e) => reply.error = Some(format!("bad request: {e}")),
         }
         let mut props = BasicProperties::default().with_content_type("application/json".into());
@@ -380,24 +324,14 @@ impl<'a> Active<'a> {
             props = props.with_correlation_id(id.clone());
         }
         let payload = serde_json::to_vec(&reply).expect("replies serialize");
-        let _ = self
-            .ch
-            .basic_publish("".into(), reply_to, Default::default(), &payload, props)
-            .await;
+        let _ = self.ch.basic_publish("".into(), reply_to, Default::default(), &payload, props).await;
     }
 
     /// Sets `batch_queue_backlog` for every provider in the config.
     async fn measure_backlog(&self) {
         for provider in self.cfg.providers.keys() {
-            if let Ok(Some(n)) = self
-                .topology
-                .queue_len(self.conn, &self.topology.items_queue(provider))
-                .await
-            {
-                self.metrics
-                    .queue_backlog
-                    .with_label_values(&[provider])
-                    .set(n.into());
+            if let Ok(Some(n)) = self.topology.queue_len(self.conn, &self.topology.items_queue(provider)).await {
+                self.metrics.queue_backlog.with_label_values(&[provider]).set(n.into());
             }
         }
     }
@@ -426,24 +360,12 @@ impl<'a> Active<'a> {
 
 /// Reads the newest checkpoint (leaving it in place), or starts empty.
 async fn restore(ch: &Channel, topology: &Topology) -> anyhow::Result<State> {
-    let Some(msg) = ch
-        .basic_get(
-            topology.tracker_state_queue().into(),
-            BasicGetOptions::default(),
-        )
-        .await?
-    else {
+    let Some(msg) = ch.basic_get(topology.tracker_state_queue().into(), BasicGetOptions::default()).await? else {
         tracing::info!("no tracker checkpoint: starting empty");
         return Ok(State::default());
     };
     let state = serde_json::from_slice::<State>(&msg.delivery.data);
-    msg.delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            ..Default::default()
-        })
-        .await?;
+    msg.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
     let state = state.context("the tracker checkpoint is unreadable")?;
     tracing::info!(jobs = state.jobs.len(), "restored tracker checkpoint");
     Ok(state)

@@ -55,10 +55,7 @@ impl JobState {
         JobSummary {
             job_id: self.job_id.clone(),
             provider: self.provider.clone(),
-            status: self
-                .end_status
-                .clone()
-                .unwrap_or_else(|| "in_progress".into()),
+            status: self.end_status.clone().unwrap_or_else(|| "in_progress".into()),
             rate_per_s: counts.finished() as f64 / secs,
             counts,
             submitted_at_ms: self.submitted_at_ms,
@@ -100,39 +97,28 @@ fn end_status(job: &JobState) -> &'static str {
 
 impl State {
     fn bump(&mut self, provider: &str, status: &str) {
-        *self
-            .jobs_total
-            .entry(format!("{provider}/{status}"))
-            .or_default() += 1;
+        *self.jobs_total.entry(format!("{provider}/{status}")).or_default() += 1;
     }
 
     fn job_mut(&mut self, job_id: &str, provider: &str) -> &mut JobState {
-        self.jobs
-            .entry(job_id.to_string())
-            .or_insert_with(|| JobState {
-                job_id: job_id.to_string(),
-                provider: provider.to_string(),
-                total: None,
-                submitted_at_ms: 0,
-                deadline_ms: None,
-                done: Bitmap::default(),
-                counts: JobCounts::default(),
-                cancel_requested: false,
-                end_status: None,
-                finished_at_ms: None,
-            })
+        self.jobs.entry(job_id.to_string()).or_insert_with(|| JobState {
+            job_id: job_id.to_string(),
+            provider: provider.to_string(),
+            total: None,
+            submitted_at_ms: 0,
+            deadline_ms: None,
+            done: Bitmap::default(),
+            counts: JobCounts::default(),
+            cancel_requested: false,
+            end_status: None,
+            finished_at_ms: None,
+        })
     }
 
     /// Folds one event; returns the job it ended, if any.
     pub fn apply(&mut self, event: &LedgerEvent, now_ms: u64) -> Option<Ended> {
         let job_id = match event {
-            LedgerEvent::JobSubmitted {
-                job_id,
-                provider,
-                total,
-                submitted_at_ms,
-                deadline_ms,
-            } => {
+            LedgerEvent::JobSubmitted { job_id, provider, total, submitted_at_ms, deadline_ms } => {
                 let job = self.job_mut(job_id, provider);
                 if job.total.is_some() {
                     return None; // a redelivered submission
@@ -144,11 +130,7 @@ impl State {
                 self.bump(&provider, "submitted");
                 job_id
             }
-            LedgerEvent::ItemsFinished {
-                job_id,
-                provider,
-                items,
-            } => {
+            LedgerEvent::ItemsFinished { job_id, provider, items } => {
                 let job = self.job_mut(job_id, provider);
                 if job.end_status.is_some() {
                     return None;
@@ -183,14 +165,8 @@ impl State {
         let duration_s = now_ms.saturating_sub(job.submitted_at_ms) as f64 / 1000.0;
         let provider = job.provider.clone();
         self.bump(&provider, status);
-        self.durations
-            .entry(format!("{provider}/{status}"))
-            .or_default()
-            .push(duration_s);
-        Some(Ended {
-            summary,
-            duration_s,
-        })
+        self.durations.entry(format!("{provider}/{status}")).or_default().push(duration_s);
+        Some(Ended { summary, duration_s })
     }
 
     /// Jobs not yet ended, by provider.
@@ -207,10 +183,7 @@ impl State {
 
     /// Forgets jobs that ended more than `retention_ms` ago.
     pub fn prune(&mut self, now_ms: u64, retention_ms: u64) {
-        self.jobs.retain(|_, j| {
-            j.finished_at_ms
-                .is_none_or(|t| now_ms.saturating_sub(t) < retention_ms)
-        });
+        self.jobs.retain(|_, j| j.finished_at_ms.is_none_or(|t| now_ms.saturating_sub(t) < retention_ms));
     }
 
     /// Whether a cancel was requested for `job_id`.
@@ -240,11 +213,7 @@ mod tests {
     }
 
     fn finished(job: &str, items: &[(u64, ItemStatus)]) -> LedgerEvent {
-        LedgerEvent::ItemsFinished {
-            job_id: job.into(),
-            provider: "p".into(),
-            items: items.to_vec(),
-        }
+        LedgerEvent::ItemsFinished { job_id: job.into(), provider: "p".into(), items: items.to_vec() }
     }
 
     #[test]
@@ -252,29 +221,13 @@ mod tests {
         let mut s = State::default();
         assert!(s.apply(&submitted("j", 3), 1_000).is_none());
         assert!(s.apply(&submitted("j", 3), 1_000).is_none());
-        s.apply(
-            &finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Failed)]),
-            2_000,
-        );
+        s.apply(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Failed)]), 2_000);
         s.apply(&finished("j", &[(1, ItemStatus::Failed)]), 2_000);
-        let ended = s
-            .apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 4_000)
-            .expect("ends");
+        let ended = s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 4_000).expect("ends");
         assert_eq!(ended.summary.status, "completed");
-        assert_eq!(
-            ended.summary.counts,
-            JobCounts {
-                total: 3,
-                succeeded: 2,
-                failed: 1,
-                cancelled: 0,
-                expired: 0
-            }
-        );
+        assert_eq!(ended.summary.counts, JobCounts { total: 3, succeeded: 2, failed: 1, cancelled: 0, expired: 0 });
         assert_eq!(ended.duration_s, 3.0);
-        assert!(s
-            .apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 5_000)
-            .is_none());
+        assert!(s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 5_000).is_none());
         assert_eq!(s.jobs_total["p/submitted"], 1);
         assert_eq!(s.jobs_total["p/completed"], 1);
     }
@@ -291,13 +244,7 @@ mod tests {
     fn a_checkpoint_round_trips_and_replay_changes_nothing() {
         let mut s = State::default();
         s.apply(&submitted("j", 100), 1);
-        s.apply(
-            &finished(
-                "j",
-                &[(5, ItemStatus::Succeeded), (70, ItemStatus::Expired)],
-            ),
-            2,
-        );
+        s.apply(&finished("j", &[(5, ItemStatus::Succeeded), (70, ItemStatus::Expired)]), 2);
         let restored: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(restored, s);
         let mut replayed = restored.clone();
@@ -311,15 +258,8 @@ mod tests {
         let mut s = State::default();
         s.apply(&submitted("j", 2), 1);
         s.apply(&LedgerEvent::JobCancel { job_id: "j".into() }, 2);
-        let ended = s
-            .apply(
-                &finished(
-                    "j",
-                    &[(0, ItemStatus::Succeeded), (1, ItemStatus::Cancelled)],
-                ),
-                3,
-            )
-            .expect("ends");
+        let ended =
+            s.apply(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Cancelled)]), 3).expect("ends");
         assert_eq!(ended.summary.status, "cancelled");
         assert_eq!(s.in_progress()["p"], 0);
         s.prune(10, 100);

@@ -1,0 +1,407 @@
+//! The scenarios: what each one starts, what it times, and how its row and figure are
+//! computed. Every scenario starts its own mock provider and uses a fresh namespace, and
+//! cleans both up whether it succeeded or not.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fleet::topology::Topology;
+
+use crate::fleet_run::FleetRun;
+use crate::procs::{self, Mock, Timed, Usage};
+use crate::reference;
+use crate::stack::Stack;
+use crate::table::{thousands, Row};
+use crate::workload::{self, PROVIDER};
+
+/// Time the ratelimit scenario lets the workers settle before its window opens.
+const RATELIMIT_WARMUP: Duration = Duration::from_secs(10);
+/// The mock's limit in the ratelimit scenario.
+const RATELIMIT_RPM: u64 = 6000;
+/// Workers of the ratelimit scenario.
+const RATELIMIT_WORKERS: usize = 4;
+/// Per-request latency and in-flight limit of the latency scenario.
+const LATENCY_MS: u64 = 200;
+const LATENCY_IN_FLIGHT: u16 = 1000;
+/// The worker's default in-flight limit, used by the overhead and ratelimit scenarios.
+const DEFAULT_IN_FLIGHT: u16 = 256;
+
+/// A scenario, as named on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Scenario {
+    /// Bare lapin + reqwest pipeline in this process (the overhead baseline).
+    Reference,
+    /// The fleet on a zero-latency mock, 1 then 2 workers, against the reference.
+    Overhead,
+    /// One worker, 1,000 in flight, 200 ms per request: throughput and memory.
+    Latency,
+    /// Four workers against a 6,000 rpm mock for a fixed window.
+    Ratelimit,
+    /// `producer submit` of a large file with no workers.
+    Submit,
+}
+
+/// How big each scenario is.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Settings {
+    /// Items of the reference, overhead and latency scenarios.
+    pub items: u64,
+    /// Lines of the submit scenario's file.
+    pub submit_lines: u64,
+    /// Measured window of the ratelimit scenario, seconds.
+    pub ratelimit_window_s: u64,
+}
+
+impl Settings {
+    /// Items submitted in the ratelimit scenario: 1.5 times what the limit lets through
+    /// during warm-up and window, so the queue never runs dry.
+    pub fn ratelimit_items(&self) -> u64 {
+        let seconds = RATELIMIT_WARMUP.as_secs() + self.ratelimit_window_s;
+        seconds * RATELIMIT_RPM / 60 * 3 / 2
+    }
+}
+
+/// CPU seconds of the mock and the broker at one instant (to attribute a run's CPU).
+#[derive(Debug, Clone, Copy)]
+struct CpuMark {
+    mock: Option<f64>,
+    broker: Option<f64>,
+}
+
+impl CpuMark {
+    fn now(mock: Option<&Mock>) -> CpuMark {
+        CpuMark { mock: mock.and_then(|m| m.proc.usage().ok()).map(|u| u.cpu_s), broker: procs::broker_cpu_s() }
+    }
+
+    /// Adds `mock_cpu_s` and `broker_cpu_s` spent since `earlier` to a row's details.
+    fn add_since(self, earlier: CpuMark, mut row: Row) -> Row {
+        if let (Some(a), Some(b)) = (earlier.mock, self.mock) {
+            row = row.detail("mock_cpu_s", round2(b - a));
+        }
+        if let (Some(a), Some(b)) = (earlier.broker, self.broker) {
+            row = row.detail("broker_cpu_s", round2(b - a));
+        }
+        row
+    }
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// Total CPU per 1,000 items and the largest peak RSS of a set of workers.
+fn worker_columns(cpu_s: f64, usages: &[Usage], items: u64) -> (Option<f64>, Option<f64>) {
+    if usages.is_empty() || items == 0 {
+        return (None, None);
+    }
+    let rss = usages.iter().map(Usage::peak_rss_mib).fold(0.0, f64::max);
+    (Some(cpu_s / items as f64 * 1000.0), Some(rss))
+}
+
+/// The reference pipeline; returns its row and its items per second.
+pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<(Row, f64)> {
+    let mock = Mock::start(&stack.bin_dir, &[]).await?;
+    let before = CpuMark::now(Some(&mock));
+    let res = reference::run(stack, &mock.url, settings.items).await;
+    let after = CpuMark::now(Some(&mock));
+    let _ = mock.stop().await;
+    let out = res?;
+    let rate = out.rate();
+    let mut figure = format!("baseline {}/s (CPU and RSS: the bench process)", thousands(rate.round() as u64));
+    if out.non_200 > 0 {
+        figure.push_str(&format!("; {} answers were not 200", out.non_200));
+    }
+    let row = Row {
+        scenario: "reference (lapin + reqwest)".into(),
+        items: out.items,
+        wall_s: out.wall_s,
+        items_per_s: rate,
+        worker_cpu_s_per_1k: Some(out.usage.cpu_s / out.items as f64 * 1000.0),
+        worker_peak_rss_mib: Some(out.usage.peak_rss_mib()),
+        figure,
+        targets_met: None,
+        details: Default::default(),
+    }
+    .detail("bench_cpu_s", round2(out.usage.cpu_s))
+    .detail("non_200", out.non_200);
+    Ok((after.add_since(before, row), rate))
+}
+
+/// One job through the fleet: what a row needs.
+struct JobRun {
+    items: u64,
+    succeeded: u64,
+    /// `producer submit` start to `producer wait` exit.
+    wall_s: f64,
+    workers: Vec<Usage>,
+    submit: Timed,
+    wait: Timed,
+    before: CpuMark,
+    after: CpuMark,
+}
+
+impl JobRun {
+    /// The row's common columns; the caller sets the figure.
+    fn row(&self, scenario: String) -> Row {
+        let cpu: f64 = self.workers.iter().map(|u| u.cpu_s).sum();
+        let (cpu_per_1k, rss) = worker_columns(cpu, &self.workers, self.items);
+        let row = Row {
+            scenario,
+            items: self.items,
+            wall_s: self.wall_s,
+            items_per_s: self.items as f64 / self.wall_s,
+            worker_cpu_s_per_1k: cpu_per_1k,
+            worker_peak_rss_mib: rss,
+            figure: String::new(),
+            targets_met: None,
+            details: Default::default(),
+        }
+        .detail("succeeded", self.succeeded)
+        .detail("worker_cpu_s", round2(cpu))
+        .detail("submit_wall_s", round2(self.submit.wall_s))
+        .detail("submit_cpu_s", round2(self.submit.usage.cpu_s))
+        .detail("submit_peak_rss_mib", round2(self.submit.usage.peak_rss_mib()))
+        .detail("wait_wall_s", round2(self.wait.wall_s))
+        .detail("wait_cpu_s", round2(self.wait.usage.cpu_s))
+        .detail("wait_peak_rss_mib", round2(self.wait.usage.peak_rss_mib()));
+        self.after.add_since(self.before, row)
+    }
+
+    /// `None` when every item succeeded, else a note for the figure.
+    fn shortfall(&self) -> Option<String> {
+        (self.succeeded != self.items).then(|| format!("only {} of {} succeeded; ", self.succeeded, self.items))
+    }
+}
+
+/// Starts a mock with `mock_args` and `workers` workers, then submits `items` requests and
+/// collects them; cleans everything up.
+async fn run_job(
+    stack: &Stack,
+    scenario: &str,
+    mock_args: &[&str],
+    workers: usize,
+    max_in_flight: u16,
+    items: u64,
+) -> anyhow::Result<JobRun> {
+    let mock = Mock::start(&stack.bin_dir, mock_args).await?;
+    let mut fleet = FleetRun::new(stack, scenario, &mock.url, max_in_flight)?;
+    let res = drive_job(&mut fleet, &mock, workers, items).await;
+    fleet.cleanup().await;
+    let _ = mock.stop().await;
+    res
+}
+
+async fn drive_job(fleet: &mut FleetRun<'_>, mock: &Mock, workers: usize, items: u64) -> anyhow::Result<JobRun> {
+    let input = fleet.dir.join("input.jsonl");
+    let output = fleet.dir.join("output.jsonl");
+    workload::write_requests(&input, items)?;
+    // Workers first, so the measured time is the whole job as a user sees it.
+    fleet.start_workers(workers)?;
+    fleet.wait_for_consumers(Duration::from_secs(30)).await?;
+    let before = CpuMark::now(Some(mock));
+    let started = Instant::now();
+    let submitted = fleet.submit(&input).await?;
+    let timeout = Duration::from_secs(300 + items / 100);
+    let (summary, wait) = fleet.wait(&submitted.job_id, &output, timeout).await?;
+    let wall_s = started.elapsed().as_secs_f64();
+    let after = CpuMark::now(Some(mock));
+    let usage = fleet.stop_workers().await?;
+    remove(&input);
+    remove(&output);
+    Ok(JobRun {
+        items: submitted.total,
+        succeeded: summary["counts"]["succeeded"].as_u64().unwrap_or(0),
+        wall_s,
+        workers: usage,
+        submit: submitted.timed,
+        wait,
+        before,
+        after,
+    })
+}
+
+fn remove(path: &Path) {
+    let _ = std::fs::remove_file(path);
+}
+
+/// The fleet on a zero-latency mock with `workers` workers, against the reference rate.
+pub async fn overhead(
+    stack: &Stack,
+    settings: &Settings,
+    workers: usize,
+    reference_rate: Option<f64>,
+) -> anyhow::Result<Row> {
+    let run = run_job(stack, "overhead", &[], workers, DEFAULT_IN_FLIGHT, settings.items).await?;
+    let plural = if workers == 1 { "" } else { "s" };
+    let mut row = run.row(format!("overhead ({workers} worker{plural})"));
+    let shortfall = run.shortfall();
+    match reference_rate {
+        Some(reference) => {
+            let fraction = row.items_per_s / reference;
+            row.figure = format!(
+                "{}{:.0}% of reference {}/s (target >= 70%)",
+                shortfall.as_deref().unwrap_or(""),
+                fraction * 100.0,
+                thousands(reference.round() as u64)
+            );
+            row.targets_met = Some(fraction >= 0.70 && shortfall.is_none());
+            row = row.detail("fraction_of_reference", round2(fraction));
+        }
+        None => row.figure = format!("{}no reference rate (it failed)", shortfall.as_deref().unwrap_or("")),
+    }
+    Ok(row)
+}
+
+/// One worker, 1,000 in flight, on a mock answering after 200 ms.
+pub async fn latency(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+    let latency = LATENCY_MS.to_string();
+    let run = run_job(stack, "latency", &["--latency-ms", &latency], 1, LATENCY_IN_FLIGHT, settings.items).await?;
+    let mut row = run.row(format!("latency (1 worker, {LATENCY_IN_FLIGHT} in flight, {LATENCY_MS} ms)"));
+    let bound = f64::from(LATENCY_IN_FLIGHT) * 1000.0 / LATENCY_MS as f64;
+    let fraction = row.items_per_s / bound;
+    let rss = row.worker_peak_rss_mib.unwrap_or(f64::NAN);
+    let shortfall = run.shortfall();
+    row.figure = format!(
+        "{}{:.0}% of the {}/s bound (target >= 80%); peak RSS {rss:.0} MiB (target < 100)",
+        shortfall.as_deref().unwrap_or(""),
+        fraction * 100.0,
+        thousands(bound as u64),
+    );
+    row.targets_met = Some(fraction >= 0.80 && rss < 100.0 && shortfall.is_none());
+    Ok(row.detail("fraction_of_bound", round2(fraction)))
+}
+
+/// Four workers against a mock limited to 6,000 requests per minute, measured over a fixed
+/// window with the mock's own counters.
+pub async fn ratelimit(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+    let rpm = RATELIMIT_RPM.to_string();
+    let mock = Mock::start(&stack.bin_dir, &["--rpm", &rpm]).await?;
+    let mut fleet = FleetRun::new(stack, "ratelimit", &mock.url, DEFAULT_IN_FLIGHT)?;
+    let res = drive_ratelimit(stack, &mut fleet, &mock, settings).await;
+    fleet.cleanup().await;
+    let _ = mock.stop().await;
+    res
+}
+
+async fn drive_ratelimit(
+    stack: &Stack,
+    fleet: &mut FleetRun<'_>,
+    mock: &Mock,
+    settings: &Settings,
+) -> anyhow::Result<Row> {
+    let input = fleet.dir.join("input.jsonl");
+    workload::write_requests(&input, settings.ratelimit_items())?;
+    fleet.start_workers(RATELIMIT_WORKERS)?;
+    fleet.wait_for_consumers(Duration::from_secs(30)).await?;
+    let submitted = fleet.submit(&input).await;
+    remove(&input);
+    let submitted = submitted?;
+    tokio::time::sleep(RATELIMIT_WARMUP).await;
+
+    let stats0 = mock.stats(&stack.http).await?;
+    let workers0 = fleet.worker_usage()?;
+    let before = CpuMark::now(Some(mock));
+    let started = Instant::now();
+    let window = Duration::from_secs(settings.ratelimit_window_s);
+    while started.elapsed() < window {
+        let step = (window - started.elapsed()).min(Duration::from_secs(30));
+        tokio::time::sleep(step).await;
+        let s = mock.stats(&stack.http).await?;
+        eprintln!(
+            "bench:   ratelimit {:>3.0}/{} s: {} answered 200, {} answered 429",
+            started.elapsed().as_secs_f64(),
+            window.as_secs(),
+            s.status(200) - stats0.status(200),
+            s.status(429) - stats0.status(429),
+        );
+    }
+    let stats1 = mock.stats(&stack.http).await?;
+    let workers1 = fleet.worker_usage()?;
+    let after = CpuMark::now(Some(mock));
+    let window_s = started.elapsed().as_secs_f64();
+    let backlog =
+        stack.queue_state(&Topology::new(&fleet.ns, 5).items_queue(PROVIDER)).await?.map_or(0, |(ready, _)| ready);
+    fleet.stop_workers().await?;
+
+    let ok = stats1.status(200) - stats0.status(200);
+    let limited = stats1.status(429) - stats0.status(429);
+    let requests = stats1.requests - stats0.requests;
+    let per_min = ok as f64 / (window_s / 60.0);
+    let fraction = per_min / RATELIMIT_RPM as f64;
+    let share_429 = if requests == 0 { 0.0 } else { limited as f64 / requests as f64 };
+    let cpu: f64 = workers1.iter().map(|u| u.cpu_s).sum::<f64>() - workers0.iter().map(|u| u.cpu_s).sum::<f64>();
+    let (cpu_per_1k, rss) = worker_columns(cpu, &workers1, ok);
+    let mut figure = format!(
+        "{}/min = {:.1}% of {} (target >= 95%); 429s {:.1}% of requests (target <= 3%)",
+        thousands(per_min.round() as u64),
+        fraction * 100.0,
+        thousands(RATELIMIT_RPM),
+        share_429 * 100.0
+    );
+    if backlog == 0 {
+        figure.push_str("; the queue ran dry, submit more");
+    }
+    let row = Row {
+        scenario: format!("ratelimit ({RATELIMIT_WORKERS} workers, {rpm} rpm)", rpm = RATELIMIT_RPM),
+        items: ok,
+        wall_s: window_s,
+        items_per_s: ok as f64 / window_s,
+        worker_cpu_s_per_1k: cpu_per_1k,
+        worker_peak_rss_mib: rss,
+        figure,
+        targets_met: Some(fraction >= 0.95 && share_429 <= 0.03 && backlog > 0),
+        details: Default::default(),
+    }
+    .detail("submitted", submitted.total)
+    .detail("requests", requests)
+    .detail("answered_200", ok)
+    .detail("answered_429", limited)
+    .detail("per_minute", per_min.round())
+    .detail("fraction_of_limit", round2(fraction))
+    .detail("share_429", (share_429 * 10_000.0).round() / 10_000.0)
+    .detail("backlog_at_end", backlog)
+    .detail("worker_cpu_s", round2(cpu));
+    Ok(after.add_since(before, row))
+}
+
+/// `producer submit` of a large file with no worker running.
+pub async fn submit(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+    // No worker calls the provider here: any URL will do.
+    let mut fleet = FleetRun::new(stack, "submit", "http://127.0.0.1:9", DEFAULT_IN_FLIGHT)?;
+    let res = drive_submit(&mut fleet, settings.submit_lines).await;
+    fleet.cleanup().await;
+    res
+}
+
+async fn drive_submit(fleet: &mut FleetRun<'_>, lines: u64) -> anyhow::Result<Row> {
+    let input = fleet.dir.join("input.jsonl");
+    workload::write_requests(&input, lines)?;
+    let input_mib = std::fs::metadata(&input)?.len() as f64 / (1 << 20) as f64;
+    let before = CpuMark::now(None);
+    let submitted = fleet.submit(&input).await;
+    let after = CpuMark::now(None);
+    remove(&input);
+    let submitted = submitted?;
+    anyhow::ensure!(submitted.total == lines, "submitted {} of {lines} lines", submitted.total);
+    let t = &submitted.timed;
+    let rate = lines as f64 / t.wall_s;
+    let rss = t.usage.peak_rss_mib();
+    let row = Row {
+        scenario: "submit (no workers)".into(),
+        items: lines,
+        wall_s: t.wall_s,
+        items_per_s: rate,
+        worker_cpu_s_per_1k: None,
+        worker_peak_rss_mib: None,
+        figure: format!(
+            "{} lines/s (target >= 50,000); producer peak RSS {rss:.0} MiB (target < 100)",
+            thousands(rate.round() as u64)
+        ),
+        targets_met: Some(rate >= 50_000.0 && rss < 100.0),
+        details: Default::default(),
+    }
+    .detail("input_mib", round2(input_mib))
+    .detail("producer_cpu_s", round2(t.usage.cpu_s))
+    .detail("producer_peak_rss_mib", round2(rss));
+    Ok(after.add_since(before, row))
+}

@@ -1,0 +1,79 @@
+//! The benchmark's requests: one chat-completion body per index, written as an OpenAI Batch
+//! input file for the fleet or wrapped in a [`fleet::wire::Item`] for the reference
+//! pipeline, so both carry messages of the same shape and size.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Context as _;
+use fleet::wire::Item;
+use serde_json::value::RawValue;
+
+/// Endpoint every benchmark request goes to.
+pub const CHAT_URL: &str = "/v1/chat/completions";
+
+/// The provider name the benchmark configures (the items queue's routing key).
+pub const PROVIDER: &str = "mock";
+
+/// The request body of request `i` (the same template as the e2e tests use).
+pub fn body(i: u64) -> String {
+    format!(
+        r#"{{"model":"mock-model","messages":[{{"role":"user","content":"Say something about the number {i}."}}]}}"#
+    )
+}
+
+/// The `custom_id` of request `i`.
+pub fn custom_id(i: u64) -> String {
+    format!("req-{i}")
+}
+
+/// Writes `n` requests to `path` as OpenAI Batch input lines.
+pub fn write_requests(path: &Path, n: u64) -> anyhow::Result<()> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create input file {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    for i in 0..n {
+        writeln!(out, r#"{{"custom_id":"{}","method":"POST","url":"{CHAT_URL}","body":{}}}"#, custom_id(i), body(i))?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Item `i` of `total` of job `job_id`, exactly as `producer submit` would queue it.
+pub fn item(job_id: &str, i: u64, total: u64, submitted_at_ms: u64) -> anyhow::Result<Item> {
+    Ok(Item {
+        job_id: job_id.to_string(),
+        index: i,
+        total,
+        custom_id: custom_id(i),
+        provider: PROVIDER.to_string(),
+        url: CHAT_URL.to_string(),
+        body: RawValue::from_string(body(i))?,
+        attempt: 0,
+        submitted_at_ms,
+        deadline_ms: None,
+    })
+}
+
+/// A job id of the same length as the producer's (`job_` + 16 hex digits).
+pub fn job_id() -> String {
+    format!("job_{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn input_lines_parse_as_batch_lines() {
+        let dir = std::env::temp_dir().join(format!("bench-workload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("in.jsonl");
+        write_requests(&path, 3).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<fleet::wire::BatchInputLine> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[2].custom_id, "req-2");
+        assert_eq!(lines[2].body.get(), body(2));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

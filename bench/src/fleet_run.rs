@@ -27,7 +27,6 @@ pub struct FleetRun<'a> {
     pub dir: PathBuf,
     config: PathBuf,
     workers: Vec<Proc>,
-    jobs: Vec<String>,
 }
 
 /// A finished `producer submit`.
@@ -44,7 +43,11 @@ impl<'a> FleetRun<'a> {
         let (ns, dir) = stack.namespace(scenario)?;
         let config = dir.join("fleet.toml");
         std::fs::write(&config, config_toml(&ns, &stack.amqp_url, &stack.pushgateway_url, mock_url, max_in_flight))?;
-        Ok(FleetRun { stack, ns, dir, config, workers: Vec::new(), jobs: Vec::new() })
+        // Load it as the workers will: a bad file fails here, and clean-up learns the delay
+        // queues the workers will declare.
+        let cfg = fleet::Config::load(Some(&config)).context("the generated fleet config")?;
+        stack.track(&ns, |left| left.delay_tiers_s = cfg.retry.delay_tiers_s.clone());
+        Ok(FleetRun { stack, ns, dir, config, workers: Vec::new() })
     }
 
     /// Starts `n` more workers (`bench-w<i>`, logs in the scratch directory).
@@ -103,8 +106,7 @@ impl<'a> FleetRun<'a> {
             serde_json::from_slice(&timed.output.stdout).context("producer submit --json printed no JSON")?;
         let job_id = v["job_id"].as_str().context("no job_id")?.to_string();
         let total = v["total"].as_u64().context("no total")?;
-        self.jobs.push(job_id.clone());
-        self.stack.track_job(&self.ns, &job_id);
+        self.stack.track(&self.ns, |left| left.jobs.push(job_id.clone()));
         Ok(Submitted { job_id, total, timed })
     }
 
@@ -162,7 +164,7 @@ impl<'a> FleetRun<'a> {
         if let Err(e) = self.stop_workers().await {
             eprintln!("bench: stopping workers of {}: {e:#}", self.ns);
         }
-        if let Err(e) = self.stack.delete_namespace(&self.ns, &self.jobs).await {
+        if let Err(e) = self.stack.delete_namespace(&self.ns).await {
             eprintln!("bench: cleaning up {}: {e:#}", self.ns);
         }
     }

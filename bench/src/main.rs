@@ -96,8 +96,9 @@ async fn main() -> ExitCode {
     let load_before = stack::load_average();
     let started_ms = fleet::now_ms();
     let mut rows = Vec::new();
+    let plan = cli.plan();
     let interrupted = tokio::select! {
-        () = run_plan(&stack, &settings, &cli.plan(), &mut rows) => false,
+        () = run_plan(&stack, &settings, &plan, &mut rows) => false,
         res = tokio::signal::ctrl_c() => res.is_ok(),
     };
     // Whatever was not cleaned up (interrupted, or a clean-up that failed) goes now; the

@@ -104,11 +104,6 @@ impl Proc {
         Ok(Proc { child, name: name.to_string(), pid })
     }
 
-    /// The process id.
-    pub fn pid(&self) -> u32 {
-        self.pid
-    }
-
     /// Its CPU time and peak RSS so far.
     pub fn usage(&self) -> anyhow::Result<Usage> {
         read_usage(&self.pid.to_string()).with_context(|| format!("measuring {}", self.name))

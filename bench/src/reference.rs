@@ -22,7 +22,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, PublisherConfirm};
+use lapin::{Channel, PublisherConfirm};
 
 use crate::procs::{self, Usage};
 use crate::stack::Stack;
@@ -62,7 +62,7 @@ pub async fn run(stack: &Stack, mock_url: &str, items: u64) -> anyhow::Result<Ou
     let items_q = format!("{ns}.items");
     let results_q = format!("{ns}.results");
     let res = pipeline(stack, mock_url, items, &items_q, &results_q).await;
-    if let Err(e) = stack.delete_namespace(&ns, &[]).await {
+    if let Err(e) = stack.delete_namespace(&ns).await {
         eprintln!("bench: deleting the reference queues: {e:#}");
     }
     res
@@ -84,10 +84,11 @@ async fn pipeline(
     declare_quorum(&pub_ch, items_q).await?;
     declare_quorum(&pub_ch, results_q).await?;
 
-    let collected = tokio::spawn(collect(collector.create_channel().await?, results_q.into(), items));
+    let mut collected = tokio::spawn(collect(collector.create_channel().await?, results_q.into(), items));
     let non_200 = Arc::new(AtomicU64::new(0));
     let consuming = tokio::spawn(consume(
-        worker.clone(),
+        worker.create_channel().await?,
+        fleet::amqp::confirm_channel(&worker).await?,
         items_q.to_string(),
         results_q.to_string(),
         format!("{}{}", mock_url, workload::CHAT_URL),
@@ -95,13 +96,17 @@ async fn pipeline(
     ));
 
     let started = Instant::now();
-    publish_items(&pub_ch, items_q, items).await?;
-    let finished = collected.await.context("collector panicked")??;
-    let wall_s = (finished - started).as_secs_f64();
+    let finished = async {
+        publish_items(&pub_ch, items_q, items).await?;
+        (&mut collected).await.context("collector panicked")?
+    }
+    .await;
+    collected.abort();
     consuming.abort();
     for conn in [&publisher, &worker, &collector] {
         let _ = conn.close(200, "done".into()).await;
     }
+    let wall_s = (finished? - started).as_secs_f64();
     let now = procs::read_usage("self")?;
     Ok(Outcome {
         items,
@@ -154,9 +159,11 @@ fn expect_ack(c: lapin::Confirmation) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The worker's part: one task per delivery, prefetch-bounded. Runs until aborted.
+/// The worker's part on channel `ch` (results go out on the confirm channel `publish`):
+/// one task per delivery, prefetch-bounded. Runs until aborted.
 async fn consume(
-    conn: Connection,
+    ch: Channel,
+    publish: Channel,
     items_q: String,
     results_q: String,
     endpoint: String,
@@ -164,8 +171,6 @@ async fn consume(
 ) -> anyhow::Result<()> {
     let http =
         reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(PREFETCH.into()).build()?;
-    let publish = fleet::amqp::confirm_channel(&conn).await?;
-    let ch = conn.create_channel().await?;
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(

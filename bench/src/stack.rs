@@ -29,9 +29,18 @@ pub struct Stack {
     pub admin: lapin::Connection,
     /// HTTP client for the mock's `/stats`.
     pub http: reqwest::Client,
-    /// Namespaces not cleaned up yet, with their jobs: deleted by [`Stack::delete_leftovers`]
-    /// when a run is interrupted.
-    leftovers: Mutex<BTreeMap<String, Vec<String>>>,
+    /// Namespaces not cleaned up yet: deleted by [`Stack::delete_leftovers`] when a run is
+    /// interrupted or a scenario's own clean-up failed.
+    leftovers: Mutex<BTreeMap<String, Leftover>>,
+}
+
+/// What must go with a namespace besides its fixed queues.
+#[derive(Debug, Clone, Default)]
+pub struct Leftover {
+    /// Jobs submitted (one results queue each).
+    pub jobs: Vec<String>,
+    /// The workers' delay-queue tiers (one delay queue per tier).
+    pub delay_tiers_s: Vec<u64>,
 }
 
 impl Stack {
@@ -65,24 +74,24 @@ impl Stack {
         let ns = format!("bench.{scenario}.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let dir = self.scratch.join(&ns);
         std::fs::create_dir_all(&dir)?;
-        self.lock_leftovers().insert(ns.clone(), Vec::new());
+        self.lock_leftovers().insert(ns.clone(), Leftover::default());
         Ok((ns, dir))
     }
 
-    /// Records a job of `ns`, whose results queue must go with the namespace.
-    pub fn track_job(&self, ns: &str, job_id: &str) {
-        self.lock_leftovers().entry(ns.to_string()).or_default().push(job_id.to_string());
+    /// Records what must go with namespace `ns` besides its fixed queues.
+    pub fn track(&self, ns: &str, update: impl FnOnce(&mut Leftover)) {
+        update(self.lock_leftovers().entry(ns.to_string()).or_default());
     }
 
-    fn lock_leftovers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<String>>> {
+    fn lock_leftovers(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Leftover>> {
         self.leftovers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Deletes every namespace not cleaned up yet (after an interruption or a failure).
     pub async fn delete_leftovers(&self) {
-        let leftovers = std::mem::take(&mut *self.lock_leftovers());
-        for (ns, jobs) in leftovers {
-            if let Err(e) = self.delete_namespace(&ns, &jobs).await {
+        let namespaces: Vec<String> = self.lock_leftovers().keys().cloned().collect();
+        for ns in namespaces {
+            if let Err(e) = self.delete_namespace(&ns).await {
                 eprintln!("bench: cleaning up {ns}: {e:#}");
             }
         }
@@ -120,13 +129,17 @@ impl Stack {
     /// Deletes everything a namespace holds: the jobs' results queues, the items, shared
     /// and tracker queues, the exchanges, the reference pipeline's two queues, and its
     /// Pushgateway groups.
-    pub async fn delete_namespace(&self, ns: &str, jobs: &[String]) -> anyhow::Result<()> {
+    pub async fn delete_namespace(&self, ns: &str) -> anyhow::Result<()> {
         let topology = Topology::new(ns, 5);
-        let mut queues: Vec<String> = jobs.iter().map(|j| topology.results_queue(j)).collect();
+        let left = self.lock_leftovers().get(ns).cloned().unwrap_or_default();
+        let mut queues: Vec<String> = left.jobs.iter().map(|j| topology.results_queue(j)).collect();
         queues.extend([format!("{ns}.items"), format!("{ns}.results")]);
         self.delete_queues(&queues).await?;
         let ch = self.admin.create_channel().await?;
-        topology.delete_all(&ch, &[PROVIDER]).await.with_context(|| format!("deleting the queues of {ns}"))?;
+        topology
+            .delete_all(&ch, &[PROVIDER], &left.delay_tiers_s)
+            .await
+            .with_context(|| format!("deleting the queues of {ns}"))?;
         let _ = ch.close(200, "done".into()).await;
         self.delete_push_groups(ns).await?;
         self.lock_leftovers().remove(ns);

@@ -107,7 +107,7 @@ pub fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -158,7 +158,7 @@ mod tests {
         assert!(lines[2].contains(" 4,050 "));
         assert!(lines[2].contains(" 0.12 "));
         assert!(lines[2].contains(" - "));
-        assert!(lines[2].ends_with("81% of 5,000/s [ok]    |"), "{}", lines[2]);
+        assert!(lines[2].ends_with("81% of 5,000/s [ok]     |"), "{}", lines[2]);
         assert!(lines[3].contains("[MISSED]"));
     }
 }

@@ -51,6 +51,7 @@ pub fn item(job_id: &str, i: u64, total: u64, submitted_at_ms: u64) -> anyhow::R
         attempt: 0,
         submitted_at_ms,
         deadline_ms: None,
+        first_delay_ms: None,
     })
 }
 

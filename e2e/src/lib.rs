@@ -113,8 +113,13 @@ pub struct Mock {
 impl Mock {
     /// Starts `mock-provider --port 0` with extra knob flags.
     pub fn start(args: &[&str]) -> Mock {
+        Mock::start_on(0, args)
+    }
+
+    /// Starts the mock on a given port (e.g. to replace a mock at the same address).
+    pub fn start_on(port: u16, args: &[&str]) -> Mock {
         let mut child = Command::new(bin("mock-provider"))
-            .args(["--port", "0"])
+            .args(["--port", &port.to_string()])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -169,11 +174,11 @@ impl Fleet {
              [pushgateway]\nurl = \"{pg}\"\npush_interval_s = 1\n\
              [retry]\nmax_attempts = 8\ninitial_backoff_ms = 5\nmax_backoff_ms = 200\nmax_elapsed_s = 30\ndelay_tiers_s = [1, 2]\n\
              [providers.mock]\nkind = \"openai\"\nbase_url = \"{mock_url}\"\ntimeout_s = 10\nmax_in_flight = 64\n\
-             {extra_toml}\n",
+             ",
             amqp = amqp_url(),
             pg = pushgateway_url(),
         );
-        std::fs::write(&config, toml).expect("write config");
+        std::fs::write(&config, merge_toml(&toml, extra_toml)).expect("write config");
         Fleet { ns, dir, config, mock_url: mock_url.to_string() }
     }
 
@@ -265,6 +270,39 @@ impl Fleet {
             }
             let _ = t.delete_all(&ch, &["mock"], TEST_DELAY_TIERS_S).await;
         });
+    }
+}
+
+/// `base` with the tables of `extra` merged in (keys of `extra` win).
+fn merge_toml(base: &str, extra: &str) -> String {
+    fn merge(into: &mut toml::Table, from: toml::Table) {
+        for (k, v) in from {
+            match (into.get_mut(&k), v) {
+                (Some(toml::Value::Table(a)), toml::Value::Table(b)) => merge(a, b),
+                (_, v) => {
+                    into.insert(k, v);
+                }
+            }
+        }
+    }
+    let mut table: toml::Table = base.parse().expect("base config is TOML");
+    merge(&mut table, extra.parse().expect("extra config is TOML"));
+    table.to_string()
+}
+
+impl Fleet {
+    /// `producer status JOB --json` once the tracker has seen the job end.
+    pub fn final_status(&self, job: &str) -> Value {
+        let mut last = Value::Null;
+        eventually(Duration::from_secs(30), "the tracker reports the job ended", || {
+            let out = self.producer(&["status", job, "--json"]);
+            if !out.status.success() {
+                return false;
+            }
+            last = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+            last["status"] != "in_progress"
+        });
+        last
     }
 }
 
@@ -388,4 +426,20 @@ pub fn start_pushgateway(port: u16) -> Proc {
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+impl Mock {
+    /// The port the mock listens on.
+    pub fn port(&self) -> u16 {
+        self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in url")
+    }
+}
+
+/// Output lines by their `error.code` (`None` for succeeded lines).
+pub fn error_codes(lines: &[Value]) -> HashMap<Option<String>, usize> {
+    let mut m = HashMap::new();
+    for l in lines {
+        *m.entry(l["error"]["code"].as_str().map(str::to_string)).or_default() += 1;
+    }
+    m
 }

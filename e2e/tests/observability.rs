@@ -74,9 +74,7 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
     }
     assert!(empty.is_empty(), "panels without data:\n{}", empty.join("\n"));
     // The status query agrees too.
-    let st = fleet.producer(&["status", &job, "--json"]);
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let v: Value = serde_json::from_slice(&st.stdout).unwrap();
+    let v = fleet.final_status(&job);
     assert_eq!(v["status"], "completed");
     assert_eq!(v["succeeded"].as_f64(), Some(succeeded));
     assert_eq!(v["failed"].as_f64(), Some(failed));
@@ -119,9 +117,7 @@ fn tracker_takeover_after_sigkill_keeps_job_counts_exact_and_monotonic() {
     let failed = lines.iter().filter(|l| !l["error"].is_null()).count() as u64;
 
     // The new tracker's counts are exact (duplicated results and events were not counted twice).
-    let st = fleet.producer(&["status", &job, "--json"]);
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-    let v: Value = serde_json::from_slice(&st.stdout).unwrap();
+    let v = fleet.final_status(&job);
     assert_eq!(v["status"], "completed", "{v}");
     assert_eq!(v["succeeded"].as_u64(), Some(3000 - failed), "{v}");
     assert_eq!(v["failed"].as_u64(), Some(failed), "{v}");

@@ -51,6 +51,9 @@ pub struct Item {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ControlMessage {
     CancelJob { job_id: String },
+    /// Written by a worker before it starts consuming items; reading its own marker back
+    /// proves it has read every cancel published before.
+    Marker { id: String },
 }
 
 /// How an item ended.

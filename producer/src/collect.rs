@@ -96,17 +96,140 @@ fn open_output(path: &Path) -> anyhow::Result<(std::fs::File, HashSet<String>, J
     Ok((file, seen, counts))
 }
 
-/// Collects results of `job_id` until every item has one.
+/// Why a consuming session ended without finishing.
+enum Interrupted {
+    /// The broker connection failed: reconnect and carry on (unacked results come again).
+    Broker(anyhow::Error),
+    /// Anything else (the output file, the timeout): give up.
+    Fatal(anyhow::Error),
+}
+
+/// Collection state that survives reconnections.
+struct Collector {
+    out: std::io::BufWriter<std::fs::File>,
+    seen: HashSet<String>,
+    counts: JobCounts,
+    total: Option<u64>,
+    job_status: Option<String>,
+    bar: indicatif::ProgressBar,
+    /// Acker of the newest message not yet acked (acks are cumulative).
+    unacked: Option<lapin::Acker>,
+    unacked_n: usize,
+}
+
+impl Collector {
+    fn complete(&self) -> bool {
+        self.total.is_some_and(|t| self.seen.len() as u64 >= t)
+    }
+
+    /// Makes the written lines durable, then acks every message up to the last one.
+    async fn sync_and_ack(&mut self) -> Result<(), Interrupted> {
+        self.out.flush().and_then(|()| self.out.get_ref().sync_data()).map_err(|e| Interrupted::Fatal(e.into()))?;
+        self.unacked_n = 0;
+        if let Some(acker) = self.unacked.take() {
+            acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| Interrupted::Broker(e.into()))?;
+        }
+        Ok(())
+    }
+
+    /// Records one message from the results queue.
+    fn take(&mut self, delivery: &lapin::message::Delivery) -> anyhow::Result<()> {
+        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string());
+        if kind.as_deref() == Some(KIND_JOB_FINISHED) {
+            if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
+                self.total.get_or_insert(summary.counts.total);
+                self.job_status = Some(summary.status);
+            }
+            return Ok(());
+        }
+        match serde_json::from_slice::<ItemResult>(&delivery.data) {
+            Ok(result) => {
+                if self.total.is_none() {
+                    self.bar.set_length(result.total);
+                }
+                self.total.get_or_insert(result.total);
+                if self.seen.insert(result.custom_id.clone()) {
+                    serde_json::to_writer(&mut self.out, &result.to_output_line())?;
+                    self.out.write_all(b"\n")?;
+                    count(&mut self.counts, result.status.as_str());
+                    self.bar.inc(1);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring a message on the results queue that is not a result"),
+        }
+        Ok(())
+    }
+
+    /// Consumes `queue` on `conn` until every result is in (`Ok`) or something stops it.
+    async fn consume(
+        &mut self,
+        conn: &lapin::Connection,
+        queue: &str,
+        deadline: Option<tokio::time::Instant>,
+        output: &Path,
+    ) -> Result<(), Interrupted> {
+        let broker = |e: lapin::Error| Interrupted::Broker(e.into());
+        let ch = conn.create_channel().await.map_err(broker)?;
+        ch.basic_qos(2 * ACK_BATCH as u16, BasicQosOptions::default()).await.map_err(broker)?;
+        let mut consumer = ch
+            .basic_consume(queue.into(), "producer-wait".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(broker)?;
+        while !self.complete() {
+            let next = tokio::select! {
+                n = consumer.next() => n,
+                _ = tokio::time::sleep(ACK_IDLE), if self.unacked_n > 0 => {
+                    self.sync_and_ack().await?;
+                    continue;
+                }
+                _ = sleep_until(deadline) => {
+                    self.sync_and_ack().await?;
+                    return Err(Interrupted::Fatal(anyhow::anyhow!(
+                        "timed out with {} results in {}; run `producer wait` again to resume",
+                        self.seen.len(),
+                        output.display()
+                    )));
+                }
+            };
+            let delivery = match next {
+                Some(Ok(d)) => d,
+                Some(Err(e)) => return Err(broker(e)),
+                None => return Err(Interrupted::Broker(anyhow::anyhow!("the broker closed the results consumer"))),
+            };
+            self.take(&delivery).map_err(Interrupted::Fatal)?;
+            self.unacked = Some(delivery.acker);
+            self.unacked_n += 1;
+            if self.unacked_n >= ACK_BATCH {
+                self.sync_and_ack().await?;
+            }
+        }
+        self.sync_and_ack().await
+    }
+}
+
+/// Collects results of `job_id` until every item has one, reconnecting after a broker
+/// restart (results not acked before it are delivered again and skipped as duplicates).
 pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collected> {
     let started = Instant::now();
     let topology = Topology::from_config(cfg);
-    let (file, mut seen, mut counts) = open_output(req.output)?;
-    let mut out = std::io::BufWriter::with_capacity(1 << 16, file);
-
-    let conn = fleet::amqp::connect(&cfg.amqp.url, "producer wait")
+    let (file, seen, counts) = open_output(req.output)?;
+    let bar = crate::progress::bar(0, req.progress, "collecting");
+    bar.set_position(seen.len() as u64);
+    let mut c = Collector {
+        out: std::io::BufWriter::with_capacity(1 << 16, file),
+        seen,
+        counts,
+        total: None,
+        job_status: None,
+        bar,
+        unacked: None,
+        unacked_n: 0,
+    };
+    let queue = topology.results_queue(req.job_id);
+    let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut conn = fleet::amqp::connect(&cfg.amqp.url, "producer wait")
         .await
         .with_context(|| format!("cannot connect to RabbitMQ at {}", fleet::amqp::redact_url(&cfg.amqp.url)))?;
-    let queue = topology.results_queue(req.job_id);
     if topology.queue_len(&conn, &queue).await?.is_none() {
         anyhow::bail!(
             "no job {:?} in namespace {:?} (its results queue {queue} does not exist)",
@@ -114,77 +237,33 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
             topology.namespace()
         );
     }
-    let ch = conn.create_channel().await?;
-    ch.basic_qos(2 * ACK_BATCH as u16, BasicQosOptions::default()).await?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "producer-wait".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-
-    let mut total: Option<u64> = None;
-    let bar = crate::progress::bar(0, req.progress, "collecting");
-    bar.set_position(seen.len() as u64);
-    let mut unacked: Option<lapin::Acker> = None;
-    let mut unacked_n = 0usize;
-    let mut job_status = None;
-    let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
     loop {
-        if total.is_some_and(|t| seen.len() as u64 >= t) {
-            break;
-        }
-        let next = tokio::select! {
-            n = consumer.next() => n,
-            _ = tokio::time::sleep(ACK_IDLE), if unacked_n > 0 => {
-                sync_and_ack(&mut out, &mut unacked, &mut unacked_n).await?;
-                continue;
-            }
-            _ = sleep_until(deadline) => {
-                sync_and_ack(&mut out, &mut unacked, &mut unacked_n).await?;
-                anyhow::bail!("timed out with {} results in {}; run `producer wait` again to resume", seen.len(), req.output.display());
-            }
-        };
-        let Some(delivery) = next else { anyhow::bail!("the broker closed the results consumer") };
-        let delivery = delivery.context("reading results")?;
-        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string());
-        if kind.as_deref() == Some(KIND_JOB_FINISHED) {
-            if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
-                total.get_or_insert(summary.counts.total);
-                job_status = Some(summary.status);
-            }
-        } else {
-            match serde_json::from_slice::<ItemResult>(&delivery.data) {
-                Ok(result) => {
-                    if total.is_none() {
-                        bar.set_length(result.total);
-                    }
-                    total.get_or_insert(result.total);
-                    if seen.insert(result.custom_id.clone()) {
-                        serde_json::to_writer(&mut out, &result.to_output_line())?;
-                        out.write_all(b"\n")?;
-                        count(&mut counts, result.status.as_str());
-                        bar.inc(1);
-                    }
+        match c.consume(&conn, &queue, deadline, req.output).await {
+            Ok(()) => break,
+            Err(Interrupted::Fatal(e)) => return Err(e),
+            Err(Interrupted::Broker(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), results = c.seen.len(), "lost the broker; reconnecting");
+                c.unacked = None;
+                c.unacked_n = 0;
+                let never = tokio_util::sync::CancellationToken::new();
+                let reconnect = fleet::amqp::connect_with_retry(&cfg.amqp.url, "producer wait", &never);
+                conn = match deadline {
+                    Some(d) => tokio::time::timeout_at(d, reconnect).await.ok().flatten(),
+                    None => reconnect.await,
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "ignoring a message on the results queue that is not a result")
-                }
+                .ok_or_else(|| anyhow::anyhow!("timed out reconnecting to RabbitMQ; run `producer wait` again"))?;
             }
-        }
-        unacked = Some(delivery.acker);
-        unacked_n += 1;
-        if unacked_n >= ACK_BATCH {
-            sync_and_ack(&mut out, &mut unacked, &mut unacked_n).await?;
         }
     }
-    sync_and_ack(&mut out, &mut unacked, &mut unacked_n).await?;
-    bar.finish_and_clear();
+    c.bar.finish_and_clear();
     let _ = conn.close(200, "done".into()).await;
-    counts.total = total.unwrap_or(seen.len() as u64);
-    Ok(Collected { job_id: req.job_id.to_string(), counts, elapsed_s: started.elapsed().as_secs_f64(), job_status })
+    c.counts.total = c.total.unwrap_or(c.seen.len() as u64);
+    Ok(Collected {
+        job_id: req.job_id.to_string(),
+        counts: c.counts,
+        elapsed_s: started.elapsed().as_secs_f64(),
+        job_status: c.job_status,
+    })
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
@@ -192,19 +271,4 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
-}
-
-/// Makes the written lines durable, then acks every message up to the last one.
-async fn sync_and_ack(
-    out: &mut std::io::BufWriter<std::fs::File>,
-    unacked: &mut Option<lapin::Acker>,
-    n: &mut usize,
-) -> anyhow::Result<()> {
-    out.flush()?;
-    out.get_ref().sync_data()?;
-    if let Some(acker) = unacked.take() {
-        acker.ack(BasicAckOptions { multiple: true }).await?;
-    }
-    *n = 0;
-    Ok(())
 }

@@ -52,6 +52,8 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
         retry: cfg.retry.clone(),
         cancelled: cancelled.clone(),
     });
+    // Known cancels first, so no item of a cancelled job reaches a provider.
+    let follower = control::Follower::catch_up(conn, topology, cancelled.clone()).await?;
     let mut consumers = tokio::task::JoinSet::new();
     for (name, (client, prefetch)) in clients {
         let ch = conn.create_channel().await?;
@@ -114,6 +116,6 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
     // connection is done (a follower failure means the connection failed too).
     tokio::select! {
         res = all_consumers => res,
-        res = control::follow(conn, topology, cancelled.clone()) => res,
+        res = follower.run() => res,
     }
 }

@@ -353,7 +353,15 @@ mod tests {
             max_in_flight: 1,
             rpm: None,
         };
-        let retry = RetryConfig { max_attempts: 1, initial_backoff_ms: 1, max_backoff_ms: 1, max_elapsed_s: 1 };
+        let retry = RetryConfig {
+            max_attempts: 1,
+            initial_backoff_ms: 1,
+            max_backoff_ms: 1,
+            max_elapsed_s: 1,
+            delay_tiers_s: vec![1],
+            max_delays: 0,
+            delay_budget_s: 0,
+        };
         let c = ProviderClient::new("p", &cfg, &retry, WorkerMetrics::new()).unwrap();
         assert_eq!(c.endpoint("/v1/chat/completions"), "https://api.example.com/v1/chat/completions");
     }

@@ -4,6 +4,8 @@
 //! Binaries are found next to the test executable (`target/<profile>/`), as ripgrep's tests
 //! do; the harness builds them once per test process if they are missing or stale.
 
+pub mod chaos;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -49,9 +51,10 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 fn target_dir() -> PathBuf {
-    // target/<profile>/deps/<test-exe>
+    // target/<profile>/deps/<test-exe>, or target/<profile>/<bin> for the harness's binaries.
     let exe = std::env::current_exe().expect("current exe");
-    exe.parent().and_then(Path::parent).expect("target/<profile>").to_path_buf()
+    let dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") { dir.parent().expect("target/<profile>") } else { dir }.to_path_buf()
 }
 
 /// A scratch directory for one test.

@@ -69,7 +69,9 @@ fn a_message_that_keeps_killing_workers_is_parked_as_poison_and_the_job_finishes
     // The item is in flight when its worker dies, twice over (as if it crashed them).
     for round in 0..2 {
         let w = fleet.worker(&format!("victim{round}"), &[]);
-        eventually(Duration::from_secs(30), "the item reaches the provider", || mock.stats()["in_flight"].as_u64() == Some(1));
+        eventually(Duration::from_secs(30), "the item reaches the provider", || {
+            mock.stats()["in_flight"].as_u64() == Some(1)
+        });
         w.signal("KILL");
         drop(w);
         eventually(Duration::from_secs(30), "connection gone", || mock.stats()["in_flight"].as_u64() == Some(0));
@@ -85,7 +87,8 @@ fn a_message_that_keeps_killing_workers_is_parked_as_poison_and_the_job_finishes
 
     let dead = fleet.producer(&["dead", "--json"]);
     assert!(dead.status.success(), "{}", String::from_utf8_lossy(&dead.stderr));
-    let listed: Vec<Value> = String::from_utf8_lossy(&dead.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let listed: Vec<Value> =
+        String::from_utf8_lossy(&dead.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["custom_id"], "req-0");
     assert!(listed[0]["reason"].as_str().unwrap().starts_with("poison"), "{listed:?}");
@@ -192,7 +195,11 @@ fn a_huge_message_on_the_items_queue_is_dead_lettered_as_oversized() {
     });
     eventually(Duration::from_secs(30), "parked", || fleet.queue_len(&format!("{}.dead", fleet.ns)) == Some(1));
     let dead = fleet.producer(&["dead"]);
-    assert!(String::from_utf8_lossy(&dead.stdout).contains("oversized: 1048576 bytes"), "{}", String::from_utf8_lossy(&dead.stdout));
+    assert!(
+        String::from_utf8_lossy(&dead.stdout).contains("oversized: 1048576 bytes"),
+        "{}",
+        String::from_utf8_lossy(&dead.stdout)
+    );
     // And the worker still works.
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 10);

@@ -50,10 +50,14 @@ pub struct Item {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ControlMessage {
-    CancelJob { job_id: String },
+    CancelJob {
+        job_id: String,
+    },
     /// Written by a worker before it starts consuming items; reading its own marker back
     /// proves it has read every cancel published before.
-    Marker { id: String },
+    Marker {
+        id: String,
+    },
 }
 
 /// How an item ended.

@@ -49,8 +49,14 @@ impl Follower {
         let marker = uuid::Uuid::new_v4().to_string();
         let pub_ch = fleet::amqp::confirm_channel(conn).await?;
         let payload = serde_json::to_vec(&ControlMessage::Marker { id: marker.clone() })?;
-        fleet::amqp::publish_confirmed(&pub_ch, "", &topology.control_stream(), &payload, fleet::amqp::persistent_json())
-            .await?;
+        fleet::amqp::publish_confirmed(
+            &pub_ch,
+            "",
+            &topology.control_stream(),
+            &payload,
+            fleet::amqp::persistent_json(),
+        )
+        .await?;
         let _ = pub_ch.close(200, "marker sent".into()).await;
         let mut follower = Follower { consumer, cancelled };
         while let Some(msg) = follower.next().await? {

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# `make chaos`: the full chaos run (20,000 requests; worker, tracker, broker and
+# Pushgateway faults). Prints a table; exits non-zero if anything was lost or miscounted.
+#   scripts/chaos.sh [ITEMS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --quiet --bins
+cargo run --quiet -p e2e --bin chaos -- "$@"

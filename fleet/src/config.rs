@@ -184,9 +184,12 @@ pub struct ProviderConfig {
     pub api_key_env: Option<String>,
     pub timeout_s: u64,
     pub max_in_flight: u16,
-    /// Optional requests-per-minute ceiling for this worker.
+    /// Optional requests-per-minute ceiling for this worker (the adaptive rate stays below).
     #[serde(default)]
     pub rpm: Option<u32>,
+    /// Optional tokens-per-minute ceiling for this worker (tokens estimated from the body).
+    #[serde(default)]
+    pub tpm: Option<u32>,
 }
 
 impl Config {

@@ -9,7 +9,7 @@
 //! job-level one (`job="batch_tracker"`).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 /// Provider latency buckets: 5 ms to 5 minutes (LLM calls range that widely).
@@ -43,6 +43,8 @@ pub struct WorkerMetrics {
     pub worker_up: IntGauge,
     /// `batch_concurrency_limit{provider}`: current in-flight limit per provider.
     pub concurrency_limit: IntGaugeVec,
+    /// `batch_rate_limit_rps{provider}`: the adaptive send rate (0: not limited).
+    pub rate_limit: GaugeVec,
     /// `batch_poll_cycle_seconds`: one poll of a provider batch (batch-API mode).
     pub poll_cycle: Histogram,
 }
@@ -80,6 +82,11 @@ impl WorkerMetrics {
                 "Current in-flight limit per provider",
                 &["provider"],
             ),
+            rate_limit: GaugeVec::new(
+                Opts::new("batch_rate_limit_rps", "Adaptive send rate per provider (0: not limited)"),
+                &["provider"],
+            )
+            .expect("valid metric"),
             poll_cycle: Histogram::with_opts(
                 HistogramOpts::new("batch_poll_cycle_seconds", "Duration of one provider batch poll cycle")
                     .buckets(LATENCY_BUCKETS.to_vec()),
@@ -98,6 +105,7 @@ impl WorkerMetrics {
             Box::new(m.push_failures.clone()),
             Box::new(m.worker_up.clone()),
             Box::new(m.concurrency_limit.clone()),
+            Box::new(m.rate_limit.clone()),
             Box::new(m.poll_cycle.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");

@@ -7,6 +7,7 @@
 
 pub mod consume;
 pub mod control;
+pub mod limit;
 pub mod process;
 pub mod provider;
 pub mod tracker;
@@ -37,9 +38,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     let mut clients = BTreeMap::new();
     for (name, pcfg) in &served {
-        let client = ProviderClient::new(name, pcfg, &cfg.retry, metrics.clone())?;
         let prefetch = pcfg.max_in_flight.min(cfg.worker.max_in_flight).max(1);
-        metrics.concurrency_limit.with_label_values(&[name.as_str()]).set(prefetch.into());
+        let client = ProviderClient::new(name, pcfg, prefetch, &cfg.retry, metrics.clone())?;
         clients.insert(name.to_string(), (Arc::new(client), prefetch));
     }
 

@@ -23,6 +23,8 @@ use fleet::wire::{ErrorRecord, Item, ResponseRecord};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::limit::{Limiter, Signal};
+
 /// What the provider answered, kept for the output file.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -140,10 +142,19 @@ pub struct ProviderClient {
     timeout: Duration,
     retry: RetryConfig,
     metrics: WorkerMetrics,
+    /// Adaptive in-flight limit and pacing for this provider.
+    pub limiter: Limiter,
 }
 
 impl ProviderClient {
-    pub fn new(name: &str, cfg: &ProviderConfig, retry: &RetryConfig, metrics: WorkerMetrics) -> anyhow::Result<Self> {
+    /// A client for provider `name`; `max_in_flight` bounds its adaptive in-flight limit.
+    pub fn new(
+        name: &str,
+        cfg: &ProviderConfig,
+        max_in_flight: u16,
+        retry: &RetryConfig,
+        metrics: WorkerMetrics,
+    ) -> anyhow::Result<Self> {
         let api_key = match &cfg.api_key_env {
             Some(var) => match std::env::var(var) {
                 Ok(k) if !k.is_empty() => Some(k),
@@ -173,6 +184,13 @@ impl ProviderClient {
             http,
             timeout,
             retry: retry.clone(),
+            limiter: Limiter::new(
+                max_in_flight,
+                cfg.rpm,
+                cfg.tpm,
+                metrics.concurrency_limit.with_label_values(&[name]),
+                metrics.rate_limit.with_label_values(&[name]),
+            ),
             metrics,
         })
     }
@@ -217,6 +235,7 @@ impl ProviderClient {
 
     /// One HTTP call, classified.
     async fn call_once(&self, url: &str, op: &'static str, body: Bytes) -> Result<Success, CallError> {
+        let est_tokens = body.len() as u64 / 4;
         let mut req = self.http.post(self.endpoint(url)).header("content-type", "application/json").body(body);
         req = match (self.kind, &self.api_key) {
             (ProviderKind::Openai, Some(key)) => req.bearer_auth(key),
@@ -226,29 +245,51 @@ impl ProviderClient {
         if self.kind == ProviderKind::Anthropic {
             req = req.header("anthropic-version", "2023-06-01");
         }
+        // Bytes / 4 is the usual rough token estimate; it only feeds a `tpm` ceiling.
+        let _permit = self.limiter.acquire(est_tokens).await;
         let started = Instant::now();
-        let result = self.send(req).await;
+        let (result, remaining_share) = self.send(req).await;
         self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());
+        self.limiter.observe(match &result {
+            Err(CallError::RateLimited { retry_after, answer })
+                if answer.status == 429 && (retry_after.is_some() || remaining_share == Some(0.0)) =>
+            {
+                Signal::RateLimited { retry_after: *retry_after }
+            }
+            Err(e @ (CallError::RateLimited { .. } | CallError::Overloaded { .. })) => {
+                Signal::Overloaded { retry_after: e.retry_after() }
+            }
+            Err(CallError::Timeout(_)) => Signal::Timeout,
+            _ => Signal::Ok { remaining_share },
+        });
         if let Err(e) = &result {
             self.metrics.errors.with_label_values(&[&self.name, e.kind(), op]).inc();
         }
         result
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Success, CallError> {
-        let resp = req.send().await.map_err(|e| self.transport_error(e))?;
+    /// Sends and classifies; also returns the share of the provider's request limit left.
+    async fn send(&self, req: reqwest::RequestBuilder) -> (Result<Success, CallError>, Option<f64>) {
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => return (Err(self.transport_error(e)), None),
+        };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
+        let remaining = remaining_share(&headers);
         let request_id = ["x-request-id", "request-id"]
             .iter()
             .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
             .unwrap_or("")
             .to_string();
-        let bytes = resp.bytes().await.map_err(|e| self.transport_error(e))?;
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => return (Err(self.transport_error(e)), remaining),
+        };
         let parsed: Result<Box<RawValue>, _> = serde_json::from_slice(&bytes);
         let answer = Answer { status, request_id, body: parsed.as_ref().ok().cloned() };
         let retry_after = retry_after(&headers);
-        match status {
+        let result = match status {
             200..=299 => match parsed {
                 Ok(_) => {
                     let usage = serde_json::from_slice::<UsageEnvelope>(&bytes).ok().and_then(|u| u.usage);
@@ -264,7 +305,8 @@ impl ProviderClient {
                 let message = error_message(&bytes).unwrap_or_else(|| format!("HTTP {status}"));
                 Err(CallError::Client { answer, message })
             }
-        }
+        };
+        (result, remaining)
     }
 
     fn transport_error(&self, e: reqwest::Error) -> CallError {
@@ -284,6 +326,16 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
     }
     get("retry-after").and_then(|v| v.trim().parse::<f64>().ok()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
+}
+
+/// Remaining requests as a share of the limit, from OpenAI's `x-ratelimit-*-requests` or
+/// Anthropic's `anthropic-ratelimit-requests-*` headers.
+fn remaining_share(headers: &reqwest::header::HeaderMap) -> Option<f64> {
+    let num = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok());
+    let pair = |rem: &str, lim: &str| Some((num(rem)?, num(lim)?));
+    let (remaining, limit) = pair("x-ratelimit-remaining-requests", "x-ratelimit-limit-requests")
+        .or_else(|| pair("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-limit"))?;
+    (limit > 0.0).then(|| remaining / limit)
 }
 
 /// `error.message` of an OpenAI or Anthropic error body.
@@ -352,6 +404,7 @@ mod tests {
             timeout_s: 1,
             max_in_flight: 1,
             rpm: None,
+            tpm: None,
         };
         let retry = RetryConfig {
             max_attempts: 1,
@@ -362,7 +415,7 @@ mod tests {
             max_delays: 0,
             delay_budget_s: 0,
         };
-        let c = ProviderClient::new("p", &cfg, &retry, WorkerMetrics::new()).unwrap();
+        let c = ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).unwrap();
         assert_eq!(c.endpoint("/v1/chat/completions"), "https://api.example.com/v1/chat/completions");
     }
 }

@@ -1,0 +1,319 @@
+//! Adaptive concurrency and rate per provider, per worker, without coordination.
+//!
+//! Two AIMD loops decide how hard this worker pushes a provider:
+//! - **in-flight limit**: +1 per window of successes (additive), x0.9 on a throttle or
+//!   timeout (multiplicative), between 1 and the configured `max_in_flight`;
+//! - **send rate**: unlimited until the provider first rate-limits us (a 429 with
+//!   `Retry-After` or no requests remaining); then the rate measured over the last second,
+//!   x0.9 on each such 429 (at most one decrease per [`DECREASE_WINDOW`]), +0.01
+//!   request/s per success (1 % a second). Requests are paced evenly at that rate.
+//!
+//! Overload (503, 529, a bare 429) and timeouts shrink only the in-flight limit.
+//!
+//! Why both: with a fast provider, concurrency does not bound the request rate (1 call in
+//! flight at 1 ms is 1,000 requests/s), so a rate limit needs pacing; with a slow one,
+//! the in-flight limit is what protects it. Small decrease steps make a fleet of any size
+//! settle just above the provider's limit (each worker's share of throttles is
+//! proportional to its rate, so the fleet converges to a few percent of 429s) instead of
+//! the sawtooth of halving. A `Retry-After` pauses this worker's calls to the provider
+//! until then. Configured `rpm`/`tpm` are hard ceilings (token counts estimated from the
+//! request body, 4 bytes a token).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus::{Gauge, IntGauge};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// At most one multiplicative decrease per window: one burst of throttles (the requests
+/// already in flight when the provider said stop) counts as one signal.
+const DECREASE_WINDOW: Duration = Duration::from_millis(200);
+const DECREASE: f64 = 0.9;
+/// Per success, the rate grows by this fraction of a request/s (1 % a second at steady state).
+const RATE_INCREASE: f64 = 0.01;
+/// When the provider reports fewer remaining requests than this share of its limit, hold.
+const LOW_REMAINING: f64 = 0.05;
+
+/// What a provider call told us about the provider's capacity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Signal {
+    /// Answered in time (any status that is not a throttle).
+    Ok {
+        /// `x-ratelimit-remaining-requests / x-ratelimit-limit-requests`, if reported.
+        remaining_share: Option<f64>,
+    },
+    /// A 429 that says it is about a rate limit (`Retry-After` or no requests remaining):
+    /// slow the rate and the in-flight limit; `retry_after` pauses sending.
+    RateLimited { retry_after: Option<Duration> },
+    /// 503/529 (or a bare 429): the provider is overloaded, which is about concurrency,
+    /// not rate. Errors like these also come at random; treating them as rate signals
+    /// would collapse the rate of a healthy fleet.
+    Overloaded { retry_after: Option<Duration> },
+    /// Timed out: the provider is struggling with what is in flight.
+    Timeout,
+}
+
+struct State {
+    limit: f64,
+    max: f64,
+    in_flight: usize,
+    /// Requests/s once the provider has throttled us (None: not limited yet).
+    rate: Option<f64>,
+    ceiling_rps: Option<f64>,
+    ceiling_tps: Option<f64>,
+    next_send: Instant,
+    next_tokens: Instant,
+    last_decrease: Option<Instant>,
+    /// Sends in the current one-second window and the previous window's count.
+    window_start: Instant,
+    window_sends: u64,
+    last_window_sends: u64,
+}
+
+/// The limiter of one provider in one worker.
+pub struct Limiter {
+    state: Mutex<State>,
+    freed: Notify,
+    limit_gauge: IntGauge,
+    rate_gauge: Gauge,
+}
+
+/// A slot in flight; dropping it frees the slot.
+pub struct Permit<'a> {
+    limiter: &'a Limiter,
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.limiter.state.lock() {
+            s.in_flight -= 1;
+        }
+        self.limiter.freed.notify_one();
+    }
+}
+
+impl Limiter {
+    pub fn new(
+        max_in_flight: u16,
+        rpm: Option<u32>,
+        tpm: Option<u32>,
+        limit_gauge: IntGauge,
+        rate_gauge: Gauge,
+    ) -> Self {
+        let now = Instant::now();
+        let max = f64::from(max_in_flight.max(1));
+        limit_gauge.set(max as i64);
+        Limiter {
+            state: Mutex::new(State {
+                limit: max,
+                max,
+                in_flight: 0,
+                rate: None,
+                ceiling_rps: rpm.map(|r| f64::from(r.max(1)) / 60.0),
+                ceiling_tps: tpm.map(|t| f64::from(t.max(1)) / 60.0),
+                next_send: now,
+                next_tokens: now,
+                last_decrease: None,
+                window_start: now,
+                window_sends: 0,
+                last_window_sends: 0,
+            }),
+            freed: Notify::new(),
+            limit_gauge,
+            rate_gauge,
+        }
+    }
+
+    /// Waits for a free slot under the current limit, then for this request's turn at the
+    /// current rate. `est_tokens` counts against a `tpm` ceiling.
+    pub async fn acquire(&self, est_tokens: u64) -> Permit<'_> {
+        let send_at = loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            // Registered before checking, so a slot freed in between is not missed.
+            freed.as_mut().enable();
+            {
+                let mut s = self.state.lock().expect("limiter lock");
+                if (s.in_flight as f64) < s.limit.floor().max(1.0) {
+                    s.in_flight += 1;
+                    break s.schedule(Instant::now(), est_tokens);
+                }
+            }
+            freed.await;
+        };
+        let permit = Permit { limiter: self };
+        tokio::time::sleep_until(send_at).await;
+        permit
+    }
+
+    /// Feeds back what a call told us.
+    pub fn observe(&self, signal: Signal) {
+        let now = Instant::now();
+        let mut s = self.state.lock().expect("limiter lock");
+        match signal {
+            Signal::Ok { remaining_share } => {
+                s.limit = (s.limit + 1.0 / s.limit).min(s.max);
+                let nearly_out = remaining_share.is_some_and(|r| r < LOW_REMAINING);
+                if let (Some(rate), false) = (s.rate, nearly_out) {
+                    s.rate = Some(rate + RATE_INCREASE);
+                }
+            }
+            Signal::RateLimited { retry_after } | Signal::Overloaded { retry_after } => {
+                if let Some(wait) = retry_after {
+                    // Every later call waits too: the provider said when it can take more.
+                    s.next_send = s.next_send.max(now + wait);
+                }
+                if s.last_decrease.is_none_or(|t| now.duration_since(t) >= DECREASE_WINDOW) {
+                    s.last_decrease = Some(now);
+                    s.limit = (s.limit * DECREASE).max(1.0);
+                    if matches!(signal, Signal::RateLimited { .. }) {
+                        let current = s.rate.unwrap_or_else(|| s.measured_rate(now));
+                        s.rate = Some((current * DECREASE).max(0.1));
+                    }
+                }
+            }
+            Signal::Timeout => {
+                if s.last_decrease.is_none_or(|t| now.duration_since(t) >= DECREASE_WINDOW) {
+                    s.last_decrease = Some(now);
+                    s.limit = (s.limit * DECREASE).max(1.0);
+                }
+            }
+        }
+        self.limit_gauge.set(s.limit.floor() as i64);
+        self.rate_gauge.set(s.effective_rate().unwrap_or(0.0));
+        drop(s);
+        // A raised limit may admit a waiting request.
+        self.freed.notify_one();
+    }
+
+    /// Current in-flight limit (for tests and logs).
+    pub fn limit(&self) -> usize {
+        self.state.lock().map(|s| s.limit.floor() as usize).unwrap_or(1)
+    }
+
+    /// Current paced rate in requests/s (`None`: unlimited).
+    pub fn rate(&self) -> Option<f64> {
+        self.state.lock().ok().and_then(|s| s.effective_rate())
+    }
+}
+
+impl State {
+    fn effective_rate(&self) -> Option<f64> {
+        match (self.rate, self.ceiling_rps) {
+            (Some(r), Some(c)) => Some(r.min(c)),
+            (r, c) => r.or(c),
+        }
+    }
+
+    /// Sends per second over the last full second (at least 1).
+    fn measured_rate(&self, now: Instant) -> f64 {
+        let in_window = now.duration_since(self.window_start).as_secs_f64();
+        let current = self.window_sends as f64 / in_window.max(0.05);
+        (self.last_window_sends as f64).max(current).max(1.0)
+    }
+
+    /// Books the next send: evenly spaced at the rate, and within the token ceiling.
+    fn schedule(&mut self, now: Instant, est_tokens: u64) -> Instant {
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.last_window_sends = self.window_sends;
+            self.window_sends = 0;
+            self.window_start = now;
+        }
+        self.window_sends += 1;
+        let mut at = self.next_send.max(now);
+        if let Some(rate) = self.effective_rate() {
+            self.next_send = at + Duration::from_secs_f64(1.0 / rate);
+        } else {
+            self.next_send = at;
+        }
+        if let Some(tps) = self.ceiling_tps {
+            at = at.max(self.next_tokens);
+            self.next_tokens = at.max(now) + Duration::from_secs_f64(est_tokens as f64 / tps);
+        }
+        at
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(max: u16, rpm: Option<u32>) -> Limiter {
+        Limiter::new(max, rpm, None, IntGauge::new("l", "l").unwrap(), Gauge::new("r", "r").unwrap())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttles_shrink_the_limit_and_successes_grow_it_back() {
+        let l = limiter(100, None);
+        assert_eq!(l.limit(), 100);
+        l.observe(Signal::RateLimited { retry_after: None });
+        assert_eq!(l.limit(), 90);
+        // A burst of throttles within the window is one signal.
+        l.observe(Signal::RateLimited { retry_after: None });
+        assert_eq!(l.limit(), 90);
+        tokio::time::advance(DECREASE_WINDOW).await;
+        l.observe(Signal::RateLimited { retry_after: None });
+        assert_eq!(l.limit(), 81);
+        for _ in 0..2000 {
+            l.observe(Signal::Ok { remaining_share: None });
+        }
+        assert_eq!(l.limit(), 100, "about one per window of successes, capped at the maximum");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_in_flight_limit_is_enforced() {
+        let l = limiter(2, None);
+        let a = l.acquire(0).await;
+        let _b = l.acquire(0).await;
+        let third = tokio::time::timeout(Duration::from_millis(50), l.acquire(0)).await;
+        assert!(third.is_err(), "a third call waits");
+        drop(a);
+        let third = tokio::time::timeout(Duration::from_millis(50), l.acquire(0)).await;
+        assert!(third.is_ok(), "and goes once a slot frees");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_configured_rpm_paces_requests_evenly() {
+        let l = limiter(100, Some(600)); // 10/s
+        let start = Instant::now();
+        for _ in 0..21 {
+            drop(l.acquire(0).await);
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_secs(2) && took < Duration::from_millis(2100), "{took:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_pauses_the_next_calls() {
+        let l = limiter(10, None);
+        l.observe(Signal::Overloaded { retry_after: Some(Duration::from_secs(3)) });
+        let start = Instant::now();
+        drop(l.acquire(0).await);
+        assert!(start.elapsed() >= Duration::from_secs(3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn overload_shrinks_only_the_in_flight_limit() {
+        let l = limiter(100, None);
+        l.observe(Signal::Overloaded { retry_after: None });
+        assert_eq!(l.limit(), 90);
+        assert_eq!(l.rate(), None, "no rate limit from random overload answers");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_starts_from_what_was_measured_and_recovers_slowly() {
+        let l = limiter(100, None);
+        for _ in 0..50 {
+            drop(l.acquire(0).await);
+        }
+        tokio::time::advance(Duration::from_millis(500)).await;
+        l.observe(Signal::RateLimited { retry_after: None });
+        let r = l.rate().expect("limited after a throttle");
+        assert!(r > 50.0 && r < 100.0, "{r}");
+        l.observe(Signal::Ok { remaining_share: Some(0.01) });
+        assert_eq!(l.rate(), Some(r), "holds while the provider is nearly out");
+        l.observe(Signal::Ok { remaining_share: Some(0.5) });
+        assert!(l.rate().unwrap() > r);
+    }
+}

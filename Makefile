@@ -1,9 +1,15 @@
 # The fleet's commands. `make demo` runs the main job end to end; `make test` runs every
-# check CI runs. Both bring up the local stack first (installing what is missing).
+# check CI runs. Both install what is missing and bring up the local stack first.
 
-.PHONY: up down status build demo test check unit bench chaos assets
+# rustup installs into ~/.cargo/bin, which a fresh shell may not have on its PATH yet.
+export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-up:
+.PHONY: tools up down status build demo test bench chaos assets
+
+tools:
+	scripts/ensure-tools.sh
+
+up: tools
 	scripts/stack.sh up
 
 down:
@@ -12,13 +18,14 @@ down:
 status:
 	scripts/stack.sh status
 
-build:
+build: tools
 	cargo build --release --bins
 
-demo:
+demo: up
 	scripts/demo.sh
 
-# Static checks first (cheap), then every test against the real stack.
+# Static checks first (cheap), then every test against the real stack, then the
+# observability assets (promtool, dashboard structure, every panel's PromQL).
 test: up
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings

@@ -18,7 +18,7 @@ PUSHGATEWAY_URL=${PUSHGATEWAY_URL:-http://127.0.0.1:9091}
 BIN="$ROOT/target/release"
 mkdir -p "$RUN_DIR"
 
-scripts/stack.sh up
+scripts/stack.sh up  # idempotent: `make demo` already ran it
 
 if ! command -v cargo >/dev/null; then
     echo "demo: cargo is not installed (https://rustup.rs)" >&2

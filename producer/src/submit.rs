@@ -57,85 +57,163 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
     let rules = Rules { kind: provider.kind, max_body_bytes: cfg.producer.max_body_bytes };
     let total = validate::validate_file(req.file, &rules).map_err(InputError::from)?;
 
-    let topology = Topology::from_config(cfg);
-    let job_id = new_job_id();
-    let conn = amqp::connect(&cfg.amqp.url, "producer submit")
+    let job = Job {
+        topology: Topology::from_config(cfg),
+        job_id: new_job_id(),
+        total,
+        submitted_at_ms: fleet::now_ms(),
+        rules,
+        window: cfg.producer.confirm_window.max(1),
+    };
+    let mut conn = amqp::connect(&cfg.amqp.url, "producer submit")
         .await
         .with_context(|| format!("cannot connect to RabbitMQ at {}", amqp::redact_url(&cfg.amqp.url)))?;
-    let ch = amqp::confirm_channel(&conn).await?;
-    topology.declare_common(&ch).await?;
-    topology.declare_items_queue(&ch, req.provider).await?;
-    topology.declare_results_queue(&ch, &job_id).await?;
-
-    let submitted_at_ms = fleet::now_ms();
-    let event = LedgerEvent::JobSubmitted {
-        job_id: job_id.clone(),
-        provider: req.provider.to_string(),
-        total,
-        submitted_at_ms,
-        deadline_ms: req.deadline_ms,
-    };
-    amqp::publish_confirmed(&ch, "", &topology.ledger_queue(), &serde_json::to_vec(&event)?, amqp::persistent_json())
-        .await
-        .context("publishing the job to the ledger")?;
-
     let bar = crate::progress::bar(total, req.progress, "submitting");
-    let exchange = topology.items_exchange();
-    let window = cfg.producer.confirm_window.max(1);
-    let mut pending: VecDeque<PendingConfirm> = VecDeque::with_capacity(window);
-    let mut index = 0u64;
-    let mut payload = Vec::with_capacity(4096);
-    let mut failure: Option<anyhow::Error> = None;
-    // The file is read a second time (the first pass validated it), by a blocking thread
-    // feeding a bounded channel, so memory stays bounded whatever the file's size.
-    let mut lines = read_lines(req.file.to_path_buf());
-    while let Some(raw) = lines.recv().await {
-        let raw = raw?;
-        let line =
-            validate::check_line(&raw, &rules).map_err(|e| anyhow::anyhow!("file changed while submitting: {e}"))?;
-        let body = match req.model {
-            Some(model) => with_model(&line.body, model)?,
-            None => line.body,
-        };
-        let item = Item {
-            job_id: job_id.clone(),
-            index,
-            total,
-            custom_id: line.custom_id,
-            provider: req.provider.to_string(),
-            url: line.url,
-            body,
-            attempt: 0,
-            submitted_at_ms,
-            deadline_ms: req.deadline_ms,
-            first_delay_ms: None,
-        };
-        payload.clear();
-        serde_json::to_writer(&mut payload, &item)?;
-        if pending.len() >= window {
-            if let Err(e) = pending.pop_front().expect("window is non-empty").wait().await {
-                failure = Some(e.into());
-                break;
+    let mut announced = false;
+    let mut confirmed = 0u64;
+    let mut failures_without_progress = 0;
+    loop {
+        match job.publish(&conn, req, &mut announced, confirmed, &bar).await {
+            Ok(()) => break,
+            Err(Interrupted::Fatal(e)) => return Err(e.context(format!("job {}", job.job_id))),
+            Err(Interrupted::Broker { confirmed: upto, error }) => {
+                failures_without_progress = if upto > confirmed { 1 } else { failures_without_progress + 1 };
+                confirmed = upto;
+                if failures_without_progress > MAX_RECONNECTS {
+                    return Err(error
+                        .context(format!("job {}: publishing failed after {confirmed} of {total} items", job.job_id)));
+                }
+                // Items after the last confirmed one are published again: at-least-once,
+                // duplicates are dropped downstream by (job, index).
+                tracing::warn!(error = %format!("{error:#}"), confirmed, "lost the broker while submitting; reconnecting");
+                let stop = tokio_util::sync::CancellationToken::new();
+                let reconnect = amqp::connect_with_retry(&cfg.amqp.url, "producer submit", &stop);
+                conn = tokio::time::timeout(RECONNECT_TIMEOUT, reconnect)
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| anyhow::anyhow!("job {}: cannot reconnect to RabbitMQ", job.job_id))?;
             }
-        }
-        pending.push_back(amqp::publish(&ch, &exchange, req.provider, &payload, amqp::persistent_json()).await?);
-        index += 1;
-        bar.inc(1);
-    }
-    for p in pending {
-        if let Err(e) = p.wait().await {
-            failure.get_or_insert(e.into());
         }
     }
     bar.finish_and_clear();
     let _ = conn.close(200, "done".into()).await;
-    if let Some(e) = failure {
-        return Err(e.context(format!("job {job_id}: publishing failed after {index} of {total} items")));
+    Ok(Submitted { job_id: job.job_id, total })
+}
+
+/// Consecutive broker failures without a newly confirmed item before giving up.
+const MAX_RECONNECTS: u32 = 5;
+/// How long to keep trying to reconnect after a failure.
+const RECONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Why a publishing session stopped.
+enum Interrupted {
+    /// The broker failed; every item before `confirmed` is safely queued.
+    Broker { confirmed: u64, error: anyhow::Error },
+    /// The file or the job is at fault: give up.
+    Fatal(anyhow::Error),
+}
+
+/// A job being published.
+struct Job {
+    topology: Topology,
+    job_id: String,
+    total: u64,
+    submitted_at_ms: u64,
+    rules: Rules,
+    window: usize,
+}
+
+impl Job {
+    /// Declares the job's queues, announces it to the ledger (once), then publishes every
+    /// item from index `start` on, keeping up to `window` confirms outstanding.
+    async fn publish(
+        &self,
+        conn: &lapin::Connection,
+        req: &SubmitRequest<'_>,
+        announced: &mut bool,
+        start: u64,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<(), Interrupted> {
+        let broker = |confirmed: u64| move |e: lapin::Error| Interrupted::Broker { confirmed, error: e.into() };
+        let ch = amqp::confirm_channel(conn).await.map_err(broker(start))?;
+        self.topology.declare_common(&ch).await.map_err(broker(start))?;
+        self.topology.declare_items_queue(&ch, req.provider).await.map_err(broker(start))?;
+        self.topology.declare_results_queue(&ch, &self.job_id).await.map_err(broker(start))?;
+        if !*announced {
+            let event = LedgerEvent::JobSubmitted {
+                job_id: self.job_id.clone(),
+                provider: req.provider.to_string(),
+                total: self.total,
+                submitted_at_ms: self.submitted_at_ms,
+                deadline_ms: req.deadline_ms,
+            };
+            let event = serde_json::to_vec(&event).map_err(|e| Interrupted::Fatal(e.into()))?;
+            amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &event, amqp::persistent_json())
+                .await
+                .map_err(|e| Interrupted::Broker { confirmed: start, error: e.into() })?;
+            *announced = true;
+        }
+        bar.set_position(start);
+        let exchange = self.topology.items_exchange();
+        let mut pending: VecDeque<(u64, PendingConfirm)> = VecDeque::with_capacity(self.window);
+        let mut payload = Vec::with_capacity(4096);
+        let mut index = 0u64;
+        let fatal = |e: anyhow::Error| Interrupted::Fatal(e);
+        // The file is read a second time (the first pass validated it), by a blocking thread
+        // feeding a bounded channel, so memory stays bounded whatever the file's size.
+        let mut lines = read_lines(req.file.to_path_buf());
+        while let Some(raw) = lines.recv().await {
+            let raw = raw.map_err(|e| fatal(e.into()))?;
+            let this = index;
+            index += 1;
+            if this < start {
+                continue;
+            }
+            let line = validate::check_line(&raw, &self.rules)
+                .map_err(|e| fatal(anyhow::anyhow!("file changed while submitting: {e}")))?;
+            let body = match req.model {
+                Some(model) => with_model(&line.body, model).map_err(fatal)?,
+                None => line.body,
+            };
+            let item = Item {
+                job_id: self.job_id.clone(),
+                index: this,
+                total: self.total,
+                custom_id: line.custom_id,
+                provider: req.provider.to_string(),
+                url: line.url,
+                body,
+                attempt: 0,
+                submitted_at_ms: self.submitted_at_ms,
+                deadline_ms: req.deadline_ms,
+                first_delay_ms: None,
+            };
+            payload.clear();
+            serde_json::to_writer(&mut payload, &item).map_err(|e| fatal(e.into()))?;
+            if pending.len() >= self.window {
+                let (i, p) = pending.pop_front().expect("window is non-empty");
+                p.wait().await.map_err(|e| Interrupted::Broker { confirmed: i, error: e.into() })?;
+                bar.set_position(i + 1);
+            }
+            let oldest = pending.front().map_or(this, |(i, _)| *i);
+            let p = amqp::publish(&ch, &exchange, req.provider, &payload, amqp::persistent_json())
+                .await
+                .map_err(|e| Interrupted::Broker { confirmed: oldest, error: e.into() })?;
+            pending.push_back((this, p));
+        }
+        while let Some((i, p)) = pending.pop_front() {
+            p.wait().await.map_err(|e| Interrupted::Broker { confirmed: i, error: e.into() })?;
+        }
+        if index != self.total {
+            return Err(fatal(anyhow::anyhow!(
+                "file changed while submitting: validated {} requests, read {index}",
+                self.total
+            )));
+        }
+        bar.set_position(self.total);
+        Ok(())
     }
-    if index != total {
-        anyhow::bail!("file changed while submitting: validated {total} requests, read {index}");
-    }
-    Ok(Submitted { job_id, total })
 }
 
 /// Streams the non-blank lines of `path` from a blocking thread.

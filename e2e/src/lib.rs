@@ -294,6 +294,22 @@ fn merge_toml(base: &str, extra: &str) -> String {
 }
 
 impl Fleet {
+    /// Writes `n` requests (`req-0` ... ) and submits them to `mock`; returns the job id.
+    pub fn submit_requests(&self, n: usize) -> String {
+        let input = self.dir.join(format!("in-{n}-{}.jsonl", uuid::Uuid::new_v4().simple()));
+        write_requests(&input, n);
+        self.submit(&input).0
+    }
+
+    /// Collects `job` into `<dir>/<job>.jsonl` (failing the test if `producer wait` fails
+    /// within 180 s) and returns the output lines.
+    pub fn collect(&self, job: &str) -> Vec<Value> {
+        let output = self.dir.join(format!("{job}.jsonl"));
+        let out = self.wait(job, &output, 180);
+        assert!(out.status.success(), "producer wait failed: {}", String::from_utf8_lossy(&out.stderr));
+        read_output(&output)
+    }
+
     /// `producer status JOB --json` once the tracker has seen the job end.
     pub fn final_status(&self, job: &str) -> Value {
         let mut last = Value::Null;

@@ -36,14 +36,10 @@ fn five_thousand_requests_through_two_workers_come_back_exactly_once() {
 fn transient_errors_are_retried_until_every_request_succeeds() {
     let mock = Mock::start(&["--error-500", "0.15", "--error-503", "0.10", "--error-429", "0.05", "--seed", "11"]);
     let fleet = Fleet::new("transient", &mock.url, "");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 1000);
     let _w = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let by_status = assert_exactly_once(&read_output(&output), 1000);
+    let job = fleet.submit_requests(1000);
+    let lines = fleet.collect(&job);
+    let by_status = assert_exactly_once(&lines, 1000);
     assert_eq!(by_status.get(&200), Some(&1000), "every request ends succeeded: {by_status:?}");
     let stats = mock.stats();
     let retried = mock.status_count(500) + mock.status_count(503) + mock.status_count(429);
@@ -56,14 +52,9 @@ fn transient_errors_are_retried_until_every_request_succeeds() {
 fn client_errors_fail_at_once_with_the_error_in_the_output() {
     let mock = Mock::start(&["--error-400", "0.2", "--seed", "3"]);
     let fleet = Fleet::new("client_err", &mock.url, "");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 500);
     let _w = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines = read_output(&output);
+    let job = fleet.submit_requests(500);
+    let lines = fleet.collect(&job);
     let by_status = assert_exactly_once(&lines, 500);
     let answered_400 = mock.status_count(400);
     assert!(answered_400 > 50, "the mock answered some 400s");
@@ -83,18 +74,14 @@ fn client_errors_fail_at_once_with_the_error_in_the_output() {
 fn a_worker_killed_mid_job_loses_nothing() {
     let mock = Mock::start(&["--latency-ms", "20", "--seed", "5"]);
     let fleet = Fleet::new("sigkill", &mock.url, "");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 2000);
     let w1 = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(2000);
     eventually(Duration::from_secs(60), "some progress", || mock.status_count(200) >= 300);
     w1.signal("KILL");
     drop(w1);
     let _w2 = fleet.worker("w2", &[]);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let by_status = assert_exactly_once(&read_output(&output), 2000);
+    let lines = fleet.collect(&job);
+    let by_status = assert_exactly_once(&lines, 2000);
     assert_eq!(by_status.get(&200), Some(&2000));
     fleet.cleanup(&[&job]);
 }
@@ -103,10 +90,8 @@ fn a_worker_killed_mid_job_loses_nothing() {
 fn sigterm_drains_in_flight_items_and_nothing_is_redelivered() {
     let mock = Mock::start(&["--latency-ms", "1500"]);
     let fleet = Fleet::new("sigterm", &mock.url, "[worker]\nmax_in_flight = 10\n");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 40);
     let mut w1 = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(40);
     eventually(Duration::from_secs(30), "10 requests in flight", || mock.stats()["in_flight"].as_u64() == Some(10));
     w1.signal("TERM");
     assert_eq!(w1.wait_exit(Duration::from_secs(30)), Some(0), "worker exits 0 after draining");
@@ -114,10 +99,8 @@ fn sigterm_drains_in_flight_items_and_nothing_is_redelivered() {
     assert_eq!(calls_before, 10, "no new item was taken after SIGTERM");
     assert_eq!(mock.status_count(200), 10, "the in-flight items finished");
     let _w2 = fleet.worker("w2", &[]);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_exactly_once(&read_output(&output), 40);
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 40);
     assert_eq!(mock.stats()["requests"].as_u64().unwrap(), 40, "the drained items were acked, not redelivered");
     assert!(fleet.worker_log("w1").contains("draining"), "{}", fleet.worker_log("w1"));
     fleet.cleanup(&[&job]);
@@ -216,13 +199,9 @@ fn garbage_on_the_items_queue_is_dead_lettered_and_the_worker_keeps_going() {
     let dead = format!("{}.dead", fleet.ns);
     eventually(Duration::from_secs(30), "garbage in the dead-letter queue", || fleet.queue_len(&dead) == Some(n));
     // The worker is still alive and still serves real work.
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 20);
-    let (job, _) = fleet.submit(&input);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, 60);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_exactly_once(&read_output(&output), 20);
+    let job = fleet.submit_requests(20);
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 20);
     assert!(fleet.worker_log("w1").contains("malformed item"), "reason logged");
     drop(w);
     fleet.cleanup(&[&job]);
@@ -232,10 +211,8 @@ fn garbage_on_the_items_queue_is_dead_lettered_and_the_worker_keeps_going() {
 fn wait_resumes_after_interruption_without_duplicates() {
     let mock = Mock::start(&["--latency-ms", "5"]);
     let fleet = Fleet::new("resume", &mock.url, "");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 1500);
     let _w = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(1500);
     let output = fleet.dir.join("out.jsonl");
     let mut first = fleet.producer_spawn(&["wait", &job, "--output", output.to_str().unwrap()]);
     eventually(Duration::from_secs(60), "some results written", || read_output_lossy(&output) > 200);

@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use e2e::*;
 
-const WAIT: Duration = Duration::from_secs(180);
-
 /// In-process retries give up fast, so the delay queues do the waiting.
 const SHORT_RETRIES: &str = "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 5\nmax_backoff_ms = 20\nmax_elapsed_s = 1\ndelay_tiers_s = [1, 2]\nmax_delays = 30\ndelay_budget_s = 600\n";
 
@@ -15,10 +13,8 @@ fn a_provider_outage_longer_than_the_retry_budget_waits_in_delay_queues() {
     let down = Mock::start(&["--error-503", "1.0"]);
     let port = down.port();
     let fleet = Fleet::new("outage", &down.url, SHORT_RETRIES);
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 50);
     let _w = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(50);
     // Every item fails, waits in a delay queue, comes back and fails again.
     eventually(Duration::from_secs(30), "items cycling through delay queues", || {
         down.stats()["requests"].as_u64().unwrap_or(0) >= 150 && fleet.worker_log("w1").contains("delaying item")
@@ -30,10 +26,8 @@ fn a_provider_outage_longer_than_the_retry_budget_waits_in_delay_queues() {
     // The provider comes back on the same address.
     drop(down);
     let up = Mock::start_on(port, &[]);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let by_status = assert_exactly_once(&read_output(&output), 50);
+    let lines = fleet.collect(&job);
+    let by_status = assert_exactly_once(&lines, 50);
     assert_eq!(by_status.get(&200), Some(&50), "every item succeeded after the outage: {by_status:?}");
     assert_eq!(up.status_count(200), 50);
     fleet.cleanup(&[&job]);
@@ -44,14 +38,9 @@ fn an_outage_beyond_the_total_budget_ends_items_failed_with_the_last_error() {
     let down = Mock::start(&["--error-503", "1.0"]);
     let budget = SHORT_RETRIES.replace("max_delays = 30", "max_delays = 2");
     let fleet = Fleet::new("budget", &down.url, &budget);
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 20);
     let _w = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines = read_output(&output);
+    let job = fleet.submit_requests(20);
+    let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 20);
     assert_eq!(error_codes(&lines).get(&Some("overloaded".into())), Some(&20), "{:?}", error_codes(&lines));
     // 2 in-process attempts in each of 3 passes (first + 2 delays).
@@ -63,9 +52,7 @@ fn an_outage_beyond_the_total_budget_ends_items_failed_with_the_last_error() {
 fn a_message_that_keeps_killing_workers_is_parked_as_poison_and_the_job_finishes() {
     let mock = Mock::start(&["--latency-ms", "60000"]);
     let fleet = Fleet::new("poison", &mock.url, "[amqp]\ndelivery_limit = 2\n");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 1);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(1);
     // The item is in flight when its worker dies, twice over (as if it crashed them).
     for round in 0..2 {
         let w = fleet.worker(&format!("victim{round}"), &[]);
@@ -77,10 +64,7 @@ fn a_message_that_keeps_killing_workers_is_parked_as_poison_and_the_job_finishes
         eventually(Duration::from_secs(30), "connection gone", || mock.stats()["in_flight"].as_u64() == Some(0));
     }
     let _survivor = fleet.worker("survivor", &[]);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, 60);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines = read_output(&output);
+    let lines = fleet.collect(&job);
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["error"]["code"], "poison", "{}", lines[0]);
     assert_eq!(mock.stats()["requests"].as_u64(), Some(2), "the survivor did not call the provider");
@@ -106,10 +90,8 @@ fn a_message_that_keeps_killing_workers_is_parked_as_poison_and_the_job_finishes
 fn cancel_stops_a_job_across_the_fleet_including_workers_started_later() {
     let mock = Mock::start(&["--latency-ms", "100"]);
     let fleet = Fleet::new("cancel", &mock.url, "[worker]\nmax_in_flight = 4\n");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 300);
     let mut w1 = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(300);
     eventually(Duration::from_secs(30), "some progress", || mock.status_count(200) >= 20);
     w1.signal("TERM");
     assert_eq!(w1.wait_exit(Duration::from_secs(30)), Some(0));
@@ -118,10 +100,7 @@ fn cancel_stops_a_job_across_the_fleet_including_workers_started_later() {
     let calls_at_cancel = mock.stats()["requests"].as_u64().unwrap();
     // A worker started after the cancel honours it: no provider call for this job.
     let _w2 = fleet.worker("w2", &[]);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines = read_output(&output);
+    let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 300);
     let codes = error_codes(&lines);
     let succeeded = codes.get(&None).copied().unwrap_or(0) as u64;
@@ -145,10 +124,7 @@ fn items_past_the_deadline_end_expired_without_a_provider_call() {
     let job = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_string();
     std::thread::sleep(Duration::from_millis(1500));
     let _w = fleet.worker("w1", &[]);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, 60);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines = read_output(&output);
+    let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 40);
     assert_eq!(error_codes(&lines).get(&Some("expired".into())), Some(&40));
     assert_eq!(mock.stats()["requests"].as_u64(), Some(0));
@@ -162,20 +138,16 @@ fn items_past_the_deadline_end_expired_without_a_provider_call() {
 fn an_unwritable_results_path_is_a_clear_error_and_loses_no_result() {
     let mock = Mock::start(&[]);
     let fleet = Fleet::new("unwritable", &mock.url, "");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 30);
     let _w = fleet.worker("w1", &[]);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(30);
     let bad = fleet.dir.join("no-such-dir").join("out.jsonl");
     let out = fleet.wait(&job, &bad, 30);
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot open") && stderr.contains("no-such-dir"), "{stderr}");
     // The results are still on the queue: a second wait to a good path gets them all.
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, 60);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_exactly_once(&read_output(&output), 30);
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 30);
     fleet.cleanup(&[&job]);
 }
 
@@ -201,9 +173,7 @@ fn a_huge_message_on_the_items_queue_is_dead_lettered_as_oversized() {
         String::from_utf8_lossy(&dead.stdout)
     );
     // And the worker still works.
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 10);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(10);
     let output = fleet.dir.join("out.jsonl");
     assert!(fleet.wait(&job, &output, 60).status.success());
     assert_exactly_once(&read_output(&output), 10);

@@ -5,8 +5,6 @@ use std::time::Duration;
 
 use e2e::*;
 
-const WAIT: Duration = Duration::from_secs(180);
-
 fn ns_sum(metric: &str, ns: &str, extra: &str) -> Option<f64> {
     prom_value(&format!("sum({metric}{{namespace=\"{ns}\"{extra}}})"))
 }
@@ -26,15 +24,10 @@ fn dashboard_panels_show_data_that_agrees_with_the_output() {
         "99",
     ]);
     let fleet = Fleet::new("dashboard", &mock.url, "");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 1000);
     let _w1 = fleet.worker("dash-w1", &[]);
     let _w2 = fleet.worker("dash-w2", &[]);
-    let (job, _) = fleet.submit(&input);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines = read_output(&output);
+    let job = fleet.submit_requests(1000);
+    let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 1000);
     let succeeded = lines.iter().filter(|l| l["error"].is_null()).count() as f64;
     let failed = 1000.0 - succeeded;
@@ -102,17 +95,12 @@ fn tracker_takeover_after_sigkill_keeps_job_counts_exact_and_monotonic() {
         ns_sum("batch_jobs_total", &fleet.ns, ",status=~\"completed\"") == Some(1.0)
     });
 
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 3000);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(3000);
     eventually(Duration::from_secs(60), "job under way", || mock.stats()["requests"].as_u64().unwrap() > 1000);
     w1.signal("KILL");
     drop(w1);
     let _w3 = fleet.worker("tk-w3", &[]);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines = read_output(&output);
+    let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 3000);
     let failed = lines.iter().filter(|l| !l["error"].is_null()).count() as u64;
 
@@ -166,9 +154,7 @@ fn a_killed_workers_gauge_leaves_the_fleet_total_but_its_counters_still_count() 
     let fleet = Fleet::new("stale", &mock.url, "[worker]\nmax_in_flight = 5\n");
     let w1 = fleet.worker("stale-w1", &[]);
     let _w2 = fleet.worker("stale-w2", &[]);
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 30);
-    let (job, _) = fleet.submit(&input);
+    let job = fleet.submit_requests(30);
     // The fleet-wide in-flight expression of the dashboard, restricted to this namespace.
     let fleet_in_flight = format!(
         "sum(batch_items_in_flight{{namespace=\"{ns}\"}} and on (job, instance) (time() - push_time_seconds{{job=\"batch_worker\"}} < 30))",
@@ -195,10 +181,8 @@ fn a_killed_workers_gauge_leaves_the_fleet_total_but_its_counters_still_count() 
     assert_eq!(raw, Some(5.0), "the stale value is still there, just not counted");
     let counted = prom_value(&format!("sum(batch_items_total{{namespace=\"{}\",instance=\"stale-w1\"}})", fleet.ns));
     assert!(counted.unwrap_or(0.0) >= w1_items, "its counters still count");
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_exactly_once(&read_output(&output), 30);
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 30);
     fleet.cleanup(&[&job]);
 }
 
@@ -221,13 +205,9 @@ fn a_pushgateway_outage_does_not_stop_the_job_and_pushes_resume() {
     eventually(Duration::from_secs(20), "first push", || metrics_text().contains("batch_worker_up"));
     // Hang the Pushgateway (accepts connections, never answers), then run a job.
     pg.signal("STOP");
-    let input = fleet.dir.join("in.jsonl");
-    write_requests(&input, 2000);
-    let (job, _) = fleet.submit(&input);
-    let output = fleet.dir.join("out.jsonl");
-    let out = fleet.wait(&job, &output, WAIT.as_secs());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_exactly_once(&read_output(&output), 2000);
+    let job = fleet.submit_requests(2000);
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 2000);
     // The worker noticed (a push timed out) while items kept flowing.
     eventually(Duration::from_secs(30), "a failed push logged", || {
         fleet.worker_log("pgo-w1").contains("metrics push failed for group batch_worker")

@@ -9,7 +9,7 @@ NS=${3:-.*}
 
 q() {
     curl -fsS --max-time 5 "$PROM/api/v1/query" --data-urlencode "query=$1" |
-        python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; print(round(float(r[0]["value"][1]),3) if r else 0)'
+        python3 -c 'import json,sys; r=json.load(sys.stdin)["data"]["result"]; v=float(r[0]["value"][1]) if r else 0.0; print(int(v) if v.is_integer() else round(v,3))'
 }
 
 W="job=\"batch_worker\",instance=~\"$INSTANCES\""

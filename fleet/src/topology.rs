@@ -220,6 +220,18 @@ impl Topology {
     }
 }
 
+/// True when the broker refused a declaration because the queue or exchange exists with
+/// other arguments (e.g. another `amqp.delivery_limit`): a configuration problem that
+/// reconnecting will not fix.
+pub fn is_precondition_failed(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.to_string().contains("PRECONDITION_FAILED")
+}
+
+/// The hint shown with a precondition failure.
+pub const PRECONDITION_HINT: &str = "a queue of this namespace exists with other arguments \
+     (e.g. another amqp.delivery_limit); use the same settings as the fleet that created it, \
+     or another namespace";
+
 /// True when a lapin error is the broker's 404 NOT_FOUND.
 pub fn is_not_found(e: &lapin::Error) -> bool {
     e.to_string().contains("NOT_FOUND")

@@ -135,7 +135,15 @@ impl Job {
         start: u64,
         bar: &indicatif::ProgressBar,
     ) -> Result<(), Interrupted> {
-        let broker = |confirmed: u64| move |e: lapin::Error| Interrupted::Broker { confirmed, error: e.into() };
+        let broker = |confirmed: u64| {
+            move |e: lapin::Error| {
+                if fleet::topology::is_precondition_failed(&e) {
+                    Interrupted::Fatal(anyhow::Error::from(e).context(fleet::topology::PRECONDITION_HINT))
+                } else {
+                    Interrupted::Broker { confirmed, error: e.into() }
+                }
+            }
+        };
         let ch = amqp::confirm_channel(conn).await.map_err(broker(start))?;
         self.topology.declare_common(&ch).await.map_err(broker(start))?;
         self.topology.declare_items_queue(&ch, req.provider).await.map_err(broker(start))?;

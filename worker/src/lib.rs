@@ -76,6 +76,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
             Ok(()) => {
                 retry_delay = Duration::from_millis(200);
             }
+            Err(e) if e.chain().any(fleet::topology::is_precondition_failed) => {
+                tracing::error!(error = %e, hint = fleet::topology::PRECONDITION_HINT, "cannot declare the topology; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "lost the broker; reconnecting");
                 tokio::select! {

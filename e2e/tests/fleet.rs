@@ -232,3 +232,35 @@ fn wait_resumes_after_interruption_without_duplicates() {
 fn read_output_lossy(path: &std::path::Path) -> usize {
     std::fs::read_to_string(path).map(|s| s.lines().count()).unwrap_or(0)
 }
+
+#[test]
+fn a_provider_that_hangs_is_timed_out_and_retried() {
+    let mock = Mock::start(&["--hang-rate", "0.2", "--seed", "13"]);
+    let fleet = Fleet::new("hang", &mock.url, "[providers.mock]\ntimeout_s = 1\n");
+    let _w = fleet.worker("w1", &[]);
+    let job = fleet.submit_requests(200);
+    let lines = fleet.collect(&job);
+    let by_status = assert_exactly_once(&lines, 200);
+    assert_eq!(by_status.get(&200), Some(&200), "{by_status:?}");
+    assert!(mock.stats()["hung"].as_u64().unwrap() > 10, "the mock hung some requests");
+    fleet.cleanup(&[&job]);
+}
+
+#[test]
+fn the_api_key_is_never_logged_or_echoed_in_results() {
+    const KEY: &str = "sk-test-9f8e7d6c5b4a-secret";
+    let mock = Mock::start(&["--error-400", "0.3", "--error-500", "0.2", "--seed", "21"]);
+    let fleet = Fleet::new("apikey", &mock.url, "");
+    let _w = fleet.worker("w1", &[("MOCK_API_KEY", KEY), ("RUST_LOG", "debug")]);
+    let job = fleet.submit_requests(100);
+    let output = fleet.dir.join("out.jsonl");
+    let out = fleet.wait(&job, &output, 60);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log = fleet.worker_log("w1");
+    assert!(log.contains("retrying"), "debug logging was on");
+    assert!(!log.contains(KEY) && !log.contains("9f8e7d6c5b4a"), "the key leaked into the log");
+    let results = std::fs::read_to_string(&output).unwrap();
+    assert!(!results.contains("9f8e7d6c5b4a"), "the key leaked into the results");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("9f8e7d6c5b4a"));
+    fleet.cleanup(&[&job]);
+}

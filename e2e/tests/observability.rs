@@ -224,3 +224,73 @@ fn a_pushgateway_outage_does_not_stop_the_job_and_pushes_resume() {
     drop(pg);
     fleet.cleanup(&[&job]);
 }
+
+#[test]
+fn groups_of_workers_gone_longer_than_stale_group_s_are_deleted() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("prune", &mock.url, "[pushgateway]\nstale_group_s = 3\n");
+    let tracker = fleet.worker("prune-tracker", &[]);
+    eventually(Duration::from_secs(30), "tracker role", || {
+        fleet.worker_log("prune-tracker").contains("took the job tracker role")
+    });
+    let gone = fleet.worker("prune-gone", &[]);
+    let groups = || {
+        let v = get_json(&format!("{}/api/v1/metrics", pushgateway_url()));
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|g| g["labels"]["namespace"] == fleet.ns.as_str())
+            .map(|g| g["labels"]["instance"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    eventually(Duration::from_secs(20), "both workers pushed", || {
+        let g = groups();
+        g.contains(&"prune-gone".to_string()) && g.contains(&"prune-tracker".to_string())
+    });
+    gone.signal("KILL");
+    drop(gone);
+    eventually(Duration::from_secs(30), "the killed worker's group deleted", || {
+        !groups().contains(&"prune-gone".to_string())
+    });
+    assert!(groups().contains(&"prune-tracker".to_string()), "a live worker's group stays");
+    assert!(fleet.worker_log("prune-tracker").contains("deleting stale worker group"));
+    drop(tracker);
+    fleet.cleanup(&[]);
+}
+
+#[test]
+fn producer_jobs_lists_jobs_and_status_explains_an_absent_tracker() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("jobs", &mock.url, "");
+    // No worker has ever run in this namespace: a clear message, not a hang.
+    let out = fleet.producer(&["jobs"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no worker has ever run"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = fleet.worker("jobs-w1", &[]);
+    let job = fleet.submit_requests(20);
+    assert_exactly_once(&fleet.collect(&job), 20);
+    fleet.final_status(&job);
+    let out = fleet.producer(&["jobs", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let jobs: Vec<Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(jobs[0]["job_id"], job.as_str());
+    assert_eq!(jobs[0]["succeeded"], 20);
+    // With every worker gone, the queue still exists but nobody answers: a timeout message.
+    w.signal("TERM");
+    drop(w);
+    let out = fleet.producer(&["status", &job, "--timeout", "2"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no job tracker answered"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fleet.cleanup(&[&job]);
+}

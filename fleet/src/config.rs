@@ -57,6 +57,10 @@ timeout_s = 60
 max_in_flight = 256
 "#;
 
+/// Longest time an item may stay unacked in a worker (in-process retries included), kept
+/// well under RabbitMQ's default consumer timeout of 30 minutes.
+pub const MAX_UNACKED_S: u64 = 20 * 60;
+
 /// The whole configuration of a producer or worker process.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Config {
@@ -238,6 +242,16 @@ impl Config {
             if p.max_in_flight == 0 || p.timeout_s == 0 {
                 anyhow::bail!("provider {name}: max_in_flight and timeout_s must be > 0");
             }
+            // An item is unacked for all its in-process attempts; RabbitMQ closes the channel
+            // of a consumer holding a delivery for 30 minutes (3.10's default), which would
+            // redeliver everything in flight. Longer waits belong in the delay queues.
+            let worst = u64::from(self.retry.max_attempts) * p.timeout_s + self.retry.max_elapsed_s;
+            if worst > MAX_UNACKED_S {
+                anyhow::bail!(
+                    "provider {name}: retry.max_attempts x timeout_s + retry.max_elapsed_s = {worst} s, \
+                     over {MAX_UNACKED_S} s (RabbitMQ's consumer timeout is 30 min): lower them"
+                );
+            }
         }
         Ok(())
     }
@@ -290,6 +304,16 @@ mod tests {
         assert_eq!(cfg.providers["claude"].kind, ProviderKind::Anthropic);
         assert_eq!(cfg.providers["claude"].max_in_flight, 3);
         assert!(cfg.providers.contains_key("mock"), "defaults stay");
+    }
+
+    #[test]
+    fn retry_budgets_that_would_meet_the_consumer_timeout_are_refused() {
+        let dir = std::env::temp_dir().join(format!("fleet-cfg-long-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f.toml");
+        std::fs::write(&file, "[retry]\nmax_attempts = 20\n[providers.mock]\ntimeout_s = 600\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("consumer timeout"), "{err}");
     }
 
     #[test]

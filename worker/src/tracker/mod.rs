@@ -38,7 +38,8 @@ use state::State;
 const STANDBY_RETRY: Duration = Duration::from_secs(2);
 /// Ledger events folded between checkpoints at most.
 const MAX_UNACKED: usize = 2000;
-/// How often the tracker lists Pushgateway groups to prune departed workers'.
+/// How often the tracker lists Pushgateway groups to prune departed workers' (at most;
+/// more often when `pushgateway.stale_group_s` is short).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// How often queue backlogs are measured.
 const BACKLOG_EVERY: Duration = Duration::from_secs(5);
@@ -215,7 +216,8 @@ impl<'a> Active<'a> {
         let mut dirty = false;
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.tracker.checkpoint_interval_ms.max(50)));
         let mut backlog = tokio::time::interval(BACKLOG_EVERY);
-        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        let prune_every = PRUNE_EVERY.min(Duration::from_secs((self.cfg.pushgateway.stale_group_s / 2).max(1)));
+        let mut prune = tokio::time::interval(prune_every);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {

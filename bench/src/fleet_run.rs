@@ -138,7 +138,7 @@ impl<'a> FleetRun<'a> {
         let mut all: Vec<&OsStr> = vec![OsStr::new("--config"), self.config.as_os_str(), OsStr::new("--quiet")];
         all.extend_from_slice(args);
         let report = self.dir.join(format!("time-{}.txt", uuid::Uuid::new_v4()));
-        procs::run_timed(&self.stack.bin("producer"), &all, &[], report).await
+        procs::run_timed(&self.stack.bin("producer"), &all, report).await
     }
 
     /// CPU time and peak RSS of every worker so far.

@@ -150,6 +150,9 @@ pub struct MockStats {
     /// Answers by HTTP status (decimal string keys).
     #[serde(default)]
     pub by_status: BTreeMap<String, u64>,
+    /// Requests being handled right now.
+    #[serde(default)]
+    pub in_flight: u64,
 }
 
 impl MockStats {
@@ -226,22 +229,10 @@ impl Timed {
 
 /// Runs `program args` to completion under GNU time (its report goes to `report`, so the
 /// program's own stdout and stderr stay untouched).
-pub async fn run_timed(
-    program: &Path,
-    args: &[&std::ffi::OsStr],
-    env: &[(&str, &str)],
-    report: PathBuf,
-) -> anyhow::Result<Timed> {
+pub async fn run_timed(program: &Path, args: &[&std::ffi::OsStr], report: PathBuf) -> anyhow::Result<Timed> {
     anyhow::ensure!(Path::new(GNU_TIME).exists(), "{GNU_TIME} is missing (apt-get install time)");
     let mut cmd = Command::new(GNU_TIME);
-    cmd.arg("-o")
-        .arg(&report)
-        .args(["-f", "%M %U %S"])
-        .arg(program)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
+    cmd.arg("-o").arg(&report).args(["-f", "%M %U %S"]).arg(program).args(args).stdin(Stdio::null()).kill_on_drop(true);
     clear_fleet_env(&mut cmd);
     let started = Instant::now();
     let output = cmd.output().await.with_context(|| format!("running {}", program.display()))?;

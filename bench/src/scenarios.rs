@@ -138,6 +138,8 @@ struct JobRun {
     wait: Timed,
     before: CpuMark,
     after: CpuMark,
+    /// Requests in flight at the mock between submit and the last result.
+    in_flight: InFlight,
 }
 
 impl JobRun {
@@ -163,7 +165,9 @@ impl JobRun {
         .detail("submit_peak_rss_mib", round2(self.submit.usage.peak_rss_mib()))
         .detail("wait_wall_s", round2(self.wait.wall_s))
         .detail("wait_cpu_s", round2(self.wait.usage.cpu_s))
-        .detail("wait_peak_rss_mib", round2(self.wait.usage.peak_rss_mib()));
+        .detail("wait_peak_rss_mib", round2(self.wait.usage.peak_rss_mib()))
+        .detail("mock_in_flight_mean", self.in_flight.mean.round())
+        .detail("mock_in_flight_max", self.in_flight.max);
         self.after.add_since(self.before, row)
     }
 
@@ -185,13 +189,19 @@ async fn run_job(
 ) -> anyhow::Result<JobRun> {
     let mock = Mock::start(&stack.bin_dir, mock_args).await?;
     let mut fleet = FleetRun::new(stack, scenario, &mock.url, max_in_flight)?;
-    let res = drive_job(&mut fleet, &mock, workers, items).await;
+    let res = drive_job(&mut fleet, &mock, &stack.http, workers, items).await;
     fleet.cleanup().await;
     let _ = mock.stop().await;
     res
 }
 
-async fn drive_job(fleet: &mut FleetRun<'_>, mock: &Mock, workers: usize, items: u64) -> anyhow::Result<JobRun> {
+async fn drive_job(
+    fleet: &mut FleetRun<'_>,
+    mock: &Mock,
+    http: &reqwest::Client,
+    workers: usize,
+    items: u64,
+) -> anyhow::Result<JobRun> {
     let input = fleet.dir.join("input.jsonl");
     let output = fleet.dir.join("output.jsonl");
     workload::write_requests(&input, items)?;
@@ -200,9 +210,14 @@ async fn drive_job(fleet: &mut FleetRun<'_>, mock: &Mock, workers: usize, items:
     fleet.wait_for_consumers(Duration::from_secs(30)).await?;
     let before = CpuMark::now(Some(mock));
     let started = Instant::now();
-    let submitted = fleet.submit(&input).await?;
-    let timeout = Duration::from_secs(300 + items / 100);
-    let (summary, wait) = fleet.wait(&submitted.job_id, &output, timeout).await?;
+    let job = async {
+        let submitted = fleet.submit(&input).await?;
+        let timeout = Duration::from_secs(300 + items / 100);
+        let (summary, wait) = fleet.wait(&submitted.job_id, &output, timeout).await?;
+        anyhow::Ok((submitted, summary, wait))
+    };
+    let (job, in_flight) = sample_in_flight(mock, http, job).await;
+    let (submitted, summary, wait) = job?;
     let wall_s = started.elapsed().as_secs_f64();
     let after = CpuMark::now(Some(mock));
     let usage = fleet.stop_workers().await?;
@@ -217,7 +232,43 @@ async fn drive_job(fleet: &mut FleetRun<'_>, mock: &Mock, workers: usize, items:
         wait,
         before,
         after,
+        in_flight,
     })
+}
+
+/// Mean and largest number of requests in flight at the mock.
+#[derive(Debug, Clone, Copy, Default)]
+struct InFlight {
+    mean: f64,
+    max: u64,
+}
+
+/// Runs `work` while sampling the mock's requests in flight every 100 ms: how much of
+/// the in-flight limit is spent waiting for the provider (the rest is spent on the
+/// broker and in the worker).
+async fn sample_in_flight<T>(
+    mock: &Mock,
+    http: &reqwest::Client,
+    work: impl std::future::Future<Output = T>,
+) -> (T, InFlight) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let (mut sum, mut n, mut max) = (0u64, 0u64, 0u64);
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => {
+                let mean = if n == 0 { 0.0 } else { sum as f64 / n as f64 };
+                return (out, InFlight { mean, max });
+            }
+            _ = tick.tick() => {
+                if let Ok(s) = mock.stats(http).await {
+                    sum += s.in_flight;
+                    n += 1;
+                    max = max.max(s.in_flight);
+                }
+            }
+        }
+    }
 }
 
 fn remove(path: &Path) {

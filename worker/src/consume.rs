@@ -24,7 +24,8 @@ pub struct Worker {
     pub worker_id: String,
     pub topology: Topology,
     pub metrics: WorkerMetrics,
-    /// Provider clients by name, with their prefetch (in-flight limit).
+    /// Provider clients by name, with their AMQP prefetch (the in-flight limit plus room
+    /// for items that are publishing their result).
     pub clients: BTreeMap<String, (Arc<ProviderClient>, u16)>,
     /// Items in flight; the drain waits for all of them.
     pub in_flight: TaskTracker,
@@ -51,13 +52,15 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
         delivery_limit: cfg.amqp.delivery_limit,
         retry: cfg.retry.clone(),
         cancelled: cancelled.clone(),
+        shutdown: shutdown.clone(),
+        ledger: crate::ledger::Ledger::spawn(fleet::amqp::confirm_channel(conn).await?, topology.clone()),
     });
     // Known cancels first, so no item of a cancelled job reaches a provider.
     let follower = control::Follower::catch_up(conn, topology, cancelled.clone()).await?;
     let mut consumers = tokio::task::JoinSet::new();
     for (name, (client, prefetch)) in clients {
         let ch = conn.create_channel().await?;
-        // The prefetch is the in-flight bound: the broker never hands us more unacked items.
+        // The broker never hands us more unacked items than the prefetch.
         ch.basic_qos(*prefetch, BasicQosOptions::default()).await?;
         let tag = format!("{worker_id}/{name}");
         let consumer = ch

@@ -7,6 +7,7 @@
 
 pub mod consume;
 pub mod control;
+pub mod ledger;
 pub mod limit;
 pub mod process;
 pub mod provider;
@@ -38,8 +39,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     }
     let mut clients = BTreeMap::new();
     for (name, pcfg) in &served {
-        let prefetch = pcfg.max_in_flight.min(cfg.worker.max_in_flight).max(1);
-        let client = ProviderClient::new(name, pcfg, prefetch, &cfg.retry, metrics.clone())?;
+        let in_flight = pcfg.max_in_flight.min(cfg.worker.max_in_flight).max(1);
+        let client = ProviderClient::new(name, pcfg, in_flight, &cfg.retry, metrics.clone())?;
+        // Items whose call is done still hold their delivery while the result is confirmed;
+        // a quarter more prefetch keeps the provider busy meanwhile.
+        let prefetch = in_flight.saturating_add(in_flight / 4).max(in_flight.saturating_add(2));
         clients.insert(name.to_string(), (Arc::new(client), prefetch));
     }
 

@@ -147,6 +147,26 @@ impl Limiter {
         permit
     }
 
+    /// Waits until a slot is free, without taking it (a task about to start uses this to
+    /// stay cancellable until it really starts).
+    pub async fn room(&self) {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            {
+                let s = self.state.lock().expect("limiter lock");
+                if (s.in_flight as f64) < s.limit.floor().max(1.0) {
+                    return;
+                }
+            }
+            freed.await;
+            // Pass the wake-up on: `notify_one` woke only us, and we take no slot here.
+            self.freed.notify_one();
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Feeds back what a call told us.
     pub fn observe(&self, signal: Signal) {
         let now = Instant::now();

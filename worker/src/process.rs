@@ -18,13 +18,14 @@ use fleet::amqp::{self, PublishError};
 use fleet::config::RetryConfig;
 use fleet::metrics::WorkerMetrics;
 use fleet::topology::{Topology, DEAD_REASON_HEADER};
-use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, LedgerEvent, KIND_RESULT};
+use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, KIND_RESULT};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 
 use crate::control::Cancelled;
+use crate::ledger::Ledger;
 use crate::provider::{CallError, ProviderClient};
 
 /// What every delivery handler shares.
@@ -38,6 +39,10 @@ pub struct Context {
     pub delivery_limit: u32,
     pub retry: RetryConfig,
     pub cancelled: Cancelled,
+    /// Batches `items_finished` events to the ledger.
+    pub ledger: Ledger,
+    /// Fired at SIGTERM: items that have not started calling the provider are released.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// How an item is settled.
@@ -46,6 +51,8 @@ enum Decision {
     Finish(Box<ItemResult>),
     /// Republish to the delay queue for another try later, then ack.
     Delay(Box<Item>, CallError),
+    /// Not started before shutdown: give it back to the queue for another worker.
+    Release,
 }
 
 /// Handles one delivery to completion. Never panics on bad input; never returns an error:
@@ -92,11 +99,22 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
     match decision {
         Decision::Finish(result) => settle(&ctx, &client.name, delivery, &result).await,
         Decision::Delay(item, error) => delay(&ctx, &client.name, *item, error, delivery).await,
+        Decision::Release => {
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        }
     }
 }
 
 /// Calls the provider (with in-process retries) and decides what the outcome means.
 async fn call(ctx: &Context, client: &ProviderClient, item: Item) -> Decision {
+    // Prefetch is a little larger than the in-flight limit (so publishing and acking never
+    // hold back provider calls); an item still waiting for room when shutdown begins has
+    // not started, and goes back to the queue instead of being drained.
+    tokio::select! {
+        biased;
+        _ = client.limiter.room() => {}
+        _ = ctx.shutdown.cancelled() => return Decision::Release,
+    }
     let in_flight = ctx.metrics.in_flight.with_label_values(&[&client.name]);
     in_flight.inc();
     let outcome = client.execute(&item).await;
@@ -228,23 +246,16 @@ fn delivery_count(delivery: &Delivery) -> u64 {
     }
 }
 
-/// Publishes the result to the job's results queue and the event to the ledger, both
-/// confirmed. Both publishes go out before either confirm is awaited.
+/// Publishes the result to the job's results queue and its event to the ledger (batched),
+/// and waits until the broker confirmed both.
 pub async fn publish_outcome(ctx: &Context, result: &ItemResult) -> Result<(), PublishError> {
     let payload = serde_json::to_vec(result).expect("results serialize");
-    let event = LedgerEvent::ItemsFinished {
-        job_id: result.job_id.clone(),
-        provider: result.provider.clone(),
-        items: vec![(result.index, result.status)],
-    };
-    let event = serde_json::to_vec(&event).expect("events serialize");
     let props = amqp::persistent_json().with_type(KIND_RESULT.into());
     let result_confirm =
         amqp::publish(&ctx.publish, &ctx.topology.results_exchange(), &result.job_id, &payload, props).await?;
-    let ledger_confirm =
-        amqp::publish(&ctx.publish, "", &ctx.topology.ledger_queue(), &event, amqp::persistent_json()).await?;
-    result_confirm.wait().await?;
-    ledger_confirm.wait().await
+    let ledger = ctx.ledger.record(&result.job_id, &result.provider, result.index, result.status);
+    let (published, recorded) = tokio::join!(result_confirm.wait(), ledger);
+    published.and(recorded)
 }
 
 /// Parks a message in the dead-letter queue with a reason header, then acks it. If that

@@ -10,8 +10,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use fleet::push::{GroupKey, Pushgateway};
 use fleet::topology::Topology;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 
 use crate::workload::PROVIDER;
 
@@ -99,21 +97,7 @@ impl Stack {
 
     /// `(messages ready, consumers)` of a queue, or `None` if it does not exist.
     pub async fn queue_state(&self, queue: &str) -> anyhow::Result<Option<(u32, u32)>> {
-        // A passive declare of a missing queue closes its channel: use a throwaway one.
-        let ch = self.admin.create_channel().await?;
-        let res = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await;
-        let _ = ch.close(200, "done".into()).await;
-        match res {
-            Ok(q) => Ok(Some((q.message_count(), q.consumer_count()))),
-            Err(e) if fleet::topology::is_not_found(&e) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        Ok(fleet::topology::queue_stats(&self.admin, queue).await?)
     }
 
     /// Deletes plain queues by name (missing ones are fine).

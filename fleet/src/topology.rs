@@ -177,23 +177,9 @@ impl Topology {
         .await
     }
 
-    /// Number of messages ready in a queue, or `None` if it does not exist. Uses its own
-    /// channel because a passive declare of a missing queue closes the channel.
+    /// Number of messages ready in a queue, or `None` if it does not exist.
     pub async fn queue_len(&self, conn: &lapin::Connection, queue: &str) -> lapin::Result<Option<u32>> {
-        let ch = conn.create_channel().await?;
-        let res = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions { passive: true, ..Default::default() },
-                FieldTable::default(),
-            )
-            .await;
-        let _ = ch.close(200, "done".into()).await;
-        match res {
-            Ok(q) => Ok(Some(q.message_count())),
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(e),
-        }
+        Ok(queue_stats(conn, queue).await?.map(|(ready, _)| ready))
     }
 
     /// Deletes every queue of this namespace that a test created (items of `providers`,
@@ -217,6 +203,21 @@ impl Topology {
             ch.exchange_delete(x.into(), Default::default()).await?;
         }
         Ok(())
+    }
+}
+
+/// `(messages ready, consumers)` of a queue, or `None` if it does not exist. Uses its own
+/// channel because a passive declare of a missing queue closes the channel.
+pub async fn queue_stats(conn: &lapin::Connection, queue: &str) -> lapin::Result<Option<(u32, u32)>> {
+    let ch = conn.create_channel().await?;
+    let res = ch
+        .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
+        .await;
+    let _ = ch.close(200, "done".into()).await;
+    match res {
+        Ok(q) => Ok(Some((q.message_count(), q.consumer_count()))),
+        Err(e) if is_not_found(&e) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 

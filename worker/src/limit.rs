@@ -5,8 +5,10 @@
 //!   timeout (multiplicative), between 1 and the configured `max_in_flight`;
 //! - **send rate**: unlimited until the provider first rate-limits us (a 429 with
 //!   `Retry-After` or no requests remaining); then the rate measured over the last second,
-//!   x0.9 on each such 429 (at most one decrease per [`DECREASE_WINDOW`]), +0.01
-//!   request/s per success (1 % a second). Requests are paced evenly at that rate.
+//!   x0.9 on such a 429 (at most one decrease per [`RATE_DECREASE_WINDOW`]), +0.02
+//!   request/s per success (2 % a second) unless the provider's remaining requests
+//!   (`x-ratelimit-remaining-requests` / `anthropic-ratelimit-requests-remaining`) are
+//!   under a tenth of the most it reported. Requests are paced evenly at that rate.
 //!
 //! Overload (503, 529, a bare 429) and timeouts shrink only the in-flight limit.
 //!
@@ -30,18 +32,22 @@ use tokio::time::Instant;
 /// already in flight when the provider said stop) counts as one signal.
 const DECREASE_WINDOW: Duration = Duration::from_millis(200);
 const DECREASE: f64 = 0.9;
-/// Per success, the rate grows by this fraction of a request/s (1 % a second at steady state).
-const RATE_INCREASE: f64 = 0.01;
-/// When the provider reports fewer remaining requests than this share of its limit, hold.
-const LOW_REMAINING: f64 = 0.05;
+/// The rate decreases at most once per this window: a provider's burst allowance takes
+/// about a second to drain, and every 429 of that burst is the same signal.
+const RATE_DECREASE_WINDOW: Duration = Duration::from_secs(1);
+/// Below this share of the largest `remaining` seen, the rate stops growing.
+const LOW_REMAINING: f64 = 0.1;
+/// Per success, the rate grows by this fraction of a request/s (2 % a second at steady state).
+const RATE_INCREASE: f64 = 0.02;
 
 /// What a provider call told us about the provider's capacity.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Signal {
     /// Answered in time (any status that is not a throttle).
     Ok {
-        /// `x-ratelimit-remaining-requests / x-ratelimit-limit-requests`, if reported.
-        remaining_share: Option<f64>,
+        /// Requests the provider says remain (`x-ratelimit-remaining-requests` or
+        /// Anthropic's equivalent), if it says.
+        remaining: Option<f64>,
     },
     /// A 429 that says it is about a rate limit (`Retry-After` or no requests remaining):
     /// slow the rate and the in-flight limit; `retry_after` pauses sending.
@@ -65,10 +71,13 @@ struct State {
     next_send: Instant,
     next_tokens: Instant,
     last_decrease: Option<Instant>,
-    /// Sends in the current one-second window and the previous window's count.
+    last_rate_decrease: Option<Instant>,
+    /// Largest `remaining` the provider reported: its burst allowance.
+    max_remaining: f64,
     window_start: Instant,
-    window_sends: u64,
-    last_window_sends: u64,
+    /// Answers that were not throttles in the current one-second window, and the previous.
+    window_successes: u64,
+    last_window_successes: u64,
 }
 
 /// The limiter of one provider in one worker.
@@ -115,9 +124,11 @@ impl Limiter {
                 next_send: now,
                 next_tokens: now,
                 last_decrease: None,
+                last_rate_decrease: None,
+                max_remaining: 0.0,
                 window_start: now,
-                window_sends: 0,
-                last_window_sends: 0,
+                window_successes: 0,
+                last_window_successes: 0,
             }),
             freed: Notify::new(),
             limit_gauge,
@@ -160,10 +171,9 @@ impl Limiter {
                     return;
                 }
             }
+            // Woken with room, this task goes on to `acquire` and takes the slot; woken
+            // without (another took it first), it waits again.
             freed.await;
-            // Pass the wake-up on: `notify_one` woke only us, and we take no slot here.
-            self.freed.notify_one();
-            tokio::task::yield_now().await;
         }
     }
 
@@ -172,9 +182,16 @@ impl Limiter {
         let now = Instant::now();
         let mut s = self.state.lock().expect("limiter lock");
         match signal {
-            Signal::Ok { remaining_share } => {
+            Signal::Ok { remaining } => {
+                s.roll_window(now);
+                s.window_successes += 1;
                 s.limit = (s.limit + 1.0 / s.limit).min(s.max);
-                let nearly_out = remaining_share.is_some_and(|r| r < LOW_REMAINING);
+                // With the provider's allowance nearly used up the rate is at the limit:
+                // hold it there rather than grow into the next 429.
+                let nearly_out = remaining.is_some_and(|r| {
+                    s.max_remaining = s.max_remaining.max(r);
+                    r <= s.max_remaining * LOW_REMAINING
+                });
                 if let (Some(rate), false) = (s.rate, nearly_out) {
                     s.rate = Some(rate + RATE_INCREASE);
                 }
@@ -187,10 +204,14 @@ impl Limiter {
                 if s.last_decrease.is_none_or(|t| now.duration_since(t) >= DECREASE_WINDOW) {
                     s.last_decrease = Some(now);
                     s.limit = (s.limit * DECREASE).max(1.0);
-                    if matches!(signal, Signal::RateLimited { .. }) {
-                        let current = s.rate.unwrap_or_else(|| s.measured_rate(now));
-                        s.rate = Some((current * DECREASE).max(0.1));
-                    }
+                }
+                let rate_signal = matches!(signal, Signal::RateLimited { .. });
+                if rate_signal && s.last_rate_decrease.is_none_or(|t| now.duration_since(t) >= RATE_DECREASE_WINDOW) {
+                    s.last_rate_decrease = Some(now);
+                    // The first time, start from what the provider accepted over the last
+                    // second: the blast before the first 429 says nothing about the limit.
+                    let current = s.rate.unwrap_or_else(|| s.accepted_rate(now));
+                    s.rate = Some((current * DECREASE).max(0.1));
                 }
             }
             Signal::Timeout => {
@@ -226,21 +247,23 @@ impl State {
         }
     }
 
-    /// Sends per second over the last full second (at least 1).
-    fn measured_rate(&self, now: Instant) -> f64 {
-        let in_window = now.duration_since(self.window_start).as_secs_f64();
-        let current = self.window_sends as f64 / in_window.max(0.05);
-        (self.last_window_sends as f64).max(current).max(1.0)
+    /// Starts a new one-second window when the current one is over.
+    fn roll_window(&mut self, now: Instant) {
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.last_window_successes = self.window_successes;
+            self.window_successes = 0;
+            self.window_start = now;
+        }
+    }
+
+    /// Requests per second the provider accepted (not throttled), over at least a second.
+    fn accepted_rate(&self, now: Instant) -> f64 {
+        let in_window = now.duration_since(self.window_start).as_secs_f64().max(1.0);
+        (self.last_window_successes as f64).max(self.window_successes as f64 / in_window).max(1.0)
     }
 
     /// Books the next send: evenly spaced at the rate, and within the token ceiling.
     fn schedule(&mut self, now: Instant, est_tokens: u64) -> Instant {
-        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
-            self.last_window_sends = self.window_sends;
-            self.window_sends = 0;
-            self.window_start = now;
-        }
-        self.window_sends += 1;
         let mut at = self.next_send.max(now);
         if let Some(rate) = self.effective_rate() {
             self.next_send = at + Duration::from_secs_f64(1.0 / rate);
@@ -276,7 +299,7 @@ mod tests {
         l.observe(Signal::RateLimited { retry_after: None });
         assert_eq!(l.limit(), 81);
         for _ in 0..2000 {
-            l.observe(Signal::Ok { remaining_share: None });
+            l.observe(Signal::Ok { remaining: None });
         }
         assert_eq!(l.limit(), 100, "about one per window of successes, capped at the maximum");
     }
@@ -322,18 +345,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_rate_starts_from_what_was_measured_and_recovers_slowly() {
+    async fn the_rate_starts_from_what_the_provider_accepted_and_recovers_slowly() {
         let l = limiter(100, None);
-        for _ in 0..50 {
+        for i in 0..500 {
             drop(l.acquire(0).await);
+            if i < 60 {
+                l.observe(Signal::Ok { remaining: None });
+            }
         }
         tokio::time::advance(Duration::from_millis(500)).await;
         l.observe(Signal::RateLimited { retry_after: None });
         let r = l.rate().expect("limited after a throttle");
-        assert!(r > 50.0 && r < 100.0, "{r}");
-        l.observe(Signal::Ok { remaining_share: Some(0.01) });
-        assert_eq!(l.rate(), Some(r), "holds while the provider is nearly out");
-        l.observe(Signal::Ok { remaining_share: Some(0.5) });
+        // 60 accepted in the first second (of 500 sent): 60 x 0.9.
+        assert!((r - 54.0).abs() < 1.0, "{r}");
+        l.observe(Signal::Ok { remaining: Some(100.0) });
+        let r = l.rate().unwrap();
+        l.observe(Signal::Ok { remaining: Some(5.0) });
+        assert_eq!(l.rate(), Some(r), "holds while the provider's allowance is nearly used up");
+        l.observe(Signal::Ok { remaining: Some(50.0) });
         assert!(l.rate().unwrap() > r);
     }
 }

@@ -248,11 +248,11 @@ impl ProviderClient {
         // Bytes / 4 is the usual rough token estimate; it only feeds a `tpm` ceiling.
         let _permit = self.limiter.acquire(est_tokens).await;
         let started = Instant::now();
-        let (result, remaining_share) = self.send(req).await;
+        let (result, remaining) = self.send(req).await;
         self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());
         self.limiter.observe(match &result {
             Err(CallError::RateLimited { retry_after, answer })
-                if answer.status == 429 && (retry_after.is_some() || remaining_share == Some(0.0)) =>
+                if answer.status == 429 && (retry_after.is_some() || remaining == Some(0.0)) =>
             {
                 Signal::RateLimited { retry_after: *retry_after }
             }
@@ -260,7 +260,7 @@ impl ProviderClient {
                 Signal::Overloaded { retry_after: e.retry_after() }
             }
             Err(CallError::Timeout(_)) => Signal::Timeout,
-            _ => Signal::Ok { remaining_share },
+            _ => Signal::Ok { remaining },
         });
         if let Err(e) = &result {
             self.metrics.errors.with_label_values(&[&self.name, e.kind(), op]).inc();
@@ -268,7 +268,7 @@ impl ProviderClient {
         result
     }
 
-    /// Sends and classifies; also returns the share of the provider's request limit left.
+    /// Sends and classifies; also returns the requests the provider says remain, if it says.
     async fn send(&self, req: reqwest::RequestBuilder) -> (Result<Success, CallError>, Option<f64>) {
         let resp = match req.send().await {
             Ok(r) => r,
@@ -276,7 +276,7 @@ impl ProviderClient {
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
-        let remaining = remaining_share(&headers);
+        let remaining = remaining_requests(&headers);
         let request_id = ["x-request-id", "request-id"]
             .iter()
             .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
@@ -328,14 +328,12 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     get("retry-after").and_then(|v| v.trim().parse::<f64>().ok()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
 }
 
-/// Remaining requests as a share of the limit, from OpenAI's `x-ratelimit-*-requests` or
-/// Anthropic's `anthropic-ratelimit-requests-*` headers.
-fn remaining_share(headers: &reqwest::header::HeaderMap) -> Option<f64> {
-    let num = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok());
-    let pair = |rem: &str, lim: &str| Some((num(rem)?, num(lim)?));
-    let (remaining, limit) = pair("x-ratelimit-remaining-requests", "x-ratelimit-limit-requests")
-        .or_else(|| pair("anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-requests-limit"))?;
-    (limit > 0.0).then(|| remaining / limit)
+/// Requests remaining in the provider's window, from OpenAI's
+/// `x-ratelimit-remaining-requests` or Anthropic's `anthropic-ratelimit-requests-remaining`.
+fn remaining_requests(headers: &reqwest::header::HeaderMap) -> Option<f64> {
+    ["x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok()))
 }
 
 /// `error.message` of an OpenAI or Anthropic error body.

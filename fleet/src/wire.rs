@@ -71,9 +71,6 @@ pub enum ItemStatus {
 }
 
 impl ItemStatus {
-    pub const ALL: [ItemStatus; 4] =
-        [ItemStatus::Succeeded, ItemStatus::Failed, ItemStatus::Cancelled, ItemStatus::Expired];
-
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -185,11 +185,6 @@ impl State {
     pub fn prune(&mut self, now_ms: u64, retention_ms: u64) {
         self.jobs.retain(|_, j| j.finished_at_ms.is_none_or(|t| now_ms.saturating_sub(t) < retention_ms));
     }
-
-    /// Whether a cancel was requested for `job_id`.
-    pub fn is_cancelled(&self, job_id: &str) -> bool {
-        self.jobs.get(job_id).is_some_and(|j| j.cancel_requested)
-    }
 }
 
 /// Splits a `provider/status` key.

@@ -23,9 +23,6 @@ pub enum PublishError {
     /// The channel or connection failed: reconnect and retry.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),
-    /// A publish made on our behalf (e.g. in a batch) failed.
-    #[error("{0}")]
-    Other(String),
 }
 
 /// The URL with its password replaced, for logs.

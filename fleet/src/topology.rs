@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <ns>.items   (direct) --provider--> <ns>.items.<provider>   quorum, delivery limit, DLX
-//! <ns>.results (direct) --job id----> <ns>.results.<job id>   quorum, one per job
+//! <ns>.results (topic)  --job id----> <ns>.results.<job id>   quorum, one per job
+//!                       --#---------> <ns>.ledger              (a copy of every result)
 //! <ns>.dead    (fanout) -----------> <ns>.dead               quorum, parked messages
 //! (default)    ------------------> <ns>.ledger              quorum, single active consumer
 //! (default)    ------------------> <ns>.delay.<provider>.<n>s  TTL n s, dead-letters back
@@ -91,7 +92,8 @@ impl Topology {
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
         for (name, kind) in [
             (self.items_exchange(), ExchangeKind::Direct),
-            (self.results_exchange(), ExchangeKind::Direct),
+            // Topic, so that the ledger receives a copy of every result (binding `#`).
+            (self.results_exchange(), ExchangeKind::Topic),
             (self.dead_exchange(), ExchangeKind::Fanout),
         ] {
             ch.exchange_declare(name.into(), kind, durable, FieldTable::default()).await?;
@@ -109,6 +111,18 @@ impl Topology {
         // One tracker folds the ledger at a time; a standby takes over when it goes away.
         ledger.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         declare_queue(ch, &self.ledger_queue(), ledger).await?;
+        // Every result published for any job is also routed to the ledger: the tracker and
+        // `producer wait` see the same messages from one publish, so a redone item (whose
+        // provider answer may differ) is counted by the tracker exactly as it is written
+        // to the output: the first result to arrive wins in both.
+        ch.queue_bind(
+            self.ledger_queue().into(),
+            self.results_exchange().into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
         let mut rpc = FieldTable::default();
         // Status queries are worthless after a few seconds; don't let them pile up.
         rpc.insert("x-message-ttl".into(), AMQPValue::LongLongInt(10_000));

@@ -53,7 +53,6 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
         retry: cfg.retry.clone(),
         cancelled: cancelled.clone(),
         shutdown: shutdown.clone(),
-        ledger: crate::ledger::Ledger::spawn(fleet::amqp::confirm_channel(conn).await?, topology.clone()),
     });
     // Known cancels first, so no item of a cancelled job reaches a provider.
     let follower = control::Follower::catch_up(conn, topology, cancelled.clone()).await?;

@@ -7,7 +7,6 @@
 
 pub mod consume;
 pub mod control;
-pub mod ledger;
 pub mod limit;
 pub mod process;
 pub mod provider;

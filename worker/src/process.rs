@@ -1,5 +1,6 @@
 //! Processing one delivery from an items queue: decide, call the provider if the item still
-//! needs it, publish the result and the ledger event with confirms, and only then ack.
+//! needs it, publish the result with a confirm (the broker routes it to the job's results
+//! queue and to the ledger), and only then ack.
 //!
 //! Every delivery ends in an explicit decision:
 //! - garbage (not an item) is dead-lettered with its reason;
@@ -25,7 +26,6 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 
 use crate::control::Cancelled;
-use crate::ledger::Ledger;
 use crate::provider::{CallError, ProviderClient};
 
 /// What every delivery handler shares.
@@ -33,14 +33,12 @@ pub struct Context {
     pub worker_id: String,
     pub topology: Topology,
     pub metrics: WorkerMetrics,
-    /// Confirm-mode channel for results, ledger events, delays and dead letters.
+    /// Confirm-mode channel for results, delays and dead letters.
     pub publish: Channel,
     pub max_message_bytes: usize,
     pub delivery_limit: u32,
     pub retry: RetryConfig,
     pub cancelled: Cancelled,
-    /// Batches `items_finished` events to the ledger.
-    pub ledger: Ledger,
     /// Fired at SIGTERM: items that have not started calling the provider are released.
     pub shutdown: tokio_util::sync::CancellationToken,
 }
@@ -246,16 +244,12 @@ fn delivery_count(delivery: &Delivery) -> u64 {
     }
 }
 
-/// Publishes the result to the job's results queue and its event to the ledger (batched),
-/// and waits until the broker confirmed both.
+/// Publishes the result (routed to the job's results queue and, as the item's
+/// `items_finished` event, to the ledger) and waits for the broker's confirm.
 pub async fn publish_outcome(ctx: &Context, result: &ItemResult) -> Result<(), PublishError> {
     let payload = serde_json::to_vec(result).expect("results serialize");
     let props = amqp::persistent_json().with_type(KIND_RESULT.into());
-    let result_confirm =
-        amqp::publish(&ctx.publish, &ctx.topology.results_exchange(), &result.job_id, &payload, props).await?;
-    let ledger = ctx.ledger.record(&result.job_id, &result.provider, result.index, result.status);
-    let (published, recorded) = tokio::join!(result_confirm.wait(), ledger);
-    published.and(recorded)
+    amqp::publish(&ctx.publish, &ctx.topology.results_exchange(), &result.job_id, &payload, props).await?.wait().await
 }
 
 /// Parks a message in the dead-letter queue with a reason header, then acks it. If that

@@ -20,7 +20,7 @@ use fleet::amqp;
 use fleet::metrics::TrackerMetrics;
 use fleet::push::{GroupKey, Pushgateway, WORKER_JOB};
 use fleet::topology::Topology;
-use fleet::wire::{JobSummary, LedgerEvent, TrackerReply, TrackerRequest, KIND_JOB_FINISHED};
+use fleet::wire::{ItemResult, JobSummary, LedgerEvent, TrackerReply, TrackerRequest, KIND_JOB_FINISHED, KIND_RESULT};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{
@@ -228,8 +228,9 @@ impl<'a> Active<'a> {
                 }
                 next = ledger.next() => {
                     let delivery = next.context("ledger consumer ended")?.context("ledger delivery")?;
-                    match serde_json::from_slice::<LedgerEvent>(&delivery.data) {
-                        Ok(event) => self.fold(&event).await?,
+                    match ledger_event(&delivery) {
+                        Ok(Some(event)) => self.fold(&event).await?,
+                        Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "ignoring a malformed ledger event"),
                     }
                     unacked = Some(delivery.acker);
@@ -357,6 +358,24 @@ impl<'a> Active<'a> {
                 }
             }
         }
+    }
+}
+
+/// The event a ledger message carries: a job event from the producer, or a result (routed
+/// here from the results exchange) as its item's `items_finished`. Our own `job_finished`
+/// announcements come back too, and carry nothing to fold.
+fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<LedgerEvent>> {
+    match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
+        Some(KIND_RESULT) => {
+            let r: ItemResult = serde_json::from_slice(&delivery.data)?;
+            Ok(Some(LedgerEvent::ItemsFinished {
+                job_id: r.job_id,
+                provider: r.provider,
+                items: vec![(r.index, r.status)],
+            }))
+        }
+        Some(KIND_JOB_FINISHED) => Ok(None),
+        _ => serde_json::from_slice(&delivery.data).map(Some),
     }
 }
 

@@ -115,13 +115,14 @@ pub struct ItemResult {
     pub finished_at_ms: u64,
 }
 
-/// One line of the output file, in the OpenAI Batch API output format.
-#[derive(Debug, Serialize, Deserialize)]
+/// One line of the output file, in the OpenAI Batch API output format. It borrows from
+/// the result it is written from: the response body is serialized, never copied.
+#[derive(Debug, Serialize)]
 pub struct BatchOutputLine<'a> {
     pub id: String,
-    pub custom_id: std::borrow::Cow<'a, str>,
-    pub response: Option<ResponseRecord>,
-    pub error: Option<ErrorRecord>,
+    pub custom_id: &'a str,
+    pub response: Option<&'a ResponseRecord>,
+    pub error: Option<&'a ErrorRecord>,
 }
 
 impl ItemResult {
@@ -129,9 +130,9 @@ impl ItemResult {
     pub fn to_output_line(&self) -> BatchOutputLine<'_> {
         BatchOutputLine {
             id: format!("batch_req_{}_{}", self.job_id, self.index),
-            custom_id: std::borrow::Cow::Borrowed(&self.custom_id),
-            response: self.response.clone(),
-            error: self.error.clone(),
+            custom_id: &self.custom_id,
+            response: self.response.as_ref(),
+            error: self.error.as_ref(),
         }
     }
 }

@@ -227,9 +227,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     };
     let queue = topology.results_queue(req.job_id);
     let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
-    let mut conn = fleet::amqp::connect(&cfg.amqp.url, "producer wait")
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", fleet::amqp::redact_url(&cfg.amqp.url)))?;
+    let mut conn = crate::connect(cfg, "producer wait").await?;
     if topology.queue_len(&conn, &queue).await?.is_none() {
         anyhow::bail!(
             "no job {:?} in namespace {:?} (its results queue {queue} does not exist)",

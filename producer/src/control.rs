@@ -12,7 +12,7 @@ use lapin::types::AMQPValue;
 /// tracker ends the job `cancelled`.
 pub async fn cancel(cfg: &Config, job_id: &str) -> anyhow::Result<()> {
     let topology = Topology::from_config(cfg);
-    let conn = connect(cfg, "producer cancel").await?;
+    let conn = crate::connect(cfg, "producer cancel").await?;
     if topology.queue_len(&conn, &topology.results_queue(job_id)).await?.is_none() {
         anyhow::bail!("no job {job_id:?} in namespace {:?}", topology.namespace());
     }
@@ -42,7 +42,7 @@ pub struct DeadMessage {
 /// their items queues. Messages that are not items stay parked.
 pub async fn dead(cfg: &Config, requeue: bool, job: Option<&str>) -> anyhow::Result<Vec<DeadMessage>> {
     let topology = Topology::from_config(cfg);
-    let conn = connect(cfg, "producer dead").await?;
+    let conn = crate::connect(cfg, "producer dead").await?;
     let ch = amqp::confirm_channel(&conn).await?;
     topology.declare_common(&ch).await?;
     let mut out = Vec::new();
@@ -99,12 +99,6 @@ fn reason(props: &lapin::BasicProperties) -> String {
         }
     }
     "unknown".into()
-}
-
-async fn connect(cfg: &Config, name: &str) -> anyhow::Result<lapin::Connection> {
-    amqp::connect(&cfg.amqp.url, name)
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", amqp::redact_url(&cfg.amqp.url)))
 }
 
 /// Parses `90s`, `15m`, `24h`, `2d` (or plain seconds).

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use anyhow::Context as _;
 use fleet::topology::Topology;
 use fleet::wire::{JobSummary, TrackerReply, TrackerRequest};
 use fleet::Config;
@@ -18,9 +17,7 @@ const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Asks the tracker; fails with a clear message if none answers within `timeout`.
 pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyhow::Result<TrackerReply> {
     let topology = Topology::from_config(cfg);
-    let conn = fleet::amqp::connect(&cfg.amqp.url, "producer query")
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", fleet::amqp::redact_url(&cfg.amqp.url)))?;
+    let conn = crate::connect(cfg, "producer query").await?;
     if topology.queue_len(&conn, &topology.tracker_rpc_queue()).await?.is_none() {
         anyhow::bail!("no worker has ever run in namespace {:?}: start one with `worker`", topology.namespace());
     }

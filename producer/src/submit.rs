@@ -7,7 +7,6 @@
 use std::collections::VecDeque;
 use std::path::Path;
 
-use anyhow::Context as _;
 use fleet::amqp::{self, PendingConfirm};
 use fleet::topology::Topology;
 use fleet::wire::{Item, LedgerEvent};
@@ -65,9 +64,7 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
         rules,
         window: cfg.producer.confirm_window.max(1),
     };
-    let mut conn = amqp::connect(&cfg.amqp.url, "producer submit")
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", amqp::redact_url(&cfg.amqp.url)))?;
+    let mut conn = crate::connect(cfg, "producer submit").await?;
     let bar = crate::progress::bar(total, req.progress, "submitting");
     let mut announced = false;
     let mut confirmed = 0u64;

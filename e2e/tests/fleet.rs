@@ -250,7 +250,7 @@ fn a_provider_that_hangs_is_timed_out_and_retried() {
 fn the_api_key_is_never_logged_or_echoed_in_results() {
     const KEY: &str = "sk-test-9f8e7d6c5b4a-secret";
     let mock = Mock::start(&["--error-400", "0.3", "--error-500", "0.2", "--seed", "21"]);
-    let fleet = Fleet::new("apikey", &mock.url, "");
+    let fleet = Fleet::new("apikey", &mock.url, "[providers.mock]\napi_key_env = \"MOCK_API_KEY\"\n");
     let _w = fleet.worker("w1", &[("MOCK_API_KEY", KEY), ("RUST_LOG", "debug")]);
     let job = fleet.submit_requests(100);
     let output = fleet.dir.join("out.jsonl");

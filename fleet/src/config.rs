@@ -3,14 +3,18 @@
 //!
 //! Secrets are never stored here: a provider names the environment variable that holds its
 //! API key (`api_key_env`), and the key is read when the client is built.
+//!
+//! Loading is strict: a key that no setting has (a typo such as `max_in_fligt`) is refused
+//! with its path and the nearest valid key, provider kinds and URLs are checked with plain
+//! messages, and retry budgets that could meet RabbitMQ's consumer timeout are refused.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-/// The built-in defaults: a local broker, a local Pushgateway and one `mock` provider
-/// (the workspace's mock server on its default port), so the demo needs no file at all.
+/// The built-in defaults: a local broker and a local Pushgateway. With no provider
+/// configured, [`MOCK_PROVIDER_TOML`] is added too, so the demo needs no file at all.
 pub const DEFAULTS_TOML: &str = r#"
 namespace = "fleet"
 
@@ -48,21 +52,26 @@ default_deadline_s = 86400
 enabled = true
 checkpoint_interval_ms = 500
 retention_s = 86400
+"#;
 
+/// The built-in `mock` provider (the workspace's mock server on its default port). It
+/// exists only while the configuration names no other provider, so a real deployment never
+/// serves it by accident; `FLEET__PROVIDERS__MOCK__BASE_URL` and friends override its keys.
+pub const MOCK_PROVIDER_TOML: &str = r#"
 [providers.mock]
 kind = "openai"
 base_url = "http://127.0.0.1:8080"
-api_key_env = "MOCK_API_KEY"
-timeout_s = 60
-max_in_flight = 256
 "#;
+
+/// Keys whose environment value is a comma-separated list (`FLEET__WORKER__PROVIDERS=a,b`).
+const LIST_KEYS: &[&str] = &["worker.providers", "retry.delay_tiers_s"];
 
 /// Longest time an item may stay unacked in a worker (in-process retries included), kept
 /// well under RabbitMQ's default consumer timeout of 30 minutes.
 pub const MAX_UNACKED_S: u64 = 20 * 60;
 
 /// The whole configuration of a producer or worker process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Config {
     /// Prefix of every exchange and queue name, so several fleets (or parallel tests)
     /// share one broker without seeing each other.
@@ -78,7 +87,7 @@ pub struct Config {
 }
 
 /// RabbitMQ connection and queue settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct AmqpConfig {
     /// `amqp://user:pass@host:port/vhost`; credentials belong here or in `FLEET__AMQP__URL`.
     pub url: String,
@@ -90,7 +99,7 @@ pub struct AmqpConfig {
 }
 
 /// Where and how often metrics are pushed.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct PushgatewayConfig {
     /// Base URL; an empty string disables pushing.
     pub url: String,
@@ -106,7 +115,7 @@ pub struct PushgatewayConfig {
 }
 
 /// Worker process settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct WorkerConfig {
     /// Identity in logs, results and the Pushgateway group; generated when empty.
     #[serde(default)]
@@ -121,7 +130,7 @@ pub struct WorkerConfig {
 }
 
 /// In-process retries of transient provider failures.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct RetryConfig {
     /// Calls to the provider for one item, the first included.
     pub max_attempts: u32,
@@ -145,8 +154,16 @@ fn default_tiers() -> Vec<u64> {
     vec![5, 30, 120, 600]
 }
 
+fn default_timeout_s() -> u64 {
+    60
+}
+
+fn default_max_in_flight() -> u16 {
+    256
+}
+
 /// Producer settings.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ProducerConfig {
     /// Largest accepted request body (bytes of the `body` JSON).
     pub max_body_bytes: usize,
@@ -158,7 +175,7 @@ pub struct ProducerConfig {
 }
 
 /// The job tracker role.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct TrackerConfig {
     /// Whether this worker may take the tracker role.
     pub enabled: bool,
@@ -168,8 +185,8 @@ pub struct TrackerConfig {
 }
 
 /// The API dialect a provider speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum ProviderKind {
     /// OpenAI or any OpenAI-compatible server (vLLM, llama.cpp, the mock).
     Openai,
@@ -177,16 +194,37 @@ pub enum ProviderKind {
     Anthropic,
 }
 
-/// One provider the fleet can call.
-#[derive(Debug, Clone, Deserialize)]
+impl TryFrom<String> for ProviderKind {
+    type Error = String;
+
+    fn try_from(kind: String) -> Result<Self, String> {
+        match kind.as_str() {
+            "openai" => Ok(ProviderKind::Openai),
+            "anthropic" => Ok(ProviderKind::Anthropic),
+            _ => Err(format!(
+                "unknown provider kind {kind:?}: use \"openai\" (OpenAI and OpenAI-compatible servers such as \
+                 LiteLLM or vLLM) or \"anthropic\""
+            )),
+        }
+    }
+}
+
+/// One provider the fleet can call. `kind` and `base_url` are required; the rest have
+/// defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ProviderConfig {
     pub kind: ProviderKind,
     /// The request's `url` (e.g. `/v1/chat/completions`) is appended to this.
     pub base_url: String,
-    /// Name of the environment variable holding the API key (never the key itself).
+    /// Name of the environment variable holding the API key (never the key itself). A
+    /// worker refuses to start when the variable is unset or empty.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// Seconds one provider call may take.
+    #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Upper bound of this provider's adaptive in-flight limit in one worker.
+    #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u16,
     /// Optional requests-per-minute ceiling for this worker (the adaptive rate stays below).
     #[serde(default)]
@@ -202,26 +240,23 @@ impl Config {
     pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
         let path: Option<PathBuf> =
             path.map(Path::to_path_buf).or_else(|| std::env::var_os("FLEET_CONFIG").map(PathBuf::from));
-        let mut builder =
-            config::Config::builder().add_source(config::File::from_str(DEFAULTS_TOML, config::FileFormat::Toml));
         if let Some(path) = &path {
             if !path.exists() {
                 anyhow::bail!("config file {} does not exist", path.display());
             }
-            builder = builder.add_source(config::File::from(path.as_path()));
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix("FLEET")
-                .prefix_separator("__")
-                .separator("__")
-                .try_parsing(true)
-                .list_separator(",")
-                .with_list_parse_key("worker.providers"),
-        );
-        let cfg: Config = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        let invalid = |e: config::ConfigError| anyhow::anyhow!("invalid configuration: {e}");
+        let mut merged = layered(path.as_deref(), false).build().map_err(invalid)?;
+        let names = provider_names(&merged);
+        if names.iter().all(|n| n == "mock") {
+            merged = layered(path.as_deref(), true).build().map_err(invalid)?;
+        }
+        let raw: serde_json::Value = merged.clone().try_deserialize().map_err(invalid)?;
+        let cfg: Config = merged.try_deserialize().map_err(invalid)?;
+        let known = serde_json::to_value(&cfg)?;
+        if let Some(problem) = unknown_key(&raw, &known, "") {
+            anyhow::bail!("invalid configuration: {problem}");
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -238,10 +273,14 @@ impl Config {
         if self.retry.delay_tiers_s.is_empty() || self.retry.delay_tiers_s.contains(&0) {
             anyhow::bail!("retry.delay_tiers_s must list positive numbers of seconds");
         }
+        if !self.pushgateway.url.is_empty() {
+            check_http_url("pushgateway.url", &self.pushgateway.url)?;
+        }
         for (name, p) in &self.providers {
             if p.max_in_flight == 0 || p.timeout_s == 0 {
                 anyhow::bail!("provider {name}: max_in_flight and timeout_s must be > 0");
             }
+            check_http_url(&format!("providers.{name}.base_url"), &p.base_url)?;
             // An item is unacked for all its in-process attempts; RabbitMQ closes the channel
             // of a consumer holding a delivery for 30 minutes (3.10's default), which would
             // redeliver everything in flight. Longer waits belong in the delay queues.
@@ -264,6 +303,16 @@ impl Config {
             .collect()
     }
 
+    /// The environment variables named by served providers' `api_key_env` that are unset or
+    /// empty: a worker with any refuses to start rather than call a provider without its key.
+    pub fn missing_api_keys(&self) -> Vec<String> {
+        self.served_providers()
+            .into_iter()
+            .filter_map(|(_, p)| p.api_key_env.clone())
+            .filter(|var| std::env::var_os(var).is_none_or(|v| v.is_empty()))
+            .collect()
+    }
+
     /// This worker's id: configured, or `<hostname>-<pid>`.
     pub fn worker_id(&self) -> String {
         match &self.worker.id {
@@ -276,6 +325,100 @@ impl Config {
             }
         }
     }
+}
+
+/// The configuration sources in order: defaults (with the built-in mock provider when
+/// `with_mock`), the file, the environment.
+fn layered(path: Option<&Path>, with_mock: bool) -> config::ConfigBuilder<config::builder::DefaultState> {
+    let toml = |s: &str| config::File::from_str(s, config::FileFormat::Toml);
+    let mut builder = config::Config::builder().add_source(toml(DEFAULTS_TOML));
+    if with_mock {
+        builder = builder.add_source(toml(MOCK_PROVIDER_TOML));
+    }
+    if let Some(path) = path {
+        builder = builder.add_source(config::File::from(path));
+    }
+    let mut env = config::Environment::with_prefix("FLEET")
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",");
+    for key in LIST_KEYS {
+        env = env.with_list_parse_key(key);
+    }
+    builder.add_source(env)
+}
+
+/// Names of the providers the merged sources define.
+fn provider_names(merged: &config::Config) -> Vec<String> {
+    merged.get_table("providers").map(|t| t.into_keys().collect()).unwrap_or_default()
+}
+
+/// The first key of `raw` (what the sources say) that `known` (the loaded configuration,
+/// every setting present) lacks, as a message naming its path and the nearest valid key.
+fn unknown_key(raw: &serde_json::Value, known: &serde_json::Value, prefix: &str) -> Option<String> {
+    let (serde_json::Value::Object(raw), serde_json::Value::Object(known)) = (raw, known) else {
+        return None;
+    };
+    for (key, value) in raw {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match known.get(key) {
+            Some(known_value) => {
+                if let Some(problem) = unknown_key(value, known_value, &path) {
+                    return Some(problem);
+                }
+            }
+            None => {
+                let nearest = known
+                    .keys()
+                    .map(|k| (edit_distance(k, key), k))
+                    .min()
+                    .filter(|(d, k)| {
+                        *d <= (k.len() / 3).max(2) || k.starts_with(key.as_str()) || key.starts_with(k.as_str())
+                    })
+                    .map(|(_, k)| if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") });
+                return Some(match nearest {
+                    Some(n) => format!("unknown key `{path}` (did you mean `{n}`?)"),
+                    None => format!("unknown key `{path}`"),
+                });
+            }
+        }
+    }
+    None
+}
+
+/// Levenshtein distance, for suggesting the key a typo meant.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Checks that `value` is an absolute http(s) URL with a host and nothing a base URL must
+/// not carry (credentials, query, fragment).
+fn check_http_url(key: &str, value: &str) -> anyhow::Result<()> {
+    let url = reqwest::Url::parse(value).map_err(|e| {
+        anyhow::anyhow!("{key} = {value:?} is not a URL ({e}); expected e.g. \"https://api.openai.com\"")
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
+        anyhow::bail!("{key} = {value:?} must be an http:// or https:// URL with a host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        anyhow::bail!(
+            "{key} must not carry credentials: name the key's variable in api_key_env (or use username/password)"
+        );
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        anyhow::bail!("{key} = {value:?} must not have a query or fragment");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -303,7 +446,62 @@ mod tests {
         assert_eq!(cfg.namespace, "t1");
         assert_eq!(cfg.providers["claude"].kind, ProviderKind::Anthropic);
         assert_eq!(cfg.providers["claude"].max_in_flight, 3);
-        assert!(cfg.providers.contains_key("mock"), "defaults stay");
+        assert!(!cfg.providers.contains_key("mock"), "the built-in mock exists only when no provider is configured");
+    }
+
+    /// Writes `toml` to a scratch file and loads it.
+    fn load_str(test: &str, toml: &str) -> anyhow::Result<Config> {
+        let dir = std::env::temp_dir().join(format!("fleet-cfg-{test}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f.toml");
+        std::fs::write(&file, toml).unwrap();
+        Config::load(Some(&file))
+    }
+
+    #[test]
+    fn a_misspelt_key_is_refused_with_its_path_and_the_nearest_key() {
+        let err = load_str("typo", "[worker]\nmax_in_fligt = 5\n").unwrap_err().to_string();
+        assert!(err.contains("`worker.max_in_fligt`") && err.contains("`worker.max_in_flight`"), "{err}");
+        let err = load_str("typo2", "[providers.x]\nkind = \"openai\"\nbase_url = \"http://h\"\napi_key = \"k\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`providers.x.api_key`") && err.contains("`providers.x.api_key_env`"), "{err}");
+        let err = load_str("typo3", "[sections]\n").unwrap_err().to_string();
+        assert!(err.contains("unknown key `sections`"), "{err}");
+    }
+
+    #[test]
+    fn provider_kinds_and_urls_get_plain_messages() {
+        let err = load_str("kind", "[providers.x]\nkind = \"openia\"\nbase_url = \"http://h\"\n").unwrap_err();
+        let err = format!("{err:#}");
+        assert!(err.contains("unknown provider kind \"openia\"") && err.contains("\"anthropic\""), "{err}");
+        assert!(!err.contains("variant"), "no Rust jargon: {err}");
+        for bad in ["api.openai.com", "ftp://h", "http://", "https://u:p@h", "http://h/?x=1"] {
+            let toml = format!("[providers.x]\nkind = \"openai\"\nbase_url = \"{bad}\"\n");
+            let err = load_str("url", &toml).unwrap_err().to_string();
+            assert!(err.contains("providers.x.base_url"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_served_provider_without_its_key_variable_is_reported_by_name() {
+        let var = format!("FLEET_TEST_UNSET_KEY_{}", std::process::id());
+        let toml = format!("[providers.x]\nkind = \"openai\"\nbase_url = \"http://h\"\napi_key_env = \"{var}\"\n");
+        let cfg = load_str("keys", &toml).unwrap();
+        assert_eq!(cfg.missing_api_keys(), vec![var]);
+        assert!(Config::load(None).unwrap().missing_api_keys().is_empty(), "the built-in mock needs no key");
+    }
+
+    /// The README's real-provider example is accepted exactly as written there.
+    #[test]
+    fn the_readme_example_loads() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        let start = readme.find("cat > fleet.toml <<'TOML'\n").expect("README has the fleet.toml example");
+        let body = &readme[start..].split_once('\n').unwrap().1;
+        let example = &body[..body.find("\nTOML\n").expect("example ends with TOML")];
+        let cfg = load_str("readme", example).unwrap_or_else(|e| panic!("README example refused: {e:#}"));
+        assert!(cfg.providers.contains_key("openai") && cfg.providers.contains_key("claude"));
+        assert!(!cfg.providers.contains_key("mock"));
     }
 
     #[test]

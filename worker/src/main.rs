@@ -28,6 +28,13 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let missing = cfg.missing_api_keys();
+    if !missing.is_empty() {
+        // Calling a provider without its key only earns refusals (or, behind a gateway,
+        // errors that look transient and are retried for hours): refuse to start instead.
+        eprintln!("worker: API key variable(s) unset or empty: {}", missing.join(", "));
+        return ExitCode::from(2);
+    }
     let shutdown = fleet::shutdown::on_signals();
     match worker::run(cfg, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -68,3 +68,99 @@ fn a_misspelt_config_key_stops_both_binaries_with_the_nearest_key() {
     assert_eq!(w.wait_exit(Duration::from_secs(20)), Some(2));
     assert!(fleet.worker_log("w1").contains("did you mean `worker.max_in_flight`"));
 }
+
+#[test]
+fn wait_can_run_any_number_of_times_and_an_output_file_belongs_to_one_job() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("rewait", &mock.url, "");
+    let job_a = fleet.submit_requests(300);
+    // Two waits on one job at the same time, before any worker runs: each gets everything.
+    let (out1, out2) = (fleet.dir.join("a1.jsonl"), fleet.dir.join("a2.jsonl"));
+    let mut waits: Vec<Proc> = [&out1, &out2]
+        .iter()
+        .map(|o| fleet.producer_spawn(&["wait", &job_a, "-o", o.to_str().unwrap(), "--timeout", "120"]))
+        .collect();
+    let _w = fleet.worker("w1", &[]);
+    for w in &mut waits {
+        assert_eq!(w.wait_exit(Duration::from_secs(150)), Some(0), "both concurrent waits finish");
+    }
+    let first = read_output(&out1);
+    assert_exactly_once(&first, 300);
+    assert_exactly_once(&read_output(&out2), 300);
+
+    // The finished job collected again into a new file: complete at once.
+    let again = fleet.dir.join("a3.jsonl");
+    let out = fleet.wait(&job_a, &again, 30);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_exactly_once(&read_output(&again), 300);
+    // A complete file: wait returns its summary and leaves the file as it was.
+    let before = std::fs::read(&out1).unwrap();
+    let out = fleet.producer(&["wait", &job_a, "-o", out1.to_str().unwrap(), "--timeout", "30", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: Value = serde_json::from_slice(&out.stdout).expect("--json summary");
+    assert_eq!(summary["counts"]["succeeded"], 300);
+    assert_eq!(std::fs::read(&out1).unwrap(), before);
+
+    // Job B into job A's file is refused before anything is read or written.
+    let job_b = fleet.submit_requests(20);
+    let out = fleet.wait(&job_b, &out1, 30);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&job_a) && err.contains(&job_b), "{err}");
+    assert_eq!(std::fs::read(&out1).unwrap(), before, "the other job's file is untouched");
+    fleet.collect(&job_b);
+
+    // An unknown job is named as such.
+    let out = fleet.wait("job_doesnotexist", &fleet.dir.join("x.jsonl"), 10);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job"), "{}", String::from_utf8_lossy(&out.stderr));
+    fleet.cleanup(&[&job_a, &job_b]);
+}
+
+#[test]
+fn submit_wait_checks_its_output_first_and_json_means_json() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("submitwait", &mock.url, "");
+    let input = fleet.dir.join("in.jsonl");
+    write_requests(&input, 50);
+    let unwritable = fleet.dir.join("no-such-dir").join("out.jsonl");
+    let args = ["submit", input.to_str().unwrap(), "--provider", "mock", "--wait", "-o", unwritable.to_str().unwrap()];
+    let out = fleet.producer(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open"));
+    assert_eq!(fleet.queue_len(&format!("{}.items.mock", fleet.ns)), None, "nothing was published");
+
+    let _w = fleet.worker("w1", &[]);
+    let output = fleet.dir.join("out.jsonl");
+    let out = fleet.producer(&[
+        "submit",
+        input.to_str().unwrap(),
+        "--provider",
+        "mock",
+        "--wait",
+        "--json",
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<Value> =
+        stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l:?}"))).collect();
+    assert_eq!(lines.len(), 2, "the job id, then the summary: {stdout}");
+    assert_eq!(lines[1]["counts"]["succeeded"], 50);
+    let job = lines[0]["job_id"].as_str().unwrap().to_string();
+    assert_exactly_once(&read_output(&output), 50);
+    // The same file for a new job is refused before the job is created.
+    let out = fleet.producer(&[
+        "submit",
+        input.to_str().unwrap(),
+        "--provider",
+        "mock",
+        "--wait",
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already holds results"));
+    fleet.cleanup(&[&job]);
+}

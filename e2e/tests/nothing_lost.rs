@@ -142,10 +142,10 @@ fn an_unwritable_results_path_is_a_clear_error_and_loses_no_result() {
     let job = fleet.submit_requests(30);
     let bad = fleet.dir.join("no-such-dir").join("out.jsonl");
     let out = fleet.wait(&job, &bad, 30);
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2), "a bad output path is a usage error");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot open") && stderr.contains("no-such-dir"), "{stderr}");
-    // The results are still on the queue: a second wait to a good path gets them all.
+    // The results are still in the job's stream: a second wait to a good path gets them all.
     let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 30);
     fleet.cleanup(&[&job]);

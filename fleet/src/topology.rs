@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! <ns>.items   (direct) --provider--> <ns>.items.<provider>   quorum, delivery limit, DLX
-//! <ns>.results (topic)  --job id----> <ns>.results.<job id>   quorum, one per job
+//! <ns>.results (topic)  --job id----> <ns>.results.<job id>   stream, one per job, read
+//!                                                            from the start by every `wait`
 //!                       --#---------> <ns>.ledger              (a copy of every result)
 //! <ns>.dead    (fanout) -----------> <ns>.dead               quorum, parked messages
 //! (default)    ------------------> <ns>.ledger              quorum, single active consumer
@@ -18,8 +19,12 @@ use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptio
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, ExchangeKind};
 
-/// Results queues of jobs nobody collects disappear after a week without consumers.
-const RESULTS_QUEUE_EXPIRES_MS: i64 = 7 * 24 * 3600 * 1000;
+/// Results streams keep a job's results for a week at most (the tracker deletes a job's
+/// stream earlier, when it forgets the finished job after `tracker.retention_s`).
+const RESULTS_MAX_AGE: &str = "7D";
+/// Segment size of a results stream: age retention drops whole segments, so a smaller
+/// segment lets a large job's stream shrink as it ages.
+const RESULTS_SEGMENT_BYTES: i64 = 16 * 1024 * 1024;
 
 /// Header the fleet sets on messages it dead-letters itself, saying why.
 pub const DEAD_REASON_HEADER: &str = "x-fleet-reason";
@@ -175,10 +180,13 @@ impl Topology {
         .await
     }
 
-    /// Declares the results queue of a job and binds it to the results exchange.
+    /// Declares the results stream of a job and binds it to the results exchange. A stream
+    /// (not a queue) so that reading does not consume: `wait` can run any number of times.
     pub async fn declare_results_queue(&self, ch: &Channel, job_id: &str) -> lapin::Result<()> {
-        let mut args = quorum();
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(RESULTS_QUEUE_EXPIRES_MS));
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        args.insert("x-max-age".into(), AMQPValue::LongString(RESULTS_MAX_AGE.into()));
+        args.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(RESULTS_SEGMENT_BYTES));
         let queue = self.results_queue(job_id);
         declare_queue(ch, &queue, args).await?;
         ch.queue_bind(

@@ -1,28 +1,63 @@
 //! `producer wait`: collect a job's results into an OpenAI Batch output file.
 //!
-//! Exactly once in the file, whatever the queue delivers: a result is written only if its
-//! `custom_id` is not in the file yet, and queue messages are acked only after the lines
-//! they produced are flushed and synced. Interrupted and run again, it reads the file
-//! back (dropping a torn last line), and carries on where it stopped.
+//! A job's results live in its results stream, which reading does not consume: every
+//! `wait` reads it from the first message, so two `wait`s on one job each get everything,
+//! and a finished job can be collected again into a new file for as long as the stream is
+//! kept. Exactly once in the file, whatever the stream holds: a result is written only if
+//! its `custom_id` is not in the file yet. Interrupted and run again, it reads the file back
+//! (dropping a torn last line) and carries on; a file that is already complete returns at
+//! once. An output file belongs to one job: lines of another job in it are refused.
 
 use std::collections::HashSet;
 use std::io::{BufRead, Seek, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use fleet::topology::Topology;
 use fleet::wire::{ItemResult, JobCounts, JobSummary, KIND_JOB_FINISHED};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 
-/// Results acked at once (one multiple-ack per batch, after an fsync).
+/// Results acked at once (one multiple-ack per batch, after an fsync). On a stream an ack
+/// only makes room for more deliveries (the prefetch window); it removes nothing.
 const ACK_BATCH: usize = 512;
 /// A partial batch is synced and acked after this much quiet.
 const ACK_IDLE: Duration = Duration::from_millis(200);
+/// Longest wait for an ack or a close: past it the connection is treated as failed.
+const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The output file cannot take this job's results (exit code 2: nothing was read).
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    /// The file already holds results of another job.
+    #[error("{path} already holds results of job {other}; write job {job}'s results to another file")]
+    OtherJob { path: String, other: String, job: String },
+    /// `submit --wait` is about to create a job, and the file already holds results.
+    #[error("{path} already holds results (of job {other}); choose a new output file for a new job")]
+    NotEmpty { path: String, other: String },
+    /// A line that is not a result of this fleet.
+    #[error("{path} line {line} is not a result line; refusing to append to it")]
+    NotResults { path: String, line: usize },
+    /// The file cannot be opened for appending.
+    #[error("cannot open {path} for writing: {source}")]
+    Unwritable { path: String, source: std::io::Error },
+}
+
+/// The job id in an output line's `id` (`batch_req_<job id>_<index>`).
+fn line_job_id(v: &serde_json::Value) -> Option<&str> {
+    v["id"].as_str()?.strip_prefix("batch_req_")?.rsplit_once('_').map(|(job, _)| job)
+}
+
+/// Checks, before a job is created, that `path` can be written and holds no results.
+pub fn check_new_output(path: &Path) -> anyhow::Result<()> {
+    let (_, seen, _, job) = open_output(path, None)?;
+    if let Some(other) = job.filter(|_| !seen.is_empty()) {
+        return Err(OutputError::NotEmpty { path: path.display().to_string(), other }.into());
+    }
+    Ok(())
+}
 /// How a wait ended.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Collected {
@@ -61,27 +96,40 @@ fn count(counts: &mut JobCounts, status: &str) {
     }
 }
 
-/// Opens `path` for appending, returning the custom_ids already in it and their counts.
-fn open_output(path: &Path) -> anyhow::Result<(std::fs::File, HashSet<String>, JobCounts)> {
+/// Opens `path` for appending, returning the custom_ids already in it, their counts and
+/// the job they belong to. With `job_id`, lines of any other job are refused.
+fn open_output(
+    path: &Path,
+    job_id: Option<&str>,
+) -> anyhow::Result<(std::fs::File, HashSet<String>, JobCounts, Option<String>)> {
+    let shown = || path.display().to_string();
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .read(true)
         .append(true)
         .open(path)
-        .with_context(|| format!("cannot open {} for writing", path.display()))?;
+        .map_err(|source| OutputError::Unwritable { path: shown(), source })?;
     let mut seen = HashSet::new();
     let mut counts = JobCounts::default();
+    let mut job: Option<String> = None;
     let mut good_len = 0u64;
     let mut reader = std::io::BufReader::new(&file);
     let mut line = Vec::new();
-    loop {
+    for number in 1.. {
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 || line.last() != Some(&b'\n') {
             break; // end, or a torn last line from an interrupted write
         }
-        let v: serde_json::Value = serde_json::from_slice(&line)
-            .with_context(|| format!("{} has a line that is not a result; refusing to append to it", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&line).map_err(|_| OutputError::NotResults { path: shown(), line: number })?;
+        let line_job = line_job_id(&v).ok_or(OutputError::NotResults { path: shown(), line: number })?;
+        if let Some(want) = job_id.filter(|want| *want != line_job) {
+            return Err(
+                OutputError::OtherJob { path: shown(), other: line_job.to_string(), job: want.to_string() }.into()
+            );
+        }
+        job.get_or_insert_with(|| line_job.to_string());
         let id = v["custom_id"].as_str().unwrap_or_default().to_string();
         if seen.insert(id) {
             count(&mut counts, line_status(&v));
@@ -93,7 +141,7 @@ fn open_output(path: &Path) -> anyhow::Result<(std::fs::File, HashSet<String>, J
         file.set_len(good_len)?;
     }
     file.seek(std::io::SeekFrom::End(0))?;
-    Ok((file, seen, counts))
+    Ok((file, seen, counts, job))
 }
 
 /// Why a consuming session ended without finishing.
@@ -127,7 +175,12 @@ impl Collector {
         self.out.flush().and_then(|()| self.out.get_ref().sync_data()).map_err(|e| Interrupted::Fatal(e.into()))?;
         self.unacked_n = 0;
         if let Some(acker) = self.unacked.take() {
-            acker.ack(BasicAckOptions { multiple: true }).await.map_err(|e| Interrupted::Broker(e.into()))?;
+            // Bounded: an ack that never completes must not hold a finished wait (the lines
+            // are already on disk; a redelivery after reconnecting is skipped as a duplicate).
+            match tokio::time::timeout(BROKER_CALL_TIMEOUT, acker.ack(BasicAckOptions { multiple: true })).await {
+                Ok(res) => res.map_err(|e| Interrupted::Broker(e.into()))?,
+                Err(_) => return Err(Interrupted::Broker(anyhow::anyhow!("the broker did not take an ack in time"))),
+            };
         }
         Ok(())
     }
@@ -171,8 +224,12 @@ impl Collector {
         let broker = |e: lapin::Error| Interrupted::Broker(e.into());
         let ch = conn.create_channel().await.map_err(broker)?;
         ch.basic_qos(2 * ACK_BATCH as u16, BasicQosOptions::default()).await.map_err(broker)?;
+        // Every session reads the stream from its first message; what the file holds already
+        // is skipped. (The stream keeps no per-reader position, so readers never interfere.)
+        let mut from_first = FieldTable::default();
+        from_first.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
         let mut consumer = ch
-            .basic_consume(queue.into(), "producer-wait".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(queue.into(), "producer-wait".into(), BasicConsumeOptions::default(), from_first)
             .await
             .map_err(broker)?;
         while !self.complete() {
@@ -203,7 +260,10 @@ impl Collector {
                 self.sync_and_ack().await?;
             }
         }
-        self.sync_and_ack().await
+        self.sync_and_ack().await?;
+        // Stop deliveries before the connection closes (a stream keeps delivering).
+        let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, ch.close(200, "done".into())).await;
+        Ok(())
     }
 }
 
@@ -212,7 +272,7 @@ impl Collector {
 pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collected> {
     let started = Instant::now();
     let topology = Topology::from_config(cfg);
-    let (file, seen, counts) = open_output(req.output)?;
+    let (file, seen, counts, _) = open_output(req.output, Some(req.job_id))?;
     let bar = crate::progress::bar(0, req.progress, "collecting");
     bar.set_position(seen.len() as u64);
     let mut c = Collector {
@@ -254,7 +314,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         }
     }
     c.bar.finish_and_clear();
-    let _ = conn.close(200, "done".into()).await;
+    let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, conn.close(200, "done".into())).await;
     c.counts.total = c.total.unwrap_or(c.seen.len() as u64);
     Ok(Collected {
         job_id: req.job_id.to_string(),

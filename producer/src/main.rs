@@ -131,6 +131,14 @@ async fn main() -> ExitCode {
                 }
             };
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
+            if let Some(output) = output.as_deref().filter(|_| wait) {
+                // Before anything is published: a job whose results cannot be written is
+                // better not started.
+                if let Err(e) = collect::check_new_output(output) {
+                    eprintln!("producer: {e:#}");
+                    return ExitCode::from(2);
+                }
+            }
             let req =
                 SubmitRequest { file: &file, provider: &provider, model: model.as_deref(), deadline_ms, progress };
             match submit::submit(&cfg, &req).await {
@@ -140,11 +148,13 @@ async fn main() -> ExitCode {
                     } else {
                         println!("{}", job.job_id);
                     }
-                    eprintln!("submitted job {} with {} requests", job.job_id, job.total);
+                    if !json {
+                        eprintln!("submitted job {} with {} requests", job.job_id, job.total);
+                    }
                     if wait {
                         let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
                         let req = WaitRequest { job_id: &job.job_id, output: &output, progress, timeout: None };
-                        collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, false))
+                        collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
                     } else {
                         Ok(())
                     }
@@ -191,7 +201,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("producer: {e:#}");
-            if e.downcast_ref::<InputError>().is_some() {
+            if e.downcast_ref::<InputError>().is_some() || e.downcast_ref::<collect::OutputError>().is_some() {
                 ExitCode::from(2)
             } else {
                 ExitCode::FAILURE

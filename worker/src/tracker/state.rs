@@ -81,12 +81,15 @@ pub struct State {
     pub durations: BTreeMap<String, Vec<f64>>,
 }
 
-/// The end status of a job whose items are all finished.
+/// The end status of a job whose items are all finished (the README's "How a job ends"):
+/// `cancelled` when a cancel stopped at least one item; else `expired` when the deadline
+/// stopped at least one item (as a provider's batch expires with partial results); else
+/// `failed` when no item succeeded; else `completed` (individual items may have failed).
 fn end_status(job: &JobState) -> &'static str {
     let c = &job.counts;
     if job.cancel_requested && c.cancelled > 0 {
         "cancelled"
-    } else if c.expired > 0 && c.succeeded + c.failed == 0 {
+    } else if c.expired > 0 {
         "expired"
     } else if c.succeeded == 0 && c.failed > 0 {
         "failed"
@@ -225,6 +228,31 @@ mod tests {
         assert!(s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 5_000).is_none());
         assert_eq!(s.jobs_total["p/submitted"], 1);
         assert_eq!(s.jobs_total["p/completed"], 1);
+    }
+
+    /// The rules of the README's "How a job ends", one case each.
+    #[test]
+    fn the_end_status_follows_the_written_rules() {
+        use ItemStatus::{Cancelled as C, Expired as E, Failed as F, Succeeded as S};
+        let cases: &[(&[ItemStatus], bool, &str)] = &[
+            (&[S, S, F], false, "completed"),
+            (&[F, F, F], false, "failed"),
+            (&[S, E, E], false, "expired"),
+            (&[F, E, E], false, "expired"),
+            (&[S, C, E], true, "cancelled"),
+            (&[S, S, S], true, "completed"),
+        ];
+        for (i, (items, cancel, want)) in cases.iter().enumerate() {
+            let mut s = State::default();
+            let job = format!("j{i}");
+            s.apply(&submitted(&job, items.len() as u64), 1);
+            if *cancel {
+                s.apply(&LedgerEvent::JobCancel { job_id: job.clone() }, 2);
+            }
+            let items: Vec<(u64, ItemStatus)> = items.iter().enumerate().map(|(n, st)| (n as u64, *st)).collect();
+            let ended = s.apply(&finished(&job, &items), 3).expect("ends");
+            assert_eq!(ended.summary.status, *want, "case {i}: {items:?} cancel={cancel}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use fleet::push::{GroupKey, Pushgateway};
+use fleet::push::Pushgateway;
 use fleet::topology::Topology;
 
 use crate::workload::PROVIDER;
@@ -132,23 +132,8 @@ impl Stack {
 
     /// Deletes the Pushgateway groups labelled with `namespace = ns`.
     async fn delete_push_groups(&self, ns: &str) -> anyhow::Result<()> {
-        let cfg = fleet::config::PushgatewayConfig {
-            url: self.pushgateway_url.clone(),
-            push_interval_s: 5,
-            stale_group_s: 3600,
-            timeout_s: 5,
-            username: None,
-            password: None,
-        };
-        let Some(pg) = Pushgateway::from_config(&cfg) else {
-            return Ok(());
-        };
-        for group in pg.groups().await.context("listing Pushgateway groups")? {
-            if group.labels.get("namespace").map(String::as_str) == Some(ns) {
-                if let Some(key) = GroupKey::from_labels(&group.labels) {
-                    pg.delete(&key).await?;
-                }
-            }
+        if let Some(pg) = Pushgateway::at(&self.pushgateway_url) {
+            pg.delete_namespace(ns).await.context("deleting Pushgateway groups")?;
         }
         Ok(())
     }

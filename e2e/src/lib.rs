@@ -276,6 +276,20 @@ impl Fleet {
     }
 }
 
+impl Drop for Fleet {
+    /// Deletes the namespace's Pushgateway groups, passing or failing: the machine's
+    /// Pushgateway outlives the run and Prometheus would scrape them forever. (Queues stay
+    /// after a failure, for a look; `cleanup` deletes them after a pass.) Fields drop after
+    /// this, and a test's workers, declared after its fleet, are already gone.
+    fn drop(&mut self) {
+        let Some(pg) = fleet::push::Pushgateway::at(&pushgateway_url()) else { return };
+        let ns = self.ns.clone();
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            let _ = rt.block_on(pg.delete_namespace(&ns));
+        }
+    }
+}
+
 /// `base` with the tables of `extra` merged in (keys of `extra` win).
 fn merge_toml(base: &str, extra: &str) -> String {
     fn merge(into: &mut toml::Table, from: toml::Table) {

@@ -49,6 +49,19 @@ impl Pushgateway {
         })
     }
 
+    /// A Pushgateway at `url` without authentication (tests, benchmarks, tools).
+    pub fn at(url: &str) -> Option<Self> {
+        let cfg = PushgatewayConfig {
+            url: url.to_string(),
+            push_interval_s: 5,
+            stale_group_s: 3600,
+            timeout_s: 5,
+            username: None,
+            password: None,
+        };
+        Pushgateway::from_config(&cfg)
+    }
+
     fn group_url(&self, key: &GroupKey) -> String {
         let mut url = format!("{}/metrics/job/{}", self.base, path_safe(&key.job));
         for (k, v) in &key.labels {
@@ -90,6 +103,22 @@ impl Pushgateway {
             anyhow::bail!("pushgateway answered {}", resp.status());
         }
         Ok(())
+    }
+
+    /// Deletes every group of `namespace` (a finished test's or benchmark's), returning how
+    /// many there were: a Pushgateway keeps groups forever and Prometheus scrapes them all.
+    pub async fn delete_namespace(&self, namespace: &str) -> anyhow::Result<usize> {
+        let mut deleted = 0;
+        for group in self.groups().await? {
+            if group.labels.get("namespace").map(String::as_str) != Some(namespace) {
+                continue;
+            }
+            if let Some(key) = GroupKey::from_labels(&group.labels) {
+                self.delete(&key).await?;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Every group on the Pushgateway.

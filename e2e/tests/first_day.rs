@@ -164,3 +164,15 @@ fn submit_wait_checks_its_output_first_and_json_means_json() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("already holds results"));
     fleet.cleanup(&[&job]);
 }
+
+#[test]
+fn a_refused_broker_login_is_an_error_not_an_endless_retry() {
+    let fleet = Fleet::new("badlogin", "http://127.0.0.1:9", "");
+    let url = amqp_url().replacen("guest:guest@", "guest:not-the-password@", 1);
+    assert_ne!(url, amqp_url(), "the test broker URL carries guest:guest");
+    let mut w = fleet.worker("w1", &[("FLEET__AMQP__URL", url.as_str())]);
+    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(1), "exit 1 for a refused login");
+    let log = fleet.worker_log("w1");
+    assert!(log.contains("refused the login"), "{log}");
+    assert!(!log.contains("not-the-password"), "the password stays out of the log: {log}");
+}

@@ -125,6 +125,14 @@ pub async fn publish_confirmed(
     publish(ch, exchange, routing_key, payload, props).await?.wait().await
 }
 
+/// Whether the broker refused the login (user, password or vhost): retrying cannot help,
+/// so a process fails with this instead of retrying forever.
+pub fn is_access_refused(e: &lapin::Error) -> bool {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
+        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::redact_url;

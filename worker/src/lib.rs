@@ -68,6 +68,18 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         in_flight: TaskTracker::new(),
         cancelled: control::Cancelled::default(),
     };
+    // A refused login never heals by retrying (the loop below retries only what can): fail
+    // at start with exit 1 rather than warn forever. A broker that is down is waited for.
+    match fleet::amqp::connect(&cfg.amqp.url, "worker login check").await {
+        Ok(conn) => {
+            let _ = conn.close(200, "login checked".into()).await;
+        }
+        Err(e) if fleet::amqp::is_access_refused(&e) => anyhow::bail!(
+            "RabbitMQ at {} refused the login: check the user, password and vhost of amqp.url",
+            fleet::amqp::redact_url(&cfg.amqp.url)
+        ),
+        Err(_) => {}
+    }
     let tracker_role = tracker::spawn_candidate(&cfg, &worker_id, pg, shutdown.clone());
     let mut retry_delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {

@@ -176,3 +176,37 @@ fn a_refused_broker_login_is_an_error_not_an_endless_retry() {
     assert!(log.contains("refused the login"), "{log}");
     assert!(!log.contains("not-the-password"), "the password stays out of the log: {log}");
 }
+
+#[test]
+fn an_item_the_broker_dead_letters_ends_failed_and_the_job_ends() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("brokerdead", &mock.url, "");
+    // A worker declares the topology, then leaves before the job is submitted.
+    let mut w = fleet.worker("w0", &[]);
+    let items_queue = format!("{}.items.mock", fleet.ns);
+    eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
+    w.signal("TERM");
+    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0));
+    let job = fleet.submit_requests(30);
+    // The broker dead-letters one item (a consumer rejects it without requeue): no worker
+    // ever sees it again, and nothing but the tracker can end it.
+    let queue = items_queue.clone();
+    let rejected: String = fleet.amqp(|conn, _| async move {
+        let ch = conn.create_channel().await.unwrap();
+        let msg = ch.basic_get(queue.as_str().into(), Default::default()).await.unwrap().expect("an item");
+        let item: Value = serde_json::from_slice(&msg.delivery.data).unwrap();
+        msg.delivery.acker.reject(lapin::options::BasicRejectOptions { requeue: false }).await.unwrap();
+        item["custom_id"].as_str().unwrap().to_string()
+    });
+    let _w = fleet.worker("w1", &[]);
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 30);
+    let dead: Vec<&Value> = lines.iter().filter(|l| l["custom_id"] == rejected.as_str()).collect();
+    assert_eq!(dead[0]["error"]["code"], "dead_lettered", "{}", dead[0]);
+    assert!(dead[0]["error"]["message"].as_str().unwrap().contains("rejected"), "{}", dead[0]);
+    let status = fleet.final_status(&job);
+    assert_eq!((status["succeeded"].as_u64(), status["failed"].as_u64()), (Some(29), Some(1)), "{status}");
+    // The item itself stays parked for `producer dead`.
+    assert_eq!(fleet.queue_len(&format!("{}.dead", fleet.ns)), Some(1));
+    fleet.cleanup(&[&job]);
+}

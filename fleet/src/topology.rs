@@ -8,6 +8,7 @@
 //!                                                            from the start by every `wait`
 //!                       --#---------> <ns>.ledger              (a copy of every result)
 //! <ns>.dead    (fanout) -----------> <ns>.dead               quorum, parked messages
+//!                        -----------> <ns>.ledger             (the tracker ends dead items)
 //! (default)    ------------------> <ns>.ledger              quorum, single active consumer
 //! (default)    ------------------> <ns>.delay.<provider>.<n>s  TTL n s, dead-letters back
 //!                                                            to <ns>.items / <provider>
@@ -124,6 +125,17 @@ impl Topology {
             self.ledger_queue().into(),
             self.results_exchange().into(),
             "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        // Items the broker dead-letters (delivery limit, rejection) reach the tracker too,
+        // which ends each one that has no result yet as a failed result of its job: no job
+        // waits forever for an item parked in <ns>.dead.
+        ch.queue_bind(
+            self.ledger_queue().into(),
+            self.dead_exchange().into(),
+            "".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )

@@ -11,6 +11,7 @@
 //! are only ever pushed from checkpointed state, so a takeover (which restores the newest
 //! checkpoint) never shows a counter going down.
 
+pub mod dead;
 pub mod state;
 
 use std::time::Duration;
@@ -228,11 +229,13 @@ impl<'a> Active<'a> {
                 }
                 next = ledger.next() => {
                     let delivery = next.context("ledger consumer ended")?.context("ledger delivery")?;
-                    match ledger_event(&delivery) {
+                    if delivery.exchange.as_str() == self.topology.dead_exchange() {
+                        self.end_dead_item(&delivery).await?;
+                    } else { match ledger_event(&delivery) {
                         Ok(Some(event)) => self.fold(&event).await?,
                         Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "ignoring a malformed ledger event"),
-                    }
+                    } }
                     unacked = Some(delivery.acker);
                     unacked_n += 1;
                     dirty = true;
@@ -276,6 +279,27 @@ impl<'a> Active<'a> {
             failed = s.counts.failed, duration_s = ended.duration_s, "job finished");
         self.metrics.job_duration.with_label_values(&[&s.provider, &s.status]).observe(ended.duration_s);
         self.announce(s).await;
+        Ok(())
+    }
+
+    /// Gives a dead-lettered item that has no result a failed one (see [`dead`]). The
+    /// publish is confirmed before the ledger message can be acked: a tracker that dies
+    /// first sees the dead copy again, and a second result is dropped as a duplicate.
+    async fn end_dead_item(&self, delivery: &lapin::message::Delivery) -> anyhow::Result<()> {
+        let Some(item) = dead::dead_item(delivery) else {
+            return Ok(()); // not an item: `producer dead` shows it
+        };
+        if self.state.has_result(&item.job_id, item.index) {
+            return Ok(()); // e.g. a poison item: its worker published the result first
+        }
+        let reason = dead::reason(delivery);
+        tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, reason = %reason, "ending a dead-lettered item as failed");
+        let result = dead::failed_result(&item, &reason, &self.worker_id);
+        let payload = serde_json::to_vec(&result)?;
+        let props = amqp::persistent_json().with_type(KIND_RESULT.into());
+        amqp::publish_confirmed(&self.ch, &self.topology.results_exchange(), &item.job_id, &payload, props)
+            .await
+            .context("publishing the result of a dead-lettered item")?;
         Ok(())
     }
 

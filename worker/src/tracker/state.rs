@@ -26,6 +26,11 @@ impl Bitmap {
         self.0[word] |= 1 << bit;
         !was
     }
+
+    /// Whether bit `i` is set.
+    pub fn contains(&self, i: u64) -> bool {
+        self.0.get((i / 64) as usize).is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
 }
 
 /// One job as the tracker knows it.
@@ -99,6 +104,11 @@ fn end_status(job: &JobState) -> &'static str {
 }
 
 impl State {
+    /// Whether item `index` of `job_id` already has a result (an ended job has them all).
+    pub fn has_result(&self, job_id: &str, index: u64) -> bool {
+        self.jobs.get(job_id).is_some_and(|j| j.end_status.is_some() || j.done.contains(index))
+    }
+
     fn bump(&mut self, provider: &str, status: &str) {
         *self.jobs_total.entry(format!("{provider}/{status}")).or_default() += 1;
     }

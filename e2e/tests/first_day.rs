@@ -210,3 +210,32 @@ fn an_item_the_broker_dead_letters_ends_failed_and_the_job_ends() {
     assert_eq!(fleet.queue_len(&format!("{}.dead", fleet.ns)), Some(1));
     fleet.cleanup(&[&job]);
 }
+
+#[test]
+fn status_says_what_a_slow_job_waits_for() {
+    let down = Mock::start(&["--error-503", "1.0"]);
+    let retries = "[retry]\nmax_attempts = 2\ninitial_backoff_ms = 5\nmax_backoff_ms = 20\nmax_elapsed_s = 1\n\
+                   delay_tiers_s = [1, 2]\nmax_delays = 30\ndelay_budget_s = 600\n";
+    let fleet = Fleet::new("slowstatus", &down.url, retries);
+    let _w = fleet.worker("w1", &[]);
+    let job = fleet.submit_requests(40);
+    let mut last = Value::Null;
+    eventually(Duration::from_secs(30), "status shows delayed items and the provider's error", || {
+        let out = fleet.producer(&["status", &job, "--json"]);
+        last = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        last["progress"]["in_delay_queues"].as_u64().unwrap_or(0) > 0
+            && last["progress"]["last_error"].as_str().is_some_and(|e| e.contains("503"))
+    });
+    assert_eq!(last["status"], "in_progress", "{last}");
+    assert_eq!(last["progress"]["cancelling"], false, "{last}");
+    let text = String::from_utf8_lossy(&fleet.producer(&["status", &job]).stdout).to_string();
+    assert!(text.contains("in delay queues=") && text.contains("last error"), "{text}");
+    // A cancel ends the waiting items without another call, and the job ends cancelled.
+    assert!(fleet.producer(&["cancel", &job]).status.success());
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 40);
+    let status = fleet.final_status(&job);
+    assert_eq!(status["status"], "cancelled", "{status}");
+    assert!(status.get("progress").is_none(), "an ended job has no progress: {status}");
+    fleet.cleanup(&[&job]);
+}

@@ -178,6 +178,30 @@ pub struct JobSummary {
     /// Items finished per second since submission (or over the whole job once finished).
     #[serde(default)]
     pub rate_per_s: f64,
+    /// Why a job in progress is not done yet; absent once it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<JobProgress>,
+}
+
+/// Where the unfinished items of a job in progress are, as far as the tracker knows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JobProgress {
+    /// A cancel was requested and the job has not ended yet.
+    pub cancelling: bool,
+    /// Items waiting in delay queues because the provider kept failing.
+    pub in_delay_queues: u64,
+    /// The rest of the pending items: on the items queue or being called.
+    pub queued_or_in_flight: u64,
+    /// Items of the job on the provider's items queue, ready for a worker (all jobs of the
+    /// provider share the queue: this is the provider's backlog, not only this job's).
+    pub provider_backlog: Option<u64>,
+    /// Items of this job that ended failed by dead-lettering (poison, broker dead letters).
+    pub dead_lettered: u64,
+    /// The newest provider failure seen for this job (retried or final), and its age.
+    pub last_error: Option<String>,
+    pub last_error_age_s: Option<u64>,
+    /// Seconds until the job ends at its current rate.
+    pub eta_s: Option<u64>,
 }
 
 /// A status query to the active tracker (published to `<ns>.tracker.rpc` with `reply_to`).
@@ -221,6 +245,14 @@ pub enum LedgerEvent {
     },
     JobCancel {
         job_id: String,
+    },
+    /// A worker sent an item to a delay queue: the provider keeps failing.
+    ItemDelayed {
+        job_id: String,
+        provider: String,
+        index: u64,
+        /// The failure that sent it there (no response body, no key: the error's message).
+        error: String,
     },
 }
 

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fleet::topology::Topology;
-use fleet::wire::{JobSummary, TrackerReply, TrackerRequest};
+use fleet::wire::{JobProgress, JobSummary, TrackerReply, TrackerRequest};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
@@ -68,8 +68,40 @@ pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyho
     Ok(reply)
 }
 
-/// One line per job for humans.
+/// One line per job for humans; a job in progress gets a second line saying where its
+/// pending items are and what it waits for.
 pub fn render(job: &JobSummary) -> String {
+    let mut out = summary_line(job);
+    if let Some(p) = &job.progress {
+        out.push_str("\n    ");
+        out.push_str(&progress_line(p));
+    }
+    out
+}
+
+fn progress_line(p: &JobProgress) -> String {
+    let mut parts = Vec::new();
+    if p.cancelling {
+        parts.push("cancel in progress".to_string());
+    }
+    parts.push(format!("queued or in flight={}", p.queued_or_in_flight));
+    if let Some(n) = p.provider_backlog {
+        parts.push(format!("provider backlog (all jobs)={n}"));
+    }
+    parts.push(format!("in delay queues={}", p.in_delay_queues));
+    parts.push(format!("dead-lettered={}", p.dead_lettered));
+    if let Some(e) = &p.last_error {
+        let age = p.last_error_age_s.map(|s| format!(" ({s}s ago)")).unwrap_or_default();
+        parts.push(format!("last error{age}: {e}"));
+    }
+    parts.push(match p.eta_s {
+        Some(s) => format!("eta={s}s"),
+        None => "eta=unknown (no item finished yet)".to_string(),
+    });
+    parts.join("  ")
+}
+
+fn summary_line(job: &JobSummary) -> String {
     let c = &job.counts;
     let fmt_ts = |ms: u64| format!("{}s-ago", fleet::now_ms().saturating_sub(ms) / 1000);
     format!(

@@ -203,6 +203,7 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
     match amqp::publish_confirmed(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await {
         Ok(()) => {
             ctx.metrics.retries.with_label_values(&[provider, "delay", error.kind()]).inc();
+            note_delay(ctx, &item, &error).await;
             if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
                 tracing::warn!(error = %e, "ack failed after delaying; the item may run twice");
             }
@@ -213,6 +214,28 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
             tokio::time::sleep(Duration::from_secs(1)).await;
             let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
         }
+    }
+}
+
+/// Tells the tracker an item waits in a delay queue and why, so `producer status` can say
+/// what a slow job is waiting for. Informational: not confirmed, and a lost note only
+/// leaves the status less detailed.
+async fn note_delay(ctx: &Context, item: &Item, error: &CallError) {
+    let event = fleet::wire::LedgerEvent::ItemDelayed {
+        job_id: item.job_id.clone(),
+        provider: item.provider.clone(),
+        index: item.index,
+        error: error.to_string(),
+    };
+    let payload = serde_json::to_vec(&event).expect("events serialize");
+    let queue = ctx.topology.ledger_queue();
+    match amqp::publish(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await {
+        Ok(pending) => {
+            tokio::spawn(async move {
+                let _ = pending.wait().await;
+            });
+        }
+        Err(e) => tracing::debug!(error = %e, "cannot note a delay on the ledger"),
     }
 }
 

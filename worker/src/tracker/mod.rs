@@ -21,7 +21,10 @@ use fleet::amqp;
 use fleet::metrics::TrackerMetrics;
 use fleet::push::{GroupKey, Pushgateway, WORKER_JOB};
 use fleet::topology::Topology;
-use fleet::wire::{ItemResult, JobSummary, LedgerEvent, TrackerReply, TrackerRequest, KIND_JOB_FINISHED, KIND_RESULT};
+use fleet::wire::{
+    ErrorRecord, ItemResult, ItemStatus, JobSummary, LedgerEvent, TrackerReply, TrackerRequest, KIND_JOB_FINISHED,
+    KIND_RESULT,
+};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{
@@ -232,7 +235,14 @@ impl<'a> Active<'a> {
                     if delivery.exchange.as_str() == self.topology.dead_exchange() {
                         self.end_dead_item(&delivery).await?;
                     } else { match ledger_event(&delivery) {
-                        Ok(Some(event)) => self.fold(&event).await?,
+                        Ok(Some((event, failure))) => {
+                            if let (Some(error), LedgerEvent::ItemsFinished { job_id, items, .. }) = (&failure, &event) {
+                                for (index, _) in items {
+                                    self.state.note_failure(job_id, *index, error, fleet::now_ms());
+                                }
+                            }
+                            self.fold(&event).await?
+                        }
                         Ok(None) => {}
                         Err(e) => tracing::warn!(error = %e, "ignoring a malformed ledger event"),
                     } }
@@ -340,10 +350,10 @@ impl<'a> Active<'a> {
         let mut reply = TrackerReply { tracker: self.worker_id.clone(), jobs: vec![], error: None };
         match serde_json::from_slice::<TrackerRequest>(&req.data) {
             Ok(TrackerRequest::Status { job_id }) => match self.state.jobs.get(&job_id) {
-                Some(j) => reply.jobs.push(j.summary(now)),
+                Some(j) => reply.jobs.push(self.summary(j, now)),
                 None => reply.error = Some(format!("no job {job_id:?} is known to the tracker")),
             },
-            Ok(TrackerRequest::Jobs) => reply.jobs = self.state.jobs.values().map(|j| j.summary(now)).collect(),
+            Ok(TrackerRequest::Jobs) => reply.jobs = self.state.jobs.values().map(|j| self.summary(j, now)).collect(),
             Err(e) => reply.error = Some(format!("bad request: {e}")),
         }
         let mut props = BasicProperties::default().with_content_type("application/json".into());
@@ -352,6 +362,19 @@ impl<'a> Active<'a> {
         }
         let payload = serde_json::to_vec(&reply).expect("replies serialize");
         let _ = self.ch.basic_publish("".into(), reply_to, Default::default(), &payload, props).await;
+    }
+
+    /// A job's summary, with its provider's backlog as last measured.
+    fn summary(&self, job: &state::JobState, now_ms: u64) -> JobSummary {
+        let mut summary = job.summary(now_ms);
+        if let Some(progress) = summary.progress.as_mut() {
+            progress.provider_backlog = self
+                .cfg
+                .providers
+                .contains_key(&job.provider)
+                .then(|| self.metrics.queue_backlog.with_label_values(&[&job.provider]).get() as u64);
+        }
+        summary
     }
 
     /// Sets `batch_queue_backlog` for every provider in the config.
@@ -385,21 +408,21 @@ impl<'a> Active<'a> {
     }
 }
 
-/// The event a ledger message carries: a job event from the producer, or a result (routed
-/// here from the results exchange) as its item's `items_finished`. Our own `job_finished`
-/// announcements come back too, and carry nothing to fold.
-fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<LedgerEvent>> {
+/// The event a ledger message carries: a job event from the producer or a worker, or a
+/// result (routed here from the results exchange) as its item's `items_finished` with the
+/// failure it reports. Our own `job_finished` announcements come back too, and carry
+/// nothing to fold.
+fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<(LedgerEvent, Option<ErrorRecord>)>> {
     match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
         Some(KIND_RESULT) => {
             let r: ItemResult = serde_json::from_slice(&delivery.data)?;
-            Ok(Some(LedgerEvent::ItemsFinished {
-                job_id: r.job_id,
-                provider: r.provider,
-                items: vec![(r.index, r.status)],
-            }))
+            let failure = if r.status == ItemStatus::Failed { r.error } else { None };
+            let event =
+                LedgerEvent::ItemsFinished { job_id: r.job_id, provider: r.provider, items: vec![(r.index, r.status)] };
+            Ok(Some((event, failure)))
         }
         Some(KIND_JOB_FINISHED) => Ok(None),
-        _ => serde_json::from_slice(&delivery.data).map(Some),
+        _ => serde_json::from_slice(&delivery.data).map(|e| Some((e, None))),
     }
 }
 

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use fleet::wire::{JobCounts, JobSummary, LedgerEvent};
+use fleet::wire::{ErrorRecord, JobCounts, JobProgress, JobSummary, LedgerEvent};
 use serde::{Deserialize, Serialize};
 
 /// A set of item indices, one bit each.
@@ -33,6 +33,15 @@ impl Bitmap {
     }
 }
 
+/// An error message as kept in the state: it came off a queue, so it is cut to a bound.
+fn bounded(message: &str) -> String {
+    const MAX: usize = 300;
+    match message.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}...", &message[..cut]),
+        None => message.to_string(),
+    }
+}
+
 /// One job as the tracker knows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobState {
@@ -49,6 +58,18 @@ pub struct JobState {
     /// Set when the job ended: `completed`, `failed`, `cancelled` or `expired`.
     pub end_status: Option<String>,
     pub finished_at_ms: Option<u64>,
+    /// Items sent to a delay queue at least once; with `done`, says which wait there now.
+    #[serde(default)]
+    pub delayed: Bitmap,
+    /// Items in `delayed` without a result yet.
+    #[serde(default)]
+    pub in_delay: u64,
+    /// Items that ended failed through the dead-letter queue.
+    #[serde(default)]
+    pub dead_lettered: u64,
+    /// The newest failure seen for the job and when (Unix ms).
+    #[serde(default)]
+    pub last_error: Option<(String, u64)>,
 }
 
 impl JobState {
@@ -62,9 +83,26 @@ impl JobState {
             provider: self.provider.clone(),
             status: self.end_status.clone().unwrap_or_else(|| "in_progress".into()),
             rate_per_s: counts.finished() as f64 / secs,
+            progress: self.end_status.is_none().then(|| self.progress(&counts, secs, now_ms)),
             counts,
             submitted_at_ms: self.submitted_at_ms,
             finished_at_ms: self.finished_at_ms,
+        }
+    }
+
+    /// Where the pending items are (the provider's backlog is filled in by the caller).
+    fn progress(&self, counts: &JobCounts, secs: f64, now_ms: u64) -> JobProgress {
+        let pending = counts.pending();
+        let rate = counts.finished() as f64 / secs;
+        JobProgress {
+            cancelling: self.cancel_requested,
+            in_delay_queues: self.in_delay.min(pending),
+            queued_or_in_flight: pending.saturating_sub(self.in_delay),
+            provider_backlog: None,
+            dead_lettered: self.dead_lettered,
+            last_error: self.last_error.as_ref().map(|(e, _)| e.clone()),
+            last_error_age_s: self.last_error.as_ref().map(|(_, at)| now_ms.saturating_sub(*at) / 1000),
+            eta_s: (rate > 0.0 && pending > 0).then(|| (pending as f64 / rate).ceil() as u64),
         }
     }
 }
@@ -104,6 +142,19 @@ fn end_status(job: &JobState) -> &'static str {
 }
 
 impl State {
+    /// Records the failure a result of `job_id` carries, before the result is folded (the
+    /// newest error, and a dead-lettered item once: only a new index counts).
+    pub fn note_failure(&mut self, job_id: &str, index: u64, error: &ErrorRecord, at_ms: u64) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        if job.end_status.is_some() || job.done.contains(index) {
+            return;
+        }
+        job.last_error = Some((bounded(&error.message), at_ms));
+        if matches!(error.code.as_str(), "dead_lettered" | "poison") {
+            job.dead_lettered += 1;
+        }
+    }
+
     /// Whether item `index` of `job_id` already has a result (an ended job has them all).
     pub fn has_result(&self, job_id: &str, index: u64) -> bool {
         self.jobs.get(job_id).is_some_and(|j| j.end_status.is_some() || j.done.contains(index))
@@ -125,6 +176,10 @@ impl State {
             cancel_requested: false,
             end_status: None,
             finished_at_ms: None,
+            delayed: Bitmap::default(),
+            in_delay: 0,
+            dead_lettered: 0,
+            last_error: None,
         })
     }
 
@@ -151,9 +206,20 @@ impl State {
                 for (index, status) in items {
                     if job.done.insert(*index) {
                         job.counts.add(*status);
+                        if job.delayed.contains(*index) {
+                            job.in_delay = job.in_delay.saturating_sub(1);
+                        }
                     }
                 }
                 job_id
+            }
+            LedgerEvent::ItemDelayed { job_id, provider, index, error } => {
+                let job = self.job_mut(job_id, provider);
+                job.last_error = Some((bounded(error), now_ms));
+                if job.end_status.is_none() && !job.done.contains(*index) && job.delayed.insert(*index) {
+                    job.in_delay += 1;
+                }
+                return None;
             }
             LedgerEvent::JobCancel { job_id } => {
                 let job = self.jobs.get_mut(job_id)?;
@@ -263,6 +329,33 @@ mod tests {
             let ended = s.apply(&finished(&job, &items), 3).expect("ends");
             assert_eq!(ended.summary.status, *want, "case {i}: {items:?} cancel={cancel}");
         }
+    }
+
+    #[test]
+    fn progress_counts_delayed_items_until_their_result_and_keeps_the_newest_error() {
+        let mut s = State::default();
+        s.apply(&submitted("j", 4), 0);
+        let delayed = |index| LedgerEvent::ItemDelayed {
+            job_id: "j".into(),
+            provider: "p".into(),
+            index,
+            error: format!("HTTP 503 #{index}"),
+        };
+        s.apply(&delayed(0), 1_000);
+        s.apply(&delayed(0), 1_500); // delayed again, or a redelivered note: counted once
+        s.apply(&delayed(1), 2_000);
+        s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 2_000);
+        let p = s.jobs["j"].summary(4_000).progress.expect("in progress");
+        assert_eq!((p.in_delay_queues, p.queued_or_in_flight), (2, 1));
+        assert_eq!(p.last_error.as_deref(), Some("HTTP 503 #1"));
+        assert_eq!(p.last_error_age_s, Some(2));
+        assert_eq!(p.eta_s, Some(9), "1 item in the 3 s since submission, 3 left");
+        s.apply(&finished("j", &[(0, ItemStatus::Succeeded)]), 5_000);
+        assert_eq!(s.jobs["j"].summary(5_000).progress.unwrap().in_delay_queues, 1);
+        s.apply(&LedgerEvent::JobCancel { job_id: "j".into() }, 5_000);
+        assert!(s.jobs["j"].summary(5_000).progress.unwrap().cancelling);
+        let ended = s.apply(&finished("j", &[(1, ItemStatus::Cancelled), (3, ItemStatus::Cancelled)]), 6_000);
+        assert!(ended.expect("ends").summary.progress.is_none());
     }
 
     #[test]

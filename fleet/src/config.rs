@@ -15,6 +15,9 @@ use serde::{Deserialize, Serialize};
 
 /// The built-in defaults: a local broker and a local Pushgateway. With no provider
 /// configured, [`MOCK_PROVIDER_TOML`] is added too, so the demo needs no file at all.
+///
+/// This text is the one source of every default it sets: a field it sets has no serde
+/// default of its own (a test checks that the two never disagree).
 pub const DEFAULTS_TOML: &str = r#"
 namespace = "fleet"
 
@@ -125,7 +128,6 @@ pub struct WorkerConfig {
     /// On SIGTERM, how long in-flight items may take to finish before the worker exits.
     pub drain_timeout_s: u64,
     /// Providers to serve; empty means every provider in the config.
-    #[serde(default)]
     pub providers: Vec<String>,
 }
 
@@ -140,18 +142,11 @@ pub struct RetryConfig {
     pub max_elapsed_s: u64,
     /// Delay-queue tiers: after the in-process budget, an item waits in the tier for its
     /// attempt number (the last tier repeats) instead of holding a prefetch slot.
-    #[serde(default = "default_tiers")]
     pub delay_tiers_s: Vec<u64>,
     /// Passes through a delay queue before the item ends failed with its last error.
-    #[serde(default)]
     pub max_delays: u32,
     /// Time from an item's first delay after which it ends failed rather than wait again.
-    #[serde(default)]
     pub delay_budget_s: u64,
-}
-
-fn default_tiers() -> Vec<u64> {
-    vec![5, 30, 120, 600]
 }
 
 fn default_timeout_s() -> u64 {
@@ -170,7 +165,6 @@ pub struct ProducerConfig {
     /// Publishes awaiting a broker confirm at once.
     pub confirm_window: usize,
     /// Deadline of a job when `submit --deadline` is not given (0: none).
-    #[serde(default)]
     pub default_deadline_s: u64,
 }
 
@@ -456,6 +450,45 @@ mod tests {
         let file = dir.join("f.toml");
         std::fs::write(&file, toml).unwrap();
         Config::load(Some(&file))
+    }
+
+    /// Every key of the defaults TOML, removed on its own, either is required (the TOML is
+    /// its only default) or falls back to a serde default equal to the TOML's value.
+    #[test]
+    fn serde_defaults_agree_with_the_defaults_toml() {
+        let parse = |text: &str| -> Result<serde_json::Value, config::ConfigError> {
+            let toml = |s: &str| config::File::from_str(s, config::FileFormat::Toml);
+            let built =
+                config::Config::builder().add_source(toml(text)).add_source(toml(MOCK_PROVIDER_TOML)).build()?;
+            let cfg: Config = built.try_deserialize()?;
+            Ok(serde_json::to_value(&cfg).unwrap())
+        };
+        let full = parse(DEFAULTS_TOML).expect("the defaults load");
+        let table: toml::Table = DEFAULTS_TOML.parse().unwrap();
+        let mut checked = 0;
+        for (section, value) in &table {
+            let keys: Vec<(String, Option<&str>)> = match value {
+                toml::Value::Table(t) => t.keys().map(|k| (k.clone(), Some(section.as_str()))).collect(),
+                _ => vec![(section.clone(), None)],
+            };
+            for (key, parent) in keys {
+                let mut without = table.clone();
+                match parent {
+                    Some(p) => without[p].as_table_mut().unwrap().remove(&key),
+                    None => without.remove(&key),
+                };
+                if let Ok(v) = parse(&toml::to_string(&without).unwrap()) {
+                    assert_eq!(
+                        v,
+                        full,
+                        "{}{key}: its serde default differs from the defaults TOML",
+                        parent.map(|p| format!("{p}.")).unwrap_or_default()
+                    );
+                }
+                checked += 1;
+            }
+        }
+        assert!(checked > 20, "every key was tried ({checked})");
     }
 
     #[test]

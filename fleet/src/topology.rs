@@ -30,6 +30,27 @@ const RESULTS_SEGMENT_BYTES: i64 = 16 * 1024 * 1024;
 /// Header the fleet sets on messages it dead-letters itself, saying why.
 pub const DEAD_REASON_HEADER: &str = "x-fleet-reason";
 
+/// Why a dead-lettered message was parked: the fleet's own [`DEAD_REASON_HEADER`], or the
+/// broker's `x-death` record (reason and source queue), or `unknown`.
+pub fn dead_reason(props: &lapin::BasicProperties) -> String {
+    let Some(headers) = props.headers() else { return "unknown".into() };
+    let text = |v: Option<&AMQPValue>| match v {
+        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+        Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+        _ => None,
+    };
+    if let Some(reason) = text(headers.inner().get(DEAD_REASON_HEADER)) {
+        return reason;
+    }
+    if let Some(AMQPValue::FieldArray(deaths)) = headers.inner().get("x-death") {
+        if let Some(AMQPValue::FieldTable(first)) = deaths.as_slice().first() {
+            let get = |k: &str| text(first.inner().get(k)).unwrap_or_default();
+            return format!("{} (by the broker, from {})", get("reason"), get("queue"));
+        }
+    }
+    "unknown".into()
+}
+
 /// Names of everything on the broker for one namespace.
 #[derive(Debug, Clone)]
 pub struct Topology {

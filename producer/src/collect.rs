@@ -330,3 +330,53 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str, content: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fleet-collect-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("out.jsonl");
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    fn line(job: &str, index: u64, error: &str) -> String {
+        format!(
+            "{{\"id\":\"batch_req_{job}_{index}\",\"custom_id\":\"c{index}\",\"response\":null,\"error\":{error}}}\n"
+        )
+    }
+
+    #[test]
+    fn a_torn_last_line_is_dropped_and_the_file_resumes_after_the_good_ones() {
+        let good = line("job_a", 0, "null") + &line("job_a", 1, r#"{"code":"expired","message":"late"}"#);
+        let path = scratch("torn", &format!("{good}{{\"id\":\"batch_req_job_a_2\",\"cus"));
+        let (_, seen, counts, job) = open_output(&path, Some("job_a")).unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!((counts.succeeded, counts.expired), (1, 1));
+        assert_eq!(job.as_deref(), Some("job_a"));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), good, "the torn tail is cut off");
+    }
+
+    #[test]
+    fn a_line_of_another_job_or_no_result_at_all_is_refused() {
+        let path = scratch("other", &line("job_a", 0, "null"));
+        let err = open_output(&path, Some("job_b")).unwrap_err();
+        assert!(matches!(err.downcast_ref::<OutputError>(), Some(OutputError::OtherJob { .. })), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), line("job_a", 0, "null"), "left untouched");
+        let path = scratch("garbage", &(line("job_a", 0, "null") + "hello\n"));
+        let err = open_output(&path, Some("job_a")).unwrap_err().to_string();
+        assert!(err.contains("line 2 is not a result line"), "{err}");
+        let err = check_new_output(&scratch("new", &line("job_a", 0, "null"))).unwrap_err().to_string();
+        assert!(err.contains("already holds results (of job job_a)"), "{err}");
+    }
+
+    #[test]
+    fn the_job_id_comes_back_out_of_the_line_id() {
+        let v: serde_json::Value = serde_json::from_str(&line("job_0123abcd", 42, "null")).unwrap();
+        assert_eq!(line_job_id(&v), Some("job_0123abcd"));
+        assert_eq!(line_job_id(&serde_json::json!({"id": "something"})), None);
+    }
+}

@@ -1,8 +1,10 @@
 //! The producer CLI's library: submitting jobs, collecting results, and (through the job
 //! tracker) inspecting and controlling jobs.
 
+pub mod cancel;
 pub mod collect;
-pub mod control;
+pub mod dead;
+pub mod duration;
 pub mod inspect;
 pub mod progress;
 pub mod submit;

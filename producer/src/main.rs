@@ -10,9 +10,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fleet::wire::TrackerRequest;
 use producer::collect::{self, Collected, WaitRequest};
-use producer::control;
 use producer::inspect;
 use producer::submit::{self, InputError, SubmitRequest};
+use producer::{cancel, dead};
 
 #[derive(Parser)]
 #[command(version, about = "Submit batches of LLM requests to the fleet and collect the results")]
@@ -53,8 +53,8 @@ enum Command {
         output: Option<PathBuf>,
         /// Items not finished within this time end `expired` (e.g. 90s, 30m, 24h, 2d;
         /// default `producer.default_deadline_s`, 0 = none).
-        #[arg(long)]
-        deadline: Option<String>,
+        #[arg(long, value_parser = producer::duration::parse_duration)]
+        deadline: Option<Duration>,
     },
     /// Collect a job's results into an OpenAI Batch output file; resumable.
     Wait {
@@ -123,13 +123,7 @@ async fn main() -> ExitCode {
     let progress = !cli.quiet;
     let result = match cli.command {
         Command::Submit { file, provider, model, json, wait, output, deadline } => {
-            let deadline_s = match deadline.as_deref().map(control::parse_duration).transpose() {
-                Ok(d) => d.map_or(cfg.producer.default_deadline_s, |d| d.as_secs()),
-                Err(e) => {
-                    eprintln!("producer: {e:#}");
-                    return ExitCode::from(2);
-                }
-            };
+            let deadline_s = deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
             if let Some(output) = output.as_deref().filter(|_| wait) {
                 // Before anything is published: a job whose results cannot be written is
@@ -171,10 +165,10 @@ async fn main() -> ExitCode {
             let req = TrackerRequest::Status { job_id: job };
             inspect::ask(&cfg, &req, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
         }
-        Command::Cancel { job } => control::cancel(&cfg, &job).await.map(|()| {
+        Command::Cancel { job } => cancel::cancel(&cfg, &job).await.map(|()| {
             eprintln!("cancel requested for job {job}: unstarted items end `cancelled`");
         }),
-        Command::Dead { requeue, job, json } => control::dead(&cfg, requeue, job.as_deref()).await.map(|msgs| {
+        Command::Dead { requeue, job, json } => dead::dead(&cfg, requeue, job.as_deref()).await.map(|msgs| {
             for m in &msgs {
                 if json {
                     println!("{}", serde_json::to_string(m).expect("serializable"));

@@ -2,15 +2,13 @@
 //!
 //! The dead exchange also routes to the ledger, so the tracker sees every message that is
 //! dead-lettered: by a worker (with its reason in `x-fleet-reason`) or by the broker itself
-//! (delivery limit, rejection; the reason in `x-death`). An item whose index has no result
+//! (delivery limit, rejection; the reason in `x-death`): see [`fleet::topology::dead_reason`]. An item whose index has no result
 //! yet gets a failed result with code `dead_lettered`, published like any worker's result
 //! (to the job's results stream and back to the ledger), so the job ends and `wait` writes
 //! the line. Garbage that is not an item is left to `producer dead`.
 
-use fleet::topology::DEAD_REASON_HEADER;
 use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus};
 use lapin::message::Delivery;
-use lapin::types::{AMQPValue, FieldTable};
 
 /// Error code of the result given to an item that was dead-lettered without one.
 pub const DEAD_LETTERED: &str = "dead_lettered";
@@ -20,32 +18,6 @@ pub const DEAD_LETTERED: &str = "dead_lettered";
 pub fn dead_item(delivery: &Delivery) -> Option<Item> {
     let item: Item = serde_json::from_slice(&delivery.data).ok()?;
     (!item.job_id.is_empty() && item.job_id.len() <= 255 && item.index < item.total).then_some(item)
-}
-
-/// Why the message was dead-lettered: the fleet's own header, or the broker's `x-death`.
-pub fn reason(delivery: &Delivery) -> String {
-    let headers = delivery.properties.headers().as_ref();
-    let text = |v: &AMQPValue| match v {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    };
-    if let Some(r) = headers.and_then(|h| h.inner().get(DEAD_REASON_HEADER)).and_then(text) {
-        return r;
-    }
-    let death = headers.and_then(|h| h.inner().get("x-death")).and_then(|d| match d {
-        AMQPValue::FieldArray(a) => a.as_slice().first().cloned(),
-        _ => None,
-    });
-    match death {
-        Some(AMQPValue::FieldTable(t)) => describe_death(&t, text),
-        _ => "dead-lettered".to_string(),
-    }
-}
-
-fn describe_death(t: &FieldTable, text: impl Fn(&AMQPValue) -> Option<String>) -> String {
-    let field = |k: &str| t.inner().get(k).and_then(&text).unwrap_or_else(|| "?".into());
-    format!("dead-lettered by the broker ({}) from {}", field("reason"), field("queue"))
 }
 
 /// The failed result of a dead-lettered item.

@@ -302,7 +302,7 @@ impl<'a> Active<'a> {
         if self.state.has_result(&item.job_id, item.index) {
             return Ok(()); // e.g. a poison item: its worker published the result first
         }
-        let reason = dead::reason(delivery);
+        let reason = fleet::topology::dead_reason(&delivery.properties);
         tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, reason = %reason, "ending a dead-lettered item as failed");
         let result = dead::failed_result(&item, &reason, &self.worker_id);
         let payload = serde_json::to_vec(&result)?;

@@ -239,3 +239,19 @@ fn status_says_what_a_slow_job_waits_for() {
     assert!(status.get("progress").is_none(), "an ended job has no progress: {status}");
     fleet.cleanup(&[&job]);
 }
+
+#[test]
+fn a_jobs_results_stream_goes_when_the_tracker_forgets_the_job() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("retention", &mock.url, "[tracker]\nretention_s = 2\n[pushgateway]\nstale_group_s = 2\n");
+    let _w = fleet.worker("w1", &[]);
+    let job = fleet.submit_requests(20);
+    assert_exactly_once(&fleet.collect(&job), 20);
+    let stream = format!("{}.results.{job}", fleet.ns);
+    eventually(Duration::from_secs(30), "the results stream is deleted after retention", || {
+        fleet.queue_len(&stream).is_none()
+    });
+    let out = fleet.wait(&job, &fleet.dir.join("late.jsonl"), 10);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no job"), "{}", String::from_utf8_lossy(&out.stderr));
+    fleet.cleanup(&[&job]);
+}

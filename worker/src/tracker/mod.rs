@@ -263,9 +263,9 @@ impl<'a> Active<'a> {
                 }
                 _ = backlog.tick() => self.measure_backlog().await,
                 _ = prune.tick() => {
-                    let before = self.state.jobs.len();
-                    self.state.prune(fleet::now_ms(), self.cfg.tracker.retention_s * 1000);
-                    dirty |= self.state.jobs.len() != before;
+                    let forgotten = self.state.prune(fleet::now_ms(), self.cfg.tracker.retention_s * 1000);
+                    dirty |= !forgotten.is_empty();
+                    self.delete_results(&forgotten).await;
                     self.prune_groups().await;
                 }
             }
@@ -311,6 +311,17 @@ impl<'a> Active<'a> {
             .await
             .context("publishing the result of a dead-lettered item")?;
         Ok(())
+    }
+
+    /// Deletes the results streams of jobs the tracker forgot: their retention is over.
+    async fn delete_results(&self, jobs: &[String]) {
+        for job_id in jobs {
+            let queue = self.topology.results_queue(job_id);
+            match self.ch.queue_delete(queue.as_str().into(), Default::default()).await {
+                Ok(_) => tracing::info!(job_id = %job_id, "retention over: deleted the job's results stream"),
+                Err(e) => tracing::debug!(job_id = %job_id, error = %e, "cannot delete a results stream"),
+            }
+        }
     }
 
     /// Publishes `job_finished` to the job's results queue (so `producer wait` can stop).

@@ -261,8 +261,14 @@ impl State {
     }
 
     /// Forgets jobs that ended more than `retention_ms` ago.
-    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) {
-        self.jobs.retain(|_, j| j.finished_at_ms.is_none_or(|t| now_ms.saturating_sub(t) < retention_ms));
+    /// Forgets jobs finished more than `retention_ms` ago; returns their ids.
+    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<String> {
+        let expired = |j: &JobState| j.finished_at_ms.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms);
+        let gone: Vec<String> = self.jobs.values().filter(|j| expired(j)).map(|j| j.job_id.clone()).collect();
+        for id in &gone {
+            self.jobs.remove(id);
+        }
+        gone
     }
 }
 

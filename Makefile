@@ -4,7 +4,7 @@
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on its PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: tools up down status build demo test bench chaos assets
+.PHONY: tools up down status build install demo test bench chaos assets
 
 tools:
 	scripts/ensure-tools.sh
@@ -20,6 +20,12 @@ status:
 
 build: tools
 	cargo build --release --bins
+
+# The three binaries into ~/.cargo/bin, sharing this tree's build cache.
+install: tools
+	cargo install --locked --target-dir target --path worker
+	cargo install --locked --target-dir target --path producer
+	cargo install --locked --target-dir target --path mock-provider
 
 demo: up
 	scripts/demo.sh

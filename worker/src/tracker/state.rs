@@ -364,6 +364,37 @@ mod tests {
         assert!(ended.expect("ends").summary.progress.is_none());
     }
 
+    /// A checkpoint written by the tracker of 2026-11 (before delay notes and progress)
+    /// restores, and folding goes on from it: a takeover across an upgrade loses nothing.
+    #[test]
+    fn a_checkpoint_written_before_this_version_restores() {
+        let old = include_str!("../../tests/fixtures/checkpoint-2026-11.json");
+        let mut s: State = serde_json::from_str(old).expect("the old checkpoint restores");
+        assert_eq!(s.jobs_total["mock/submitted"], 2);
+        assert_eq!(s.durations["mock/completed"], vec![3.5]);
+        assert_eq!(s.jobs["job_0c9694a7979f485d"].summary(0).status, "completed");
+        let j = &s.jobs["job_1d2e3f4a5b6c7d8e"];
+        assert!(j.cancel_requested && j.end_status.is_none());
+        for index in [0, 1, 2, 64, 129] {
+            assert!(s.has_result("job_1d2e3f4a5b6c7d8e", index), "index {index} was done");
+        }
+        assert!(!s.has_result("job_1d2e3f4a5b6c7d8e", 3));
+        // Redelivered results change nothing; the rest end the job, cancelled.
+        let job = "job_1d2e3f4a5b6c7d8e";
+        let f = |items: Vec<(u64, ItemStatus)>| LedgerEvent::ItemsFinished {
+            job_id: job.into(),
+            provider: "mock".into(),
+            items,
+        };
+        assert!(s.apply(&f(vec![(0, ItemStatus::Succeeded)]), 1).is_none());
+        let rest: Vec<(u64, ItemStatus)> =
+            (0..130).filter(|i| ![0, 1, 2, 64, 129].contains(i)).map(|i| (i, ItemStatus::Cancelled)).collect();
+        let ended = s.apply(&f(rest), 2).expect("ends");
+        assert_eq!(ended.summary.status, "cancelled");
+        assert_eq!(ended.summary.counts.finished(), 130);
+        assert_eq!(s.jobs_total["mock/cancelled"], 1);
+    }
+
     #[test]
     fn items_before_submission_are_kept() {
         let mut s = State::default();

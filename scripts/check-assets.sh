@@ -112,7 +112,8 @@ def load_yaml(rel, multi=False):
 
 # The metric-name contract with the Rust code (fleet crate). Histograms also expose
 # _bucket/_sum/_count; the Pushgateway adds push_time_seconds / push_failure_time_seconds.
-COUNTERS = {"batch_jobs_total", "batch_items_total", "batch_retry_attempts_total",
+COUNTERS = {"batch_jobs_total", "batch_jobs_submitted_total", "batch_items_total",
+            "batch_worker_items_total", "batch_retry_attempts_total",
             "batch_errors_total", "batch_dead_letters_total", "batch_tokens_total",
             "batch_push_failures_total"}
 HISTOGRAMS = {"batch_job_duration_seconds", "batch_poll_cycle_seconds",
@@ -146,7 +147,7 @@ if dash is not None:
 
     variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
     problems = []
-    for name in ("provider", "operation"):
+    for name in ("namespace", "provider", "operation"):
         v = variables.get(name)
         if v is None:
             problems.append(f"variable {name} missing")
@@ -159,7 +160,7 @@ if dash is not None:
         ds = v.get("datasource") or {}
         if ds.get("uid") != "prometheus":
             problems.append(f"variable {name}: datasource uid is {ds.get('uid')!r}")
-    check("variables provider and operation: multi, includeAll, allValue .*", problems)
+    check("variables namespace, provider and operation: multi, includeAll, allValue .*", problems)
 
     panels = dash.get("panels", [])
     # Row panels may nest their children.
@@ -198,6 +199,11 @@ if dash is not None:
                     problems.append(f"{title}: unknown metric {m}")
                 if "${DS_" in json.dumps(t):
                     problems.append(f"{title}: import placeholder ${{DS_...}}")
+                # Every metric selector is filtered by the namespace variable: several fleets
+                # on one Prometheus must not blend into one picture.
+                for m in re.finditer(r"\b(batch_[a-z_]+|push_time_seconds)(\{[^}]*\})?", t["expr"]):
+                    if "$namespace" not in (m.group(2) or ""):
+                        problems.append(f"{title}: {m.group(1)} without the $namespace filter")
                 if "$provider" not in t["expr"] and re.search(
                         r"batch_(jobs|items|job_duration|provider_latency|retry|errors|tokens|"
                         r"queue|concurrency)[a-z_]*\{", t["expr"]) and "provider=" not in t["expr"]:
@@ -384,7 +390,7 @@ if docs is not None:
     check("k8s: fleet.toml (namespace fleet), secrets via env, grace period > drain timeout", problems)
 
 # --- PromQL through the running Prometheus ---------------------------------------------------
-SUBST = [("${provider}", ".*"), ("$provider", ".*"), ("${operation}", ".*"), ("$operation", ".*"),
+SUBST = [("${namespace}", ".*"), ("$namespace", ".*"), ("${provider}", ".*"), ("$provider", ".*"), ("${operation}", ".*"), ("$operation", ".*"),
          ("$__rate_interval", "1m"), ("$__interval", "15s"), ("$__range", "1h")]
 addr = os.environ["PROMETHEUS_ADDR"]
 problems = []

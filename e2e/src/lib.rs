@@ -421,6 +421,11 @@ pub fn prom_value(expr: &str) -> Option<f64> {
 
 /// Every panel query of the dashboard, with template variables set to All.
 pub fn dashboard_queries() -> Vec<(String, String)> {
+    dashboard_queries_for(".*")
+}
+
+/// Every panel query with the `namespace` variable set to `namespace` (a regex).
+pub fn dashboard_queries_for(namespace: &str) -> Vec<(String, String)> {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../observability/grafana/dashboards/json/batch-observability.json");
     let d: Value =
@@ -431,6 +436,7 @@ pub fn dashboard_queries() -> Vec<(String, String)> {
             let expr = t["expr"]
                 .as_str()
                 .expect("expr")
+                .replace("$namespace", namespace)
                 .replace("$provider", ".*")
                 .replace("$operation", ".*")
                 .replace("$__rate_interval", "1m")

@@ -7,6 +7,12 @@
 //! Two registries exist because two Pushgateway groups exist: each worker pushes its own
 //! (`job="batch_worker", instance=<worker id>`), and the active tracker pushes the
 //! job-level one (`job="batch_tracker"`).
+//!
+//! Counts with a ground truth (items and jobs by status, job durations) come from the
+//! tracker, which folds every result exactly once and pushes only checkpointed state: they
+//! stay exact whatever worker is killed. Workers push what only they know (latency,
+//! retries, errors, in flight, limits, tokens); a killed worker's increments since its last
+//! push are lost, which the pusher keeps to about a second while the worker is busy.
 
 use prometheus::{
     GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -23,7 +29,8 @@ const JOB_BUCKETS: &[f64] =
 #[derive(Clone)]
 pub struct WorkerMetrics {
     pub registry: Registry,
-    /// `batch_items_total{provider,status}`: items finished by this worker.
+    /// `batch_worker_items_total{provider,status}`: items finished by this worker (a
+    /// per-worker view; the exact fleet count is the tracker's `batch_items_total`).
     pub items: IntCounterVec,
     /// `batch_provider_latency_seconds{provider,operation}`: one provider HTTP call.
     pub provider_latency: HistogramVec,
@@ -53,7 +60,11 @@ impl WorkerMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = WorkerMetrics {
-            items: counter_vec("batch_items_total", "Items finished, by final status", &["provider", "status"]),
+            items: counter_vec(
+                "batch_worker_items_total",
+                "Items this worker finished, by final status (the exact fleet count is batch_items_total)",
+                &["provider", "status"],
+            ),
             provider_latency: histogram_vec(
                 "batch_provider_latency_seconds",
                 "Latency of one provider call",
@@ -132,8 +143,14 @@ impl Default for WorkerMetrics {
 #[derive(Clone)]
 pub struct TrackerMetrics {
     pub registry: Registry,
-    /// `batch_jobs_total{provider,status}`: submitted, and each end state.
+    /// `batch_jobs_total{provider,status}`: jobs that ended, by end status (summing it
+    /// counts each job once).
     pub jobs: IntCounterVec,
+    /// `batch_jobs_submitted_total{provider}`: jobs submitted.
+    pub jobs_submitted: IntCounterVec,
+    /// `batch_items_total{provider,status}`: items finished, each counted once, from the
+    /// tracker's checkpointed state.
+    pub items: IntCounterVec,
     /// `batch_job_duration_seconds{provider,status}`: submit to last item.
     pub job_duration: HistogramVec,
     /// `batch_jobs_in_progress{provider}`.
@@ -148,7 +165,9 @@ impl TrackerMetrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = TrackerMetrics {
-            jobs: counter_vec("batch_jobs_total", "Jobs submitted and ended, by status", &["provider", "status"]),
+            jobs: counter_vec("batch_jobs_total", "Jobs ended, by end status", &["provider", "status"]),
+            jobs_submitted: counter_vec("batch_jobs_submitted_total", "Jobs submitted", &["provider"]),
+            items: counter_vec("batch_items_total", "Items finished, by final status", &["provider", "status"]),
             job_duration: histogram_vec(
                 "batch_job_duration_seconds",
                 "Time from submission to the last item",
@@ -163,6 +182,8 @@ impl TrackerMetrics {
         };
         for c in [
             Box::new(m.jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.jobs_submitted.clone()),
+            Box::new(m.items.clone()),
             Box::new(m.job_duration.clone()),
             Box::new(m.jobs_in_progress.clone()),
             Box::new(m.queue_backlog.clone()),
@@ -211,7 +232,7 @@ mod tests {
         m.items.with_label_values(&["mock", "succeeded"]).inc();
         m.provider_latency.with_label_values(&["mock", "chat_completions"]).observe(0.1);
         let text = String::from_utf8(encode(&m.registry)).unwrap();
-        assert!(text.contains("batch_items_total{provider=\"mock\",status=\"succeeded\"} 1"), "{text}");
+        assert!(text.contains("batch_worker_items_total{provider=\"mock\",status=\"succeeded\"} 1"), "{text}");
         assert!(text.contains("batch_provider_latency_seconds_bucket"), "{text}");
     }
 }

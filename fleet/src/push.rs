@@ -186,9 +186,14 @@ fn path_safe(s: &str) -> String {
     s.replace('/', "_")
 }
 
-/// Pushes `registry` as one group every `interval` until `stop` fires, then once more so
-/// the final values (a worker's last counter increments, `batch_worker_up 0`) reach the
-/// Pushgateway. Returns a handle to await that final push.
+/// How soon a changed registry is pushed: a worker killed while busy loses at most about
+/// this much of its counter increments (the tracker's counts are exact regardless).
+pub const BUSY_PUSH_GAP: Duration = Duration::from_secs(1);
+
+/// Pushes `registry` as one group: within [`BUSY_PUSH_GAP`] of a change, and at least every
+/// `interval` (so the group's push time stays fresh while idle), until `stop` fires, then
+/// once more so the final values (a worker's last counter increments, `batch_worker_up 0`)
+/// reach the Pushgateway. Returns a handle to await that final push.
 pub fn spawn_pusher(
     pg: Option<Pushgateway>,
     key: GroupKey,
@@ -200,19 +205,32 @@ pub fn spawn_pusher(
     tokio::spawn(async move {
         let Some(pg) = pg else { return };
         let mut last_warn: Option<Instant> = None;
-        let mut tick = tokio::time::interval(interval);
+        let mut tick = tokio::time::interval(interval.min(BUSY_PUSH_GAP));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pushed: Option<(Instant, Vec<u8>)> = None;
         loop {
             let stopping = tokio::select! {
                 _ = stop.cancelled() => true,
                 _ = tick.tick() => false,
             };
-            if let Err(e) = pg.push(&key, &registry).await {
-                failures.inc();
-                // A Pushgateway outage would otherwise log every interval on every worker.
-                if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
-                    tracing::warn!(error = %e, "metrics push failed for group {} (counted in batch_push_failures_total)", key.job);
-                    last_warn = Some(Instant::now());
+            // Encoding a worker's registry takes microseconds: cheap enough to compare.
+            let body = crate::metrics::encode(&registry);
+            let due = match &pushed {
+                None => true,
+                Some((at, last)) => at.elapsed() >= interval || *last != body,
+            };
+            if !due && !stopping {
+                continue;
+            }
+            match pg.push_encoded(&key, body.clone()).await {
+                Ok(()) => pushed = Some((Instant::now(), body)),
+                Err(e) => {
+                    failures.inc();
+                    // A Pushgateway outage would otherwise log every second on every worker.
+                    if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                        tracing::warn!(error = %e, "metrics push failed for group {} (counted in batch_push_failures_total)", key.job);
+                        last_warn = Some(Instant::now());
+                    }
                 }
             }
             if stopping {

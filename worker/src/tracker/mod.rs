@@ -160,9 +160,13 @@ impl<'a> Active<'a> {
         // Zero-valued series for every provider and end status, so rates over them read
         // 0 rather than "no data" before the first such job.
         for provider in cfg.providers.keys() {
-            for status in ["submitted", "completed", "failed", "cancelled", "expired"] {
+            for status in ["completed", "failed", "cancelled", "expired"] {
                 active.metrics.jobs.with_label_values(&[provider, status]);
             }
+            for status in ["succeeded", "failed", "cancelled", "expired"] {
+                active.metrics.items.with_label_values(&[provider, status]);
+            }
+            active.metrics.jobs_submitted.with_label_values(&[provider]);
             active.metrics.jobs_in_progress.with_label_values(&[provider]);
         }
         active.replay_metrics();
@@ -174,23 +178,47 @@ impl<'a> Active<'a> {
     fn replay_metrics(&self) {
         for (key, durations) in &self.state.durations {
             let (provider, status) = state::split_key(key);
-            let h = self.metrics.job_duration.with_label_values(&[provider, status]);
+            let h = self.metrics.job_duration.with_label_values(&[self.provider_label(provider), status]);
             for d in durations {
                 h.observe(*d);
             }
         }
     }
 
+    /// The `provider` label of a provider name read off a queue: a configured provider, or
+    /// `other` (labels come from a fixed set, whatever a message claims).
+    fn provider_label<'p>(&self, provider: &'p str) -> &'p str {
+        if self.cfg.providers.contains_key(provider) {
+            provider
+        } else {
+            "other"
+        }
+    }
+
     /// Hands the current (checkpointed) metrics to the pusher.
     fn publish_metrics(&self) {
         // The state holds the counter values; the metric catches up by the difference.
+        let catch_up = |counter: prometheus::IntCounter, n: u64| counter.inc_by(n.saturating_sub(counter.get()));
+        // Summed by label first: every unknown provider shares the label `other`.
+        let mut sums: std::collections::BTreeMap<(&str, String), u64> = Default::default();
         for (key, n) in &self.state.jobs_total {
             let (provider, status) = state::split_key(key);
-            let counter = self.metrics.jobs.with_label_values(&[provider, status]);
-            counter.inc_by(n.saturating_sub(counter.get()));
+            *sums.entry(("jobs", format!("{}/{status}", self.provider_label(provider)))).or_default() += n;
+        }
+        for (key, n) in &self.state.items_total {
+            let (provider, status) = state::split_key(key);
+            *sums.entry(("items", format!("{}/{status}", self.provider_label(provider)))).or_default() += n;
+        }
+        for ((family, key), n) in sums {
+            let (provider, status) = state::split_key(&key);
+            match (family, status) {
+                ("jobs", "submitted") => catch_up(self.metrics.jobs_submitted.with_label_values(&[provider]), n),
+                ("jobs", _) => catch_up(self.metrics.jobs.with_label_values(&[provider, status]), n),
+                _ => catch_up(self.metrics.items.with_label_values(&[provider, status]), n),
+            }
         }
         for (provider, n) in self.state.in_progress() {
-            self.metrics.jobs_in_progress.with_label_values(&[&provider]).set(n);
+            self.metrics.jobs_in_progress.with_label_values(&[self.provider_label(&provider)]).set(n);
         }
         self.snapshot.send_replace(Some(fleet::metrics::encode(&self.metrics.registry)));
     }
@@ -287,7 +315,10 @@ impl<'a> Active<'a> {
         let s = &ended.summary;
         tracing::info!(job_id = %s.job_id, status = %s.status, total = s.counts.total, succeeded = s.counts.succeeded,
             failed = s.counts.failed, duration_s = ended.duration_s, "job finished");
-        self.metrics.job_duration.with_label_values(&[&s.provider, &s.status]).observe(ended.duration_s);
+        self.metrics
+            .job_duration
+            .with_label_values(&[self.provider_label(&s.provider), &s.status])
+            .observe(ended.duration_s);
         self.announce(s).await;
         Ok(())
     }

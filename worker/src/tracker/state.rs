@@ -122,6 +122,10 @@ pub struct State {
     pub jobs_total: BTreeMap<String, u64>,
     /// Durations of ended jobs by `provider/status`, replayed into the histogram on restore.
     pub durations: BTreeMap<String, Vec<f64>>,
+    /// `batch_items_total` by `provider/status`: every item counted once, when its first
+    /// result is folded (restored on takeover, so it never decreases).
+    #[serde(default)]
+    pub items_total: BTreeMap<String, u64>,
 }
 
 /// The end status of a job whose items are all finished (the README's "How a job ends"):
@@ -203,13 +207,19 @@ impl State {
                 if job.end_status.is_some() {
                     return None;
                 }
+                let mut counted = Vec::new();
                 for (index, status) in items {
                     if job.done.insert(*index) {
                         job.counts.add(*status);
+                        counted.push(*status);
                         if job.delayed.contains(*index) {
                             job.in_delay = job.in_delay.saturating_sub(1);
                         }
                     }
+                }
+                let provider = job.provider.clone();
+                for status in counted {
+                    *self.items_total.entry(format!("{provider}/{}", status.as_str())).or_default() += 1;
                 }
                 job_id
             }

@@ -194,6 +194,14 @@ pub struct ProviderConfig {
     /// Optional tokens-per-minute ceiling for this worker (tokens estimated from the body).
     #[serde(default)]
     pub tpm: Option<u32>,
+    /// Largest response body read from this provider; a larger one is cut off and the item
+    /// ends failed with `response_too_large` (a misbehaving server cannot exhaust memory).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+fn default_max_response_bytes() -> usize {
+    16 << 20
 }
 
 impl Config {

@@ -59,6 +59,7 @@ enum Command {
     /// Collect a job's results into an OpenAI Batch output file; resumable.
     Wait {
         /// Job id printed by `submit`.
+        #[arg(value_parser = job_id)]
         job: String,
         /// Output file; results already in it are kept and not written twice.
         #[arg(long, short)]
@@ -73,6 +74,7 @@ enum Command {
     /// Show one job's progress, as the fleet's job tracker knows it.
     Status {
         /// Job id.
+        #[arg(value_parser = job_id)]
         job: String,
         /// Print JSON.
         #[arg(long)]
@@ -84,6 +86,7 @@ enum Command {
     /// Cancel a job: items not yet started end `cancelled` without a provider call.
     Cancel {
         /// Job id.
+        #[arg(value_parser = job_id)]
         job: String,
     },
     /// List dead-lettered messages with their reasons; optionally put items back.
@@ -92,7 +95,7 @@ enum Command {
         #[arg(long)]
         requeue: bool,
         /// Only this job's items (with --requeue).
-        #[arg(long)]
+        #[arg(long, value_parser = job_id)]
         job: Option<String>,
         /// Print JSON lines.
         #[arg(long)]
@@ -229,4 +232,9 @@ fn summary(c: &Collected, output: &std::path::Path, json: bool) {
         c.elapsed_s,
         output.display()
     );
+}
+
+/// A job id argument: refused before anything is sent when no routing key could hold it.
+fn job_id(s: &str) -> Result<String, String> {
+    fleet::wire::check_job_id(s).map(|()| s.to_string()).map_err(|e| e.to_string())
 }

@@ -40,6 +40,8 @@ pub enum InputError {
     UnknownProvider { name: String, known: String },
     #[error(transparent)]
     Invalid(#[from] validate::ValidationError),
+    #[error("the file has {total} requests; one job holds at most {} (split the file)", fleet::wire::MAX_JOB_ITEMS)]
+    TooMany { total: u64 },
 }
 
 /// A new job id: short, unique, safe in queue names and URLs.
@@ -55,6 +57,9 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
     })?;
     let rules = Rules { kind: provider.kind, max_body_bytes: cfg.producer.max_body_bytes };
     let total = validate::validate_file(req.file, &rules).map_err(InputError::from)?;
+    if total > fleet::wire::MAX_JOB_ITEMS {
+        return Err(InputError::TooMany { total }.into());
+    }
 
     let job = Job {
         topology: Topology::from_config(cfg),

@@ -365,6 +365,13 @@ impl<'a> Active<'a> {
 /// here from the results exchange) as its item's `items_finished`. Our own `job_finished`
 /// announcements come back too, and carry nothing to fold.
 fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<LedgerEvent>> {
+    // Anyone who can publish to the broker can write here: an event out of bounds (a job id
+    // no routing key can hold, an index past any job) is refused like a malformed one.
+    let checked = |e: LedgerEvent| e.check().map(|()| Some(e)).map_err(serde::de::Error::custom);
+    ledger_event_unchecked(delivery)?.map_or(Ok(None), checked)
+}
+
+fn ledger_event_unchecked(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<LedgerEvent>> {
     match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
         Some(KIND_RESULT) => {
             let r: ItemResult = serde_json::from_slice(&delivery.data)?;

@@ -136,6 +136,11 @@ impl State {
                     return None;
                 }
                 for (index, status) in items {
+                    // The bitmap grows to the largest index: an index from a hostile or
+                    // broken publisher beyond the job's total is never recorded.
+                    if *index >= job.total.unwrap_or(fleet::wire::MAX_JOB_ITEMS) {
+                        continue;
+                    }
                     if job.done.insert(*index) {
                         job.counts.add(*status);
                     }

@@ -143,6 +143,12 @@ impl Collector {
             return Ok(());
         }
         match serde_json::from_slice::<ItemResult>(&delivery.data) {
+            // Anyone who can publish to the results exchange can write here: a result out
+            // of bounds (an index past its total, a total no job can have) is not written.
+            Ok(result) if result.check().is_err() => {
+                let e = result.check().unwrap_err();
+                tracing::warn!(error = %e, "ignoring a result out of bounds");
+            }
             Ok(result) => {
                 if self.total.is_none() {
                     self.bar.set_length(result.total);

@@ -633,4 +633,32 @@ mod tests {
         let err = ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).err().unwrap().to_string();
         assert!(err.contains("base_url") && !err.contains("hunter2"), "{err}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512, failure_persistence: None, ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_wait_hint_is_bounded(value in "[ -~]{0,40}", header in proptest::sample::select(vec![
+            "retry-after", "retry-after-ms", "llm_provider-retry-after", "llm_provider-retry-after-ms",
+        ])) {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(header, value.parse().unwrap());
+            if let Some(d) = retry_after(&h, SystemTime::now(), CAP) {
+                proptest::prop_assert!(d <= CAP);
+            }
+        }
+
+        #[test]
+        fn any_url_is_refused_or_stays_under_the_base(url in proptest::prelude::any::<String>()) {
+            let c = client(ProviderKind::Openai, "http://127.0.0.1:8080/base/v1");
+            if let Ok(t) = c.target(&url) {
+                proptest::prop_assert_eq!(t.url.host_str(), Some("127.0.0.1"));
+                proptest::prop_assert_eq!(t.url.port(), Some(8080));
+                proptest::prop_assert!(t.url.path().starts_with("/base/v1/"));
+                proptest::prop_assert!(Endpoint::from_path(&url).is_some());
+            }
+        }
+    }
 }

@@ -77,8 +77,8 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
 }
 
-/// RabbitMQ connection and queue settings.
-#[derive(Debug, Clone, Deserialize)]
+/// RabbitMQ connection and queue settings. `Debug` redacts the URL's password.
+#[derive(Clone, Deserialize)]
 pub struct AmqpConfig {
     /// `amqp://user:pass@host:port/vhost`; credentials belong here or in `FLEET__AMQP__URL`.
     pub url: String,
@@ -89,8 +89,8 @@ pub struct AmqpConfig {
     pub max_message_bytes: usize,
 }
 
-/// Where and how often metrics are pushed.
-#[derive(Debug, Clone, Deserialize)]
+/// Where and how often metrics are pushed. `Debug` redacts the password and the URL's.
+#[derive(Clone, Deserialize)]
 pub struct PushgatewayConfig {
     /// Base URL; an empty string disables pushing.
     pub url: String,
@@ -104,6 +104,35 @@ pub struct PushgatewayConfig {
     #[serde(default)]
     pub password: Option<String>,
 }
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &crate::amqp::redact_url(&self.url))
+            .field("delivery_limit", &self.delivery_limit)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PushgatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushgatewayConfig")
+            .field("url", &crate::amqp::redact_url(&self.url))
+            .field("push_interval_s", &self.push_interval_s)
+            .field("stale_group_s", &self.stale_group_s)
+            .field("timeout_s", &self.timeout_s)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// Settings read from the environment as the exact text given: `try_parsing` would turn a
+/// password such as `0123` or `1e3` into a number (`123`, `1000`) before it reached the
+/// string field.
+const VERBATIM_ENV_KEYS: [&str; 6] =
+    ["amqp.url", "pushgateway.url", "pushgateway.username", "pushgateway.password", "namespace", "worker.id"];
 
 /// Worker process settings.
 #[derive(Debug, Clone, Deserialize)]
@@ -218,6 +247,12 @@ impl Config {
             }
             builder = builder.add_source(config::File::from(path.as_path()));
         }
+        for key in VERBATIM_ENV_KEYS {
+            let var = format!("FLEET__{}", key.replace('.', "__").to_uppercase());
+            if let Ok(value) = std::env::var(&var) {
+                builder = builder.set_override(key, value).map_err(|e| anyhow::anyhow!("{var}: {e}"))?;
+            }
+        }
         builder = builder.add_source(
             config::Environment::with_prefix("FLEET")
                 .prefix_separator("__")
@@ -322,6 +357,29 @@ mod tests {
         std::fs::write(&file, "[retry]\nmax_attempts = 20\n[providers.mock]\ntimeout_s = 600\n").unwrap();
         let err = Config::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("consumer timeout"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_holds_no_secret() {
+        let mut cfg = Config::load(None).unwrap();
+        cfg.amqp.url = "amqp://user:s3cret-a@host/%2f".into();
+        cfg.pushgateway.url = "https://user:s3cret-b@pg".into();
+        cfg.pushgateway.password = Some("s3cret-c".into());
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("amqp://user:***@host"), "{shown}");
+    }
+
+    #[test]
+    fn a_numeric_looking_password_from_the_environment_stays_text() {
+        // Only this test sets this variable; the others do not read the password.
+        std::env::set_var("FLEET__PUSHGATEWAY__PASSWORD", "0123");
+        let cfg = Config::load(None);
+        std::env::set_var("FLEET__PUSHGATEWAY__PASSWORD", "1e3");
+        let cfg2 = Config::load(None);
+        std::env::remove_var("FLEET__PUSHGATEWAY__PASSWORD");
+        assert_eq!(cfg.unwrap().pushgateway.password.as_deref(), Some("0123"));
+        assert_eq!(cfg2.unwrap().pushgateway.password.as_deref(), Some("1e3"));
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics: metrics.clone(),
         clients,
         in_flight: TaskTracker::new(),
-        cancelled: control::Cancelled::default(),
+        cancelled: control::Cancelled::new(cfg.tracker.retention_s.saturating_mul(1000)),
     };
     let tracker_role = tracker::spawn_candidate(&cfg, &worker_id, pg, shutdown.clone());
     let mut retry_delay = Duration::from_millis(200);

@@ -5,6 +5,7 @@ pub mod collect;
 pub mod control;
 pub mod inspect;
 pub mod progress;
+pub mod resume;
 pub mod submit;
 pub mod validate;
 

@@ -55,6 +55,11 @@ enum Command {
         /// default `producer.default_deadline_s`, 0 = none).
         #[arg(long)]
         deadline: Option<String>,
+        /// Finish the interrupted submission of this job (same file): only the items the
+        /// broker had not confirmed are published. Without it, an interrupted submission of
+        /// the same file is recognised by its content and resumed too.
+        #[arg(long, value_parser = job_id)]
+        resume: Option<String>,
     },
     /// Collect a job's results into an OpenAI Batch output file; resumable.
     Wait {
@@ -125,7 +130,7 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit { file, provider, model, json, wait, output, deadline } => {
+        Command::Submit { file, provider, model, json, wait, output, deadline, resume } => {
             let deadline_s = match deadline.as_deref().map(control::parse_duration).transpose() {
                 Ok(d) => d.map_or(cfg.producer.default_deadline_s, |d| d.as_secs()),
                 Err(e) => {
@@ -134,8 +139,14 @@ async fn main() -> ExitCode {
                 }
             };
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
-            let req =
-                SubmitRequest { file: &file, provider: &provider, model: model.as_deref(), deadline_ms, progress };
+            let req = SubmitRequest {
+                file: &file,
+                provider: &provider,
+                model: model.as_deref(),
+                deadline_ms,
+                progress,
+                resume: resume.as_deref(),
+            };
             match submit::submit(&cfg, &req).await {
                 Ok(job) => {
                     if json {

@@ -326,7 +326,7 @@ impl Fleet {
                 return false;
             }
             last = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
-            last["status"] != "in_progress"
+            !matches!(last["status"].as_str(), Some("in_progress" | "submitting"))
         });
         last
     }

@@ -81,7 +81,7 @@ impl RestartReport {
         self.lost == 0
             && self.duplicated == 0
             && self.lines == self.items
-            && self.job_status != "in_progress"
+            && !matches!(self.job_status.as_str(), "in_progress" | "submitting")
             && self.tracker_counts == self.output_counts
             && self.delayed_at_restart > 0
     }

@@ -43,6 +43,7 @@ delay_budget_s = 7200
 max_body_bytes = 1048576
 confirm_window = 2048
 default_deadline_s = 86400
+submit_timeout_s = 3600
 
 [tracker]
 enabled = true
@@ -184,6 +185,15 @@ pub struct ProducerConfig {
     /// Deadline of a job when `submit --deadline` is not given (0: none).
     #[serde(default)]
     pub default_deadline_s: u64,
+    /// A job whose submission stopped half-way (and was not resumed) ends `failed` with
+    /// reason `incomplete_submission` after this long without any event (decided by the
+    /// tracker, so workers read it too).
+    #[serde(default = "default_submit_timeout_s")]
+    pub submit_timeout_s: u64,
+}
+
+fn default_submit_timeout_s() -> u64 {
+    3600
 }
 
 /// The job tracker role.

@@ -288,7 +288,15 @@ pub struct JobSummary {
     /// Items finished per second since submission (or over the whole job once finished).
     #[serde(default)]
     pub rate_per_s: f64,
+    /// Why a job ended other than by its items, e.g. `incomplete_submission`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
+
+/// Reason of a job that ended `failed` because its submission was abandoned: `submit`
+/// stopped before publishing every item and was not resumed within
+/// `producer.submit_timeout_s`.
+pub const REASON_INCOMPLETE_SUBMISSION: &str = "incomplete_submission";
 
 /// A status query to the active tracker (published to `<ns>.tracker.rpc` with `reply_to`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -322,6 +330,15 @@ pub enum LedgerEvent {
         submitted_at_ms: u64,
         #[serde(default)]
         deadline_ms: Option<u64>,
+        /// Whether a `submission_complete` event will follow (a producer that can be
+        /// resumed says so; the job shows `submitting` until then). Sent again when a
+        /// submission is resumed.
+        #[serde(default)]
+        submitting: bool,
+    },
+    /// Every item of the job is published and confirmed.
+    SubmissionComplete {
+        job_id: String,
     },
     /// Items of one job that finished (a worker may batch several).
     ItemsFinished {
@@ -350,7 +367,7 @@ impl LedgerEvent {
                     None => Ok(()),
                 }
             }
-            LedgerEvent::JobCancel { job_id } => check_job_id(job_id),
+            LedgerEvent::JobCancel { job_id } | LedgerEvent::SubmissionComplete { job_id } => check_job_id(job_id),
         }
     }
 }
@@ -458,6 +475,7 @@ mod tests {
             total: 0,
             submitted_at_ms: 0,
             deadline_ms: None,
+            submitting: false,
         };
         assert!(e.check().is_err());
     }

@@ -111,6 +111,8 @@ struct Collector {
     counts: JobCounts,
     total: Option<u64>,
     job_status: Option<String>,
+    /// Why the tracker ended the job early (`incomplete_submission`).
+    abandoned: Option<String>,
     bar: indicatif::ProgressBar,
     /// Acker of the newest message not yet acked (acks are cumulative).
     unacked: Option<lapin::Acker>,
@@ -119,7 +121,9 @@ struct Collector {
 
 impl Collector {
     fn complete(&self) -> bool {
-        self.total.is_some_and(|t| self.seen.len() as u64 >= t)
+        // A job abandoned mid-submission never gets all its results; the tracker announces
+        // it only after every published item has finished, so nothing more will come.
+        self.total.is_some_and(|t| self.seen.len() as u64 >= t) || self.abandoned.is_some()
     }
 
     /// Makes the written lines durable, then acks every message up to the last one.
@@ -139,6 +143,7 @@ impl Collector {
             if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
                 self.total.get_or_insert(summary.counts.total);
                 self.job_status = Some(summary.status);
+                self.abandoned = summary.reason;
             }
             return Ok(());
         }
@@ -227,6 +232,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         counts,
         total: None,
         job_status: None,
+        abandoned: None,
         bar,
         unacked: None,
         unacked_n: 0,
@@ -262,6 +268,15 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     c.bar.finish_and_clear();
     let _ = conn.close(200, "done".into()).await;
     c.counts.total = c.total.unwrap_or(c.seen.len() as u64);
+    if let Some(reason) = &c.abandoned {
+        anyhow::bail!(
+            "job {} ended failed ({reason}): its submission stopped before every item was published and was \
+             not resumed; the {} results of the published items are in {}",
+            req.job_id,
+            c.seen.len(),
+            req.output.display()
+        );
+    }
     Ok(Collected {
         job_id: req.job_id.to_string(),
         counts: c.counts,

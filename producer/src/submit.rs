@@ -245,6 +245,9 @@ impl Job {
                 total: self.total,
                 submitted_at_ms: self.submitted_at_ms,
                 deadline_ms: req.deadline_ms,
+                // The job shows `submitting` until `submission_complete`, and is abandoned
+                // by the tracker if that never comes (see `producer.submit_timeout_s`).
+                submitting: true,
             };
             let event = serde_json::to_vec(&event).map_err(|e| Interrupted::Fatal(e.into()))?;
             amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &event, amqp::persistent_json())
@@ -310,6 +313,11 @@ impl Job {
                 self.total
             )));
         }
+        let done = LedgerEvent::SubmissionComplete { job_id: self.job_id.clone() };
+        let done = serde_json::to_vec(&done).map_err(|e| fatal(e.into()))?;
+        amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &done, amqp::persistent_json())
+            .await
+            .map_err(|e| Interrupted::Broker { confirmed: self.total, error: e.into() })?;
         bar.set_position(self.total);
         Ok(())
     }

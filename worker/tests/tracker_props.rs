@@ -15,7 +15,14 @@ fn event() -> impl Strategy<Value = LedgerEvent> {
     let index = prop_oneof![0u64..20, Just(1 << 40), any::<u64>()];
     prop_oneof![
         (job.clone(), prop_oneof![1u64..20, Just(0), Just(1 << 40), any::<u64>()]).prop_map(|(job_id, total)| {
-            LedgerEvent::JobSubmitted { job_id, provider: "p".into(), total, submitted_at_ms: 0, deadline_ms: None }
+            LedgerEvent::JobSubmitted {
+                job_id,
+                provider: "p".into(),
+                total,
+                submitted_at_ms: 0,
+                deadline_ms: None,
+                submitting: total % 2 == 0,
+            }
         }),
         (job.clone(), prop::collection::vec((index, status()), 0..5))
             .prop_map(|(job_id, items)| LedgerEvent::ItemsFinished { job_id, provider: "p".into(), items }),

@@ -243,6 +243,12 @@ impl<'a> Active<'a> {
                 }
                 Some(Ok(req)) = rpc.next() => self.answer(req).await,
                 _ = tick.tick() => {
+                    let timeout_ms = self.cfg.producer.submit_timeout_s.saturating_mul(1000);
+                    for ended in self.state.abandon_stalled(fleet::now_ms(), timeout_ms) {
+                        tracing::warn!(job_id = %ended.summary.job_id, "submission abandoned: the job ends failed (incomplete_submission)");
+                        self.finished(&ended).await;
+                        dirty = true;
+                    }
                     if dirty {
                         self.checkpoint(&mut unacked, &mut unacked_n).await?;
                         dirty = false;
@@ -271,12 +277,17 @@ impl<'a> Active<'a> {
         let Some(ended) = self.state.apply(event, fleet::now_ms()) else {
             return Ok(());
         };
+        self.finished(&ended).await;
+        Ok(())
+    }
+
+    /// Logs, measures and announces a job that ended.
+    async fn finished(&self, ended: &state::Ended) {
         let s = &ended.summary;
         tracing::info!(job_id = %s.job_id, status = %s.status, total = s.counts.total, succeeded = s.counts.succeeded,
             failed = s.counts.failed, duration_s = ended.duration_s, "job finished");
         self.metrics.job_duration.with_label_values(&[&s.provider, &s.status]).observe(ended.duration_s);
         self.announce(s).await;
-        Ok(())
     }
 
     /// Publishes `job_finished` to the job's results queue (so `producer wait` can stop).

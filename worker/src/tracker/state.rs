@@ -243,9 +243,15 @@ impl State {
         ended
     }
 
-    /// Forgets jobs that ended more than `retention_ms` ago.
+    /// Forgets jobs that ended more than `retention_ms` ago, and results of jobs never
+    /// submitted (anyone can publish a result) once silent that long: the map stays
+    /// bounded by retention.
     pub fn prune(&mut self, now_ms: u64, retention_ms: u64) {
-        self.jobs.retain(|_, j| j.finished_at_ms.is_none_or(|t| now_ms.saturating_sub(t) < retention_ms));
+        self.jobs.retain(|_, j| {
+            let ended_long_ago = j.finished_at_ms.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms);
+            let never_submitted = j.total.is_none() && now_ms.saturating_sub(j.last_event_ms) >= retention_ms;
+            !ended_long_ago && !never_submitted
+        });
     }
 }
 
@@ -349,5 +355,15 @@ mod tests {
         s.apply(&LedgerEvent::SubmissionComplete { job_id: "j".into() }, 1100);
         assert_eq!(s.jobs["j"].summary(1100).status, "in_progress");
         assert!(s.abandon_stalled(1_000_000, 1000).is_empty());
+    }
+
+    #[test]
+    fn results_of_jobs_never_submitted_are_forgotten_after_retention() {
+        let mut s = State::default();
+        s.apply(&finished("ghost", &[(3, ItemStatus::Failed)]), 1000);
+        s.prune(1500, 1000);
+        assert!(s.jobs.contains_key("ghost"), "kept within retention (its submission may come)");
+        s.prune(2000, 1000);
+        assert!(!s.jobs.contains_key("ghost"));
     }
 }

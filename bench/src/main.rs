@@ -194,3 +194,17 @@ fn fail(e: &anyhow::Error) -> ExitCode {
     eprintln!("bench: {e:#}");
     ExitCode::FAILURE
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_shows_no_password() {
+        // Only this test sets the variable; no other test of this crate reads it.
+        std::env::set_var("FLEET__AMQP__URL", "amqp://u:env-secret-pw@host/%2f");
+        let help = super::Cli::command().render_long_help().to_string();
+        std::env::remove_var("FLEET__AMQP__URL");
+        assert!(!help.contains("guest:guest") && !help.contains("env-secret-pw"), "{help}");
+    }
+}

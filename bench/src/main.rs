@@ -45,11 +45,18 @@ struct Cli {
     /// The ratelimit scenario's measured window, seconds (default 180, 30 with --quick).
     #[arg(long)]
     window_s: Option<u64>,
-    /// RabbitMQ the fleet and the reference use.
-    #[arg(long, env = "FLEET__AMQP__URL", default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
+    /// RabbitMQ the fleet and the reference use [default: the local broker, as guest].
+    // Neither the default nor the environment's value is shown by --help: both hold a password.
+    #[arg(
+        long,
+        env = "FLEET__AMQP__URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_default_value = true,
+        hide_env_values = true
+    )]
     amqp_url: String,
     /// Pushgateway the workers push to (their groups are deleted afterwards).
-    #[arg(long, env = "FLEET__PUSHGATEWAY__URL", default_value = "http://127.0.0.1:9091")]
+    #[arg(long, env = "FLEET__PUSHGATEWAY__URL", default_value = "http://127.0.0.1:9091", hide_env_values = true)]
     pushgateway_url: String,
     /// Directory of the `worker`, `producer` and `mock-provider` binaries (default: this
     /// executable's directory, i.e. target/release).
@@ -186,4 +193,18 @@ fn write_report(path: &std::path::Path, report: &serde_json::Value) -> anyhow::R
 fn fail(e: &anyhow::Error) -> ExitCode {
     eprintln!("bench: {e:#}");
     ExitCode::FAILURE
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn help_shows_no_password() {
+        // Only this test sets the variable; no other test of this crate reads it.
+        std::env::set_var("FLEET__AMQP__URL", "amqp://u:env-secret-pw@host/%2f");
+        let help = super::Cli::command().render_long_help().to_string();
+        std::env::remove_var("FLEET__AMQP__URL");
+        assert!(!help.contains("guest:guest") && !help.contains("env-secret-pw"), "{help}");
+    }
 }

@@ -5,6 +5,7 @@
 //! do; the harness builds them once per test process if they are missing or stale.
 
 pub mod chaos;
+pub mod restart;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
@@ -162,6 +163,9 @@ pub struct Fleet {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub mock_url: String,
+    /// The broker this fleet uses (`amqp.url` of its config: the shared one unless the
+    /// test's extra config names another, e.g. a [`restart::PrivateBroker`]).
+    pub amqp_url: String,
 }
 
 impl Fleet {
@@ -181,8 +185,11 @@ impl Fleet {
             amqp = amqp_url(),
             pg = pushgateway_url(),
         );
-        std::fs::write(&config, merge_toml(&toml, extra_toml)).expect("write config");
-        Fleet { ns, dir, config, mock_url: mock_url.to_string() }
+        let merged = merge_toml(&toml, extra_toml);
+        let table: toml::Table = merged.parse().expect("merged config is TOML");
+        let amqp_url = table["amqp"]["url"].as_str().expect("amqp.url").to_string();
+        std::fs::write(&config, merged).expect("write config");
+        Fleet { ns, dir, config, mock_url: mock_url.to_string(), amqp_url }
     }
 
     /// Starts a worker process with `FLEET__WORKER__ID=<id>` and extra env.
@@ -252,7 +259,7 @@ impl Fleet {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let topology = fleet::topology::Topology::new(&self.ns, 5);
         rt.block_on(async {
-            let conn = fleet::amqp::connect(&amqp_url(), "e2e").await.expect("connect to RabbitMQ");
+            let conn = fleet::amqp::connect(&self.amqp_url, "e2e").await.expect("connect to RabbitMQ");
             f(conn, topology).await
         })
     }
@@ -333,7 +340,7 @@ impl Fleet {
                 return false;
             }
             last = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
-            last["status"] != "in_progress"
+            !matches!(last["status"].as_str(), Some("in_progress" | "submitting"))
         });
         last
     }

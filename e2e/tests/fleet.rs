@@ -180,7 +180,11 @@ fn garbage_on_the_items_queue_is_dead_lettered_and_the_worker_keeps_going() {
     let fleet = Fleet::new("garbage", &mock.url, "");
     let w = fleet.worker("w1", &[]);
     let items_queue = format!("{}.items.mock", fleet.ns);
-    eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
+    // `consuming` is logged once every queue is declared and bound (a queue that exists
+    // may not be bound yet, and a publish then comes back unroutable).
+    eventually(Duration::from_secs(30), "worker declared and bound its queue", || {
+        fleet.queue_len(&items_queue).is_some() && fleet.worker_log("w1").contains("consuming")
+    });
     let garbage: Vec<Vec<u8>> = vec![
         b"not json at all".to_vec(),
         br#"{"job_id": "x", "index": "wrong shape"}"#.to_vec(),

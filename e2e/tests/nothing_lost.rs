@@ -20,8 +20,9 @@ fn a_provider_outage_longer_than_the_retry_budget_waits_in_delay_queues() {
         down.stats()["requests"].as_u64().unwrap_or(0) >= 150 && fleet.worker_log("w1").contains("delaying item")
     });
     // While they wait, no prefetch slot is held: nothing is in flight at the provider.
-    let delay_len = fleet.queue_len(&format!("{}.delay.mock.1s", fleet.ns)).unwrap_or(0)
-        + fleet.queue_len(&format!("{}.delay.mock.2s", fleet.ns)).unwrap_or(0);
+    let delay_queues = fleet::topology::Topology::new(&fleet.ns, 5);
+    let delay_len = fleet.queue_len(&delay_queues.delay_queue("mock", 1)).unwrap_or(0)
+        + fleet.queue_len(&delay_queues.delay_queue("mock", 2)).unwrap_or(0);
     assert!(delay_len > 0, "items are parked in the delay queues");
     // The provider comes back on the same address.
     drop(down);

@@ -25,22 +25,38 @@ pub enum PublishError {
     Amqp(#[from] lapin::Error),
 }
 
-/// The URL with its password replaced, for logs.
+/// The URL with its password replaced, for logs and errors. Works on the raw text, before
+/// any parsing: a URL that does not parse (`amqp:user:pw@host`) is exactly the one whose
+/// parse error would otherwise show it whole. Everything before the last `@` after the
+/// scheme is treated as credentials, so an unusual URL is over-redacted, never leaked.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..scheme + 3], user, &url[at..])
+    let Some(at) = url.rfind('@') else { return url.to_string() };
+    match url.find("://") {
+        Some(i) if i + 3 <= at => {
+            let user = url[i + 3..at].split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..i + 3], &url[at..])
         }
-        _ => url.to_string(),
+        // Not `scheme://`: which part is the user is anyone's guess, so none is shown.
+        _ => {
+            let scheme = ["amqps:", "amqp:", "https:", "http:"]
+                .into_iter()
+                .find(|s| url.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s)))
+                .map_or("", |s| &url[..s.len()]);
+            format!("{scheme}***{}", &url[at..])
+        }
     }
 }
 
 /// Connects once, naming the connection so operators can tell processes apart.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    Connection::connect(url, props).await
+    // Parsed here rather than by lapin, whose parse error quotes the whole URL, password
+    // included.
+    let uri: lapin::uri::AMQPUri = url.parse().map_err(|_| {
+        let msg = format!("not a valid AMQP URL: {}", redact_url(url));
+        lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))
+    })?;
+    Connection::connect_uri(uri, props).await
 }
 
 /// Connects, retrying with capped exponential backoff until it succeeds or `shutdown`
@@ -135,11 +151,33 @@ pub fn is_access_refused(e: &lapin::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::*;
 
     #[test]
     fn passwords_never_reach_logs() {
         assert_eq!(redact_url("amqp://u:secret@h:5672/%2f"), "amqp://u:***@h:5672/%2f");
         assert_eq!(redact_url("amqp://h:5672"), "amqp://h:5672");
+    }
+
+    #[test]
+    fn passwords_are_redacted_even_from_urls_that_do_not_parse() {
+        for (url, want) in [
+            ("amqp:user:pw@host", "amqp:***@host"),
+            ("amqp:pw@host", "amqp:***@host"),
+            ("amqps://u:p@ss@host/v", "amqps://u:***@host/v"),
+            ("user:pw@host", "***@host"),
+            ("amqp://user@host", "amqp://user:***@host"),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_url_that_does_not_parse_is_not_quoted_in_the_error() {
+        let Err(err) = connect("amqp:user:hunter2@host", "t").await else {
+            panic!("connected to a URL that does not parse")
+        };
+        let err = err.to_string();
+        assert!(err.contains("not a valid AMQP URL") && !err.contains("hunter2"), "{err}");
     }
 }

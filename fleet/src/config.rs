@@ -50,6 +50,7 @@ delay_budget_s = 7200
 max_body_bytes = 1048576
 confirm_window = 2048
 default_deadline_s = 86400
+submit_timeout_s = 3600
 
 [tracker]
 enabled = true
@@ -89,8 +90,8 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
 }
 
-/// RabbitMQ connection and queue settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// RabbitMQ connection and queue settings. `Debug` redacts the URL's password.
+#[derive(Clone, Deserialize, Serialize)]
 pub struct AmqpConfig {
     /// `amqp://user:pass@host:port/vhost`; credentials belong here or in `FLEET__AMQP__URL`.
     pub url: String,
@@ -101,8 +102,8 @@ pub struct AmqpConfig {
     pub max_message_bytes: usize,
 }
 
-/// Where and how often metrics are pushed.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// Where and how often metrics are pushed. `Debug` redacts the password and the URL's.
+#[derive(Clone, Deserialize, Serialize)]
 pub struct PushgatewayConfig {
     /// Base URL; an empty string disables pushing.
     pub url: String,
@@ -116,6 +117,35 @@ pub struct PushgatewayConfig {
     #[serde(default)]
     pub password: Option<String>,
 }
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &crate::amqp::redact_url(&self.url))
+            .field("delivery_limit", &self.delivery_limit)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PushgatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushgatewayConfig")
+            .field("url", &crate::amqp::redact_url(&self.url))
+            .field("push_interval_s", &self.push_interval_s)
+            .field("stale_group_s", &self.stale_group_s)
+            .field("timeout_s", &self.timeout_s)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// Settings read from the environment as the exact text given: `try_parsing` would turn a
+/// password such as `0123` or `1e3` into a number (`123`, `1000`) before it reached the
+/// string field.
+const VERBATIM_ENV_KEYS: [&str; 6] =
+    ["amqp.url", "pushgateway.url", "pushgateway.username", "pushgateway.password", "namespace", "worker.id"];
 
 /// Worker process settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -166,6 +196,10 @@ pub struct ProducerConfig {
     pub confirm_window: usize,
     /// Deadline of a job when `submit --deadline` is not given (0: none).
     pub default_deadline_s: u64,
+    /// A job whose submission stopped half-way (and was not resumed) ends `failed` with
+    /// reason `incomplete_submission` after this long without any event (decided by the
+    /// tracker, so workers read it too).
+    pub submit_timeout_s: u64,
 }
 
 /// The job tracker role.
@@ -226,6 +260,14 @@ pub struct ProviderConfig {
     /// Optional tokens-per-minute ceiling for this worker (tokens estimated from the body).
     #[serde(default)]
     pub tpm: Option<u32>,
+    /// Largest response body read from this provider; a larger one is cut off and the item
+    /// ends failed with `response_too_large` (a misbehaving server cannot exhaust memory).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+}
+
+fn default_max_response_bytes() -> usize {
+    16 << 20
 }
 
 impl Config {
@@ -240,10 +282,10 @@ impl Config {
             }
         }
         let invalid = |e: config::ConfigError| anyhow::anyhow!("invalid configuration: {e}");
-        let mut merged = layered(path.as_deref(), false).build().map_err(invalid)?;
+        let mut merged = layered(path.as_deref(), false).and_then(|b| b.build()).map_err(invalid)?;
         let names = provider_names(&merged);
         if names.iter().all(|n| n == "mock") {
-            merged = layered(path.as_deref(), true).build().map_err(invalid)?;
+            merged = layered(path.as_deref(), true).and_then(|b| b.build()).map_err(invalid)?;
         }
         let raw: serde_json::Value = merged.clone().try_deserialize().map_err(invalid)?;
         let cfg: Config = merged.try_deserialize().map_err(invalid)?;
@@ -322,8 +364,12 @@ impl Config {
 }
 
 /// The configuration sources in order: defaults (with the built-in mock provider when
-/// `with_mock`), the file, the environment.
-fn layered(path: Option<&Path>, with_mock: bool) -> config::ConfigBuilder<config::builder::DefaultState> {
+/// `with_mock`), the file, the environment (secrets and names verbatim, see
+/// [`VERBATIM_ENV_KEYS`]).
+fn layered(
+    path: Option<&Path>,
+    with_mock: bool,
+) -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
     let toml = |s: &str| config::File::from_str(s, config::FileFormat::Toml);
     let mut builder = config::Config::builder().add_source(toml(DEFAULTS_TOML));
     if with_mock {
@@ -340,7 +386,14 @@ fn layered(path: Option<&Path>, with_mock: bool) -> config::ConfigBuilder<config
     for key in LIST_KEYS {
         env = env.with_list_parse_key(key);
     }
-    builder.add_source(env)
+    builder = builder.add_source(env);
+    for key in VERBATIM_ENV_KEYS {
+        let var = format!("FLEET__{}", key.replace('.', "__").to_uppercase());
+        if let Ok(value) = std::env::var(&var) {
+            builder = builder.set_override(key, value)?;
+        }
+    }
+    Ok(builder)
 }
 
 /// Names of the providers the merged sources define.
@@ -545,6 +598,29 @@ mod tests {
         std::fs::write(&file, "[retry]\nmax_attempts = 20\n[providers.mock]\ntimeout_s = 600\n").unwrap();
         let err = Config::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("consumer timeout"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_holds_no_secret() {
+        let mut cfg = Config::load(None).unwrap();
+        cfg.amqp.url = "amqp://user:s3cret-a@host/%2f".into();
+        cfg.pushgateway.url = "https://user:s3cret-b@pg".into();
+        cfg.pushgateway.password = Some("s3cret-c".into());
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("amqp://user:***@host"), "{shown}");
+    }
+
+    #[test]
+    fn a_numeric_looking_password_from_the_environment_stays_text() {
+        // Only this test sets this variable; the others do not read the password.
+        std::env::set_var("FLEET__PUSHGATEWAY__PASSWORD", "0123");
+        let cfg = Config::load(None);
+        std::env::set_var("FLEET__PUSHGATEWAY__PASSWORD", "1e3");
+        let cfg2 = Config::load(None);
+        std::env::remove_var("FLEET__PUSHGATEWAY__PASSWORD");
+        assert_eq!(cfg.unwrap().pushgateway.password.as_deref(), Some("0123"));
+        assert_eq!(cfg2.unwrap().pushgateway.password.as_deref(), Some("1e3"));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 pub mod amqp;
 pub mod config;
+pub mod endpoint;
 pub mod metrics;
 pub mod push;
 pub mod shutdown;

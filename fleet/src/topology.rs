@@ -10,8 +10,9 @@
 //! <ns>.dead    (fanout) -----------> <ns>.dead               quorum, parked messages
 //!                        -----------> <ns>.ledger             (the tracker ends dead items)
 //! (default)    ------------------> <ns>.ledger              quorum, single active consumer
-//! (default)    ------------------> <ns>.delay.<provider>.<n>s  TTL n s, dead-letters back
-//!                                                            to <ns>.items / <provider>
+//! (default)    ------------------> <ns>.delayed.<provider>.<n>s  quorum, TTL n s,
+//!                                                            dead-letters (at least once)
+//!                                                            back to <ns>.items / <provider>
 //! (default)    ------------------> <ns>.control             stream: job cancels, replayed
 //!                                                            from the start by every worker
 //! ```
@@ -107,6 +108,13 @@ impl Topology {
 
     /// Delay queue of `provider` for items waiting `secs` before their next attempt.
     pub fn delay_queue(&self, provider: &str, secs: u64) -> String {
+        format!("{}.delayed.{provider}.{secs}s", self.ns)
+    }
+
+    /// Name of the classic delay queue earlier versions used (`<ns>.delay.<provider>.<n>s`).
+    /// Its messages still expire back to the items queue on their own; once empty it is
+    /// deleted by [`Topology::retire_classic_delay_queues`].
+    pub fn classic_delay_queue(&self, provider: &str, secs: u64) -> String {
         format!("{}.delay.{provider}.{secs}s", self.ns)
     }
     /// Stream of control messages (job cancels) every worker reads from the start.
@@ -181,15 +189,49 @@ impl Topology {
     /// Declares the delay queues of `provider`, one per tier. A message expires at the head
     /// of its queue (one TTL per queue, so expiry order is arrival order) and is
     /// dead-lettered back to the items exchange under the provider's routing key.
+    ///
+    /// Quorum queues with at-least-once dead-lettering: a classic queue dead-letters at most
+    /// once, so messages that expired while the broker restarted were dropped when the items
+    /// queue had no leader yet. Here the delay queue keeps each message until the items
+    /// queue confirms it (RabbitMQ 3.10+; the strategy requires `reject-publish` overflow,
+    /// and silently falls back to at-most-once without it).
     pub async fn declare_delay_queues(&self, ch: &Channel, provider: &str, tiers_s: &[u64]) -> lapin::Result<()> {
         for secs in tiers_s {
-            let mut args = FieldTable::default();
+            let mut args = quorum();
             args.insert("x-message-ttl".into(), AMQPValue::LongLongInt((*secs * 1000) as i64));
             args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.items_exchange().into()));
             args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(provider.into()));
+            args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
             declare_queue(ch, &self.delay_queue(provider, *secs), args).await?;
         }
         Ok(())
+    }
+
+    /// Deletes the classic delay queues of earlier versions once they are empty (their
+    /// messages keep expiring back to the items queue meanwhile). Best effort, on a channel
+    /// of its own: the broker refuses to delete a queue that still holds messages and closes
+    /// the channel. Returns the queues still holding messages.
+    pub async fn retire_classic_delay_queues(
+        &self,
+        conn: &lapin::Connection,
+        provider: &str,
+        tiers_s: &[u64],
+    ) -> lapin::Result<Vec<String>> {
+        let mut left = Vec::new();
+        for secs in tiers_s {
+            let queue = self.classic_delay_queue(provider, *secs);
+            if queue_stats(conn, &queue).await?.is_none() {
+                continue;
+            }
+            let ch = conn.create_channel().await?;
+            let opts = lapin::options::QueueDeleteOptions { if_empty: true, ..Default::default() };
+            if ch.queue_delete(queue.as_str().into(), opts).await.is_err() {
+                left.push(queue);
+            }
+            let _ = ch.close(200, "done".into()).await;
+        }
+        Ok(left)
     }
 
     /// Declares the items queue of `provider` and binds it to the items exchange.
@@ -243,6 +285,7 @@ impl Topology {
         let mut queues: Vec<String> = providers.iter().map(|p| self.items_queue(p)).collect();
         for p in providers {
             queues.extend(tiers_s.iter().map(|s| self.delay_queue(p, *s)));
+            queues.extend(tiers_s.iter().map(|s| self.classic_delay_queue(p, *s)));
         }
         queues.extend([
             self.control_stream(),

@@ -12,6 +12,95 @@ pub const KIND_RESULT: &str = "result";
 /// AMQP `type` property of a message on a results queue carrying a [`JobSummary`].
 pub const KIND_JOB_FINISHED: &str = "job_finished";
 
+/// Longest accepted job id, in bytes. A job id is an AMQP routing key and part of a queue
+/// name, both AMQP short strings of at most 255 bytes, so it must leave room for the
+/// `<namespace>.results.` prefix; ids the producer makes are 20 bytes.
+pub const MAX_JOB_ID_BYTES: usize = 128;
+
+/// Most items one job may have. The tracker keeps one bit per item of a job in progress,
+/// so a message claiming more must not be able to make it allocate more (6 MiB per job).
+pub const MAX_JOB_ITEMS: u64 = 50_000_000;
+
+/// Longest `custom_id`, in bytes (the producer's validation enforces the same bound).
+pub const MAX_CUSTOM_ID_BYTES: usize = 512;
+
+/// Why a message read from a queue is not acceptable although it parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("job id is empty")]
+    EmptyJobId,
+    #[error("job id is {0} bytes long (at most {MAX_JOB_ID_BYTES})")]
+    JobIdTooLong(usize),
+    #[error("job id contains a control character")]
+    JobIdControl,
+    #[error("job total {0} is not between 1 and {MAX_JOB_ITEMS}")]
+    Total(u64),
+    #[error("index {index} is not below the job's total {total}")]
+    Index { index: u64, total: u64 },
+    #[error("custom_id is {0} bytes long (at most {MAX_CUSTOM_ID_BYTES})")]
+    CustomIdTooLong(usize),
+}
+
+/// Checks a job id given on a command line or read from a queue.
+pub fn check_job_id(job_id: &str) -> Result<(), Invalid> {
+    if job_id.is_empty() {
+        return Err(Invalid::EmptyJobId);
+    }
+    if job_id.len() > MAX_JOB_ID_BYTES {
+        return Err(Invalid::JobIdTooLong(job_id.len()));
+    }
+    if job_id.chars().any(char::is_control) {
+        return Err(Invalid::JobIdControl);
+    }
+    Ok(())
+}
+
+fn check_position(index: u64, total: u64) -> Result<(), Invalid> {
+    if total == 0 || total > MAX_JOB_ITEMS {
+        return Err(Invalid::Total(total));
+    }
+    if index >= total {
+        return Err(Invalid::Index { index, total });
+    }
+    Ok(())
+}
+
+/// Whether a request body asks for a streamed answer (`"stream": true` at its top level).
+/// A streamed answer is a sequence of events, not the JSON document the output file needs.
+/// A body that is not a JSON object does not ask (other checks refuse it).
+pub fn asks_to_stream(body: &RawValue) -> bool {
+    serde_json::from_str::<StreamFlag>(body.get()).is_ok_and(|f| f.0)
+}
+
+/// Reads only the top-level `stream` key of a body, skipping everything else without
+/// building it; `true` if any `stream` key (JSON allows duplicates) is `true`, so no
+/// parser's choice among duplicates can turn streaming on behind the check.
+struct StreamFlag(bool);
+
+impl<'de> Deserialize<'de> for StreamFlag {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Keys;
+        impl<'de> serde::de::Visitor<'de> for Keys {
+            type Value = StreamFlag;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<StreamFlag, A::Error> {
+                let mut streams = false;
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    if key == "stream" {
+                        streams |= map.next_value::<serde_json::Value>()? == serde_json::Value::Bool(true);
+                    } else {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+                Ok(StreamFlag(streams))
+            }
+        }
+        d.deserialize_map(Keys)
+    }
+}
+
 /// One line of an OpenAI Batch API input file.
 #[derive(Debug, Deserialize)]
 pub struct BatchInputLine {
@@ -44,6 +133,19 @@ pub struct Item {
     /// When the item was first sent to a delay queue (the long-retry budget starts there).
     #[serde(default)]
     pub first_delay_ms: Option<u64>,
+}
+
+impl Item {
+    /// Bounds a worker checks before trusting an item read from a queue (the endpoint is
+    /// checked against the provider's kind separately, see [`crate::endpoint`]).
+    pub fn check(&self) -> Result<(), Invalid> {
+        check_job_id(&self.job_id)?;
+        check_position(self.index, self.total)?;
+        if self.custom_id.len() > MAX_CUSTOM_ID_BYTES {
+            return Err(Invalid::CustomIdTooLong(self.custom_id.len()));
+        }
+        Ok(())
+    }
 }
 
 /// A message on the control stream.
@@ -115,6 +217,14 @@ pub struct ItemResult {
     pub finished_at_ms: u64,
 }
 
+impl ItemResult {
+    /// Bounds a collector or the tracker checks before trusting a result read from a queue.
+    pub fn check(&self) -> Result<(), Invalid> {
+        check_job_id(&self.job_id)?;
+        check_position(self.index, self.total)
+    }
+}
+
 /// One line of the output file, in the OpenAI Batch API output format. It borrows from
 /// the result it is written from: the response body is serialized, never copied.
 #[derive(Debug, Serialize)]
@@ -178,6 +288,9 @@ pub struct JobSummary {
     /// Items finished per second since submission (or over the whole job once finished).
     #[serde(default)]
     pub rate_per_s: f64,
+    /// Why a job ended other than by its items, e.g. `incomplete_submission`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// Why a job in progress is not done yet; absent once it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<JobProgress>,
@@ -203,6 +316,11 @@ pub struct JobProgress {
     /// Seconds until the job ends at its current rate.
     pub eta_s: Option<u64>,
 }
+
+/// Reason of a job that ended `failed` because its submission was abandoned: `submit`
+/// stopped before publishing every item and was not resumed within
+/// `producer.submit_timeout_s`.
+pub const REASON_INCOMPLETE_SUBMISSION: &str = "incomplete_submission";
 
 /// A status query to the active tracker (published to `<ns>.tracker.rpc` with `reply_to`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -236,6 +354,15 @@ pub enum LedgerEvent {
         submitted_at_ms: u64,
         #[serde(default)]
         deadline_ms: Option<u64>,
+        /// Whether a `submission_complete` event will follow (a producer that can be
+        /// resumed says so; the job shows `submitting` until then). Sent again when a
+        /// submission is resumed.
+        #[serde(default)]
+        submitting: bool,
+    },
+    /// Every item of the job is published and confirmed.
+    SubmissionComplete {
+        job_id: String,
     },
     /// Items of one job that finished (a worker may batch several).
     ItemsFinished {
@@ -254,6 +381,41 @@ pub enum LedgerEvent {
         /// The failure that sent it there (no response body, no key: the error's message).
         error: String,
     },
+}
+
+impl LedgerEvent {
+    /// Bounds the tracker checks before folding an event read from the ledger.
+    pub fn check(&self) -> Result<(), Invalid> {
+        match self {
+            LedgerEvent::JobSubmitted { job_id, total, .. } => {
+                check_job_id(job_id)?;
+                check_position(0, *total)
+            }
+            LedgerEvent::ItemsFinished { job_id, items, .. } => {
+                check_job_id(job_id)?;
+                // The job's total may not be known yet; the tracker checks against it too.
+                match items.iter().find(|(i, _)| *i >= MAX_JOB_ITEMS) {
+                    Some((index, _)) => Err(Invalid::Index { index: *index, total: MAX_JOB_ITEMS }),
+                    None => Ok(()),
+                }
+            }
+            LedgerEvent::JobCancel { job_id } | LedgerEvent::SubmissionComplete { job_id } => check_job_id(job_id),
+            LedgerEvent::ItemDelayed { job_id, index, .. } => {
+                check_job_id(job_id)?;
+                check_position(*index, MAX_JOB_ITEMS)
+            }
+        }
+    }
+}
+
+impl ControlMessage {
+    /// Bounds a worker checks before acting on a control message.
+    pub fn check(&self) -> Result<(), Invalid> {
+        match self {
+            ControlMessage::CancelJob { job_id } => check_job_id(job_id),
+            ControlMessage::Marker { .. } => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -306,6 +468,52 @@ mod tests {
         assert_eq!(v["response"]["status_code"], 400);
         assert_eq!(v["error"]["code"], "client_error");
         assert_eq!(v["id"], "batch_req_j1_0");
+    }
+
+    #[test]
+    fn stream_requests_are_recognised() {
+        let asks = |b: &str| asks_to_stream(&RawValue::from_string(b.into()).unwrap());
+        assert!(asks(r#"{"model":"m","stream":true}"#));
+        assert!(asks(r#"{"stream":false,"x":{"stream":false},"stream":true}"#), "any duplicate counts");
+        assert!(!asks(r#"{"model":"m","stream":false}"#));
+        assert!(!asks(r#"{"model":"m","x":{"stream":true}}"#), "only the top level");
+        assert!(!asks(r#"{"stream":"true"}"#));
+        assert!(!asks("[1]"));
+    }
+
+    #[test]
+    fn bounds_of_queued_messages() {
+        let mut item: Item = serde_json::from_str(
+            r#"{"job_id":"j","index":0,"total":1,"custom_id":"c","provider":"p","url":"/v1/x","body":{},"submitted_at_ms":0}"#,
+        )
+        .unwrap();
+        assert_eq!(item.check(), Ok(()));
+        item.index = 1;
+        assert_eq!(item.check(), Err(Invalid::Index { index: 1, total: 1 }));
+        item.index = 1 << 40;
+        item.total = u64::MAX;
+        assert_eq!(item.check(), Err(Invalid::Total(u64::MAX)));
+        item.total = 1;
+        item.index = 0;
+        item.job_id = "j".repeat(256);
+        assert_eq!(item.check(), Err(Invalid::JobIdTooLong(256)));
+        item.job_id = "a\nb".into();
+        assert_eq!(item.check(), Err(Invalid::JobIdControl));
+        let e = LedgerEvent::ItemsFinished {
+            job_id: "j".into(),
+            provider: "p".into(),
+            items: vec![(1 << 40, ItemStatus::Failed)],
+        };
+        assert!(e.check().is_err());
+        let e = LedgerEvent::JobSubmitted {
+            job_id: "j".into(),
+            provider: "p".into(),
+            total: 0,
+            submitted_at_ms: 0,
+            deadline_ms: None,
+            submitting: false,
+        };
+        assert!(e.check().is_err());
     }
 
     #[test]

@@ -4,38 +4,13 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-/// The provider endpoints the mock serves (the routes counted in `/stats`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Endpoint {
-    /// `POST /v1/chat/completions` (OpenAI).
-    ChatCompletions,
-    /// `POST /v1/completions` (OpenAI, legacy).
-    Completions,
-    /// `POST /v1/embeddings` (OpenAI).
-    Embeddings,
-    /// `POST /v1/messages` (Anthropic).
-    Messages,
-}
+/// The provider endpoints the mock serves: the fleet's own list, so the mock, the producer's
+/// validation and the worker's client can never disagree on a path.
+pub use fleet::endpoint::Endpoint;
 
-impl Endpoint {
-    /// Every endpoint, in the order used for counters.
-    pub const ALL: [Endpoint; 4] =
-        [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Messages];
-
-    /// The route path.
-    pub fn path(self) -> &'static str {
-        match self {
-            Endpoint::ChatCompletions => "/v1/chat/completions",
-            Endpoint::Completions => "/v1/completions",
-            Endpoint::Embeddings => "/v1/embeddings",
-            Endpoint::Messages => "/v1/messages",
-        }
-    }
-
-    /// Whether answers follow Anthropic conventions rather than OpenAI's.
-    pub fn is_anthropic(self) -> bool {
-        self == Endpoint::Messages
-    }
+/// Whether answers on `endpoint` follow Anthropic conventions rather than OpenAI's.
+pub fn is_anthropic(endpoint: Endpoint) -> bool {
+    endpoint.is_served_by(fleet::config::ProviderKind::Anthropic)
 }
 
 const DEFAULT_MODEL: &str = "mock-model";
@@ -353,7 +328,7 @@ fn fake_embedding(text: &str) -> [f32; EMBEDDING_DIM] {
 pub fn error_body(endpoint: Endpoint, status: u16, message: &str) -> Vec<u8> {
     let value = match status {
         529 => anthropic_error("overloaded_error", message),
-        429 if endpoint.is_anthropic() => anthropic_error("rate_limit_error", message),
+        429 if is_anthropic(endpoint) => anthropic_error("rate_limit_error", message),
         400 => serde_json::json!({"error": {
             "message": message, "type": "invalid_request_error", "param": null, "code": null,
         }}),

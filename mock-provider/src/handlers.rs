@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Endpoint};
 use crate::faults::{Fault, FaultInjector};
+use crate::hostile::{self, Hostile};
 use crate::knobs::Knobs;
 use crate::limiter::{Admission, TokenBucket};
 use crate::stats::Stats;
@@ -57,10 +58,11 @@ struct RequestId(u64);
 /// `/healthz`.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
-        .route("/v1/completions", post(completions))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/v1/messages", post(messages))
+        .route(Endpoint::ChatCompletions.path(), post(chat_completions))
+        .route(Endpoint::Completions.path(), post(completions))
+        .route(Endpoint::Embeddings.path(), post(embeddings))
+        .route(Endpoint::Messages.path(), post(messages))
+        .route(hostile::STOLEN_PATH, post(stolen).get(stolen))
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
         .route("/healthz", get(healthz))
@@ -119,6 +121,12 @@ async fn reset_stats(State(state): State<Arc<AppState>>) -> Response {
     Json(state.stats.snapshot()).into_response()
 }
 
+/// Where the redirecting answers point: a client that follows them lands here.
+async fn stolen(State(state): State<Arc<AppState>>) -> Response {
+    state.stats.record_stolen();
+    (StatusCode::OK, "{}").into_response()
+}
+
 async fn healthz() -> &'static str {
     "ok"
 }
@@ -148,6 +156,12 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
             return answer(state, endpoint, 400, body, admission.as_ref());
         }
     };
+
+    // A request that names a hostile model gets that misbehaviour, whatever the knobs say.
+    if let Some(hostile) = Hostile::requested_by(body) {
+        state.stats.record_status(hostile.status());
+        return hostile.answer(n);
+    }
 
     let decision = state.faults.decide();
     if decision.fault == Fault::Hang {
@@ -195,6 +209,6 @@ fn answer(state: &AppState, endpoint: Endpoint, status: u16, body: Vec<u8>, admi
 /// Attaches the limiter's headers (only present when `--rpm` is set).
 fn add_rate_headers(response: &mut Response, admission: Option<&Admission>, endpoint: Endpoint) {
     if let Some(admission) = admission {
-        admission.write_headers(response.headers_mut(), endpoint.is_anthropic());
+        admission.write_headers(response.headers_mut(), api::is_anthropic(endpoint));
     }
 }

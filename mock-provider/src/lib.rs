@@ -8,11 +8,14 @@
 //! - [`faults`]: the seeded random fault and jitter decisions;
 //! - [`api`]: request parsing and response bodies for each endpoint;
 //! - [`stats`]: the counters behind `GET /stats`;
+//! - [`hostile`]: answers that misbehave on purpose (redirects, endless bodies, absurd
+//!   retry hints), chosen by the request's model;
 //! - `handlers`: the axum router and the per-request pipeline.
 
 pub mod api;
 pub mod faults;
 mod handlers;
+pub mod hostile;
 pub mod knobs;
 pub mod limiter;
 pub mod stats;

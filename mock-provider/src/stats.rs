@@ -20,6 +20,7 @@ pub struct Stats {
     by_path: [AtomicU64; Endpoint::ALL.len()],
     hung: AtomicU64,
     garbage: AtomicU64,
+    stolen: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
 }
@@ -40,6 +41,10 @@ pub struct StatsSnapshot {
     pub hung: u64,
     /// Answers with a non-JSON 200 body.
     pub garbage: u64,
+    /// Requests that reached the target of a hostile redirect (a client that follows
+    /// redirects; the fleet's worker never should).
+    #[serde(default)]
+    pub stolen: u64,
     /// `/v1` requests currently being handled (including hung ones whose client is still there).
     pub in_flight: u64,
     /// Highest `in_flight` seen since start or the last reset.
@@ -54,6 +59,7 @@ impl Default for Stats {
             by_path: Default::default(),
             hung: AtomicU64::new(0),
             garbage: AtomicU64::new(0),
+            stolen: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
         }
@@ -99,6 +105,11 @@ impl Stats {
         self.record_status(200);
     }
 
+    /// Counts a request that followed a hostile redirect.
+    pub fn record_stolen(&self) {
+        self.stolen.fetch_add(1, Relaxed);
+    }
+
     /// Zeroes every counter. `in_flight` is a gauge, not a counter, so it is kept (zeroing it
     /// would make it underflow when the requests now in flight finish); `max_in_flight` restarts
     /// from the current `in_flight`.
@@ -109,6 +120,7 @@ impl Stats {
         }
         self.hung.store(0, Relaxed);
         self.garbage.store(0, Relaxed);
+        self.stolen.store(0, Relaxed);
         self.max_in_flight.store(self.in_flight.load(Relaxed), Relaxed);
     }
 
@@ -136,6 +148,7 @@ impl Stats {
             by_status,
             by_path,
             hung: self.hung.load(Relaxed),
+            stolen: self.stolen.load(Relaxed),
             garbage: self.garbage.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             max_in_flight: self.max_in_flight.load(Relaxed),
@@ -198,6 +211,7 @@ mod tests {
                 "by_path": {"/v1/completions": 1},
                 "hung": 0,
                 "garbage": 0,
+                "stolen": 0,
                 "in_flight": 0,
                 "max_in_flight": 1,
             })

@@ -271,7 +271,7 @@ async fn garbage_and_mixed_stats_and_reset() {
     let v: Value = client().get(url(addr, "/stats")).send().await.unwrap().json().await.unwrap();
     let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["by_path", "by_status", "garbage", "hung", "in_flight", "max_in_flight", "requests"]);
+    assert_eq!(keys, ["by_path", "by_status", "garbage", "hung", "in_flight", "max_in_flight", "requests", "stolen"]);
     stop.cancel();
 }
 
@@ -410,4 +410,34 @@ async fn binary_prints_port_reads_env_and_exits_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn hostile_models_misbehave_as_asked() {
+    let (addr, stop, _task) = mock_provider::spawn(Knobs::default()).await;
+    let no_redirects = Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let post = |model: &str| {
+        no_redirects.post(url(addr, "/v1/chat/completions")).json(&json!({"model": model, "messages": []})).send()
+    };
+    let r = post("hostile-redirect").await.unwrap();
+    assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(r.headers()["location"], mock_provider::hostile::STOLEN_PATH);
+    let mut r = post("hostile-endless").await.unwrap();
+    let mut read = 0;
+    while read < 1 << 20 {
+        read += r.chunk().await.unwrap().expect("the body does not end").len();
+    }
+    let r = post("hostile-retry").await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().keys().any(|k| k.as_str().contains("retry-after")));
+    assert_eq!(post("mock-model").await.unwrap().status(), StatusCode::OK);
+    // A client that follows the redirect is counted.
+    client()
+        .post(url(addr, "/v1/chat/completions"))
+        .json(&json!({"model": "hostile-redirect", "messages": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stats(addr).await.stolen, 1);
+    stop.cancel();
 }

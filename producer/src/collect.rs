@@ -50,10 +50,11 @@ fn line_job_id(v: &serde_json::Value) -> Option<&str> {
     v["id"].as_str()?.strip_prefix("batch_req_")?.rsplit_once('_').map(|(job, _)| job)
 }
 
-/// Checks, before a job is created, that `path` can be written and holds no results.
-pub fn check_new_output(path: &Path) -> anyhow::Result<()> {
-    let (_, seen, _, job) = open_output(path, None)?;
-    if let Some(other) = job.filter(|_| !seen.is_empty()) {
+/// Checks, before a job is submitted, that `path` can be written and holds no results
+/// (or, for a resumed submission, only that job's).
+pub fn check_new_output(path: &Path, resumed: Option<&str>) -> anyhow::Result<()> {
+    let (_, seen, _, job) = open_output(path, resumed)?;
+    if let Some(other) = job.filter(|_| !seen.is_empty() && resumed.is_none()) {
         return Err(OutputError::NotEmpty { path: path.display().to_string(), other }.into());
     }
     Ok(())
@@ -159,6 +160,8 @@ struct Collector {
     counts: JobCounts,
     total: Option<u64>,
     job_status: Option<String>,
+    /// Why the tracker ended the job early (`incomplete_submission`).
+    abandoned: Option<String>,
     bar: indicatif::ProgressBar,
     /// Acker of the newest message not yet acked (acks are cumulative).
     unacked: Option<lapin::Acker>,
@@ -167,7 +170,9 @@ struct Collector {
 
 impl Collector {
     fn complete(&self) -> bool {
-        self.total.is_some_and(|t| self.seen.len() as u64 >= t)
+        // A job abandoned mid-submission never gets all its results; the tracker announces
+        // it only after every published item has finished, so nothing more will come.
+        self.total.is_some_and(|t| self.seen.len() as u64 >= t) || self.abandoned.is_some()
     }
 
     /// Makes the written lines durable, then acks every message up to the last one.
@@ -192,10 +197,17 @@ impl Collector {
             if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
                 self.total.get_or_insert(summary.counts.total);
                 self.job_status = Some(summary.status);
+                self.abandoned = summary.reason;
             }
             return Ok(());
         }
         match serde_json::from_slice::<ItemResult>(&delivery.data) {
+            // Anyone who can publish to the results exchange can write here: a result out
+            // of bounds (an index past its total, a total no job can have) is not written.
+            Ok(result) if result.check().is_err() => {
+                let e = result.check().unwrap_err();
+                tracing::warn!(error = %e, "ignoring a result out of bounds");
+            }
             Ok(result) => {
                 if self.total.is_none() {
                     self.bar.set_length(result.total);
@@ -281,6 +293,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         counts,
         total: None,
         job_status: None,
+        abandoned: None,
         bar,
         unacked: None,
         unacked_n: 0,
@@ -316,6 +329,15 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     c.bar.finish_and_clear();
     let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, conn.close(200, "done".into())).await;
     c.counts.total = c.total.unwrap_or(c.seen.len() as u64);
+    if let Some(reason) = &c.abandoned {
+        anyhow::bail!(
+            "job {} ended failed ({reason}): its submission stopped before every item was published and was \
+             not resumed; the {} results of the published items are in {}",
+            req.job_id,
+            c.seen.len(),
+            req.output.display()
+        );
+    }
     Ok(Collected {
         job_id: req.job_id.to_string(),
         counts: c.counts,
@@ -369,7 +391,7 @@ mod tests {
         let path = scratch("garbage", &(line("job_a", 0, "null") + "hello\n"));
         let err = open_output(&path, Some("job_a")).unwrap_err().to_string();
         assert!(err.contains("line 2 is not a result line"), "{err}");
-        let err = check_new_output(&scratch("new", &line("job_a", 0, "null"))).unwrap_err().to_string();
+        let err = check_new_output(&scratch("new", &line("job_a", 0, "null")), None).unwrap_err().to_string();
         assert!(err.contains("already holds results (of job job_a)"), "{err}");
     }
 

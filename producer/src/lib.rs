@@ -7,6 +7,7 @@ pub mod dead;
 pub mod duration;
 pub mod inspect;
 pub mod progress;
+pub mod resume;
 pub mod submit;
 pub mod validate;
 

@@ -55,10 +55,16 @@ enum Command {
         /// default `producer.default_deadline_s`, 0 = none).
         #[arg(long, value_parser = producer::duration::parse_duration)]
         deadline: Option<Duration>,
+        /// Finish the interrupted submission of this job (same file): only the items the
+        /// broker had not confirmed are published. Without it, an interrupted submission of
+        /// the same file is recognised by its content and resumed too.
+        #[arg(long, value_parser = job_id)]
+        resume: Option<String>,
     },
     /// Collect a job's results into an OpenAI Batch output file; resumable.
     Wait {
         /// Job id printed by `submit`.
+        #[arg(value_parser = job_id)]
         job: String,
         /// Output file; results already in it are kept and not written twice.
         #[arg(long, short)]
@@ -73,6 +79,7 @@ enum Command {
     /// Show one job's progress, as the fleet's job tracker knows it.
     Status {
         /// Job id.
+        #[arg(value_parser = job_id)]
         job: String,
         /// Print JSON.
         #[arg(long)]
@@ -84,6 +91,7 @@ enum Command {
     /// Cancel a job: items not yet started end `cancelled` without a provider call.
     Cancel {
         /// Job id.
+        #[arg(value_parser = job_id)]
         job: String,
     },
     /// List dead-lettered messages with their reasons; optionally put items back.
@@ -92,7 +100,7 @@ enum Command {
         #[arg(long)]
         requeue: bool,
         /// Only this job's items (with --requeue).
-        #[arg(long)]
+        #[arg(long, value_parser = job_id)]
         job: Option<String>,
         /// Print JSON lines.
         #[arg(long)]
@@ -122,19 +130,25 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit { file, provider, model, json, wait, output, deadline } => {
+        Command::Submit { file, provider, model, json, wait, output, deadline, resume } => {
             let deadline_s = deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
             if let Some(output) = output.as_deref().filter(|_| wait) {
                 // Before anything is published: a job whose results cannot be written is
-                // better not started.
-                if let Err(e) = collect::check_new_output(output) {
+                // better not started (a resumed job's own results may be there already).
+                if let Err(e) = collect::check_new_output(output, resume.as_deref()) {
                     eprintln!("producer: {e:#}");
                     return ExitCode::from(2);
                 }
             }
-            let req =
-                SubmitRequest { file: &file, provider: &provider, model: model.as_deref(), deadline_ms, progress };
+            let req = SubmitRequest {
+                file: &file,
+                provider: &provider,
+                model: model.as_deref(),
+                deadline_ms,
+                progress,
+                resume: resume.as_deref(),
+            };
             match submit::submit(&cfg, &req).await {
                 Ok(job) => {
                     if json {
@@ -233,4 +247,9 @@ fn summary(c: &Collected, output: &std::path::Path, json: bool) {
         c.elapsed_s,
         output.display()
     );
+}
+
+/// A job id argument: refused before anything is sent when no routing key could hold it.
+fn job_id(s: &str) -> Result<String, String> {
+    fleet::wire::check_job_id(s).map(|()| s.to_string()).map_err(|e| e.to_string())
 }

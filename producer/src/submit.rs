@@ -1,5 +1,10 @@
 //! `producer submit`: validate the file, then publish it as one job.
 //!
+//! A submission that dies half-way (killed, the machine lost) is resumed by running
+//! `submit` again with the same file (recognised by its content hash, or named with
+//! `--resume JOB`): the same job id, only the items the broker had not confirmed (see
+//! [`crate::resume`]).
+//!
 //! Order matters: the job's results queue exists before any item is published (so no
 //! result can be unroutable), and the ledger learns of the job before its items (so the
 //! tracker never sees an item of an unknown job).
@@ -13,6 +18,7 @@ use fleet::wire::{Item, LedgerEvent};
 use fleet::Config;
 use serde_json::value::RawValue;
 
+use crate::resume::{self, Record};
 use crate::validate::{self, Rules};
 
 /// What the user asked for.
@@ -24,6 +30,9 @@ pub struct SubmitRequest<'a> {
     /// Items not finished by this instant (ms since epoch) end `expired`.
     pub deadline_ms: Option<u64>,
     pub progress: bool,
+    /// Resume this job's unfinished submission (refused unless the file is the one it was
+    /// started with).
+    pub resume: Option<&'a str>,
 }
 
 /// A submitted job.
@@ -40,6 +49,15 @@ pub enum InputError {
     UnknownProvider { name: String, known: String },
     #[error(transparent)]
     Invalid(#[from] validate::ValidationError),
+    #[error("no unfinished submission of job {job} is recorded for this file ({record} does not name it)")]
+    NoRecord { job: String, record: String },
+    #[error(
+        "job {job} was started from other content than this file (or with provider {provider}); \
+         resume it with the file it was started with, or delete {record} to start a new job"
+    )]
+    NotTheSameFile { job: String, provider: String, record: String },
+    #[error("the file has {total} requests; one job holds at most {} (split the file)", fleet::wire::MAX_JOB_ITEMS)]
+    TooMany { total: u64 },
 }
 
 /// A new job id: short, unique, safe in queue names and URLs.
@@ -55,22 +73,33 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
     })?;
     let rules = Rules { kind: provider.kind, max_body_bytes: cfg.producer.max_body_bytes };
     let total = validate::validate_file(req.file, &rules).map_err(InputError::from)?;
+    if total > fleet::wire::MAX_JOB_ITEMS {
+        return Err(InputError::TooMany { total }.into());
+    }
 
+    let record = start_or_resume(req, total)?;
     let job = Job {
         topology: Topology::from_config(cfg),
-        job_id: new_job_id(),
+        job_id: record.job_id.clone(),
         total,
-        submitted_at_ms: fleet::now_ms(),
+        submitted_at_ms: record.submitted_at_ms,
         rules,
         window: cfg.producer.confirm_window.max(1),
     };
+    // The items keep the job's first deadline and model, whatever this run was given.
+    let model = record.model.clone();
+    let req = &SubmitRequest { deadline_ms: record.deadline_ms, model: model.as_deref(), ..*req };
+    let mut progress = Progress { file: req.file, record, saving: true };
+    progress.save();
     let mut conn = crate::connect(cfg, "producer submit").await?;
     let bar = crate::progress::bar(total, req.progress, "submitting");
+    // Announced again on a resume: the tracker ignores a second `job_submitted`, and the
+    // first run may have died before the broker confirmed it.
     let mut announced = false;
-    let mut confirmed = 0u64;
+    let mut confirmed = progress.record.confirmed;
     let mut failures_without_progress = 0;
     loop {
-        match job.publish(&conn, req, &mut announced, confirmed, &bar).await {
+        match job.publish(&conn, req, &mut announced, confirmed, &bar, &mut progress).await {
             Ok(()) => break,
             Err(Interrupted::Fatal(e)) => return Err(e.context(format!("job {}", job.job_id))),
             Err(Interrupted::Broker { confirmed: upto, error }) => {
@@ -95,7 +124,70 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
     }
     bar.finish_and_clear();
     let _ = conn.close(200, "done".into()).await;
+    if let Err(e) = resume::remove(req.file) {
+        tracing::warn!(error = %e, "cannot delete the submission record; delete it by hand");
+    }
     Ok(Submitted { job_id: job.job_id, total })
+}
+
+/// The record of this submission: a new job, or the unfinished one this file was started
+/// as (named by `--resume`, or recognised by the file's content hash).
+fn start_or_resume(req: &SubmitRequest<'_>, total: u64) -> anyhow::Result<Record> {
+    let hash = resume::content_hash(req.file)?;
+    let record_name = resume::record_path(req.file).display().to_string();
+    match (resume::load(req.file)?, req.resume) {
+        (Some(r), wanted) if wanted.is_none_or(|j| j == r.job_id) => {
+            if r.content_hash != hash || r.provider != req.provider || r.total != total {
+                return Err(
+                    InputError::NotTheSameFile { job: r.job_id, provider: r.provider, record: record_name }.into()
+                );
+            }
+            eprintln!("resuming the submission of job {} from item {} of {}", r.job_id, r.confirmed, r.total);
+            Ok(r)
+        }
+        (_, Some(job)) => Err(InputError::NoRecord { job: job.to_string(), record: record_name }.into()),
+        (None, None) => Ok(Record {
+            job_id: new_job_id(),
+            content_hash: hash,
+            provider: req.provider.to_string(),
+            model: req.model.map(str::to_string),
+            total,
+            submitted_at_ms: fleet::now_ms(),
+            deadline_ms: req.deadline_ms,
+            confirmed: 0,
+        }),
+        (Some(_), None) => unreachable!("matched above"),
+    }
+}
+
+/// Confirmed progress of a submission, written to its record as it advances.
+struct Progress<'a> {
+    file: &'a Path,
+    record: Record,
+    /// Off after a failed write: the submission goes on, but cannot be resumed.
+    saving: bool,
+}
+
+/// The record is rewritten after this many more confirmed items (and at the start).
+const SAVE_EVERY: u64 = 1024;
+
+impl Progress<'_> {
+    fn confirmed(&mut self, upto: u64) {
+        if upto >= self.record.confirmed + SAVE_EVERY {
+            self.record.confirmed = upto;
+            self.save();
+        }
+    }
+
+    fn save(&mut self) {
+        if !self.saving {
+            return;
+        }
+        if let Err(e) = resume::save(self.file, &self.record) {
+            self.saving = false;
+            tracing::warn!(error = %e, "cannot record the submission's progress; if it is interrupted, it cannot be resumed");
+        }
+    }
 }
 
 /// Consecutive broker failures without a newly confirmed item before giving up.
@@ -131,6 +223,7 @@ impl Job {
         announced: &mut bool,
         start: u64,
         bar: &indicatif::ProgressBar,
+        progress: &mut Progress<'_>,
     ) -> Result<(), Interrupted> {
         let broker = |confirmed: u64| {
             move |e: lapin::Error| {
@@ -152,6 +245,9 @@ impl Job {
                 total: self.total,
                 submitted_at_ms: self.submitted_at_ms,
                 deadline_ms: req.deadline_ms,
+                // The job shows `submitting` until `submission_complete`, and is abandoned
+                // by the tracker if that never comes (see `producer.submit_timeout_s`).
+                submitting: true,
             };
             let event = serde_json::to_vec(&event).map_err(|e| Interrupted::Fatal(e.into()))?;
             amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &event, amqp::persistent_json())
@@ -200,6 +296,7 @@ impl Job {
                 let (i, p) = pending.pop_front().expect("window is non-empty");
                 p.wait().await.map_err(|e| Interrupted::Broker { confirmed: i, error: e.into() })?;
                 bar.set_position(i + 1);
+                progress.confirmed(i + 1);
             }
             let oldest = pending.front().map_or(this, |(i, _)| *i);
             let p = amqp::publish(&ch, &exchange, req.provider, &payload, amqp::persistent_json())
@@ -216,6 +313,11 @@ impl Job {
                 self.total
             )));
         }
+        let done = LedgerEvent::SubmissionComplete { job_id: self.job_id.clone() };
+        let done = serde_json::to_vec(&done).map_err(|e| fatal(e.into()))?;
+        amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &done, amqp::persistent_json())
+            .await
+            .map_err(|e| Interrupted::Broker { confirmed: self.total, error: e.into() })?;
         bar.set_position(self.total);
         Ok(())
     }

@@ -12,19 +12,12 @@ use std::io::BufRead;
 use std::path::Path;
 
 use fleet::config::ProviderKind;
-use fleet::wire::BatchInputLine;
+use fleet::endpoint::Endpoint;
+use fleet::wire::{BatchInputLine, MAX_CUSTOM_ID_BYTES};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// At most this many problems are listed; the rest are counted.
 const MAX_REPORTED: usize = 50;
-
-/// Endpoints a provider of each kind accepts.
-pub fn supported_urls(kind: ProviderKind) -> &'static [&'static str] {
-    match kind {
-        ProviderKind::Openai => &["/v1/chat/completions", "/v1/completions", "/v1/embeddings"],
-        ProviderKind::Anthropic => &["/v1/messages"],
-    }
-}
 
 /// One problem in the input file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,15 +72,15 @@ pub fn check_line(raw: &[u8], rules: &Rules) -> Result<BatchInputLine, String> {
     if line.custom_id.is_empty() {
         return Err("custom_id is empty".into());
     }
-    if line.custom_id.len() > 512 {
-        return Err(format!("custom_id is {} bytes long (at most 512)", line.custom_id.len()));
+    if line.custom_id.len() > MAX_CUSTOM_ID_BYTES {
+        return Err(format!("custom_id is {} bytes long (at most {MAX_CUSTOM_ID_BYTES})", line.custom_id.len()));
     }
     if !line.method.eq_ignore_ascii_case("POST") {
         return Err(format!("method {:?} is not supported (only POST)", line.method));
     }
-    let urls = supported_urls(rules.kind);
-    if !urls.contains(&line.url.as_str()) {
-        return Err(format!("url {:?} is not supported by this provider (supported: {})", line.url, urls.join(", ")));
+    if Endpoint::for_kind(&line.url, rules.kind).is_none() {
+        let urls = Endpoint::paths_of(rules.kind).join(", ");
+        return Err(format!("url {:?} is not supported by this provider (supported: {urls})", line.url));
     }
     let body = line.body.get();
     if !body.starts_with('{') {
@@ -95,6 +88,9 @@ pub fn check_line(raw: &[u8], rules: &Rules) -> Result<BatchInputLine, String> {
     }
     if body.len() > rules.max_body_bytes {
         return Err(format!("body is {} bytes, over the limit of {} bytes", body.len(), rules.max_body_bytes));
+    }
+    if fleet::wire::asks_to_stream(&line.body) {
+        return Err("body asks for \"stream\": true, which a batch cannot use (remove it)".into());
     }
     Ok(line)
 }
@@ -221,6 +217,9 @@ mod tests {
             (r#"{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{}}"#, "only POST"),
             (r#"{"custom_id":"a","method":"POST","url":"/v1/images","body":{}}"#, "not supported"),
             (r#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":[1]}"#, "JSON object"),
+            (r#"{"custom_id":"a","method":"POST","url":"/v1/../admin","body":{}}"#, "not supported"),
+            (r#"{"custom_id":"a","method":"POST","url":"/v1/messages","body":{}}"#, "not supported"),
+            (r#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"stream":true}}"#, "stream"),
         ];
         for (line, want) in cases {
             let err = check_line(line.as_bytes(), &rules()).unwrap_err();

@@ -42,6 +42,14 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
     for name in clients.keys() {
         topology.declare_items_queue(&publish, name).await?;
         topology.declare_delay_queues(&publish, name, &cfg.retry.delay_tiers_s).await?;
+        match topology.retire_classic_delay_queues(conn, name, &cfg.retry.delay_tiers_s).await {
+            Ok(left) if !left.is_empty() => tracing::info!(
+                queues = ?left,
+                "classic delay queues of an earlier version still hold items; they flow back to the items queue as they expire"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "cannot check for classic delay queues"),
+        }
     }
     let ctx = Arc::new(Context {
         worker_id: worker_id.to_string(),

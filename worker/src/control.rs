@@ -1,8 +1,12 @@
 //! The control stream: job cancels, read by every worker from the start of the stream so
 //! that a worker started after a cancel honours it too. The set of cancelled jobs outlives
 //! reconnections (it is re-read from the start after each, which is idempotent).
+//!
+//! Anyone who can publish to the stream can add cancels, so the set is bounded: a cancel
+//! is forgotten `tracker.retention_s` after it was read, and beyond [`MAX_CANCELLED`]
+//! entries the oldest go first.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use fleet::topology::Topology;
@@ -12,18 +16,54 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Connection;
 
-/// Jobs cancelled fleet-wide, shared by every delivery handler.
-#[derive(Clone, Default)]
-pub struct Cancelled(Arc<RwLock<HashSet<String>>>);
+/// Most cancels a worker remembers (about 25 MB at the longest job ids).
+pub const MAX_CANCELLED: usize = 100_000;
+
+/// Jobs cancelled fleet-wide, shared by every delivery handler: job id -> when it was read
+/// (ms since the epoch).
+#[derive(Clone)]
+pub struct Cancelled {
+    jobs: Arc<RwLock<HashMap<String, u64>>>,
+    retention_ms: u64,
+}
 
 impl Cancelled {
-    pub fn contains(&self, job_id: &str) -> bool {
-        self.0.read().map(|s| s.contains(job_id)).unwrap_or(false)
+    /// An empty set whose cancels are forgotten after `retention_ms`.
+    pub fn new(retention_ms: u64) -> Self {
+        Cancelled { jobs: Arc::default(), retention_ms }
     }
-    pub fn insert(&self, job_id: String) {
-        if let Ok(mut s) = self.0.write() {
-            s.insert(job_id);
+
+    pub fn contains(&self, job_id: &str) -> bool {
+        self.jobs.read().map(|s| s.contains_key(job_id)).unwrap_or(false)
+    }
+
+    /// Records a cancel read at `now_ms`, forgetting cancels past retention, and the oldest
+    /// ones beyond [`MAX_CANCELLED`].
+    pub fn insert(&self, job_id: String, now_ms: u64) {
+        let Ok(mut s) = self.jobs.write() else { return };
+        s.insert(job_id, now_ms);
+        // Pruning scans the whole set, so it runs every 1,024 cancels, not at each.
+        if s.len() % 1024 == 0 {
+            s.retain(|_, at| now_ms.saturating_sub(*at) < self.retention_ms);
         }
+        if s.len() > MAX_CANCELLED {
+            // Down to 90 %, so that a flood does not pay a full scan per cancel.
+            let mut ages: Vec<u64> = s.values().copied().collect();
+            let cut = ages.len() - MAX_CANCELLED * 9 / 10;
+            let (_, oldest_kept, _) = ages.select_nth_unstable(cut);
+            let oldest_kept = *oldest_kept;
+            s.retain(|_, at| *at >= oldest_kept);
+        }
+    }
+
+    /// Number of cancels remembered.
+    pub fn len(&self) -> usize {
+        self.jobs.read().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Whether no cancel is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -74,11 +114,14 @@ impl Follower {
             let delivery = delivery?;
             delivery.acker.ack(BasicAckOptions::default()).await?;
             match serde_json::from_slice::<ControlMessage>(&delivery.data) {
+                Ok(msg) if msg.check().is_err() => {
+                    tracing::warn!(error = %msg.check().unwrap_err(), "ignoring a control message out of bounds");
+                }
                 Ok(msg) => {
                     if let ControlMessage::CancelJob { job_id } = &msg {
                         if !self.cancelled.contains(job_id) {
                             tracing::info!(job_id = %job_id, "job cancelled");
-                            self.cancelled.insert(job_id.clone());
+                            self.cancelled.insert(job_id.clone(), fleet::now_ms());
                         }
                     }
                     return Ok(Some(msg));
@@ -92,5 +135,29 @@ impl Follower {
     pub async fn run(mut self) -> anyhow::Result<()> {
         while self.next().await?.is_some() {}
         anyhow::bail!("control stream consumer ended")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancels_are_forgotten_after_retention_and_beyond_the_cap() {
+        let c = Cancelled::new(1000);
+        c.insert("a".into(), 0);
+        c.insert("b".into(), 500);
+        assert!(c.contains("a") && c.contains("b"));
+        for i in 0..1022 {
+            c.insert(format!("later{i}"), 1200);
+        }
+        assert!(!c.contains("a"), "past retention");
+        assert!(c.contains("b") && c.contains("later0"));
+        let c = Cancelled::new(u64::MAX);
+        for i in 0..MAX_CANCELLED as u64 + 10 {
+            c.insert(format!("j{i}"), i);
+        }
+        assert!(c.len() <= MAX_CANCELLED, "{}", c.len());
+        assert!(!c.contains("j0") && c.contains(&format!("j{}", MAX_CANCELLED + 9)));
     }
 }

@@ -66,7 +66,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         metrics: metrics.clone(),
         clients,
         in_flight: TaskTracker::new(),
-        cancelled: control::Cancelled::default(),
+        cancelled: control::Cancelled::new(cfg.tracker.retention_s.saturating_mul(1000)),
     };
     // A refused login never heals by retrying (the loop below retries only what can): fail
     // at start with exit 1 rather than warn forever. A broker that is down is waited for.

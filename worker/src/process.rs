@@ -3,7 +3,13 @@
 //! queue and to the ledger), and only then ack.
 //!
 //! Every delivery ends in an explicit decision:
-//! - garbage (not an item) is dead-lettered with its reason;
+//! - garbage (not an item, or an item out of bounds: a job id no routing key can hold, an
+//!   index not below the job's total) is dead-lettered with its reason;
+//! - an item whose `url` is not an endpoint of its provider, or would leave the provider's
+//!   `base_url`, is dead-lettered with reason `forbidden_url`, and no call is made (only the
+//!   producer, which validates every line, should publish items; anyone else is suspect);
+//! - an item whose body asks for `"stream": true` fails with `stream_not_supported`
+//!   without a call (a streamed answer is not JSON, and retrying it would pay again);
 //! - an item of a cancelled job, or past its deadline, gets a `cancelled`/`expired` result
 //!   without a provider call;
 //! - an item delivered `amqp.delivery_limit` times (it keeps killing workers) gets a failed
@@ -26,7 +32,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 
 use crate::control::Cancelled;
-use crate::provider::{CallError, ProviderClient};
+use crate::provider::{CallError, ProviderClient, Target};
 
 /// What every delivery handler shares.
 pub struct Context {
@@ -71,6 +77,17 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
         let reason = format!("item for provider {:?} on the queue of {:?}", item.provider, client.name);
         return dead_letter(&ctx, &client.name, delivery, "malformed", &reason).await;
     }
+    if let Err(e) = item.check() {
+        let reason = format!("invalid item: {e}");
+        return dead_letter(&ctx, &client.name, delivery, "malformed", &reason).await;
+    }
+    let target = match client.target(&item.url) {
+        Ok(target) => target,
+        Err(e) => {
+            let reason = format!("forbidden_url: {e}");
+            return dead_letter(&ctx, &client.name, delivery, "forbidden_url", &reason).await;
+        }
+    };
 
     let deliveries = delivery_count(&delivery) + 1;
     let now = fleet::now_ms();
@@ -90,8 +107,13 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
         )))
     } else if deliveries > u64::from(ctx.delivery_limit) {
         return poison(&ctx, &client.name, item, delivery, deliveries).await;
+    } else if asks_to_stream(&item) {
+        let message = "the body asks for \"stream\": true; the fleet needs whole JSON answers";
+        let mut result = early_result(&ctx, &item, ItemStatus::Failed, message);
+        result.error = Some(ErrorRecord { code: "stream_not_supported".into(), message: message.into() });
+        Decision::Finish(Box::new(result))
     } else {
-        call(&ctx, &client, item).await
+        call(&ctx, &client, item, &target).await
     };
 
     match decision {
@@ -104,7 +126,7 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
 }
 
 /// Calls the provider (with in-process retries) and decides what the outcome means.
-async fn call(ctx: &Context, client: &ProviderClient, item: Item) -> Decision {
+async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Target) -> Decision {
     // Prefetch is a little larger than the in-flight limit (so publishing and acking never
     // hold back provider calls); an item still waiting for room when shutdown begins has
     // not started, and goes back to the queue instead of being drained.
@@ -115,7 +137,7 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item) -> Decision {
     }
     let in_flight = ctx.metrics.in_flight.with_label_values(&[&client.name]);
     in_flight.inc();
-    let outcome = client.execute(&item).await;
+    let outcome = client.execute(&item, target).await;
     in_flight.dec();
     let mut result = early_result(ctx, &item, ItemStatus::Succeeded, "");
     result.error = None;
@@ -140,6 +162,11 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item) -> Decision {
             Decision::Finish(Box::new(result))
         }
     }
+}
+
+/// Whether the item's body asks for a streamed answer (`"stream": true`).
+fn asks_to_stream(item: &Item) -> bool {
+    fleet::wire::asks_to_stream(&item.body)
 }
 
 /// Whether a transiently failing item may wait in a delay queue once more.

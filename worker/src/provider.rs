@@ -11,15 +11,26 @@
 //! | connection refused/reset                   | `Connection`     | retry                |
 //! | 2xx whose body is not JSON                 | `InvalidResponse`| retry                |
 //! | other 4xx (400, 401, 403, 404, 422, ...)   | `Client`         | fail at once         |
+//! | 3xx (redirects are never followed)         | `Redirect`       | fail at once         |
+//! | body over `max_response_bytes`             | `TooLarge`       | fail at once         |
+//!
+//! Nothing a provider (or a proxy in front of it) answers is trusted: the URL called is
+//! built with a parser from `base_url` and a known [`Endpoint`] and must stay under
+//! `base_url`; redirects are not followed (reqwest would carry `x-api-key` to any host);
+//! the key headers are marked sensitive; bodies are read up to a cap; wait hints
+//! (`Retry-After` and friends) are parsed into a duration no longer than the retry budget.
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable};
 use bytes::Bytes;
 use fleet::config::{ProviderConfig, ProviderKind, RetryConfig};
+use fleet::endpoint::Endpoint;
 use fleet::metrics::WorkerMetrics;
 use fleet::wire::{ErrorRecord, Item, ResponseRecord};
+use reqwest::header::{HeaderName, HeaderValue};
+use reqwest::Url;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -61,12 +72,16 @@ pub enum CallError {
     InvalidResponse { answer: Answer, reason: String },
     #[error("request rejected (HTTP {}): {message}", .answer.status)]
     Client { answer: Answer, message: String },
+    #[error("provider answered with a redirect (HTTP {}); redirects are not followed", .answer.status)]
+    Redirect { answer: Answer },
+    #[error("response body over {limit} bytes (HTTP {status}); raise providers.<name>.max_response_bytes if it is legitimate")]
+    TooLarge { status: u16, limit: usize },
 }
 
 impl CallError {
     /// Transient errors are retried; the rest end the item at once.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, CallError::Client { .. })
+        !matches!(self, CallError::Client { .. } | CallError::Redirect { .. } | CallError::TooLarge { .. })
     }
 
     /// How long the provider asked us to wait, if it said.
@@ -87,6 +102,8 @@ impl CallError {
             CallError::Connection(_) => "connection",
             CallError::InvalidResponse { .. } => "invalid_response",
             CallError::Client { .. } => "client_error",
+            CallError::Redirect { .. } => "redirect",
+            CallError::TooLarge { .. } => "response_too_large",
         }
     }
 
@@ -96,8 +113,9 @@ impl CallError {
             | CallError::Overloaded { answer, .. }
             | CallError::Server { answer }
             | CallError::InvalidResponse { answer, .. }
-            | CallError::Client { answer, .. } => Some(answer),
-            CallError::Timeout(_) | CallError::Connection(_) => None,
+            | CallError::Client { answer, .. }
+            | CallError::Redirect { answer } => Some(answer),
+            CallError::Timeout(_) | CallError::Connection(_) | CallError::TooLarge { .. } => None,
         }
     }
 
@@ -120,14 +138,29 @@ pub struct Outcome {
     pub attempts: u32,
 }
 
-/// The operation label for a request path.
-pub fn operation(url: &str) -> &'static str {
-    match url.trim_end_matches('/') {
-        "/v1/chat/completions" => "chat_completions",
-        "/v1/completions" => "completions",
-        "/v1/embeddings" => "embeddings",
-        "/v1/messages" => "messages",
-        _ => "other",
+/// Why an item's `url` is not called. Such an item came from someone other than the
+/// producer (which validates every line), so it is dead-lettered, not answered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForbiddenUrl {
+    #[error("url {0:?} is not an endpoint of this provider (allowed: {1})")]
+    NotAnEndpoint(String, String),
+    #[error("url {0:?} would leave the provider's base URL")]
+    Escapes(String),
+}
+
+/// Where one item's calls go: a known endpoint under the provider's base URL.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub endpoint: Endpoint,
+    pub url: Url,
+}
+
+/// At most this much of a hostile string goes into a log line or a dead-letter reason.
+fn shorten(s: &str) -> String {
+    const MAX: usize = 80;
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_string(),
     }
 }
 
@@ -135,9 +168,11 @@ pub fn operation(url: &str) -> &'static str {
 pub struct ProviderClient {
     pub name: String,
     kind: ProviderKind,
-    base_url: String,
-    /// Read once from the environment variable the config names; never logged.
-    api_key: Option<String>,
+    base_url: Url,
+    /// The key header, built once from the environment variable the config names and
+    /// marked sensitive (never logged, never shown by `Debug`).
+    auth: Option<(HeaderName, HeaderValue)>,
+    max_response_bytes: usize,
     http: reqwest::Client,
     timeout: Duration,
     retry: RetryConfig,
@@ -169,8 +204,25 @@ impl ProviderClient {
             },
             None => None,
         };
+        let auth = match api_key {
+            Some(key) => Some(key_header(cfg.kind, &key).map_err(|()| {
+                let var = cfg.api_key_env.as_deref().unwrap_or_default();
+                anyhow::anyhow!("provider {name}: the API key in ${var} is not a valid header value")
+            })?),
+            None => None,
+        };
+        // Parsed once: every call's URL is built from this with a parser, never by joining
+        // strings. The parse error names no part of the URL (it may hold credentials).
+        let base_url = Url::parse(cfg.base_url.trim_end_matches('/'))
+            .map_err(|e| anyhow::anyhow!("provider {name}: base_url is not a valid URL ({e})"))?;
+        if !matches!(base_url.scheme(), "http" | "https") || base_url.cannot_be_a_base() {
+            anyhow::bail!("provider {name}: base_url must be an http:// or https:// URL");
+        }
         let timeout = Duration::from_secs(cfg.timeout_s);
         let http = reqwest::Client::builder()
+            // A redirect would carry `x-api-key` (reqwest only strips `Authorization`) and
+            // the body to wherever it points: a 3xx is an answer, and fails the item.
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(10))
             // Enough idle connections for the whole in-flight window to reuse them.
@@ -179,8 +231,9 @@ impl ProviderClient {
         Ok(ProviderClient {
             name: name.to_string(),
             kind: cfg.kind,
-            base_url: cfg.base_url.trim_end_matches('/').to_string(),
-            api_key,
+            base_url,
+            auth,
+            max_response_bytes: cfg.max_response_bytes,
             http,
             timeout,
             retry: retry.clone(),
@@ -195,19 +248,38 @@ impl ProviderClient {
         })
     }
 
-    fn endpoint(&self, url: &str) -> String {
+    /// The URL to call for an item's `url`: only a known endpoint this provider's kind
+    /// serves, placed under `base_url` by the URL parser, and checked to have stayed there
+    /// (same scheme, host, port and path prefix).
+    pub fn target(&self, url: &str) -> Result<Target, ForbiddenUrl> {
+        let endpoint = Endpoint::for_kind(url, self.kind)
+            .ok_or_else(|| ForbiddenUrl::NotAnEndpoint(shorten(url), Endpoint::paths_of(self.kind).join(", ")))?;
+        let base = &self.base_url;
+        let base_path = base.path().trim_end_matches('/');
         // Accept both `https://api.openai.com` and `https://api.openai.com/v1` as base URLs.
-        if self.base_url.ends_with("/v1") && url.starts_with("/v1/") {
-            format!("{}{}", self.base_url, &url[3..])
-        } else {
-            format!("{}{}", self.base_url, url)
+        let path = match endpoint.path().strip_prefix("/v1") {
+            Some(rest) if base_path.ends_with("/v1") => format!("{base_path}{rest}"),
+            _ => format!("{base_path}{}", endpoint.path()),
+        };
+        let mut target = base.clone();
+        target.set_path(&path);
+        let same_origin = target.scheme() == base.scheme()
+            && target.host_str() == base.host_str()
+            && target.port_or_known_default() == base.port_or_known_default();
+        // The parser normalises dot segments and encodes what a path may not hold; a path
+        // that came out different from the one asked for is refused, not called.
+        let under_base = target.path() == path && path.starts_with(base_path);
+        if !same_origin || !under_base {
+            return Err(ForbiddenUrl::Escapes(shorten(url)));
         }
+        Ok(Target { endpoint, url: target })
     }
 
-    /// Calls the provider for `item`, retrying transient failures within the budget.
-    pub async fn execute(&self, item: &Item) -> Outcome {
+    /// Calls the provider for `item` at `target`, retrying transient failures within the
+    /// budget.
+    pub async fn execute(&self, item: &Item, target: &Target) -> Outcome {
         let body = Bytes::from(item.body.get().to_owned());
-        let op = operation(&item.url);
+        let op = target.endpoint.operation();
         let attempts = AtomicU32::new(0);
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.retry.initial_backoff_ms))
@@ -217,7 +289,7 @@ impl ProviderClient {
             .with_jitter();
         let result = (|| {
             attempts.fetch_add(1, Ordering::Relaxed);
-            self.call_once(&item.url, op, body.clone())
+            self.call_once(&target.url, op, body.clone())
         })
         .retry(backoff)
         .sleep(tokio::time::sleep)
@@ -234,14 +306,12 @@ impl ProviderClient {
     }
 
     /// One HTTP call, classified.
-    async fn call_once(&self, url: &str, op: &'static str, body: Bytes) -> Result<Success, CallError> {
+    async fn call_once(&self, url: &Url, op: &'static str, body: Bytes) -> Result<Success, CallError> {
         let est_tokens = body.len() as u64 / 4;
-        let mut req = self.http.post(self.endpoint(url)).header("content-type", "application/json").body(body);
-        req = match (self.kind, &self.api_key) {
-            (ProviderKind::Openai, Some(key)) => req.bearer_auth(key),
-            (ProviderKind::Anthropic, Some(key)) => req.header("x-api-key", key),
-            (_, None) => req,
-        };
+        let mut req = self.http.post(url.clone()).header("content-type", "application/json").body(body);
+        if let Some((name, value)) = &self.auth {
+            req = req.header(name.clone(), value.clone());
+        }
         if self.kind == ProviderKind::Anthropic {
             req = req.header("anthropic-version", "2023-06-01");
         }
@@ -282,13 +352,14 @@ impl ProviderClient {
             .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
             .unwrap_or("")
             .to_string();
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
+        let bytes = match read_capped(resp, self.max_response_bytes).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return (Err(CallError::TooLarge { status, limit: self.max_response_bytes }), remaining),
             Err(e) => return (Err(self.transport_error(e)), remaining),
         };
         let parsed: Result<Box<RawValue>, _> = serde_json::from_slice(&bytes);
         let answer = Answer { status, request_id, body: parsed.as_ref().ok().cloned() };
-        let retry_after = retry_after(&headers);
+        let retry_after = retry_after(&headers, SystemTime::now(), self.retry_after_cap());
         let result = match status {
             200..=299 => match parsed {
                 Ok(_) => {
@@ -301,12 +372,19 @@ impl ProviderClient {
             429 | 408 | 409 | 425 => Err(CallError::RateLimited { answer, retry_after }),
             503 | 529 => Err(CallError::Overloaded { answer, retry_after }),
             500..=599 => Err(CallError::Server { answer }),
+            300..=399 => Err(CallError::Redirect { answer }),
             _ => {
                 let message = error_message(&bytes).unwrap_or_else(|| format!("HTTP {status}"));
                 Err(CallError::Client { answer, message })
             }
         };
         (result, remaining)
+    }
+
+    /// The longest wait a provider's hint can impose: the whole in-process retry budget
+    /// (a longer wait is the delay queues' business).
+    fn retry_after_cap(&self) -> Duration {
+        Duration::from_secs(self.retry.max_elapsed_s.max(1))
     }
 
     fn transport_error(&self, e: reqwest::Error) -> CallError {
@@ -319,13 +397,59 @@ impl ProviderClient {
     }
 }
 
-/// `Retry-After` (seconds) or OpenAI's `retry-after-ms`.
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(ms) = get("retry-after-ms").and_then(|v| v.trim().parse::<f64>().ok()) {
-        return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
+/// The key header of a provider kind, marked sensitive. `Err` when the key holds bytes no
+/// header may carry (the key itself is never put in an error).
+fn key_header(kind: ProviderKind, key: &str) -> Result<(HeaderName, HeaderValue), ()> {
+    let (name, value) = match kind {
+        ProviderKind::Openai => (reqwest::header::AUTHORIZATION, format!("Bearer {key}")),
+        ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.to_string()),
+    };
+    let mut value = HeaderValue::from_str(&value).map_err(|_| ())?;
+    value.set_sensitive(true);
+    Ok((name, value))
+}
+
+/// Reads a response body of at most `limit` bytes; `Ok(None)` when it is longer (reading
+/// stops there, so an endless body costs `limit` bytes and no more).
+async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Option<Bytes>, reqwest::Error> {
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(None);
     }
-    get("retry-after").and_then(|v| v.trim().parse::<f64>().ok()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
+    let mut buf = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if buf.len() + chunk.len() > limit {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Some(Bytes::from(buf)))
+}
+
+/// How long the provider asks us to wait: OpenAI's `retry-after-ms`, else `Retry-After` in
+/// seconds or as an HTTP date; LiteLLM's `llm_provider-` copies of both when the standard
+/// headers are absent. Never longer than `cap`; a value that is no number or date (or is
+/// NaN) is ignored; `inf`, `1e22` or a date years ahead become `cap`.
+fn retry_after(headers: &reqwest::header::HeaderMap, now: SystemTime, cap: Duration) -> Option<Duration> {
+    let get = |names: [&str; 2]| names.iter().find_map(|n| headers.get(*n).and_then(|v| v.to_str().ok()));
+    if let Some(d) = get(["retry-after-ms", "llm_provider-retry-after-ms"]).and_then(|v| bounded(v, 1000.0, cap)) {
+        return Some(d);
+    }
+    let v = get(["retry-after", "llm_provider-retry-after"])?;
+    bounded(v, 1.0, cap).or_else(|| {
+        let at = httpdate::parse_http_date(v.trim()).ok()?;
+        Some(at.duration_since(now).unwrap_or(Duration::ZERO).min(cap))
+    })
+}
+
+/// `v` (a number of `per_second` units) as a duration clamped to `[0, cap]`.
+fn bounded(v: &str, per_second: f64, cap: Duration) -> Option<Duration> {
+    let n: f64 = v.trim().parse().ok()?;
+    if n.is_nan() {
+        return None;
+    }
+    let secs = (n / per_second).max(0.0);
+    // Compared before converting: `Duration::from_secs_f64` panics on infinity or overflow.
+    Some(if secs >= cap.as_secs_f64() { cap } else { Duration::from_secs_f64(secs) })
 }
 
 /// Requests remaining in the provider's window, from OpenAI's
@@ -369,20 +493,66 @@ impl Usage {
 mod tests {
     use super::*;
 
-    #[test]
-    fn operations_from_paths() {
-        assert_eq!(operation("/v1/chat/completions"), "chat_completions");
-        assert_eq!(operation("/v1/embeddings"), "embeddings");
-        assert_eq!(operation("/v2/x"), "other");
+    const CAP: Duration = Duration::from_secs(60);
+
+    fn headers(pairs: &[(&'static str, &str)]) -> reqwest::header::HeaderMap {
+        let mut h = reqwest::header::HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, v.parse().unwrap());
+        }
+        h
     }
 
     #[test]
     fn retry_after_prefers_milliseconds() {
-        let mut h = reqwest::header::HeaderMap::new();
-        h.insert("retry-after", "2".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
-        h.insert("retry-after-ms", "150".parse().unwrap());
-        assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+        let now = SystemTime::now();
+        assert_eq!(retry_after(&headers(&[("retry-after", "2")]), now, CAP), Some(Duration::from_secs(2)));
+        let h = headers(&[("retry-after", "2"), ("retry-after-ms", "150")]);
+        assert_eq!(retry_after(&h, now, CAP), Some(Duration::from_millis(150)));
+    }
+
+    #[test]
+    fn absurd_retry_hints_are_bounded_and_never_panic() {
+        let now = SystemTime::now();
+        for (header, value, want) in [
+            ("retry-after", "inf", Some(CAP)),
+            ("retry-after", "-inf", Some(Duration::ZERO)),
+            ("retry-after", "NaN", None),
+            ("retry-after", "1e22", Some(CAP)),
+            ("retry-after", "-3", Some(Duration::ZERO)),
+            ("retry-after", "soon", None),
+            ("retry-after", "Fri, 01 Jan 2100 00:00:00 GMT", Some(CAP)),
+            ("retry-after", "Thu, 01 Jan 1970 00:00:00 GMT", Some(Duration::ZERO)),
+            ("retry-after-ms", "1e300", Some(CAP)),
+            ("retry-after-ms", "infinity", Some(CAP)),
+            ("llm_provider-retry-after-ms", "250", Some(Duration::from_millis(250))),
+            ("llm_provider-retry-after", "3", Some(Duration::from_secs(3))),
+        ] {
+            assert_eq!(retry_after(&headers(&[(header, value)]), now, CAP), want, "{header}: {value}");
+        }
+        // A NaN in milliseconds falls back to the seconds header.
+        let h = headers(&[("retry-after-ms", "NaN"), ("retry-after", "4")]);
+        assert_eq!(retry_after(&h, now, CAP), Some(Duration::from_secs(4)));
+        // The standard header wins over LiteLLM's copy.
+        let h = headers(&[("retry-after", "1"), ("llm_provider-retry-after", "9")]);
+        assert_eq!(retry_after(&h, now, CAP), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn an_http_date_is_a_wait_until_then() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let at = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        assert_eq!(retry_after(&headers(&[("retry-after", &at)]), now, CAP), Some(Duration::from_secs(7)));
+    }
+
+    #[test]
+    fn the_api_key_header_is_sensitive() {
+        for kind in [ProviderKind::Openai, ProviderKind::Anthropic] {
+            let (_, v) = key_header(kind, "sk-secret").unwrap();
+            assert!(v.is_sensitive());
+            assert!(!format!("{v:?}").contains("sk-secret"));
+        }
+        assert!(key_header(ProviderKind::Anthropic, "bad\nkey").is_err());
     }
 
     #[test]
@@ -393,16 +563,16 @@ mod tests {
         assert!(CallError::Timeout(Duration::from_secs(1)).is_transient());
     }
 
-    #[test]
-    fn endpoint_joins_without_doubling_v1() {
+    fn client(kind: ProviderKind, base_url: &str) -> ProviderClient {
         let cfg = ProviderConfig {
-            kind: ProviderKind::Openai,
-            base_url: "https://api.example.com/v1/".into(),
+            kind,
+            base_url: base_url.into(),
             api_key_env: None,
             timeout_s: 1,
             max_in_flight: 1,
             rpm: None,
             tpm: None,
+            max_response_bytes: 1024,
         };
         let retry = RetryConfig {
             max_attempts: 1,
@@ -413,7 +583,82 @@ mod tests {
             max_delays: 0,
             delay_budget_s: 0,
         };
-        let c = ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).unwrap();
-        assert_eq!(c.endpoint("/v1/chat/completions"), "https://api.example.com/v1/chat/completions");
+        ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).unwrap()
+    }
+
+    #[test]
+    fn endpoint_joins_without_doubling_v1() {
+        let c = client(ProviderKind::Openai, "https://api.example.com/v1/");
+        let t = c.target("/v1/chat/completions").unwrap();
+        assert_eq!(t.url.as_str(), "https://api.example.com/v1/chat/completions");
+        assert_eq!(t.endpoint.operation(), "chat_completions");
+        let c = client(ProviderKind::Anthropic, "http://127.0.0.1:8080/proxy");
+        assert_eq!(c.target("/v1/messages").unwrap().url.as_str(), "http://127.0.0.1:8080/proxy/v1/messages");
+    }
+
+    #[test]
+    fn only_known_endpoints_of_the_kind_are_called() {
+        let c = client(ProviderKind::Anthropic, "https://api.example.com");
+        for hostile in [
+            "@evil.example/v1/messages",
+            "/v1/../admin",
+            "/v1/messages/../../admin",
+            "//evil.example/v1/messages",
+            "http://evil.example/v1/messages",
+            "/v1/messages?x=1",
+            "/v1/messages#f",
+            "/v1/chat/completions",
+            "",
+        ] {
+            assert!(matches!(c.target(hostile), Err(ForbiddenUrl::NotAnEndpoint(..))), "{hostile:?} must be refused");
+        }
+        let long = "x".repeat(10_000);
+        let err = c.target(&long).unwrap_err().to_string();
+        assert!(err.len() < 300, "a hostile url is shortened in the reason: {} bytes", err.len());
+    }
+
+    #[test]
+    fn a_base_url_that_is_not_http_is_refused_without_echoing_it() {
+        let cfg = ProviderConfig {
+            kind: ProviderKind::Openai,
+            base_url: "http//user:hunter2@host".into(),
+            api_key_env: None,
+            timeout_s: 1,
+            max_in_flight: 1,
+            rpm: None,
+            tpm: None,
+            max_response_bytes: 1,
+        };
+        let retry = client(ProviderKind::Openai, "http://x").retry.clone();
+        let err = ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).err().unwrap().to_string();
+        assert!(err.contains("base_url") && !err.contains("hunter2"), "{err}");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 512, failure_persistence: None, ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        #[test]
+        fn any_wait_hint_is_bounded(value in "[ -~]{0,40}", header in proptest::sample::select(vec![
+            "retry-after", "retry-after-ms", "llm_provider-retry-after", "llm_provider-retry-after-ms",
+        ])) {
+            let mut h = reqwest::header::HeaderMap::new();
+            h.insert(header, value.parse().unwrap());
+            if let Some(d) = retry_after(&h, SystemTime::now(), CAP) {
+                proptest::prop_assert!(d <= CAP);
+            }
+        }
+
+        #[test]
+        fn any_url_is_refused_or_stays_under_the_base(url in proptest::prelude::any::<String>()) {
+            let c = client(ProviderKind::Openai, "http://127.0.0.1:8080/base/v1");
+            if let Ok(t) = c.target(&url) {
+                proptest::prop_assert_eq!(t.url.host_str(), Some("127.0.0.1"));
+                proptest::prop_assert_eq!(t.url.port(), Some(8080));
+                proptest::prop_assert!(t.url.path().starts_with("/base/v1/"));
+                proptest::prop_assert!(Endpoint::from_path(&url).is_some());
+            }
+        }
     }
 }

@@ -284,6 +284,12 @@ impl<'a> Active<'a> {
                 }
                 Some(Ok(req)) = rpc.next() => self.answer(req).await,
                 _ = tick.tick() => {
+                    let timeout_ms = self.cfg.producer.submit_timeout_s.saturating_mul(1000);
+                    for ended in self.state.abandon_stalled(fleet::now_ms(), timeout_ms) {
+                        tracing::warn!(job_id = %ended.summary.job_id, "submission abandoned: the job ends failed (incomplete_submission)");
+                        self.finished(&ended).await;
+                        dirty = true;
+                    }
                     if dirty {
                         self.checkpoint(&mut unacked, &mut unacked_n).await?;
                         dirty = false;
@@ -312,6 +318,12 @@ impl<'a> Active<'a> {
         let Some(ended) = self.state.apply(event, fleet::now_ms()) else {
             return Ok(());
         };
+        self.finished(&ended).await;
+        Ok(())
+    }
+
+    /// Logs, measures and announces a job that ended.
+    async fn finished(&self, ended: &state::Ended) {
         let s = &ended.summary;
         tracing::info!(job_id = %s.job_id, status = %s.status, total = s.counts.total, succeeded = s.counts.succeeded,
             failed = s.counts.failed, duration_s = ended.duration_s, "job finished");
@@ -320,7 +332,6 @@ impl<'a> Active<'a> {
             .with_label_values(&[self.provider_label(&s.provider), &s.status])
             .observe(ended.duration_s);
         self.announce(s).await;
-        Ok(())
     }
 
     /// Gives a dead-lettered item that has no result a failed one (see [`dead`]). The
@@ -455,6 +466,17 @@ impl<'a> Active<'a> {
 /// failure it reports. Our own `job_finished` announcements come back too, and carry
 /// nothing to fold.
 fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<(LedgerEvent, Option<ErrorRecord>)>> {
+    // Anyone who can publish to the broker can write here: an event out of bounds (a job id
+    // no routing key can hold, an index past any job) is refused like a malformed one.
+    let checked = |(e, failure): (LedgerEvent, Option<ErrorRecord>)| {
+        e.check().map(|()| Some((e, failure))).map_err(serde::de::Error::custom)
+    };
+    ledger_event_unchecked(delivery)?.map_or(Ok(None), checked)
+}
+
+fn ledger_event_unchecked(
+    delivery: &lapin::message::Delivery,
+) -> serde_json::Result<Option<(LedgerEvent, Option<ErrorRecord>)>> {
     match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
         Some(KIND_RESULT) => {
             let r: ItemResult = serde_json::from_slice(&delivery.data)?;

@@ -70,6 +70,17 @@ pub struct JobState {
     /// The newest failure seen for the job and when (Unix ms).
     #[serde(default)]
     pub last_error: Option<(String, u64)>,
+    /// The producer is still publishing the job's items (`submitting` until
+    /// `submission_complete`).
+    #[serde(default)]
+    pub submitting: bool,
+    /// Last ledger event of this job: a submission silent for `producer.submit_timeout_s`
+    /// is abandoned.
+    #[serde(default)]
+    pub last_event_ms: u64,
+    /// Why the job ended other than by its items (`incomplete_submission`).
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 impl JobState {
@@ -81,7 +92,11 @@ impl JobState {
         JobSummary {
             job_id: self.job_id.clone(),
             provider: self.provider.clone(),
-            status: self.end_status.clone().unwrap_or_else(|| "in_progress".into()),
+            status: self
+                .end_status
+                .clone()
+                .unwrap_or_else(|| if self.submitting { "submitting" } else { "in_progress" }.into()),
+            reason: self.reason.clone(),
             rate_per_s: counts.finished() as f64 / secs,
             progress: self.end_status.is_none().then(|| self.progress(&counts, secs, now_ms)),
             counts,
@@ -184,18 +199,27 @@ impl State {
             in_delay: 0,
             dead_lettered: 0,
             last_error: None,
+            submitting: false,
+            last_event_ms: 0,
+            reason: None,
         })
     }
 
     /// Folds one event; returns the job it ended, if any.
     pub fn apply(&mut self, event: &LedgerEvent, now_ms: u64) -> Option<Ended> {
         let job_id = match event {
-            LedgerEvent::JobSubmitted { job_id, provider, total, submitted_at_ms, deadline_ms } => {
+            LedgerEvent::JobSubmitted { job_id, provider, total, submitted_at_ms, deadline_ms, submitting } => {
                 let job = self.job_mut(job_id, provider);
                 if job.total.is_some() {
-                    return None; // a redelivered submission
+                    // A redelivered submission, or a resumed one: that one is progress.
+                    if job.submitting {
+                        job.last_event_ms = job.last_event_ms.max(now_ms);
+                    }
+                    return None;
                 }
+                job.last_event_ms = now_ms;
                 job.total = Some(*total);
+                job.submitting = *submitting;
                 job.submitted_at_ms = *submitted_at_ms;
                 job.deadline_ms = *deadline_ms;
                 let provider = provider.clone();
@@ -209,7 +233,13 @@ impl State {
                 }
                 let mut counted = Vec::new();
                 for (index, status) in items {
+                    // The bitmap grows to the largest index: an index from a hostile or
+                    // broken publisher beyond the job's total is never recorded.
+                    if *index >= job.total.unwrap_or(fleet::wire::MAX_JOB_ITEMS) {
+                        continue;
+                    }
                     if job.done.insert(*index) {
+                        job.last_event_ms = now_ms;
                         job.counts.add(*status);
                         counted.push(*status);
                         if job.delayed.contains(*index) {
@@ -226,10 +256,17 @@ impl State {
             LedgerEvent::ItemDelayed { job_id, provider, index, error } => {
                 let job = self.job_mut(job_id, provider);
                 job.last_error = Some((bounded(error), now_ms));
-                if job.end_status.is_none() && !job.done.contains(*index) && job.delayed.insert(*index) {
+                job.last_event_ms = job.last_event_ms.max(now_ms);
+                let in_job = *index < job.total.unwrap_or(fleet::wire::MAX_JOB_ITEMS);
+                if in_job && job.end_status.is_none() && !job.done.contains(*index) && job.delayed.insert(*index) {
                     job.in_delay += 1;
                 }
                 return None;
+            }
+            LedgerEvent::SubmissionComplete { job_id } => {
+                let job = self.jobs.get_mut(job_id)?;
+                job.submitting = false;
+                job_id
             }
             LedgerEvent::JobCancel { job_id } => {
                 let job = self.jobs.get_mut(job_id)?;
@@ -270,11 +307,43 @@ impl State {
         m
     }
 
-    /// Forgets jobs that ended more than `retention_ms` ago.
-    /// Forgets jobs finished more than `retention_ms` ago; returns their ids.
+    /// Ends `failed` (reason `incomplete_submission`) every job whose submission has not
+    /// completed and that has seen no event for `timeout_ms`: its `submit` died and was not
+    /// resumed. Its published items have all finished by then (each would be an event).
+    pub fn abandon_stalled(&mut self, now_ms: u64, timeout_ms: u64) -> Vec<Ended> {
+        let stalled: Vec<String> = self
+            .jobs
+            .values()
+            .filter(|j| j.submitting && j.end_status.is_none() && now_ms.saturating_sub(j.last_event_ms) >= timeout_ms)
+            .map(|j| j.job_id.clone())
+            .collect();
+        let mut ended = Vec::new();
+        for job_id in stalled {
+            let job = self.jobs.get_mut(&job_id).expect("collected above");
+            job.end_status = Some("failed".into());
+            job.reason = Some(fleet::wire::REASON_INCOMPLETE_SUBMISSION.into());
+            job.finished_at_ms = Some(now_ms);
+            job.done = Bitmap::default();
+            let summary = job.summary(now_ms);
+            let duration_s = now_ms.saturating_sub(job.submitted_at_ms) as f64 / 1000.0;
+            let provider = job.provider.clone();
+            self.bump(&provider, "failed");
+            self.durations.entry(format!("{provider}/failed")).or_default().push(duration_s);
+            ended.push(Ended { summary, duration_s });
+        }
+        ended
+    }
+
+    /// Forgets jobs that ended more than `retention_ms` ago, and results of jobs never
+    /// submitted (anyone can publish a result) once silent that long: the map stays
+    /// bounded by retention. Returns the ids of the jobs forgotten.
     pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<String> {
-        let expired = |j: &JobState| j.finished_at_ms.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms);
-        let gone: Vec<String> = self.jobs.values().filter(|j| expired(j)).map(|j| j.job_id.clone()).collect();
+        let gone_for_good = |j: &JobState| {
+            let ended_long_ago = j.finished_at_ms.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms);
+            let never_submitted = j.total.is_none() && now_ms.saturating_sub(j.last_event_ms) >= retention_ms;
+            ended_long_ago || never_submitted
+        };
+        let gone: Vec<String> = self.jobs.values().filter(|j| gone_for_good(j)).map(|j| j.job_id.clone()).collect();
         for id in &gone {
             self.jobs.remove(id);
         }
@@ -299,6 +368,7 @@ mod tests {
             total,
             submitted_at_ms: 1_000,
             deadline_ms: None,
+            submitting: false,
         }
     }
 
@@ -439,5 +509,40 @@ mod tests {
         assert!(s.jobs.contains_key("j"));
         s.prune(1_000, 100);
         assert!(s.jobs.is_empty());
+    }
+
+    #[test]
+    fn an_unfinished_submission_shows_submitting_and_is_abandoned_after_the_timeout() {
+        let mut s = State::default();
+        let mut ev = submitted("j", 3);
+        if let LedgerEvent::JobSubmitted { submitting, .. } = &mut ev {
+            *submitting = true;
+        }
+        s.apply(&ev, 1000);
+        s.apply(&finished("j", &[(0, ItemStatus::Succeeded)]), 2000);
+        assert_eq!(s.jobs["j"].summary(2000).status, "submitting");
+        assert!(s.abandon_stalled(2500, 1000).is_empty(), "not silent long enough");
+        let ended = s.abandon_stalled(3000, 1000);
+        assert_eq!(ended.len(), 1);
+        assert_eq!(ended[0].summary.status, "failed");
+        assert_eq!(ended[0].summary.reason.as_deref(), Some("incomplete_submission"));
+        assert_eq!(ended[0].summary.counts.succeeded, 1);
+        assert!(s.abandon_stalled(9000, 1000).is_empty(), "ends once");
+        // A completed submission is never abandoned.
+        let mut s = State::default();
+        s.apply(&ev, 1000);
+        s.apply(&LedgerEvent::SubmissionComplete { job_id: "j".into() }, 1100);
+        assert_eq!(s.jobs["j"].summary(1100).status, "in_progress");
+        assert!(s.abandon_stalled(1_000_000, 1000).is_empty());
+    }
+
+    #[test]
+    fn results_of_jobs_never_submitted_are_forgotten_after_retention() {
+        let mut s = State::default();
+        s.apply(&finished("ghost", &[(3, ItemStatus::Failed)]), 1000);
+        s.prune(1500, 1000);
+        assert!(s.jobs.contains_key("ghost"), "kept within retention (its submission may come)");
+        s.prune(2000, 1000);
+        assert!(!s.jobs.contains_key("ghost"));
     }
 }

@@ -8,7 +8,6 @@ use std::io::Write;
 use std::time::Duration;
 
 use e2e::*;
-use lapin::options::BasicGetOptions;
 use lapin::BasicProperties;
 use serde_json::json;
 
@@ -129,14 +128,14 @@ fn hostile_queues_and_a_hostile_provider_crash_nothing_leak_nothing_and_lose_not
     let result: serde_json::Value = fleet.amqp(|conn, _| async move {
         let ch = conn.create_channel().await.unwrap();
         let queue = topology.results_queue(&stream_job);
-        let mut got = None;
-        for _ in 0..100 {
-            if let Some(m) = ch.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }).await.unwrap() {
-                got = Some(serde_json::from_slice(&m.delivery.data).unwrap());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        // A results stream is read from its first message (streams have no basic.get).
+        ch.basic_qos(10, Default::default()).await.unwrap();
+        let mut from_first = lapin::types::FieldTable::default();
+        from_first.insert("x-stream-offset".into(), lapin::types::AMQPValue::LongString("first".into()));
+        let mut consumer =
+            ch.basic_consume(queue.as_str().into(), "hostile".into(), Default::default(), from_first).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut consumer)).await;
+        let got = next.ok().flatten().map(|d| serde_json::from_slice(&d.unwrap().data).unwrap());
         let _ = ch.queue_delete(queue.as_str().into(), Default::default()).await;
         got.expect("a result for the streaming item")
     });

@@ -82,11 +82,38 @@ pub struct Config {
 pub struct AmqpConfig {
     /// `amqp://user:pass@host:port/vhost`; credentials belong here or in `FLEET__AMQP__URL`.
     pub url: String,
+    /// The nodes of a cluster, each a URL like `url`; when set, it replaces `url`. Clients
+    /// connect to one that answers and move to another when theirs goes away. From the
+    /// environment: `FLEET__AMQP__URLS=amqp://..,amqp://..` (percent-encode commas).
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// Deliveries of one item before the broker dead-letters it (quorum `x-delivery-limit`).
     /// RabbitMQ 3.10 has no default, so a message that crashes workers would loop forever.
     pub delivery_limit: u32,
     /// Messages larger than this on an items queue are dead-lettered unread.
     pub max_message_bytes: usize,
+}
+
+impl AmqpConfig {
+    /// The broker addresses to connect to: `urls`, or `url` alone when `urls` is empty.
+    pub fn addresses(&self) -> Vec<String> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
+
+    /// Every address must be an AMQP URL: a typo is refused at start-up rather than
+    /// retried forever as an unreachable broker.
+    fn check_addresses(&self) -> anyhow::Result<()> {
+        for url in self.addresses() {
+            if let Err(e) = url.parse::<lapin::uri::AMQPUri>() {
+                anyhow::bail!("amqp.urls: {:?} is not an AMQP URL: {e}", crate::amqp::redact_url(&url));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where and how often metrics are pushed.
@@ -216,7 +243,8 @@ impl Config {
                 .separator("__")
                 .try_parsing(true)
                 .list_separator(",")
-                .with_list_parse_key("worker.providers"),
+                .with_list_parse_key("worker.providers")
+                .with_list_parse_key("amqp.urls"),
         );
         let cfg: Config = builder
             .build()
@@ -227,6 +255,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        self.amqp.check_addresses()?;
         if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
             anyhow::bail!("namespace must be a non-empty word, got {:?}", self.namespace);
         }
@@ -314,6 +343,21 @@ mod tests {
         std::fs::write(&file, "[retry]\nmax_attempts = 20\n[providers.mock]\ntimeout_s = 600\n").unwrap();
         let err = Config::load(Some(&file)).unwrap_err().to_string();
         assert!(err.contains("consumer timeout"), "{err}");
+    }
+
+    #[test]
+    fn amqp_urls_replace_url_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("fleet-cfg-urls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f.toml");
+        let cfg = Config::load(None).unwrap();
+        assert_eq!(cfg.amqp.addresses(), vec![cfg.amqp.url.clone()], "url alone when urls is unset");
+        std::fs::write(&file, "[amqp]\nurls = [\"amqp://a:5681/%2f\", \"amqp://b:5682/%2f\"]\n").unwrap();
+        let cfg = Config::load(Some(&file)).unwrap();
+        assert_eq!(cfg.amqp.addresses(), ["amqp://a:5681/%2f", "amqp://b:5682/%2f"]);
+        std::fs::write(&file, "[amqp]\nurls = [\"amqp://u:secret@a:5681/%2f\", \"http//nope\"]\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("nope") && !err.contains("secret"), "{err}");
     }
 
     #[test]

@@ -244,7 +244,8 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
                 c.unacked = None;
                 c.unacked_n = 0;
                 let never = tokio_util::sync::CancellationToken::new();
-                let reconnect = fleet::amqp::connect_with_retry(&cfg.amqp.url, "producer wait", &never);
+                let urls = cfg.amqp.addresses();
+                let reconnect = fleet::amqp::connect_with_retry(&urls, "producer wait", &never);
                 conn = match deadline {
                     Some(d) => tokio::time::timeout_at(d, reconnect).await.ok().flatten(),
                     None => reconnect.await,

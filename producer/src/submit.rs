@@ -84,7 +84,8 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
                 // duplicates are dropped downstream by (job, index).
                 tracing::warn!(error = %format!("{error:#}"), confirmed, "lost the broker while submitting; reconnecting");
                 let stop = tokio_util::sync::CancellationToken::new();
-                let reconnect = amqp::connect_with_retry(&cfg.amqp.url, "producer submit", &stop);
+                let urls = cfg.amqp.addresses();
+                let reconnect = amqp::connect_with_retry(&urls, "producer submit", &stop);
                 conn = tokio::time::timeout(RECONNECT_TIMEOUT, reconnect)
                     .await
                     .ok()

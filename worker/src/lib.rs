@@ -72,7 +72,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let mut retry_delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let name = format!("worker {worker_id}");
-        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await else {
+        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.addresses(), &name, &shutdown).await else {
             break;
         };
         match consume::serve_connection(&conn, &worker, &shutdown).await {

@@ -58,7 +58,7 @@ pub fn spawn_candidate(
     Some(tokio::spawn(async move {
         let name = format!("tracker candidate {worker_id}");
         while !shutdown.is_cancelled() {
-            let Some(conn) = amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await else {
+            let Some(conn) = amqp::connect_with_retry(&cfg.amqp.addresses(), &name, &shutdown).await else {
                 return;
             };
             if let Err(e) = candidate(&conn, &cfg, &worker_id, pg.clone(), &shutdown).await {

@@ -241,7 +241,13 @@ impl<'a> Active<'a> {
                         dirty = false;
                     }
                 }
-                Some(Ok(req)) = rpc.next() => self.answer(req).await,
+                // A status consumer that ends (its queue's node went away in a cluster) would
+                // leave the job status unanswerable: give the role up and take it again.
+                next = rpc.next() => match next {
+                    Some(Ok(req)) => self.answer(req).await,
+                    Some(Err(e)) => return Err(anyhow::Error::from(e).context("status queue consumer")),
+                    None => anyhow::bail!("status queue consumer ended"),
+                },
                 _ = tick.tick() => {
                     if dirty {
                         self.checkpoint(&mut unacked, &mut unacked_n).await?;

@@ -71,7 +71,8 @@ node_pid() {
     local i=$1 pid environ
     pid=$(cat "$DIR/c$i/rabbitmq.pid" 2>/dev/null) || return 1
     [[ -n $pid ]] || return 1
-    environ=$(tr '\0' ' ' <"/proc/$pid/environ" 2>/dev/null) || return 1
+    [[ -r /proc/$pid/environ ]] || return 1
+    environ=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/environ") || return 1
     [[ " $environ " == *" RABBITMQ_NODENAME=${NODES[$((i - 1))]}@localhost "* ]] || return 1
     echo "$pid"
 }
@@ -182,14 +183,20 @@ leader() {
 }
 
 # Bytes written to disk by the live nodes' VMs since each started (/proc/PID/io): the
-# total, or with --per-node one "NODE PID BYTES" line per node.
+# total, or with --per-node one "NODE PID BYTES CPU_MS" line per node (CPU: user + system
+# time of the VM, from /proc/PID/stat).
 disk_bytes() {
-    local i pid total=0 b
+    local i pid total=0 b ticks hz
+    hz=$(getconf CLK_TCK)
     for i in 1 2 3; do
         pid=$(node_pid "$i") || continue
         b=$(awk '/^write_bytes/ {print $2}' "/proc/$pid/io")
         total=$((total + b))
-        [[ ${1:-} == --per-node ]] && echo "${NODES[$((i - 1))]}@localhost $pid $b"
+        if [[ ${1:-} == --per-node ]]; then
+            # Fields 14 and 15 (utime, stime) after the ")" that ends the command name.
+            ticks=$(sed 's/.*) //' "/proc/$pid/stat" | awk '{print $12 + $13}')
+            echo "${NODES[$((i - 1))]}@localhost $pid $b $((ticks * 1000 / hz))"
+        fi
     done
     [[ ${1:-} == --per-node ]] || echo "$total"
 }

@@ -60,13 +60,15 @@ impl ClusterFaults {
         Some(self.script(&["leader", queue])).filter(|l| !l.is_empty())
     }
 
-    /// Bytes each live node's VM wrote to disk since it started, by `(node, pid)`.
-    fn disk(&self) -> HashMap<(String, u32), u64> {
+    /// Bytes each live node's VM wrote to disk and its CPU milliseconds since it started,
+    /// by `(node, pid)`.
+    fn disk(&self) -> HashMap<(String, u32), [u64; 2]> {
         self.script(&["disk-bytes", "--per-node"])
             .lines()
             .filter_map(|l| {
                 let mut w = l.split_whitespace();
-                Some(((w.next()?.to_string(), w.next()?.parse().ok()?), w.next()?.parse().ok()?))
+                let vm = (w.next()?.to_string(), w.next()?.parse().ok()?);
+                Some((vm, [w.next()?.parse().ok()?, w.next()?.parse().ok()?]))
             })
             .collect()
     }
@@ -119,25 +121,32 @@ impl NodeFaults {
     }
 }
 
-/// Disk bytes written by the cluster over a run whose nodes restart (a restarted node's
-/// counter starts again from zero under a new PID).
+/// Disk bytes written and CPU used by the cluster's nodes over a run whose nodes restart
+/// (a restarted node's counters start again from zero under a new PID).
 #[derive(Default)]
 struct DiskMeter {
-    /// First and latest reading per node VM.
-    seen: HashMap<(String, u32), (u64, u64)>,
+    /// First and latest reading (disk bytes, CPU ms) per node VM.
+    seen: HashMap<(String, u32), ([u64; 2], [u64; 2])>,
 }
 
 impl DiskMeter {
     fn sample(&mut self, c: &ClusterFaults, first: bool) {
-        for (vm, bytes) in c.disk() {
+        for (vm, now) in c.disk() {
             // A VM seen for the first time after the start is a restarted node: all it
-            // wrote (recovery included) is part of the run.
-            let base = if first { bytes } else { 0 };
-            self.seen.entry(vm).or_insert((base, bytes)).1 = bytes;
+            // did (boot and recovery included) is part of the run.
+            let base = if first { now } else { [0, 0] };
+            self.seen.entry(vm).or_insert((base, now)).1 = now;
         }
     }
-    fn total(&self) -> u64 {
-        self.seen.values().map(|(first, last)| last.saturating_sub(*first)).sum()
+    /// (disk bytes, CPU ms) over the run, all nodes.
+    fn total(&self) -> [u64; 2] {
+        let mut t = [0, 0];
+        for (first, last) in self.seen.values() {
+            for k in 0..2 {
+                t[k] += last[k].saturating_sub(first[k]);
+            }
+        }
+        t
     }
 }
 
@@ -153,6 +162,8 @@ pub struct Report {
     pub node_faults: Vec<String>,
     /// Bytes the cluster's nodes wrote to disk per request (cluster runs only).
     pub disk_bytes_per_request: Option<u64>,
+    /// CPU the cluster's nodes used per request, in µs (cluster runs only).
+    pub broker_cpu_us_per_request: Option<u64>,
     pub mock_transient_errors: u64,
     pub lost: usize,
     pub duplicated: usize,
@@ -193,6 +204,9 @@ impl Report {
         }
         if let Some(b) = self.disk_bytes_per_request {
             s.push_str(&format!("broker disk writes per request (3 nodes): {b} bytes\n"));
+        }
+        if let Some(us) = self.broker_cpu_us_per_request {
+            s.push_str(&format!("broker CPU per request (3 nodes, faults included): {us} µs\n"));
         }
         for w in &self.wrong_counts {
             s.push_str(&format!("wrong count: {w}\n"));
@@ -302,7 +316,9 @@ pub fn run(plan: &Plan) -> Report {
     let wait_ok = waiter.child.wait().map(|s| s.success()).unwrap_or(false);
     if let Some(c) = &plan.cluster {
         disk.sample(c, false);
-        report.disk_bytes_per_request = Some(disk.total() / plan.items.max(1) as u64);
+        let [bytes, cpu_ms] = disk.total();
+        report.disk_bytes_per_request = Some(bytes / plan.items.max(1) as u64);
+        report.broker_cpu_us_per_request = Some(cpu_ms * 1000 / plan.items.max(1) as u64);
         // A node still down when the job ended comes back before the checks.
         while node_faults.down.is_some() {
             std::thread::sleep(Duration::from_millis(200));

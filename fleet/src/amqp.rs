@@ -140,6 +140,16 @@ pub async fn connect_with_retry(urls: &[String], name: &str, shutdown: &Cancella
     }
 }
 
+/// Longest wait for the broker's answer to a connection close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes a connection politely, giving up after [`CLOSE_TIMEOUT`]: a close racing a
+/// channel that is closing itself (a dropped last handle) can leave lapin's close-ok
+/// promise unresolved once its socket is gone, and a process must not hang on its way out.
+pub async fn close(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await;
+}
+
 /// Opens a channel in confirm mode.
 pub async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
     let ch = conn.create_channel().await?;

@@ -255,7 +255,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         }
     }
     c.bar.finish_and_clear();
-    let _ = conn.close(200, "done".into()).await;
+    fleet::amqp::close(&conn, "done").await;
     c.counts.total = c.total.unwrap_or(c.seen.len() as u64);
     Ok(Collected {
         job_id: req.job_id.to_string(),

@@ -95,7 +95,7 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
         }
     }
     bar.finish_and_clear();
-    let _ = conn.close(200, "done".into()).await;
+    fleet::amqp::close(&conn, "done").await;
     Ok(Submitted { job_id: job.job_id, total })
 }
 

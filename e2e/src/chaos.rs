@@ -85,7 +85,15 @@ struct NodeFaults {
 }
 
 impl NodeFaults {
-    fn step(&mut self, c: &ClusterFaults, progress: f64, ns: &str, job: &str, disk: &mut DiskMeter, report: &mut Report) {
+    fn step(
+        &mut self,
+        c: &ClusterFaults,
+        progress: f64,
+        ns: &str,
+        job: &str,
+        disk: &mut DiskMeter,
+        report: &mut Report,
+    ) {
         if let Some((node, since, what)) = self.down.take() {
             if since.elapsed() < c.down_for {
                 self.down = Some((node, since, what));

@@ -27,9 +27,20 @@ fn main() -> ExitCode {
         kill_tracker: false,
         restart_broker: false,
         stop_pushgateway: false,
-        mock_args: ["--latency-ms", "60", "--jitter-ms", "60", "--error-500", "0.05", "--error-429", "0.02", "--seed", "2026"]
-            .map(String::from)
-            .to_vec(),
+        mock_args: [
+            "--latency-ms",
+            "60",
+            "--jitter-ms",
+            "60",
+            "--error-500",
+            "0.05",
+            "--error-429",
+            "0.02",
+            "--seed",
+            "2026",
+        ]
+        .map(String::from)
+        .to_vec(),
         cluster: Some(e2e::chaos::ClusterFaults { script: script.into(), down_for: Duration::from_secs(5) }),
     };
     eprintln!("cluster: {plan:?}");

@@ -129,3 +129,36 @@ fn workers_and_producer_fail_over_mid_job_and_lose_nothing() {
     assert_eq!(status["succeeded"].as_u64(), Some(n as u64), "tracker: {status}");
     fleet.cleanup(&[&job]);
 }
+
+#[test]
+fn the_address_list_comes_from_the_environment_as_a_comma_list() {
+    // The file names only a dead broker; the environment lists a dead one and the real one.
+    let dead = closed_port_url();
+    let extra = format!("[amqp]\nurl = \"{dead}\"\nurls = []\n");
+    let fleet = Fleet::new("failover-env", "http://127.0.0.1:9", &extra);
+    let input = fleet.dir.join("in.jsonl");
+    write_requests(&input, 3);
+    let submit = |env: Option<String>| {
+        let mut cmd = std::process::Command::new(bin("producer"));
+        cmd.arg("--config").arg(&fleet.config).args([
+            "--quiet",
+            "submit",
+            input.to_str().unwrap(),
+            "--provider",
+            "mock",
+            "--json",
+        ]);
+        cmd.env_remove("FLEET__AMQP__URL").env_remove("FLEET__AMQP__URLS");
+        if let Some(list) = env {
+            cmd.env("FLEET__AMQP__URLS", list);
+        }
+        cmd.output().expect("run producer")
+    };
+    let out = submit(None);
+    assert!(!out.status.success(), "the file's dead broker alone cannot work");
+    let out = submit(Some(format!("{dead},{}", amqp_url())));
+    assert!(out.status.success(), "submit through the environment's list: {}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let job = v["job_id"].as_str().expect("job id").to_string();
+    fleet.cleanup(&[&job]);
+}

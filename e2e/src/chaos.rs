@@ -75,7 +75,7 @@ impl ClusterFaults {
 }
 
 /// Where a cluster run is in its node faults: first the items queue's leader is stopped
-/// gracefully at 25 %, then the results queue's leader is killed (SIGKILL) at 50 %; each
+/// gracefully at 20 %, then the results queue's leader is killed (SIGKILL) at 50 %; each
 /// comes back after `down_for`, while the job goes on.
 #[derive(Default)]
 struct NodeFaults {
@@ -106,7 +106,7 @@ impl NodeFaults {
             return;
         }
         let (at, queue, role, how, verb) = match self.done {
-            0 => (0.25, format!("{ns}.items.mock"), "items queue leader", "stop-node", "stopped"),
+            0 => (0.2, format!("{ns}.items.mock"), "items queue leader", "stop-node", "stopped"),
             1 => (0.5, format!("{ns}.results.{job}"), "results queue leader", "kill-node", "killed (SIGKILL)"),
             _ => return,
         };

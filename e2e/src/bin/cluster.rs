@@ -21,7 +21,9 @@ fn main() -> ExitCode {
     let plan = e2e::chaos::Plan {
         items,
         workers: 3,
-        max_in_flight: 32,
+        // Slow enough (at most 3 x 16 in flight / ~0.25 s = ~190 requests/s, so 20,000 take
+        // 100 s or more) that both node faults, each down for 20 s or so, fall inside the job.
+        max_in_flight: 16,
         // Node losses are this run's faults; workers are not killed (a day: never).
         kill_every: Duration::from_secs(86_400),
         kill_tracker: false,

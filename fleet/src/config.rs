@@ -68,7 +68,7 @@ base_url = "http://127.0.0.1:8080"
 "#;
 
 /// Keys whose environment value is a comma-separated list (`FLEET__WORKER__PROVIDERS=a,b`).
-const LIST_KEYS: &[&str] = &["worker.providers", "retry.delay_tiers_s"];
+const LIST_KEYS: &[&str] = &["worker.providers", "retry.delay_tiers_s", "amqp.urls"];
 
 /// Longest time an item may stay unacked in a worker (in-process retries included), kept
 /// well under RabbitMQ's default consumer timeout of 30 minutes.
@@ -95,11 +95,42 @@ pub struct Config {
 pub struct AmqpConfig {
     /// `amqp://user:pass@host:port/vhost`; credentials belong here or in `FLEET__AMQP__URL`.
     pub url: String,
+    /// The nodes of a cluster, each a URL like `url`; when set, it replaces `url`. Clients
+    /// connect to one that answers and move to another when theirs goes away. From the
+    /// environment: `FLEET__AMQP__URLS=amqp://..,amqp://..` (percent-encode commas).
+    #[serde(default)]
+    pub urls: Vec<String>,
     /// Deliveries of one item before the broker dead-letters it (quorum `x-delivery-limit`).
     /// RabbitMQ 3.10 has no default, so a message that crashes workers would loop forever.
     pub delivery_limit: u32,
     /// Messages larger than this on an items queue are dead-lettered unread.
     pub max_message_bytes: usize,
+}
+
+impl AmqpConfig {
+    /// The broker addresses to connect to: `urls`, or `url` alone when `urls` is empty.
+    pub fn addresses(&self) -> Vec<String> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
+
+    /// Every address must be an AMQP URL: a typo is refused at start-up rather than
+    /// retried forever as an unreachable broker.
+    fn check_addresses(&self) -> anyhow::Result<()> {
+        for url in self.addresses() {
+            // lapin's parse error quotes the whole URL, password included: not shown.
+            if url.parse::<lapin::uri::AMQPUri>().is_err() {
+                anyhow::bail!(
+                    "amqp.urls: {:?} is not an AMQP URL (amqp[s]://user:password@host:port/vhost)",
+                    crate::amqp::redact_url(&url)
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where and how often metrics are pushed. `Debug` redacts the password and the URL's.
@@ -122,6 +153,7 @@ impl std::fmt::Debug for AmqpConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AmqpConfig")
             .field("url", &crate::amqp::redact_url(&self.url))
+            .field("urls", &self.urls.iter().map(|u| crate::amqp::redact_url(u)).collect::<Vec<_>>())
             .field("delivery_limit", &self.delivery_limit)
             .field("max_message_bytes", &self.max_message_bytes)
             .finish()
@@ -298,6 +330,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        self.amqp.check_addresses()?;
         if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
             anyhow::bail!("namespace must be a non-empty word, got {:?}", self.namespace);
         }
@@ -621,6 +654,21 @@ mod tests {
         std::env::remove_var("FLEET__PUSHGATEWAY__PASSWORD");
         assert_eq!(cfg.unwrap().pushgateway.password.as_deref(), Some("0123"));
         assert_eq!(cfg2.unwrap().pushgateway.password.as_deref(), Some("1e3"));
+    }
+
+    #[test]
+    fn amqp_urls_replace_url_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("fleet-cfg-urls-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("f.toml");
+        let cfg = Config::load(None).unwrap();
+        assert_eq!(cfg.amqp.addresses(), vec![cfg.amqp.url.clone()], "url alone when urls is unset");
+        std::fs::write(&file, "[amqp]\nurls = [\"amqp://a:5681/%2f\", \"amqp://b:5682/%2f\"]\n").unwrap();
+        let cfg = Config::load(Some(&file)).unwrap();
+        assert_eq!(cfg.amqp.addresses(), ["amqp://a:5681/%2f", "amqp://b:5682/%2f"]);
+        std::fs::write(&file, "[amqp]\nurls = [\"amqp://u:secret@a:5681/%2f\", \"http//nope\"]\n").unwrap();
+        let err = Config::load(Some(&file)).unwrap_err().to_string();
+        assert!(err.contains("nope") && !err.contains("secret"), "{err}");
     }
 
     #[test]

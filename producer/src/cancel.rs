@@ -20,6 +20,6 @@ pub async fn cancel(cfg: &Config, job_id: &str) -> anyhow::Result<()> {
     amqp::publish_confirmed(&ch, "", &topology.control_stream(), &msg, amqp::persistent_json()).await?;
     let event = serde_json::to_vec(&LedgerEvent::JobCancel { job_id: job_id.to_string() })?;
     amqp::publish_confirmed(&ch, "", &topology.ledger_queue(), &event, amqp::persistent_json()).await?;
-    let _ = conn.close(200, "done".into()).await;
+    fleet::amqp::close(&conn, "done").await;
     Ok(())
 }

@@ -317,7 +317,8 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
                 c.unacked = None;
                 c.unacked_n = 0;
                 let never = tokio_util::sync::CancellationToken::new();
-                let reconnect = fleet::amqp::connect_with_retry(&cfg.amqp.url, "producer wait", &never);
+                let urls = cfg.amqp.addresses();
+                let reconnect = fleet::amqp::connect_with_retry(&urls, "producer wait", &never);
                 conn = match deadline {
                     Some(d) => tokio::time::timeout_at(d, reconnect).await.ok().flatten(),
                     None => reconnect.await,
@@ -327,7 +328,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         }
     }
     c.bar.finish_and_clear();
-    let _ = tokio::time::timeout(BROKER_CALL_TIMEOUT, conn.close(200, "done".into())).await;
+    fleet::amqp::close(&conn, "done").await;
     c.counts.total = c.total.unwrap_or(c.seen.len() as u64);
     if let Some(reason) = &c.abandoned {
         anyhow::bail!(

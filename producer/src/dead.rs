@@ -60,6 +60,6 @@ pub async fn dead(cfg: &Config, requeue: bool, job: Option<&str>) -> anyhow::Res
         out.push(m);
     }
     let _ = ch.close(200, "done".into()).await;
-    let _ = conn.close(200, "done".into()).await;
+    fleet::amqp::close(&conn, "done").await;
     Ok(out)
 }

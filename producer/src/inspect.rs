@@ -61,7 +61,7 @@ pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyho
             topology.namespace()
         )
     })??;
-    let _ = conn.close(200, "done".into()).await;
+    fleet::amqp::close(&conn, "done").await;
     if let Some(e) = &reply.error {
         anyhow::bail!("{e}");
     }

@@ -13,9 +13,11 @@ pub mod validate;
 
 use anyhow::Context as _;
 
-/// Connects to the configured broker; the error names it (password redacted).
+/// Connects to one of the configured brokers; the error names them (passwords redacted).
 pub(crate) async fn connect(cfg: &fleet::Config, name: &str) -> anyhow::Result<lapin::Connection> {
-    fleet::amqp::connect(&cfg.amqp.url, name)
-        .await
-        .with_context(|| format!("cannot connect to RabbitMQ at {}", fleet::amqp::redact_url(&cfg.amqp.url)))
+    let urls = cfg.amqp.addresses();
+    fleet::amqp::connect_any(&urls, name).await.with_context(|| {
+        let brokers: Vec<String> = urls.iter().map(|u| fleet::amqp::redact_url(u)).collect();
+        format!("cannot connect to RabbitMQ at {}", brokers.join(", "))
+    })
 }

@@ -113,7 +113,8 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
                 // duplicates are dropped downstream by (job, index).
                 tracing::warn!(error = %format!("{error:#}"), confirmed, "lost the broker while submitting; reconnecting");
                 let stop = tokio_util::sync::CancellationToken::new();
-                let reconnect = amqp::connect_with_retry(&cfg.amqp.url, "producer submit", &stop);
+                let urls = cfg.amqp.addresses();
+                let reconnect = amqp::connect_with_retry(&urls, "producer submit", &stop);
                 conn = tokio::time::timeout(RECONNECT_TIMEOUT, reconnect)
                     .await
                     .ok()
@@ -123,7 +124,7 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
         }
     }
     bar.finish_and_clear();
-    let _ = conn.close(200, "done".into()).await;
+    fleet::amqp::close(&conn, "done").await;
     if let Err(e) = resume::remove(req.file) {
         tracing::warn!(error = %e, "cannot delete the submission record; delete it by hand");
     }

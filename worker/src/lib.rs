@@ -70,13 +70,11 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     };
     // A refused login never heals by retrying (the loop below retries only what can): fail
     // at start with exit 1 rather than warn forever. A broker that is down is waited for.
-    match fleet::amqp::connect(&cfg.amqp.url, "worker login check").await {
-        Ok(conn) => {
-            let _ = conn.close(200, "login checked".into()).await;
-        }
+    match fleet::amqp::connect_any(&cfg.amqp.addresses(), "worker login check").await {
+        Ok(conn) => fleet::amqp::close(&conn, "login checked").await,
         Err(e) if fleet::amqp::is_access_refused(&e) => anyhow::bail!(
-            "RabbitMQ at {} refused the login: check the user, password and vhost of amqp.url",
-            fleet::amqp::redact_url(&cfg.amqp.url)
+            "RabbitMQ refused the login: check the user, password and vhost of amqp.url / amqp.urls ({})",
+            cfg.amqp.addresses().iter().map(|u| fleet::amqp::redact_url(u)).collect::<Vec<_>>().join(", ")
         ),
         Err(_) => {}
     }
@@ -84,7 +82,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     let mut retry_delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let name = format!("worker {worker_id}");
-        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await else {
+        let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.addresses(), &name, &shutdown).await else {
             break;
         };
         match consume::serve_connection(&conn, &worker, &shutdown).await {

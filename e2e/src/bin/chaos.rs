@@ -31,6 +31,7 @@ fn main() -> ExitCode {
         ]
         .map(String::from)
         .to_vec(),
+        cluster: None,
     };
     eprintln!("chaos: {plan:?}");
     let report = e2e::chaos::run(&plan);

@@ -62,7 +62,7 @@ pub fn spawn_candidate(
     Some(tokio::spawn(async move {
         let name = format!("tracker candidate {worker_id}");
         while !shutdown.is_cancelled() {
-            let Some(conn) = amqp::connect_with_retry(&cfg.amqp.url, &name, &shutdown).await else {
+            let Some(conn) = amqp::connect_with_retry(&cfg.amqp.addresses(), &name, &shutdown).await else {
                 return;
             };
             if let Err(e) = candidate(&conn, &cfg, &worker_id, pg.clone(), &shutdown).await {
@@ -282,7 +282,13 @@ impl<'a> Active<'a> {
                         dirty = false;
                     }
                 }
-                Some(Ok(req)) = rpc.next() => self.answer(req).await,
+                // A status consumer that ends (its queue's node went away in a cluster) would
+                // leave the job status unanswerable: give the role up and take it again.
+                next = rpc.next() => match next {
+                    Some(Ok(req)) => self.answer(req).await,
+                    Some(Err(e)) => return Err(anyhow::Error::from(e).context("status queue consumer")),
+                    None => anyhow::bail!("status queue consumer ended"),
+                },
                 _ = tick.tick() => {
                     let timeout_ms = self.cfg.producer.submit_timeout_s.saturating_mul(1000);
                     for ended in self.state.abandon_stalled(fleet::now_ms(), timeout_ms) {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Local observability stack for development and tests, without Docker or systemd:
 #
-#   scripts/stack.sh up       start RabbitMQ, the Pushgateway and Prometheus (idempotent)
+#   scripts/stack.sh up       start RabbitMQ (with its Prometheus plugin), the Pushgateway,
+#                             Prometheus and Alertmanager (idempotent)
 #   scripts/stack.sh down     stop what `up` started (and only that)
 #   scripts/stack.sh status   one line per component: URL and up/down
 #   scripts/stack.sh config   only (re)generate the local Prometheus config
@@ -11,7 +12,9 @@
 # generated Prometheus config and its TSDB.
 #
 # Environment: PUSHGATEWAY_ADDR (default 127.0.0.1:9091), PROMETHEUS_ADDR (default
-# 127.0.0.1:9090). RabbitMQ is expected at 127.0.0.1:5672 (guest/guest).
+# 127.0.0.1:9090), ALERTMANAGER_ADDR (default 127.0.0.1:9093), ALERT_WEBHOOK_URL (where
+# Alertmanager posts alerts, default http://127.0.0.1:9095/alerts). RabbitMQ is expected at
+# 127.0.0.1:5672 (guest/guest); its metrics at 127.0.0.1:15692 (rabbitmq_prometheus).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -21,10 +24,15 @@ RUN_DIR="$ROOT/.run"
 
 PUSHGATEWAY_ADDR=${PUSHGATEWAY_ADDR:-127.0.0.1:9091}
 PROMETHEUS_ADDR=${PROMETHEUS_ADDR:-127.0.0.1:9090}
+ALERTMANAGER_ADDR=${ALERTMANAGER_ADDR:-127.0.0.1:9093}
+ALERT_WEBHOOK_URL=${ALERT_WEBHOOK_URL:-http://127.0.0.1:9095/alerts}
 RABBITMQ_ADDR=127.0.0.1:5672
+RABBITMQ_METRICS_ADDR=127.0.0.1:15692
 
 PUSHGATEWAY_BIN=/usr/bin/prometheus-pushgateway
 PROMETHEUS_BIN=/usr/bin/prometheus
+ALERTMANAGER_BIN=/usr/bin/prometheus-alertmanager
+AM_CONFIG_DIR="$RUN_DIR/alertmanager"
 PROM_CONFIG_SRC="$ROOT/observability/prometheus"
 PROM_CONFIG_DIR="$RUN_DIR/prometheus"
 PROM_DATA_DIR="$RUN_DIR/prometheus-data"
@@ -151,6 +159,8 @@ gen_prometheus_config() {
     mkdir -p "$PROM_CONFIG_DIR"
     sed -E \
         -e "s#(['\"]?)pushgateway:9091(['\"]?)#\1${PUSHGATEWAY_ADDR}\2#" \
+        -e "s#(['\"]?)rabbitmq:15692(['\"]?)#\1${RABBITMQ_METRICS_ADDR}\2#" \
+        -e "s#(['\"]?)alertmanager:9093(['\"]?)#\1${ALERTMANAGER_ADDR}\2#" \
         -e "s#^(  (scrape|evaluation)_interval:).*#\1 ${LOCAL_INTERVAL}#" \
         -e "s#^(  scrape_timeout:).*#\1 ${LOCAL_INTERVAL}#" \
         "$PROM_CONFIG_SRC/prometheus.yml" >"$PROM_CONFIG_DIR/prometheus.yml.tmp"
@@ -158,6 +168,17 @@ gen_prometheus_config() {
         || die "could not rewrite the pushgateway target in $PROM_CONFIG_SRC/prometheus.yml"
     mv "$PROM_CONFIG_DIR/prometheus.yml.tmp" "$PROM_CONFIG_DIR/prometheus.yml"
     cp "$PROM_CONFIG_SRC/alerts.yml" "$PROM_CONFIG_DIR/alerts.yml"
+}
+
+# Writes .run/alertmanager/alertmanager.yml: the repo's config with the webhook receiver
+# pointed at $ALERT_WEBHOOK_URL and short group waits (tests see an alert within seconds).
+gen_alertmanager_config() {
+    mkdir -p "$AM_CONFIG_DIR"
+    sed -E \
+        -e "s#http://alert-receiver:9095/alerts#${ALERT_WEBHOOK_URL}#" \
+        -e "s#^(  group_wait:).*#\1 1s#" \
+        -e "s#^(  group_interval:).*#\1 5s#" \
+        "$ROOT/observability/alertmanager/alertmanager.yml" >"$AM_CONFIG_DIR/alertmanager.yml"
 }
 
 # --- components ----------------------------------------------------------------------------
@@ -184,6 +205,56 @@ up_rabbitmq() {
         sleep 1
     done
     die "rabbitmq did not answer rabbitmq-diagnostics ping within 60s"
+}
+
+# The broker's own metrics (queues, rates, alarms) come from its rabbitmq_prometheus
+# plugin: enabled on the local node, which needs no restart for it.
+up_rabbitmq_metrics() {
+    if http_ok "http://$RABBITMQ_METRICS_ADDR/metrics"; then
+        log "rabbitmq metrics: already enabled (http://$RABBITMQ_METRICS_ADDR/metrics)"
+        return 0
+    fi
+    if ! rabbitmq-plugins enable rabbitmq_prometheus >/dev/null 2>&1; then
+        log "rabbitmq metrics: could not enable rabbitmq_prometheus (not the local node's admin?); broker panels stay empty"
+        return 0
+    fi
+    local _
+    for _ in $(seq 1 50); do
+        http_ok "http://$RABBITMQ_METRICS_ADDR/metrics" && break
+        sleep 0.2
+    done
+    log "rabbitmq metrics: enabled (http://$RABBITMQ_METRICS_ADDR/metrics)"
+}
+
+up_alertmanager() {
+    local pidfile="$RUN_DIR/alertmanager.pid" logfile="$RUN_DIR/alertmanager.log"
+    gen_alertmanager_config
+    if port_open "$ALERTMANAGER_ADDR"; then
+        if pid_alive "$pidfile" "$ALERTMANAGER_BIN"; then
+            curl -fsS -X POST --max-time 10 "http://$ALERTMANAGER_ADDR/-/reload" >/dev/null \
+                || die "alertmanager rejected the config reload (see $logfile)"
+            log "alertmanager: already running (http://$ALERTMANAGER_ADDR, config reloaded)"
+        else
+            log "alertmanager: already running (http://$ALERTMANAGER_ADDR, not started by stack.sh)"
+        fi
+        return 0
+    fi
+    if [[ ! -x $ALERTMANAGER_BIN ]]; then
+        apt_install prometheus-alertmanager
+        if port_open "$ALERTMANAGER_ADDR"; then
+            log "alertmanager: already running (the package's daemon, http://$ALERTMANAGER_ADDR)"
+            return 0
+        fi
+    fi
+    mkdir -p "$RUN_DIR/alertmanager-data"
+    start_daemon alertmanager "$logfile" "$pidfile" \
+        "$ALERTMANAGER_BIN" \
+        --config.file="$AM_CONFIG_DIR/alertmanager.yml" \
+        --storage.path="$RUN_DIR/alertmanager-data" \
+        --web.listen-address="$ALERTMANAGER_ADDR" \
+        --cluster.listen-address=
+    wait_ready alertmanager "http://$ALERTMANAGER_ADDR/-/ready" "$pidfile" "$logfile"
+    log "alertmanager: started (http://$ALERTMANAGER_ADDR, pid $(<"$pidfile"), webhook $ALERT_WEBHOOK_URL)"
 }
 
 up_pushgateway() {
@@ -248,12 +319,15 @@ up_prometheus() {
 cmd_up() {
     mkdir -p "$RUN_DIR"
     up_rabbitmq
+    up_rabbitmq_metrics
     up_pushgateway
+    up_alertmanager
     up_prometheus
 }
 
 cmd_down() {
     stop_pidfile prometheus "$RUN_DIR/prometheus.pid" "$PROMETHEUS_BIN"
+    stop_pidfile alertmanager "$RUN_DIR/alertmanager.pid" "$ALERTMANAGER_BIN"
     stop_pidfile pushgateway "$RUN_DIR/pushgateway.pid" "$PUSHGATEWAY_BIN"
     if [[ -f $RUN_DIR/rabbitmq.started ]]; then
         if rabbitmqctl stop >/dev/null 2>&1; then
@@ -282,10 +356,12 @@ cmd_status() {
     status_line rabbitmq "amqp://$RABBITMQ_ADDR" port_open "$RABBITMQ_ADDR"
     status_line pushgateway "http://$PUSHGATEWAY_ADDR" http_ok "http://$PUSHGATEWAY_ADDR/-/ready"
     status_line prometheus "http://$PROMETHEUS_ADDR" http_ok "http://$PROMETHEUS_ADDR/-/ready"
+    status_line alertmanager "http://$ALERTMANAGER_ADDR" http_ok "http://$ALERTMANAGER_ADDR/-/ready"
+    status_line "rmq metrics" "http://$RABBITMQ_METRICS_ADDR" http_ok "http://$RABBITMQ_METRICS_ADDR/metrics"
 }
 
 usage() {
-    sed -n '2,14p' "$SELF" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,17p' "$SELF" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 

@@ -193,7 +193,13 @@ impl Fleet {
              [providers.mock]\nkind = \"openai\"\nbase_url = \"{mock_url}\"\ntimeout_s = 10\nmax_in_flight = 64\n\
              ",
             amqp = amqp_url(),
-            urls = amqp_urls(),
+            // A list only when one is given (`make cluster`): `urls` replaces `url`, and a
+            // test that points `url` at a private broker must get that broker.
+            urls = if std::env::var("FLEET__AMQP__URLS").is_ok_and(|l| !l.trim().is_empty()) {
+                amqp_urls()
+            } else {
+                Vec::new()
+            },
             pg = pushgateway_url(),
         );
         let merged = merge_toml(&toml, extra_toml);
@@ -270,7 +276,12 @@ impl Fleet {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let topology = fleet::topology::Topology::new(&self.ns, 5);
         rt.block_on(async {
-            let conn = fleet::amqp::connect(&self.amqp_url, "e2e").await.expect("connect to RabbitMQ");
+            // The fleet's own broker URL (its vhost) first; a test whose file names a dead
+            // broker on purpose falls back to the test broker.
+            let conn = match fleet::amqp::connect(&self.amqp_url, "e2e").await {
+                Ok(conn) => conn,
+                Err(_) => fleet::amqp::connect_any(&amqp_urls(), "e2e").await.expect("connect to RabbitMQ"),
+            };
             f(conn, topology).await
         })
     }

@@ -123,8 +123,9 @@ impl AmqpConfig {
         for url in self.addresses() {
             // lapin's parse error quotes the whole URL, password included: not shown.
             if url.parse::<lapin::uri::AMQPUri>().is_err() {
+                let key = if self.urls.is_empty() { "amqp.url" } else { "amqp.urls" };
                 anyhow::bail!(
-                    "amqp.urls: {:?} is not an AMQP URL (amqp[s]://user:password@host:port/vhost)",
+                    "{key}: {:?} is not a valid AMQP URL (amqp[s]://user:password@host:port/vhost)",
                     crate::amqp::redact_url(&url)
                 );
             }
@@ -482,18 +483,14 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Checks that `value` is an absolute http(s) URL with a host and nothing a base URL must
-/// not carry (credentials, query, fragment).
+/// not carry (a query or fragment). Credentials in it are allowed (a proxy's basic auth)
+/// and redacted wherever the URL is shown.
 fn check_http_url(key: &str, value: &str) -> anyhow::Result<()> {
     let url = reqwest::Url::parse(value).map_err(|e| {
         anyhow::anyhow!("{key} = {value:?} is not a URL ({e}); expected e.g. \"https://api.openai.com\"")
     })?;
     if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none_or(str::is_empty) {
         anyhow::bail!("{key} = {value:?} must be an http:// or https:// URL with a host");
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        anyhow::bail!(
-            "{key} must not carry credentials: name the key's variable in api_key_env (or use username/password)"
-        );
     }
     if url.query().is_some() || url.fragment().is_some() {
         anyhow::bail!("{key} = {value:?} must not have a query or fragment");
@@ -595,7 +592,7 @@ mod tests {
         let err = format!("{err:#}");
         assert!(err.contains("unknown provider kind \"openia\"") && err.contains("\"anthropic\""), "{err}");
         assert!(!err.contains("variant"), "no Rust jargon: {err}");
-        for bad in ["api.openai.com", "ftp://h", "http://", "https://u:p@h", "http://h/?x=1"] {
+        for bad in ["api.openai.com", "ftp://h", "http://", "http://h/?x=1", "http://h/#x"] {
             let toml = format!("[providers.x]\nkind = \"openai\"\nbase_url = \"{bad}\"\n");
             let err = load_str("url", &toml).unwrap_err().to_string();
             assert!(err.contains("providers.x.base_url"), "{bad}: {err}");

@@ -23,7 +23,7 @@ use fleet::wire::{ErrorRecord, Item, ResponseRecord};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::limit::{Limiter, Signal};
+use crate::limit::{Limiter, Signal, Throttle};
 
 /// What the provider answered, kept for the output file.
 #[derive(Debug, Clone)]
@@ -248,13 +248,11 @@ impl ProviderClient {
         // Bytes / 4 is the usual rough token estimate; it only feeds a `tpm` ceiling.
         let _permit = self.limiter.acquire(est_tokens).await;
         let started = Instant::now();
-        let (result, remaining) = self.send(req).await;
+        let (result, remaining, throttle) = self.send(req).await;
         self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());
         self.limiter.observe(match &result {
-            Err(CallError::RateLimited { retry_after, answer })
-                if answer.status == 429 && (retry_after.is_some() || remaining == Some(0.0)) =>
-            {
-                Signal::RateLimited { retry_after: *retry_after }
+            Err(CallError::RateLimited { retry_after, answer }) if answer.status == 429 => {
+                Signal::TooManyRequests { retry_after: *retry_after, throttle }
             }
             Err(e @ (CallError::RateLimited { .. } | CallError::Overloaded { .. })) => {
                 Signal::Overloaded { retry_after: e.retry_after() }
@@ -268,23 +266,21 @@ impl ProviderClient {
         result
     }
 
-    /// Sends and classifies; also returns the requests the provider says remain, if it says.
-    async fn send(&self, req: reqwest::RequestBuilder) -> (Result<Success, CallError>, Option<f64>) {
+    /// Sends and classifies; also returns the requests the provider says remain, if it says,
+    /// and what a 429 would say about rate.
+    async fn send(&self, req: reqwest::RequestBuilder) -> (Result<Success, CallError>, Option<f64>, Throttle) {
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return (Err(self.transport_error(e)), None),
+            Err(e) => return (Err(self.transport_error(e)), None, Throttle::Unhinted),
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let remaining = remaining_requests(&headers);
-        let request_id = ["x-request-id", "request-id"]
-            .iter()
-            .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
-            .unwrap_or("")
-            .to_string();
+        let throttle = throttle(&headers);
+        let request_id = request_id(&headers);
         let bytes = match resp.bytes().await {
             Ok(b) => b,
-            Err(e) => return (Err(self.transport_error(e)), remaining),
+            Err(e) => return (Err(self.transport_error(e)), remaining, throttle),
         };
         let parsed: Result<Box<RawValue>, _> = serde_json::from_slice(&bytes);
         let answer = Answer { status, request_id, body: parsed.as_ref().ok().cloned() };
@@ -306,7 +302,7 @@ impl ProviderClient {
                 Err(CallError::Client { answer, message })
             }
         };
-        (result, remaining)
+        (result, remaining, throttle)
     }
 
     fn transport_error(&self, e: reqwest::Error) -> CallError {
@@ -326,6 +322,33 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         return Some(Duration::from_secs_f64(ms.max(0.0) / 1000.0));
     }
     get("retry-after").and_then(|v| v.trim().parse::<f64>().ok()).map(|s| Duration::from_secs_f64(s.clamp(0.0, 3600.0)))
+}
+
+/// Headers that carry a provider's request id: OpenAI's, Anthropic's, LiteLLM's call id.
+const REQUEST_ID_HEADERS: [&str; 3] = ["x-request-id", "request-id", "x-litellm-call-id"];
+/// Headers that say when to retry: the provider's own, and as a gateway (LiteLLM) passes
+/// them on.
+const RETRY_HINT_HEADERS: [&str; 4] =
+    ["retry-after", "retry-after-ms", "llm_provider-retry-after", "llm_provider-retry-after-ms"];
+
+/// The provider's request id, `""` when it sent none.
+fn request_id(headers: &reqwest::header::HeaderMap) -> String {
+    REQUEST_ID_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok())).unwrap_or("").to_string()
+}
+
+/// What the headers of an answer say about rate, were it a 429: a retry hint or no
+/// requests remaining makes it a rate limit; no such header and no request id either (a
+/// gateway passing a 429 on) makes it silent.
+fn throttle(headers: &reqwest::header::HeaderMap) -> Throttle {
+    if RETRY_HINT_HEADERS.iter().any(|h| headers.contains_key(*h)) || remaining_requests(headers) == Some(0.0) {
+        Throttle::Hinted
+    } else if REQUEST_ID_HEADERS.iter().any(|h| headers.contains_key(*h))
+        || headers.keys().any(|k| k.as_str().contains("ratelimit"))
+    {
+        Throttle::Unhinted
+    } else {
+        Throttle::Silent
+    }
 }
 
 /// Requests remaining in the provider's window, from OpenAI's
@@ -383,6 +406,32 @@ mod tests {
         assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
         h.insert("retry-after-ms", "150".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_millis(150)));
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> reqwest::header::HeaderMap {
+        pairs.iter().map(|(k, v)| (reqwest::header::HeaderName::from_static(k), v.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn request_id_from_openai_anthropic_or_litellm() {
+        assert_eq!(request_id(&headers(&[("x-request-id", "req_1")])), "req_1");
+        assert_eq!(request_id(&headers(&[("request-id", "req_2")])), "req_2");
+        assert_eq!(request_id(&headers(&[("x-litellm-call-id", "3f2a")])), "3f2a");
+        assert_eq!(request_id(&headers(&[])), "");
+    }
+
+    #[test]
+    fn a_429_is_about_rate_when_it_carries_any_retry_hint() {
+        for hint in RETRY_HINT_HEADERS {
+            let h: reqwest::header::HeaderMap =
+                [(reqwest::header::HeaderName::from_static(hint), "1".parse().unwrap())].into_iter().collect();
+            assert_eq!(throttle(&h), Throttle::Hinted, "{hint}");
+        }
+        assert_eq!(throttle(&headers(&[("x-ratelimit-remaining-requests", "0")])), Throttle::Hinted);
+        assert_eq!(throttle(&headers(&[("x-request-id", "req_1")])), Throttle::Unhinted);
+        assert_eq!(throttle(&headers(&[("x-ratelimit-remaining-requests", "5")])), Throttle::Unhinted);
+        // LiteLLM's `/v1/messages` route passes a 429 on with none of them.
+        assert_eq!(throttle(&headers(&[("content-type", "application/json"), ("content-length", "10")])), Throttle::Silent);
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! - [`faults`]: the seeded random fault and jitter decisions;
 //! - [`api`]: request parsing and response bodies for each endpoint;
 //! - [`stats`]: the counters behind `GET /stats`;
-//! - `handlers`: the axum router and the per-request pipeline.
+//! - `handlers`: the axum router and the per-request pipeline;
+//! - [`gateway`]: answers passed on the way the LiteLLM proxy does (`--litellm`).
 
 pub mod api;
 pub mod faults;
+pub mod gateway;
 mod handlers;
 pub mod knobs;
 pub mod limiter;

@@ -29,6 +29,7 @@ fn a_litellm_429_with_a_prefixed_hint_paces_and_its_call_id_is_the_request_id() 
         assert!(id.starts_with("litellm-"), "request_id from x-litellm-call-id: {l}");
     }
     let (ok, throttled) = answers(&mock);
+    eprintln!("{ok} answers 200, {throttled} answers 429");
     // Read as overload (the in-flight limit alone shrinking), the same run answers more
     // 429s than successes; paced, the 429s are the first burst and a few probes.
     assert!(throttled * 4 < ok, "{throttled} answers 429 for {ok} successes");
@@ -47,6 +48,7 @@ fn repeated_silent_429s_start_pacing() {
     assert_eq!(by_status.get(&200), Some(&200), "{by_status:?}");
     assert!(lines.iter().all(|l| l["response"]["request_id"] == ""), "no request id was sent");
     let (ok, throttled) = answers(&mock);
+    eprintln!("{ok} answers 200, {throttled} answers 429");
     assert!(throttled * 4 < ok, "{throttled} answers 429 for {ok} successes");
     fleet.cleanup(&[&job]);
 }

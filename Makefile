@@ -4,7 +4,7 @@
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on its PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: tools up down status build demo test bench chaos assets
+.PHONY: tools up down status build demo test bench chaos assets interop
 
 tools:
 	scripts/ensure-tools.sh
@@ -40,3 +40,8 @@ bench: up
 
 chaos: up
 	scripts/chaos.sh
+
+# The fleet behind the LiteLLM proxy (installed from PyPI into .run/litellm-venv on first
+# use), with LiteLLM's mocked responses: see "Running behind LiteLLM" in the README.
+interop: up
+	scripts/interop.sh

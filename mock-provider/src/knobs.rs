@@ -162,7 +162,10 @@ mod tests {
     fn the_litellm_mode_is_a_knob() {
         use crate::gateway::GatewayMode;
         assert_eq!(Cli::try_parse_from(["mock", "--litellm", "hint"]).unwrap().knobs.litellm, Some(GatewayMode::Hint));
-        assert_eq!(Cli::try_parse_from(["mock", "--litellm", "silent"]).unwrap().knobs.litellm, Some(GatewayMode::Silent));
+        assert_eq!(
+            Cli::try_parse_from(["mock", "--litellm", "silent"]).unwrap().knobs.litellm,
+            Some(GatewayMode::Silent)
+        );
         assert_eq!(Cli::try_parse_from(["mock"]).unwrap().knobs.litellm, None);
     }
 }

@@ -77,7 +77,6 @@ pub struct WaitRequest<'a> {
     pub timeout: Option<Duration>,
 }
 
-
 /// Opens `path` for appending, returning the custom_ids already in it, their counts and
 /// the job they belong to. With `job_id`, lines of any other job are refused.
 fn open_output(

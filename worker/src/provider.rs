@@ -431,7 +431,10 @@ mod tests {
         assert_eq!(throttle(&headers(&[("x-request-id", "req_1")])), Throttle::Unhinted);
         assert_eq!(throttle(&headers(&[("x-ratelimit-remaining-requests", "5")])), Throttle::Unhinted);
         // LiteLLM's `/v1/messages` route passes a 429 on with none of them.
-        assert_eq!(throttle(&headers(&[("content-type", "application/json"), ("content-length", "10")])), Throttle::Silent);
+        assert_eq!(
+            throttle(&headers(&[("content-type", "application/json"), ("content-length", "10")])),
+            Throttle::Silent
+        );
     }
 
     #[test]

@@ -107,7 +107,7 @@ cleanup() {
     # This run's queues (its own namespace) on the shared broker, when rabbitmqctl can.
     if [[ -n $NS ]] && command -v rabbitmqctl >/dev/null; then
         rabbitmqctl -q list_queues name 2>/dev/null | grep -F "$NS." | while read -r q; do
-            rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+            rabbitmqctl -q delete_queue "$q" </dev/null >/dev/null 2>&1 || true
         done
     fi
 }

@@ -4,7 +4,7 @@
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on its PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: tools up down status build install demo test bench chaos cluster assets
+.PHONY: tools up down status build install demo test bench chaos cluster assets interop
 
 tools:
 	scripts/ensure-tools.sh
@@ -52,3 +52,8 @@ chaos: up
 # and the results queue's leader nodes are lost and restarted; stops the nodes at the end.
 cluster: up
 	scripts/cluster.sh run
+
+# The fleet behind the LiteLLM proxy (installed from PyPI into .run/litellm-venv on first
+# use), with LiteLLM's mocked responses: see "Running behind LiteLLM" in the README.
+interop: up
+	scripts/interop.sh

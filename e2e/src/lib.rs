@@ -503,11 +503,23 @@ impl Mock {
     }
 }
 
-/// Output lines by their `error.code` (`None` for succeeded lines).
+/// Output lines by how they failed: `error.code` when the provider gave no answer
+/// (`timeout`, `cancelled`, `poison`, ...), `http_<status>` when it answered a failure
+/// (`error` is then null, as in OpenAI's output), `None` for succeeded lines.
 pub fn error_codes(lines: &[Value]) -> HashMap<Option<String>, usize> {
     let mut m = HashMap::new();
     for l in lines {
-        *m.entry(l["error"]["code"].as_str().map(str::to_string)).or_default() += 1;
+        let key = match (l["error"]["code"].as_str(), succeeded(l)) {
+            (Some(code), _) => Some(code.to_string()),
+            (None, true) => None,
+            (None, false) => Some(format!("http_{}", l["response"]["status_code"])),
+        };
+        *m.entry(key).or_default() += 1;
     }
     m
+}
+
+/// Whether an output line is a success, read the way `producer wait` reads it back.
+pub fn succeeded(line: &Value) -> bool {
+    fleet::wire::output_line_status(line) == fleet::wire::ItemStatus::Succeeded
 }

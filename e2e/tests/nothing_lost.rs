@@ -43,7 +43,9 @@ fn an_outage_beyond_the_total_budget_ends_items_failed_with_the_last_error() {
     let job = fleet.submit_requests(20);
     let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 20);
-    assert_eq!(error_codes(&lines).get(&Some("overloaded".into())), Some(&20), "{:?}", error_codes(&lines));
+    // The provider answered each last call (503): the failure is in `response`, `error` is null.
+    assert_eq!(error_codes(&lines).get(&Some("http_503".into())), Some(&20), "{:?}", error_codes(&lines));
+    assert!(lines.iter().all(|l| l["error"].is_null() && l["response"]["body"]["error"].is_object()));
     // 2 in-process attempts in each of 3 passes (first + 2 delays).
     assert_eq!(down.stats()["requests"].as_u64(), Some(20 * 2 * 3));
     fleet.cleanup(&[&job]);

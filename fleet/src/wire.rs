@@ -236,14 +236,43 @@ pub struct BatchOutputLine<'a> {
 }
 
 impl ItemResult {
-    /// The output line for this result.
+    /// The output line for this result. As in OpenAI's batch output, `error` is null when
+    /// the provider answered (any HTTP status): the failure is then in `response`
+    /// (`status_code` and body). `error` is kept for failures without an answer (timeout,
+    /// connection, cancelled, expired, poison, a body that is not JSON) and for the one case
+    /// the status code cannot tell: a 2xx answer that still failed. [`output_line_status`]
+    /// reads the status back from such a line.
     pub fn to_output_line(&self) -> BatchOutputLine<'_> {
+        let answered_failure_speaks = match &self.response {
+            Some(r) => self.status == ItemStatus::Succeeded || !is_success(r.status_code),
+            None => false,
+        };
         BatchOutputLine {
             id: format!("batch_req_{}_{}", self.job_id, self.index),
             custom_id: &self.custom_id,
             response: self.response.as_ref(),
-            error: self.error.as_ref(),
+            error: if answered_failure_speaks { None } else { self.error.as_ref() },
         }
+    }
+}
+
+fn is_success(status_code: u16) -> bool {
+    (200..300).contains(&status_code)
+}
+
+/// How the item of an output line ended, the inverse of [`ItemResult::to_output_line`]:
+/// with an `error`, its code decides (`cancelled`, `expired`, anything else failed); with
+/// `error` null, the provider's `response.status_code` does (2xx succeeded, else failed).
+pub fn output_line_status(line: &serde_json::Value) -> ItemStatus {
+    match line["error"]["code"].as_str() {
+        Some("cancelled") => ItemStatus::Cancelled,
+        Some("expired") => ItemStatus::Expired,
+        Some(_) => ItemStatus::Failed,
+        None if !line["error"].is_null() => ItemStatus::Failed,
+        None => match line["response"]["status_code"].as_u64() {
+            Some(code) if u16::try_from(code).is_ok_and(is_success) => ItemStatus::Succeeded,
+            _ => ItemStatus::Failed,
+        },
     }
 }
 
@@ -466,8 +495,50 @@ mod tests {
         let v: serde_json::Value = serde_json::to_value(r.to_output_line()).unwrap();
         assert_eq!(v["custom_id"], "a");
         assert_eq!(v["response"]["status_code"], 400);
-        assert_eq!(v["error"]["code"], "client_error");
+        assert!(v["error"].is_null(), "the provider answered: the failure is in the response");
         assert_eq!(v["id"], "batch_req_j1_0");
+        assert_eq!(output_line_status(&v), ItemStatus::Failed);
+    }
+
+    fn result(status: ItemStatus, code: Option<u16>, error: Option<&str>) -> ItemResult {
+        ItemResult {
+            job_id: "j".into(),
+            index: 1,
+            total: 2,
+            custom_id: "c".into(),
+            provider: "p".into(),
+            status,
+            response: code.map(|status_code| ResponseRecord {
+                status_code,
+                request_id: String::new(),
+                body: RawValue::from_string("{}".into()).unwrap(),
+            }),
+            error: error.map(|c| ErrorRecord { code: c.into(), message: "m".into() }),
+            attempts: 1,
+            worker: "w".into(),
+            finished_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn every_result_reads_back_with_its_status() {
+        let cases = [
+            (result(ItemStatus::Succeeded, Some(200), None), false),
+            (result(ItemStatus::Failed, Some(429), Some("rate_limited")), false),
+            (result(ItemStatus::Failed, Some(503), Some("overloaded")), false),
+            // No answer, or an answer whose status code cannot say it failed: `error` stays.
+            (result(ItemStatus::Failed, None, Some("timeout")), true),
+            (result(ItemStatus::Failed, Some(200), Some("invalid_response")), true),
+            (result(ItemStatus::Cancelled, None, Some("cancelled")), true),
+            (result(ItemStatus::Expired, None, Some("expired")), true),
+            (result(ItemStatus::Failed, None, Some("poison")), true),
+        ];
+        for (r, has_error) in cases {
+            let v = serde_json::to_value(r.to_output_line()).unwrap();
+            assert_eq!(!v["error"].is_null(), has_error, "{v}");
+            assert_eq!(output_line_status(&v), r.status, "{v}");
+        }
+        assert_eq!(output_line_status(&serde_json::json!({"response": null, "error": null})), ItemStatus::Failed);
     }
 
     #[test]

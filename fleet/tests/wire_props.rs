@@ -146,7 +146,17 @@ proptest! {
         // The body is written as received, byte for byte (parsing it back could round floats).
         let written = format!("\"body\":{}", body);
         prop_assert!(text.contains(&written), "{} not in {}", written, text);
-        prop_assert_eq!(line["error"]["code"].as_str(), code.as_deref());
+        // The item failed. When the answer says so itself (not 2xx), `error` is null as in
+        // OpenAI's output; a 2xx answer that still failed (e.g. not JSON) keeps its error.
+        // Either way the line reads back as failed.
+        if !(200..300).contains(&status) {
+            prop_assert!(line["error"].is_null(), "{}", text);
+        } else {
+            prop_assert_eq!(line["error"]["code"].as_str(), code.as_deref());
+        }
+        if code.is_some() || !(200..300).contains(&status) {
+            prop_assert_eq!(fleet::wire::output_line_status(&line), ItemStatus::Failed);
+        }
     }
 
     #[test]

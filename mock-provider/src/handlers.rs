@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Endpoint};
 use crate::faults::{Fault, FaultInjector};
+use crate::gateway::{self, GatewayMode};
 use crate::hostile::{self, Hostile};
 use crate::knobs::Knobs;
 use crate::limiter::{Admission, TokenBucket};
@@ -36,6 +37,7 @@ pub(crate) struct AppState {
     stats: Stats,
     next_request: AtomicU64,
     shutdown: CancellationToken,
+    litellm: Option<GatewayMode>,
 }
 
 impl AppState {
@@ -46,6 +48,7 @@ impl AppState {
             stats: Stats::default(),
             next_request: AtomicU64::new(0),
             shutdown,
+            litellm: knobs.litellm,
         }
     }
 }
@@ -77,6 +80,10 @@ async fn request_id(State(state): State<Arc<AppState>>, mut req: Request, next: 
     req.extensions_mut().insert(RequestId(n));
     let mut response = next.run(req).await;
     response.headers_mut().insert(X_REQUEST_ID, HeaderValue::from_str(&format!("req_{n}")).expect("ASCII"));
+    if let Some(mode) = state.litellm {
+        let status = response.status();
+        gateway::rewrite(mode, status, n, response.headers_mut());
+    }
     response
 }
 

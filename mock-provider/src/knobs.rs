@@ -48,6 +48,12 @@ pub struct Knobs {
     #[arg(long, env = "MOCK_RPM", value_parser = clap::value_parser!(u64).range(1..))]
     pub rpm: Option<u64>,
 
+    /// Pass every answer on the way the LiteLLM proxy does: `hint` (a 429 carries
+    /// `llm_provider-retry-after`, ids are `x-litellm-call-id`, no `retry-after` or
+    /// `x-ratelimit-*`) or `silent` (no rate-limit, retry or request-id header at all).
+    #[arg(long, env = "MOCK_LITELLM", value_enum)]
+    pub litellm: Option<crate::gateway::GatewayMode>,
+
     /// Seed of the random generator behind every fault and jitter decision.
     #[arg(long, env = "MOCK_SEED", default_value_t = 42)]
     pub seed: u64,
@@ -68,6 +74,7 @@ impl Default for Knobs {
             hang_rate: 0.0,
             garbage_rate: 0.0,
             rpm: None,
+            litellm: None,
             seed: 42,
         }
     }
@@ -148,5 +155,17 @@ mod tests {
         assert!(Cli::try_parse_from(["mock", "--error-503", "-0.1"]).is_err());
         assert!(Cli::try_parse_from(["mock", "--hang-rate", "NaN"]).is_err());
         assert!(Cli::try_parse_from(["mock", "--rpm", "0"]).is_err());
+        assert!(Cli::try_parse_from(["mock", "--litellm", "loud"]).is_err());
+    }
+
+    #[test]
+    fn the_litellm_mode_is_a_knob() {
+        use crate::gateway::GatewayMode;
+        assert_eq!(Cli::try_parse_from(["mock", "--litellm", "hint"]).unwrap().knobs.litellm, Some(GatewayMode::Hint));
+        assert_eq!(
+            Cli::try_parse_from(["mock", "--litellm", "silent"]).unwrap().knobs.litellm,
+            Some(GatewayMode::Silent)
+        );
+        assert_eq!(Cli::try_parse_from(["mock"]).unwrap().knobs.litellm, None);
     }
 }

@@ -10,10 +10,12 @@
 //! - [`stats`]: the counters behind `GET /stats`;
 //! - [`hostile`]: answers that misbehave on purpose (redirects, endless bodies, absurd
 //!   retry hints), chosen by the request's model;
+//! - [`gateway`]: answers passed on the way the LiteLLM proxy does (`--litellm`);
 //! - `handlers`: the axum router and the per-request pipeline.
 
 pub mod api;
 pub mod faults;
+pub mod gateway;
 mod handlers;
 pub mod hostile;
 pub mod knobs;

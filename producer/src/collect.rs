@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fleet::topology::Topology;
-use fleet::wire::{ItemResult, JobCounts, JobSummary, KIND_JOB_FINISHED};
+use fleet::wire::{output_line_status, ItemResult, JobCounts, JobSummary, KIND_JOB_FINISHED};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -78,25 +78,6 @@ pub struct WaitRequest<'a> {
     pub timeout: Option<Duration>,
 }
 
-/// The status of an output line: `error` null means succeeded, else its code decides.
-fn line_status(v: &serde_json::Value) -> &'static str {
-    match v["error"]["code"].as_str() {
-        None if v["error"].is_null() => "succeeded",
-        Some("cancelled") => "cancelled",
-        Some("expired") => "expired",
-        _ => "failed",
-    }
-}
-
-fn count(counts: &mut JobCounts, status: &str) {
-    match status {
-        "succeeded" => counts.succeeded += 1,
-        "cancelled" => counts.cancelled += 1,
-        "expired" => counts.expired += 1,
-        _ => counts.failed += 1,
-    }
-}
-
 /// Opens `path` for appending, returning the custom_ids already in it, their counts and
 /// the job they belong to. With `job_id`, lines of any other job are refused.
 fn open_output(
@@ -133,7 +114,7 @@ fn open_output(
         job.get_or_insert_with(|| line_job.to_string());
         let id = v["custom_id"].as_str().unwrap_or_default().to_string();
         if seen.insert(id) {
-            count(&mut counts, line_status(&v));
+            counts.add(output_line_status(&v));
         }
         good_len += n as u64;
     }
@@ -216,7 +197,7 @@ impl Collector {
                 if self.seen.insert(result.custom_id.clone()) {
                     serde_json::to_writer(&mut self.out, &result.to_output_line())?;
                     self.out.write_all(b"\n")?;
-                    count(&mut self.counts, result.status.as_str());
+                    self.counts.add(result.status);
                     self.bar.inc(1);
                 }
             }
@@ -366,9 +347,11 @@ mod tests {
         path
     }
 
+    /// An output line: answered 200 when `error` is `null`, else no answer and that error.
     fn line(job: &str, index: u64, error: &str) -> String {
+        let response = if error == "null" { r#"{"status_code":200,"request_id":"r","body":{}}"# } else { "null" };
         format!(
-            "{{\"id\":\"batch_req_{job}_{index}\",\"custom_id\":\"c{index}\",\"response\":null,\"error\":{error}}}\n"
+            "{{\"id\":\"batch_req_{job}_{index}\",\"custom_id\":\"c{index}\",\"response\":{response},\"error\":{error}}}\n"
         )
     }
 

@@ -10,7 +10,14 @@
 //!   (`x-ratelimit-remaining-requests` / `anthropic-ratelimit-requests-remaining`) are
 //!   under a tenth of the most it reported. Requests are paced evenly at that rate.
 //!
-//! Overload (503, 529, a bare 429) and timeouts shrink only the in-flight limit.
+//! Overload (503, 529, a 429 that says nothing) and timeouts shrink only the in-flight limit.
+//!
+//! Which 429s are about rate ([`Throttle`]): one with a retry hint (`retry-after`,
+//! `retry-after-ms` or a gateway's `llm_provider-retry-after[-ms]`), or from a provider that
+//! has reported rate-limit headers before. Gateways pass some answers on with no header at
+//! all (LiteLLM's `/v1/messages` route: no rate-limit, retry or request-id header); such
+//! silent 429s start pacing once they are repeated, at least [`SILENT_429S`] in a one-second
+//! window and more than the successes in it, so a 429 now and then stays an overload signal.
 //!
 //! Why both: with a fast provider, concurrency does not bound the request rate (1 call in
 //! flight at 1 ms is 1,000 requests/s), so a rate limit needs pacing; with a slow one,
@@ -39,6 +46,21 @@ const RATE_DECREASE_WINDOW: Duration = Duration::from_secs(1);
 const LOW_REMAINING: f64 = 0.1;
 /// Per success, the rate grows by this fraction of a request/s (2 % a second at steady state).
 const RATE_INCREASE: f64 = 0.02;
+/// Silent 429s in one second (and more than the successes in it) that start pacing.
+const SILENT_429S: u64 = 3;
+
+/// What a 429 carried that says whether it is about rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Throttle {
+    /// A retry hint, or no requests remaining: a rate limit.
+    Hinted,
+    /// Some header (a request id), but no hint: read as overload, as a provider's 429
+    /// without a hint usually is.
+    Unhinted,
+    /// No rate-limit, retry or request-id header at all: a gateway passing the answer on.
+    /// Repeated, these are a rate limit.
+    Silent,
+}
 
 /// What a provider call told us about the provider's capacity.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,6 +80,9 @@ pub enum Signal {
     Overloaded { retry_after: Option<Duration> },
     /// Timed out: the provider is struggling with what is in flight.
     Timeout,
+    /// A 429; the limiter decides from `throttle` and what it has seen whether it is a
+    /// [`Signal::RateLimited`] or an [`Signal::Overloaded`].
+    TooManyRequests { retry_after: Option<Duration>, throttle: Throttle },
 }
 
 struct State {
@@ -78,6 +103,10 @@ struct State {
     /// Answers that were not throttles in the current one-second window, and the previous.
     window_successes: u64,
     last_window_successes: u64,
+    /// Silent 429s in the current one-second window.
+    window_silent_429s: u64,
+    /// The provider has reported rate-limit headers (`remaining`): its 429s are about rate.
+    limits_seen: bool,
 }
 
 /// The limiter of one provider in one worker.
@@ -129,6 +158,8 @@ impl Limiter {
                 window_start: now,
                 window_successes: 0,
                 last_window_successes: 0,
+                window_silent_429s: 0,
+                limits_seen: false,
             }),
             freed: Notify::new(),
             limit_gauge,
@@ -181,8 +212,13 @@ impl Limiter {
     pub fn observe(&self, signal: Signal) {
         let now = Instant::now();
         let mut s = self.state.lock().expect("limiter lock");
+        let signal = match signal {
+            Signal::TooManyRequests { retry_after, throttle } => s.classify_429(now, retry_after, throttle),
+            other => other,
+        };
         match signal {
             Signal::Ok { remaining } => {
+                s.limits_seen |= remaining.is_some();
                 s.roll_window(now);
                 s.window_successes += 1;
                 s.limit = (s.limit + 1.0 / s.limit).min(s.max);
@@ -220,6 +256,7 @@ impl Limiter {
                     s.limit = (s.limit * DECREASE).max(1.0);
                 }
             }
+            Signal::TooManyRequests { .. } => unreachable!("classified above"),
         }
         self.limit_gauge.set(s.limit.floor() as i64);
         self.rate_gauge.set(s.effective_rate().unwrap_or(0.0));
@@ -252,7 +289,29 @@ impl State {
         if now.duration_since(self.window_start) >= Duration::from_secs(1) {
             self.last_window_successes = self.window_successes;
             self.window_successes = 0;
+            self.window_silent_429s = 0;
             self.window_start = now;
+        }
+    }
+
+    /// Whether a 429 is about rate (see the module notes).
+    fn classify_429(&mut self, now: Instant, retry_after: Option<Duration>, throttle: Throttle) -> Signal {
+        let about_rate = match throttle {
+            Throttle::Hinted => true,
+            _ if self.limits_seen => true,
+            Throttle::Unhinted => false,
+            Throttle::Silent => {
+                self.roll_window(now);
+                self.window_silent_429s += 1;
+                // Once pacing, every silent 429 says the pace is still too fast.
+                self.rate.is_some()
+                    || (self.window_silent_429s >= SILENT_429S && self.window_silent_429s > self.window_successes)
+            }
+        };
+        if about_rate {
+            Signal::RateLimited { retry_after }
+        } else {
+            Signal::Overloaded { retry_after }
         }
     }
 
@@ -342,6 +401,51 @@ mod tests {
         l.observe(Signal::Overloaded { retry_after: None });
         assert_eq!(l.limit(), 90);
         assert_eq!(l.rate(), None, "no rate limit from random overload answers");
+    }
+
+    fn too_many(throttle: Throttle) -> Signal {
+        Signal::TooManyRequests { retry_after: None, throttle }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hinted_429_is_a_rate_limit_and_an_unhinted_one_overload() {
+        let l = limiter(100, None);
+        l.observe(too_many(Throttle::Unhinted));
+        assert_eq!(l.rate(), None, "a 429 with a request id but no hint is overload");
+        l.observe(too_many(Throttle::Hinted));
+        assert!(l.rate().is_some(), "any retry hint makes it a rate limit");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_provider_reported_limit_headers_every_429_is_about_rate() {
+        let l = limiter(100, None);
+        l.observe(Signal::Ok { remaining: Some(50.0) });
+        l.observe(too_many(Throttle::Unhinted));
+        assert!(l.rate().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_silent_429s_start_pacing_and_a_stray_one_does_not() {
+        let l = limiter(100, None);
+        // A stray silent 429 among successes, every second for a while: overload only.
+        for _ in 0..10 {
+            for _ in 0..20 {
+                l.observe(Signal::Ok { remaining: None });
+            }
+            l.observe(too_many(Throttle::Silent));
+            l.observe(too_many(Throttle::Silent));
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(l.rate(), None);
+        // Then the gateway's window is used up: 429s only.
+        for _ in 0..SILENT_429S {
+            l.observe(too_many(Throttle::Silent));
+        }
+        let r = l.rate().expect("pacing after repeated silent 429s");
+        // Later silent 429s keep slowing the pace (once a second).
+        tokio::time::advance(RATE_DECREASE_WINDOW).await;
+        l.observe(too_many(Throttle::Silent));
+        assert!(l.rate().unwrap() < r);
     }
 
     #[tokio::test(start_paused = true)]

@@ -34,7 +34,7 @@ use reqwest::Url;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::limit::{Limiter, Signal};
+use crate::limit::{Limiter, Signal, Throttle};
 
 /// What the provider answered, kept for the output file.
 #[derive(Debug, Clone)]
@@ -318,13 +318,11 @@ impl ProviderClient {
         // Bytes / 4 is the usual rough token estimate; it only feeds a `tpm` ceiling.
         let _permit = self.limiter.acquire(est_tokens).await;
         let started = Instant::now();
-        let (result, remaining) = self.send(req).await;
+        let (result, remaining, throttle) = self.send(req).await;
         self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());
         self.limiter.observe(match &result {
-            Err(CallError::RateLimited { retry_after, answer })
-                if answer.status == 429 && (retry_after.is_some() || remaining == Some(0.0)) =>
-            {
-                Signal::RateLimited { retry_after: *retry_after }
+            Err(CallError::RateLimited { retry_after, answer }) if answer.status == 429 => {
+                Signal::TooManyRequests { retry_after: *retry_after, throttle }
             }
             Err(e @ (CallError::RateLimited { .. } | CallError::Overloaded { .. })) => {
                 Signal::Overloaded { retry_after: e.retry_after() }
@@ -338,24 +336,24 @@ impl ProviderClient {
         result
     }
 
-    /// Sends and classifies; also returns the requests the provider says remain, if it says.
-    async fn send(&self, req: reqwest::RequestBuilder) -> (Result<Success, CallError>, Option<f64>) {
+    /// Sends and classifies; also returns the requests the provider says remain, if it says,
+    /// and what a 429 would say about rate.
+    async fn send(&self, req: reqwest::RequestBuilder) -> (Result<Success, CallError>, Option<f64>, Throttle) {
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return (Err(self.transport_error(e)), None),
+            Err(e) => return (Err(self.transport_error(e)), None, Throttle::Unhinted),
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let remaining = remaining_requests(&headers);
-        let request_id = ["x-request-id", "request-id"]
-            .iter()
-            .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
-            .unwrap_or("")
-            .to_string();
+        let throttle = throttle(&headers);
+        let request_id = request_id(&headers);
         let bytes = match read_capped(resp, self.max_response_bytes).await {
             Ok(Some(b)) => b,
-            Ok(None) => return (Err(CallError::TooLarge { status, limit: self.max_response_bytes }), remaining),
-            Err(e) => return (Err(self.transport_error(e)), remaining),
+            Ok(None) => {
+                return (Err(CallError::TooLarge { status, limit: self.max_response_bytes }), remaining, throttle)
+            }
+            Err(e) => return (Err(self.transport_error(e)), remaining, throttle),
         };
         let parsed: Result<Box<RawValue>, _> = serde_json::from_slice(&bytes);
         let answer = Answer { status, request_id, body: parsed.as_ref().ok().cloned() };
@@ -378,7 +376,7 @@ impl ProviderClient {
                 Err(CallError::Client { answer, message })
             }
         };
-        (result, remaining)
+        (result, remaining, throttle)
     }
 
     /// The longest wait a provider's hint can impose: the whole in-process retry budget
@@ -450,6 +448,33 @@ fn bounded(v: &str, per_second: f64, cap: Duration) -> Option<Duration> {
     let secs = (n / per_second).max(0.0);
     // Compared before converting: `Duration::from_secs_f64` panics on infinity or overflow.
     Some(if secs >= cap.as_secs_f64() { cap } else { Duration::from_secs_f64(secs) })
+}
+
+/// Headers that carry a provider's request id: OpenAI's, Anthropic's, LiteLLM's call id.
+const REQUEST_ID_HEADERS: [&str; 3] = ["x-request-id", "request-id", "x-litellm-call-id"];
+/// Headers that say when to retry: the provider's own, and as a gateway (LiteLLM) passes
+/// them on.
+const RETRY_HINT_HEADERS: [&str; 4] =
+    ["retry-after", "retry-after-ms", "llm_provider-retry-after", "llm_provider-retry-after-ms"];
+
+/// The provider's request id, `""` when it sent none.
+fn request_id(headers: &reqwest::header::HeaderMap) -> String {
+    REQUEST_ID_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok())).unwrap_or("").to_string()
+}
+
+/// What the headers of an answer say about rate, were it a 429: a retry hint or no
+/// requests remaining makes it a rate limit; no such header and no request id either (a
+/// gateway passing a 429 on) makes it silent.
+fn throttle(headers: &reqwest::header::HeaderMap) -> Throttle {
+    if RETRY_HINT_HEADERS.iter().any(|h| headers.contains_key(*h)) || remaining_requests(headers) == Some(0.0) {
+        Throttle::Hinted
+    } else if REQUEST_ID_HEADERS.iter().any(|h| headers.contains_key(*h))
+        || headers.keys().any(|k| k.as_str().contains("ratelimit"))
+    {
+        Throttle::Unhinted
+    } else {
+        Throttle::Silent
+    }
 }
 
 /// Requests remaining in the provider's window, from OpenAI's
@@ -553,6 +578,31 @@ mod tests {
             assert!(!format!("{v:?}").contains("sk-secret"));
         }
         assert!(key_header(ProviderKind::Anthropic, "bad\nkey").is_err());
+    }
+
+    #[test]
+    fn request_id_from_openai_anthropic_or_litellm() {
+        assert_eq!(request_id(&headers(&[("x-request-id", "req_1")])), "req_1");
+        assert_eq!(request_id(&headers(&[("request-id", "req_2")])), "req_2");
+        assert_eq!(request_id(&headers(&[("x-litellm-call-id", "3f2a")])), "3f2a");
+        assert_eq!(request_id(&headers(&[])), "");
+    }
+
+    #[test]
+    fn a_429_is_about_rate_when_it_carries_any_retry_hint() {
+        for hint in RETRY_HINT_HEADERS {
+            let h: reqwest::header::HeaderMap =
+                [(reqwest::header::HeaderName::from_static(hint), "1".parse().unwrap())].into_iter().collect();
+            assert_eq!(throttle(&h), Throttle::Hinted, "{hint}");
+        }
+        assert_eq!(throttle(&headers(&[("x-ratelimit-remaining-requests", "0")])), Throttle::Hinted);
+        assert_eq!(throttle(&headers(&[("x-request-id", "req_1")])), Throttle::Unhinted);
+        assert_eq!(throttle(&headers(&[("x-ratelimit-remaining-requests", "5")])), Throttle::Unhinted);
+        // LiteLLM's `/v1/messages` route passes a 429 on with none of them.
+        assert_eq!(
+            throttle(&headers(&[("content-type", "application/json"), ("content-length", "10")])),
+            Throttle::Silent
+        );
     }
 
     #[test]

@@ -105,15 +105,18 @@ fn hostile_queues_and_a_hostile_provider_crash_nothing_leak_nothing_and_lose_not
         let id = l["custom_id"].as_str().unwrap();
         assert!(seen.insert(id.to_string()), "{id} twice");
         let (kind, _) = id.split_once('-').unwrap();
-        let (want_code, want_status) = match kind {
-            "req" => (None, Some(200)),
-            "redirect" => (Some("redirect"), Some(307)),
-            "endless" => (Some("response_too_large"), None),
-            "retry" => (Some("rate_limited"), Some(429)),
+        // An answered failure has `error` null and its status in `response` (OpenAI's
+        // output shape); one without a usable answer has the error.
+        let (want_code, want_status, want) = match kind {
+            "req" => (None, Some(200), fleet::wire::ItemStatus::Succeeded),
+            "redirect" => (None, Some(307), fleet::wire::ItemStatus::Failed),
+            "endless" => (Some("response_too_large"), None, fleet::wire::ItemStatus::Failed),
+            "retry" => (None, Some(429), fleet::wire::ItemStatus::Failed),
             other => panic!("unexpected custom_id {other}"),
         };
         assert_eq!(l["error"]["code"].as_str(), want_code, "{l}");
         assert_eq!(l["response"]["status_code"].as_u64(), want_status, "{l}");
+        assert_eq!(fleet::wire::output_line_status(l), want, "{l}");
     }
     assert_eq!(mock.stats()["stolen"], 0, "no request followed a redirect");
 

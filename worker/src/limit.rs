@@ -89,6 +89,10 @@ struct State {
     limit: f64,
     max: f64,
     in_flight: usize,
+    /// Tasks that [`Limiter::room`] let through and that have not taken their first slot
+    /// yet: counted against the limit, so no more tasks start than there are slots (a task
+    /// past `room` can no longer be released at shutdown).
+    starting: usize,
     /// Requests/s once the provider has throttled us (None: not limited yet).
     rate: Option<f64>,
     ceiling_rps: Option<f64>,
@@ -147,6 +151,7 @@ impl Limiter {
                 limit: max,
                 max,
                 in_flight: 0,
+                starting: 0,
                 rate: None,
                 ceiling_rps: rpm.map(|r| f64::from(r.max(1)) / 60.0),
                 ceiling_tps: tpm.map(|t| f64::from(t.max(1)) / 60.0),
@@ -170,6 +175,16 @@ impl Limiter {
     /// Waits for a free slot under the current limit, then for this request's turn at the
     /// current rate. `est_tokens` counts against a `tpm` ceiling.
     pub async fn acquire(&self, est_tokens: u64) -> Permit<'_> {
+        self.take_slot(est_tokens, false).await
+    }
+
+    /// [`Limiter::acquire`] for a task's first call, which [`Limiter::room`] let through:
+    /// it takes the slot `room` counted for it.
+    pub async fn acquire_started(&self, est_tokens: u64) -> Permit<'_> {
+        self.take_slot(est_tokens, true).await
+    }
+
+    async fn take_slot(&self, est_tokens: u64, started: bool) -> Permit<'_> {
         let send_at = loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -179,6 +194,9 @@ impl Limiter {
                 let mut s = self.state.lock().expect("limiter lock");
                 if (s.in_flight as f64) < s.limit.floor().max(1.0) {
                     s.in_flight += 1;
+                    if started {
+                        s.starting = s.starting.saturating_sub(1);
+                    }
                     break s.schedule(Instant::now(), est_tokens);
                 }
             }
@@ -189,16 +207,18 @@ impl Limiter {
         permit
     }
 
-    /// Waits until a slot is free, without taking it (a task about to start uses this to
-    /// stay cancellable until it really starts).
+    /// Waits until a slot is free for a task that has not started, and counts the task as
+    /// starting (a task about to start uses this to stay cancellable until it really
+    /// starts; its first call then uses [`Limiter::acquire_started`]).
     pub async fn room(&self) {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             {
-                let s = self.state.lock().expect("limiter lock");
-                if (s.in_flight as f64) < s.limit.floor().max(1.0) {
+                let mut s = self.state.lock().expect("limiter lock");
+                if ((s.in_flight + s.starting) as f64) < s.limit.floor().max(1.0) {
+                    s.starting += 1;
                     return;
                 }
             }

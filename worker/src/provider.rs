@@ -288,8 +288,8 @@ impl ProviderClient {
             .with_total_delay(Some(Duration::from_secs(self.retry.max_elapsed_s)))
             .with_jitter();
         let result = (|| {
-            attempts.fetch_add(1, Ordering::Relaxed);
-            self.call_once(&target.url, op, body.clone())
+            let first = attempts.fetch_add(1, Ordering::Relaxed) == 0;
+            self.call_once(&target.url, op, body.clone(), first)
         })
         .retry(backoff)
         .sleep(tokio::time::sleep)
@@ -305,8 +305,9 @@ impl ProviderClient {
         Outcome { result, attempts: attempts.load(Ordering::Relaxed) }
     }
 
-    /// One HTTP call, classified.
-    async fn call_once(&self, url: &Url, op: &'static str, body: Bytes) -> Result<Success, CallError> {
+    /// One HTTP call, classified. `first`: the item's first call, whose slot
+    /// [`Limiter::room`] counted.
+    async fn call_once(&self, url: &Url, op: &'static str, body: Bytes, first: bool) -> Result<Success, CallError> {
         let est_tokens = body.len() as u64 / 4;
         let mut req = self.http.post(url.clone()).header("content-type", "application/json").body(body);
         if let Some((name, value)) = &self.auth {
@@ -316,7 +317,8 @@ impl ProviderClient {
             req = req.header("anthropic-version", "2023-06-01");
         }
         // Bytes / 4 is the usual rough token estimate; it only feeds a `tpm` ceiling.
-        let _permit = self.limiter.acquire(est_tokens).await;
+        let _permit =
+            if first { self.limiter.acquire_started(est_tokens).await } else { self.limiter.acquire(est_tokens).await };
         let started = Instant::now();
         let (result, remaining, throttle) = self.send(req).await;
         self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());

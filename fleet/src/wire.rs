@@ -236,6 +236,24 @@ pub struct BatchOutputLine<'a> {
 }
 
 impl ItemResult {
+    /// The result of an item that ends without a provider answer (cancelled, expired,
+    /// poison, dead-lettered, ...): no response, `error` as given, no call counted.
+    pub fn without_answer(item: &Item, status: ItemStatus, error: ErrorRecord, worker: &str) -> ItemResult {
+        ItemResult {
+            job_id: item.job_id.clone(),
+            index: item.index,
+            total: item.total,
+            custom_id: item.custom_id.clone(),
+            provider: item.provider.clone(),
+            status,
+            response: None,
+            error: Some(error),
+            attempts: 0,
+            worker: worker.to_string(),
+            finished_at_ms: crate::now_ms(),
+        }
+    }
+
     /// The output line for this result. As in OpenAI's batch output, `error` is null when
     /// the provider answered (any HTTP status): the failure is then in `response`
     /// (`status_code` and body). `error` is kept for failures without an answer (timeout,

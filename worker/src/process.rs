@@ -178,19 +178,8 @@ fn may_delay(retry: &RetryConfig, item: &Item) -> bool {
 
 /// A result for an item that ends without (more) provider calls.
 fn early_result(ctx: &Context, item: &Item, status: ItemStatus, message: &str) -> ItemResult {
-    ItemResult {
-        job_id: item.job_id.clone(),
-        index: item.index,
-        total: item.total,
-        custom_id: item.custom_id.clone(),
-        provider: item.provider.clone(),
-        status,
-        response: None,
-        error: Some(ErrorRecord { code: status.as_str().to_string(), message: message.to_string() }),
-        attempts: 0,
-        worker: ctx.worker_id.clone(),
-        finished_at_ms: fleet::now_ms(),
-    }
+    let error = ErrorRecord { code: status.as_str().to_string(), message: message.to_string() };
+    ItemResult::without_answer(item, status, error, &ctx.worker_id)
 }
 
 /// Publishes the result, acks, counts.

@@ -22,17 +22,6 @@ pub fn dead_item(delivery: &Delivery) -> Option<Item> {
 
 /// The failed result of a dead-lettered item.
 pub fn failed_result(item: &Item, reason: &str, tracker: &str) -> ItemResult {
-    ItemResult {
-        job_id: item.job_id.clone(),
-        index: item.index,
-        total: item.total,
-        custom_id: item.custom_id.clone(),
-        provider: item.provider.clone(),
-        status: ItemStatus::Failed,
-        response: None,
-        error: Some(ErrorRecord { code: DEAD_LETTERED.into(), message: reason.to_string() }),
-        attempts: 0,
-        worker: tracker.to_string(),
-        finished_at_ms: fleet::now_ms(),
-    }
+    let error = ErrorRecord { code: DEAD_LETTERED.into(), message: reason.to_string() };
+    ItemResult::without_answer(item, ItemStatus::Failed, error, tracker)
 }

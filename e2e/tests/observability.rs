@@ -403,12 +403,23 @@ fn broker_panels_show_the_real_backlog() {
 
 /// One real alert end to end: messages dead-lettered in this namespace fire
 /// BatchDeadLettersGrowing in Prometheus, which Alertmanager (started by the stack script)
-/// posts to the webhook receiver on 127.0.0.1:9095 that this test runs.
+/// posts to the webhook receiver on 127.0.0.1:9095 that this test runs. Alertmanager posts
+/// every alert group of the machine there, so the receiver answers each connection on its
+/// own thread and the test looks for its namespace's alert among them.
 #[test]
 fn a_real_alert_reaches_the_webhook_receiver() {
-    use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:9095").expect("the alert webhook port 9095 is free");
-    listener.set_nonblocking(true).unwrap();
+    let (tx, alerts) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                if let Some(body) = read_webhook_post(stream) {
+                    let _ = tx.send(body);
+                }
+            });
+        }
+    });
     let mock = Mock::start(&[]);
     let fleet = Fleet::new("alert", &mock.url, "");
     let _w = fleet.worker("w1", &[]);
@@ -424,59 +435,54 @@ fn a_real_alert_reaches_the_webhook_receiver() {
     });
     // The rule needs the increase to last a minute (`for: 1m`); Alertmanager then posts
     // within a second or two (the stack's group_wait).
-    let deadline = std::time::Instant::now() + Duration::from_secs(150);
-    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let mut seen = 0;
     let mut ours = None;
     while ours.is_none() && std::time::Instant::now() < deadline {
-        match listener.accept() {
-            Ok((mut stream, _)) => {
-                stream.set_nonblocking(false).unwrap();
-                stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                // Read the headers, then the body by its Content-Length.
-                loop {
-                    let n = stream.read(&mut chunk).unwrap_or(0);
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).to_string();
-                    if let Some(split) = text.find("\r\n\r\n") {
-                        let len = text[..split]
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string())
-                            })
-                            .and_then(|v| v.parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if buf.len() >= split + 4 + len || n == 0 {
-                            break;
-                        }
-                    } else if n == 0 {
-                        break;
-                    }
-                }
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
-                let text = String::from_utf8_lossy(&buf).to_string();
-                if let Some((_, body)) = text.split_once("\r\n\r\n") {
-                    if let Ok(v) = serde_json::from_str::<Value>(body) {
-                        for alert in v["alerts"].as_array().into_iter().flatten() {
-                            let labels = &alert["labels"];
-                            seen.push(format!("{} {}", labels["alertname"], labels["namespace"]));
-                            if labels["alertname"] == "BatchDeadLettersGrowing"
-                                && labels["namespace"] == fleet.ns.as_str()
-                                && alert["status"] == "firing"
-                            {
-                                ours = Some(alert.clone());
-                            }
-                        }
-                    }
-                }
+        let Ok(post) = alerts.recv_timeout(Duration::from_secs(1)) else { continue };
+        for alert in post["alerts"].as_array().into_iter().flatten() {
+            seen += 1;
+            let labels = &alert["labels"];
+            if labels["alertname"] == "BatchDeadLettersGrowing"
+                && labels["namespace"] == fleet.ns.as_str()
+                && alert["status"] == "firing"
+            {
+                ours = Some(alert.clone());
             }
-            Err(_) => std::thread::sleep(Duration::from_millis(200)),
         }
     }
-    let alert =
-        ours.unwrap_or_else(|| panic!("no BatchDeadLettersGrowing alert for {} arrived; saw {seen:?}", fleet.ns));
+    let alert = ours.unwrap_or_else(|| panic!("no BatchDeadLettersGrowing alert for {} among {seen} posted", fleet.ns));
     assert_eq!(alert["labels"]["reason"], "malformed", "{alert}");
     assert_eq!(alert["labels"]["severity"], "warning", "{alert}");
     fleet.cleanup(&[]);
+}
+
+/// Reads one HTTP POST from Alertmanager, answers 200, and returns its JSON body.
+fn read_webhook_post(mut stream: std::net::TcpStream) -> Option<Value> {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16384];
+    let body_start = loop {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..body_start]).to_ascii_lowercase();
+    let len: usize =
+        head.lines().find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().ok())).flatten()?;
+    while buf.len() < body_start + len {
+        let n = stream.read(&mut chunk).ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    serde_json::from_slice(buf.get(body_start..body_start + len)?).ok()
 }

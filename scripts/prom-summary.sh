@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Prints a short summary of the fleet read back from Prometheus: totals over the lifetime
-# of the selected workers (counters as pushed), so it is right even for a short demo.
+# Prints a short summary of the fleet read back from Prometheus: item totals over the
+# lifetime of the selected workers (their own counters, batch_worker_items_total, so a short
+# demo shows its own run), and the namespace's job counts from the tracker.
 #   scripts/prom-summary.sh [PROMETHEUS_URL] [WORKER_INSTANCE_REGEX] [NAMESPACE]
 set -euo pipefail
 PROM=${1:-http://127.0.0.1:9090}
@@ -14,8 +15,8 @@ q() {
 
 W="job=\"batch_worker\",instance=~\"$INSTANCES\""
 echo "from Prometheus ($PROM):"
-echo "  items succeeded:        $(q "sum(batch_items_total{$W,status=\"succeeded\"})")"
-echo "  items failed:           $(q "sum(batch_items_total{$W,status=\"failed\"})")"
+echo "  items succeeded:        $(q "sum(batch_worker_items_total{$W,status=\"succeeded\"})")"
+echo "  items failed:           $(q "sum(batch_worker_items_total{$W,status=\"failed\"})")"
 echo "  retries:                $(q "sum(batch_retry_attempts_total{$W})")"
 echo "  provider latency p95 s: $(q "histogram_quantile(0.95, sum by (le) (batch_provider_latency_seconds_bucket{$W}))")"
 echo "  jobs completed:         $(q "sum(batch_jobs_total{job=\"batch_tracker\",namespace=~\"$NS\",status=\"completed\"})")"

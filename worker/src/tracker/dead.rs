@@ -13,11 +13,11 @@ use lapin::message::Delivery;
 /// Error code of the result given to an item that was dead-lettered without one.
 pub const DEAD_LETTERED: &str = "dead_lettered";
 
-/// The item a dead-lettered message carries, if it is one (the job id bounded as every
-/// routing key must be).
+/// The item a dead-lettered message carries, if it is one within the bounds every worker
+/// checks ([`Item::check`]).
 pub fn dead_item(delivery: &Delivery) -> Option<Item> {
     let item: Item = serde_json::from_slice(&delivery.data).ok()?;
-    (!item.job_id.is_empty() && item.job_id.len() <= 255 && item.index < item.total).then_some(item)
+    item.check().is_ok().then_some(item)
 }
 
 /// The failed result of a dead-lettered item.

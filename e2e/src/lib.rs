@@ -224,6 +224,18 @@ impl Fleet {
         Proc { child, name: id.to_string() }
     }
 
+    /// Starts a worker that declares the namespace's topology, waits for its items queue,
+    /// and stops it cleanly: items submitted next stay ready on the queue. Returns the
+    /// items queue's name.
+    pub fn declare_topology_then_stop(&self) -> String {
+        let mut w = self.worker("declarer", &[]);
+        let items_queue = format!("{}.items.mock", self.ns);
+        eventually(Duration::from_secs(30), "worker declared its queue", || self.queue_len(&items_queue).is_some());
+        w.signal("TERM");
+        assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0), "the declaring worker exits 0");
+        items_queue
+    }
+
     /// The worker's log so far.
     pub fn worker_log(&self, id: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{id}.log"))).unwrap_or_default()

@@ -182,11 +182,7 @@ fn an_item_the_broker_dead_letters_ends_failed_and_the_job_ends() {
     let mock = Mock::start(&[]);
     let fleet = Fleet::new("brokerdead", &mock.url, "");
     // A worker declares the topology, then leaves before the job is submitted.
-    let mut w = fleet.worker("w0", &[]);
-    let items_queue = format!("{}.items.mock", fleet.ns);
-    eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
-    w.signal("TERM");
-    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0));
+    let items_queue = fleet.declare_topology_then_stop();
     let job = fleet.submit_requests(30);
     // The broker dead-letters one item (a consumer rejects it without requeue): no worker
     // ever sees it again, and nothing but the tracker can end it.

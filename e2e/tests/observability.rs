@@ -367,11 +367,7 @@ fn item_and_job_panels_stay_exact_when_workers_are_killed_between_pushes() {
 fn broker_panels_show_the_real_backlog() {
     let fleet = Fleet::new("brokerrow", "http://127.0.0.1:9", "");
     // A worker declares the topology, then leaves: the items stay ready on the queue.
-    let mut w = fleet.worker("w0", &[]);
-    let items_queue = format!("{}.items.mock", fleet.ns);
-    eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
-    w.signal("TERM");
-    assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0));
+    let items_queue = fleet.declare_topology_then_stop();
     let job = fleet.submit_requests(250);
     assert_eq!(fleet.queue_len(&items_queue), Some(250));
     let panel = |title: &str| {

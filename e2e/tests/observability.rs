@@ -421,6 +421,10 @@ fn a_real_alert_reaches_the_webhook_receiver() {
     let _w = fleet.worker("w1", &[]);
     let items_queue = format!("{}.items.mock", fleet.ns);
     eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
+    // Prometheus must have scraped the counter at 0 first: a counter first seen at 1 shows
+    // no increase, and the rule (like any `increase`) would never fire.
+    let zero = format!("sum(batch_dead_letters_total{{namespace=\"{}\",reason=\"malformed\"}})", fleet.ns);
+    eventually(Duration::from_secs(30), "the dead-letter counter scraped at 0", || prom_value(&zero) == Some(0.0));
     // Garbage on the items queue: the worker dead-letters it and counts it.
     let queue = items_queue.clone();
     fleet.amqp(|conn, _| async move {

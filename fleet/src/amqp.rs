@@ -228,12 +228,44 @@ pub async fn publish_confirmed(
     publish(ch, exchange, routing_key, payload, props).await?.wait().await
 }
 
+/// The broker's refusals the fleet acts on. Every other broker error means "reconnect and
+/// try again"; these say something retrying the same way cannot fix, or a state to wait in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The login was refused (user, password or vhost): fail instead of retrying forever.
+    AccessRefused,
+    /// The queue or exchange does not exist.
+    NotFound,
+    /// An exclusive queue is held by another connection (the tracker's election lock).
+    ResourceLocked,
+    /// A queue or exchange exists with other arguments (e.g. another delivery limit).
+    PreconditionFailed,
+}
+
+/// Classifies a broker error by the AMQP reply code the broker sent, the one place that
+/// does (no matching of message text).
+pub fn refusal(e: &lapin::Error) -> Option<Refusal> {
+    use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+    let lapin::ErrorKind::ProtocolError(amqp) = e.kind() else { return None };
+    match amqp.kind() {
+        AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED) => Some(Refusal::AccessRefused),
+        AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => Some(Refusal::NotFound),
+        AMQPErrorKind::Soft(AMQPSoftError::RESOURCELOCKED) => Some(Refusal::ResourceLocked),
+        AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) => Some(Refusal::PreconditionFailed),
+        AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => Some(Refusal::AccessRefused),
+        _ => None,
+    }
+}
+
+/// [`refusal`] of any error in a chain (`anyhow`'s `chain()` yields these).
+pub fn refusal_of(e: &(dyn std::error::Error + 'static)) -> Option<Refusal> {
+    e.downcast_ref::<lapin::Error>().and_then(refusal)
+}
+
 /// Whether the broker refused the login (user, password or vhost): retrying cannot help,
 /// so a process fails with this instead of retrying forever.
 pub fn is_access_refused(e: &lapin::Error) -> bool {
-    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp)
-        if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)))
+    refusal(e) == Some(Refusal::AccessRefused)
 }
 
 #[cfg(test)]

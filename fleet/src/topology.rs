@@ -323,7 +323,7 @@ pub async fn queue_stats(conn: &lapin::Connection, queue: &str) -> lapin::Result
 /// other arguments (e.g. another `amqp.delivery_limit`): a configuration problem that
 /// reconnecting will not fix.
 pub fn is_precondition_failed(e: &(dyn std::error::Error + 'static)) -> bool {
-    e.to_string().contains("PRECONDITION_FAILED")
+    crate::amqp::refusal_of(e) == Some(crate::amqp::Refusal::PreconditionFailed)
 }
 
 /// The hint shown with a precondition failure.
@@ -333,7 +333,7 @@ pub const PRECONDITION_HINT: &str = "a queue of this namespace exists with other
 
 /// True when a lapin error is the broker's 404 NOT_FOUND.
 pub fn is_not_found(e: &lapin::Error) -> bool {
-    e.to_string().contains("NOT_FOUND")
+    crate::amqp::refusal(e) == Some(crate::amqp::Refusal::NotFound)
 }
 
 fn quorum() -> FieldTable {

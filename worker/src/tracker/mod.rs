@@ -97,8 +97,8 @@ async fn candidate(
             .await;
         match lock {
             Ok(_) => break,
-            // RESOURCE_LOCKED: another connection holds it. The channel is closed for us.
-            Err(e) if e.to_string().contains("RESOURCE_LOCKED") => {}
+            // Another connection holds it. The channel is closed for us.
+            Err(e) if fleet::amqp::refusal(&e) == Some(fleet::amqp::Refusal::ResourceLocked) => {}
             Err(e) => return Err(e.into()),
         }
         tokio::select! {

@@ -34,7 +34,8 @@ async fn each_refusal_is_classified_by_its_reply_code() {
         args
     };
     ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), with_limit(10)).await.unwrap();
-    let err = ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), with_limit(20)).await.unwrap_err();
+    let err =
+        ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::default(), with_limit(20)).await.unwrap_err();
     assert_eq!(amqp::refusal(&err), Some(Refusal::PreconditionFailed), "{err}");
     let as_chain: &(dyn std::error::Error + 'static) = &err;
     assert!(fleet::topology::is_precondition_failed(as_chain));

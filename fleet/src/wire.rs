@@ -173,6 +173,10 @@ pub enum ItemStatus {
 }
 
 impl ItemStatus {
+    /// Every item status, as `batch_items_total` labels them.
+    pub const ALL: [ItemStatus; 4] =
+        [ItemStatus::Succeeded, ItemStatus::Failed, ItemStatus::Cancelled, ItemStatus::Expired];
+
     /// The metric label value.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -321,13 +325,70 @@ impl JobCounts {
     }
 }
 
+/// Where a job is: submitting or in progress, or how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    /// A resumable `submit` is still publishing its items.
+    Submitting,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+    Expired,
+}
+
+impl JobStatus {
+    /// The end states, as `batch_jobs_total` labels them.
+    pub const ENDED: [JobStatus; 4] =
+        [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled, JobStatus::Expired];
+
+    /// The one rule (the README's "How a job ends") for a job whose items are all finished:
+    /// `cancelled` when a cancel stopped at least one item; else `expired` when the deadline
+    /// stopped at least one item (as a provider's batch expires with partial results); else
+    /// `failed` when no item succeeded; else `completed` (individual items may have failed).
+    pub fn of_finished(counts: &JobCounts, cancel_requested: bool) -> JobStatus {
+        if cancel_requested && counts.cancelled > 0 {
+            JobStatus::Cancelled
+        } else if counts.expired > 0 {
+            JobStatus::Expired
+        } else if counts.succeeded == 0 && counts.failed > 0 {
+            JobStatus::Failed
+        } else {
+            JobStatus::Completed
+        }
+    }
+
+    /// The label value and the word `status` prints.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Submitting => "submitting",
+            JobStatus::InProgress => "in_progress",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+            JobStatus::Expired => "expired",
+        }
+    }
+
+    /// Whether the job has ended.
+    pub fn is_ended(self) -> bool {
+        !matches!(self, JobStatus::Submitting | JobStatus::InProgress)
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
 /// The job-level state the tracker reports (status queries and `job_finished`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobSummary {
     pub job_id: String,
     pub provider: String,
-    /// `in_progress`, `completed`, `failed`, `cancelled` or `expired`.
-    pub status: String,
+    pub status: JobStatus,
     #[serde(flatten)]
     pub counts: JobCounts,
     pub submitted_at_ms: u64,
@@ -468,6 +529,27 @@ impl ControlMessage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_travel_as_the_words_labels_and_old_checkpoints_use() {
+        let all = [
+            JobStatus::Submitting,
+            JobStatus::InProgress,
+            JobStatus::Completed,
+            JobStatus::Failed,
+            JobStatus::Cancelled,
+            JobStatus::Expired,
+        ];
+        for status in all {
+            let word = serde_json::to_value(status).unwrap();
+            assert_eq!(word, status.as_str());
+            assert_eq!(serde_json::from_value::<JobStatus>(word).unwrap(), status);
+            assert_eq!(status.is_ended(), JobStatus::ENDED.contains(&status));
+        }
+        for status in ItemStatus::ALL {
+            assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
+        }
+    }
 
     #[test]
     fn item_round_trips_with_body_untouched() {

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fleet::topology::Topology;
-use fleet::wire::{output_line_status, ItemResult, JobCounts, JobSummary, KIND_JOB_FINISHED};
+use fleet::wire::{output_line_status, ItemResult, JobCounts, JobStatus, JobSummary, KIND_JOB_FINISHED};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -66,7 +66,7 @@ pub struct Collected {
     pub counts: JobCounts,
     pub elapsed_s: f64,
     /// Set when the tracker reported the job's end before every result arrived.
-    pub job_status: Option<String>,
+    pub job_status: Option<JobStatus>,
 }
 
 /// Options of a wait.
@@ -140,7 +140,7 @@ struct Collector {
     seen: HashSet<String>,
     counts: JobCounts,
     total: Option<u64>,
-    job_status: Option<String>,
+    job_status: Option<JobStatus>,
     /// Why the tracker ended the job early (`incomplete_submission`).
     abandoned: Option<String>,
     bar: indicatif::ProgressBar,

@@ -22,8 +22,8 @@ use fleet::metrics::TrackerMetrics;
 use fleet::push::{GroupKey, Pushgateway, WORKER_JOB};
 use fleet::topology::Topology;
 use fleet::wire::{
-    ErrorRecord, ItemResult, ItemStatus, JobSummary, LedgerEvent, TrackerReply, TrackerRequest, KIND_JOB_FINISHED,
-    KIND_RESULT,
+    ErrorRecord, ItemResult, ItemStatus, JobStatus, JobSummary, LedgerEvent, TrackerReply, TrackerRequest,
+    KIND_JOB_FINISHED, KIND_RESULT,
 };
 use fleet::Config;
 use futures::StreamExt;
@@ -160,11 +160,11 @@ impl<'a> Active<'a> {
         // Zero-valued series for every provider and end status, so rates over them read
         // 0 rather than "no data" before the first such job.
         for provider in cfg.providers.keys() {
-            for status in ["completed", "failed", "cancelled", "expired"] {
-                active.metrics.jobs.with_label_values(&[provider, status]);
+            for status in JobStatus::ENDED {
+                active.metrics.jobs.with_label_values(&[provider, status.as_str()]);
             }
-            for status in ["succeeded", "failed", "cancelled", "expired"] {
-                active.metrics.items.with_label_values(&[provider, status]);
+            for status in ItemStatus::ALL {
+                active.metrics.items.with_label_values(&[provider, status.as_str()]);
             }
             active.metrics.jobs_submitted.with_label_values(&[provider]);
             active.metrics.jobs_in_progress.with_label_values(&[provider]);
@@ -203,11 +203,11 @@ impl<'a> Active<'a> {
         let mut sums: std::collections::BTreeMap<(&str, String), u64> = Default::default();
         for (key, n) in &self.state.jobs_total {
             let (provider, status) = state::split_key(key);
-            *sums.entry(("jobs", format!("{}/{status}", self.provider_label(provider)))).or_default() += n;
+            *sums.entry(("jobs", state::provider_key(self.provider_label(provider), status))).or_default() += n;
         }
         for (key, n) in &self.state.items_total {
             let (provider, status) = state::split_key(key);
-            *sums.entry(("items", format!("{}/{status}", self.provider_label(provider)))).or_default() += n;
+            *sums.entry(("items", state::provider_key(self.provider_label(provider), status))).or_default() += n;
         }
         for ((family, key), n) in sums {
             let (provider, status) = state::split_key(&key);
@@ -335,7 +335,7 @@ impl<'a> Active<'a> {
             failed = s.counts.failed, duration_s = ended.duration_s, "job finished");
         self.metrics
             .job_duration
-            .with_label_values(&[self.provider_label(&s.provider), &s.status])
+            .with_label_values(&[self.provider_label(&s.provider), s.status.as_str()])
             .observe(ended.duration_s);
         self.announce(s).await;
     }

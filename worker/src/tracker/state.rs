@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 
-use fleet::wire::{ErrorRecord, JobCounts, JobProgress, JobSummary, LedgerEvent};
+use fleet::wire::{ErrorRecord, JobCounts, JobProgress, JobStatus, JobSummary, LedgerEvent};
 use serde::{Deserialize, Serialize};
 
 /// A set of item indices, one bit each.
@@ -56,7 +56,7 @@ pub struct JobState {
     pub counts: JobCounts,
     pub cancel_requested: bool,
     /// Set when the job ended: `completed`, `failed`, `cancelled` or `expired`.
-    pub end_status: Option<String>,
+    pub end_status: Option<JobStatus>,
     pub finished_at_ms: Option<u64>,
     /// Items sent to a delay queue at least once; with `done`, says which wait there now.
     #[serde(default)]
@@ -92,10 +92,11 @@ impl JobState {
         JobSummary {
             job_id: self.job_id.clone(),
             provider: self.provider.clone(),
-            status: self
-                .end_status
-                .clone()
-                .unwrap_or_else(|| if self.submitting { "submitting" } else { "in_progress" }.into()),
+            status: self.end_status.unwrap_or(if self.submitting {
+                JobStatus::Submitting
+            } else {
+                JobStatus::InProgress
+            }),
             reason: self.reason.clone(),
             rate_per_s: counts.finished() as f64 / secs,
             progress: self.end_status.is_none().then(|| self.progress(&counts, secs, now_ms)),
@@ -143,21 +144,10 @@ pub struct State {
     pub items_total: BTreeMap<String, u64>,
 }
 
-/// The end status of a job whose items are all finished (the README's "How a job ends"):
-/// `cancelled` when a cancel stopped at least one item; else `expired` when the deadline
-/// stopped at least one item (as a provider's batch expires with partial results); else
-/// `failed` when no item succeeded; else `completed` (individual items may have failed).
-fn end_status(job: &JobState) -> &'static str {
-    let c = &job.counts;
-    if job.cancel_requested && c.cancelled > 0 {
-        "cancelled"
-    } else if c.expired > 0 {
-        "expired"
-    } else if c.succeeded == 0 && c.failed > 0 {
-        "failed"
-    } else {
-        "completed"
-    }
+/// The key of the checkpoint's per-provider counter maps: `provider/label`, where the label is
+/// a [`JobStatus`] label, `submitted`, or an [`ItemStatus`](fleet::wire::ItemStatus) label.
+pub fn provider_key(provider: &str, label: &str) -> String {
+    format!("{provider}/{label}")
 }
 
 impl State {
@@ -177,10 +167,6 @@ impl State {
     /// Whether item `index` of `job_id` already has a result (an ended job has them all).
     pub fn has_result(&self, job_id: &str, index: u64) -> bool {
         self.jobs.get(job_id).is_some_and(|j| j.end_status.is_some() || j.done.contains(index))
-    }
-
-    fn bump(&mut self, provider: &str, status: &str) {
-        *self.jobs_total.entry(format!("{provider}/{status}")).or_default() += 1;
     }
 
     fn job_mut(&mut self, job_id: &str, provider: &str) -> &mut JobState {
@@ -223,7 +209,7 @@ impl State {
                 job.submitted_at_ms = *submitted_at_ms;
                 job.deadline_ms = *deadline_ms;
                 let provider = provider.clone();
-                self.bump(&provider, "submitted");
+                *self.jobs_total.entry(provider_key(&provider, "submitted")).or_default() += 1;
                 job_id
             }
             LedgerEvent::ItemsFinished { job_id, provider, items } => {
@@ -249,7 +235,7 @@ impl State {
                 }
                 let provider = job.provider.clone();
                 for status in counted {
-                    *self.items_total.entry(format!("{provider}/{}", status.as_str())).or_default() += 1;
+                    *self.items_total.entry(provider_key(&provider, status.as_str())).or_default() += 1;
                 }
                 job_id
             }
@@ -278,21 +264,28 @@ impl State {
     }
 
     fn maybe_end(&mut self, job_id: &str, now_ms: u64) -> Option<Ended> {
-        let job = self.jobs.get_mut(job_id)?;
+        let job = self.jobs.get(job_id)?;
         let total = job.total?;
         if job.end_status.is_some() || job.counts.finished() < total {
             return None;
         }
-        let status = end_status(job);
-        job.end_status = Some(status.to_string());
+        let status = JobStatus::of_finished(&job.counts, job.cancel_requested);
+        Some(self.end(job_id, status, None, now_ms))
+    }
+
+    /// Ends a job: its status, the jobs counter and the duration it took.
+    fn end(&mut self, job_id: &str, status: JobStatus, reason: Option<String>, now_ms: u64) -> Ended {
+        let job = self.jobs.get_mut(job_id).expect("ending a known job");
+        job.end_status = Some(status);
+        job.reason = reason;
         job.finished_at_ms = Some(now_ms);
         job.done = Bitmap::default();
         let summary = job.summary(now_ms);
         let duration_s = now_ms.saturating_sub(job.submitted_at_ms) as f64 / 1000.0;
-        let provider = job.provider.clone();
-        self.bump(&provider, status);
-        self.durations.entry(format!("{provider}/{status}")).or_default().push(duration_s);
-        Some(Ended { summary, duration_s })
+        let key = provider_key(&job.provider, status.as_str());
+        *self.jobs_total.entry(key.clone()).or_default() += 1;
+        self.durations.entry(key).or_default().push(duration_s);
+        Ended { summary, duration_s }
     }
 
     /// Jobs not yet ended, by provider.
@@ -317,21 +310,8 @@ impl State {
             .filter(|j| j.submitting && j.end_status.is_none() && now_ms.saturating_sub(j.last_event_ms) >= timeout_ms)
             .map(|j| j.job_id.clone())
             .collect();
-        let mut ended = Vec::new();
-        for job_id in stalled {
-            let job = self.jobs.get_mut(&job_id).expect("collected above");
-            job.end_status = Some("failed".into());
-            job.reason = Some(fleet::wire::REASON_INCOMPLETE_SUBMISSION.into());
-            job.finished_at_ms = Some(now_ms);
-            job.done = Bitmap::default();
-            let summary = job.summary(now_ms);
-            let duration_s = now_ms.saturating_sub(job.submitted_at_ms) as f64 / 1000.0;
-            let provider = job.provider.clone();
-            self.bump(&provider, "failed");
-            self.durations.entry(format!("{provider}/failed")).or_default().push(duration_s);
-            ended.push(Ended { summary, duration_s });
-        }
-        ended
+        let reason = || Some(fleet::wire::REASON_INCOMPLETE_SUBMISSION.to_string());
+        stalled.iter().map(|job_id| self.end(job_id, JobStatus::Failed, reason(), now_ms)).collect()
     }
 
     /// Forgets jobs that ended more than `retention_ms` ago, and results of jobs never
@@ -384,7 +364,7 @@ mod tests {
         s.apply(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Failed)]), 2_000);
         s.apply(&finished("j", &[(1, ItemStatus::Failed)]), 2_000);
         let ended = s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 4_000).expect("ends");
-        assert_eq!(ended.summary.status, "completed");
+        assert_eq!(ended.summary.status.as_str(), "completed");
         assert_eq!(ended.summary.counts, JobCounts { total: 3, succeeded: 2, failed: 1, cancelled: 0, expired: 0 });
         assert_eq!(ended.duration_s, 3.0);
         assert!(s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 5_000).is_none());
@@ -413,7 +393,7 @@ mod tests {
             }
             let items: Vec<(u64, ItemStatus)> = items.iter().enumerate().map(|(n, st)| (n as u64, *st)).collect();
             let ended = s.apply(&finished(&job, &items), 3).expect("ends");
-            assert_eq!(ended.summary.status, *want, "case {i}: {items:?} cancel={cancel}");
+            assert_eq!(ended.summary.status.as_str(), *want, "case {i}: {items:?} cancel={cancel}");
         }
     }
 
@@ -452,7 +432,7 @@ mod tests {
         let mut s: State = serde_json::from_str(old).expect("the old checkpoint restores");
         assert_eq!(s.jobs_total["mock/submitted"], 2);
         assert_eq!(s.durations["mock/completed"], vec![3.5]);
-        assert_eq!(s.jobs["job_0c9694a7979f485d"].summary(0).status, "completed");
+        assert_eq!(s.jobs["job_0c9694a7979f485d"].summary(0).status.as_str(), "completed");
         let j = &s.jobs["job_1d2e3f4a5b6c7d8e"];
         assert!(j.cancel_requested && j.end_status.is_none());
         for index in [0, 1, 2, 64, 129] {
@@ -470,7 +450,7 @@ mod tests {
         let rest: Vec<(u64, ItemStatus)> =
             (0..130).filter(|i| ![0, 1, 2, 64, 129].contains(i)).map(|i| (i, ItemStatus::Cancelled)).collect();
         let ended = s.apply(&f(rest), 2).expect("ends");
-        assert_eq!(ended.summary.status, "cancelled");
+        assert_eq!(ended.summary.status.as_str(), "cancelled");
         assert_eq!(ended.summary.counts.finished(), 130);
         assert_eq!(s.jobs_total["mock/cancelled"], 1);
     }
@@ -480,7 +460,7 @@ mod tests {
         let mut s = State::default();
         s.apply(&finished("j", &[(0, ItemStatus::Failed)]), 1);
         let ended = s.apply(&submitted("j", 1), 2).expect("ends on submission");
-        assert_eq!(ended.summary.status, "failed");
+        assert_eq!(ended.summary.status.as_str(), "failed");
     }
 
     #[test]
@@ -503,7 +483,7 @@ mod tests {
         s.apply(&LedgerEvent::JobCancel { job_id: "j".into() }, 2);
         let ended =
             s.apply(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Cancelled)]), 3).expect("ends");
-        assert_eq!(ended.summary.status, "cancelled");
+        assert_eq!(ended.summary.status.as_str(), "cancelled");
         assert_eq!(s.in_progress()["p"], 0);
         s.prune(10, 100);
         assert!(s.jobs.contains_key("j"));
@@ -520,11 +500,11 @@ mod tests {
         }
         s.apply(&ev, 1000);
         s.apply(&finished("j", &[(0, ItemStatus::Succeeded)]), 2000);
-        assert_eq!(s.jobs["j"].summary(2000).status, "submitting");
+        assert_eq!(s.jobs["j"].summary(2000).status.as_str(), "submitting");
         assert!(s.abandon_stalled(2500, 1000).is_empty(), "not silent long enough");
         let ended = s.abandon_stalled(3000, 1000);
         assert_eq!(ended.len(), 1);
-        assert_eq!(ended[0].summary.status, "failed");
+        assert_eq!(ended[0].summary.status.as_str(), "failed");
         assert_eq!(ended[0].summary.reason.as_deref(), Some("incomplete_submission"));
         assert_eq!(ended[0].summary.counts.succeeded, 1);
         assert!(s.abandon_stalled(9000, 1000).is_empty(), "ends once");
@@ -532,7 +512,7 @@ mod tests {
         let mut s = State::default();
         s.apply(&ev, 1000);
         s.apply(&LedgerEvent::SubmissionComplete { job_id: "j".into() }, 1100);
-        assert_eq!(s.jobs["j"].summary(1100).status, "in_progress");
+        assert_eq!(s.jobs["j"].summary(1100).status.as_str(), "in_progress");
         assert!(s.abandon_stalled(1_000_000, 1000).is_empty());
     }
 

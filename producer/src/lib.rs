@@ -5,6 +5,7 @@ pub mod cancel;
 pub mod collect;
 pub mod dead;
 pub mod duration;
+pub mod input;
 pub mod inspect;
 pub mod progress;
 pub mod resume;

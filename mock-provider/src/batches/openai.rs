@@ -274,8 +274,14 @@ impl CreateRequest {
         if self.completion_window != "24h" {
             return Err(invalid("completion_window: only '24h' is supported".to_owned()));
         }
-        let endpoint = Endpoint::for_kind(&self.endpoint, ProviderKind::Openai).ok_or_else(|| {
-            let supported = Endpoint::paths_of(ProviderKind::Openai).join(", ");
+        let endpoint = Endpoint::for_kind(&self.endpoint, ProviderKind::Openai).filter(|e| e.may_run_in_batch());
+        let endpoint = endpoint.ok_or_else(|| {
+            let supported = Endpoint::ALL
+                .into_iter()
+                .filter(|e| e.is_served_by(ProviderKind::Openai) && e.may_run_in_batch())
+                .map(Endpoint::path)
+                .collect::<Vec<_>>()
+                .join(", ");
             invalid(format!("endpoint: not a supported batch endpoint (supported: {supported})"))
         })?;
         if let Some(metadata) = &self.metadata {

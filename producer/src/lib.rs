@@ -7,6 +7,7 @@ pub mod dead;
 pub mod duration;
 pub mod input;
 pub mod inspect;
+pub mod output_format;
 pub mod progress;
 pub mod resume;
 pub mod submit;

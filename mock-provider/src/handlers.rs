@@ -15,6 +15,7 @@ use axum::{Extension, Json, Router};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Endpoint};
+use crate::batches::{self, Batches};
 use crate::faults::{Fault, FaultInjector};
 use crate::gateway::{self, GatewayMode};
 use crate::hostile::{self, Hostile};
@@ -38,6 +39,7 @@ pub(crate) struct AppState {
     next_request: AtomicU64,
     shutdown: CancellationToken,
     litellm: Option<GatewayMode>,
+    batches: Arc<Batches>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             next_request: AtomicU64::new(0),
             shutdown,
             litellm: knobs.litellm,
+            batches: Arc::new(Batches::new(&knobs.batch, knobs.seed)),
         }
     }
 }
@@ -57,18 +60,19 @@ impl AppState {
 #[derive(Clone, Copy, Debug)]
 struct RequestId(u64);
 
-/// Builds the router serving the provider endpoints plus `/stats`, `/stats/reset` and
-/// `/healthz`.
+/// Builds the router serving the provider endpoints, the batch APIs, `/stats`, `/stats/reset`
+/// and `/healthz`.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route(Endpoint::ChatCompletions.path(), post(chat_completions))
-        .route(Endpoint::Completions.path(), post(completions))
-        .route(Endpoint::Embeddings.path(), post(embeddings))
-        .route(Endpoint::Messages.path(), post(messages))
+    // Every endpoint of the fleet's list, so the mock serves exactly what the fleet may call.
+    let provider_routes = Endpoint::ALL.into_iter().fold(Router::new(), |router, endpoint| {
+        router.route(endpoint.path(), post(move |state, id, body| provider_endpoint(endpoint, state, id, body)))
+    });
+    provider_routes
         .route(hostile::STOLEN_PATH, post(stolen).get(stolen))
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
         .route("/healthz", get(healthz))
+        .merge(batches::router(state.batches.clone()))
         // A middleware rather than per-handler code so that every answer, including axum's own
         // 404/405/413 rejections, carries an id.
         .layer(middleware::from_fn_with_state(state.clone(), request_id))
@@ -87,45 +91,29 @@ async fn request_id(State(state): State<Arc<AppState>>, mut req: Request, next: 
     response
 }
 
-async fn chat_completions(
+/// The handler of `endpoint`'s route: every provider endpoint goes through [`handle`].
+async fn provider_endpoint(
+    endpoint: Endpoint,
     State(state): State<Arc<AppState>>,
     Extension(RequestId(n)): Extension<RequestId>,
     body: Bytes,
 ) -> Response {
-    handle(&state, Endpoint::ChatCompletions, n, &body).await
-}
-
-async fn completions(
-    State(state): State<Arc<AppState>>,
-    Extension(RequestId(n)): Extension<RequestId>,
-    body: Bytes,
-) -> Response {
-    handle(&state, Endpoint::Completions, n, &body).await
-}
-
-async fn embeddings(
-    State(state): State<Arc<AppState>>,
-    Extension(RequestId(n)): Extension<RequestId>,
-    body: Bytes,
-) -> Response {
-    handle(&state, Endpoint::Embeddings, n, &body).await
-}
-
-async fn messages(
-    State(state): State<Arc<AppState>>,
-    Extension(RequestId(n)): Extension<RequestId>,
-    body: Bytes,
-) -> Response {
-    handle(&state, Endpoint::Messages, n, &body).await
+    handle(&state, endpoint, n, &body).await
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
-    Json(state.stats.snapshot()).into_response()
+    Json(snapshot(&state)).into_response()
 }
 
 async fn reset_stats(State(state): State<Arc<AppState>>) -> Response {
     state.stats.reset();
-    Json(state.stats.snapshot()).into_response()
+    state.batches.reset_stats();
+    Json(snapshot(&state)).into_response()
+}
+
+/// The `/stats` document: the request counters and the batch counters.
+fn snapshot(state: &AppState) -> crate::StatsSnapshot {
+    crate::StatsSnapshot { batches: state.batches.stats(), ..state.stats.snapshot() }
 }
 
 /// Where the redirecting answers point: a client that follows them lands here.

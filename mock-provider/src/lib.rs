@@ -6,20 +6,26 @@
 //! - [`knobs`]: the command-line / environment configuration;
 //! - [`limiter`]: the token-bucket rpm limiter and its rate-limit headers;
 //! - [`faults`]: the seeded random fault and jitter decisions;
-//! - [`api`]: request parsing and response bodies for each endpoint;
+//! - [`api`]: request parsing and response bodies for each endpoint (with [`responses`] and
+//!   [`moderations`] for OpenAI's Responses and Moderations APIs);
 //! - [`stats`]: the counters behind `GET /stats`;
 //! - [`hostile`]: answers that misbehave on purpose (redirects, endless bodies, absurd
 //!   retry hints), chosen by the request's model;
 //! - [`gateway`]: answers passed on the way the LiteLLM proxy does (`--litellm`);
+//! - [`batches`]: the providers' batch APIs (OpenAI Files and Batch, Anthropic Message
+//!   Batches) and their knobs;
 //! - `handlers`: the axum router and the per-request pipeline.
 
 pub mod api;
+pub mod batches;
 pub mod faults;
 pub mod gateway;
 mod handlers;
 pub mod hostile;
 pub mod knobs;
 pub mod limiter;
+pub mod moderations;
+pub mod responses;
 pub mod stats;
 
 use std::net::SocketAddr;
@@ -30,6 +36,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use batches::{BatchKnobs, BatchStats};
 pub use knobs::Knobs;
 pub use stats::StatsSnapshot;
 

@@ -23,6 +23,9 @@ pub struct Stats {
     stolen: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    tokens_admitted: AtomicU64,
+    tpm_refused: AtomicU64,
+    unauthorized: AtomicU64,
 }
 
 /// The JSON document served by `GET /stats`.
@@ -49,6 +52,16 @@ pub struct StatsSnapshot {
     pub in_flight: u64,
     /// Highest `in_flight` seen since start or the last reset.
     pub max_in_flight: u64,
+    /// Tokens charged to the requests `--tpm` let through, counted as providers count them
+    /// (prompt plus requested output; 0 without `--tpm`).
+    #[serde(default)]
+    pub tokens_admitted: u64,
+    /// Requests `--tpm` answered 429.
+    #[serde(default)]
+    pub tpm_refused: u64,
+    /// Requests answered 401 because their key is not one of `--valid-keys`.
+    #[serde(default)]
+    pub unauthorized: u64,
 }
 
 impl Default for Stats {
@@ -62,6 +75,9 @@ impl Default for Stats {
             stolen: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            tokens_admitted: AtomicU64::new(0),
+            tpm_refused: AtomicU64::new(0),
+            unauthorized: AtomicU64::new(0),
         }
     }
 }
@@ -105,6 +121,22 @@ impl Stats {
         self.record_status(200);
     }
 
+    /// Counts the tokens of a request `--tpm` let through.
+    pub fn record_tokens(&self, n: u64) {
+        self.tokens_admitted.fetch_add(n, Relaxed);
+    }
+
+    /// Counts a request `--tpm` refused.
+    pub fn record_tpm_refused(&self) {
+        self.tpm_refused.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request refused for its key (also counted as status 401).
+    pub fn record_unauthorized(&self) {
+        self.unauthorized.fetch_add(1, Relaxed);
+        self.record_status(401);
+    }
+
     /// Counts a request that followed a hostile redirect.
     pub fn record_stolen(&self) {
         self.stolen.fetch_add(1, Relaxed);
@@ -121,6 +153,9 @@ impl Stats {
         self.hung.store(0, Relaxed);
         self.garbage.store(0, Relaxed);
         self.stolen.store(0, Relaxed);
+        for counter in [&self.tokens_admitted, &self.tpm_refused, &self.unauthorized] {
+            counter.store(0, Relaxed);
+        }
         self.max_in_flight.store(self.in_flight.load(Relaxed), Relaxed);
     }
 
@@ -152,6 +187,9 @@ impl Stats {
             garbage: self.garbage.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             max_in_flight: self.max_in_flight.load(Relaxed),
+            tokens_admitted: self.tokens_admitted.load(Relaxed),
+            tpm_refused: self.tpm_refused.load(Relaxed),
+            unauthorized: self.unauthorized.load(Relaxed),
         }
     }
 }
@@ -214,6 +252,9 @@ mod tests {
                 "stolen": 0,
                 "in_flight": 0,
                 "max_in_flight": 1,
+                "tokens_admitted": 0,
+                "tpm_refused": 0,
+                "unauthorized": 0,
             })
         );
     }

@@ -5,11 +5,14 @@ pub mod cancel;
 pub mod collect;
 pub mod dead;
 pub mod duration;
+pub mod finish;
 pub mod inspect;
 pub mod progress;
 pub mod resume;
+pub mod retry;
 pub mod submit;
 pub mod validate;
+pub mod watch;
 
 use anyhow::Context as _;
 

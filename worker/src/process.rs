@@ -159,6 +159,8 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
             result.status = ItemStatus::Failed;
             result.response = e.answer().and_then(|a| a.to_record());
             result.error = Some(e.to_record());
+            // Kept with the result so `producer retry` can submit it again.
+            result.request = Some(fleet::wire::RequestRecord::of(&item));
             Decision::Finish(Box::new(result))
         }
     }

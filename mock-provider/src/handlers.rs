@@ -102,7 +102,8 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
         return next.run(req).await;
     };
     let headers = req.headers();
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
     if [bearer, x_api_key].into_iter().flatten().any(|k| state.valid_keys.iter().any(|v| v == k)) {
         return next.run(req).await;
@@ -204,8 +205,13 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
 }
 
 /// The rest of the pipeline, for a request the limiters let through.
-async fn admitted(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8], admission: Option<&Admission>) -> Response {
-
+async fn admitted(
+    state: &AppState,
+    endpoint: Endpoint,
+    n: u64,
+    body: &[u8],
+    admission: Option<&Admission>,
+) -> Response {
     // Validation is deterministic and immediate: a malformed request is a caller bug, so it
     // neither consumes a fault draw nor waits for the simulated latency.
     let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();

@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use fleet::wire::TrackerRequest;
 use producer::collect::{self, Collected, WaitRequest};
 use producer::finish::{self, Finish};
-use producer::retry::Selection;
 use producer::inspect;
+use producer::retry::Selection;
 use producer::submit::{self, InputError, SubmitRequest};
 use producer::{cancel, dead};
 
@@ -205,7 +205,9 @@ async fn main() -> ExitCode {
             let finish = Finish { ordered, errors: errors.as_deref() };
             finish::wait(&cfg, &req, &finish).await.map(|c| summary(&c, &output, json))
         }
-        Command::Retry { job, failed, output, json } => retry(&cfg, &job, failed, output.as_deref(), json, progress).await,
+        Command::Retry { job, failed, output, json } => {
+            retry(&cfg, &job, failed, output.as_deref(), json, progress).await
+        }
         Command::Status { job, json, timeout, watch: true } => {
             producer::watch::watch(&cfg, &job, Duration::from_secs(timeout), json).await
         }
@@ -267,16 +269,10 @@ async fn retry(
     }
     let selection = if failed { Selection::Failed } else { Selection::NotSucceeded };
     let plan = producer::retry::plan(cfg, job, selection, std::path::Path::new(".")).await?;
-    let deadline_ms = (cfg.producer.default_deadline_s > 0)
-        .then(|| fleet::now_ms() + cfg.producer.default_deadline_s * 1000);
-    let req = SubmitRequest {
-        file: &plan.file,
-        provider: &plan.provider,
-        model: None,
-        deadline_ms,
-        progress,
-        resume: None,
-    };
+    let deadline_ms =
+        (cfg.producer.default_deadline_s > 0).then(|| fleet::now_ms() + cfg.producer.default_deadline_s * 1000);
+    let req =
+        SubmitRequest { file: &plan.file, provider: &plan.provider, model: None, deadline_ms, progress, resume: None };
     let new = submit::submit(cfg, &req).await?;
     if json {
         println!("{}", serde_json::to_string(&new).expect("serializable"));

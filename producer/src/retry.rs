@@ -109,14 +109,18 @@ async fn read_results(cfg: &Config, job_id: &str) -> anyhow::Result<BTreeMap<u64
     let queue = topology.results_queue(job_id);
     let conn = crate::connect(cfg, "producer retry").await?;
     if topology.queue_len(&conn, &queue).await?.is_none() {
-        anyhow::bail!("no job {job_id:?} in namespace {:?} (its results are gone or never existed)", topology.namespace());
+        anyhow::bail!(
+            "no job {job_id:?} in namespace {:?} (its results are gone or never existed)",
+            topology.namespace()
+        );
     }
     let ch = conn.create_channel().await?;
     ch.basic_qos(1024, BasicQosOptions::default()).await?;
     let mut from_first = FieldTable::default();
     from_first.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
-    let mut consumer =
-        ch.basic_consume(queue.as_str().into(), "producer-retry".into(), BasicConsumeOptions::default(), from_first).await?;
+    let mut consumer = ch
+        .basic_consume(queue.as_str().into(), "producer-retry".into(), BasicConsumeOptions::default(), from_first)
+        .await?;
     let mut results = BTreeMap::new();
     let mut total = None;
     while total.is_none_or(|t| (results.len() as u64) < t) {

@@ -91,7 +91,10 @@ impl CallError {
     pub fn is_transient(&self) -> bool {
         !matches!(
             self,
-            CallError::Client { .. } | CallError::Redirect { .. } | CallError::TooLarge { .. } | CallError::NoKeys { .. }
+            CallError::Client { .. }
+                | CallError::Redirect { .. }
+                | CallError::TooLarge { .. }
+                | CallError::NoKeys { .. }
         )
     }
 
@@ -129,9 +132,10 @@ impl CallError {
             | CallError::Client { answer, .. }
             | CallError::Redirect { answer }
             | CallError::KeyRejected { answer } => Some(answer),
-            CallError::Timeout(_) | CallError::Connection(_) | CallError::TooLarge { .. } | CallError::NoKeys { .. } => {
-                None
-            }
+            CallError::Timeout(_)
+            | CallError::Connection(_)
+            | CallError::TooLarge { .. }
+            | CallError::NoKeys { .. } => None,
         }
     }
 
@@ -360,7 +364,12 @@ impl ProviderClient {
         let bytes = match read_capped(resp, self.max_response_bytes).await {
             Ok(Some(b)) => b,
             Ok(None) => {
-                return (Err(CallError::TooLarge { status, limit: self.max_response_bytes }), remaining, throttle, tokens)
+                return (
+                    Err(CallError::TooLarge { status, limit: self.max_response_bytes }),
+                    remaining,
+                    throttle,
+                    tokens,
+                )
             }
             Err(e) => return (Err(self.transport_error(e)), remaining, throttle, tokens),
         };
@@ -466,7 +475,9 @@ fn request_id(headers: &reqwest::header::HeaderMap) -> String {
 /// gateway passing a 429 on) makes it silent.
 fn throttle(headers: &reqwest::header::HeaderMap) -> Throttle {
     let no_tokens = || TokenHeadroom::from_headers(headers, Duration::ZERO).remaining == Some(0.0);
-    if RETRY_HINT_HEADERS.iter().any(|h| headers.contains_key(*h)) || remaining_requests(headers) == Some(0.0) || no_tokens()
+    if RETRY_HINT_HEADERS.iter().any(|h| headers.contains_key(*h))
+        || remaining_requests(headers) == Some(0.0)
+        || no_tokens()
     {
         Throttle::Hinted
     } else if REQUEST_ID_HEADERS.iter().any(|h| headers.contains_key(*h))

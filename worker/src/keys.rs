@@ -190,7 +190,7 @@ impl KeyPool {
 
 /// The key header of a provider kind, marked sensitive. `Err` when the key holds bytes no
 /// header may carry (the key itself is never put in an error).
-pub fn key_header(kind: ProviderKind, key: &str) -> Result<(HeaderName, HeaderValue), ()> {
+fn key_header(kind: ProviderKind, key: &str) -> Result<(HeaderName, HeaderValue), ()> {
     let (name, value) = match kind {
         ProviderKind::Openai => (reqwest::header::AUTHORIZATION, format!("Bearer {key}")),
         ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.to_string()),

@@ -123,3 +123,24 @@ fn the_error_file_holds_the_lines_that_did_not_succeed_as_openai_writes_it() {
     assert_eq!((std::fs::read(&out_path).unwrap(), std::fs::read(&err_path).unwrap()), before);
     fleet.cleanup(&[&job]);
 }
+
+#[test]
+fn status_watch_follows_a_job_to_its_end() {
+    let mock = Mock::start(&["--latency-ms", "20"]);
+    let fleet = Fleet::new("watch", &mock.url, "[providers.mock]\nmax_in_flight = 8\n");
+    let _w = fleet.worker("sw1", &[]);
+    // At least 2 s of work (8 in flight, 20 ms each): the first refresh sees it running.
+    let job = fleet.submit_requests(800);
+    // On a pipe, each refresh is a new JSON line; the command ends with the job.
+    let mut watch = fleet.producer_spawn(&["status", &job, "--watch", "--json"]);
+    assert_eq!(watch.wait_exit(Duration::from_secs(180)), Some(0), "watch ends when the job ends");
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(watch.child.stdout.as_mut().unwrap(), &mut stdout).unwrap();
+    let refreshes: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(refreshes.len() >= 2, "refreshed while the job ran: {stdout}");
+    assert_eq!(refreshes.first().unwrap()["status"], "in_progress");
+    assert_eq!(refreshes.last().unwrap()["status"], "completed");
+    let pending: Vec<u64> = refreshes.iter().map(|r| r["pending"].as_u64().unwrap()).collect();
+    assert!(pending.windows(2).all(|w| w[0] >= w[1]) && pending.last() == Some(&0), "{pending:?}");
+    fleet.cleanup(&[&job]);
+}

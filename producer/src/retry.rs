@@ -29,6 +29,8 @@ use serde_json::value::RawValue;
 
 /// Quiet on the stream for this long with results still missing: the job has not finished.
 const IDLE: Duration = Duration::from_secs(5);
+/// Deliveries acked at once (a multiple-ack).
+const ACK_BATCH: u16 = 512;
 
 /// Which items to retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,14 +76,12 @@ struct InputLine<'a> {
 /// `<dir>/<job_id>.retry.jsonl`. Fails when the job has not finished, or when a selected
 /// result carries no request (written by a version of the fleet before requests were kept).
 pub async fn plan(cfg: &Config, job_id: &str, selection: Selection, dir: &Path) -> anyhow::Result<RetryPlan> {
-    let results = read_results(cfg, job_id).await?;
-    let total = results.values().next().map_or(0, |r| r.total);
-    let provider = results.values().next().map(|r| r.provider.clone()).unwrap_or_default();
-    let selected: Vec<&ItemResult> = results.values().filter(|r| selection.wants(r.status)).collect();
+    let found = read_results(cfg, job_id, selection).await?;
+    let selected = &found.selected;
     if selected.is_empty() {
-        anyhow::bail!("job {job_id} has no item to retry (of {total}, none ended as selected)");
+        anyhow::bail!("job {job_id} has no item to retry (none of its {} items ended as selected)", found.total);
     }
-    let missing = selected.iter().filter(|r| r.request.is_none()).count();
+    let missing = selected.values().filter(|r| r.request.is_none()).count();
     if missing > 0 {
         anyhow::bail!(
             "{missing} of the {} selected results of job {job_id} carry no request (they were written by an older \
@@ -91,7 +91,7 @@ pub async fn plan(cfg: &Config, job_id: &str, selection: Selection, dir: &Path) 
     }
     let file = dir.join(format!("{job_id}.retry.jsonl"));
     let mut out = std::io::BufWriter::new(std::fs::File::create(&file)?);
-    for r in &selected {
+    for r in selected.values() {
         let request = r.request.as_ref().expect("checked above");
         let line =
             InputLine { custom_id: &r.custom_id, method: "POST", url: &request.url, body: request.body.as_ref() };
@@ -99,12 +99,21 @@ pub async fn plan(cfg: &Config, job_id: &str, selection: Selection, dir: &Path) 
         out.write_all(b"\n")?;
     }
     out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-    Ok(RetryPlan { file, provider, selected: selected.len() as u64, total })
+    Ok(RetryPlan { file, provider: found.provider, selected: selected.len() as u64, total: found.total })
 }
 
-/// Every item's first result (as `wait` keeps the first), by index, read from the job's
-/// results stream from its first message until each index has one.
-async fn read_results(cfg: &Config, job_id: &str) -> anyhow::Result<BTreeMap<u64, ItemResult>> {
+/// What the results stream of a finished job says, as far as a retry needs it.
+struct Found {
+    total: u64,
+    provider: String,
+    /// The first result of every selected item, by index (as `wait` keeps the first).
+    selected: BTreeMap<u64, ItemResult>,
+}
+
+/// Reads the job's results stream from its first message until every index has a result.
+/// Memory: the selected results, and one byte per item for the others (their answers are
+/// dropped as they are read).
+async fn read_results(cfg: &Config, job_id: &str, selection: Selection) -> anyhow::Result<Found> {
     let topology = Topology::from_config(cfg);
     let queue = topology.results_queue(job_id);
     let conn = crate::connect(cfg, "producer retry").await?;
@@ -115,33 +124,47 @@ async fn read_results(cfg: &Config, job_id: &str) -> anyhow::Result<BTreeMap<u64
         );
     }
     let ch = conn.create_channel().await?;
-    ch.basic_qos(1024, BasicQosOptions::default()).await?;
+    ch.basic_qos(2 * ACK_BATCH, BasicQosOptions::default()).await?;
     let mut from_first = FieldTable::default();
     from_first.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));
     let mut consumer = ch
         .basic_consume(queue.as_str().into(), "producer-retry".into(), BasicConsumeOptions::default(), from_first)
         .await?;
-    let mut results = BTreeMap::new();
-    let mut total = None;
-    while total.is_none_or(|t| (results.len() as u64) < t) {
+    let mut seen: Vec<bool> = Vec::new();
+    let (mut found, mut unacked) = (Found { total: 0, provider: String::new(), selected: BTreeMap::new() }, 0);
+    let mut count = 0u64;
+    while found.total == 0 || count < found.total {
         let delivery = match tokio::time::timeout(IDLE, consumer.next()).await {
             Ok(Some(d)) => d?,
             Ok(None) => anyhow::bail!("the broker closed the results consumer; run `producer retry` again"),
             Err(_) => anyhow::bail!(
-                "job {job_id} has {} of {} results: retry it once it has finished (`producer wait` or `status`)",
-                results.len(),
-                total.map_or("?".to_string(), |t: u64| t.to_string())
+                "job {job_id} has {count} of {} results: retry it once it has finished (`producer wait` or `status`)",
+                if found.total == 0 { "?".to_string() } else { found.total.to_string() }
             ),
         };
-        // On a stream an ack only makes room for more deliveries.
-        delivery.acker.ack(BasicAckOptions::default()).await?;
         for result in decode(&delivery) {
-            total.get_or_insert(result.total);
-            results.entry(result.index).or_insert(result);
+            if found.total == 0 {
+                (found.total, found.provider) = (result.total, result.provider.clone());
+                seen = vec![false; result.total as usize];
+            }
+            // A result claiming another total is not this job's (bounds were checked).
+            if result.total != found.total || std::mem::replace(&mut seen[result.index as usize], true) {
+                continue;
+            }
+            count += 1;
+            if selection.wants(result.status) {
+                found.selected.insert(result.index, result);
+            }
+        }
+        // On a stream an ack only makes room for more deliveries: one per batch.
+        unacked += 1;
+        if unacked == ACK_BATCH {
+            delivery.acker.ack(BasicAckOptions { multiple: true }).await?;
+            unacked = 0;
         }
     }
     fleet::amqp::close(&conn, "done").await;
-    Ok(results)
+    Ok(found)
 }
 
 /// The results a message of the results stream carries that are within bounds (anyone who

@@ -167,6 +167,7 @@ async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &
                 Scenario::Overhead => scenarios::overhead(stack, settings, workers, reference_rate).await,
                 Scenario::Latency => scenarios::latency(stack, settings).await,
                 Scenario::Ratelimit => scenarios::ratelimit(stack, settings).await,
+                Scenario::Tpm => scenarios::tpm(stack, settings).await,
                 Scenario::Submit => scenarios::submit(stack, settings).await,
             };
             let row = res.unwrap_or_else(|e| Row::failed(&name, &e));

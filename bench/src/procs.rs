@@ -153,6 +153,9 @@ pub struct MockStats {
     /// Requests being handled right now.
     #[serde(default)]
     pub in_flight: u64,
+    /// Tokens the mock charged to admitted requests (with `--tpm`).
+    #[serde(default)]
+    pub tokens_admitted: u64,
 }
 
 impl MockStats {

@@ -18,6 +18,10 @@ use crate::workload::{self, PROVIDER};
 const RATELIMIT_WARMUP: Duration = Duration::from_secs(10);
 /// The mock's limit in the ratelimit scenario.
 const RATELIMIT_RPM: u64 = 6000;
+/// The mock's token limit in the tpm scenario, and what each of its requests asks for at
+/// most (so a request costs ~110 tokens as the mock counts: ~5,500 requests a minute).
+const TPM_LIMIT: u64 = 600_000;
+const TPM_MAX_TOKENS: u64 = 100;
 /// Workers of the ratelimit scenario.
 const RATELIMIT_WORKERS: usize = 4;
 /// Per-request latency and in-flight limit of the latency scenario.
@@ -37,6 +41,9 @@ pub enum Scenario {
     Latency,
     /// Four workers against a 6,000 rpm mock for a fixed window.
     Ratelimit,
+    /// Four workers against a mock limited to 600,000 tokens a minute (counted as providers
+    /// count them: prompt plus `max_tokens`), for the same window.
+    Tpm,
     /// `producer submit` of a large file with no workers.
     Submit,
 }
@@ -53,11 +60,58 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Items submitted in the ratelimit scenario: 1.5 times what the limit lets through
+    /// Items submitted in a rate-limit scenario: 1.5 times what the limit lets through
     /// during warm-up and window, so the queue never runs dry.
-    pub fn ratelimit_items(&self) -> u64 {
+    fn ratelimit_items(&self, limit: Limit) -> u64 {
         let seconds = RATELIMIT_WARMUP.as_secs() + self.ratelimit_window_s;
-        seconds * RATELIMIT_RPM / 60 * 3 / 2
+        seconds * limit.requests_per_minute() / 60 * 3 / 2
+    }
+}
+
+/// The mock's limit in a rate-limit scenario.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    /// Requests a minute (`--rpm`).
+    Rpm(u64),
+    /// Tokens a minute (`--tpm`); every request asks for [`TPM_MAX_TOKENS`].
+    Tpm(u64),
+}
+
+impl Limit {
+    fn mock_args(self) -> [String; 2] {
+        match self {
+            Limit::Rpm(n) => ["--rpm".into(), n.to_string()],
+            Limit::Tpm(n) => ["--tpm".into(), n.to_string()],
+        }
+    }
+
+    /// Requests a minute the limit lets through (an upper bound for tokens: the prompt
+    /// counts too).
+    fn requests_per_minute(self) -> u64 {
+        match self {
+            Limit::Rpm(n) => n,
+            Limit::Tpm(n) => n / TPM_MAX_TOKENS,
+        }
+    }
+
+    fn max_tokens(self) -> Option<u64> {
+        matches!(self, Limit::Tpm(_)).then_some(TPM_MAX_TOKENS)
+    }
+
+    /// What the limit counts between two `/stats` readings: answered requests, or the
+    /// tokens the mock charged.
+    fn used(self, before: &procs::MockStats, after: &procs::MockStats) -> u64 {
+        match self {
+            Limit::Rpm(_) => after.status(200) - before.status(200),
+            Limit::Tpm(_) => after.tokens_admitted - before.tokens_admitted,
+        }
+    }
+
+    fn name(self) -> String {
+        match self {
+            Limit::Rpm(n) => format!("ratelimit ({RATELIMIT_WORKERS} workers, {n} rpm)"),
+            Limit::Tpm(n) => format!("tpm ({RATELIMIT_WORKERS} workers, {} tokens/min)", thousands(n)),
+        }
     }
 }
 
@@ -325,10 +379,21 @@ pub async fn latency(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> 
 /// Four workers against a mock limited to 6,000 requests per minute, measured over a fixed
 /// window with the mock's own counters.
 pub async fn ratelimit(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
-    let rpm = RATELIMIT_RPM.to_string();
-    let mock = Mock::start(&stack.bin_dir, &["--rpm", &rpm]).await?;
-    let mut fleet = FleetRun::new(stack, "ratelimit", &mock.url, DEFAULT_IN_FLIGHT)?;
-    let res = drive_ratelimit(stack, &mut fleet, &mock, settings).await;
+    limited(stack, settings, Limit::Rpm(RATELIMIT_RPM), "ratelimit").await
+}
+
+/// Four workers (no `tpm` configured: they adapt to the 429s and the token headers)
+/// against a mock limited to 600,000 tokens per minute, measured like `ratelimit` with the
+/// mock's own token count.
+pub async fn tpm(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+    limited(stack, settings, Limit::Tpm(TPM_LIMIT), "tpm").await
+}
+
+async fn limited(stack: &Stack, settings: &Settings, limit: Limit, name: &str) -> anyhow::Result<Row> {
+    let args = limit.mock_args();
+    let mock = Mock::start(&stack.bin_dir, &[args[0].as_str(), args[1].as_str()]).await?;
+    let mut fleet = FleetRun::new(stack, name, &mock.url, DEFAULT_IN_FLIGHT)?;
+    let res = drive_ratelimit(stack, &mut fleet, &mock, settings, limit).await;
     fleet.cleanup().await;
     let _ = mock.stop().await;
     res
@@ -339,9 +404,10 @@ async fn drive_ratelimit(
     fleet: &mut FleetRun<'_>,
     mock: &Mock,
     settings: &Settings,
+    limit: Limit,
 ) -> anyhow::Result<Row> {
     let input = fleet.dir.join("input.jsonl");
-    workload::write_requests(&input, settings.ratelimit_items())?;
+    workload::write_requests_asking(&input, settings.ratelimit_items(limit), limit.max_tokens())?;
     fleet.start_workers(RATELIMIT_WORKERS)?;
     fleet.wait_for_consumers(Duration::from_secs(30)).await?;
     let submitted = fleet.submit(&input).await;
@@ -359,10 +425,11 @@ async fn drive_ratelimit(
         tokio::time::sleep(step).await;
         let s = mock.stats(&stack.http).await?;
         eprintln!(
-            "bench:   ratelimit {:>3.0}/{} s: {} answered 200, {} answered 429",
+            "bench:   {} {:>3.0}/{} s: {} used, {} answered 429",
+            limit.name(),
             started.elapsed().as_secs_f64(),
             window.as_secs(),
-            s.status(200) - stats0.status(200),
+            limit.used(&stats0, &s),
             s.status(429) - stats0.status(429),
         );
     }
@@ -377,8 +444,9 @@ async fn drive_ratelimit(
     let ok = stats1.status(200) - stats0.status(200);
     let limited = stats1.status(429) - stats0.status(429);
     let requests = stats1.requests - stats0.requests;
-    let per_min = ok as f64 / (window_s / 60.0);
-    let fraction = per_min / RATELIMIT_RPM as f64;
+    let (Limit::Rpm(ceiling) | Limit::Tpm(ceiling)) = limit;
+    let per_min = limit.used(&stats0, &stats1) as f64 / (window_s / 60.0);
+    let fraction = per_min / ceiling as f64;
     let share_429 = if requests == 0 { 0.0 } else { limited as f64 / requests as f64 };
     let cpu: f64 = workers1.iter().map(|u| u.cpu_s).sum::<f64>() - workers0.iter().map(|u| u.cpu_s).sum::<f64>();
     let (cpu_per_1k, rss) = worker_columns(cpu, &workers1, ok);
@@ -386,14 +454,14 @@ async fn drive_ratelimit(
         "{}/min = {:.1}% of {} (target >= 95%); 429s {:.1}% of requests (target <= 3%)",
         thousands(per_min.round() as u64),
         fraction * 100.0,
-        thousands(RATELIMIT_RPM),
+        thousands(ceiling),
         share_429 * 100.0
     );
     if backlog == 0 {
         figure.push_str("; the queue ran dry, submit more");
     }
     let row = Row {
-        scenario: format!("ratelimit ({RATELIMIT_WORKERS} workers, {rpm} rpm)", rpm = RATELIMIT_RPM),
+        scenario: limit.name(),
         items: ok,
         wall_s: window_s,
         items_per_s: ok as f64 / window_s,

@@ -29,10 +29,19 @@ pub fn custom_id(i: u64) -> String {
 
 /// Writes `n` requests to `path` as OpenAI Batch input lines.
 pub fn write_requests(path: &Path, n: u64) -> anyhow::Result<()> {
+    write_requests_asking(path, n, None)
+}
+
+/// [`write_requests`] whose bodies ask for at most `max_tokens` of output, when given.
+pub fn write_requests_asking(path: &Path, n: u64, max_tokens: Option<u64>) -> anyhow::Result<()> {
     let file = std::fs::File::create(path).with_context(|| format!("cannot create input file {}", path.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     for i in 0..n {
-        writeln!(out, r#"{{"custom_id":"{}","method":"POST","url":"{CHAT_URL}","body":{}}}"#, custom_id(i), body(i))?;
+        let mut body = body(i);
+        if let Some(max) = max_tokens {
+            body = body.replacen('{', &format!(r#"{{"max_tokens":{max},"#), 1);
+        }
+        writeln!(out, r#"{{"custom_id":"{}","method":"POST","url":"{CHAT_URL}","body":{body}}}"#, custom_id(i))?;
     }
     out.flush()?;
     Ok(())

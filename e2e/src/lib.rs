@@ -535,3 +535,12 @@ pub fn error_codes(lines: &[Value]) -> HashMap<Option<String>, usize> {
 pub fn succeeded(line: &Value) -> bool {
     fleet::wire::output_line_status(line) == fleet::wire::ItemStatus::Succeeded
 }
+
+/// The Pushgateway's `/metrics` text (empty when it does not answer).
+pub fn pushgateway_metrics() -> String {
+    Command::new("curl")
+        .args(["-fs", &format!("{}/metrics", pushgateway_url())])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}

@@ -281,22 +281,55 @@ pub struct ProviderConfig {
     /// worker refuses to start when the variable is unset or empty.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// A key pool: names of environment variables each holding one key of this provider
+    /// (instead of `api_key_env`). Calls are spread over the keys, each with its own adaptive
+    /// limiter and `rpm`/`tpm` ceilings (providers limit per key); a key the provider
+    /// answers 401/403 leaves the rotation.
+    #[serde(default)]
+    pub api_key_envs: Vec<String>,
     /// Seconds one provider call may take.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
     /// Upper bound of this provider's adaptive in-flight limit in one worker.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u16,
-    /// Optional requests-per-minute ceiling for this worker (the adaptive rate stays below).
+    /// Optional requests-per-minute ceiling for this worker and key (the adaptive rate stays
+    /// below).
     #[serde(default)]
     pub rpm: Option<u32>,
-    /// Optional tokens-per-minute ceiling for this worker (tokens estimated from the body).
+    /// Optional tokens-per-minute ceiling for this worker and key (tokens estimated as
+    /// providers count them: the body's size plus the requested maximum output).
     #[serde(default)]
     pub tpm: Option<u32>,
     /// Largest response body read from this provider; a larger one is cut off and the item
     /// ends failed with `response_too_large` (a misbehaving server cannot exhaust memory).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+}
+
+impl ProviderConfig {
+    /// The environment variables holding this provider's keys: the pool, or the single
+    /// `api_key_env`, or none (a provider that needs no key).
+    pub fn key_envs(&self) -> Vec<String> {
+        match &self.api_key_env {
+            Some(var) => vec![var.clone()],
+            None => self.api_key_envs.clone(),
+        }
+    }
+
+    /// One way of naming keys, each variable once.
+    fn check_key_envs(&self, name: &str) -> anyhow::Result<()> {
+        if self.api_key_env.is_some() && !self.api_key_envs.is_empty() {
+            anyhow::bail!("provider {name}: set api_key_env (one key) or api_key_envs (a pool), not both");
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for var in &self.api_key_envs {
+            if var.is_empty() || !seen.insert(var) {
+                anyhow::bail!("provider {name}: api_key_envs must name distinct, non-empty variables ({var:?})");
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_max_response_bytes() -> usize {
@@ -351,6 +384,7 @@ impl Config {
                 anyhow::bail!("provider {name}: max_in_flight and timeout_s must be > 0");
             }
             check_http_url(&format!("providers.{name}.base_url"), &p.base_url)?;
+            p.check_key_envs(name)?;
             // An item is unacked for all its in-process attempts; RabbitMQ closes the channel
             // of a consumer holding a delivery for 30 minutes (3.10's default), which would
             // redeliver everything in flight. Longer waits belong in the delay queues.
@@ -378,7 +412,7 @@ impl Config {
     pub fn missing_api_keys(&self) -> Vec<String> {
         self.served_providers()
             .into_iter()
-            .filter_map(|(_, p)| p.api_key_env.clone())
+            .flat_map(|(_, p)| p.key_envs())
             .filter(|var| std::env::var_os(var).is_none_or(|v| v.is_empty()))
             .collect()
     }
@@ -606,6 +640,22 @@ mod tests {
         let cfg = load_str("keys", &toml).unwrap();
         assert_eq!(cfg.missing_api_keys(), vec![var]);
         assert!(Config::load(None).unwrap().missing_api_keys().is_empty(), "the built-in mock needs no key");
+    }
+
+    #[test]
+    fn a_key_pool_names_its_variables_and_is_exclusive_with_a_single_key() {
+        let set = format!("FLEET_TEST_POOL_SET_{}", std::process::id());
+        let unset = format!("FLEET_TEST_POOL_UNSET_{}", std::process::id());
+        std::env::set_var(&set, "k");
+        let base = "[providers.x]\nkind = \"openai\"\nbase_url = \"http://h\"\n";
+        let cfg = load_str("pool", &format!("{base}api_key_envs = [\"{set}\", \"{unset}\"]\n")).unwrap();
+        assert_eq!(cfg.providers["x"].key_envs(), vec![set.clone(), unset.clone()]);
+        assert_eq!(cfg.missing_api_keys(), vec![unset.clone()]);
+        let both = format!("{base}api_key_env = \"{set}\"\napi_key_envs = [\"{unset}\"]\n");
+        let err = load_str("pool2", &both).unwrap_err().to_string();
+        assert!(err.contains("not both"), "{err}");
+        let twice = format!("{base}api_key_envs = [\"{set}\", \"{set}\"]\n");
+        assert!(load_str("pool3", &twice).unwrap_err().to_string().contains("distinct"));
     }
 
     /// The README's real-provider example is accepted exactly as written there.

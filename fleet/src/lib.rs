@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod push;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tokens;
 pub mod topology;
 pub mod wire;
 

@@ -54,6 +54,12 @@ pub struct WorkerMetrics {
     pub rate_limit: GaugeVec,
     /// `batch_poll_cycle_seconds`: one poll of a provider batch (batch-API mode).
     pub poll_cycle: Histogram,
+    /// `batch_api_key_rejections_total{provider,key_env}`: keys of a pool that the provider
+    /// answered 401/403 and that left this worker's rotation (`key_env` is the configured
+    /// variable's name, never the key).
+    pub key_rejections: IntCounterVec,
+    /// `batch_api_keys_active{provider}`: keys of the provider still in this worker's rotation.
+    pub keys_active: IntGaugeVec,
 }
 
 impl WorkerMetrics {
@@ -103,6 +109,12 @@ impl WorkerMetrics {
                     .buckets(LATENCY_BUCKETS.to_vec()),
             )
             .expect("valid metric"),
+            key_rejections: counter_vec(
+                "batch_api_key_rejections_total",
+                "API keys the provider rejected (401/403), which left the rotation",
+                &["provider", "key_env"],
+            ),
+            keys_active: gauge_vec("batch_api_keys_active", "API keys of the provider in rotation", &["provider"]),
             registry,
         };
         for c in [
@@ -118,6 +130,8 @@ impl WorkerMetrics {
             Box::new(m.concurrency_limit.clone()),
             Box::new(m.rate_limit.clone()),
             Box::new(m.poll_cycle.clone()),
+            Box::new(m.key_rejections.clone()),
+            Box::new(m.keys_active.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }

@@ -219,6 +219,24 @@ pub struct ItemResult {
     pub attempts: u32,
     pub worker: String,
     pub finished_at_ms: u64,
+    /// The request of an item that did not succeed, so that `producer retry` can submit it
+    /// again from the job's results alone (the input file may be long gone, as a hosted
+    /// batch API's input file may be). Not part of the output line; absent on successes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestRecord>,
+}
+
+/// The original request of an item, as its input line had it (the method is always POST).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RequestRecord {
+    pub url: String,
+    pub body: Box<RawValue>,
+}
+
+impl RequestRecord {
+    pub fn of(item: &Item) -> RequestRecord {
+        RequestRecord { url: item.url.clone(), body: item.body.clone() }
+    }
 }
 
 impl ItemResult {
@@ -255,6 +273,7 @@ impl ItemResult {
             attempts: 0,
             worker: worker.to_string(),
             finished_at_ms: crate::now_ms(),
+            request: (status != ItemStatus::Succeeded).then(|| RequestRecord::of(item)),
         }
     }
 
@@ -591,6 +610,7 @@ mod tests {
             attempts: 1,
             worker: "w".into(),
             finished_at_ms: 2,
+            request: None,
         };
         let v: serde_json::Value = serde_json::to_value(r.to_output_line()).unwrap();
         assert_eq!(v["custom_id"], "a");
@@ -617,6 +637,7 @@ mod tests {
             attempts: 1,
             worker: "w".into(),
             finished_at_ms: 0,
+            request: None,
         }
     }
 

@@ -136,7 +136,7 @@ proptest! {
             response: Some(ResponseRecord { status_code: status, request_id: "r".into(),
                 body: RawValue::from_string(body.to_string()).unwrap() }),
             error: code.clone().map(|c| ErrorRecord { code: c, message: "m".into() }),
-            attempts: 1, worker: "w".into(), finished_at_ms: 0,
+            attempts: 1, worker: "w".into(), finished_at_ms: 0, request: None,
         };
         let text = serde_json::to_string(&result.to_output_line()).unwrap();
         let line: Value = serde_json::from_str(&text).unwrap();

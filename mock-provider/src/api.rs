@@ -35,6 +35,25 @@ pub fn success_body(endpoint: Endpoint, body: &[u8], n: u64, created: u64) -> Re
     Ok(json)
 }
 
+/// What a request is charged against `--tpm`, as providers count it on arrival: its prompt
+/// tokens (what `usage` will report) plus the most output it asks for. A body the endpoint
+/// cannot read is charged by its size (4 bytes a token).
+pub fn rate_tokens(endpoint: Endpoint, body: &[u8]) -> u64 {
+    let prompt = match endpoint {
+        Endpoint::ChatCompletions | Endpoint::Messages => chat_reply(body).ok().map(|r| r.prompt_tokens),
+        Endpoint::Completions => parse::<CompletionRequest>(body).ok().and_then(|r| r.prompt).map(|p| inputs(&p).1),
+        Endpoint::Embeddings => parse::<EmbeddingRequest>(body).ok().and_then(|r| r.input).map(|i| inputs(&i).1),
+        // What the answer's `usage` reports; a moderation reports none, so it goes by size.
+        Endpoint::Responses => crate::responses::response(body, 0, 0)
+            .ok()
+            .and_then(|answer| serde_json::from_slice::<serde_json::Value>(&answer).ok())
+            .and_then(|v| v["usage"]["input_tokens"].as_u64()),
+        Endpoint::Moderations => None,
+    };
+    let prompt = prompt.unwrap_or_else(|| fleet::tokens::estimate_prompt_tokens(body));
+    prompt.min(fleet::tokens::MAX_REQUEST_TOKENS) + fleet::tokens::requested_output_tokens(body)
+}
+
 pub(crate) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON for this endpoint: {e}"))
 }
@@ -372,6 +391,16 @@ mod tests {
         assert_eq!(v["usage"]["prompt_tokens"], 4);
         assert_eq!(v["usage"]["completion_tokens"], 7);
         assert_eq!(v["usage"]["total_tokens"], 11);
+    }
+
+    #[test]
+    fn rate_tokens_are_the_prompt_plus_the_requested_output() {
+        // 4 + 11 = 15 chars -> 4 prompt tokens (as `usage` reports), plus max_tokens.
+        let body = br#"{"model":"m","max_tokens":100,"messages":[{"role":"user","content":"abcd"},{"role":"user","content":"hello world"}]}"#;
+        assert_eq!(rate_tokens(Endpoint::ChatCompletions, body), 104);
+        assert_eq!(rate_tokens(Endpoint::Embeddings, br#"{"input":"abcdefgh"}"#), 2);
+        assert_eq!(rate_tokens(Endpoint::Completions, br#"{"prompt":"abcd","max_tokens":7}"#), 8);
+        assert_eq!(rate_tokens(Endpoint::Messages, b"0123456789ab"), 3, "unreadable: by size");
     }
 
     #[test]

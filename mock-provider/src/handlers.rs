@@ -20,7 +20,7 @@ use crate::faults::{Fault, FaultInjector};
 use crate::gateway::{self, GatewayMode};
 use crate::hostile::{self, Hostile};
 use crate::knobs::Knobs;
-use crate::limiter::{Admission, TokenBucket};
+use crate::limiter::{Admission, TokenBucket, Unit};
 use crate::stats::Stats;
 
 /// How long a "hung" request waits before giving up: effectively forever for any client.
@@ -35,6 +35,10 @@ pub(crate) struct AppState {
     // Std mutex for the same reason as the fault generator: a few float operations, never held
     // across an await.
     limiter: Option<Mutex<TokenBucket>>,
+    /// `--tpm`: the same bucket, charged each request's counted tokens.
+    tokens: Option<Mutex<TokenBucket>>,
+    /// `--valid-keys` (empty: any key, or none, is accepted).
+    valid_keys: Vec<String>,
     stats: Stats,
     next_request: AtomicU64,
     shutdown: CancellationToken,
@@ -47,6 +51,8 @@ impl AppState {
         Self {
             faults: FaultInjector::new(knobs),
             limiter: knobs.rpm.map(|rpm| Mutex::new(TokenBucket::new(rpm, Instant::now()))),
+            tokens: knobs.tpm.map(|tpm| Mutex::new(TokenBucket::new(tpm, Instant::now()))),
+            valid_keys: knobs.valid_keys.iter().map(|k| k.0.clone()).collect(),
             stats: Stats::default(),
             next_request: AtomicU64::new(0),
             shutdown,
@@ -73,6 +79,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/stats/reset", post(reset_stats))
         .route("/healthz", get(healthz))
         .merge(batches::router(state.batches.clone()))
+        // The key is checked first, as a provider's edge does (`--valid-keys`).
+        .layer(middleware::from_fn_with_state(state.clone(), require_key))
         // A middleware rather than per-handler code so that every answer, including axum's own
         // 404/405/413 rejections, carries an id.
         .layer(middleware::from_fn_with_state(state.clone(), request_id))
@@ -88,6 +96,27 @@ async fn request_id(State(state): State<Arc<AppState>>, mut req: Request, next: 
         let status = response.status();
         gateway::rewrite(mode, status, n, response.headers_mut());
     }
+    response
+}
+
+/// With `--valid-keys`, answers 401 to a provider request whose key is not one of them
+/// (`Authorization: Bearer <key>` or Anthropic's `x-api-key`), in the endpoint's error shape.
+async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(endpoint) = Endpoint::from_path(req.uri().path()).filter(|_| !state.valid_keys.is_empty()) else {
+        return next.run(req).await;
+    };
+    let headers = req.headers();
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    if [bearer, x_api_key].into_iter().flatten().any(|k| state.valid_keys.iter().any(|v| v == k)) {
+        return next.run(req).await;
+    }
+    state.stats.record_unauthorized();
+    let body = api::error_body(endpoint, 401, "mock-provider: invalid API key");
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::UNAUTHORIZED;
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
@@ -140,7 +169,37 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
         let body = api::error_body(endpoint, 429, "mock-provider: rate limit reached (rpm)");
         return answer(state, endpoint, 429, body, admission.as_ref());
     }
+    let tokens = state.tokens.as_ref().map(|bucket| {
+        let n = api::rate_tokens(endpoint, body);
+        let admission = bucket.lock().unwrap_or_else(|e| e.into_inner()).try_acquire_n(Instant::now(), n);
+        (n, admission)
+    });
+    match tokens {
+        Some((_, refused @ Admission::Refused { .. })) => {
+            state.stats.record_tpm_refused();
+            let body = api::error_body(endpoint, 429, "mock-provider: rate limit reached (tpm)");
+            let mut response = answer(state, endpoint, 429, body, admission.as_ref());
+            refused.write_headers_for(Unit::Tokens, response.headers_mut(), api::is_anthropic(endpoint));
+            return response;
+        }
+        Some((n, _)) => state.stats.record_tokens(n),
+        None => {}
+    }
+    let mut response = admitted(state, endpoint, n, body, admission.as_ref()).await;
+    if let Some((_, granted)) = tokens {
+        granted.write_headers_for(Unit::Tokens, response.headers_mut(), api::is_anthropic(endpoint));
+    }
+    response
+}
 
+/// The rest of the pipeline, for a request the limiters let through.
+async fn admitted(
+    state: &AppState,
+    endpoint: Endpoint,
+    n: u64,
+    body: &[u8],
+    admission: Option<&Admission>,
+) -> Response {
     // Validation is deterministic and immediate: a malformed request is a caller bug, so it
     // neither consumes a fault draw nor waits for the simulated latency.
     let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
@@ -148,7 +207,7 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
         Ok(bytes) => bytes,
         Err(message) => {
             let body = api::error_body(endpoint, 400, &message);
-            return answer(state, endpoint, 400, body, admission.as_ref());
+            return answer(state, endpoint, 400, body, admission);
         }
     };
 
@@ -173,18 +232,18 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
         tokio::time::sleep(decision.delay).await;
     }
     match decision.fault {
-        Fault::None => answer(state, endpoint, 200, success, admission.as_ref()),
+        Fault::None => answer(state, endpoint, 200, success, admission),
         Fault::Garbage => {
             state.stats.record_garbage();
             let mut response = Response::new(Body::from(GARBAGE_BODY));
             response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
-            add_rate_headers(&mut response, admission.as_ref(), endpoint);
+            add_rate_headers(&mut response, admission, endpoint);
             response
         }
         Fault::Status(status) => {
             let message = format!("mock-provider: injected {status}");
             let body = api::error_body(endpoint, status, &message);
-            answer(state, endpoint, status, body, admission.as_ref())
+            answer(state, endpoint, status, body, admission)
         }
         Fault::Hang => unreachable!("handled above"),
     }

@@ -48,6 +48,18 @@ pub struct Knobs {
     #[arg(long, env = "MOCK_RPM", value_parser = clap::value_parser!(u64).range(1..))]
     pub rpm: Option<u64>,
 
+    /// Tokens-per-minute limit, counted as providers count it when a request arrives: its
+    /// prompt tokens plus the most output it asks for (`max_tokens`, ...). A token bucket
+    /// holding one second of burst; a request over it is answered 429.
+    #[arg(long, env = "MOCK_TPM", value_parser = clap::value_parser!(u64).range(1..))]
+    pub tpm: Option<u64>,
+
+    /// API keys the mock accepts (comma-separated). When given, a request whose
+    /// `Authorization: Bearer <key>` or `x-api-key` is not one of them is answered 401.
+    /// Never logged.
+    #[arg(long, env = "MOCK_VALID_KEYS", value_delimiter = ',', value_parser = secret_key)]
+    pub valid_keys: Vec<SecretKey>,
+
     /// Pass every answer on the way the LiteLLM proxy does: `hint` (a 429 carries
     /// `llm_provider-retry-after`, ids are `x-litellm-call-id`, no `retry-after` or
     /// `x-ratelimit-*`) or `silent` (no rate-limit, retry or request-id header at all).
@@ -78,11 +90,27 @@ impl Default for Knobs {
             hang_rate: 0.0,
             garbage_rate: 0.0,
             rpm: None,
+            tpm: None,
+            valid_keys: Vec::new(),
             litellm: None,
             seed: 42,
             batch: crate::batches::BatchKnobs::default(),
         }
     }
+}
+
+/// An API key the mock accepts; `Debug` hides it (the knobs are logged at start).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretKey(pub String);
+
+impl std::fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretKey(***)")
+    }
+}
+
+fn secret_key(s: &str) -> Result<SecretKey, String> {
+    Ok(SecretKey(s.to_string()))
 }
 
 /// Parses a fraction, refusing anything outside `0.0..=1.0` (including NaN) so a typo such as
@@ -196,6 +224,15 @@ mod tests {
         assert_eq!((k.batch_partial, k.batch_keep, k.batch_store_bytes), (0.25, 3, 100));
         assert!(Cli::try_parse_from(["mock", "--batch-partial", "2"]).is_err());
         assert!(Cli::try_parse_from(["mock", "--batch-keep", "0"]).is_err());
+    }
+
+    #[test]
+    fn valid_keys_and_tpm_are_knobs_and_keys_are_never_shown() {
+        let k = Cli::try_parse_from(["mock", "--valid-keys", "sk-one,sk-two", "--tpm", "60000"]).unwrap().knobs;
+        assert_eq!(k.valid_keys, vec![SecretKey("sk-one".into()), SecretKey("sk-two".into())]);
+        assert_eq!(k.tpm, Some(60000));
+        assert!(!format!("{k:?}").contains("sk-one"));
+        assert!(Cli::try_parse_from(["mock", "--tpm", "0"]).is_err());
     }
 
     #[test]

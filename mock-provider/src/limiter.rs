@@ -1,6 +1,7 @@
-//! Owns the requests-per-minute limiter: token-bucket arithmetic (with an injected clock so it
-//! can be tested without sleeping) and the wire format of the rate-limit headers that OpenAI
-//! and Anthropic attach to their answers.
+//! Owns the requests- and tokens-per-minute limiters: token-bucket arithmetic (with an
+//! injected clock so it can be tested without sleeping) and the wire format of the rate-limit
+//! headers that OpenAI and Anthropic attach to their answers. The same bucket serves both
+//! limits: a request costs one unit of `--rpm`, and its counted tokens of `--tpm`.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -57,16 +58,26 @@ impl TokenBucket {
     /// Takes a token if one is available at `now`. A refused request takes nothing, so clients
     /// hammering a throttled endpoint do not push the next free slot further away.
     pub fn try_acquire(&mut self, now: Instant) -> Admission {
+        self.try_acquire_n(now, 1)
+    }
+
+    /// Takes `n` tokens if they are available at `now`. A request larger than the whole
+    /// bucket is let through when the bucket is full (and empties it for longer), so it is
+    /// never refused forever.
+    pub fn try_acquire_n(&mut self, now: Instant, n: u64) -> Admission {
         // How far the bucket is below full, expressed as refill time.
         let deficit = self.full_at.saturating_duration_since(now);
-        if deficit + self.interval <= self.window {
+        let cost = self.interval.saturating_mul(u32::try_from(n).unwrap_or(u32::MAX));
+        if deficit + cost <= self.window || deficit.is_zero() {
             // `max` so a clock reading from the past cannot make the bucket fuller than it is.
-            self.full_at = self.full_at.max(now) + self.interval;
-            let deficit = deficit + self.interval;
-            let remaining = (self.window - deficit).as_nanos() / self.interval.as_nanos();
+            self.full_at = self.full_at.max(now) + cost;
+            let deficit = deficit + cost;
+            let remaining = self.window.saturating_sub(deficit).as_nanos() / self.interval.as_nanos();
             Admission::Granted { limit: self.rpm, remaining: remaining as u64, reset: ceil_ms(deficit) }
         } else {
-            Admission::Refused { limit: self.rpm, retry_after: ceil_ms(deficit + self.interval - self.window) }
+            // An oversized request waits for a full bucket; others for just enough room.
+            let wait = if cost > self.window { deficit } else { deficit + cost - self.window };
+            Admission::Refused { limit: self.rpm, retry_after: ceil_ms(wait) }
         }
     }
 }
@@ -85,11 +96,37 @@ const A_LIMIT: HeaderName = HeaderName::from_static("anthropic-ratelimit-request
 const A_REMAINING: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-remaining");
 const A_RESET: HeaderName = HeaderName::from_static("anthropic-ratelimit-requests-reset");
 
+const X_LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+const X_REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+const X_RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+const A_LIMIT_TOKENS: HeaderName = HeaderName::from_static("anthropic-ratelimit-tokens-limit");
+const A_REMAINING_TOKENS: HeaderName = HeaderName::from_static("anthropic-ratelimit-tokens-remaining");
+const A_RESET_TOKENS: HeaderName = HeaderName::from_static("anthropic-ratelimit-tokens-reset");
+
+/// What a bucket limits, which decides the names of its headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Requests,
+    Tokens,
+}
+
 impl Admission {
     /// Writes the rate-limit headers for this admission into `headers`: the OpenAI
     /// `x-ratelimit-*-requests` set always, the `anthropic-ratelimit-requests-*` set when
     /// `anthropic` is true, and `Retry-After` / `retry-after-ms` when the request was refused.
     pub fn write_headers(&self, headers: &mut HeaderMap, anthropic: bool) {
+        self.write_headers_for(Unit::Requests, headers, anthropic);
+    }
+
+    /// [`Admission::write_headers`] for a bucket of `unit` (`*-tokens` names for a token
+    /// bucket).
+    pub fn write_headers_for(&self, unit: Unit, headers: &mut HeaderMap, anthropic: bool) {
+        let [x_limit, x_remaining, x_reset, a_limit, a_remaining, a_reset] = match unit {
+            Unit::Requests => [X_LIMIT, X_REMAINING, X_RESET, A_LIMIT, A_REMAINING, A_RESET],
+            Unit::Tokens => {
+                [X_LIMIT_TOKENS, X_REMAINING_TOKENS, X_RESET_TOKENS, A_LIMIT_TOKENS, A_REMAINING_TOKENS, A_RESET_TOKENS]
+            }
+        };
         let (limit, remaining, reset) = match *self {
             Admission::Granted { limit, remaining, reset } => (limit, remaining, reset),
             Admission::Refused { limit, retry_after } => {
@@ -101,13 +138,13 @@ impl Admission {
                 (limit, 0, retry_after)
             }
         };
-        headers.insert(X_LIMIT, HeaderValue::from(limit));
-        headers.insert(X_REMAINING, HeaderValue::from(remaining));
-        headers.insert(X_RESET, text_header(go_duration(reset)));
+        headers.insert(x_limit, HeaderValue::from(limit));
+        headers.insert(x_remaining, HeaderValue::from(remaining));
+        headers.insert(x_reset, text_header(go_duration(reset)));
         if anthropic {
-            headers.insert(A_LIMIT, HeaderValue::from(limit));
-            headers.insert(A_REMAINING, HeaderValue::from(remaining));
-            headers.insert(A_RESET, text_header(rfc3339(SystemTime::now() + reset)));
+            headers.insert(a_limit, HeaderValue::from(limit));
+            headers.insert(a_remaining, HeaderValue::from(remaining));
+            headers.insert(a_reset, text_header(rfc3339(SystemTime::now() + reset)));
         }
     }
 }
@@ -225,6 +262,37 @@ mod tests {
         let mut b = TokenBucket::new(90, t0);
         let granted = (0..=60_000).filter(|i| matches!(b.try_acquire(t0 + ms(*i)), Admission::Granted { .. })).count();
         assert_eq!(granted, 1 + 90);
+    }
+
+    #[test]
+    fn a_token_bucket_charges_each_request_its_tokens() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(60_000, t0); // 1,000 tokens/s, 1,000 of burst
+        assert!(matches!(b.try_acquire_n(t0, 600), Admission::Granted { remaining: 400, .. }));
+        // 500 more need 100 ms of refill.
+        assert_eq!(b.try_acquire_n(t0, 500), Admission::Refused { limit: 60_000, retry_after: ms(100) });
+        assert!(matches!(b.try_acquire_n(t0 + ms(100), 500), Admission::Granted { remaining: 0, .. }));
+        // Larger than the bucket: waits for a full bucket, then passes.
+        assert_eq!(b.try_acquire_n(t0 + ms(100), 5_000), Admission::Refused { limit: 60_000, retry_after: ms(1000) });
+        assert!(matches!(b.try_acquire_n(t0 + ms(1100), 5_000), Admission::Granted { remaining: 0, .. }));
+        // Over a minute, tokens granted stay within burst + rate x time.
+        let mut b = TokenBucket::new(60_000, t0);
+        let granted: u64 = (0..=60_000u64)
+            .filter(|i| matches!(b.try_acquire_n(t0 + ms(*i), 150), Admission::Granted { .. }))
+            .map(|_| 150)
+            .sum();
+        assert!(granted <= 61_000 && granted > 60_000 - 150, "{granted}");
+    }
+
+    #[test]
+    fn token_headers_use_the_tokens_names() {
+        let mut h = HeaderMap::new();
+        Admission::Refused { limit: 60_000, retry_after: ms(250) }.write_headers_for(Unit::Tokens, &mut h, true);
+        assert_eq!(h["x-ratelimit-remaining-tokens"], "0");
+        assert_eq!(h["x-ratelimit-reset-tokens"], "250ms");
+        assert_eq!(h["anthropic-ratelimit-tokens-remaining"], "0");
+        assert_eq!(h["retry-after-ms"], "250");
+        assert!(!h.contains_key("x-ratelimit-remaining-requests"));
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub struct Stats {
     stolen: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    tokens_admitted: AtomicU64,
+    tpm_refused: AtomicU64,
+    unauthorized: AtomicU64,
 }
 
 /// The JSON document served by `GET /stats`.
@@ -53,6 +56,16 @@ pub struct StatsSnapshot {
     /// The provider-batch counters (batches created per tag, files, ...).
     #[serde(default)]
     pub batches: BatchStats,
+    /// Tokens charged to the requests `--tpm` let through, counted as providers count them
+    /// (prompt plus requested output; 0 without `--tpm`).
+    #[serde(default)]
+    pub tokens_admitted: u64,
+    /// Requests `--tpm` answered 429.
+    #[serde(default)]
+    pub tpm_refused: u64,
+    /// Requests answered 401 because their key is not one of `--valid-keys`.
+    #[serde(default)]
+    pub unauthorized: u64,
 }
 
 impl Default for Stats {
@@ -66,6 +79,9 @@ impl Default for Stats {
             stolen: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            tokens_admitted: AtomicU64::new(0),
+            tpm_refused: AtomicU64::new(0),
+            unauthorized: AtomicU64::new(0),
         }
     }
 }
@@ -109,6 +125,22 @@ impl Stats {
         self.record_status(200);
     }
 
+    /// Counts the tokens of a request `--tpm` let through.
+    pub fn record_tokens(&self, n: u64) {
+        self.tokens_admitted.fetch_add(n, Relaxed);
+    }
+
+    /// Counts a request `--tpm` refused.
+    pub fn record_tpm_refused(&self) {
+        self.tpm_refused.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a request refused for its key (also counted as status 401).
+    pub fn record_unauthorized(&self) {
+        self.unauthorized.fetch_add(1, Relaxed);
+        self.record_status(401);
+    }
+
     /// Counts a request that followed a hostile redirect.
     pub fn record_stolen(&self) {
         self.stolen.fetch_add(1, Relaxed);
@@ -125,6 +157,9 @@ impl Stats {
         self.hung.store(0, Relaxed);
         self.garbage.store(0, Relaxed);
         self.stolen.store(0, Relaxed);
+        for counter in [&self.tokens_admitted, &self.tpm_refused, &self.unauthorized] {
+            counter.store(0, Relaxed);
+        }
         self.max_in_flight.store(self.in_flight.load(Relaxed), Relaxed);
     }
 
@@ -158,6 +193,9 @@ impl Stats {
             in_flight: self.in_flight.load(Relaxed),
             max_in_flight: self.max_in_flight.load(Relaxed),
             batches: BatchStats::default(),
+            tokens_admitted: self.tokens_admitted.load(Relaxed),
+            tpm_refused: self.tpm_refused.load(Relaxed),
+            unauthorized: self.unauthorized.load(Relaxed),
         }
     }
 }
@@ -221,6 +259,9 @@ mod tests {
                 "in_flight": 0,
                 "max_in_flight": 1,
                 "batches": serde_json::to_value(BatchStats::default()).unwrap(),
+                "tokens_admitted": 0,
+                "tpm_refused": 0,
+                "unauthorized": 0,
             })
         );
     }

@@ -303,8 +303,64 @@ async fn garbage_and_mixed_stats_and_reset() {
     keys.sort();
     assert_eq!(
         keys,
-        ["batches", "by_path", "by_status", "garbage", "hung", "in_flight", "max_in_flight", "requests", "stolen"]
+        [
+            "batches",
+            "by_path",
+            "by_status",
+            "garbage",
+            "hung",
+            "in_flight",
+            "max_in_flight",
+            "requests",
+            "stolen",
+            "tokens_admitted",
+            "tpm_refused",
+            "unauthorized"
+        ]
     );
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn only_the_valid_keys_are_accepted_in_either_header() {
+    let keys = vec![mock_provider::knobs::SecretKey("sk-good".into())];
+    let (addr, stop, _) = mock_provider::spawn(Knobs { valid_keys: keys, ..Knobs::default() }).await;
+    let send = |auth: Option<(&'static str, &'static str)>, path: &'static str| {
+        let mut req = client().post(url(addr, path)).json(&chat_body());
+        if let Some((name, value)) = auth {
+            req = req.header(name, value);
+        }
+        req.send()
+    };
+    assert_eq!(send(Some(("authorization", "Bearer sk-good")), "/v1/chat/completions").await.unwrap().status(), 200);
+    assert_eq!(send(Some(("x-api-key", "sk-good")), "/v1/messages").await.unwrap().status(), 200);
+    let refused = send(Some(("authorization", "Bearer sk-bad")), "/v1/chat/completions").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("invalid API key"), "{body}");
+    assert_eq!(send(None, "/v1/messages").await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(client().get(url(addr, "/stats")).send().await.unwrap().status(), 200, "/stats needs no key");
+    let s = stats(addr).await;
+    assert_eq!((s.unauthorized, s.by_status.get("401").copied()), (2, Some(2)));
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn the_token_limit_charges_prompt_plus_max_tokens_and_says_so_in_headers() {
+    // 600 tokens a minute: 10 a second, and one second of burst.
+    let (addr, stop, _) = mock_provider::spawn(Knobs { tpm: Some(600), ..Knobs::default() }).await;
+    let body = json!({"model": "m", "max_tokens": 6, "messages": [{"role": "user", "content": "abcd"}]});
+    let first = post(addr, "/v1/chat/completions", body.clone()).await;
+    assert_eq!(first.status(), 200);
+    // 1 prompt token + 6 requested: 3 of the 10 left.
+    assert_eq!(first.headers()["x-ratelimit-remaining-tokens"], "3");
+    assert_eq!(first.headers()["x-ratelimit-limit-tokens"], "600");
+    let second = post(addr, "/v1/chat/completions", body).await;
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(second.headers()["x-ratelimit-remaining-tokens"], "0");
+    assert!(second.headers().contains_key("retry-after-ms"));
+    let s = stats(addr).await;
+    assert_eq!((s.tokens_admitted, s.tpm_refused), (7, 1));
     stop.cancel();
 }
 

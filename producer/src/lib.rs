@@ -5,13 +5,16 @@ pub mod cancel;
 pub mod collect;
 pub mod dead;
 pub mod duration;
+pub mod finish;
 pub mod input;
 pub mod inspect;
 pub mod output_format;
 pub mod progress;
 pub mod resume;
+pub mod retry;
 pub mod submit;
 pub mod validate;
+pub mod watch;
 
 use anyhow::Context as _;
 

@@ -10,8 +10,10 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fleet::wire::TrackerRequest;
 use producer::collect::{self, Collected, WaitRequest};
+use producer::finish::{self, Finish};
 use producer::inspect;
 use producer::output_format::OutputFormat;
+use producer::retry::Selection;
 use producer::submit::{self, InputError, SubmitRequest};
 use producer::{cancel, dead};
 
@@ -86,6 +88,30 @@ enum Command {
         /// Print the summary as JSON.
         #[arg(long)]
         json: bool,
+        /// Write the lines in input order (collected aside first, then merged with bounded
+        /// memory).
+        #[arg(long)]
+        ordered: bool,
+        /// Write the lines of items that did not succeed to this file instead of OUT, as
+        /// OpenAI's batch error file.
+        #[arg(long, value_name = "FILE")]
+        errors: Option<PathBuf>,
+    },
+    /// Submit a new job of the items of JOB that did not succeed (failed, cancelled or
+    /// expired; only failed with --failed), with their original requests.
+    Retry {
+        /// The finished job whose items to retry.
+        #[arg(value_parser = job_id)]
+        job: String,
+        /// Only the items that ended `failed` (not the cancelled or expired ones).
+        #[arg(long)]
+        failed: bool,
+        /// Then wait for the new job's results into this file (as `wait -o`).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// Print `{"job_id": ..., "total": ...}` of the new job on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Show one job's progress, as the fleet's job tracker knows it.
     Status {
@@ -95,6 +121,9 @@ enum Command {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Refresh every 2 s (in place on a terminal) until the job ends.
+        #[arg(long)]
+        watch: bool,
         /// Seconds to wait for the tracker's answer.
         #[arg(long, default_value_t = 5)]
         timeout: u64,
@@ -187,7 +216,7 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Wait { job, output, output_format, timeout, json } => {
+        Command::Wait { job, output, output_format, timeout, json, ordered, errors } => {
             let req = WaitRequest {
                 job_id: &job,
                 output: &output,
@@ -195,9 +224,16 @@ async fn main() -> ExitCode {
                 timeout: timeout.map(Duration::from_secs),
                 format: output_format,
             };
-            collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
+            let finish = Finish { ordered, errors: errors.as_deref(), format: output_format };
+            finish::wait(&cfg, &req, &finish).await.map(|c| summary(&c, &output, json))
         }
-        Command::Status { job, json, timeout } => {
+        Command::Retry { job, failed, output, json } => {
+            retry(&cfg, &job, failed, output.as_deref(), json, progress).await
+        }
+        Command::Status { job, json, timeout, watch: true } => {
+            producer::watch::watch(&cfg, &job, Duration::from_secs(timeout), json).await
+        }
+        Command::Status { job, json, timeout, watch: false } => {
             let req = TrackerRequest::Status { job_id: job };
             inspect::ask(&cfg, &req, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
         }
@@ -238,6 +274,46 @@ async fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// `producer retry`: writes the items to retry to `<JOB>.retry.jsonl`, submits it to the
+/// original job's provider, and with `-o` waits for the new job.
+async fn retry(
+    cfg: &fleet::Config,
+    job: &str,
+    failed: bool,
+    output: Option<&std::path::Path>,
+    json: bool,
+    progress: bool,
+) -> anyhow::Result<()> {
+    if let Some(output) = output {
+        collect::check_new_output(output, None, OutputFormat::default())?;
+    }
+    let selection = if failed { Selection::Failed } else { Selection::NotSucceeded };
+    let plan = producer::retry::plan(cfg, job, selection, std::path::Path::new(".")).await?;
+    let deadline_ms =
+        (cfg.producer.default_deadline_s > 0).then(|| fleet::now_ms() + cfg.producer.default_deadline_s * 1000);
+    let req =
+        SubmitRequest { file: &plan.file, provider: &plan.provider, model: None, deadline_ms, progress, resume: None };
+    let new = submit::submit(cfg, &req).await?;
+    if json {
+        println!("{}", serde_json::to_string(&new).expect("serializable"));
+    } else {
+        println!("{}", new.job_id);
+        eprintln!(
+            "submitted job {} with the {} of {} items of job {job} to retry ({})",
+            new.job_id,
+            plan.selected,
+            plan.total,
+            plan.file.display()
+        );
+    }
+    if let Some(output) = output {
+        let req = WaitRequest { job_id: &new.job_id, output, progress, timeout: None, format: OutputFormat::default() };
+        let c = collect::wait(cfg, &req).await?;
+        summary(&c, output, json);
+    }
+    Ok(())
 }
 
 fn print_jobs(jobs: &[fleet::wire::JobSummary], json: bool) {

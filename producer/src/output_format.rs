@@ -162,6 +162,7 @@ mod tests {
             attempts: 1,
             worker: "w".into(),
             finished_at_ms: 0,
+            request: None,
         }
     }
 

@@ -7,6 +7,7 @@
 
 pub mod consume;
 pub mod control;
+pub mod keys;
 pub mod limit;
 pub mod process;
 pub mod provider;

@@ -25,8 +25,10 @@
 //! settle just above the provider's limit (each worker's share of throttles is
 //! proportional to its rate, so the fleet converges to a few percent of 429s) instead of
 //! the sawtooth of halving. A `Retry-After` pauses this worker's calls to the provider
-//! until then. Configured `rpm`/`tpm` are hard ceilings (token counts estimated from the
-//! request body, 4 bytes a token).
+//! until then. Configured `rpm`/`tpm` are hard ceilings (a request's tokens estimated as
+//! providers count them: 4 bytes of body a token, plus the output it asks for at most,
+//! see `fleet::tokens`). The provider's remaining tokens (`x-ratelimit-remaining-tokens`,
+//! `anthropic-ratelimit-tokens-remaining`) are read like its remaining requests.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -111,6 +113,10 @@ struct State {
     window_silent_429s: u64,
     /// The provider has reported rate-limit headers (`remaining`): its 429s are about rate.
     limits_seen: bool,
+    /// Largest token count the provider reported remaining in its window.
+    max_tokens_remaining: f64,
+    /// The newest answer said under a tenth of that remains: the rate holds.
+    tokens_low: bool,
 }
 
 /// The limiter of one provider in one worker.
@@ -165,6 +171,8 @@ impl Limiter {
                 last_window_successes: 0,
                 window_silent_429s: 0,
                 limits_seen: false,
+                max_tokens_remaining: 0.0,
+                tokens_low: false,
             }),
             freed: Notify::new(),
             limit_gauge,
@@ -247,7 +255,7 @@ impl Limiter {
                 let nearly_out = remaining.is_some_and(|r| {
                     s.max_remaining = s.max_remaining.max(r);
                     r <= s.max_remaining * LOW_REMAINING
-                });
+                }) || s.tokens_low;
                 if let (Some(rate), false) = (s.rate, nearly_out) {
                     s.rate = Some(rate + RATE_INCREASE);
                 }
@@ -283,6 +291,19 @@ impl Limiter {
         drop(s);
         // A raised limit may admit a waiting request.
         self.freed.notify_one();
+    }
+
+    /// Feeds back the tokens the provider says remain in its window
+    /// (`x-ratelimit-remaining-tokens` / `anthropic-ratelimit-tokens-remaining`), read like
+    /// the remaining requests: reported at all, the provider's 429s are about rate; under a
+    /// tenth of the most it reported, the rate stops growing. Call it before
+    /// [`Limiter::observe`] of the same answer.
+    pub fn observe_tokens(&self, remaining: Option<f64>) {
+        let Some(r) = remaining else { return };
+        let mut s = self.state.lock().expect("limiter lock");
+        s.limits_seen = true;
+        s.max_tokens_remaining = s.max_tokens_remaining.max(r);
+        s.tokens_low = r <= s.max_tokens_remaining * LOW_REMAINING;
     }
 
     /// Current in-flight limit (for tests and logs).
@@ -488,5 +509,32 @@ mod tests {
         assert_eq!(l.rate(), Some(r), "holds while the provider's allowance is nearly used up");
         l.observe(Signal::Ok { remaining: Some(50.0) });
         assert!(l.rate().unwrap() > r);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn few_tokens_remaining_hold_the_rate_like_few_requests() {
+        let l = limiter(100, None);
+        l.observe(Signal::RateLimited { retry_after: None });
+        l.observe_tokens(Some(10_000.0));
+        l.observe(Signal::Ok { remaining: None });
+        let r = l.rate().unwrap();
+        l.observe_tokens(Some(500.0));
+        l.observe(Signal::Ok { remaining: None });
+        assert_eq!(l.rate(), Some(r), "holds while the token window is nearly used up");
+        l.observe_tokens(Some(6_000.0));
+        l.observe(Signal::Ok { remaining: None });
+        assert!(l.rate().unwrap() > r);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_token_ceiling_charges_each_request_its_estimate() {
+        let l = Limiter::new(100, None, Some(6_000), IntGauge::new("l", "l").unwrap(), Gauge::new("r", "r").unwrap());
+        let start = Instant::now();
+        // 100 tokens/s: ten requests of 50 tokens take 4.5 s to schedule (the first is free).
+        for _ in 0..10 {
+            drop(l.acquire(50).await);
+        }
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(4500) && took < Duration::from_millis(4600), "{took:?}");
     }
 }

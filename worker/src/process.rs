@@ -130,14 +130,14 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
     // Prefetch is a little larger than the in-flight limit (so publishing and acking never
     // hold back provider calls); an item still waiting for room when shutdown begins has
     // not started, and goes back to the queue instead of being drained.
-    tokio::select! {
+    let key = tokio::select! {
         biased;
-        _ = client.limiter.room() => {}
+        key = client.keys.room() => key,
         _ = ctx.shutdown.cancelled() => return Decision::Release,
-    }
+    };
     let in_flight = ctx.metrics.in_flight.with_label_values(&[&client.name]);
     in_flight.inc();
-    let outcome = client.execute(&item, target).await;
+    let outcome = client.execute(&item, target, key).await;
     in_flight.dec();
     let mut result = early_result(ctx, &item, ItemStatus::Succeeded, "");
     result.error = None;
@@ -159,6 +159,8 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
             result.status = ItemStatus::Failed;
             result.response = e.answer().and_then(|a| a.to_record());
             result.error = Some(e.to_record());
+            // Kept with the result so `producer retry` can submit it again.
+            result.request = Some(fleet::wire::RequestRecord::of(&item));
             Decision::Finish(Box::new(result))
         }
     }

@@ -13,6 +13,8 @@
 //! | other 4xx (400, 401, 403, 404, 422, ...)   | `Client`         | fail at once         |
 //! | 3xx (redirects are never followed)         | `Redirect`       | fail at once         |
 //! | body over `max_response_bytes`             | `TooLarge`       | fail at once         |
+//! | 401/403 to a key while other keys are left | `KeyRejected`    | retry (another key)  |
+//! | every key of the provider rejected         | `NoKeys`         | fail at once, no call|
 //!
 //! Nothing a provider (or a proxy in front of it) answers is trusted: the URL called is
 //! built with a parser from `base_url` and a known [`Endpoint`] and must stay under
@@ -29,12 +31,12 @@ use fleet::config::{ProviderConfig, ProviderKind, RetryConfig};
 use fleet::endpoint::Endpoint;
 use fleet::metrics::WorkerMetrics;
 use fleet::wire::{ErrorRecord, Item, ResponseRecord};
-use reqwest::header::{HeaderName, HeaderValue};
 use reqwest::Url;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::limit::{Limiter, Signal, Throttle};
+use crate::keys::KeyPool;
+use crate::limit::{Signal, Throttle};
 
 /// What the provider answered, kept for the output file.
 #[derive(Debug, Clone)]
@@ -76,12 +78,24 @@ pub enum CallError {
     Redirect { answer: Answer },
     #[error("response body over {limit} bytes (HTTP {status}); raise providers.<name>.max_response_bytes if it is legitimate")]
     TooLarge { status: u16, limit: usize },
+    /// The provider rejected the key of this call (401/403); other keys are left to retry on.
+    #[error("the provider rejected the API key (HTTP {}); retrying with another key", .answer.status)]
+    KeyRejected { answer: Answer },
+    /// Every key of the provider was rejected: no call is made.
+    #[error("every API key of this provider was rejected (401/403): {envs}; fix the keys and restart the workers")]
+    NoKeys { envs: String },
 }
 
 impl CallError {
     /// Transient errors are retried; the rest end the item at once.
     pub fn is_transient(&self) -> bool {
-        !matches!(self, CallError::Client { .. } | CallError::Redirect { .. } | CallError::TooLarge { .. })
+        !matches!(
+            self,
+            CallError::Client { .. }
+                | CallError::Redirect { .. }
+                | CallError::TooLarge { .. }
+                | CallError::NoKeys { .. }
+        )
     }
 
     /// How long the provider asked us to wait, if it said.
@@ -104,6 +118,8 @@ impl CallError {
             CallError::Client { .. } => "client_error",
             CallError::Redirect { .. } => "redirect",
             CallError::TooLarge { .. } => "response_too_large",
+            CallError::KeyRejected { .. } => "key_rejected",
+            CallError::NoKeys { .. } => "api_keys_rejected",
         }
     }
 
@@ -114,8 +130,12 @@ impl CallError {
             | CallError::Server { answer }
             | CallError::InvalidResponse { answer, .. }
             | CallError::Client { answer, .. }
-            | CallError::Redirect { answer } => Some(answer),
-            CallError::Timeout(_) | CallError::Connection(_) | CallError::TooLarge { .. } => None,
+            | CallError::Redirect { answer }
+            | CallError::KeyRejected { answer } => Some(answer),
+            CallError::Timeout(_)
+            | CallError::Connection(_)
+            | CallError::TooLarge { .. }
+            | CallError::NoKeys { .. } => None,
         }
     }
 
@@ -169,16 +189,13 @@ pub struct ProviderClient {
     pub name: String,
     kind: ProviderKind,
     base_url: Url,
-    /// The key header, built once from the environment variable the config names and
-    /// marked sensitive (never logged, never shown by `Debug`).
-    auth: Option<(HeaderName, HeaderValue)>,
     max_response_bytes: usize,
     http: reqwest::Client,
     timeout: Duration,
     retry: RetryConfig,
     metrics: WorkerMetrics,
-    /// Adaptive in-flight limit and pacing for this provider.
-    pub limiter: Limiter,
+    /// The provider's keys, each with its adaptive in-flight limit and pacing.
+    pub keys: KeyPool,
 }
 
 impl ProviderClient {
@@ -190,27 +207,6 @@ impl ProviderClient {
         retry: &RetryConfig,
         metrics: WorkerMetrics,
     ) -> anyhow::Result<Self> {
-        let api_key = match &cfg.api_key_env {
-            Some(var) => match std::env::var(var) {
-                Ok(k) if !k.is_empty() => Some(k),
-                _ => {
-                    tracing::warn!(
-                        provider = name,
-                        env = var.as_str(),
-                        "API key variable is not set; calling without a key"
-                    );
-                    None
-                }
-            },
-            None => None,
-        };
-        let auth = match api_key {
-            Some(key) => Some(key_header(cfg.kind, &key).map_err(|()| {
-                let var = cfg.api_key_env.as_deref().unwrap_or_default();
-                anyhow::anyhow!("provider {name}: the API key in ${var} is not a valid header value")
-            })?),
-            None => None,
-        };
         // Parsed once: every call's URL is built from this with a parser, never by joining
         // strings. The parse error names no part of the URL (it may hold credentials).
         let base_url = Url::parse(cfg.base_url.trim_end_matches('/'))
@@ -232,18 +228,11 @@ impl ProviderClient {
             name: name.to_string(),
             kind: cfg.kind,
             base_url,
-            auth,
             max_response_bytes: cfg.max_response_bytes,
             http,
             timeout,
             retry: retry.clone(),
-            limiter: Limiter::new(
-                max_in_flight,
-                cfg.rpm,
-                cfg.tpm,
-                metrics.concurrency_limit.with_label_values(&[name]),
-                metrics.rate_limit.with_label_values(&[name]),
-            ),
+            keys: KeyPool::new(name, cfg, max_in_flight, &metrics)?,
             metrics,
         })
     }
@@ -276,10 +265,12 @@ impl ProviderClient {
     }
 
     /// Calls the provider for `item` at `target`, retrying transient failures within the
-    /// budget.
-    pub async fn execute(&self, item: &Item, target: &Target) -> Outcome {
+    /// budget. `key`: the key [`KeyPool::room`] gave this task (its first call uses it).
+    pub async fn execute(&self, item: &Item, target: &Target, key: Option<usize>) -> Outcome {
         let body = Bytes::from(item.body.get().to_owned());
         let op = target.endpoint.operation();
+        // Charged against a `tpm` ceiling as providers charge it: prompt plus requested output.
+        let est_tokens = fleet::tokens::estimate_request_tokens(&body);
         let attempts = AtomicU32::new(0);
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.retry.initial_backoff_ms))
@@ -289,7 +280,7 @@ impl ProviderClient {
             .with_jitter();
         let result = (|| {
             let first = attempts.fetch_add(1, Ordering::Relaxed) == 0;
-            self.call_once(&target.url, op, body.clone(), first)
+            self.call_once(&target.url, op, body.clone(), est_tokens, key.filter(|_| first))
         })
         .retry(backoff)
         .sleep(tokio::time::sleep)
@@ -305,24 +296,32 @@ impl ProviderClient {
         Outcome { result, attempts: attempts.load(Ordering::Relaxed) }
     }
 
-    /// One HTTP call, classified. `first`: the item's first call, whose slot
-    /// [`Limiter::room`] counted.
-    async fn call_once(&self, url: &Url, op: &'static str, body: Bytes, first: bool) -> Result<Success, CallError> {
-        let est_tokens = body.len() as u64 / 4;
+    /// One HTTP call, classified. `started`: for the item's first call, the key whose slot
+    /// [`KeyPool::room`] counted.
+    async fn call_once(
+        &self,
+        url: &Url,
+        op: &'static str,
+        body: Bytes,
+        est_tokens: u64,
+        started: Option<usize>,
+    ) -> Result<Success, CallError> {
+        let Some((k, _permit)) = self.keys.take(started, est_tokens).await else {
+            return Err(CallError::NoKeys { envs: self.keys.env_names() });
+        };
+        let key = self.keys.key(k);
         let mut req = self.http.post(url.clone()).header("content-type", "application/json").body(body);
-        if let Some((name, value)) = &self.auth {
+        if let Some((name, value)) = &key.auth {
             req = req.header(name.clone(), value.clone());
         }
         if self.kind == ProviderKind::Anthropic {
             req = req.header("anthropic-version", "2023-06-01");
         }
-        // Bytes / 4 is the usual rough token estimate; it only feeds a `tpm` ceiling.
-        let _permit =
-            if first { self.limiter.acquire_started(est_tokens).await } else { self.limiter.acquire(est_tokens).await };
         let started = Instant::now();
-        let (result, remaining, throttle) = self.send(req).await;
+        let (mut result, remaining, throttle, tokens) = self.send(req).await;
         self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());
-        self.limiter.observe(match &result {
+        key.limiter.observe_tokens(tokens.remaining);
+        key.limiter.observe(match &result {
             Err(CallError::RateLimited { retry_after, answer }) if answer.status == 429 => {
                 Signal::TooManyRequests { retry_after: *retry_after, throttle }
             }
@@ -332,6 +331,14 @@ impl ProviderClient {
             Err(CallError::Timeout(_)) => Signal::Timeout,
             _ => Signal::Ok { remaining },
         });
+        self.keys.update_gauges();
+        // A rejected key leaves the rotation; the item is retried with another one if any
+        // is left (otherwise the provider's 401/403 is its answer).
+        if let Err(CallError::Client { answer, .. }) = &result {
+            if matches!(answer.status, 401 | 403) && self.keys.reject(k, answer.status) {
+                result = Err(CallError::KeyRejected { answer: answer.clone() });
+            }
+        }
         if let Err(e) = &result {
             self.metrics.errors.with_label_values(&[&self.name, e.kind(), op]).inc();
         }
@@ -339,27 +346,38 @@ impl ProviderClient {
     }
 
     /// Sends and classifies; also returns the requests the provider says remain, if it says,
-    /// and what a 429 would say about rate.
-    async fn send(&self, req: reqwest::RequestBuilder) -> (Result<Success, CallError>, Option<f64>, Throttle) {
+    /// what a 429 would say about rate, and what the provider says about its token window.
+    async fn send(
+        &self,
+        req: reqwest::RequestBuilder,
+    ) -> (Result<Success, CallError>, Option<f64>, Throttle, TokenHeadroom) {
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return (Err(self.transport_error(e)), None, Throttle::Unhinted),
+            Err(e) => return (Err(self.transport_error(e)), None, Throttle::Unhinted, TokenHeadroom::default()),
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let remaining = remaining_requests(&headers);
         let throttle = throttle(&headers);
+        let tokens = TokenHeadroom::from_headers(&headers, self.retry_after_cap());
         let request_id = request_id(&headers);
         let bytes = match read_capped(resp, self.max_response_bytes).await {
             Ok(Some(b)) => b,
             Ok(None) => {
-                return (Err(CallError::TooLarge { status, limit: self.max_response_bytes }), remaining, throttle)
+                return (
+                    Err(CallError::TooLarge { status, limit: self.max_response_bytes }),
+                    remaining,
+                    throttle,
+                    tokens,
+                )
             }
-            Err(e) => return (Err(self.transport_error(e)), remaining, throttle),
+            Err(e) => return (Err(self.transport_error(e)), remaining, throttle, tokens),
         };
         let parsed: Result<Box<RawValue>, _> = serde_json::from_slice(&bytes);
         let answer = Answer { status, request_id, body: parsed.as_ref().ok().cloned() };
-        let retry_after = retry_after(&headers, SystemTime::now(), self.retry_after_cap());
+        // A 429 that gives no wait but says the token window is empty: wait for it to refill.
+        let retry_after = retry_after(&headers, SystemTime::now(), self.retry_after_cap())
+            .or(tokens.reset.filter(|_| status == 429 && tokens.remaining == Some(0.0)));
         let result = match status {
             200..=299 => match parsed {
                 Ok(_) => {
@@ -378,7 +396,7 @@ impl ProviderClient {
                 Err(CallError::Client { answer, message })
             }
         };
-        (result, remaining, throttle)
+        (result, remaining, throttle, tokens)
     }
 
     /// The longest wait a provider's hint can impose: the whole in-process retry budget
@@ -395,18 +413,6 @@ impl ProviderClient {
             CallError::Connection(e.without_url().to_string())
         }
     }
-}
-
-/// The key header of a provider kind, marked sensitive. `Err` when the key holds bytes no
-/// header may carry (the key itself is never put in an error).
-fn key_header(kind: ProviderKind, key: &str) -> Result<(HeaderName, HeaderValue), ()> {
-    let (name, value) = match kind {
-        ProviderKind::Openai => (reqwest::header::AUTHORIZATION, format!("Bearer {key}")),
-        ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.to_string()),
-    };
-    let mut value = HeaderValue::from_str(&value).map_err(|_| ())?;
-    value.set_sensitive(true);
-    Ok((name, value))
 }
 
 /// Reads a response body of at most `limit` bytes; `Ok(None)` when it is longer (reading
@@ -465,10 +471,14 @@ fn request_id(headers: &reqwest::header::HeaderMap) -> String {
 }
 
 /// What the headers of an answer say about rate, were it a 429: a retry hint or no
-/// requests remaining makes it a rate limit; no such header and no request id either (a
+/// requests (or tokens) remaining makes it a rate limit; no such header and no request id either (a
 /// gateway passing a 429 on) makes it silent.
 fn throttle(headers: &reqwest::header::HeaderMap) -> Throttle {
-    if RETRY_HINT_HEADERS.iter().any(|h| headers.contains_key(*h)) || remaining_requests(headers) == Some(0.0) {
+    let no_tokens = || TokenHeadroom::from_headers(headers, Duration::ZERO).remaining == Some(0.0);
+    if RETRY_HINT_HEADERS.iter().any(|h| headers.contains_key(*h))
+        || remaining_requests(headers) == Some(0.0)
+        || no_tokens()
+    {
         Throttle::Hinted
     } else if REQUEST_ID_HEADERS.iter().any(|h| headers.contains_key(*h))
         || headers.keys().any(|k| k.as_str().contains("ratelimit"))
@@ -485,6 +495,56 @@ fn remaining_requests(headers: &reqwest::header::HeaderMap) -> Option<f64> {
     ["x-ratelimit-remaining-requests", "anthropic-ratelimit-requests-remaining"]
         .iter()
         .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok()))
+}
+
+/// What an answer's headers say about the provider's token window: OpenAI's
+/// `x-ratelimit-remaining-tokens` and `x-ratelimit-reset-tokens`, Anthropic's
+/// `anthropic-ratelimit-tokens-remaining`.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct TokenHeadroom {
+    pub remaining: Option<f64>,
+    /// Until the window is full again, at most the retry budget.
+    pub reset: Option<Duration>,
+}
+
+impl TokenHeadroom {
+    fn from_headers(headers: &reqwest::header::HeaderMap, cap: Duration) -> Self {
+        let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let remaining = ["x-ratelimit-remaining-tokens", "anthropic-ratelimit-tokens-remaining"]
+            .iter()
+            .find_map(|h| get(h).and_then(|v| v.trim().parse::<f64>().ok()).filter(|n| n.is_finite()));
+        let reset = get("x-ratelimit-reset-tokens").and_then(go_duration).map(|d| d.min(cap));
+        TokenHeadroom { remaining, reset }
+    }
+}
+
+/// A Go-style duration as OpenAI writes its reset headers (`"6m0s"`, `"1.5s"`, `"120ms"`);
+/// `None` when it is not one (or is absurdly long).
+fn go_duration(v: &str) -> Option<Duration> {
+    let mut rest = v.trim();
+    if rest.is_empty() {
+        return None;
+    }
+    let mut secs = 0.0f64;
+    while !rest.is_empty() {
+        let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).filter(|&i| i > 0)?;
+        let n: f64 = rest[..end].parse().ok()?;
+        rest = &rest[end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let per_unit = match &rest[..unit_end] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        secs += n * per_unit;
+        rest = &rest[unit_end..];
+    }
+    // Bounded before converting: `Duration::from_secs_f64` panics on overflow.
+    (secs.is_finite() && secs < 1e9).then(|| Duration::from_secs_f64(secs))
 }
 
 /// `error.message` of an OpenAI or Anthropic error body.
@@ -573,13 +633,20 @@ mod tests {
     }
 
     #[test]
-    fn the_api_key_header_is_sensitive() {
-        for kind in [ProviderKind::Openai, ProviderKind::Anthropic] {
-            let (_, v) = key_header(kind, "sk-secret").unwrap();
-            assert!(v.is_sensitive());
-            assert!(!format!("{v:?}").contains("sk-secret"));
+    fn token_headroom_from_openai_and_anthropic_headers() {
+        let h = headers(&[("x-ratelimit-remaining-tokens", "1500"), ("x-ratelimit-reset-tokens", "1m30.5s")]);
+        let t = TokenHeadroom::from_headers(&h, CAP);
+        assert_eq!(t, TokenHeadroom { remaining: Some(1500.0), reset: Some(Duration::from_millis(60_000)) });
+        let h = headers(&[("anthropic-ratelimit-tokens-remaining", "7"), ("x-ratelimit-reset-tokens", "120ms")]);
+        let t = TokenHeadroom::from_headers(&h, CAP);
+        assert_eq!(t, TokenHeadroom { remaining: Some(7.0), reset: Some(Duration::from_millis(120)) });
+        for bad in ["", "soon", "5", "1e400s", "3x", "-1s"] {
+            assert_eq!(go_duration(bad), None, "{bad:?}");
         }
-        assert!(key_header(ProviderKind::Anthropic, "bad\nkey").is_err());
+        assert_eq!(go_duration("6m0s"), Some(Duration::from_secs(360)));
+        assert_eq!(go_duration("0.5s"), Some(Duration::from_millis(500)));
+        let h = headers(&[("x-ratelimit-remaining-tokens", "NaN")]);
+        assert_eq!(TokenHeadroom::from_headers(&h, CAP).remaining, None);
     }
 
     #[test]
@@ -598,6 +665,8 @@ mod tests {
             assert_eq!(throttle(&h), Throttle::Hinted, "{hint}");
         }
         assert_eq!(throttle(&headers(&[("x-ratelimit-remaining-requests", "0")])), Throttle::Hinted);
+        assert_eq!(throttle(&headers(&[("x-ratelimit-remaining-tokens", "0")])), Throttle::Hinted);
+        assert_eq!(throttle(&headers(&[("anthropic-ratelimit-tokens-remaining", "0")])), Throttle::Hinted);
         assert_eq!(throttle(&headers(&[("x-request-id", "req_1")])), Throttle::Unhinted);
         assert_eq!(throttle(&headers(&[("x-ratelimit-remaining-requests", "5")])), Throttle::Unhinted);
         // LiteLLM's `/v1/messages` route passes a 429 on with none of them.
@@ -620,6 +689,7 @@ mod tests {
             kind,
             base_url: base_url.into(),
             api_key_env: None,
+            api_key_envs: Vec::new(),
             timeout_s: 1,
             max_in_flight: 1,
             rpm: None,
@@ -675,6 +745,7 @@ mod tests {
             kind: ProviderKind::Openai,
             base_url: "http//user:hunter2@host".into(),
             api_key_env: None,
+            api_key_envs: Vec::new(),
             timeout_s: 1,
             max_in_flight: 1,
             rpm: None,

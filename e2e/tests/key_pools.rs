@@ -1,0 +1,94 @@
+//! Key pools (issue 13, point 3): a provider with several API keys spreads its calls over
+//! them; a key the provider rejects (401) leaves the rotation, counted by
+//! `batch_api_key_rejections_total` and named by its variable in the log (never by its
+//! value), while the other keys finish the job. With every key rejected, items fail clearly.
+
+use std::time::Duration;
+
+use e2e::*;
+
+const POOL: &str = "[providers.mock]\napi_key_envs = [\"POOL_KEY_A\", \"POOL_KEY_B\", \"POOL_KEY_C\"]\n";
+
+#[test]
+fn a_pool_with_a_rejected_key_completes_the_job_on_the_others() {
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let (good_a, bad_b, good_c) = (format!("sk-good-a-{tag}"), format!("sk-bad-b-{tag}"), format!("sk-good-c-{tag}"));
+    let mock = Mock::start(&["--valid-keys", &format!("{good_a},{good_c}"), "--latency-ms", "5"]);
+    let fleet = Fleet::new("keypool", &mock.url, POOL);
+    let env = [("POOL_KEY_A", good_a.as_str()), ("POOL_KEY_B", bad_b.as_str()), ("POOL_KEY_C", good_c.as_str())];
+    let _w = fleet.worker("kp1", &[env[0], env[1], env[2], ("RUST_LOG", "debug")]);
+
+    let job = fleet.submit_requests(300);
+    let output = fleet.dir.join("out.jsonl");
+    let out = fleet.wait(&job, &output, 120);
+    assert!(out.status.success(), "wait: {}", String::from_utf8_lossy(&out.stderr));
+    let lines = read_output(&output);
+    let by_status = assert_exactly_once(&lines, 300);
+    assert_eq!(by_status.get(&200), Some(&300), "every item succeeded on the good keys: {by_status:?}");
+
+    // The bad key was rejected (as often as it was in use when the first 401 came back)...
+    let unauthorized = mock.stats()["unauthorized"].as_u64().unwrap();
+    assert!((1..=64).contains(&unauthorized), "{}", mock.stats());
+    let log = fleet.worker_log("kp1");
+    assert!(
+        log.lines().any(|l| l.contains("WARN") && l.contains("POOL_KEY_B") && l.contains("leaves the rotation")),
+        "a WARN line names the variable:\n{log}"
+    );
+    eventually(Duration::from_secs(20), "the rejection is pushed", || {
+        pushgateway_metrics().lines().any(|l| {
+            l.starts_with("batch_api_key_rejections_total{")
+                && l.contains(&fleet.ns)
+                && l.contains("key_env=\"POOL_KEY_B\"")
+                && l.ends_with(" 1")
+        })
+    });
+    eventually(Duration::from_secs(20), "two keys left in rotation", || {
+        pushgateway_metrics()
+            .lines()
+            .any(|l| l.starts_with("batch_api_keys_active{") && l.contains(&fleet.ns) && l.ends_with(" 2"))
+    });
+
+    // No key's value anywhere: worker log (at debug), output file, producer output.
+    let results = std::fs::read_to_string(&output).unwrap();
+    let producer_out = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    for key in [&good_a, &bad_b, &good_c] {
+        for (what, text) in [("worker log", &log), ("results", &results), ("producer output", &producer_out)] {
+            assert!(!text.contains(key.as_str()), "a key leaked into the {what}");
+        }
+    }
+    assert!(!pushgateway_metrics().contains(tag), "a key leaked into a metric");
+
+    // ... and left the rotation: a second job makes no call with it.
+    let job2 = fleet.submit_requests(100);
+    assert_eq!(error_codes(&fleet.collect(&job2)).get(&None), Some(&100));
+    assert_eq!(mock.stats()["unauthorized"].as_u64(), Some(unauthorized), "the rejected key was used again");
+    fleet.cleanup(&[&job, &job2]);
+}
+
+#[test]
+fn when_every_key_is_rejected_items_fail_clearly() {
+    let mock = Mock::start(&["--valid-keys", "sk-nobody-has-this"]);
+    let fleet = Fleet::new("keypool_dead", &mock.url, POOL);
+    let _w = fleet.worker("kpd1", &[("POOL_KEY_A", "sk-x1"), ("POOL_KEY_B", "sk-x2"), ("POOL_KEY_C", "sk-x3")]);
+    let job = fleet.submit_requests(40);
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 40);
+    let codes = error_codes(&lines);
+    // The call that retired the last key keeps the provider's 401; later items are not
+    // called at all and say why.
+    let rejected = codes.get(&Some("api_keys_rejected".to_string())).copied().unwrap_or(0);
+    let http_401 = codes.get(&Some("http_401".to_string())).copied().unwrap_or(0);
+    assert_eq!(rejected + http_401, 40, "{codes:?}");
+    assert!(rejected > 0, "{codes:?}");
+    let line = lines.iter().find(|l| l["error"]["code"] == "api_keys_rejected").unwrap();
+    let message = line["error"]["message"].as_str().unwrap();
+    assert!(message.contains("POOL_KEY_A, POOL_KEY_B, POOL_KEY_C"), "{message}");
+    assert_eq!(fleet.final_status(&job)["status"], "failed");
+    // With no key left, a later job's items fail without any call.
+    let calls = mock.stats()["unauthorized"].as_u64().unwrap();
+    let job2 = fleet.submit_requests(10);
+    let codes = error_codes(&fleet.collect(&job2));
+    assert_eq!(codes.get(&Some("api_keys_rejected".to_string())), Some(&10), "{codes:?}");
+    assert_eq!(mock.stats()["unauthorized"].as_u64(), Some(calls), "no call was made");
+    fleet.cleanup(&[&job, &job2]);
+}

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use fleet::wire::TrackerRequest;
+use producer::batch::{FallbackArg, ModeArg};
 use producer::collect::{self, Collected, WaitRequest};
 use producer::inspect;
 use producer::submit::{self, InputError, SubmitRequest};
@@ -60,6 +61,15 @@ enum Command {
         /// the same file is recognised by its content and resumed too.
         #[arg(long, value_parser = job_id)]
         resume: Option<String>,
+        /// How the requests run: `online` (one call each), `batch` (the provider's batch
+        /// API: half price, within 24 h) or `auto` (batch when the provider has one and the
+        /// deadline allows 24 h).
+        #[arg(long, value_enum, default_value = "online")]
+        mode: ModeArg,
+        /// `online`: requests a provider batch lets expire are re-run online while the
+        /// job's deadline allows (batch mode).
+        #[arg(long, value_enum)]
+        fallback: Option<FallbackArg>,
     },
     /// Collect a job's results into an OpenAI Batch output file; resumable.
     Wait {
@@ -130,7 +140,7 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit { file, provider, model, json, wait, output, deadline, resume } => {
+        Command::Submit { file, provider, model, json, wait, output, deadline, resume, mode, fallback } => {
             let deadline_s = deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
             if let Some(output) = output.as_deref().filter(|_| wait) {
@@ -148,6 +158,8 @@ async fn main() -> ExitCode {
                 deadline_ms,
                 progress,
                 resume: resume.as_deref(),
+                mode,
+                fallback_online: fallback == Some(FallbackArg::Online),
             };
             match submit::submit(&cfg, &req).await {
                 Ok(job) => {

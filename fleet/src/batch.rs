@@ -37,9 +37,14 @@ pub const MAX_PROVIDER_ID_BYTES: usize = 200;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum ChunkState {
-    /// No provider batch is known for this chunk. A redelivered pending chunk may have one
-    /// (its previous holder died after the create call): the provider is asked first.
-    Pending,
+    /// No provider batch is known for this chunk.
+    Pending {
+        /// A create call may have been made (its holder died, or its answer was lost): the
+        /// provider is asked for the chunk's batch before anything is created. A redelivered
+        /// pending chunk is treated the same way.
+        #[serde(default)]
+        maybe_created: bool,
+    },
     /// The provider batch exists; the chunk is polled until it ends, then fetched.
     Created {
         batch_id: String,
@@ -259,7 +264,7 @@ mod tests {
             submitted_at_ms: 0,
             deadline_ms: None,
             fallback_online: false,
-            state: ChunkState::Pending,
+            state: ChunkState::Pending { maybe_created: false },
             polls: 0,
         }
     }

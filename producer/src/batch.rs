@@ -82,7 +82,7 @@ pub async fn publish_chunks(ch: &lapin::Channel, plan: &ChunkPlan<'_>, ranges: &
             submitted_at_ms: plan.submitted_at_ms,
             deadline_ms: plan.deadline_ms,
             fallback_online: plan.fallback_online,
-            state: ChunkState::Pending,
+            state: ChunkState::Pending { maybe_created: false },
             polls: 0,
         };
         let payload = serde_json::to_vec(&task)?;

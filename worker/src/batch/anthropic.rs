@@ -8,7 +8,7 @@
 //! the provider's error; `canceled` → cancelled; `expired` → expired.
 //!
 //! Anthropic batches carry no metadata, so the chunk's tag travels in every request's
-//! `custom_id` (`t<hash of the tag>-i<index>`). A worker looking for a chunk's batch lists
+//! `custom_id` (`t<hash of the tag>-i<index>`, see [`custom_id_prefix`]). A worker looking for a chunk's batch lists
 //! the batches, takes those with the chunk's request count, and confirms one is ours by
 //! the custom ids of its results, which exist only once it has ended: while a candidate
 //! is still processing, the chunk waits (a later poll looks again) rather than risk
@@ -21,7 +21,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::api::{
-    bounded, for_each_line, index_of, provider_custom_id, ApiError, Created, Ending, Fetched, Http, LineOutcome,
+    bounded, custom_id_prefix, for_each_line, index_of, provider_custom_id, ApiError, Created, Ending, Fetched, Http, LineOutcome,
     Polled, TRANSFER_TIMEOUT,
 };
 
@@ -95,10 +95,8 @@ struct ResultBody {
 }
 
 impl Anthropic<'_> {
-    /// The custom id prefix of this chunk's requests: its tag, hashed to fit Anthropic's
-    /// `[A-Za-z0-9_-]{1,64}`.
     fn prefix(&self, chunk: &ChunkTask) -> String {
-        format!("t{:016x}-", xxh3(chunk.tag(self.namespace).as_bytes()))
+        custom_id_prefix(self.namespace, chunk)
     }
 
     pub async fn find(&self, chunk: &ChunkTask) -> Result<Option<Created>, ApiError> {
@@ -257,10 +255,6 @@ fn parse_line(chunk: &ChunkTask, prefix: &str, line: &[u8]) -> Option<Fetched> {
         _ => return None,
     };
     Some(Fetched { index, outcome })
-}
-
-fn xxh3(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytes)
 }
 
 #[cfg(test)]

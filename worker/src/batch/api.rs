@@ -97,9 +97,17 @@ pub struct Fetched {
     pub outcome: LineOutcome,
 }
 
-/// The custom id a request of the chunk gets at the provider: its index, so a result line
-/// maps back to exactly one item of the chunk (the user's custom ids are restored from the
-/// job's items; Anthropic allows only `[A-Za-z0-9_-]{1,64}` anyway).
+/// The prefix of the custom ids of a chunk's requests at the provider: the chunk's tag,
+/// hashed to fit Anthropic's `[A-Za-z0-9_-]{1,64}`. Unique per chunk, so no two batches
+/// ever hold the same custom id, and an Anthropic batch (which has no metadata) says whose
+/// it is through its results.
+pub fn custom_id_prefix(namespace: &str, chunk: &ChunkTask) -> String {
+    format!("t{:016x}-", xxhash_rust::xxh3::xxh3_64(chunk.tag(namespace).as_bytes()))
+}
+
+/// The custom id a request of the chunk gets at the provider: the chunk's prefix and the
+/// item's index, so a result line maps back to exactly one item of the chunk (the user's
+/// custom ids are restored from the job's items).
 pub fn provider_custom_id(prefix: &str, index: u64) -> String {
     format!("{prefix}i{index}")
 }

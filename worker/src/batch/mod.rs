@@ -188,6 +188,7 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
     };
     match created {
         Ok(c) => {
+            test_pause("created").await;
             tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %c.batch_id, items = task.len(), "provider batch created");
             task.state = ChunkState::Created { batch_id: c.batch_id, input_file_id: c.input_file_id, cancel_sent: false };
             to_poll_queue(b, &task, delivery).await;
@@ -242,6 +243,7 @@ async fn poll(b: &Batch, mut task: ChunkTask, created: Created, mut cancel_sent:
         return;
         }
     };
+    test_pause("polled").await;
     b.batches.seen(&tag, polled.status, polled.ending.is_some());
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, status = polled.status, polls = task.polls + 1, "polled provider batch");
     if polled.ending.is_none() {
@@ -325,6 +327,7 @@ async fn finish(b: &Batch, task: &ChunkTask, results: Vec<ItemResult>, fallback:
         if failure.is_some() {
             break;
         }
+        test_pause("publishing").await;
     }
     if failure.is_none() {
         for item in &fallback {
@@ -357,6 +360,20 @@ async fn finish(b: &Batch, task: &ChunkTask, results: Vec<ItemResult>, fallback:
         ctx.metrics.items.with_label_values(&[&task.provider, r.status.as_str()]).inc();
     }
     true
+}
+
+/// Test seam: with `FLEET_TEST_BATCH_PAUSE=<point>` in its environment, a worker stops at
+/// that point of a chunk's life (logging `batch test pause at <point>`) until it is killed,
+/// so the end-to-end tests can SIGKILL it exactly there. Points: `created` (the create
+/// call returned, nothing recorded yet), `polled` (a poll answered, the chunk not moved
+/// yet), `publishing` (some of a fetched chunk's results are out, not all).
+async fn test_pause(point: &str) {
+    static PAUSE_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = PAUSE_AT.get_or_init(|| std::env::var("FLEET_TEST_BATCH_PAUSE").ok());
+    if at.as_deref() == Some(point) {
+        tracing::info!("batch test pause at {point}");
+        std::future::pending::<()>().await;
+    }
 }
 
 /// `batch_provider_batches{provider,status}`: the provider batches this worker polled last,

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::api::{
-    bounded, for_each_line, index_of, provider_custom_id, ApiError, Created, Ending, Fetched, Http, LineOutcome,
+    bounded, custom_id_prefix, for_each_line, index_of, provider_custom_id, ApiError, Created, Ending, Fetched, Http, LineOutcome,
     Polled, TRANSFER_TIMEOUT,
 };
 
@@ -133,10 +133,11 @@ impl Openai<'_> {
 
     pub async fn create(&self, chunk: &ChunkTask, items: &[Item]) -> Result<Created, ApiError> {
         let endpoint = items.first().map(|i| i.url.clone()).unwrap_or_default();
+        let prefix = custom_id_prefix(self.namespace, chunk);
         let mut jsonl = Vec::with_capacity(items.iter().map(|i| i.body.get().len() + 100).sum());
         for item in items {
             let line = serde_json::json!({
-                "custom_id": provider_custom_id("", item.index),
+                "custom_id": provider_custom_id(&prefix, item.index),
                 "method": "POST",
                 "url": item.url,
                 "body": item.body,
@@ -210,6 +211,7 @@ impl Openai<'_> {
         polled: &Polled,
         each: &mut (dyn FnMut(Fetched) + Send),
     ) -> Result<(), ApiError> {
+        let prefix = custom_id_prefix(self.namespace, chunk);
         for file in [&polled.output_file_id, &polled.error_file_id].into_iter().flatten() {
             let req = self
                 .http
@@ -219,7 +221,7 @@ impl Openai<'_> {
             let started = std::time::Instant::now();
             let resp = self.http.response(req, "content").await?;
             let read = for_each_line(resp, |line| {
-                if let Some(f) = parse_line(chunk, line) {
+                if let Some(f) = parse_line(chunk, &prefix, line) {
                     each(f);
                 }
             })
@@ -266,9 +268,9 @@ fn rejected(errors: Option<&BatchErrors>) -> Ending {
 
 /// One output or error file line as a result of an item of the chunk; `None` for a line
 /// that is not one of ours.
-fn parse_line(chunk: &ChunkTask, line: &[u8]) -> Option<Fetched> {
+fn parse_line(chunk: &ChunkTask, prefix: &str, line: &[u8]) -> Option<Fetched> {
     let l: OutputLine = serde_json::from_slice(line).ok()?;
-    let index = index_of("", &l.custom_id, chunk)?;
+    let index = index_of(prefix, &l.custom_id, chunk)?;
     let outcome = match (l.response, l.error) {
         (Some(r), _) => LineOutcome::Answered(ResponseRecord {
             status_code: r.status_code,
@@ -327,13 +329,13 @@ mod tests {
     fn output_and_error_lines_map_to_outcomes() {
         let c = chunk();
         let ok = br#"{"id":"r","custom_id":"i1","response":{"status_code":200,"request_id":"q","body":{"x":1}},"error":null}"#;
-        assert!(matches!(parse_line(&c, ok), Some(Fetched { index: 1, outcome: LineOutcome::Answered(r) }) if r.status_code == 200));
+        assert!(matches!(parse_line(&c, "", ok), Some(Fetched { index: 1, outcome: LineOutcome::Answered(r) }) if r.status_code == 200));
         let err = br#"{"id":"r","custom_id":"i2","response":null,"error":{"code":"server_error","message":"boom"}}"#;
-        assert!(matches!(parse_line(&c, err), Some(Fetched { index: 2, outcome: LineOutcome::Errored(e) }) if e.code == "server_error"));
+        assert!(matches!(parse_line(&c, "", err), Some(Fetched { index: 2, outcome: LineOutcome::Errored(e) }) if e.code == "server_error"));
         let exp = br#"{"custom_id":"i0","response":null,"error":{"code":"batch_expired","message":"x"}}"#;
-        assert!(matches!(parse_line(&c, exp), Some(Fetched { index: 0, outcome: LineOutcome::Expired })));
+        assert!(matches!(parse_line(&c, "", exp), Some(Fetched { index: 0, outcome: LineOutcome::Expired })));
         for bad in [&br#"{"custom_id":"i3","response":null,"error":{}}"#[..], b"garbage", br#"{"custom_id":"req-1"}"#] {
-            assert!(parse_line(&c, bad).is_none());
+            assert!(parse_line(&c, "", bad).is_none());
         }
     }
 

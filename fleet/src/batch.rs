@@ -140,9 +140,10 @@ pub fn check_provider_id(id: &str) -> Result<(), ChunkInvalid> {
 }
 
 /// Cuts a job into chunks of at most `max_requests` items and `max_bytes` bytes, given each
-/// item's size as the provider will see it (its input line). An item larger than
-/// `max_bytes` gets a chunk of its own (the provider then refuses that batch, and its item
-/// fails with the provider's reason).
+/// item's size as the provider will see it (its input line), and one endpoint per chunk
+/// (an OpenAI batch has one `endpoint`). An item larger than `max_bytes` gets a chunk of
+/// its own (the provider then refuses that batch, and its item fails with the provider's
+/// reason).
 #[derive(Debug)]
 pub struct Chunker {
     max_requests: u64,
@@ -150,22 +151,36 @@ pub struct Chunker {
     start: u64,
     next: u64,
     bytes: u64,
+    /// The endpoint of the chunk being cut.
+    endpoint: String,
     /// Finished ranges.
     pub ranges: Vec<(u64, u64)>,
 }
 
 impl Chunker {
     pub fn new(max_requests: u64, max_bytes: u64) -> Chunker {
-        Chunker { max_requests: max_requests.max(1), max_bytes, start: 0, next: 0, bytes: 0, ranges: Vec::new() }
+        Chunker {
+            max_requests: max_requests.max(1),
+            max_bytes,
+            start: 0,
+            next: 0,
+            bytes: 0,
+            endpoint: String::new(),
+            ranges: Vec::new(),
+        }
     }
 
-    /// Adds the next item, of `bytes` bytes.
-    pub fn push(&mut self, bytes: u64) {
+    /// Adds the next item, of `bytes` bytes, for `endpoint` (its `url`).
+    pub fn push(&mut self, bytes: u64, endpoint: &str) {
         let count = self.next - self.start;
-        if count > 0 && (count >= self.max_requests || self.bytes + bytes > self.max_bytes) {
+        let full = count >= self.max_requests || self.bytes + bytes > self.max_bytes;
+        if count > 0 && (full || endpoint != self.endpoint) {
             self.ranges.push((self.start, self.next));
             self.start = self.next;
             self.bytes = 0;
+        }
+        if endpoint != self.endpoint {
+            self.endpoint = endpoint.to_string();
         }
         self.next += 1;
         self.bytes += bytes;
@@ -295,18 +310,23 @@ mod tests {
     fn the_chunker_keeps_both_limits() {
         let mut k = Chunker::new(3, 1000);
         for _ in 0..7 {
-            k.push(10);
+            k.push(10, "/v1/x");
         }
         assert_eq!(k.finish(), vec![(0, 3), (3, 6), (6, 7)]);
         let mut k = Chunker::new(100, 25);
         for b in [10, 10, 10, 30, 1] {
-            k.push(b);
+            k.push(b, "/v1/x");
         }
         assert_eq!(k.finish(), vec![(0, 2), (2, 3), (3, 4), (4, 5)], "an oversized item stands alone");
         let mut k = Chunker::new(100_000, u64::MAX);
         for _ in 0..120_000 {
-            k.push(300);
+            k.push(300, "/v1/messages");
         }
         assert_eq!(k.finish(), vec![(0, 100_000), (100_000, 120_000)]);
+        let mut k = Chunker::new(100, 1000);
+        for url in ["/v1/a", "/v1/a", "/v1/b", "/v1/a"] {
+            k.push(1, url);
+        }
+        assert_eq!(k.finish(), vec![(0, 2), (2, 3), (3, 4)], "one endpoint per chunk");
     }
 }

@@ -285,7 +285,6 @@ impl Job {
         }
         bar.set_position(start);
         let (exchange, routing_key) = batch::destination(&self.topology, self.mode, req.provider, &self.job_id);
-        // Chunk boundaries depend on every line, so lines a resumed run skips count too.
         let mut chunker = batch::chunker(&self.provider_cfg);
         let mut pending: VecDeque<(u64, PendingConfirm)> = VecDeque::with_capacity(self.window);
         let mut payload = Vec::with_capacity(4096);
@@ -298,12 +297,13 @@ impl Job {
             let raw = raw.map_err(|e| fatal(e.into()))?;
             let this = index;
             index += 1;
-            chunker.push(fleet::batch::line_bytes(raw.len()));
+            let line = validate::check_line(&raw, &self.rules)
+                .map_err(|e| fatal(anyhow::anyhow!("file changed while submitting: {e}")))?;
+            // Chunk boundaries depend on every line, so lines a resumed run skips count too.
+            chunker.push(fleet::batch::line_bytes(raw.len()), &line.url);
             if this < start {
                 continue;
             }
-            let line = validate::check_line(&raw, &self.rules)
-                .map_err(|e| fatal(anyhow::anyhow!("file changed while submitting: {e}")))?;
             let body = match req.model {
                 Some(model) => with_model(&line.body, model).map_err(fatal)?,
                 None => line.body,

@@ -181,7 +181,13 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
             Ok(c)
         }
         Ok(None) => {
-            let list: Vec<Item> = items.values().cloned().collect();
+            let refused = unbatchable(&b.client, &items);
+            let list: Vec<Item> = items.values().filter(|i| !refused.contains_key(&i.index)).cloned().collect();
+            if list.is_empty() {
+                let results = outcome::of_lines(&b.ctx, &task, &items, &refused, HashMap::new(), None, None).0;
+                finish(b, &task, results, Vec::new(), delivery).await;
+                return;
+            }
             api.create(&task, &list).await
         }
         Err(e) => Err(e),
@@ -271,12 +277,31 @@ async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, del
         return;
     }
     let wanted = unwanted(b, &task);
-    let (results, fallback) = outcome::of_lines(&b.ctx, &task, &items, lines, &polled, wanted);
+    let refused = unbatchable(&b.client, &items);
+    let (results, fallback) =
+        outcome::of_lines(&b.ctx, &task, &items, &refused, lines, polled.ending.clone(), wanted);
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, results = results.len(), online_fallback = fallback.len(), "fetched provider batch");
     if finish(b, &task, results, fallback, delivery).await {
         api.clean_up(&created, &polled).await;
         b.batches.ended(&task.tag(b.ctx.topology.namespace()));
     }
+}
+
+/// Items of the chunk that are not put in its provider batch, with the reason: a `url`
+/// that is not an endpoint of the provider (only the producer, which validates every line,
+/// should write items; anyone else is suspect), or another endpoint than the chunk's first
+/// item (one endpoint per batch; the producer cuts chunks that way).
+fn unbatchable(client: &ProviderClient, items: &BTreeMap<u64, Item>) -> HashMap<u64, String> {
+    let mut endpoint: Option<&str> = None;
+    let mut refused = HashMap::new();
+    for item in items.values() {
+        if let Err(e) = client.target(&item.url) {
+            refused.insert(item.index, format!("forbidden_url: {e}"));
+        } else if *endpoint.get_or_insert(&item.url) != item.url {
+            refused.insert(item.index, "another endpoint than the rest of its chunk".to_string());
+        }
+    }
+    refused
 }
 
 /// Reads the chunk's items; on a broker failure the delivery is requeued (after a pause)

@@ -9,13 +9,14 @@
 //! | cancelled (line, or no line and the batch was cancelled) | `cancelled` (`expired` when the job's deadline was the reason) |
 //! | no line, batch rejected                 | failed with the provider's reason for its line, or for the batch |
 //! | no line, batch completed                | failed (`missing_from_batch_output`)             |
+//! | not put in the batch (a url not of the provider, another endpoint) | failed (`not_batchable`) |
 
 use std::collections::{BTreeMap, HashMap};
 
 use fleet::batch::ChunkTask;
 use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus};
 
-use super::api::{Ending, LineOutcome, Polled};
+use super::api::{Ending, LineOutcome};
 use crate::process::Context;
 
 /// A result for item `index` of the chunk without a provider answer. An item missing from
@@ -73,11 +74,12 @@ pub fn of_lines(
     ctx: &Context,
     task: &ChunkTask,
     items: &BTreeMap<u64, Item>,
+    unbatchable: &HashMap<u64, String>,
     mut lines: HashMap<u64, LineOutcome>,
-    polled: &Polled,
+    ending: Option<Ending>,
     wanted: Option<ItemStatus>,
 ) -> (Vec<ItemResult>, Vec<Item>) {
-    let ending = polled.ending.clone().unwrap_or(Ending::Completed);
+    let ending = ending.unwrap_or(Ending::Completed);
     let rejected_lines: HashMap<u64, &str> = match &ending {
         // Line n of the uploaded file holds the chunk's item n - 1.
         Ending::Rejected { lines, .. } => {
@@ -89,6 +91,10 @@ pub fn of_lines(
     let mut results = Vec::with_capacity(task.len() as usize);
     let mut fallback = Vec::new();
     for index in task.start..task.end {
+        if let Some(reason) = unbatchable.get(&index) {
+            results.push(unanswered(ctx, task, items, index, ItemStatus::Failed, error("not_batchable", reason)));
+            continue;
+        }
         let line = lines.remove(&index);
         let expired = |fallback: &mut Vec<Item>| -> Option<ItemResult> {
             match items.get(&index) {

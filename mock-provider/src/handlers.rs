@@ -15,6 +15,7 @@ use axum::{Extension, Json, Router};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Endpoint};
+use crate::batches::{self, Batches};
 use crate::faults::{Fault, FaultInjector};
 use crate::gateway::{self, GatewayMode};
 use crate::hostile::{self, Hostile};
@@ -38,6 +39,7 @@ pub(crate) struct AppState {
     next_request: AtomicU64,
     shutdown: CancellationToken,
     litellm: Option<GatewayMode>,
+    batches: Arc<Batches>,
 }
 
 impl AppState {
@@ -49,6 +51,7 @@ impl AppState {
             next_request: AtomicU64::new(0),
             shutdown,
             litellm: knobs.litellm,
+            batches: Arc::new(Batches::new(&knobs.batch, knobs.seed)),
         }
     }
 }
@@ -57,8 +60,8 @@ impl AppState {
 #[derive(Clone, Copy, Debug)]
 struct RequestId(u64);
 
-/// Builds the router serving the provider endpoints plus `/stats`, `/stats/reset` and
-/// `/healthz`.
+/// Builds the router serving the provider endpoints, the batch APIs, `/stats`, `/stats/reset`
+/// and `/healthz`.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route(Endpoint::ChatCompletions.path(), post(chat_completions))
@@ -69,6 +72,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
         .route("/healthz", get(healthz))
+        .merge(batches::router(state.batches.clone()))
         // A middleware rather than per-handler code so that every answer, including axum's own
         // 404/405/413 rejections, carries an id.
         .layer(middleware::from_fn_with_state(state.clone(), request_id))
@@ -120,12 +124,18 @@ async fn messages(
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
-    Json(state.stats.snapshot()).into_response()
+    Json(snapshot(&state)).into_response()
 }
 
 async fn reset_stats(State(state): State<Arc<AppState>>) -> Response {
     state.stats.reset();
-    Json(state.stats.snapshot()).into_response()
+    state.batches.reset_stats();
+    Json(snapshot(&state)).into_response()
+}
+
+/// The `/stats` document: the request counters and the batch counters.
+fn snapshot(state: &AppState) -> crate::StatsSnapshot {
+    crate::StatsSnapshot { batches: state.batches.stats(), ..state.stats.snapshot() }
 }
 
 /// Where the redirecting answers point: a client that follows them lands here.

@@ -57,6 +57,10 @@ pub struct Knobs {
     /// Seed of the random generator behind every fault and jitter decision.
     #[arg(long, env = "MOCK_SEED", default_value_t = 42)]
     pub seed: u64,
+
+    /// The provider-batch knobs (time to complete, line errors, rejection, expiry, ...).
+    #[command(flatten)]
+    pub batch: crate::batches::BatchKnobs,
 }
 
 impl Default for Knobs {
@@ -76,13 +80,14 @@ impl Default for Knobs {
             rpm: None,
             litellm: None,
             seed: 42,
+            batch: crate::batches::BatchKnobs::default(),
         }
     }
 }
 
 /// Parses a fraction, refusing anything outside `0.0..=1.0` (including NaN) so a typo such as
 /// `--error-500 5` fails loudly instead of silently meaning "always".
-fn parse_rate(s: &str) -> Result<f64, String> {
+pub(crate) fn parse_rate(s: &str) -> Result<f64, String> {
     let rate: f64 = s.trim().parse().map_err(|e| format!("`{s}` is not a number: {e}"))?;
     if (0.0..=1.0).contains(&rate) {
         Ok(rate)
@@ -156,6 +161,41 @@ mod tests {
         assert!(Cli::try_parse_from(["mock", "--hang-rate", "NaN"]).is_err());
         assert!(Cli::try_parse_from(["mock", "--rpm", "0"]).is_err());
         assert!(Cli::try_parse_from(["mock", "--litellm", "loud"]).is_err());
+    }
+
+    #[test]
+    fn batch_knobs_are_parsed_defaulted_and_checked() {
+        let default = Cli::try_parse_from(["mock"]).unwrap().knobs.batch;
+        let expected = crate::batches::BatchKnobs::default();
+        assert_eq!(default.batch_complete_ms, expected.batch_complete_ms);
+        assert_eq!(default.batch_partial, expected.batch_partial);
+        assert_eq!(default.batch_keep, expected.batch_keep);
+        assert_eq!(default.batch_store_bytes, expected.batch_store_bytes);
+        let k = Cli::try_parse_from([
+            "mock",
+            "--batch-complete-ms",
+            "5",
+            "--batch-line-error-rate",
+            "0.1",
+            "--batch-reject-rate",
+            "1",
+            "--batch-expire-rate",
+            "0.5",
+            "--batch-partial",
+            "0.25",
+            "--batch-keep",
+            "3",
+            "--batch-store-bytes",
+            "100",
+        ])
+        .unwrap()
+        .knobs
+        .batch;
+        assert_eq!(k.batch_complete_ms, 5);
+        assert_eq!((k.batch_line_error_rate, k.batch_reject_rate, k.batch_expire_rate), (0.1, 1.0, 0.5));
+        assert_eq!((k.batch_partial, k.batch_keep, k.batch_store_bytes), (0.25, 3, 100));
+        assert!(Cli::try_parse_from(["mock", "--batch-partial", "2"]).is_err());
+        assert!(Cli::try_parse_from(["mock", "--batch-keep", "0"]).is_err());
     }
 
     #[test]

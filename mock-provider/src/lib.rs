@@ -11,9 +11,12 @@
 //! - [`hostile`]: answers that misbehave on purpose (redirects, endless bodies, absurd
 //!   retry hints), chosen by the request's model;
 //! - [`gateway`]: answers passed on the way the LiteLLM proxy does (`--litellm`);
+//! - [`batches`]: the providers' batch APIs (OpenAI Files and Batch, Anthropic Message
+//!   Batches) and their knobs;
 //! - `handlers`: the axum router and the per-request pipeline.
 
 pub mod api;
+pub mod batches;
 pub mod faults;
 pub mod gateway;
 mod handlers;
@@ -30,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+pub use batches::{BatchKnobs, BatchStats};
 pub use knobs::Knobs;
 pub use stats::StatsSnapshot;
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use serde::{Deserialize, Serialize};
 
 use crate::api::Endpoint;
+use crate::batches::BatchStats;
 
 /// Statuses are counted in a flat array indexed by code: one relaxed atomic add per answer and
 /// no lock, which matters at tens of thousands of requests per second on two cores.
@@ -49,6 +50,9 @@ pub struct StatsSnapshot {
     pub in_flight: u64,
     /// Highest `in_flight` seen since start or the last reset.
     pub max_in_flight: u64,
+    /// The provider-batch counters (batches created per tag, files, ...).
+    #[serde(default)]
+    pub batches: BatchStats,
 }
 
 impl Default for Stats {
@@ -124,8 +128,9 @@ impl Stats {
         self.max_in_flight.store(self.in_flight.load(Relaxed), Relaxed);
     }
 
-    /// Reads every counter. The reads are individually atomic, not a consistent cut, which is
-    /// fine once traffic has stopped (the way tests and benchmarks read it).
+    /// Reads every counter (the batch counters, kept by the batch APIs, are left at zero). The
+    /// reads are individually atomic, not a consistent cut, which is fine once traffic has
+    /// stopped (the way tests and benchmarks read it).
     pub fn snapshot(&self) -> StatsSnapshot {
         let by_status = self
             .by_status
@@ -152,6 +157,7 @@ impl Stats {
             garbage: self.garbage.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             max_in_flight: self.max_in_flight.load(Relaxed),
+            batches: BatchStats::default(),
         }
     }
 }
@@ -214,6 +220,7 @@ mod tests {
                 "stolen": 0,
                 "in_flight": 0,
                 "max_in_flight": 1,
+                "batches": serde_json::to_value(BatchStats::default()).unwrap(),
             })
         );
     }

@@ -195,7 +195,7 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
     match created {
         Ok(c) => {
             test_pause("created").await;
-            tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %c.batch_id, items = task.len(), "provider batch created");
+            tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %c.batch_id, items = task.len(), "chunk's provider batch recorded; polling it");
             task.state = ChunkState::Created { batch_id: c.batch_id, input_file_id: c.input_file_id, cancel_sent: false };
             to_poll_queue(b, &task, delivery).await;
         }

@@ -38,12 +38,17 @@ pub async fn read(
     let mut consumer =
         ch.basic_consume(stream.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), args).await?;
     let mut items = BTreeMap::new();
+    let mut unacked = 0;
     while (items.len() as u64) < chunk.len() {
         let Ok(next) = tokio::time::timeout(IDLE, consumer.next()).await else { break };
         let Some(delivery) = next else { break };
         let delivery = delivery?;
-        // Streams credit the reader by acks.
-        delivery.ack(BasicAckOptions::default()).await?;
+        // Streams credit the reader by acks: one multiple-ack per half prefetch.
+        unacked += 1;
+        if unacked >= PREFETCH / 2 {
+            delivery.ack(BasicAckOptions { multiple: true }).await?;
+            unacked = 0;
+        }
         if delivery.data.len() > max_message_bytes {
             continue;
         }

@@ -50,7 +50,7 @@ use crate::provider::ProviderClient;
 /// for a while (an upload, a download); polls are short.
 const CHUNK_PREFETCH: u16 = 4;
 /// Results of a fetched chunk being published at once.
-const PUBLISH_CONCURRENCY: usize = 256;
+const PUBLISH_CONCURRENCY: usize = 1024;
 
 /// What the chunk handlers of one provider share.
 pub struct Batch {

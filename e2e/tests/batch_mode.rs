@@ -159,6 +159,15 @@ fn the_same_file_online_and_through_both_batch_apis_gives_every_custom_id_once()
     eventually(Duration::from_secs(60), "the poll-cycle panel has data", || {
         prom_query(&panel).iter().any(|(_, v)| v.is_finite())
     });
+    // The provider batches panel: the batches seen in progress, at 0 now that all ended.
+    let (_, batches) = dashboard_queries_for(&f.ns)
+        .into_iter()
+        .find(|(title, _)| title.starts_with("Provider batches"))
+        .expect("the dashboard has the provider batches panel");
+    eventually(Duration::from_secs(60), "the provider batches panel has data", || {
+        let series = prom_query(&batches);
+        !series.is_empty() && series.iter().all(|(_, v)| *v == 0.0)
+    });
     // Provider latency of the batch operations, by operation.
     for op in ["submit", "poll", "fetch"] {
         let q = format!(

@@ -463,3 +463,27 @@ impl ProviderBatches {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batches_gauge_counts_by_status_and_returns_to_zero() {
+        let registry = prometheus::Registry::new();
+        let gauge = fleet::metrics::register_provider_batches(&registry);
+        let batches = ProviderBatches::new(gauge.clone(), "p", 1);
+        let value = |status: &str| gauge.with_label_values(&["p", status]).get();
+        batches.seen("ns/j/0", "in_progress", false);
+        batches.seen("ns/j/1", "in_progress", false);
+        batches.seen("ns/j/2", "validating", false);
+        assert_eq!((value("in_progress"), value("validating")), (2, 1));
+        batches.seen("ns/j/2", "in_progress", false);
+        assert_eq!((value("in_progress"), value("validating")), (3, 0), "a status no longer seen reads 0");
+        batches.seen("ns/j/0", "completed", true);
+        batches.ended("ns/j/1");
+        batches.ended("ns/j/2");
+        assert_eq!(value("in_progress"), 0);
+        assert_eq!(value("completed"), 0, "ended batches are not counted");
+    }
+}

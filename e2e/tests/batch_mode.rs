@@ -124,9 +124,12 @@ fn the_same_file_online_and_through_both_batch_apis_gives_every_custom_id_once()
     let openai = input(&f, "openai.jsonl", 2000, false);
     let anthropic = input(&f, "anthropic.jsonl", 2000, true);
     let mut jobs = Vec::new();
-    for (provider, file, mode) in
-        [("mock", &openai, "online"), ("mock", &openai, "batch"), ("claude", &anthropic, "online"), ("claude", &anthropic, "batch")]
-    {
+    for (provider, file, mode) in [
+        ("mock", &openai, "online"),
+        ("mock", &openai, "batch"),
+        ("claude", &anthropic, "online"),
+        ("claude", &anthropic, "batch"),
+    ] {
         let job = submit(&f, file, provider, &["--mode", mode]);
         let lines = f.collect(&job);
         let by_status = assert_exactly_once(&lines, 2000);
@@ -170,10 +173,7 @@ fn the_same_file_online_and_through_both_batch_apis_gives_every_custom_id_once()
     });
     // Provider latency of the batch operations, by operation.
     for op in ["submit", "poll", "fetch"] {
-        let q = format!(
-            "sum(batch_provider_latency_seconds_count{{namespace=\"{}\",operation=\"{op}\"}})",
-            f.ns
-        );
+        let q = format!("sum(batch_provider_latency_seconds_count{{namespace=\"{}\",operation=\"{op}\"}})", f.ns);
         eventually(Duration::from_secs(30), &format!("{op} latency scraped"), || prom_value(&q).unwrap_or(0.0) > 0.0);
     }
     assert_quiet(&f, &workers);

@@ -33,9 +33,7 @@ pub fn resolve(mode: ModeArg, provider: &ProviderConfig, deadline_s: Option<u64>
     match mode {
         ModeArg::Online => JobMode::Online,
         ModeArg::Batch => JobMode::Batch,
-        ModeArg::Auto if provider.batch && deadline_s.is_none_or(|d| d >= BATCH_COMPLETION_WINDOW_S) => {
-            JobMode::Batch
-        }
+        ModeArg::Auto if provider.batch && deadline_s.is_none_or(|d| d >= BATCH_COMPLETION_WINDOW_S) => JobMode::Batch,
         ModeArg::Auto => JobMode::Online,
     }
 }

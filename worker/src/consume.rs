@@ -37,11 +37,7 @@ pub struct Worker {
 /// Consumes every served provider's queue on `conn` until the connection fails (`Err`) or
 /// `shutdown` fires (`Ok` once every consumer is cancelled; in-flight tasks keep running
 /// in `in_flight`).
-pub async fn serve_connection(
-    conn: &Arc<Connection>,
-    w: &Worker,
-    shutdown: &CancellationToken,
-) -> anyhow::Result<()> {
+pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let Worker { cfg, worker_id, topology, metrics, clients, in_flight, cancelled, .. } = w;
     let publish = fleet::amqp::confirm_channel(conn).await?;
     topology.declare_common(&publish).await?;

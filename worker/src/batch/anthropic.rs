@@ -21,8 +21,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::api::{
-    bounded, custom_id_prefix, for_each_line, index_of, provider_custom_id, ApiError, Created, Ending, Fetched, Http, LineOutcome,
-    Polled, TRANSFER_TIMEOUT,
+    bounded, custom_id_prefix, for_each_line, index_of, provider_custom_id, ApiError, Created, Ending, Fetched, Http,
+    LineOutcome, Polled, TRANSFER_TIMEOUT,
 };
 
 /// Pages of `GET /v1/messages/batches` read when looking for a chunk's batch.

@@ -269,10 +269,7 @@ pub fn bounded(s: &str, max: usize) -> String {
 
 /// Reads a streamed body line by line (each at most [`MAX_LINE_BYTES`]), calling `each`
 /// with every non-blank line. A longer line is skipped (its item then ends as missing).
-pub async fn for_each_line(
-    mut resp: reqwest::Response,
-    mut each: impl FnMut(&[u8]),
-) -> Result<(), ApiError> {
+pub async fn for_each_line(mut resp: reqwest::Response, mut each: impl FnMut(&[u8])) -> Result<(), ApiError> {
     let mut buf: Vec<u8> = Vec::new();
     let mut skipping = false;
     loop {

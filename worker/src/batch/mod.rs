@@ -196,7 +196,8 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
         Ok(c) => {
             test_pause("created").await;
             tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %c.batch_id, items = task.len(), "chunk's provider batch recorded; polling it");
-            task.state = ChunkState::Created { batch_id: c.batch_id, input_file_id: c.input_file_id, cancel_sent: false };
+            task.state =
+                ChunkState::Created { batch_id: c.batch_id, input_file_id: c.input_file_id, cancel_sent: false };
             to_poll_queue(b, &task, delivery).await;
         }
         Err(ApiError::Transient(e)) => {
@@ -230,11 +231,8 @@ async fn poll(b: &Batch, mut task: ChunkTask, created: Created, mut cancel_sent:
         Err(ApiError::Transient(e)) => {
             tracing::info!(batch_id = %created.batch_id, error = %e, "cannot poll the provider batch; trying again later");
             task.polls += 1;
-            task.state = ChunkState::Created {
-                batch_id: created.batch_id,
-                input_file_id: created.input_file_id,
-                cancel_sent,
-            };
+            task.state =
+                ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
             to_poll_queue(b, &task, delivery).await;
             b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
             return;
@@ -246,7 +244,7 @@ async fn poll(b: &Batch, mut task: ChunkTask, created: Created, mut cancel_sent:
             let results = outcome::refused(&b.ctx, &task, &items, &message);
             b.batches.ended(&tag);
             finish(b, &task, results, Vec::new(), delivery).await;
-        return;
+            return;
         }
     };
     test_pause("polled").await;
@@ -254,7 +252,8 @@ async fn poll(b: &Batch, mut task: ChunkTask, created: Created, mut cancel_sent:
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, status = polled.status, polls = task.polls + 1, "polled provider batch");
     if polled.ending.is_none() {
         task.polls += 1;
-        task.state = ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
+        task.state =
+            ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
         to_poll_queue(b, &task, delivery).await;
         b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
         return;
@@ -278,8 +277,7 @@ async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, del
     }
     let wanted = unwanted(b, &task);
     let refused = unbatchable(&b.client, &items);
-    let (results, fallback) =
-        outcome::of_lines(&b.ctx, &task, &items, &refused, lines, polled.ending.clone(), wanted);
+    let (results, fallback) = outcome::of_lines(&b.ctx, &task, &items, &refused, lines, polled.ending.clone(), wanted);
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, results = results.len(), online_fallback = fallback.len(), "fetched provider batch");
     if finish(b, &task, results, fallback, delivery).await {
         api.clean_up(&created, &polled).await;
@@ -340,7 +338,13 @@ async fn to_poll_queue(b: &Batch, task: &ChunkTask, delivery: Delivery) {
 /// Publishes every result (and re-queues the items falling back to online), then acks the
 /// chunk. Returns whether the chunk was acked; otherwise it is requeued and redone (the
 /// results already out are duplicates then, dropped downstream).
-async fn finish(b: &Batch, task: &ChunkTask, results: Vec<ItemResult>, fallback: Vec<Item>, delivery: Delivery) -> bool {
+async fn finish(
+    b: &Batch,
+    task: &ChunkTask,
+    results: Vec<ItemResult>,
+    fallback: Vec<Item>,
+    delivery: Delivery,
+) -> bool {
     let ctx = &b.ctx;
     let mut failure = None;
     for window in results.chunks(PUBLISH_CONCURRENCY) {
@@ -358,7 +362,10 @@ async fn finish(b: &Batch, task: &ChunkTask, results: Vec<ItemResult>, fallback:
         for item in &fallback {
             let payload = serde_json::to_vec(item).expect("items serialize");
             let exchange = ctx.topology.items_exchange();
-            if let Err(e) = amqp::publish_confirmed(&ctx.publish, &exchange, &item.provider, &payload, amqp::persistent_json()).await {
+            if let Err(e) =
+                amqp::publish_confirmed(&ctx.publish, &exchange, &item.provider, &payload, amqp::persistent_json())
+                    .await
+            {
                 failure = Some(e);
                 break;
             }
@@ -459,7 +466,9 @@ impl ProviderBatches {
         let statuses: Vec<&'static str> = counts.keys().copied().collect();
         seen.shown.extend(statuses);
         for status in &seen.shown {
-            self.gauge.with_label_values(&[self.provider.as_str(), status]).set(counts.get(status).copied().unwrap_or(0));
+            self.gauge
+                .with_label_values(&[self.provider.as_str(), status])
+                .set(counts.get(status).copied().unwrap_or(0));
         }
     }
 }

@@ -18,8 +18,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::api::{
-    bounded, custom_id_prefix, for_each_line, index_of, provider_custom_id, ApiError, Created, Ending, Fetched, Http, LineOutcome,
-    Polled, TRANSFER_TIMEOUT,
+    bounded, custom_id_prefix, for_each_line, index_of, provider_custom_id, ApiError, Created, Ending, Fetched, Http,
+    LineOutcome, Polled, TRANSFER_TIMEOUT,
 };
 
 /// Pages of `GET /v1/batches` read when looking for a chunk's batch (100 batches a page,
@@ -329,9 +329,13 @@ mod tests {
     fn output_and_error_lines_map_to_outcomes() {
         let c = chunk();
         let ok = br#"{"id":"r","custom_id":"i1","response":{"status_code":200,"request_id":"q","body":{"x":1}},"error":null}"#;
-        assert!(matches!(parse_line(&c, "", ok), Some(Fetched { index: 1, outcome: LineOutcome::Answered(r) }) if r.status_code == 200));
+        assert!(
+            matches!(parse_line(&c, "", ok), Some(Fetched { index: 1, outcome: LineOutcome::Answered(r) }) if r.status_code == 200)
+        );
         let err = br#"{"id":"r","custom_id":"i2","response":null,"error":{"code":"server_error","message":"boom"}}"#;
-        assert!(matches!(parse_line(&c, "", err), Some(Fetched { index: 2, outcome: LineOutcome::Errored(e) }) if e.code == "server_error"));
+        assert!(
+            matches!(parse_line(&c, "", err), Some(Fetched { index: 2, outcome: LineOutcome::Errored(e) }) if e.code == "server_error")
+        );
         let exp = br#"{"custom_id":"i0","response":null,"error":{"code":"batch_expired","message":"x"}}"#;
         assert!(matches!(parse_line(&c, "", exp), Some(Fetched { index: 0, outcome: LineOutcome::Expired })));
         for bad in [&br#"{"custom_id":"i3","response":null,"error":{}}"#[..], b"garbage", br#"{"custom_id":"req-1"}"#] {

@@ -87,7 +87,8 @@ pub fn of_lines(
         }
         _ => HashMap::new(),
     };
-    let may_fall_back = task.fallback_online && task.deadline_ms.is_none_or(|d| fleet::now_ms() < d) && wanted.is_none();
+    let may_fall_back =
+        task.fallback_online && task.deadline_ms.is_none_or(|d| fleet::now_ms() < d) && wanted.is_none();
     let mut results = Vec::with_capacity(task.len() as usize);
     let mut fallback = Vec::new();
     for index in task.start..task.end {

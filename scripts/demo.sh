@@ -74,8 +74,10 @@ rm -f "$OUTPUT" "$BATCH_OUTPUT"
 # A small job through the provider's batch API (the mock's OpenAI Files + Batches), so the
 # poll-cycle panel has data too: the mock finishes a batch in 2 s, polled every 2 s.
 echo
-echo "batch mode: the first 200 requests through the provider's batch API ..."
-head -n 200 "$INPUT" >"$RUN_DIR/demo-batch-input.jsonl"
+echo "batch mode: 200 chat requests through the provider's batch API ..."
+# One endpoint per file, as OpenAI's batches take (a file mixing endpoints is cut into a
+# chunk at every change of endpoint).
+grep -m 200 '"/v1/chat/completions"' "$INPUT" >"$RUN_DIR/demo-batch-input.jsonl"
 BATCH_JOB=$("$BIN/producer" submit "$RUN_DIR/demo-batch-input.jsonl" --provider mock --mode batch --quiet)
 "$BIN/producer" wait "$BATCH_JOB" --output "$BATCH_OUTPUT"
 "$BIN/producer" status "$BATCH_JOB"

@@ -327,3 +327,49 @@ fn a_120000_line_anthropic_job_becomes_two_chunks() {
     assert_created_once(&mock, "anthropic_created", None, 2);
     tidy(&f, &[&job]);
 }
+
+#[test]
+fn a_deadline_that_passes_while_the_batch_runs_cancels_it_and_expires_the_rest() {
+    // Batches take a minute; the job's deadline is 4 s.
+    let mock = Mock::start(&["--batch-complete-ms", "60000", "--batch-partial", "0.5"]);
+    let f = batch_fleet("batch_deadline", &mock, 50_000);
+    let _w = f.worker("d-w1", &[]);
+    let file = input(&f, "in.jsonl", 100, false);
+    let job = submit(&f, &file, "mock", &["--mode", "batch", "--deadline", "4s"]);
+    let lines = f.collect(&job);
+    assert_exactly_once(&lines, 100);
+    let c = codes(&lines);
+    assert_eq!(c.get(&None), Some(&50), "the answered half is kept: {c:?}");
+    assert_eq!(c.get(&Some("expired".to_string())), Some(&50), "the rest expired: {c:?}");
+    assert_eq!(mock.stats()["batches"]["cancelled"], 1, "the provider batch was cancelled at the deadline");
+    assert_eq!(f.final_status(&job)["status"], "expired");
+    tidy(&f, &[&job]);
+}
+
+#[test]
+fn batch_mode_needs_a_provider_with_a_batch_api_and_auto_falls_back_to_online() {
+    let mock = Mock::start(&[]);
+    // `plain` has no `batch = true`.
+    let extra = format!("[providers.plain]\nkind = \"openai\"\nbase_url = \"{}\"\ntimeout_s = 10\n", mock.url);
+    let f = Fleet::new("batch_refused", &mock.url, &extra);
+    let file = input(&f, "in.jsonl", 10, false);
+    let out = f.producer(&["submit", file.to_str().unwrap(), "--provider", "plain", "--mode", "batch"]);
+    assert_eq!(out.status.code(), Some(2), "refused as bad input");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no batch API") && err.contains("providers.plain.batch"), "{err}");
+    // `auto` runs it online instead.
+    let _w = f.worker("n-w1", &[]);
+    let job = submit(&f, &file, "plain", &["--mode", "auto"]);
+    let lines = f.collect(&job);
+    assert_exactly_once(&lines, 10);
+    assert_eq!(mock.stats()["requests"], 10, "called online");
+    assert!(mock.stats()["batches"]["openai_created"].as_object().is_none_or(|m| m.is_empty()));
+    tidy(&f, &[&job]);
+    f.amqp(|conn, t| async move {
+        let ch = conn.create_channel().await.expect("channel");
+        let _ = ch.queue_delete(t.items_queue("plain").into(), Default::default()).await;
+        for s in TEST_DELAY_TIERS_S {
+            let _ = ch.queue_delete(t.delay_queue("plain", *s).into(), Default::default()).await;
+        }
+    });
+}

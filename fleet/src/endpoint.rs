@@ -17,12 +17,22 @@ pub enum Endpoint {
     Embeddings,
     /// `POST /v1/messages` (Anthropic).
     Messages,
+    /// `POST /v1/responses` (OpenAI's Responses API).
+    Responses,
+    /// `POST /v1/moderations` (OpenAI).
+    Moderations,
 }
 
 impl Endpoint {
     /// Every endpoint.
-    pub const ALL: [Endpoint; 4] =
-        [Endpoint::ChatCompletions, Endpoint::Completions, Endpoint::Embeddings, Endpoint::Messages];
+    pub const ALL: [Endpoint; 6] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::Embeddings,
+        Endpoint::Messages,
+        Endpoint::Responses,
+        Endpoint::Moderations,
+    ];
 
     /// The request path, as written in an input line's `url`.
     pub fn path(self) -> &'static str {
@@ -31,6 +41,8 @@ impl Endpoint {
             Endpoint::Completions => "/v1/completions",
             Endpoint::Embeddings => "/v1/embeddings",
             Endpoint::Messages => "/v1/messages",
+            Endpoint::Responses => "/v1/responses",
+            Endpoint::Moderations => "/v1/moderations",
         }
     }
 
@@ -41,14 +53,35 @@ impl Endpoint {
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
+            Endpoint::Responses => "responses",
+            Endpoint::Moderations => "moderations",
         }
     }
 
     /// The provider kinds that serve this endpoint.
     pub fn served_by(self) -> &'static [ProviderKind] {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings => &[ProviderKind::Openai],
+            Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Responses
+            | Endpoint::Moderations => &[ProviderKind::Openai],
             Endpoint::Messages => &[ProviderKind::Anthropic],
+        }
+    }
+
+    /// Whether requests to this endpoint may run in the provider's batch API (OpenAI's
+    /// `/v1/batches` takes responses, chat completions, completions, embeddings and
+    /// moderations; Anthropic's Message Batches take messages). Every endpoint the fleet
+    /// knows may today; the match is exhaustive so that a new endpoint has to decide.
+    pub fn may_run_in_batch(self) -> bool {
+        match self {
+            Endpoint::ChatCompletions
+            | Endpoint::Completions
+            | Endpoint::Embeddings
+            | Endpoint::Messages
+            | Endpoint::Responses
+            | Endpoint::Moderations => true,
         }
     }
 
@@ -89,5 +122,16 @@ mod tests {
         }
         assert_eq!(Endpoint::for_kind("/v1/messages", ProviderKind::Openai), None);
         assert_eq!(Endpoint::paths_of(ProviderKind::Anthropic), vec!["/v1/messages"]);
+        assert_eq!(Endpoint::for_kind("/v1/responses", ProviderKind::Openai), Some(Endpoint::Responses));
+        assert_eq!(Endpoint::for_kind("/v1/moderations", ProviderKind::Openai), Some(Endpoint::Moderations));
+        assert_eq!(Endpoint::for_kind("/v1/responses", ProviderKind::Anthropic), None);
+    }
+
+    #[test]
+    fn operations_are_distinct_metric_labels() {
+        let ops: std::collections::HashSet<&str> = Endpoint::ALL.iter().map(|e| e.operation()).collect();
+        assert_eq!(ops.len(), Endpoint::ALL.len());
+        assert!(ops.iter().all(|op| op.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')));
+        assert!(Endpoint::ALL.iter().all(|e| e.may_run_in_batch()));
     }
 }

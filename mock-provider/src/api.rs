@@ -13,7 +13,7 @@ pub fn is_anthropic(endpoint: Endpoint) -> bool {
     endpoint.is_served_by(fleet::config::ProviderKind::Anthropic)
 }
 
-const DEFAULT_MODEL: &str = "mock-model";
+pub(crate) const DEFAULT_MODEL: &str = "mock-model";
 /// How much of the prompt the canned reply quotes.
 const QUOTE_CHARS: usize = 40;
 /// Dimension of the fake embeddings.
@@ -29,32 +29,34 @@ pub fn success_body(endpoint: Endpoint, body: &[u8], n: u64, created: u64) -> Re
         Endpoint::Completions => completion(body, n, created)?,
         Endpoint::Embeddings => embeddings(body)?,
         Endpoint::Messages => messages(body, n)?,
+        Endpoint::Responses => crate::responses::response(body, n, created)?,
+        Endpoint::Moderations => crate::moderations::moderation(body, n)?,
     };
     Ok(json)
 }
 
-fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+pub(crate) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
     serde_json::from_slice(body).map_err(|e| format!("request body is not valid JSON for this endpoint: {e}"))
 }
 
-fn render<T: Serialize>(value: &T) -> Vec<u8> {
+pub(crate) fn render<T: Serialize>(value: &T) -> Vec<u8> {
     // Serialising these plain structs into a Vec cannot fail.
     serde_json::to_vec(value).expect("response bodies serialise")
 }
 
 /// Rough token estimate used by OpenAI's own rules of thumb: one token per four characters.
-fn tokens(chars: usize) -> u64 {
+pub(crate) fn tokens(chars: usize) -> u64 {
     chars.div_ceil(4) as u64
 }
 
 /// The first [`QUOTE_CHARS`] characters of `s`, cut on a character boundary.
-fn quote(s: &str) -> &str {
+pub(crate) fn quote(s: &str) -> &str {
     s.char_indices().nth(QUOTE_CHARS).map_or(s, |(i, _)| &s[..i])
 }
 
 /// The text of a message `content`: either a string or an array of parts whose `text` fields
 /// count (both OpenAI and Anthropic allow both forms).
-fn content_text(content: &Value) -> String {
+pub(crate) fn content_text(content: &Value) -> String {
     match content {
         Value::String(s) => s.clone(),
         Value::Array(parts) => {

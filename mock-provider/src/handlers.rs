@@ -63,11 +63,11 @@ struct RequestId(u64);
 /// Builds the router serving the provider endpoints, the batch APIs, `/stats`, `/stats/reset`
 /// and `/healthz`.
 pub(crate) fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route(Endpoint::ChatCompletions.path(), post(chat_completions))
-        .route(Endpoint::Completions.path(), post(completions))
-        .route(Endpoint::Embeddings.path(), post(embeddings))
-        .route(Endpoint::Messages.path(), post(messages))
+    // Every endpoint of the fleet's list, so the mock serves exactly what the fleet may call.
+    let provider_routes = Endpoint::ALL.into_iter().fold(Router::new(), |router, endpoint| {
+        router.route(endpoint.path(), post(move |state, id, body| provider_endpoint(endpoint, state, id, body)))
+    });
+    provider_routes
         .route(hostile::STOLEN_PATH, post(stolen).get(stolen))
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
@@ -91,36 +91,14 @@ async fn request_id(State(state): State<Arc<AppState>>, mut req: Request, next: 
     response
 }
 
-async fn chat_completions(
+/// The handler of `endpoint`'s route: every provider endpoint goes through [`handle`].
+async fn provider_endpoint(
+    endpoint: Endpoint,
     State(state): State<Arc<AppState>>,
     Extension(RequestId(n)): Extension<RequestId>,
     body: Bytes,
 ) -> Response {
-    handle(&state, Endpoint::ChatCompletions, n, &body).await
-}
-
-async fn completions(
-    State(state): State<Arc<AppState>>,
-    Extension(RequestId(n)): Extension<RequestId>,
-    body: Bytes,
-) -> Response {
-    handle(&state, Endpoint::Completions, n, &body).await
-}
-
-async fn embeddings(
-    State(state): State<Arc<AppState>>,
-    Extension(RequestId(n)): Extension<RequestId>,
-    body: Bytes,
-) -> Response {
-    handle(&state, Endpoint::Embeddings, n, &body).await
-}
-
-async fn messages(
-    State(state): State<Arc<AppState>>,
-    Extension(RequestId(n)): Extension<RequestId>,
-    body: Bytes,
-) -> Response {
-    handle(&state, Endpoint::Messages, n, &body).await
+    handle(&state, endpoint, n, &body).await
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Response {

@@ -6,7 +6,8 @@
 //! - [`knobs`]: the command-line / environment configuration;
 //! - [`limiter`]: the token-bucket rpm limiter and its rate-limit headers;
 //! - [`faults`]: the seeded random fault and jitter decisions;
-//! - [`api`]: request parsing and response bodies for each endpoint;
+//! - [`api`]: request parsing and response bodies for each endpoint (with [`responses`] and
+//!   [`moderations`] for OpenAI's Responses and Moderations APIs);
 //! - [`stats`]: the counters behind `GET /stats`;
 //! - [`hostile`]: answers that misbehave on purpose (redirects, endless bodies, absurd
 //!   retry hints), chosen by the request's model;
@@ -23,6 +24,8 @@ mod handlers;
 pub mod hostile;
 pub mod knobs;
 pub mod limiter;
+pub mod moderations;
+pub mod responses;
 pub mod stats;
 
 use std::net::SocketAddr;

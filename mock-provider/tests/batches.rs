@@ -319,6 +319,33 @@ async fn the_line_error_knob_fails_lines_with_the_online_error_shape() {
 }
 
 #[tokio::test]
+async fn responses_and_moderations_run_in_batches_too() {
+    let mock = Mock::start(BatchKnobs { batch_complete_ms: 0, ..BatchKnobs::default() }).await;
+    for (endpoint, body) in [
+        ("/v1/responses", json!({"model": "gpt-r", "input": "batch me"})),
+        ("/v1/moderations", json!({"input": ["calm", "a mock-flag here"]})),
+    ] {
+        let line = json!({"custom_id": "one", "method": "POST", "url": endpoint, "body": body});
+        let done = mock.openai_batch(endpoint, &[line], json!({})).await;
+        assert_eq!(done["status"], "completed", "{endpoint}");
+        let output = mock.file_lines(&done["output_file_id"]).await;
+        let (status, online) = mock.post(endpoint, body).await;
+        assert_eq!(status, StatusCode::OK);
+        let batch_body = &output[0]["response"]["body"];
+        let volatile = if endpoint == "/v1/responses" { vec!["id", "created_at", "output"] } else { vec!["id"] };
+        let strip = |v: &Value| {
+            let mut v = v.clone();
+            volatile.iter().for_each(|k| drop(v.as_object_mut().unwrap().remove(*k)));
+            v
+        };
+        assert_eq!(strip(batch_body), strip(&online), "{endpoint}");
+        if endpoint == "/v1/responses" {
+            assert_eq!(batch_body["output"][0]["content"], online["output"][0]["content"]);
+        }
+    }
+}
+
+#[tokio::test]
 async fn openai_batches_are_listed_newest_first_by_pages() {
     let mock = Mock::start(slow()).await;
     let mut ids = Vec::new();

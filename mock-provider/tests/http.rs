@@ -65,6 +65,36 @@ async fn chat_completions_shape() {
 }
 
 #[tokio::test]
+async fn responses_and_moderations_shapes() {
+    let (addr, stop, _task) = mock_provider::spawn(Knobs::default()).await;
+    let resp = post(addr, "/v1/responses", json!({"model": "gpt-r", "input": "hello there"})).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let n = request_number(&resp);
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["id"], format!("resp_{n}"));
+    assert_eq!(v["object"], "response");
+    assert_eq!(v["output"][0]["content"][0]["text"], "mock reply to: hello there");
+    assert_eq!(v["usage"]["input_tokens"], 3);
+
+    let body = json!({"input": ["fine", format!("not {}", mock_provider::moderations::FLAG_MARKER)]});
+    let resp = post(addr, "/v1/moderations", body).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.unwrap();
+    let flagged: Vec<bool> = v["results"].as_array().unwrap().iter().map(|r| r["flagged"].as_bool().unwrap()).collect();
+    assert_eq!(flagged, [false, true]);
+
+    for path in ["/v1/responses", "/v1/moderations"] {
+        let resp = post(addr, path, json!({"model": "m"})).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{path}");
+        let v: Value = resp.json().await.unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+    let s = stats(addr).await;
+    assert_eq!((s.by_path["/v1/responses"], s.by_path["/v1/moderations"]), (2, 2));
+    stop.cancel();
+}
+
+#[tokio::test]
 async fn other_routes_shapes() {
     let (addr, stop, _task) = mock_provider::spawn(Knobs::default()).await;
 

@@ -1,4 +1,5 @@
-//! `producer wait`: collect a job's results into an OpenAI Batch output file.
+//! `producer wait`: collect a job's results into an output file (OpenAI Batch output lines,
+//! or Anthropic result lines with `--output-format anthropic`: see [`crate::output_format`]).
 //!
 //! A job's results live in its results stream, which reading does not consume: every
 //! `wait` reads it from the first message, so two `wait`s on one job each get everything,
@@ -14,11 +15,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fleet::topology::Topology;
-use fleet::wire::{output_line_status, ItemResult, JobCounts, JobSummary, KIND_JOB_FINISHED};
+use fleet::wire::{ItemResult, JobCounts, JobSummary, KIND_JOB_FINISHED};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
+
+use crate::output_format::OutputFormat;
 
 /// Results acked at once (one multiple-ack per batch, after an fsync). On a stream an ack
 /// only makes room for more deliveries (the prefetch window); it removes nothing.
@@ -37,9 +40,9 @@ pub enum OutputError {
     /// `submit --wait` is about to create a job, and the file already holds results.
     #[error("{path} already holds results (of job {other}); choose a new output file for a new job")]
     NotEmpty { path: String, other: String },
-    /// A line that is not a result of this fleet.
-    #[error("{path} line {line} is not a result line; refusing to append to it")]
-    NotResults { path: String, line: usize },
+    /// A line that is not a result of this fleet, in the format asked for.
+    #[error("{path} line {line} is not a result line (in the {format} output format); refusing to append to it")]
+    NotResults { path: String, line: usize, format: OutputFormat },
     /// The file cannot be opened for appending.
     #[error("cannot open {path} for writing: {source}")]
     Unwritable { path: String, source: std::io::Error },
@@ -52,8 +55,8 @@ fn line_job_id(v: &serde_json::Value) -> Option<&str> {
 
 /// Checks, before a job is submitted, that `path` can be written and holds no results
 /// (or, for a resumed submission, only that job's).
-pub fn check_new_output(path: &Path, resumed: Option<&str>) -> anyhow::Result<()> {
-    let (_, seen, _, job) = open_output(path, resumed)?;
+pub fn check_new_output(path: &Path, resumed: Option<&str>, format: OutputFormat) -> anyhow::Result<()> {
+    let (_, seen, _, job) = open_output(path, resumed, format)?;
     if let Some(other) = job.filter(|_| !seen.is_empty() && resumed.is_none()) {
         return Err(OutputError::NotEmpty { path: path.display().to_string(), other }.into());
     }
@@ -76,13 +79,17 @@ pub struct WaitRequest<'a> {
     pub progress: bool,
     /// Give up after this long (the file keeps what arrived; run again to resume).
     pub timeout: Option<Duration>,
+    /// The format of the output file's lines.
+    pub format: OutputFormat,
 }
 
 /// Opens `path` for appending, returning the custom_ids already in it, their counts and
-/// the job they belong to. With `job_id`, lines of any other job are refused.
+/// the job they belong to. With `job_id`, lines of any other job are refused; so are lines
+/// not in `format`.
 fn open_output(
     path: &Path,
     job_id: Option<&str>,
+    format: OutputFormat,
 ) -> anyhow::Result<(std::fs::File, HashSet<String>, JobCounts, Option<String>)> {
     let shown = || path.display().to_string();
     let mut file = std::fs::OpenOptions::new()
@@ -103,9 +110,10 @@ fn open_output(
         if n == 0 || line.last() != Some(&b'\n') {
             break; // end, or a torn last line from an interrupted write
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&line).map_err(|_| OutputError::NotResults { path: shown(), line: number })?;
-        let line_job = line_job_id(&v).ok_or(OutputError::NotResults { path: shown(), line: number })?;
+        let not_results = || OutputError::NotResults { path: shown(), line: number, format };
+        let v: serde_json::Value = serde_json::from_slice(&line).map_err(|_| not_results())?;
+        let line_job = line_job_id(&v).ok_or_else(not_results)?;
+        let status = format.status_of(&v).ok_or_else(not_results)?;
         if let Some(want) = job_id.filter(|want| *want != line_job) {
             return Err(
                 OutputError::OtherJob { path: shown(), other: line_job.to_string(), job: want.to_string() }.into()
@@ -114,7 +122,7 @@ fn open_output(
         job.get_or_insert_with(|| line_job.to_string());
         let id = v["custom_id"].as_str().unwrap_or_default().to_string();
         if seen.insert(id) {
-            counts.add(output_line_status(&v));
+            counts.add(status);
         }
         good_len += n as u64;
     }
@@ -144,6 +152,7 @@ struct Collector {
     /// Why the tracker ended the job early (`incomplete_submission`).
     abandoned: Option<String>,
     bar: indicatif::ProgressBar,
+    format: OutputFormat,
     /// Acker of the newest message not yet acked (acks are cumulative).
     unacked: Option<lapin::Acker>,
     unacked_n: usize,
@@ -195,8 +204,7 @@ impl Collector {
                 }
                 self.total.get_or_insert(result.total);
                 if self.seen.insert(result.custom_id.clone()) {
-                    serde_json::to_writer(&mut self.out, &result.to_output_line())?;
-                    self.out.write_all(b"\n")?;
+                    self.format.write_line(&mut self.out, &result)?;
                     self.counts.add(result.status);
                     self.bar.inc(1);
                 }
@@ -265,7 +273,7 @@ impl Collector {
 pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collected> {
     let started = Instant::now();
     let topology = Topology::from_config(cfg);
-    let (file, seen, counts, _) = open_output(req.output, Some(req.job_id))?;
+    let (file, seen, counts, _) = open_output(req.output, Some(req.job_id), req.format)?;
     let bar = crate::progress::bar(0, req.progress, "collecting");
     bar.set_position(seen.len() as u64);
     let mut c = Collector {
@@ -276,6 +284,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         job_status: None,
         abandoned: None,
         bar,
+        format: req.format,
         unacked: None,
         unacked_n: 0,
     };
@@ -359,7 +368,7 @@ mod tests {
     fn a_torn_last_line_is_dropped_and_the_file_resumes_after_the_good_ones() {
         let good = line("job_a", 0, "null") + &line("job_a", 1, r#"{"code":"expired","message":"late"}"#);
         let path = scratch("torn", &format!("{good}{{\"id\":\"batch_req_job_a_2\",\"cus"));
-        let (_, seen, counts, job) = open_output(&path, Some("job_a")).unwrap();
+        let (_, seen, counts, job) = open_output(&path, Some("job_a"), OutputFormat::Openai).unwrap();
         assert_eq!(seen.len(), 2);
         assert_eq!((counts.succeeded, counts.expired), (1, 1));
         assert_eq!(job.as_deref(), Some("job_a"));
@@ -369,14 +378,35 @@ mod tests {
     #[test]
     fn a_line_of_another_job_or_no_result_at_all_is_refused() {
         let path = scratch("other", &line("job_a", 0, "null"));
-        let err = open_output(&path, Some("job_b")).unwrap_err();
+        let err = open_output(&path, Some("job_b"), OutputFormat::Openai).unwrap_err();
         assert!(matches!(err.downcast_ref::<OutputError>(), Some(OutputError::OtherJob { .. })), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), line("job_a", 0, "null"), "left untouched");
         let path = scratch("garbage", &(line("job_a", 0, "null") + "hello\n"));
-        let err = open_output(&path, Some("job_a")).unwrap_err().to_string();
+        let err = open_output(&path, Some("job_a"), OutputFormat::Openai).unwrap_err().to_string();
         assert!(err.contains("line 2 is not a result line"), "{err}");
-        let err = check_new_output(&scratch("new", &line("job_a", 0, "null")), None).unwrap_err().to_string();
+        let err = check_new_output(&scratch("new", &line("job_a", 0, "null")), None, OutputFormat::Openai)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("already holds results (of job job_a)"), "{err}");
+    }
+
+    #[test]
+    fn a_file_is_read_back_in_its_own_format_only() {
+        let anthropic = concat!(
+            r#"{"id":"batch_req_job_a_0","custom_id":"c0","result":{"type":"succeeded","message":{}}}"#,
+            "\n",
+            r#"{"id":"batch_req_job_a_1","custom_id":"c1","result":{"type":"canceled"}}"#,
+            "\n",
+        );
+        let path = scratch("anthropic", anthropic);
+        let (_, seen, counts, _) = open_output(&path, Some("job_a"), OutputFormat::Anthropic).unwrap();
+        assert_eq!((seen.len(), counts.succeeded, counts.cancelled), (2, 1, 1));
+        let err = open_output(&path, Some("job_a"), OutputFormat::Openai).unwrap_err().to_string();
+        assert!(err.contains("line 1 is not a result line (in the openai output format)"), "{err}");
+        let path = scratch("openai-as-anthropic", &line("job_a", 0, "null"));
+        let err = open_output(&path, Some("job_a"), OutputFormat::Anthropic).unwrap_err().to_string();
+        assert!(err.contains("(in the anthropic output format)"), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), line("job_a", 0, "null"), "left untouched");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use fleet::wire::TrackerRequest;
 use producer::batch::{FallbackArg, ModeArg};
 use producer::collect::{self, Collected, WaitRequest};
 use producer::inspect;
+use producer::output_format::OutputFormat;
 use producer::submit::{self, InputError, SubmitRequest};
 use producer::{cancel, dead};
 
@@ -33,9 +34,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate an OpenAI Batch input file and enqueue it as one job.
+    /// Validate an input file (OpenAI Batch, or Anthropic Message Batches lines) and enqueue
+    /// it as one job.
     Submit {
-        /// JSONL file: one {custom_id, method, url, body} request per line.
+        /// JSONL file: one {custom_id, method, url, body} request per line, or (for an
+        /// anthropic-kind provider) one {custom_id, params} Message Batches request per line.
         file: PathBuf,
         /// Provider (a name from the config's `providers`).
         #[arg(long, short)]
@@ -52,6 +55,9 @@ enum Command {
         /// Output file for `--wait` (default `<job id>.jsonl`).
         #[arg(long, short)]
         output: Option<PathBuf>,
+        /// Format of the `--wait` output file's lines.
+        #[arg(long, value_enum, default_value_t)]
+        output_format: OutputFormat,
         /// Items not finished within this time end `expired` (e.g. 90s, 30m, 24h, 2d;
         /// default `producer.default_deadline_s`, 0 = none).
         #[arg(long, value_parser = producer::duration::parse_duration)]
@@ -71,7 +77,8 @@ enum Command {
         #[arg(long, value_enum)]
         fallback: Option<FallbackArg>,
     },
-    /// Collect a job's results into an OpenAI Batch output file; resumable.
+    /// Collect a job's results into an output file (OpenAI Batch output lines, or Anthropic
+    /// result lines); resumable.
     Wait {
         /// Job id printed by `submit`.
         #[arg(value_parser = job_id)]
@@ -79,6 +86,10 @@ enum Command {
         /// Output file; results already in it are kept and not written twice.
         #[arg(long, short)]
         output: PathBuf,
+        /// Format of the output file's lines: `openai` ({id, custom_id, response, error}) or
+        /// `anthropic` ({custom_id, result: {type: succeeded|errored|canceled|expired}}).
+        #[arg(long, value_enum, default_value_t)]
+        output_format: OutputFormat,
         /// Give up after this many seconds (run again to resume).
         #[arg(long)]
         timeout: Option<u64>,
@@ -140,13 +151,25 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit { file, provider, model, json, wait, output, deadline, resume, mode, fallback } => {
+        Command::Submit {
+            file,
+            provider,
+            model,
+            json,
+            wait,
+            output,
+            output_format,
+            deadline,
+            resume,
+            mode,
+            fallback,
+        } => {
             let deadline_s = deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
             if let Some(output) = output.as_deref().filter(|_| wait) {
                 // Before anything is published: a job whose results cannot be written is
                 // better not started (a resumed job's own results may be there already).
-                if let Err(e) = collect::check_new_output(output, resume.as_deref()) {
+                if let Err(e) = collect::check_new_output(output, resume.as_deref(), output_format) {
                     eprintln!("producer: {e:#}");
                     return ExitCode::from(2);
                 }
@@ -173,7 +196,13 @@ async fn main() -> ExitCode {
                     }
                     if wait {
                         let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
-                        let req = WaitRequest { job_id: &job.job_id, output: &output, progress, timeout: None };
+                        let req = WaitRequest {
+                            job_id: &job.job_id,
+                            output: &output,
+                            progress,
+                            timeout: None,
+                            format: output_format,
+                        };
                         collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
                     } else {
                         Ok(())
@@ -182,9 +211,14 @@ async fn main() -> ExitCode {
                 Err(e) => Err(e),
             }
         }
-        Command::Wait { job, output, timeout, json } => {
-            let req =
-                WaitRequest { job_id: &job, output: &output, progress, timeout: timeout.map(Duration::from_secs) };
+        Command::Wait { job, output, output_format, timeout, json } => {
+            let req = WaitRequest {
+                job_id: &job,
+                output: &output,
+                progress,
+                timeout: timeout.map(Duration::from_secs),
+                format: output_format,
+            };
             collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
         }
         Command::Status { job, json, timeout } => {

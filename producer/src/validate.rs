@@ -1,4 +1,6 @@
-//! Validation of an OpenAI Batch input file, streaming, before anything is published.
+//! Validation of an input file (OpenAI Batch lines, or Anthropic Message Batches requests
+//! for an Anthropic-kind provider: see [`crate::input`]), streaming, before anything is
+//! published.
 //!
 //! Every line is checked (JSON, fields, method, url, body size, duplicate `custom_id`), and
 //! every problem is reported with its line number, so a user fixes the file in one go.
@@ -14,6 +16,8 @@ use std::path::Path;
 use fleet::config::ProviderKind;
 use fleet::endpoint::Endpoint;
 use fleet::wire::{BatchInputLine, MAX_CUSTOM_ID_BYTES};
+
+use crate::input::{self, Format, ParseError};
 use xxhash_rust::xxh3::xxh3_64;
 
 /// At most this many problems are listed; the rest are counted.
@@ -60,15 +64,20 @@ pub struct Rules {
 
 /// Checks one line; `Ok` carries the parsed line.
 pub fn check_line(raw: &[u8], rules: &Rules) -> Result<BatchInputLine, String> {
-    let line: BatchInputLine = serde_json::from_slice(raw).map_err(|e| {
-        if e.classify() == serde_json::error::Category::Data {
-            strip_position(&e)
-        } else if std::str::from_utf8(raw).is_err() {
+    let (line, format) = input::parse_line(raw).map_err(|e| match e {
+        ParseError::Shape(message) => message,
+        ParseError::Json(e) if e.classify() == serde_json::error::Category::Data => strip_position(&e),
+        ParseError::Json(_) if std::str::from_utf8(raw).is_err() => {
             "not UTF-8 text (is this a binary file?)".to_string()
-        } else {
-            format!("malformed JSON: {}", strip_position(&e))
         }
+        ParseError::Json(e) => format!("malformed JSON: {}", strip_position(&e)),
     })?;
+    if format == Format::AnthropicBatch && rules.kind != ProviderKind::Anthropic {
+        // Only two kinds exist: this provider is an OpenAI-kind one.
+        return Err("an Anthropic Message Batches request (custom_id + params) needs a provider of kind anthropic, \
+                    not openai"
+            .into());
+    }
     if line.custom_id.is_empty() {
         return Err("custom_id is empty".into());
     }
@@ -176,8 +185,8 @@ fn confirm_duplicates(path: &Path, candidates: &[(u64, u64)]) -> std::io::Result
     let mut ids: HashMap<u64, String> = HashMap::new();
     for_each_line(path, |line_no, raw| {
         if wanted.contains(&line_no) {
-            if let Ok(v) = serde_json::from_slice::<BatchInputLine>(raw) {
-                ids.insert(line_no, v.custom_id);
+            if let Ok((line, _)) = input::parse_line(raw) {
+                ids.insert(line_no, line.custom_id);
             }
         }
         Ok(())
@@ -230,6 +239,53 @@ mod tests {
             "x".repeat(200)
         );
         assert!(check_line(big.as_bytes(), &rules()).unwrap_err().contains("over the limit"));
+    }
+
+    #[test]
+    fn anthropic_batch_requests_are_read_for_anthropic_providers_only() {
+        let line = br#"{"custom_id":"r1","params":{"model":"c","max_tokens":5,"messages":[]}}"#;
+        let anthropic = Rules { kind: ProviderKind::Anthropic, max_body_bytes: 100 };
+        let read = check_line(line, &anthropic).unwrap();
+        assert_eq!(
+            (read.url.as_str(), read.body.get()),
+            ("/v1/messages", r#"{"model":"c","max_tokens":5,"messages":[]}"#)
+        );
+        assert!(check_line(line, &rules()).unwrap_err().contains("needs a provider of kind anthropic"));
+        for (bad, want) in [
+            (r#"{"custom_id":"r","params":[1]}"#, "JSON object"),
+            (r#"{"custom_id":"r","params":{"stream":true}}"#, "stream"),
+            (r#"{"params":{}}"#, "missing field `custom_id`"),
+            (r#"{"custom_id":"r","params":{},"body":{}}"#, "keep one format"),
+        ] {
+            let err = check_line(bad.as_bytes(), &anthropic).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn responses_and_moderations_lines_are_accepted_for_openai_providers() {
+        for url in ["/v1/responses", "/v1/moderations"] {
+            let line = format!(r#"{{"custom_id":"a","method":"POST","url":"{url}","body":{{"input":"x"}}}}"#);
+            assert_eq!(check_line(line.as_bytes(), &rules()).unwrap().url, url);
+            let anthropic = Rules { kind: ProviderKind::Anthropic, max_body_bytes: 100 };
+            assert!(check_line(line.as_bytes(), &anthropic).unwrap_err().contains("not supported"));
+        }
+    }
+
+    #[test]
+    fn duplicates_across_both_formats_are_reported() {
+        let anthropic = Rules { kind: ProviderKind::Anthropic, max_body_bytes: 100 };
+        let openai_form = r#"{"custom_id":"a","method":"POST","url":"/v1/messages","body":{"max_tokens":1}}"#;
+        let p = write("dup-formats", format!("{openai_form}\n{{\"custom_id\":\"a\",\"params\":{{}}}}\n").as_bytes());
+        match validate_file(&p, &anthropic).unwrap_err() {
+            ValidationError::Lines { errors, .. } => {
+                assert_eq!(
+                    errors,
+                    vec![LineError { line: 2, message: "duplicate custom_id \"a\" (first seen on line 1)".into() }]
+                );
+            }
+            e => panic!("{e}"),
+        }
     }
 
     #[test]

@@ -18,18 +18,20 @@ use std::time::Instant;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::counters::{anthropic_tag, Api};
 use super::lifecycle::{rfc3339, Ending, Fate, Lifecycle, Stage};
 use super::lines::{self, NotRun};
-use super::registry::{Cursor, Full, Kept};
+use super::registry::{Cursor, Ids, Registry};
+use super::shared::{self, BatchApi};
 use super::{unix_ms_now, ApiError, Batches, Family, Inner, COMPLETION_WINDOW, INJECTED_REJECTION};
 use crate::api::Endpoint;
 
@@ -75,14 +77,27 @@ struct RequestCounts {
     expired: usize,
 }
 
-impl Kept for Batch {
-    fn has_ended(&mut self, now: Instant) -> bool {
-        matches!(self.life.stage(now), Stage::Ended(_))
-    }
-}
+impl BatchApi for Batch {
+    const FAMILY: Family = Family::Anthropic;
+    const NAME: &'static str = "message batch";
 
-impl Batch {
-    /// Bytes held against the store's budget: answers, then results.
+    fn registry(inner: &mut Inner) -> &mut Registry<Self> {
+        &mut inner.anthropic
+    }
+
+    fn ids(inner: &Inner) -> &Ids {
+        &inner.ids.message_batch
+    }
+
+    fn settle(inner: &mut Inner, seq: u64, now: Instant) {
+        settle(inner, seq, now);
+    }
+
+    fn life(&mut self) -> &mut Lifecycle {
+        &mut self.life
+    }
+
+    /// The answers, then the results.
     fn held_bytes(&self) -> u64 {
         match &self.held {
             Held::Answers { bytes, .. } => *bytes,
@@ -90,6 +105,16 @@ impl Batch {
         }
     }
 
+    fn object(&self, id: String, now: Instant) -> Value {
+        serde_json::to_value(object(id, self, now)).expect("batch objects serialise")
+    }
+
+    fn cannot_cancel(&mut self, _: Instant) -> String {
+        "Message Batch has already ended and cannot be canceled".to_owned()
+    }
+}
+
+impl Batch {
     fn rfc3339_at(&self, at: Instant) -> String {
         rfc3339(self.created_unix_ms + (at - self.life.created()).as_millis() as u64)
     }
@@ -121,7 +146,7 @@ fn settle(inner: &mut Inner, seq: u64, now: Instant) {
     let Held::Answers { lines, bytes } = &batch.held else { return };
     let counts = batch.counts(now);
     let answered = batch.life.answered(lines.len(), now);
-    let why = if ending == Ending::Expired { NotRun::Expired } else { NotRun::Cancelled };
+    let why = NotRun::after(ending);
     let mut results = String::new();
     for (i, line) in lines.iter().enumerate() {
         if i < answered {
@@ -175,20 +200,12 @@ fn object(id: String, batch: &Batch, now: Instant) -> BatchObject {
     }
 }
 
-/// Settles batch `seq` and renders its object.
-fn answer_with(inner: &mut Inner, seq: u64, now: Instant) -> Option<Response> {
-    settle(inner, seq, now);
-    let id = inner.ids.message_batch.id(seq);
-    let batch = inner.anthropic.get_mut(seq)?;
-    Some(Json(object(id, batch, now)).into_response())
-}
-
 pub(super) fn routes() -> Router<Arc<Batches>> {
     Router::new()
         .route("/v1/messages/batches", post(create).get(list))
-        .route("/v1/messages/batches/{id}", get(retrieve))
+        .route("/v1/messages/batches/{id}", get(shared::retrieve::<Batch>))
         .route("/v1/messages/batches/{id}/results", get(results))
-        .route("/v1/messages/batches/{id}/cancel", post(cancel))
+        .route("/v1/messages/batches/{id}/cancel", post(shared::cancel::<Batch>))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
@@ -291,18 +308,7 @@ async fn create(State(batches): State<Arc<Batches>>, headers: HeaderMap, body: B
     let fate = if expire { Fate::Expire } else { Fate::Complete };
 
     let mut inner = batches.lock();
-    match inner.anthropic.make_room(created) {
-        Ok(Some(evicted)) => inner.files.release(evicted.held_bytes()),
-        Ok(None) => {}
-        Err(Full) => {
-            return Err(ApiError::new(
-                Family::Anthropic,
-                StatusCode::TOO_MANY_REQUESTS,
-                "Too many message batches in progress for mock-provider (--batch-keep): wait for some to end",
-            ))
-        }
-    }
-    inner.files.charge(bytes, Family::Anthropic)?;
+    shared::admit::<Batch>(&mut inner, bytes, created)?;
     let tag = anthropic_tag(&lines[0].custom_id);
     inner.counters.created(Api::Anthropic, tag, true, lines.iter().map(|l| l.custom_id.as_str()));
     let id = inner.ids.message_batch.id(seq);
@@ -313,22 +319,14 @@ async fn create(State(batches): State<Arc<Batches>>, headers: HeaderMap, body: B
         held: Held::Answers { lines, bytes },
     };
     inner.anthropic.insert(seq, batch);
-    Ok(answer_with(&mut inner, seq, Instant::now()).expect("just inserted"))
-}
-
-async fn retrieve(State(batches): State<Arc<Batches>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let mut inner = batches.lock();
-    let seq = inner.ids.message_batch.seq(&id);
-    seq.and_then(|seq| answer_with(&mut inner, seq, Instant::now()))
-        .ok_or_else(|| ApiError::not_found(Family::Anthropic, "message batch", &id))
+    Ok(shared::answer::<Batch>(&mut inner, seq, Instant::now()))
 }
 
 async fn results(State(batches): State<Arc<Batches>>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let mut inner = batches.lock();
-    let not_found = || ApiError::not_found(Family::Anthropic, "message batch", &id);
-    let seq = inner.ids.message_batch.seq(&id).ok_or_else(not_found)?;
+    let seq = shared::seq_of::<Batch>(&mut inner, &id)?;
     settle(&mut inner, seq, Instant::now());
-    let batch = inner.anthropic.get_mut(seq).ok_or_else(not_found)?;
+    let batch = inner.anthropic.get_mut(seq).expect("found above");
     match &batch.held {
         Held::Results { results, .. } => {
             Ok(([(header::CONTENT_TYPE, "application/x-jsonl")], results.clone()).into_response())
@@ -338,26 +336,6 @@ async fn results(State(batches): State<Arc<Batches>>, Path(id): Path<String>) ->
             "Message Batch has not ended yet: its results are available once processing_status is 'ended'",
         )),
     }
-}
-
-async fn cancel(State(batches): State<Arc<Batches>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let now = Instant::now();
-    let mut inner = batches.lock();
-    let not_found = || ApiError::not_found(Family::Anthropic, "message batch", &id);
-    let seq = inner.ids.message_batch.seq(&id).ok_or_else(not_found)?;
-    let batch = inner.anthropic.get_mut(seq).ok_or_else(not_found)?;
-    let first = batch.life.cancelled_at().is_none();
-    if !batch.life.cancel(now) {
-        return Err(ApiError::new(
-            Family::Anthropic,
-            StatusCode::CONFLICT,
-            "Message Batch has already ended and cannot be canceled",
-        ));
-    }
-    if first {
-        inner.counters.cancelled();
-    }
-    Ok(answer_with(&mut inner, seq, now).expect("found above"))
 }
 
 #[derive(Deserialize)]
@@ -373,34 +351,19 @@ async fn list(
 ) -> Result<Response, ApiError> {
     let invalid = |message: String| ApiError::invalid(Family::Anthropic, message);
     let Query(query) = query.map_err(|e| invalid(format!("Invalid query: {e}")))?;
-    let limit = query.limit.unwrap_or(20);
-    if !(1..=1000).contains(&limit) {
-        return Err(invalid("limit: must be between 1 and 1000".to_owned()));
-    }
-    let now = Instant::now();
+    let limit = shared::limit(Family::Anthropic, query.limit, 1000)?;
     let mut inner = batches.lock();
-    let parse = |field: &str, id: &str| {
-        inner.ids.message_batch.seq(id).ok_or_else(|| invalid(format!("{field}: not a message batch id")))
-    };
     let cursor = match (&query.before_id, &query.after_id) {
         (Some(_), Some(_)) => return Err(invalid("before_id and after_id cannot both be given".to_owned())),
-        (Some(before), None) => Cursor::Before(parse("before_id", before)?),
-        (None, Some(after)) => Cursor::After(parse("after_id", after)?),
+        (Some(before), None) => Cursor::Before(shared::cursor_seq::<Batch>(&inner, "before_id", before)?),
+        (None, Some(after)) => Cursor::After(shared::cursor_seq::<Batch>(&inner, "after_id", after)?),
         (None, None) => Cursor::Start,
     };
-    let (seqs, has_more) = inner.anthropic.page(cursor, limit);
-    let mut data = Vec::with_capacity(seqs.len());
-    for &seq in &seqs {
-        settle(&mut inner, seq, now);
-        let id = inner.ids.message_batch.id(seq);
-        if let Some(batch) = inner.anthropic.get_mut(seq) {
-            data.push(object(id, batch, now));
-        }
-    }
-    let first_id = seqs.first().map(|&s| inner.ids.message_batch.id(s));
-    let last_id = seqs.last().map(|&s| inner.ids.message_batch.id(s));
-    Ok(Json(serde_json::json!({"data": data, "has_more": has_more, "first_id": first_id, "last_id": last_id}))
-        .into_response())
+    let page = shared::page::<Batch>(&mut inner, cursor, limit, Instant::now());
+    Ok(Json(serde_json::json!({
+        "data": page.data, "has_more": page.has_more, "first_id": page.first_id, "last_id": page.last_id,
+    }))
+    .into_response())
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use rand::Rng;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
+use super::lifecycle::Ending;
 use crate::api::{self, Endpoint};
 
 /// The message of an answer failed by the `--batch-line-error-rate` knob.
@@ -73,6 +74,18 @@ pub enum NotRun {
     Cancelled,
     /// The completion window ran out first (`batch_expired`).
     Expired,
+}
+
+impl NotRun {
+    /// Why the lines not answered by a batch that ended as `ending` were never run (only a
+    /// cancelled or an expired batch leaves lines unanswered).
+    pub fn after(ending: Ending) -> Self {
+        if ending == Ending::Expired {
+            NotRun::Expired
+        } else {
+            NotRun::Cancelled
+        }
+    }
 }
 
 /// The OpenAI output line (success) or error-file line (anything else) of an answered line

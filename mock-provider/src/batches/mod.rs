@@ -12,10 +12,11 @@
 //! Every line of a batch is answered, when the batch is created, by the online answer logic,
 //! so the same request gets the same body online and in a batch. When the batch is seen to
 //! end, its output (files, or results) is assembled from those answers and the batch's
-//! [`lifecycle`]. The knobs ([`BatchKnobs`]) set the time to complete, per-line errors,
-//! rejection, expiry and how much a cut-short batch keeps; `/stats` counts what was created
-//! ([`counters`]). Everything a client sends is bounded: upload and body sizes, lines per
-//! batch, batches and files kept, bytes stored.
+//! [`lifecycle`]. What both APIs do alike (retrieve, cancel, list, admitting a new batch) is
+//! written once in [`shared`]. The knobs ([`BatchKnobs`]) set the time to complete, per-line
+//! errors, rejection, expiry and how much a cut-short batch keeps; `/stats` counts what was
+//! created ([`counters`]). Everything a client sends is bounded: upload and body sizes, lines
+//! per batch, batches and files kept, bytes stored.
 //!
 //! The fault knobs of the online endpoints (error rates, latency, rpm) do not apply here.
 
@@ -26,6 +27,7 @@ mod lifecycle;
 mod lines;
 mod openai;
 mod registry;
+mod shared;
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -15,8 +15,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,12 +23,14 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use serde_json::Value;
 
 use super::counters::{metadata_tag, Api};
 use super::files::{Purpose, StoredFile};
 use super::lifecycle::{Ending, Fate, Lifecycle, Stage};
 use super::lines::{self, NotRun};
-use super::registry::{Cursor, Full, Kept};
+use super::registry::{Cursor, Ids, Registry};
+use super::shared::{self, BatchApi};
 use super::{unix_ms_now, ApiError, Batches, Family, Inner, COMPLETION_WINDOW, INJECTED_REJECTION};
 use crate::api::Endpoint;
 use fleet::config::ProviderKind;
@@ -96,14 +97,27 @@ struct RequestCounts {
     failed: usize,
 }
 
-impl Kept for Batch {
-    fn has_ended(&mut self, now: Instant) -> bool {
-        matches!(self.life.stage(now), Stage::Ended(_))
-    }
-}
+impl BatchApi for Batch {
+    const FAMILY: Family = Family::OpenAi;
+    const NAME: &'static str = "batch";
 
-impl Batch {
-    /// Bytes of answers still held (given back to the store's budget when written or evicted).
+    fn registry(inner: &mut Inner) -> &mut Registry<Self> {
+        &mut inner.openai
+    }
+
+    fn ids(inner: &Inner) -> &Ids {
+        &inner.ids.batch
+    }
+
+    fn settle(inner: &mut Inner, seq: u64, now: Instant) {
+        settle(inner, seq, now);
+    }
+
+    fn life(&mut self) -> &mut Lifecycle {
+        &mut self.life
+    }
+
+    /// The answers still held (the written files are accounted as files).
     fn held_bytes(&self) -> u64 {
         match &self.held {
             Held::Answers { bytes, .. } => *bytes,
@@ -111,6 +125,16 @@ impl Batch {
         }
     }
 
+    fn object(&self, id: String, now: Instant) -> Value {
+        serde_json::to_value(object(id, self, now)).expect("batch objects serialise")
+    }
+
+    fn cannot_cancel(&mut self, now: Instant) -> String {
+        format!("Cannot cancel a batch with status '{}'", status(self.life.stage(now)))
+    }
+}
+
+impl Batch {
     fn unix_s(&self, at: Instant) -> u64 {
         (self.created_unix_ms + (at - self.life.created()).as_millis() as u64) / 1000
     }
@@ -135,7 +159,7 @@ fn settle(inner: &mut Inner, seq: u64, now: Instant) {
     let Stage::Ended(ending) = batch.life.stage(now) else { return };
     let Held::Answers { lines, bytes } = &batch.held else { return };
     let answered = batch.life.answered(lines.len(), now);
-    let why = if ending == Ending::Expired { NotRun::Expired } else { NotRun::Cancelled };
+    let why = NotRun::after(ending);
     let (mut output, mut errors) = (String::new(), String::new());
     for (i, line) in lines.iter().enumerate() {
         match (i < answered, line.success) {
@@ -242,19 +266,11 @@ fn object<'a>(id: String, batch: &'a Batch, now: Instant) -> BatchObject<'a> {
     }
 }
 
-/// Settles batch `seq` and renders its object.
-fn answer_with(inner: &mut Inner, seq: u64, now: Instant) -> Option<Response> {
-    settle(inner, seq, now);
-    let id = inner.ids.batch.id(seq);
-    let batch = inner.openai.get_mut(seq)?;
-    Some(Json(object(id, batch, now)).into_response())
-}
-
 pub(super) fn routes() -> Router<Arc<Batches>> {
     Router::new()
         .route("/v1/batches", post(create).get(list))
-        .route("/v1/batches/{id}", get(retrieve))
-        .route("/v1/batches/{id}/cancel", post(cancel))
+        .route("/v1/batches/{id}", get(shared::retrieve::<Batch>))
+        .route("/v1/batches/{id}/cancel", post(shared::cancel::<Batch>))
 }
 
 #[derive(Deserialize)]
@@ -274,8 +290,14 @@ impl CreateRequest {
         if self.completion_window != "24h" {
             return Err(invalid("completion_window: only '24h' is supported".to_owned()));
         }
-        let endpoint = Endpoint::for_kind(&self.endpoint, ProviderKind::Openai).ok_or_else(|| {
-            let supported = Endpoint::paths_of(ProviderKind::Openai).join(", ");
+        let endpoint = Endpoint::for_kind(&self.endpoint, ProviderKind::Openai).filter(|e| e.may_run_in_batch());
+        let endpoint = endpoint.ok_or_else(|| {
+            let supported = Endpoint::ALL
+                .into_iter()
+                .filter(|e| e.is_served_by(ProviderKind::Openai) && e.may_run_in_batch())
+                .map(Endpoint::path)
+                .collect::<Vec<_>>()
+                .join(", ");
             invalid(format!("endpoint: not a supported batch endpoint (supported: {supported})"))
         })?;
         if let Some(metadata) = &self.metadata {
@@ -326,18 +348,7 @@ async fn create(State(batches): State<Arc<Batches>>, body: Bytes) -> Result<Resp
     };
 
     let mut inner = batches.lock();
-    match inner.openai.make_room(created) {
-        Ok(Some(evicted)) => inner.files.release(evicted.held_bytes()),
-        Ok(None) => {}
-        Err(Full) => {
-            return Err(ApiError::new(
-                Family::OpenAi,
-                StatusCode::TOO_MANY_REQUESTS,
-                "Too many batches in progress for mock-provider (--batch-keep): wait for some to end",
-            ))
-        }
-    }
-    inner.files.charge(plan.bytes, Family::OpenAi)?;
+    shared::admit::<Batch>(&mut inner, plan.bytes, created)?;
     let tag = request.metadata.as_ref().map(metadata_tag).unwrap_or_default();
     let ids = plan.lines.iter().map(|l| l.custom_id.as_str());
     inner.counters.created(Api::OpenAi, tag, fate != Fate::Reject, ids);
@@ -351,7 +362,7 @@ async fn create(State(batches): State<Arc<Batches>>, body: Bytes) -> Result<Resp
         held: Held::Answers { lines: plan.lines, bytes: plan.bytes },
     };
     inner.openai.insert(seq, batch);
-    Ok(answer_with(&mut inner, seq, Instant::now()).expect("just inserted"))
+    Ok(shared::answer::<Batch>(&mut inner, seq, Instant::now()))
 }
 
 /// The validated and answered input file of a new batch.
@@ -501,34 +512,6 @@ fn check_line(
     Ok((custom_id, body))
 }
 
-async fn retrieve(State(batches): State<Arc<Batches>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let mut inner = batches.lock();
-    let seq = inner.ids.batch.seq(&id);
-    seq.and_then(|seq| answer_with(&mut inner, seq, Instant::now()))
-        .ok_or_else(|| ApiError::not_found(Family::OpenAi, "batch", &id))
-}
-
-async fn cancel(State(batches): State<Arc<Batches>>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let now = Instant::now();
-    let mut inner = batches.lock();
-    let not_found = || ApiError::not_found(Family::OpenAi, "batch", &id);
-    let seq = inner.ids.batch.seq(&id).ok_or_else(not_found)?;
-    let batch = inner.openai.get_mut(seq).ok_or_else(not_found)?;
-    let first = batch.life.cancelled_at().is_none();
-    if !batch.life.cancel(now) {
-        let status = status(batch.life.stage(now));
-        return Err(ApiError::new(
-            Family::OpenAi,
-            StatusCode::CONFLICT,
-            format!("Cannot cancel a batch with status '{status}'"),
-        ));
-    }
-    if first {
-        inner.counters.cancelled();
-    }
-    Ok(answer_with(&mut inner, seq, now).expect("found above"))
-}
-
 #[derive(Deserialize)]
 struct ListQuery {
     after: Option<String>,
@@ -539,35 +522,17 @@ async fn list(
     State(batches): State<Arc<Batches>>,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let invalid = |message: String| ApiError::invalid(Family::OpenAi, message);
-    let Query(query) = query.map_err(|e| invalid(format!("Invalid query: {e}")))?;
-    let limit = query.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(invalid("limit: must be between 1 and 100".to_owned()));
-    }
-    let now = Instant::now();
+    let Query(query) = query.map_err(|e| ApiError::invalid(Family::OpenAi, format!("Invalid query: {e}")))?;
+    let limit = shared::limit(Family::OpenAi, query.limit, 100)?;
     let mut inner = batches.lock();
     let cursor = match &query.after {
         None => Cursor::Start,
-        Some(after) => {
-            Cursor::After(inner.ids.batch.seq(after).ok_or_else(|| invalid("after: not a batch id".to_owned()))?)
-        }
+        Some(after) => Cursor::After(shared::cursor_seq::<Batch>(&inner, "after", after)?),
     };
-    let (seqs, has_more) = inner.openai.page(cursor, limit);
-    let mut data = Vec::with_capacity(seqs.len());
-    for &seq in &seqs {
-        settle(&mut inner, seq, now);
-    }
-    for &seq in &seqs {
-        let id = inner.ids.batch.id(seq);
-        if let Some(batch) = inner.openai.get_mut(seq) {
-            data.push(serde_json::to_value(object(id, batch, now)).expect("batch objects serialise"));
-        }
-    }
-    let first_id = seqs.first().map(|&s| inner.ids.batch.id(s));
-    let last_id = seqs.last().map(|&s| inner.ids.batch.id(s));
+    let page = shared::page::<Batch>(&mut inner, cursor, limit, Instant::now());
     Ok(Json(serde_json::json!({
-        "object": "list", "data": data, "first_id": first_id, "last_id": last_id, "has_more": has_more,
+        "object": "list", "data": page.data, "first_id": page.first_id, "last_id": page.last_id,
+        "has_more": page.has_more,
     }))
     .into_response())
 }

@@ -207,13 +207,18 @@ impl Http<'_> {
         let result = self.send_untimed(req, op).await;
         self.observe(op, started);
         if let Err(e) = &result {
-            self.client.metrics().errors.with_label_values(&[&self.client.name, e.kind(), op]).inc();
+            self.count_error(e, op);
         }
         result
     }
 
+    /// Counts a failed call in `batch_errors_total{error_type, operation}`.
+    pub fn count_error(&self, e: &ApiError, op: &str) {
+        self.client.metrics().errors.with_label_values(&[&self.client.name, e.kind(), operation(op)]).inc();
+    }
+
     async fn send_untimed(&self, req: reqwest::RequestBuilder, op: &str) -> Result<Bytes, ApiError> {
-        let resp = self.response(req, op).await?;
+        let resp = self.response_uncounted(req, op).await?;
         let limit = self.client.max_response_bytes();
         match crate::provider::read_capped(resp, limit).await {
             Ok(Some(b)) => Ok(b),
@@ -224,6 +229,14 @@ impl Http<'_> {
 
     /// Sends `req` and returns a 2xx response unread (for streaming result files).
     pub async fn response(&self, req: reqwest::RequestBuilder, op: &str) -> Result<reqwest::Response, ApiError> {
+        let result = self.response_uncounted(req, op).await;
+        if let Err(e) = &result {
+            self.count_error(e, op);
+        }
+        result
+    }
+
+    async fn response_uncounted(&self, req: reqwest::RequestBuilder, op: &str) -> Result<reqwest::Response, ApiError> {
         let resp = req.send().await.map_err(|e| ApiError::Transient(format!("{op}: {}", e.without_url())))?;
         let status = resp.status().as_u16();
         if (200..300).contains(&status) {
@@ -239,17 +252,23 @@ impl Http<'_> {
 
     /// Records one call's latency under `operation` = submit|poll|fetch|cancel.
     pub fn observe(&self, op: &str, started: Instant) {
-        let op = match op {
-            "upload" | "create" | "find" => "submit",
-            "retrieve" => "poll",
-            "content" | "results" | "delete" => "fetch",
-            other => other,
-        };
         self.client
             .metrics()
             .provider_latency
-            .with_label_values(&[&self.client.name, op])
+            .with_label_values(&[&self.client.name, operation(op)])
             .observe(started.elapsed().as_secs_f64());
+    }
+}
+
+/// The `operation` label of a batch API call: `submit` (upload, create, and the lists and
+/// reads that look for a chunk's batch), `poll`, `fetch` (result downloads, deletes),
+/// `cancel`.
+fn operation(op: &str) -> &'static str {
+    match op {
+        "upload" | "create" | "find" => "submit",
+        "retrieve" => "poll",
+        "cancel" => "cancel",
+        _ => "fetch",
     }
 }
 

@@ -56,6 +56,10 @@ pub struct ChunkPlan<'a> {
     pub submitted_at_ms: u64,
     pub deadline_ms: Option<u64>,
     pub fallback_online: bool,
+    /// The job's chunk messages may be on the broker already (a resumed or retried
+    /// submission publishes them again): each is then marked `maybe_created`, so whichever
+    /// copy a worker takes first looks for the chunk's provider batch before creating one.
+    pub maybe_published: bool,
 }
 
 /// A chunker for `provider`'s limits.
@@ -64,9 +68,7 @@ pub fn chunker(provider: &ProviderConfig) -> Chunker {
     Chunker::new(requests, bytes)
 }
 
-/// Publishes one chunk message per range (confirmed), in order. Published again by a
-/// resumed submission: a worker that takes a chunk twice finds the batch the first created
-/// (by its tag) before creating one.
+/// Publishes one chunk message per range (confirmed), in order.
 pub async fn publish_chunks(ch: &lapin::Channel, plan: &ChunkPlan<'_>, ranges: &[(u64, u64)]) -> anyhow::Result<()> {
     let queue = plan.topology.chunk_queue(plan.provider);
     for (i, (start, end)) in ranges.iter().enumerate() {
@@ -80,7 +82,7 @@ pub async fn publish_chunks(ch: &lapin::Channel, plan: &ChunkPlan<'_>, ranges: &
             submitted_at_ms: plan.submitted_at_ms,
             deadline_ms: plan.deadline_ms,
             fallback_online: plan.fallback_online,
-            state: ChunkState::Pending { maybe_created: false },
+            state: ChunkState::Pending { maybe_created: plan.maybe_published },
             polls: 0,
         };
         let payload = serde_json::to_vec(&task)?;

@@ -90,8 +90,11 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
     if mode == JobMode::Batch && !provider.batch {
         return Err(InputError::NoBatchApi { name: req.provider.to_string() }.into());
     }
+    // A resumed submission may have published chunk messages already (see `ChunkPlan`).
+    let resumed = resume::load(req.file)?.is_some();
     let record = start_or_resume(req, total, mode)?;
     let job = Job {
+        chunks_maybe_published: std::cell::Cell::new(resumed),
         mode: record.mode.unwrap_or(JobMode::Online),
         fallback_online: record.fallback_online,
         provider_cfg: provider.clone(),
@@ -232,6 +235,9 @@ struct Job {
     window: usize,
     /// Online (the items queue) or batch (the job's batch items stream, then chunks).
     mode: JobMode,
+    /// Chunk messages of this job may be on the broker already (a resumed submission, or a
+    /// retry after the broker failed while they were published).
+    chunks_maybe_published: std::cell::Cell<bool>,
     fallback_online: bool,
     provider_cfg: fleet::config::ProviderConfig,
 }
@@ -353,6 +359,7 @@ impl Job {
                 submitted_at_ms: self.submitted_at_ms,
                 deadline_ms: req.deadline_ms,
                 fallback_online: self.fallback_online,
+                maybe_published: self.chunks_maybe_published.replace(true),
             };
             batch::publish_chunks(&ch, &plan, &chunker.finish())
                 .await

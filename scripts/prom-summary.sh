@@ -19,4 +19,5 @@ echo "  items succeeded:        $(q "sum(batch_worker_items_total{$W,status=\"su
 echo "  items failed:           $(q "sum(batch_worker_items_total{$W,status=\"failed\"})")"
 echo "  retries:                $(q "sum(batch_retry_attempts_total{$W})")"
 echo "  provider latency p95 s: $(q "histogram_quantile(0.95, sum by (le) (batch_provider_latency_seconds_bucket{$W}))")"
+echo "  poll cycle p95 s:       $(q "histogram_quantile(0.95, sum by (le) (batch_poll_cycle_seconds_bucket{$W,namespace=~\"$NS\"}))") ($(q "sum(batch_poll_cycle_seconds_count{$W,namespace=~\"$NS\"})") poll passes)"
 echo "  jobs completed:         $(q "sum(batch_jobs_total{job=\"batch_tracker\",namespace=~\"$NS\",status=\"completed\"})")"

@@ -65,6 +65,7 @@ pub const MOCK_PROVIDER_TOML: &str = r#"
 [providers.mock]
 kind = "openai"
 base_url = "http://127.0.0.1:8080"
+batch = true
 "#;
 
 /// Keys whose environment value is a comma-separated list (`FLEET__WORKER__PROVIDERS=a,b`).
@@ -305,6 +306,48 @@ pub struct ProviderConfig {
     /// ends failed with `response_too_large` (a misbehaving server cannot exhaust memory).
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: usize,
+    /// Whether the provider has a batch API the fleet may use (`submit --mode batch|auto`):
+    /// OpenAI's `/v1/files` + `/v1/batches`, or Anthropic's `/v1/messages/batches`. Off by
+    /// default: many OpenAI-compatible servers (vLLM, gateways) have no batch API.
+    #[serde(default)]
+    pub batch: bool,
+    /// Most requests in one provider batch (a chunk); unset: the kind's limit (OpenAI
+    /// 50,000, Anthropic 100,000).
+    #[serde(default)]
+    pub batch_max_requests: Option<u64>,
+    /// Most bytes of one provider batch's input; unset: the kind's limit (OpenAI 200 MB,
+    /// Anthropic 256 MB).
+    #[serde(default)]
+    pub batch_max_bytes: Option<u64>,
+    /// Seconds between two polls of a provider batch (the TTL of its poll delay queue).
+    #[serde(default = "default_batch_poll_interval_s")]
+    pub batch_poll_interval_s: u64,
+}
+
+fn default_batch_poll_interval_s() -> u64 {
+    60
+}
+
+/// How long a provider takes at most to finish a batch (both kinds promise 24 hours):
+/// `submit --mode auto` picks batch mode only for a job whose deadline is at least this far.
+pub const BATCH_COMPLETION_WINDOW_S: u64 = 24 * 3600;
+
+impl ProviderKind {
+    /// The provider's own limits on one batch: (requests, bytes of input).
+    pub fn batch_limits(self) -> (u64, u64) {
+        match self {
+            ProviderKind::Openai => (50_000, 200 * 1_000_000),
+            ProviderKind::Anthropic => (100_000, 256 * 1_000_000),
+        }
+    }
+}
+
+impl ProviderConfig {
+    /// The chunk limits of this provider: configured, else the kind's own.
+    pub fn batch_limits(&self) -> (u64, u64) {
+        let (requests, bytes) = self.kind.batch_limits();
+        (self.batch_max_requests.unwrap_or(requests), self.batch_max_bytes.unwrap_or(bytes))
+    }
 }
 
 impl ProviderConfig {
@@ -382,6 +425,16 @@ impl Config {
         for (name, p) in &self.providers {
             if p.max_in_flight == 0 || p.timeout_s == 0 {
                 anyhow::bail!("provider {name}: max_in_flight and timeout_s must be > 0");
+            }
+            let (max_requests, max_bytes) = p.kind.batch_limits();
+            if !(1..=max_requests).contains(&p.batch_limits().0) || !(1..=max_bytes).contains(&p.batch_limits().1) {
+                anyhow::bail!(
+                    "provider {name}: batch_max_requests must be 1..={max_requests} and batch_max_bytes \
+                     1..={max_bytes} (the provider's own limits)"
+                );
+            }
+            if !(1..=86_400).contains(&p.batch_poll_interval_s) {
+                anyhow::bail!("provider {name}: batch_poll_interval_s must be 1..=86400");
             }
             check_http_url(&format!("providers.{name}.base_url"), &p.base_url)?;
             p.check_key_envs(name)?;

@@ -5,6 +5,7 @@
 //! (queue names, message shapes, metric names) live here, once.
 
 pub mod amqp;
+pub mod batch;
 pub mod config;
 pub mod endpoint;
 pub mod metrics;

@@ -144,6 +144,20 @@ impl WorkerMetrics {
     }
 }
 
+/// `batch_provider_batches{provider,status}`: provider batches in progress, by the
+/// provider's own status (`validating`, `in_progress`, `finalizing`, `cancelling` for the
+/// OpenAI kind; `in_progress`, `canceling` for Anthropic's), as last polled by this worker.
+/// Registered in the worker's registry by workers that serve a provider in batch mode.
+pub fn register_provider_batches(registry: &Registry) -> IntGaugeVec {
+    let gauge = gauge_vec(
+        "batch_provider_batches",
+        "Provider batches in progress, by provider status, as last polled by this worker",
+        &["provider", "status"],
+    );
+    registry.register(Box::new(gauge.clone())).expect("metric registered once");
+    gauge
+}
+
 /// `reason` label values of `batch_dead_letters_total`.
 pub const DEAD_LETTER_REASONS: [&str; 4] = ["malformed", "oversized", "no_results_queue", "poison"];
 

@@ -23,7 +23,7 @@ use lapin::{Channel, ExchangeKind};
 
 /// Results streams keep a job's results for a week at most (the tracker deletes a job's
 /// stream earlier, when it forgets the finished job after `tracker.retention_s`).
-const RESULTS_MAX_AGE: &str = "7D";
+pub(crate) const RESULTS_MAX_AGE: &str = "7D";
 /// Segment size of a results stream: age retention drops whole segments, so a smaller
 /// segment lets a large job's stream shrink as it ages.
 const RESULTS_SEGMENT_BYTES: i64 = 16 * 1024 * 1024;
@@ -70,6 +70,10 @@ impl Topology {
 
     pub fn namespace(&self) -> &str {
         &self.ns
+    }
+    /// Deliveries of one message before its queue dead-letters it.
+    pub fn delivery_limit(&self) -> u32 {
+        self.delivery_limit
     }
     pub fn items_exchange(&self) -> String {
         format!("{}.items", self.ns)
@@ -336,13 +340,13 @@ pub fn is_not_found(e: &lapin::Error) -> bool {
     crate::amqp::refusal(e) == Some(crate::amqp::Refusal::NotFound)
 }
 
-fn quorum() -> FieldTable {
+pub(crate) fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     args
 }
 
-async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+pub(crate) async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
     let name: ShortString = name.into();
     ch.queue_declare(name, QueueDeclareOptions { durable: true, ..Default::default() }, args).await.map(|_| ())
 }

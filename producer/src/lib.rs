@@ -1,6 +1,7 @@
 //! The producer CLI's library: submitting jobs, collecting results, and (through the job
 //! tracker) inspecting and controlling jobs.
 
+pub mod batch;
 pub mod cancel;
 pub mod collect;
 pub mod dead;

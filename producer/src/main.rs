@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use fleet::wire::TrackerRequest;
+use producer::batch::{FallbackArg, ModeArg};
 use producer::collect::{self, Collected, WaitRequest};
 use producer::finish::{self, Finish};
 use producer::inspect;
@@ -68,6 +69,15 @@ enum Command {
         /// the same file is recognised by its content and resumed too.
         #[arg(long, value_parser = job_id)]
         resume: Option<String>,
+        /// How the requests run: `online` (one call each), `batch` (the provider's batch
+        /// API: half price, within 24 h) or `auto` (batch when the provider has one and the
+        /// deadline allows 24 h).
+        #[arg(long, value_enum, default_value = "online")]
+        mode: ModeArg,
+        /// `online`: requests a provider batch lets expire are re-run online while the
+        /// job's deadline allows (batch mode).
+        #[arg(long, value_enum)]
+        fallback: Option<FallbackArg>,
     },
     /// Collect a job's results into an output file (OpenAI Batch output lines, or Anthropic
     /// result lines); resumable.
@@ -170,7 +180,19 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit { file, provider, model, json, wait, output, output_format, deadline, resume } => {
+        Command::Submit {
+            file,
+            provider,
+            model,
+            json,
+            wait,
+            output,
+            output_format,
+            deadline,
+            resume,
+            mode,
+            fallback,
+        } => {
             let deadline_s = deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
             if let Some(output) = output.as_deref().filter(|_| wait) {
@@ -188,6 +210,8 @@ async fn main() -> ExitCode {
                 deadline_ms,
                 progress,
                 resume: resume.as_deref(),
+                mode,
+                fallback_online: fallback == Some(FallbackArg::Online),
             };
             match submit::submit(&cfg, &req).await {
                 Ok(job) => {
@@ -294,7 +318,17 @@ async fn retry(
     let deadline_ms =
         (cfg.producer.default_deadline_s > 0).then(|| fleet::now_ms() + cfg.producer.default_deadline_s * 1000);
     let req =
-        SubmitRequest { file: &plan.file, provider: &plan.provider, model: None, deadline_ms, progress, resume: None };
+        // Online: the items to retry are few, and the provider's batch window would delay them.
+        SubmitRequest {
+            file: &plan.file,
+            provider: &plan.provider,
+            model: None,
+            deadline_ms,
+            progress,
+            resume: None,
+            mode: ModeArg::Online,
+            fallback_online: false,
+        };
     let new = submit::submit(cfg, &req).await?;
     if json {
         println!("{}", serde_json::to_string(&new).expect("serializable"));

@@ -26,6 +26,12 @@ pub struct Record {
     pub deadline_ms: Option<u64>,
     /// Every item with an index below this is confirmed by the broker.
     pub confirmed: u64,
+    /// The job's mode, kept so a resumed submission publishes where the first one did
+    /// (absent in records of earlier versions: online).
+    #[serde(default)]
+    pub mode: Option<fleet::batch::JobMode>,
+    #[serde(default)]
+    pub fallback_online: bool,
 }
 
 /// Where the record of submitting `file` is kept.
@@ -102,6 +108,8 @@ mod tests {
             submitted_at_ms: 5,
             deadline_ms: Some(9),
             confirmed: 0,
+            mode: None,
+            fallback_online: false,
         };
         save(&file, &r).unwrap();
         assert_eq!(record_path(&file), dir.join("in.jsonl.submitting.json"));

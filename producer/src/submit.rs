@@ -13,11 +13,13 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use fleet::amqp::{self, PendingConfirm};
+use fleet::batch::JobMode;
 use fleet::topology::Topology;
 use fleet::wire::{Item, LedgerEvent};
 use fleet::Config;
 use serde_json::value::RawValue;
 
+use crate::batch::{self, ChunkPlan, ModeArg};
 use crate::resume::{self, Record};
 use crate::validate::{self, Rules};
 
@@ -33,6 +35,10 @@ pub struct SubmitRequest<'a> {
     /// Resume this job's unfinished submission (refused unless the file is the one it was
     /// started with).
     pub resume: Option<&'a str>,
+    /// `--mode`: online, batch (the provider's batch API) or auto.
+    pub mode: ModeArg,
+    /// `--fallback online`: requests a provider batch let expire are re-run online.
+    pub fallback_online: bool,
 }
 
 /// A submitted job.
@@ -58,6 +64,8 @@ pub enum InputError {
     NotTheSameFile { job: String, provider: String, record: String },
     #[error("the file has {total} requests; one job holds at most {} (split the file)", fleet::wire::MAX_JOB_ITEMS)]
     TooMany { total: u64 },
+    #[error("provider {name:?} has no batch API configured (set providers.{name}.batch = true, or use --mode online)")]
+    NoBatchApi { name: String },
 }
 
 /// A new job id: short, unique, safe in queue names and URLs.
@@ -77,8 +85,19 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
         return Err(InputError::TooMany { total }.into());
     }
 
-    let record = start_or_resume(req, total)?;
+    let deadline_s = req.deadline_ms.map(|d| d.saturating_sub(fleet::now_ms()) / 1000);
+    let mode = batch::resolve(req.mode, provider, deadline_s);
+    if mode == JobMode::Batch && !provider.batch {
+        return Err(InputError::NoBatchApi { name: req.provider.to_string() }.into());
+    }
+    // A resumed submission may have published chunk messages already (see `ChunkPlan`).
+    let resumed = resume::load(req.file)?.is_some();
+    let record = start_or_resume(req, total, mode)?;
     let job = Job {
+        chunks_maybe_published: std::cell::Cell::new(resumed),
+        mode: record.mode.unwrap_or(JobMode::Online),
+        fallback_online: record.fallback_online,
+        provider_cfg: provider.clone(),
         topology: Topology::from_config(cfg),
         job_id: record.job_id.clone(),
         total,
@@ -133,7 +152,7 @@ pub async fn submit(cfg: &Config, req: &SubmitRequest<'_>) -> anyhow::Result<Sub
 
 /// The record of this submission: a new job, or the unfinished one this file was started
 /// as (named by `--resume`, or recognised by the file's content hash).
-fn start_or_resume(req: &SubmitRequest<'_>, total: u64) -> anyhow::Result<Record> {
+fn start_or_resume(req: &SubmitRequest<'_>, total: u64, mode: JobMode) -> anyhow::Result<Record> {
     let hash = resume::content_hash(req.file)?;
     let record_name = resume::record_path(req.file).display().to_string();
     match (resume::load(req.file)?, req.resume) {
@@ -156,6 +175,8 @@ fn start_or_resume(req: &SubmitRequest<'_>, total: u64) -> anyhow::Result<Record
             submitted_at_ms: fleet::now_ms(),
             deadline_ms: req.deadline_ms,
             confirmed: 0,
+            mode: Some(mode),
+            fallback_online: req.fallback_online,
         }),
         (Some(_), None) => unreachable!("matched above"),
     }
@@ -212,6 +233,13 @@ struct Job {
     submitted_at_ms: u64,
     rules: Rules,
     window: usize,
+    /// Online (the items queue) or batch (the job's batch items stream, then chunks).
+    mode: JobMode,
+    /// Chunk messages of this job may be on the broker already (a resumed submission, or a
+    /// retry after the broker failed while they were published).
+    chunks_maybe_published: std::cell::Cell<bool>,
+    fallback_online: bool,
+    provider_cfg: fleet::config::ProviderConfig,
 }
 
 impl Job {
@@ -239,6 +267,11 @@ impl Job {
         self.topology.declare_common(&ch).await.map_err(broker(start))?;
         self.topology.declare_items_queue(&ch, req.provider).await.map_err(broker(start))?;
         self.topology.declare_results_queue(&ch, &self.job_id).await.map_err(broker(start))?;
+        if self.mode == JobMode::Batch {
+            self.topology.declare_batch_items_stream(&ch, &self.job_id).await.map_err(broker(start))?;
+            let poll_s = self.provider_cfg.batch_poll_interval_s;
+            self.topology.declare_chunk_queues(&ch, req.provider, poll_s).await.map_err(broker(start))?;
+        }
         if !*announced {
             let event = LedgerEvent::JobSubmitted {
                 job_id: self.job_id.clone(),
@@ -257,7 +290,8 @@ impl Job {
             *announced = true;
         }
         bar.set_position(start);
-        let exchange = self.topology.items_exchange();
+        let (exchange, routing_key) = batch::destination(&self.topology, self.mode, req.provider, &self.job_id);
+        let mut chunker = batch::chunker(&self.provider_cfg);
         let mut pending: VecDeque<(u64, PendingConfirm)> = VecDeque::with_capacity(self.window);
         let mut payload = Vec::with_capacity(4096);
         let mut index = 0u64;
@@ -269,11 +303,13 @@ impl Job {
             let raw = raw.map_err(|e| fatal(e.into()))?;
             let this = index;
             index += 1;
+            let line = validate::check_line(&raw, &self.rules)
+                .map_err(|e| fatal(anyhow::anyhow!("file changed while submitting: {e}")))?;
+            // Chunk boundaries depend on every line, so lines a resumed run skips count too.
+            chunker.push(fleet::batch::line_bytes(raw.len()), &line.url);
             if this < start {
                 continue;
             }
-            let line = validate::check_line(&raw, &self.rules)
-                .map_err(|e| fatal(anyhow::anyhow!("file changed while submitting: {e}")))?;
             let body = match req.model {
                 Some(model) => with_model(&line.body, model).map_err(fatal)?,
                 None => line.body,
@@ -300,7 +336,7 @@ impl Job {
                 progress.confirmed(i + 1);
             }
             let oldest = pending.front().map_or(this, |(i, _)| *i);
-            let p = amqp::publish(&ch, &exchange, req.provider, &payload, amqp::persistent_json())
+            let p = amqp::publish(&ch, &exchange, &routing_key, &payload, amqp::persistent_json())
                 .await
                 .map_err(|e| Interrupted::Broker { confirmed: oldest, error: e.into() })?;
             pending.push_back((this, p));
@@ -313,6 +349,21 @@ impl Job {
                 "file changed while submitting: validated {} requests, read {index}",
                 self.total
             )));
+        }
+        if self.mode == JobMode::Batch {
+            let plan = ChunkPlan {
+                topology: &self.topology,
+                job_id: &self.job_id,
+                provider: req.provider,
+                total: self.total,
+                submitted_at_ms: self.submitted_at_ms,
+                deadline_ms: req.deadline_ms,
+                fallback_online: self.fallback_online,
+                maybe_published: self.chunks_maybe_published.replace(true),
+            };
+            batch::publish_chunks(&ch, &plan, &chunker.finish())
+                .await
+                .map_err(|e| Interrupted::Broker { confirmed: self.total, error: e })?;
         }
         let done = LedgerEvent::SubmissionComplete { job_id: self.job_id.clone() };
         let done = serde_json::to_vec(&done).map_err(|e| fatal(e.into()))?;

@@ -30,13 +30,15 @@ pub struct Worker {
     /// Items in flight; the drain waits for all of them.
     pub in_flight: TaskTracker,
     pub cancelled: Cancelled,
+    /// `batch_provider_batches{provider,status}` (batch mode).
+    pub provider_batches: prometheus::IntGaugeVec,
 }
 
 /// Consumes every served provider's queue on `conn` until the connection fails (`Err`) or
 /// `shutdown` fires (`Ok` once every consumer is cancelled; in-flight tasks keep running
 /// in `in_flight`).
-pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let Worker { cfg, worker_id, topology, metrics, clients, in_flight, cancelled } = w;
+pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let Worker { cfg, worker_id, topology, metrics, clients, in_flight, cancelled, .. } = w;
     let publish = fleet::amqp::confirm_channel(conn).await?;
     topology.declare_common(&publish).await?;
     for name in clients.keys() {
@@ -111,6 +113,7 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
             }
         });
     }
+    crate::batch::spawn_consumers(conn, w, &ctx, &mut consumers, shutdown);
     tracing::info!(providers = clients.len(), "consuming");
     let all_consumers = async {
         while let Some(res) = consumers.join_next().await {

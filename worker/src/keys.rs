@@ -93,6 +93,14 @@ impl KeyPool {
         &self.keys[i]
     }
 
+    /// The key of provider batch-API calls (batch mode): the first key still in rotation.
+    /// Always the same key while it is accepted, because a provider shows a batch and its
+    /// files only to keys of the project that created them.
+    pub fn batch_auth(&self) -> Option<&(HeaderName, HeaderValue)> {
+        let first = self.active().first().copied().unwrap_or(0);
+        self.keys.get(first).and_then(|k| k.auth.as_ref())
+    }
+
     fn active(&self) -> Vec<usize> {
         (0..self.keys.len()).filter(|&i| !self.keys[i].retired.load(Ordering::Relaxed)).collect()
     }
@@ -218,6 +226,10 @@ mod tests {
             rpm: None,
             tpm: None,
             max_response_bytes: 1,
+            batch: false,
+            batch_max_requests: None,
+            batch_max_bytes: None,
+            batch_poll_interval_s: 60,
         };
         KeyPool::new("p", &cfg, 4, &WorkerMetrics::new()).unwrap()
     }

@@ -5,6 +5,7 @@
 //! connection fails (then reconnect) or shutdown fires (then stop consuming, drain the
 //! items in flight within `worker.drain_timeout_s`, push metrics one last time, exit).
 
+pub mod batch;
 pub mod consume;
 pub mod control;
 pub mod keys;
@@ -68,6 +69,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         clients,
         in_flight: TaskTracker::new(),
         cancelled: control::Cancelled::new(cfg.tracker.retention_s.saturating_mul(1000)),
+        provider_batches: fleet::metrics::register_provider_batches(&metrics.registry),
     };
     // A refused login never heals by retrying (the loop below retries only what can): fail
     // at start with exit 1 rather than warn forever. A broker that is down is waited for.
@@ -86,6 +88,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         let Some(conn) = fleet::amqp::connect_with_retry(&cfg.amqp.addresses(), &name, &shutdown).await else {
             break;
         };
+        // Shared with the batch-mode tasks, which open channels of their own (stream reads).
+        let conn = Arc::new(conn);
         match consume::serve_connection(&conn, &worker, &shutdown).await {
             Ok(()) => {
                 retry_delay = Duration::from_millis(200);

@@ -272,7 +272,7 @@ async fn poison(ctx: &Context, provider: &str, item: Item, delivery: Delivery, d
 }
 
 /// Times this message was delivered before (quorum queues count in `x-delivery-count`).
-fn delivery_count(delivery: &Delivery) -> u64 {
+pub fn delivery_count(delivery: &Delivery) -> u64 {
     let Some(headers) = delivery.properties.headers() else { return 0 };
     match headers.inner().get("x-delivery-count") {
         Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u64,

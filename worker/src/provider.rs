@@ -264,6 +264,43 @@ impl ProviderClient {
         Ok(Target { endpoint, url: target })
     }
 
+    /// The kind of API this provider speaks.
+    pub fn kind(&self) -> ProviderKind {
+        self.kind
+    }
+
+    /// A request to one of the provider's batch API paths (`/v1/files`, `/v1/batches/{id}`,
+    /// ...; built by the batch module from fixed segments and checked ids), placed under
+    /// `base_url` as [`ProviderClient::target`] places endpoints, with the key attached.
+    /// Redirects are not followed (the client's policy), so the key stays on this host.
+    pub fn batch_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let base_path = self.base_url.path().trim_end_matches('/');
+        let path = match path.strip_prefix("/v1") {
+            Some(rest) if base_path.ends_with("/v1") => format!("{base_path}{rest}"),
+            _ => format!("{base_path}{path}"),
+        };
+        let mut url = self.base_url.clone();
+        url.set_path(&path);
+        let mut req = self.http.request(method, url);
+        if let Some((name, value)) = self.keys.batch_auth() {
+            req = req.header(name.clone(), value.clone());
+        }
+        if self.kind == ProviderKind::Anthropic {
+            req = req.header("anthropic-version", "2023-06-01");
+        }
+        req
+    }
+
+    /// Largest body read from this provider in one answer.
+    pub fn max_response_bytes(&self) -> usize {
+        self.max_response_bytes
+    }
+
+    /// The metrics this client records to.
+    pub fn metrics(&self) -> &WorkerMetrics {
+        &self.metrics
+    }
+
     /// Calls the provider for `item` at `target`, retrying transient failures within the
     /// budget. `key`: the key [`KeyPool::room`] gave this task (its first call uses it).
     pub async fn execute(&self, item: &Item, target: &Target, key: Option<usize>) -> Outcome {
@@ -417,7 +454,7 @@ impl ProviderClient {
 
 /// Reads a response body of at most `limit` bytes; `Ok(None)` when it is longer (reading
 /// stops there, so an endless body costs `limit` bytes and no more).
-async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Option<Bytes>, reqwest::Error> {
+pub(crate) async fn read_capped(mut resp: reqwest::Response, limit: usize) -> Result<Option<Bytes>, reqwest::Error> {
     if resp.content_length().is_some_and(|n| n > limit as u64) {
         return Ok(None);
     }
@@ -466,7 +503,7 @@ const RETRY_HINT_HEADERS: [&str; 4] =
     ["retry-after", "retry-after-ms", "llm_provider-retry-after", "llm_provider-retry-after-ms"];
 
 /// The provider's request id, `""` when it sent none.
-fn request_id(headers: &reqwest::header::HeaderMap) -> String {
+pub(crate) fn request_id(headers: &reqwest::header::HeaderMap) -> String {
     REQUEST_ID_HEADERS.iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok())).unwrap_or("").to_string()
 }
 
@@ -695,6 +732,10 @@ mod tests {
             rpm: None,
             tpm: None,
             max_response_bytes: 1024,
+            batch: false,
+            batch_max_requests: None,
+            batch_max_bytes: None,
+            batch_poll_interval_s: 60,
         };
         let retry = RetryConfig {
             max_attempts: 1,
@@ -751,6 +792,10 @@ mod tests {
             rpm: None,
             tpm: None,
             max_response_bytes: 1,
+            batch: false,
+            batch_max_requests: None,
+            batch_max_bytes: None,
+            batch_poll_interval_s: 60,
         };
         let retry = client(ProviderKind::Openai, "http://x").retry.clone();
         let err = ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).err().unwrap().to_string();

@@ -369,6 +369,12 @@ impl<'a> Active<'a> {
                 Ok(_) => tracing::info!(job_id = %job_id, "retention over: deleted the job's results stream"),
                 Err(e) => tracing::debug!(job_id = %job_id, error = %e, "cannot delete a results stream"),
             }
+            // A batch-mode job's items stream goes with its results (deleting a queue that
+            // does not exist, as for an online job, is a no-op).
+            let items = self.topology.batch_items_stream(job_id);
+            if let Err(e) = self.ch.queue_delete(items.as_str().into(), Default::default()).await {
+                tracing::debug!(job_id = %job_id, error = %e, "cannot delete a batch items stream");
+            }
         }
     }
 

@@ -1,0 +1,498 @@
+//! Provider batch mode in the worker: consuming a provider's chunk queue, and moving each
+//! chunk one step through its life per delivery, so no worker is ever held while the
+//! provider works (see `docs/architecture.md`, "Provider batch mode").
+//!
+//! Every delivery of a chunk ends in one decision:
+//! - garbage (not a chunk, or out of bounds) is dead-lettered with its reason;
+//! - `pending`, job cancelled or past its deadline → every item `cancelled`/`expired`;
+//! - `pending` → find the chunk's batch first when a create may have happened (the
+//!   delivery is a redelivery, or the message says so), else create it; then publish the
+//!   chunk as `created` (batch id) to the poll queue, confirmed, and only then ack: a
+//!   worker killed in between leaves a redelivered `pending` chunk, whose taker finds the
+//!   batch by its tag instead of creating a second one;
+//! - `created` → one poll pass (cancelling the batch first when the job was cancelled or
+//!   its deadline passed): still running → back to the poll queue; ended → fetch every
+//!   result line, publish one result per item on the ordinary results path, ack, then
+//!   delete the provider files;
+//! - a transient provider failure → back to the poll queue, unchanged (a failed create is
+//!   marked `maybe_created`); a refusal → the chunk's items fail with the provider's reason.
+//!
+//! Duplicated results (a chunk fetched twice after a crash) are dropped downstream by
+//! (job, index), as for online items.
+
+pub mod anthropic;
+pub mod api;
+pub mod items;
+pub mod openai;
+mod outcome;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use fleet::amqp;
+use fleet::batch::{ChunkState, ChunkTask};
+use fleet::wire::{Item, ItemResult};
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use prometheus::IntGaugeVec;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::api::{ApiError, BatchApi, Created, Polled};
+use crate::process::{self, Context};
+use crate::provider::ProviderClient;
+
+/// Chunks one worker works on at once per provider: creating and fetching hold a delivery
+/// for a while (an upload, a download); polls are short.
+const CHUNK_PREFETCH: u16 = 4;
+/// Results of a fetched chunk being published at once.
+const PUBLISH_CONCURRENCY: usize = 1024;
+
+/// What the chunk handlers of one provider share.
+pub struct Batch {
+    pub ctx: Arc<Context>,
+    pub conn: Arc<Connection>,
+    pub client: Arc<ProviderClient>,
+    pub poll_s: u64,
+    pub batches: ProviderBatches,
+}
+
+/// Starts a chunk consumer for each served provider in batch mode (`providers.<p>.batch`).
+pub fn spawn_consumers(
+    conn: &Arc<Connection>,
+    w: &crate::consume::Worker,
+    ctx: &Arc<Context>,
+    consumers: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    shutdown: &CancellationToken,
+) {
+    for (name, (client, _)) in &w.clients {
+        let Some(pcfg) = w.cfg.providers.get(name).filter(|p| p.batch) else { continue };
+        let b = Arc::new(Batch {
+            ctx: ctx.clone(),
+            conn: conn.clone(),
+            client: client.clone(),
+            poll_s: pcfg.batch_poll_interval_s,
+            batches: ProviderBatches::new(w.provider_batches.clone(), name, pcfg.batch_poll_interval_s),
+        });
+        consumers.spawn(consume(b, w.in_flight.clone(), shutdown.clone()));
+    }
+}
+
+/// Consumes `provider`'s chunk queue on `conn` until the connection fails (`Err`) or
+/// `shutdown` fires (`Ok`; chunk tasks keep running in `in_flight`).
+pub async fn consume(b: Arc<Batch>, in_flight: TaskTracker, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let topology = &b.ctx.topology;
+    let name = b.client.name.clone();
+    let ch = b.conn.create_channel().await?;
+    topology.declare_chunk_queues(&ch, &name, b.poll_s).await?;
+    ch.basic_qos(CHUNK_PREFETCH, BasicQosOptions::default()).await?;
+    let tag = format!("{}/batch/{name}", b.ctx.worker_id);
+    let mut consumer = ch
+        .basic_consume(
+            topology.chunk_queue(&name).into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut cancelling = false;
+    let mut refresh = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if !cancelling => {
+                cancelling = true;
+                if ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = refresh.tick() => b.batches.refresh(),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let (b, ch) = (b.clone(), ch.clone());
+                    in_flight.spawn(async move {
+                        handle(&b, delivery).await;
+                        drop(ch);
+                    });
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None if cancelling => return Ok(()),
+                None => anyhow::bail!("chunk consumer of {name} ended unexpectedly"),
+            }
+        }
+    }
+}
+
+/// Handles one chunk delivery to completion; never panics on bad input, always settles.
+async fn handle(b: &Batch, delivery: Delivery) {
+    let provider = b.client.name.as_str();
+    let task: ChunkTask = match serde_json::from_slice(&delivery.data) {
+        Ok(t) => t,
+        Err(e) => {
+            let reason = format!("malformed chunk: {e}");
+            return process::dead_letter(&b.ctx, provider, delivery, "malformed", &reason).await;
+        }
+    };
+    if let Err(e) = task.check() {
+        let reason = format!("invalid chunk: {e}");
+        return process::dead_letter(&b.ctx, provider, delivery, "malformed", &reason).await;
+    }
+    if task.provider != provider {
+        let reason = format!("chunk for provider {:?} on the chunk queue of {provider:?}", task.provider);
+        return process::dead_letter(&b.ctx, provider, delivery, "malformed", &reason).await;
+    }
+    let redelivered = delivery.redelivered || process::delivery_count(&delivery) > 0;
+    match task.state.clone() {
+        ChunkState::Pending { maybe_created } => pending(b, task, maybe_created || redelivered, delivery).await,
+        ChunkState::Created { batch_id, input_file_id, cancel_sent } => {
+            let created = Created { batch_id, input_file_id };
+            poll(b, task, created, cancel_sent, delivery).await
+        }
+    }
+}
+
+/// Why the job no longer wants its chunk run: cancelled, or past its deadline.
+fn unwanted(b: &Batch, task: &ChunkTask) -> Option<fleet::wire::ItemStatus> {
+    if b.ctx.cancelled.contains(&task.job_id) {
+        Some(fleet::wire::ItemStatus::Cancelled)
+    } else if task.deadline_ms.is_some_and(|d| fleet::now_ms() > d) {
+        Some(fleet::wire::ItemStatus::Expired)
+    } else {
+        None
+    }
+}
+
+/// A chunk with no known provider batch: find or create one.
+async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: Delivery) {
+    let api = BatchApi::new(&b.client, b.ctx.topology.namespace());
+    let Some(items) = read_items(b, &task, delivery.acker.clone()).await else { return };
+    if let Some(status) = unwanted(b, &task) {
+        let results = outcome::all_unrun(&b.ctx, &task, &items, status);
+        finish(b, &task, results, Vec::new(), delivery).await;
+        return;
+    }
+    let found = if maybe_created { api.find(&task).await } else { Ok(None) };
+    let created = match found {
+        Ok(Some(c)) => {
+            tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %c.batch_id, "found the chunk's provider batch; not creating another");
+            Ok(c)
+        }
+        Ok(None) => {
+            let refused = unbatchable(&b.client, &items);
+            let list: Vec<Item> = items.values().filter(|i| !refused.contains_key(&i.index)).cloned().collect();
+            if list.is_empty() {
+                let results = outcome::of_lines(&b.ctx, &task, &items, &refused, HashMap::new(), None, None).0;
+                finish(b, &task, results, Vec::new(), delivery).await;
+                return;
+            }
+            api.create(&task, &list).await
+        }
+        Err(e) => Err(e),
+    };
+    match created {
+        Ok(c) => {
+            test_pause("created").await;
+            tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %c.batch_id, items = task.len(), "chunk's provider batch recorded; polling it");
+            task.state =
+                ChunkState::Created { batch_id: c.batch_id, input_file_id: c.input_file_id, cancel_sent: false };
+            to_poll_queue(b, &task, delivery).await;
+        }
+        Err(ApiError::Transient(e)) => {
+            // The create may have reached the provider: the next taker looks first.
+            tracing::info!(job_id = %task.job_id, chunk = task.chunk, error = %e, "cannot create the provider batch yet; retrying at the next poll");
+            task.state = ChunkState::Pending { maybe_created: true };
+            to_poll_queue(b, &task, delivery).await;
+        }
+        Err(ApiError::Refused { status, message }) => {
+            tracing::info!(job_id = %task.job_id, chunk = task.chunk, status, message = %message, "the provider refused the batch");
+            let results = outcome::refused(&b.ctx, &task, &items, &message);
+            finish(b, &task, results, Vec::new(), delivery).await;
+        }
+    }
+}
+
+/// One poll pass of a chunk whose provider batch exists.
+async fn poll(b: &Batch, mut task: ChunkTask, created: Created, mut cancel_sent: bool, delivery: Delivery) {
+    let started = Instant::now();
+    let api = BatchApi::new(&b.client, b.ctx.topology.namespace());
+    if unwanted(b, &task).is_some() && !cancel_sent {
+        match api.cancel(&created.batch_id).await {
+            // A refusal: the batch has ended already (nothing left to cancel).
+            Ok(()) | Err(ApiError::Refused { .. }) => cancel_sent = true,
+            Err(e) => tracing::info!(batch_id = %created.batch_id, error = %e, "cannot cancel the provider batch yet"),
+        }
+    }
+    let tag = task.tag(b.ctx.topology.namespace());
+    let polled = match api.poll(&created.batch_id).await {
+        Ok(p) => p,
+        Err(ApiError::Transient(e)) => {
+            tracing::info!(batch_id = %created.batch_id, error = %e, "cannot poll the provider batch; trying again later");
+            task.polls += 1;
+            task.state =
+                ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
+            to_poll_queue(b, &task, delivery).await;
+            b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
+            return;
+        }
+        Err(ApiError::Refused { status, message }) => {
+            // The provider does not know the batch (any more): nothing will come of it.
+            let Some(items) = read_items(b, &task, delivery.acker.clone()).await else { return };
+            let message = format!("the provider answered HTTP {status} for batch {}: {message}", created.batch_id);
+            let results = outcome::refused(&b.ctx, &task, &items, &message);
+            b.batches.ended(&tag);
+            finish(b, &task, results, Vec::new(), delivery).await;
+            return;
+        }
+    };
+    test_pause("polled").await;
+    b.batches.seen(&tag, polled.status, polled.ending.is_some());
+    tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, status = polled.status, polls = task.polls + 1, "polled provider batch");
+    if polled.ending.is_none() {
+        task.polls += 1;
+        task.state =
+            ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
+        to_poll_queue(b, &task, delivery).await;
+        b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
+        return;
+    }
+    b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
+    fetch(b, task, created, polled, delivery).await;
+}
+
+/// An ended provider batch: every item gets its result.
+async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, delivery: Delivery) {
+    let api = BatchApi::new(&b.client, b.ctx.topology.namespace());
+    let Some(items) = read_items(b, &task, delivery.acker.clone()).await else { return };
+    let mut lines = HashMap::new();
+    let mut keep = |f: api::Fetched| {
+        lines.entry(f.index).or_insert(f.outcome);
+    };
+    if let Err(e) = api.fetch(&task, &created.batch_id, &polled, &mut keep).await {
+        tracing::info!(batch_id = %created.batch_id, error = %e, "cannot read the batch's results yet; trying again later");
+        to_poll_queue(b, &task, delivery).await;
+        return;
+    }
+    let wanted = unwanted(b, &task);
+    let refused = unbatchable(&b.client, &items);
+    let (results, fallback) = outcome::of_lines(&b.ctx, &task, &items, &refused, lines, polled.ending.clone(), wanted);
+    tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, results = results.len(), online_fallback = fallback.len(), "fetched provider batch");
+    if finish(b, &task, results, fallback, delivery).await {
+        api.clean_up(&created, &polled).await;
+        b.batches.ended(&task.tag(b.ctx.topology.namespace()));
+    }
+}
+
+/// Items of the chunk that are not put in its provider batch, with the reason: a `url`
+/// that is not an endpoint of the provider (only the producer, which validates every line,
+/// should write items; anyone else is suspect), or another endpoint than the chunk's first
+/// item (one endpoint per batch; the producer cuts chunks that way).
+fn unbatchable(client: &ProviderClient, items: &BTreeMap<u64, Item>) -> HashMap<u64, String> {
+    let mut endpoint: Option<&str> = None;
+    let mut refused = HashMap::new();
+    for item in items.values() {
+        if let Err(e) = client.target(&item.url) {
+            refused.insert(item.index, format!("forbidden_url: {e}"));
+        } else if *endpoint.get_or_insert(&item.url) != item.url {
+            refused.insert(item.index, "another endpoint than the rest of its chunk".to_string());
+        }
+    }
+    refused
+}
+
+/// Reads the chunk's items; on a broker failure the delivery is requeued (after a pause)
+/// and `None` returned.
+async fn read_items(b: &Batch, task: &ChunkTask, acker: lapin::Acker) -> Option<BTreeMap<u64, Item>> {
+    match items::read(&b.conn, &b.ctx.topology, task, b.ctx.max_message_bytes).await {
+        Ok(items) => Some(items),
+        Err(e) => {
+            tracing::warn!(job_id = %task.job_id, chunk = task.chunk, error = %e, "cannot read the chunk's items; requeueing it");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            None
+        }
+    }
+}
+
+/// Publishes the chunk (in its new state) to the poll queue, confirmed, then acks the
+/// delivery it came from. If the publish fails the delivery is requeued instead.
+async fn to_poll_queue(b: &Batch, task: &ChunkTask, delivery: Delivery) {
+    let payload = serde_json::to_vec(task).expect("chunks serialize");
+    let queue = b.ctx.topology.poll_queue(&b.client.name, b.poll_s);
+    match amqp::publish_confirmed(&b.ctx.publish, "", &queue, &payload, amqp::persistent_json()).await {
+        Ok(()) => {
+            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+                tracing::warn!(error = %e, "ack failed after moving a chunk to the poll queue; it may be taken twice");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot publish to the poll queue; requeueing the chunk");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+        }
+    }
+}
+
+/// Publishes every result (and re-queues the items falling back to online), then acks the
+/// chunk. Returns whether the chunk was acked; otherwise it is requeued and redone (the
+/// results already out are duplicates then, dropped downstream).
+async fn finish(
+    b: &Batch,
+    task: &ChunkTask,
+    results: Vec<ItemResult>,
+    fallback: Vec<Item>,
+    delivery: Delivery,
+) -> bool {
+    let ctx = &b.ctx;
+    let mut failure = None;
+    for window in results.chunks(PUBLISH_CONCURRENCY) {
+        let mut confirms = Vec::with_capacity(window.len());
+        for r in window {
+            confirms.push(process::publish_outcome(ctx, r));
+        }
+        failure = futures::future::join_all(confirms).await.into_iter().find_map(Result::err);
+        if failure.is_some() {
+            break;
+        }
+        test_pause("publishing").await;
+    }
+    if failure.is_none() {
+        for item in &fallback {
+            let payload = serde_json::to_vec(item).expect("items serialize");
+            let exchange = ctx.topology.items_exchange();
+            if let Err(e) =
+                amqp::publish_confirmed(&ctx.publish, &exchange, &item.provider, &payload, amqp::persistent_json())
+                    .await
+            {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    match failure {
+        Some(amqp::PublishError::Unroutable { .. }) => {
+            // The job's results stream is gone: nobody can receive these results.
+            tracing::info!(job_id = %task.job_id, chunk = task.chunk, "the job's results stream is gone; dropping the chunk");
+        }
+        Some(e) => {
+            tracing::warn!(job_id = %task.job_id, chunk = task.chunk, error = %e, "cannot publish the chunk's results; requeueing it");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            return false;
+        }
+        None => {}
+    }
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(error = %e, "ack failed after publishing a chunk's results; it may be fetched again");
+        return false;
+    }
+    for r in &results {
+        ctx.metrics.items.with_label_values(&[&task.provider, r.status.as_str()]).inc();
+    }
+    true
+}
+
+/// Test seam: with `FLEET_TEST_BATCH_PAUSE=<point>` in its environment, a worker stops at
+/// that point of a chunk's life (logging `batch test pause at <point>`) until it is killed,
+/// so the end-to-end tests can SIGKILL it exactly there. Points: `created` (the create
+/// call returned, nothing recorded yet), `polled` (a poll answered, the chunk not moved
+/// yet), `publishing` (some of a fetched chunk's results are out, not all).
+async fn test_pause(point: &str) {
+    static PAUSE_AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let at = PAUSE_AT.get_or_init(|| std::env::var("FLEET_TEST_BATCH_PAUSE").ok());
+    if at.as_deref() == Some(point) {
+        tracing::info!("batch test pause at {point}");
+        std::future::pending::<()>().await;
+    }
+}
+
+/// `batch_provider_batches{provider,status}`: the provider batches this worker polled last,
+/// by the provider's status. A batch is counted by the worker that polled it most recently
+/// (an entry is dropped once the batch ended, or when no poll refreshed it for two poll
+/// intervals: another worker polls it now).
+pub struct ProviderBatches {
+    gauge: IntGaugeVec,
+    provider: String,
+    stale_after: Duration,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Provider status of each batch by chunk tag, and when it was polled.
+    batches: HashMap<String, (&'static str, Instant)>,
+    /// Every status shown so far: one no longer seen reads 0, not a stale count.
+    shown: std::collections::BTreeSet<&'static str>,
+}
+
+impl ProviderBatches {
+    pub fn new(gauge: IntGaugeVec, provider: &str, poll_s: u64) -> ProviderBatches {
+        ProviderBatches {
+            gauge,
+            provider: provider.to_string(),
+            stale_after: Duration::from_secs(2 * poll_s + 30),
+            seen: Mutex::default(),
+        }
+    }
+
+    fn seen(&self, tag: &str, status: &'static str, ended: bool) {
+        {
+            let mut seen = self.seen.lock().expect("not poisoned");
+            if ended {
+                seen.batches.remove(tag);
+            } else {
+                seen.batches.insert(tag.to_string(), (status, Instant::now()));
+            }
+        }
+        self.refresh();
+    }
+
+    fn ended(&self, tag: &str) {
+        self.seen.lock().expect("not poisoned").batches.remove(tag);
+        self.refresh();
+    }
+
+    /// Recomputes the gauge from the batches seen recently.
+    fn refresh(&self) {
+        let mut seen = self.seen.lock().expect("not poisoned");
+        let stale_after = self.stale_after;
+        seen.batches.retain(|_, (_, at)| at.elapsed() < stale_after);
+        let mut counts: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for (status, _) in seen.batches.values() {
+            *counts.entry(status).or_default() += 1;
+        }
+        let statuses: Vec<&'static str> = counts.keys().copied().collect();
+        seen.shown.extend(statuses);
+        for status in &seen.shown {
+            self.gauge
+                .with_label_values(&[self.provider.as_str(), status])
+                .set(counts.get(status).copied().unwrap_or(0));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_batches_gauge_counts_by_status_and_returns_to_zero() {
+        let registry = prometheus::Registry::new();
+        let gauge = fleet::metrics::register_provider_batches(&registry);
+        let batches = ProviderBatches::new(gauge.clone(), "p", 1);
+        let value = |status: &str| gauge.with_label_values(&["p", status]).get();
+        batches.seen("ns/j/0", "in_progress", false);
+        batches.seen("ns/j/1", "in_progress", false);
+        batches.seen("ns/j/2", "validating", false);
+        assert_eq!((value("in_progress"), value("validating")), (2, 1));
+        batches.seen("ns/j/2", "in_progress", false);
+        assert_eq!((value("in_progress"), value("validating")), (3, 0), "a status no longer seen reads 0");
+        batches.seen("ns/j/0", "completed", true);
+        batches.ended("ns/j/1");
+        batches.ended("ns/j/2");
+        assert_eq!(value("in_progress"), 0);
+        assert_eq!(value("completed"), 0, "ended batches are not counted");
+    }
+}

@@ -1,0 +1,164 @@
+//! From a provider batch's ending and result lines to one [`ItemResult`] per item of the
+//! chunk (and the items that fall back to online calls).
+//!
+//! | line or ending                          | result                                           |
+//! |-----------------------------------------|--------------------------------------------------|
+//! | an answer (any HTTP status)             | the response line (succeeded if 2xx, else failed)|
+//! | an error without answer                 | failed with the provider's error                 |
+//! | expired (line, or no line and the batch expired) | `expired`, or online again with `--fallback online` while the deadline allows |
+//! | cancelled (line, or no line and the batch was cancelled) | `cancelled` (`expired` when the job's deadline was the reason) |
+//! | no line, batch rejected                 | failed with the provider's reason for its line, or for the batch |
+//! | no line, batch completed                | failed (`missing_from_batch_output`)             |
+//! | not put in the batch (a url not of the provider, another endpoint) | failed (`not_batchable`) |
+
+use std::collections::{BTreeMap, HashMap};
+
+use fleet::batch::ChunkTask;
+use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus};
+
+use super::api::{Ending, LineOutcome};
+use crate::process::Context;
+
+/// A result for item `index` of the chunk without a provider answer. An item missing from
+/// the job's batch items stream (it should never be) still gets a failed result, under a
+/// custom id naming its index, so the job can end.
+fn unanswered(
+    ctx: &Context,
+    task: &ChunkTask,
+    items: &BTreeMap<u64, Item>,
+    index: u64,
+    status: ItemStatus,
+    error: ErrorRecord,
+) -> ItemResult {
+    match items.get(&index) {
+        Some(item) => ItemResult::without_answer(item, status, error, &ctx.worker_id),
+        None => ItemResult {
+            job_id: task.job_id.clone(),
+            index,
+            total: task.total,
+            custom_id: format!("(item {index}: missing from the job's batch items)"),
+            provider: task.provider.clone(),
+            status: ItemStatus::Failed,
+            response: None,
+            error: Some(ErrorRecord { code: "missing_item".into(), message: "the item could not be read".into() }),
+            attempts: 0,
+            worker: ctx.worker_id.clone(),
+            finished_at_ms: fleet::now_ms(),
+            request: None,
+        },
+    }
+}
+
+fn error(code: &str, message: &str) -> ErrorRecord {
+    ErrorRecord { code: code.to_string(), message: message.to_string() }
+}
+
+/// Every item of a chunk whose batch never ran: `cancelled` or `expired`.
+pub fn all_unrun(ctx: &Context, task: &ChunkTask, items: &BTreeMap<u64, Item>, status: ItemStatus) -> Vec<ItemResult> {
+    let message = match status {
+        ItemStatus::Cancelled => "job cancelled before its provider batch was created",
+        _ => "job deadline passed before its provider batch was created",
+    };
+    (task.start..task.end).map(|i| unanswered(ctx, task, items, i, status, error(status.as_str(), message))).collect()
+}
+
+/// Every item of a chunk whose batch the provider refused, failed with its reason.
+pub fn refused(ctx: &Context, task: &ChunkTask, items: &BTreeMap<u64, Item>, message: &str) -> Vec<ItemResult> {
+    let e = error("batch_rejected", message);
+    (task.start..task.end).map(|i| unanswered(ctx, task, items, i, ItemStatus::Failed, e.clone())).collect()
+}
+
+/// The results of an ended batch from its lines; `wanted` says why the job stopped wanting
+/// the chunk (cancelled, deadline), if it did. Returns the results and the items to run
+/// online instead (`--fallback online`).
+pub fn of_lines(
+    ctx: &Context,
+    task: &ChunkTask,
+    items: &BTreeMap<u64, Item>,
+    unbatchable: &HashMap<u64, String>,
+    mut lines: HashMap<u64, LineOutcome>,
+    ending: Option<Ending>,
+    wanted: Option<ItemStatus>,
+) -> (Vec<ItemResult>, Vec<Item>) {
+    let ending = ending.unwrap_or(Ending::Completed);
+    let rejected_lines: HashMap<u64, &str> = match &ending {
+        // Line n of the uploaded file holds the chunk's item n - 1.
+        Ending::Rejected { lines, .. } => {
+            lines.iter().filter(|(n, _)| *n >= 1).map(|(n, m)| (task.start + n - 1, m.as_str())).collect()
+        }
+        _ => HashMap::new(),
+    };
+    let may_fall_back =
+        task.fallback_online && task.deadline_ms.is_none_or(|d| fleet::now_ms() < d) && wanted.is_none();
+    let mut results = Vec::with_capacity(task.len() as usize);
+    let mut fallback = Vec::new();
+    for index in task.start..task.end {
+        if let Some(reason) = unbatchable.get(&index) {
+            results.push(unanswered(ctx, task, items, index, ItemStatus::Failed, error("not_batchable", reason)));
+            continue;
+        }
+        let line = lines.remove(&index);
+        let expired = |fallback: &mut Vec<Item>| -> Option<ItemResult> {
+            match items.get(&index) {
+                Some(item) if may_fall_back => {
+                    let mut again = item.clone();
+                    again.attempt = 0;
+                    again.first_delay_ms = None;
+                    fallback.push(again);
+                    None
+                }
+                _ => Some(unanswered(
+                    ctx,
+                    task,
+                    items,
+                    index,
+                    ItemStatus::Expired,
+                    error("expired", "the provider batch expired before this request ran"),
+                )),
+            }
+        };
+        let cancelled = || {
+            let (status, message) = match wanted {
+                Some(ItemStatus::Expired) => (ItemStatus::Expired, "job deadline passed while its provider batch ran"),
+                _ => (ItemStatus::Cancelled, "the provider batch was cancelled before this request ran"),
+            };
+            unanswered(ctx, task, items, index, status, error(status.as_str(), message))
+        };
+        let result = match line {
+            Some(LineOutcome::Answered(response)) => {
+                let ok = (200..300).contains(&response.status_code);
+                let mut r = unanswered(ctx, task, items, index, ItemStatus::Succeeded, error("", ""));
+                if r.status == ItemStatus::Succeeded {
+                    r.status = if ok { ItemStatus::Succeeded } else { ItemStatus::Failed };
+                    r.error = (!ok).then(|| error("provider_error", &format!("HTTP {}", response.status_code)));
+                    // Kept with a failed result so `producer retry` can submit it again.
+                    r.request = if ok { None } else { items.get(&index).map(fleet::wire::RequestRecord::of) };
+                    r.response = Some(response);
+                    r.attempts = 1;
+                }
+                Some(r)
+            }
+            Some(LineOutcome::Errored(e)) => Some(unanswered(ctx, task, items, index, ItemStatus::Failed, e)),
+            Some(LineOutcome::Expired) => expired(&mut fallback),
+            Some(LineOutcome::Cancelled) => Some(cancelled()),
+            None => match &ending {
+                Ending::Completed => Some(unanswered(
+                    ctx,
+                    task,
+                    items,
+                    index,
+                    ItemStatus::Failed,
+                    error("missing_from_batch_output", "the provider's batch output has no line for this request"),
+                )),
+                Ending::Rejected { reason, .. } => {
+                    let message = rejected_lines.get(&index).copied().unwrap_or(reason);
+                    Some(unanswered(ctx, task, items, index, ItemStatus::Failed, error("batch_rejected", message)))
+                }
+                Ending::Expired => expired(&mut fallback),
+                Ending::Cancelled => Some(cancelled()),
+            },
+        };
+        results.extend(result);
+    }
+    (results, fallback)
+}

@@ -39,6 +39,8 @@ pub enum Invalid {
     Index { index: u64, total: u64 },
     #[error("custom_id is {0} bytes long (at most {MAX_CUSTOM_ID_BYTES})")]
     CustomIdTooLong(usize),
+    #[error("priority {0} is not between 1 and {MAX_PRIORITY}")]
+    Priority(u32),
 }
 
 /// Checks a job id given on a command line or read from a queue.
@@ -154,6 +156,21 @@ impl Item {
 pub enum ControlMessage {
     CancelJob {
         job_id: String,
+        /// Why, when not the user's `producer cancel` (e.g. [`REASON_BUDGET`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// A job's items queue exists (published by `submit` before its first item): workers
+    /// serving the provider start consuming it, with a share weighted by `priority`.
+    JobOpened {
+        job_id: String,
+        provider: String,
+        #[serde(default = "default_priority")]
+        priority: u32,
+    },
+    /// The job ended and its items queue is deleted (published by the tracker).
+    JobClosed {
+        job_id: String,
     },
     /// Written by a worker before it starts consuming items; reading its own marker back
     /// proves it has read every cancel published before.
@@ -161,6 +178,18 @@ pub enum ControlMessage {
         id: String,
     },
 }
+
+/// Weight of a job that names none: every job gets an equal share of its provider.
+pub const DEFAULT_PRIORITY: u32 = 1;
+/// Highest weight (`submit --priority`): a job gets at most this many shares.
+pub const MAX_PRIORITY: u32 = 10;
+
+fn default_priority() -> u32 {
+    DEFAULT_PRIORITY
+}
+
+/// Reason of a job cancelled because its spend reached `submit --max-cost`.
+pub const REASON_BUDGET: &str = "budget";
 
 /// How an item ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -391,7 +420,7 @@ pub struct TrackerReply {
 }
 
 /// Events on the ledger queue, folded by the job tracker.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LedgerEvent {
     JobSubmitted {
@@ -406,6 +435,9 @@ pub enum LedgerEvent {
         /// submission is resumed.
         #[serde(default)]
         submitting: bool,
+        /// Spend cap (`submit --max-cost`): reached, the job is cancelled (reason `budget`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_cost: Option<f64>,
     },
     /// Every item of the job is published and confirmed.
     SubmissionComplete {
@@ -459,7 +491,14 @@ impl ControlMessage {
     /// Bounds a worker checks before acting on a control message.
     pub fn check(&self) -> Result<(), Invalid> {
         match self {
-            ControlMessage::CancelJob { job_id } => check_job_id(job_id),
+            ControlMessage::CancelJob { job_id, .. } | ControlMessage::JobClosed { job_id } => check_job_id(job_id),
+            ControlMessage::JobOpened { job_id, priority, .. } => {
+                check_job_id(job_id)?;
+                match *priority {
+                    1..=MAX_PRIORITY => Ok(()),
+                    p => Err(Invalid::Priority(p)),
+                }
+            }
             ControlMessage::Marker { .. } => Ok(()),
         }
     }
@@ -601,6 +640,7 @@ mod tests {
             submitted_at_ms: 0,
             deadline_ms: None,
             submitting: false,
+            max_cost: None,
         };
         assert!(e.check().is_err());
     }

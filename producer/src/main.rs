@@ -60,6 +60,15 @@ enum Command {
         /// the same file is recognised by its content and resumed too.
         #[arg(long, value_parser = job_id)]
         resume: Option<String>,
+        /// Share of the provider this job gets next to other jobs (1 to 10; a job of
+        /// priority 3 gets three times the share of a job of priority 1).
+        #[arg(long, default_value_t = fleet::wire::DEFAULT_PRIORITY,
+              value_parser = clap::value_parser!(u32).range(1..=fleet::wire::MAX_PRIORITY as i64))]
+        priority: u32,
+        /// Spend cap in the price table's currency (e.g. 12.50): once the job's cost reaches
+        /// it, its remaining items end `cancelled` (reason `budget`).
+        #[arg(long, value_parser = max_cost)]
+        max_cost: Option<f64>,
     },
     /// Collect a job's results into an OpenAI Batch output file; resumable.
     Wait {
@@ -130,7 +139,7 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit { file, provider, model, json, wait, output, deadline, resume } => {
+        Command::Submit { file, provider, model, json, wait, output, deadline, resume, priority, max_cost } => {
             let deadline_s = deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
             if let Some(output) = output.as_deref().filter(|_| wait) {
@@ -148,6 +157,8 @@ async fn main() -> ExitCode {
                 deadline_ms,
                 progress,
                 resume: resume.as_deref(),
+                priority,
+                max_cost,
             };
             match submit::submit(&cfg, &req).await {
                 Ok(job) => {
@@ -252,4 +263,12 @@ fn summary(c: &Collected, output: &std::path::Path, json: bool) {
 /// A job id argument: refused before anything is sent when no routing key could hold it.
 fn job_id(s: &str) -> Result<String, String> {
     fleet::wire::check_job_id(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// A spend cap: a finite amount, not negative.
+fn max_cost(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not an amount (e.g. 12.50)")),
+    }
 }

@@ -5,16 +5,17 @@
 //! `--resume JOB`): the same job id, only the items the broker had not confirmed (see
 //! [`crate::resume`]).
 //!
-//! Order matters: the job's results queue exists before any item is published (so no
-//! result can be unroutable), and the ledger learns of the job before its items (so the
-//! tracker never sees an item of an unknown job).
+//! Order matters: the job's items queue and results queue exist before any item is
+//! published (so no item or result can be unroutable), the ledger learns of the job before
+//! its items (so the tracker never sees an item of an unknown job), and the workers learn
+//! of the job's queue (`job_opened` on the control stream) before its first item.
 
 use std::collections::VecDeque;
 use std::path::Path;
 
 use fleet::amqp::{self, PendingConfirm};
 use fleet::topology::Topology;
-use fleet::wire::{Item, LedgerEvent};
+use fleet::wire::{ControlMessage, Item, LedgerEvent};
 use fleet::Config;
 use serde_json::value::RawValue;
 
@@ -33,6 +34,10 @@ pub struct SubmitRequest<'a> {
     /// Resume this job's unfinished submission (refused unless the file is the one it was
     /// started with).
     pub resume: Option<&'a str>,
+    /// Weight of the job's share of the provider (1 to [`fleet::wire::MAX_PRIORITY`]).
+    pub priority: u32,
+    /// Spend cap: reached, the tracker cancels the job (reason `budget`).
+    pub max_cost: Option<f64>,
 }
 
 /// A submitted job.
@@ -238,6 +243,7 @@ impl Job {
         let ch = amqp::confirm_channel(conn).await.map_err(broker(start))?;
         self.topology.declare_common(&ch).await.map_err(broker(start))?;
         self.topology.declare_items_queue(&ch, req.provider).await.map_err(broker(start))?;
+        self.topology.declare_job_items_queue(&ch, req.provider, &self.job_id).await.map_err(broker(start))?;
         self.topology.declare_results_queue(&ch, &self.job_id).await.map_err(broker(start))?;
         if !*announced {
             let event = LedgerEvent::JobSubmitted {
@@ -249,15 +255,29 @@ impl Job {
                 // The job shows `submitting` until `submission_complete`, and is abandoned
                 // by the tracker if that never comes (see `producer.submit_timeout_s`).
                 submitting: true,
+                max_cost: req.max_cost,
             };
             let event = serde_json::to_vec(&event).map_err(|e| Interrupted::Fatal(e.into()))?;
             amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &event, amqp::persistent_json())
                 .await
                 .map_err(|e| Interrupted::Broker { confirmed: start, error: e.into() })?;
+            // The workers serving the provider start consuming the job's queue (again on a
+            // resume: a worker that knows the job already ignores it).
+            let opened = ControlMessage::JobOpened {
+                job_id: self.job_id.clone(),
+                provider: req.provider.to_string(),
+                priority: req.priority,
+            };
+            let opened = serde_json::to_vec(&opened).map_err(|e| Interrupted::Fatal(e.into()))?;
+            amqp::publish_confirmed(&ch, "", &self.topology.control_stream(), &opened, amqp::persistent_json())
+                .await
+                .map_err(|e| Interrupted::Broker { confirmed: start, error: e.into() })?;
             *announced = true;
         }
         bar.set_position(start);
-        let exchange = self.topology.items_exchange();
+        // Items go to the job's own queue (routing key = job id), which workers consume side
+        // by side with the provider's other jobs.
+        let exchange = self.topology.jobs_exchange();
         let mut pending: VecDeque<(u64, PendingConfirm)> = VecDeque::with_capacity(self.window);
         let mut payload = Vec::with_capacity(4096);
         let mut index = 0u64;
@@ -300,7 +320,7 @@ impl Job {
                 progress.confirmed(i + 1);
             }
             let oldest = pending.front().map_or(this, |(i, _)| *i);
-            let p = amqp::publish(&ch, &exchange, req.provider, &payload, amqp::persistent_json())
+            let p = amqp::publish(&ch, &exchange, &self.job_id, &payload, amqp::persistent_json())
                 .await
                 .map_err(|e| Interrupted::Broker { confirmed: oldest, error: e.into() })?;
             pending.push_back((this, p));

@@ -7,6 +7,7 @@
 
 pub mod consume;
 pub mod control;
+pub mod jobs;
 pub mod limit;
 pub mod process;
 pub mod provider;
@@ -67,6 +68,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         clients,
         in_flight: TaskTracker::new(),
         cancelled: control::Cancelled::new(cfg.tracker.retention_s.saturating_mul(1000)),
+        open_jobs: jobs::OpenJobs::default(),
     };
     // A refused login never heals by retrying (the loop below retries only what can): fail
     // at start with exit 1 rather than warn forever. A broker that is down is waited for.

@@ -24,7 +24,7 @@ use std::time::Duration;
 use fleet::amqp::{self, PublishError};
 use fleet::config::RetryConfig;
 use fleet::metrics::WorkerMetrics;
-use fleet::topology::{Topology, DEAD_REASON_HEADER};
+use fleet::topology::{Topology, DEAD_REASON_HEADER, DELAY_TIER_HEADER};
 use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, KIND_RESULT};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
@@ -215,8 +215,18 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
     item.first_delay_ms.get_or_insert(fleet::now_ms());
     tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, error = %error, delay_s = secs, attempt = item.attempt, "provider still failing; delaying item");
     let payload = serde_json::to_vec(&item).expect("items serialize");
-    let queue = ctx.topology.delay_queue(provider, secs);
-    match amqp::publish_confirmed(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await {
+    // An item of a job's own queue waits in the shared tiers and comes back to that queue
+    // (routed by its job id); one of the provider's queue in the provider's tiers.
+    let published = if delivery.exchange.as_str() == ctx.topology.jobs_exchange() {
+        let mut headers = FieldTable::default();
+        headers.insert(DELAY_TIER_HEADER.into(), AMQPValue::LongString(secs.to_string().into()));
+        let props = amqp::persistent_json().with_headers(headers);
+        amqp::publish_confirmed(&ctx.publish, &ctx.topology.delay_exchange(), &item.job_id, &payload, props).await
+    } else {
+        let queue = ctx.topology.delay_queue(provider, secs);
+        amqp::publish_confirmed(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await
+    };
+    match published {
         Ok(()) => {
             ctx.metrics.retries.with_label_values(&[provider, "delay", error.kind()]).inc();
             note_delay(ctx, &item, &error).await;

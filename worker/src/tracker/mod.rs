@@ -306,6 +306,11 @@ impl<'a> Active<'a> {
                     let forgotten = self.state.prune(fleet::now_ms(), self.cfg.tracker.retention_s * 1000);
                     dirty |= !forgotten.is_empty();
                     self.delete_results(&forgotten).await;
+                    // Again (idempotent): a tracker that died between ending a job and
+                    // deleting its items queue left it behind.
+                    for (job_id, provider) in &forgotten {
+                        self.close_job_queue(job_id, provider).await;
+                    }
                     self.prune_groups().await;
                 }
             }
@@ -338,6 +343,33 @@ impl<'a> Active<'a> {
             .with_label_values(&[self.provider_label(&s.provider), &s.status])
             .observe(ended.duration_s);
         self.announce(s).await;
+        self.close_job_queue(&s.job_id, &s.provider).await;
+    }
+
+    /// Deletes an ended job's items queue and tells the workers (`job_closed`), so they stop
+    /// consuming it. What is still on it is a duplicate of an item that has its result.
+    async fn close_job_queue(&self, job_id: &str, provider: &str) {
+        let queue = self.topology.job_items_queue(provider, job_id);
+        if let Err(e) = self.ch.queue_delete(queue.as_str().into(), Default::default()).await {
+            tracing::debug!(job_id = %job_id, error = %e, "cannot delete a job's items queue");
+        }
+        let closed = fleet::wire::ControlMessage::JobClosed { job_id: job_id.to_string() };
+        self.control(&closed).await;
+    }
+
+    /// Publishes a control message to every worker (confirm awaited off the loop: a lost
+    /// one only delays what the broker tells the workers anyway).
+    async fn control(&self, msg: &fleet::wire::ControlMessage) {
+        let payload = serde_json::to_vec(msg).expect("control messages serialize");
+        let res = amqp::publish(&self.ch, "", &self.topology.control_stream(), &payload, amqp::persistent_json()).await;
+        match res {
+            Ok(pending) => {
+                tokio::spawn(async move {
+                    let _ = pending.wait().await;
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot publish to the control stream"),
+        }
     }
 
     /// Gives a dead-lettered item that has no result a failed one (see [`dead`]). The
@@ -362,8 +394,8 @@ impl<'a> Active<'a> {
     }
 
     /// Deletes the results streams of jobs the tracker forgot: their retention is over.
-    async fn delete_results(&self, jobs: &[String]) {
-        for job_id in jobs {
+    async fn delete_results(&self, jobs: &[(String, String)]) {
+        for (job_id, _) in jobs {
             let queue = self.topology.results_queue(job_id);
             match self.ch.queue_delete(queue.as_str().into(), Default::default()).await {
                 Ok(_) => tracing::info!(job_id = %job_id, "retention over: deleted the job's results stream"),
@@ -436,12 +468,26 @@ impl<'a> Active<'a> {
         summary
     }
 
-    /// Sets `batch_queue_backlog` for every provider in the config.
+    /// Sets `batch_queue_backlog` for every provider in the config: its own items queue plus
+    /// the items queues of its jobs in progress (the backlog fair sharing spreads over them).
     async fn measure_backlog(&self) {
         for provider in self.cfg.providers.keys() {
-            if let Ok(Some(n)) = self.topology.queue_len(self.conn, &self.topology.items_queue(provider)).await {
-                self.metrics.queue_backlog.with_label_values(&[provider]).set(n.into());
+            let mut queues = vec![self.topology.items_queue(provider)];
+            queues.extend(
+                self.state
+                    .jobs
+                    .values()
+                    .filter(|j| &j.provider == provider && j.end_status.is_none())
+                    .map(|j| self.topology.job_items_queue(provider, &j.job_id)),
+            );
+            let mut total = 0u64;
+            for queue in queues {
+                match self.topology.queue_len(self.conn, &queue).await {
+                    Ok(n) => total += u64::from(n.unwrap_or(0)),
+                    Err(_) => return, // the connection is failing; keep the last value
+                }
             }
+            self.metrics.queue_backlog.with_label_values(&[provider]).set(total as i64);
         }
     }
 

@@ -78,9 +78,13 @@ pub struct JobState {
     /// is abandoned.
     #[serde(default)]
     pub last_event_ms: u64,
-    /// Why the job ended other than by its items (`incomplete_submission`).
+    /// Why the job ended other than by its items (`incomplete_submission`), or why it was
+    /// cancelled by the fleet (`budget`).
     #[serde(default)]
     pub reason: Option<String>,
+    /// Spend cap (`submit --max-cost`), in the price table's currency.
+    #[serde(default)]
+    pub max_cost: Option<f64>,
 }
 
 impl JobState {
@@ -202,13 +206,22 @@ impl State {
             submitting: false,
             last_event_ms: 0,
             reason: None,
+            max_cost: None,
         })
     }
 
     /// Folds one event; returns the job it ended, if any.
     pub fn apply(&mut self, event: &LedgerEvent, now_ms: u64) -> Option<Ended> {
         let job_id = match event {
-            LedgerEvent::JobSubmitted { job_id, provider, total, submitted_at_ms, deadline_ms, submitting } => {
+            LedgerEvent::JobSubmitted {
+                job_id,
+                provider,
+                total,
+                submitted_at_ms,
+                deadline_ms,
+                submitting,
+                max_cost,
+            } => {
                 let job = self.job_mut(job_id, provider);
                 if job.total.is_some() {
                     // A redelivered submission, or a resumed one: that one is progress.
@@ -222,6 +235,7 @@ impl State {
                 job.submitting = *submitting;
                 job.submitted_at_ms = *submitted_at_ms;
                 job.deadline_ms = *deadline_ms;
+                job.max_cost = max_cost.filter(|c| c.is_finite() && *c >= 0.0);
                 let provider = provider.clone();
                 self.bump(&provider, "submitted");
                 job_id
@@ -336,15 +350,16 @@ impl State {
 
     /// Forgets jobs that ended more than `retention_ms` ago, and results of jobs never
     /// submitted (anyone can publish a result) once silent that long: the map stays
-    /// bounded by retention. Returns the ids of the jobs forgotten.
-    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<String> {
+    /// bounded by retention. Returns the jobs forgotten (id, provider).
+    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<(String, String)> {
         let gone_for_good = |j: &JobState| {
             let ended_long_ago = j.finished_at_ms.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms);
             let never_submitted = j.total.is_none() && now_ms.saturating_sub(j.last_event_ms) >= retention_ms;
             ended_long_ago || never_submitted
         };
-        let gone: Vec<String> = self.jobs.values().filter(|j| gone_for_good(j)).map(|j| j.job_id.clone()).collect();
-        for id in &gone {
+        let gone: Vec<(String, String)> =
+            self.jobs.values().filter(|j| gone_for_good(j)).map(|j| (j.job_id.clone(), j.provider.clone())).collect();
+        for (id, _) in &gone {
             self.jobs.remove(id);
         }
         gone
@@ -369,6 +384,7 @@ mod tests {
             submitted_at_ms: 1_000,
             deadline_ms: None,
             submitting: false,
+            max_cost: None,
         }
     }
 

@@ -12,6 +12,7 @@ pub mod push;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;
+pub mod usage;
 pub mod wire;
 
 pub use config::Config;

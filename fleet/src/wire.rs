@@ -244,6 +244,10 @@ pub struct ItemResult {
     pub attempts: u32,
     pub worker: String,
     pub finished_at_ms: u64,
+    /// Tokens the provider reported for the answer (absent without an answer, or when the
+    /// answer reports none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 impl ItemResult {
@@ -280,6 +284,7 @@ impl ItemResult {
             attempts: 0,
             worker: worker.to_string(),
             finished_at_ms: crate::now_ms(),
+            usage: None,
         }
     }
 
@@ -370,6 +375,58 @@ pub struct JobSummary {
     /// Why a job in progress is not done yet; absent once it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<JobProgress>,
+    /// Tokens and cost of the job's answers so far (absent from trackers before usage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<JobUsage>,
+}
+
+/// A job's token usage and what it cost, summed by the tracker over each item's first result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JobUsage {
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Of the input tokens, those read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Cost at the provider's price table (`providers.<name>.prices`), in its currency.
+    #[serde(default)]
+    pub cost: f64,
+    /// Answers whose model has no price (their tokens are counted, not their cost).
+    #[serde(default)]
+    pub unpriced_answers: u64,
+    /// The job's spend cap (`submit --max-cost`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost: Option<f64>,
+}
+
+impl JobUsage {
+    /// Adds one answer's usage and its cost (`None`: its model has no price).
+    pub fn add(&mut self, usage: &crate::usage::Usage, cost: Option<f64>) {
+        self.input_tokens = self.input_tokens.saturating_add(usage.input_tokens);
+        self.cached_input_tokens = self.cached_input_tokens.saturating_add(usage.cached_input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(usage.output_tokens);
+        match cost {
+            Some(c) => self.cost += c,
+            None => self.unpriced_answers += 1,
+        }
+    }
+
+    /// One line for people: `1,234 in (12 cached) / 567 out tokens, cost 0.0123 (cap 1.00)`.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} in ({} cached) / {} out tokens, cost {:.4}",
+            self.input_tokens, self.cached_input_tokens, self.output_tokens, self.cost
+        );
+        if let Some(cap) = self.max_cost {
+            s.push_str(&format!(" (cap {cap:.2})"));
+        }
+        if self.unpriced_answers > 0 {
+            s.push_str(&format!(", {} answers of unpriced models", self.unpriced_answers));
+        }
+        s
+    }
 }
 
 /// Where the unfinished items of a job in progress are, as far as the tracker knows.
@@ -448,6 +505,10 @@ pub enum LedgerEvent {
         job_id: String,
         provider: String,
         items: Vec<(u64, ItemStatus)>,
+        /// Token usage of the items that report it, by index (counted once per index, with
+        /// the item's first result).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        usage: Vec<(u64, crate::usage::Usage)>,
     },
     JobCancel {
         job_id: String,
@@ -548,6 +609,7 @@ mod tests {
             attempts: 1,
             worker: "w".into(),
             finished_at_ms: 2,
+            usage: None,
         };
         let v: serde_json::Value = serde_json::to_value(r.to_output_line()).unwrap();
         assert_eq!(v["custom_id"], "a");
@@ -574,6 +636,7 @@ mod tests {
             attempts: 1,
             worker: "w".into(),
             finished_at_ms: 0,
+            usage: None,
         }
     }
 
@@ -631,6 +694,7 @@ mod tests {
             job_id: "j".into(),
             provider: "p".into(),
             items: vec![(1 << 40, ItemStatus::Failed)],
+            usage: vec![],
         };
         assert!(e.check().is_err());
         let e = LedgerEvent::JobSubmitted {

@@ -185,7 +185,11 @@ async fn handle(state: &AppState, endpoint: Endpoint, n: u64, body: &[u8]) -> Re
         tokio::time::sleep(decision.delay).await;
     }
     match decision.fault {
-        Fault::None => answer(state, endpoint, 200, success, admission.as_ref()),
+        Fault::None => {
+            let (input, output) = api::reported_usage(&success);
+            state.stats.record_usage(input, output);
+            answer(state, endpoint, 200, success, admission.as_ref())
+        }
         Fault::Garbage => {
             state.stats.record_garbage();
             let mut response = Response::new(Body::from(GARBAGE_BODY));

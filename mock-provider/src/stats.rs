@@ -23,6 +23,8 @@ pub struct Stats {
     stolen: AtomicU64,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
 }
 
 /// The JSON document served by `GET /stats`.
@@ -49,6 +51,18 @@ pub struct StatsSnapshot {
     pub in_flight: u64,
     /// Highest `in_flight` seen since start or the last reset.
     pub max_in_flight: u64,
+    /// Tokens reported in the `usage` of the successful answers sent (input: OpenAI's
+    /// `prompt_tokens`, Anthropic's `input_tokens`; output: `completion_tokens` /
+    /// `output_tokens`): what a client summing usage must find.
+    #[serde(default)]
+    pub usage: UsageTotals,
+}
+
+/// Token totals of the answers sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
 }
 
 impl Default for Stats {
@@ -62,6 +76,8 @@ impl Default for Stats {
             stolen: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
+            input_tokens: AtomicU64::new(0),
+            output_tokens: AtomicU64::new(0),
         }
     }
 }
@@ -94,6 +110,12 @@ impl Stats {
         }
     }
 
+    /// Adds the usage a successful answer reported.
+    pub fn record_usage(&self, input_tokens: u64, output_tokens: u64) {
+        self.input_tokens.fetch_add(input_tokens, Relaxed);
+        self.output_tokens.fetch_add(output_tokens, Relaxed);
+    }
+
     /// Counts a request that will never be answered.
     pub fn record_hung(&self) {
         self.hung.fetch_add(1, Relaxed);
@@ -121,6 +143,8 @@ impl Stats {
         self.hung.store(0, Relaxed);
         self.garbage.store(0, Relaxed);
         self.stolen.store(0, Relaxed);
+        self.input_tokens.store(0, Relaxed);
+        self.output_tokens.store(0, Relaxed);
         self.max_in_flight.store(self.in_flight.load(Relaxed), Relaxed);
     }
 
@@ -152,6 +176,10 @@ impl Stats {
             garbage: self.garbage.load(Relaxed),
             in_flight: self.in_flight.load(Relaxed),
             max_in_flight: self.max_in_flight.load(Relaxed),
+            usage: UsageTotals {
+                input_tokens: self.input_tokens.load(Relaxed),
+                output_tokens: self.output_tokens.load(Relaxed),
+            },
         }
     }
 }
@@ -214,6 +242,7 @@ mod tests {
                 "stolen": 0,
                 "in_flight": 0,
                 "max_in_flight": 1,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
             })
         );
     }

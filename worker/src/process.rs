@@ -92,12 +92,7 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
     let deliveries = delivery_count(&delivery) + 1;
     let now = fleet::now_ms();
     let decision = if ctx.cancelled.contains(&item.job_id) {
-        Decision::Finish(Box::new(early_result(
-            &ctx,
-            &item,
-            ItemStatus::Cancelled,
-            "job cancelled before this request was made",
-        )))
+        Decision::Finish(Box::new(cancelled_result(&ctx, &item)))
     } else if item.deadline_ms.is_some_and(|d| now > d) {
         Decision::Finish(Box::new(early_result(
             &ctx,
@@ -135,6 +130,12 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
         _ = client.limiter.room() => {}
         _ = ctx.shutdown.cancelled() => return Decision::Release,
     }
+    // The wait for room can be long (a worker holds more items than it calls at once): a
+    // cancel (or a spend cap) read meanwhile still stops this item before it costs anything.
+    if ctx.cancelled.contains(&item.job_id) {
+        client.limiter.leave_room();
+        return Decision::Finish(Box::new(cancelled_result(ctx, &item)));
+    }
     let in_flight = ctx.metrics.in_flight.with_label_values(&[&client.name]);
     in_flight.inc();
     let outcome = client.execute(&item, target).await;
@@ -145,6 +146,7 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
     match outcome.result {
         Ok(success) => {
             result.response = success.answer.to_record();
+            result.usage = result.response.as_ref().and_then(|r| fleet::usage::parse(r.body.get()));
             let tokens = [("prompt", success.prompt_tokens), ("completion", success.completion_tokens)];
             for (kind, n) in tokens {
                 if n > 0 {
@@ -174,6 +176,18 @@ fn may_delay(retry: &RetryConfig, item: &Item) -> bool {
     let within_budget =
         item.first_delay_ms.is_none_or(|t| fleet::now_ms().saturating_sub(t) < retry.delay_budget_s * 1000);
     item.attempt < retry.max_delays && within_budget
+}
+
+/// The result of an item of a cancelled job, saying why when the cancel did (`budget`).
+fn cancelled_result(ctx: &Context, item: &Item) -> ItemResult {
+    let message = match ctx.cancelled.reason(&item.job_id) {
+        Some(reason) if reason == fleet::wire::REASON_BUDGET => {
+            "budget: the job's spend reached its cap (--max-cost) before this request was made".to_string()
+        }
+        Some(reason) => format!("{reason}: job cancelled before this request was made"),
+        None => "job cancelled before this request was made".to_string(),
+    };
+    early_result(ctx, item, ItemStatus::Cancelled, &message)
 }
 
 /// A result for an item that ends without (more) provider calls.

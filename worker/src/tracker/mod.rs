@@ -135,7 +135,8 @@ impl<'a> Active<'a> {
     ) -> anyhow::Result<Active<'a>> {
         let ch = amqp::confirm_channel(conn).await?;
         topology.declare_common(&ch).await?;
-        let state = restore(&ch, &topology).await?;
+        let mut state = restore(&ch, &topology).await?;
+        state.prices = cfg.providers.iter().map(|(name, p)| (name.clone(), p.prices.clone())).collect();
         let metrics = TrackerMetrics::new();
         let (snapshot, rx) = watch::channel(None);
         let pusher = spawn_snapshot_pusher(
@@ -220,7 +221,34 @@ impl<'a> Active<'a> {
         for (provider, n) in self.state.in_progress() {
             self.metrics.jobs_in_progress.with_label_values(&[self.provider_label(&provider)]).set(n);
         }
+        self.publish_usage_metrics();
         self.snapshot.send_replace(Some(fleet::metrics::encode(&self.metrics.registry)));
+    }
+
+    /// Usage counters catch up with the checkpointed totals (labels: a configured provider
+    /// or `other`, a priced model or `other`, summed first since several map to `other`).
+    fn publish_usage_metrics(&self) {
+        let mut sums: std::collections::BTreeMap<(&str, &str), state::UsageTotals> = Default::default();
+        for (provider, models) in &self.state.usage_total {
+            for (model, t) in models {
+                let key = (self.provider_label(provider), if self.provider_label(provider) == "other" { "other" } else { model.as_str() });
+                let sum = sums.entry(key).or_default();
+                sum.input_tokens += t.input_tokens;
+                sum.cached_input_tokens += t.cached_input_tokens;
+                sum.output_tokens += t.output_tokens;
+                sum.cost += t.cost;
+            }
+        }
+        for ((provider, model), t) in sums {
+            for (kind, n) in [("input", t.input_tokens), ("cached_input", t.cached_input_tokens), ("output", t.output_tokens)] {
+                let c = self.metrics.usage_tokens.with_label_values(&[provider, model, kind]);
+                c.inc_by(n.saturating_sub(c.get()));
+            }
+            let c = self.metrics.usage_cost.with_label_values(&[provider, model]);
+            if t.cost > c.get() {
+                c.inc_by(t.cost - c.get());
+            }
+        }
     }
 
     async fn run(mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -324,12 +352,20 @@ impl<'a> Active<'a> {
         Ok(())
     }
 
-    /// Folds one event; announces a job that ended.
+    /// Folds one event; cancels a job whose spend reached its cap; announces a job that ended.
     async fn fold(&mut self, event: &LedgerEvent) -> anyhow::Result<()> {
-        let Some(ended) = self.state.apply(event, fleet::now_ms()) else {
-            return Ok(());
-        };
-        self.finished(&ended).await;
+        let ended = self.state.apply(event, fleet::now_ms());
+        for job_id in std::mem::take(&mut self.state.budget_cancels) {
+            // The same cancel `producer cancel` sends: workers end the job's items that have
+            // not started `cancelled`. (Replayed after a takeover if the checkpoint did not
+            // cover it: the fold sets it again.)
+            tracing::info!(job_id = %job_id, "the job's spend reached its cap: cancelling it (reason budget)");
+            let reason = Some(fleet::wire::REASON_BUDGET.to_string());
+            self.control(&fleet::wire::ControlMessage::CancelJob { job_id, reason }).await;
+        }
+        if let Some(ended) = ended {
+            self.finished(&ended).await;
+        }
         Ok(())
     }
 
@@ -533,8 +569,13 @@ fn ledger_event_unchecked(
         Some(KIND_RESULT) => {
             let r: ItemResult = serde_json::from_slice(&delivery.data)?;
             let failure = if r.status == ItemStatus::Failed { r.error } else { None };
-            let event =
-                LedgerEvent::ItemsFinished { job_id: r.job_id, provider: r.provider, items: vec![(r.index, r.status)] };
+            let usage = r.usage.map(|u| (r.index, u)).into_iter().collect();
+            let event = LedgerEvent::ItemsFinished {
+                job_id: r.job_id,
+                provider: r.provider,
+                items: vec![(r.index, r.status)],
+                usage,
+            };
             Ok(Some((event, failure)))
         }
         Some(KIND_JOB_FINISHED) => Ok(None),

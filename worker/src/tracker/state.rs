@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use fleet::wire::{ErrorRecord, JobCounts, JobProgress, JobSummary, LedgerEvent};
+use fleet::usage::{Price, Usage};
+use fleet::wire::{ErrorRecord, JobCounts, JobProgress, JobSummary, JobUsage, LedgerEvent};
 use serde::{Deserialize, Serialize};
 
 /// A set of item indices, one bit each.
@@ -85,6 +86,9 @@ pub struct JobState {
     /// Spend cap (`submit --max-cost`), in the price table's currency.
     #[serde(default)]
     pub max_cost: Option<f64>,
+    /// Tokens and cost of the job's first results.
+    #[serde(default)]
+    pub usage: JobUsage,
 }
 
 impl JobState {
@@ -103,6 +107,7 @@ impl JobState {
             reason: self.reason.clone(),
             rate_per_s: counts.finished() as f64 / secs,
             progress: self.end_status.is_none().then(|| self.progress(&counts, secs, now_ms)),
+            usage: Some(JobUsage { max_cost: self.max_cost, ..self.usage.clone() }),
             counts,
             submitted_at_ms: self.submitted_at_ms,
             finished_at_ms: self.finished_at_ms,
@@ -145,6 +150,25 @@ pub struct State {
     /// result is folded (restored on takeover, so it never decreases).
     #[serde(default)]
     pub items_total: BTreeMap<String, u64>,
+    /// Tokens and cost of every job's answers by provider, then model label (a priced model
+    /// or `other`): the usage metrics, restored on takeover so they never decrease.
+    #[serde(default)]
+    pub usage_total: BTreeMap<String, BTreeMap<String, UsageTotals>>,
+    /// The price tables by provider (from the configuration, not checkpointed).
+    #[serde(skip)]
+    pub prices: BTreeMap<String, BTreeMap<String, Price>>,
+    /// Jobs whose spend just reached their cap: the tracker cancels them fleet-wide.
+    #[serde(skip)]
+    pub budget_cancels: Vec<String>,
+}
+
+/// Token and cost counters of one provider and model label.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UsageTotals {
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: f64,
 }
 
 /// The end status of a job whose items are all finished (the README's "How a job ends"):
@@ -207,6 +231,7 @@ impl State {
             last_event_ms: 0,
             reason: None,
             max_cost: None,
+            usage: JobUsage::default(),
         })
     }
 
@@ -240,12 +265,13 @@ impl State {
                 self.bump(&provider, "submitted");
                 job_id
             }
-            LedgerEvent::ItemsFinished { job_id, provider, items } => {
+            LedgerEvent::ItemsFinished { job_id, provider, items, usage } => {
                 let job = self.job_mut(job_id, provider);
                 if job.end_status.is_some() {
                     return None;
                 }
                 let mut counted = Vec::new();
+                let mut used = Vec::new();
                 for (index, status) in items {
                     // The bitmap grows to the largest index: an index from a hostile or
                     // broken publisher beyond the job's total is never recorded.
@@ -256,6 +282,7 @@ impl State {
                         job.last_event_ms = now_ms;
                         job.counts.add(*status);
                         counted.push(*status);
+                        used.extend(usage.iter().filter(|(i, _)| i == index).map(|(_, u)| u).take(1));
                         if job.delayed.contains(*index) {
                             job.in_delay = job.in_delay.saturating_sub(1);
                         }
@@ -264,6 +291,9 @@ impl State {
                 let provider = job.provider.clone();
                 for status in counted {
                     *self.items_total.entry(format!("{provider}/{}", status.as_str())).or_default() += 1;
+                }
+                for u in used {
+                    self.add_usage(job_id, &provider, u);
                 }
                 job_id
             }
@@ -307,6 +337,27 @@ impl State {
         self.bump(&provider, status);
         self.durations.entry(format!("{provider}/{status}")).or_default().push(duration_s);
         Some(Ended { summary, duration_s })
+    }
+
+    /// Counts one answer's usage for its job and the provider's totals, and notes the job
+    /// for a budget cancel when its spend reaches its cap.
+    fn add_usage(&mut self, job_id: &str, provider: &str, usage: &Usage) {
+        let table = self.prices.get(provider);
+        let label = table.map_or("other", |t| fleet::usage::model_label(t, &usage.model)).to_string();
+        let cost = table.and_then(|t| t.get(&usage.model)).map(|p| p.cost(usage, false));
+        let totals = self.usage_total.entry(provider.to_string()).or_default().entry(label).or_default();
+        totals.input_tokens = totals.input_tokens.saturating_add(usage.input_tokens);
+        totals.cached_input_tokens = totals.cached_input_tokens.saturating_add(usage.cached_input_tokens);
+        totals.output_tokens = totals.output_tokens.saturating_add(usage.output_tokens);
+        totals.cost += cost.unwrap_or(0.0);
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        job.usage.add(usage, cost);
+        let over = job.max_cost.is_some_and(|cap| job.usage.cost >= cap);
+        if over && !job.cancel_requested && job.end_status.is_none() {
+            job.cancel_requested = true;
+            job.reason = Some(fleet::wire::REASON_BUDGET.to_string());
+            self.budget_cancels.push(job_id.to_string());
+        }
     }
 
     /// Jobs not yet ended, by provider.
@@ -389,7 +440,7 @@ mod tests {
     }
 
     fn finished(job: &str, items: &[(u64, ItemStatus)]) -> LedgerEvent {
-        LedgerEvent::ItemsFinished { job_id: job.into(), provider: "p".into(), items: items.to_vec() }
+        LedgerEvent::ItemsFinished { job_id: job.into(), provider: "p".into(), items: items.to_vec(), usage: vec![] }
     }
 
     #[test]
@@ -481,6 +532,7 @@ mod tests {
             job_id: job.into(),
             provider: "mock".into(),
             items,
+            usage: vec![],
         };
         assert!(s.apply(&f(vec![(0, ItemStatus::Succeeded)]), 1).is_none());
         let rest: Vec<(u64, ItemStatus)> =

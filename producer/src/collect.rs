@@ -67,6 +67,10 @@ pub struct Collected {
     pub elapsed_s: f64,
     /// Set when the tracker reported the job's end before every result arrived.
     pub job_status: Option<String>,
+    /// The job's token usage and cost, as the tracker summed them (from its `job_finished`
+    /// message, or asked once the results are in; absent if the tracker did not answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<fleet::wire::JobUsage>,
 }
 
 /// Options of a wait.
@@ -141,6 +145,7 @@ struct Collector {
     counts: JobCounts,
     total: Option<u64>,
     job_status: Option<String>,
+    usage: Option<fleet::wire::JobUsage>,
     /// Why the tracker ended the job early (`incomplete_submission`).
     abandoned: Option<String>,
     bar: indicatif::ProgressBar,
@@ -178,6 +183,7 @@ impl Collector {
             if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
                 self.total.get_or_insert(summary.counts.total);
                 self.job_status = Some(summary.status);
+                self.usage = summary.usage;
                 self.abandoned = summary.reason;
             }
             return Ok(());
@@ -274,6 +280,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         counts,
         total: None,
         job_status: None,
+        usage: None,
         abandoned: None,
         bar,
         unacked: None,
@@ -325,6 +332,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         counts: c.counts,
         elapsed_s: started.elapsed().as_secs_f64(),
         job_status: c.job_status,
+        usage: c.usage,
     })
 }
 

@@ -173,7 +173,13 @@ async fn main() -> ExitCode {
                     if wait {
                         let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
                         let req = WaitRequest { job_id: &job.job_id, output: &output, progress, timeout: None };
-                        collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
+                        match collect::wait(&cfg, &req).await {
+                            Ok(c) => {
+                                summary(&cfg, c, &output, json).await;
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
                     } else {
                         Ok(())
                     }
@@ -184,7 +190,13 @@ async fn main() -> ExitCode {
         Command::Wait { job, output, timeout, json } => {
             let req =
                 WaitRequest { job_id: &job, output: &output, progress, timeout: timeout.map(Duration::from_secs) };
-            collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
+            match collect::wait(&cfg, &req).await {
+                Ok(c) => {
+                    summary(&cfg, c, &output, json).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         }
         Command::Status { job, json, timeout } => {
             let req = TrackerRequest::Status { job_id: job };
@@ -241,9 +253,19 @@ fn print_jobs(jobs: &[fleet::wire::JobSummary], json: bool) {
     }
 }
 
-fn summary(c: &Collected, output: &std::path::Path, json: bool) {
+/// How long `wait` asks the tracker for the job's usage when its results arrived before
+/// the tracker's `job_finished` (the results are written either way).
+const USAGE_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn summary(cfg: &fleet::Config, mut c: Collected, output: &std::path::Path, json: bool) {
+    if c.usage.is_none() {
+        let req = TrackerRequest::Status { job_id: c.job_id.clone() };
+        if let Ok(reply) = inspect::ask(cfg, &req, USAGE_QUERY_TIMEOUT).await {
+            c.usage = reply.jobs.into_iter().next().and_then(|j| j.usage);
+        }
+    }
     if json {
-        println!("{}", serde_json::to_string(c).expect("serializable"));
+        println!("{}", serde_json::to_string(&c).expect("serializable"));
         return;
     }
     let n = c.counts.finished();
@@ -258,6 +280,9 @@ fn summary(c: &Collected, output: &std::path::Path, json: bool) {
         c.elapsed_s,
         output.display()
     );
+    if let Some(u) = &c.usage {
+        eprintln!("usage: {}", u.describe());
+    }
 }
 
 /// A job id argument: refused before anything is sent when no routing key could hold it.

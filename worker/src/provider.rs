@@ -625,6 +625,7 @@ mod tests {
             rpm: None,
             tpm: None,
             max_response_bytes: 1024,
+            prices: Default::default(),
         };
         let retry = RetryConfig {
             max_attempts: 1,
@@ -680,6 +681,7 @@ mod tests {
             rpm: None,
             tpm: None,
             max_response_bytes: 1,
+            prices: Default::default(),
         };
         let retry = client(ProviderKind::Openai, "http://x").retry.clone();
         let err = ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).err().unwrap().to_string();

@@ -543,6 +543,52 @@ mod tests {
         assert_eq!(s.jobs_total["mock/cancelled"], 1);
     }
 
+    /// Usage is counted with an item's first result only, priced by the table, and a job
+    /// whose cost reaches its cap is cancelled once, ending `cancelled` with reason `budget`.
+    #[test]
+    fn usage_is_summed_once_per_item_and_a_cap_cancels_the_job_once() {
+        let mut s = State::default();
+        let price = Price { input_per_mtok: 1e6, output_per_mtok: 2e6, cached_input_per_mtok: None, batch_factor: 0.5 };
+        s.prices.insert("p".into(), BTreeMap::from([("m".to_string(), price)]));
+        let mut ev = submitted("j", 4);
+        if let LedgerEvent::JobSubmitted { max_cost, .. } = &mut ev {
+            *max_cost = Some(10.0);
+        }
+        s.apply(&ev, 1);
+        let used = |index, model: &str| LedgerEvent::ItemsFinished {
+            job_id: "j".into(),
+            provider: "p".into(),
+            items: vec![(index, ItemStatus::Succeeded)],
+            usage: vec![(index, Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1 })],
+        };
+        s.apply(&used(0, "m"), 2); // costs 2 + 2 = 4
+        s.apply(&used(0, "m"), 2); // a redelivered result: not counted again
+        s.apply(&used(1, "unpriced"), 3);
+        let u = &s.jobs["j"].usage;
+        assert_eq!((u.input_tokens, u.output_tokens, u.unpriced_answers), (4, 2, 1));
+        assert!((u.cost - 4.0).abs() < 1e-9);
+        assert!(s.budget_cancels.is_empty() && !s.jobs["j"].cancel_requested);
+        s.apply(&used(2, "m"), 4); // 8 of 10: still under
+        assert!(s.budget_cancels.is_empty());
+        assert!(s.apply(&used(3, "m"), 5).is_some_and(|e| e.summary.status == "completed"), "every item answered");
+        let mut s2 = State { prices: s.prices.clone(), ..State::default() };
+        s2.apply(&ev, 1);
+        for i in 0..3 {
+            s2.apply(&used(i, "m"), 2);
+        }
+        assert_eq!(s2.budget_cancels, vec!["j".to_string()], "12 >= 10: cancelled once");
+        s2.budget_cancels.clear();
+        let ended = s2.apply(&finished("j", &[(3, ItemStatus::Cancelled)]), 3).expect("ends");
+        assert_eq!((ended.summary.status.as_str(), ended.summary.reason.as_deref()), ("cancelled", Some("budget")));
+        assert!(s2.budget_cancels.is_empty());
+        assert_eq!(s2.usage_total["p"]["m"].input_tokens, 6);
+        // Restored from a checkpoint, the totals are there; the prices come from the config.
+        let restored: State = serde_json::from_slice(&serde_json::to_vec(&s2).unwrap()).unwrap();
+        assert_eq!(restored.usage_total, s2.usage_total);
+        assert_eq!(restored.jobs["j"].usage, s2.jobs["j"].usage);
+        assert!(restored.prices.is_empty());
+    }
+
     #[test]
     fn items_before_submission_are_kept() {
         let mut s = State::default();

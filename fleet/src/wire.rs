@@ -41,6 +41,8 @@ pub enum Invalid {
     CustomIdTooLong(usize),
     #[error("priority {0} is not between 1 and {MAX_PRIORITY}")]
     Priority(u32),
+    #[error("a job with its own items queue needs an id of letters, digits, '_' and '-'")]
+    JobIdNotAQueueName,
 }
 
 /// Checks a job id given on a command line or read from a queue.
@@ -555,6 +557,11 @@ impl ControlMessage {
             ControlMessage::CancelJob { job_id, .. } | ControlMessage::JobClosed { job_id } => check_job_id(job_id),
             ControlMessage::JobOpened { job_id, priority, .. } => {
                 check_job_id(job_id)?;
+                // The id becomes the last part of a queue name a worker consumes: no dot, so
+                // no announcement can point a worker at a queue that is not a job's.
+                if !job_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    return Err(Invalid::JobIdNotAQueueName);
+                }
                 match *priority {
                     1..=MAX_PRIORITY => Ok(()),
                     p => Err(Invalid::Priority(p)),
@@ -707,6 +714,21 @@ mod tests {
             max_cost: None,
         };
         assert!(e.check().is_err());
+    }
+
+    #[test]
+    fn job_openings_are_checked() {
+        let open = |job_id: &str, priority| ControlMessage::JobOpened {
+            job_id: job_id.into(),
+            provider: "mock".into(),
+            priority,
+        };
+        assert_eq!(open("job_0123abcd", 1).check(), Ok(()));
+        assert_eq!(open("job_1", 0).check(), Err(Invalid::Priority(0)));
+        assert_eq!(open("job_1", MAX_PRIORITY + 1).check(), Err(Invalid::Priority(MAX_PRIORITY + 1)));
+        assert_eq!(open("items.other", 1).check(), Err(Invalid::JobIdNotAQueueName));
+        let old: ControlMessage = serde_json::from_str(r#"{"type":"cancel_job","job_id":"j"}"#).unwrap();
+        assert_eq!(old, ControlMessage::CancelJob { job_id: "j".into(), reason: None }, "older cancels still read");
     }
 
     #[test]

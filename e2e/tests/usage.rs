@@ -76,7 +76,8 @@ fn a_spend_cap_cancels_the_job_within_the_overshoot_bound() {
     const MAX_IN_FLIGHT: u64 = 4;
     const CAP: f64 = 20.0;
     let mock = Mock::start(&["--latency-ms", "100"]);
-    let fleet = Fleet::new("budget", &mock.url, &prices(&format!("[providers.mock]\nmax_in_flight = {MAX_IN_FLIGHT}\n")));
+    let fleet =
+        Fleet::new("budget", &mock.url, &prices(&format!("[providers.mock]\nmax_in_flight = {MAX_IN_FLIGHT}\n")));
     let _w = fleet.worker("w1", &[]);
     let input = fleet.dir.join("in.jsonl");
     e2e::write_requests(&input, 300);

@@ -160,10 +160,16 @@ mod tests {
         );
         let responses = r#"{"model":"o3","output":[],"usage":{"input_tokens":50,"output_tokens":7,
             "input_tokens_details":{"cached_tokens":10},"output_tokens_details":{"reasoning_tokens":3}}}"#;
-        assert_eq!(parse(responses).map(|u| (u.input_tokens, u.cached_input_tokens, u.output_tokens)), Some((50, 10, 7)));
+        assert_eq!(
+            parse(responses).map(|u| (u.input_tokens, u.cached_input_tokens, u.output_tokens)),
+            Some((50, 10, 7))
+        );
         let anthropic = r#"{"type":"message","model":"claude","content":[],
             "usage":{"input_tokens":5,"output_tokens":9,"cache_read_input_tokens":30,"cache_creation_input_tokens":2}}"#;
-        assert_eq!(parse(anthropic).map(|u| (u.input_tokens, u.cached_input_tokens, u.output_tokens)), Some((37, 30, 9)));
+        assert_eq!(
+            parse(anthropic).map(|u| (u.input_tokens, u.cached_input_tokens, u.output_tokens)),
+            Some((37, 30, 9))
+        );
         let embeddings = r#"{"data":[],"model":"e","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
         assert_eq!(parse(embeddings).map(|u| (u.input_tokens, u.output_tokens)), Some((8, 0)));
     }
@@ -194,8 +200,10 @@ mod tests {
 
     #[test]
     fn prices_turn_tokens_into_money() {
-        let p = Price { input_per_mtok: 2.0, output_per_mtok: 8.0, cached_input_per_mtok: Some(0.5), batch_factor: 0.5 };
-        let u = Usage { model: "m".into(), input_tokens: 1_000_000, cached_input_tokens: 400_000, output_tokens: 500_000 };
+        let p =
+            Price { input_per_mtok: 2.0, output_per_mtok: 8.0, cached_input_per_mtok: Some(0.5), batch_factor: 0.5 };
+        let u =
+            Usage { model: "m".into(), input_tokens: 1_000_000, cached_input_tokens: 400_000, output_tokens: 500_000 };
         let direct = 0.6 * 2.0 + 0.4 * 0.5 + 0.5 * 8.0;
         assert!((p.cost(&u, false) - direct).abs() < 1e-9);
         assert!((p.cost(&u, true) - direct / 2.0).abs() < 1e-9);

@@ -171,14 +171,10 @@ pub enum ControlMessage {
         priority: u32,
     },
     /// The job ended and its items queue is deleted (published by the tracker).
-    JobClosed {
-        job_id: String,
-    },
+    JobClosed { job_id: String },
     /// Written by a worker before it starts consuming items; reading its own marker back
     /// proves it has read every cancel published before.
-    Marker {
-        id: String,
-    },
+    Marker { id: String },
 }
 
 /// Weight of a job that names none: every job gets an equal share of its provider.

@@ -278,7 +278,10 @@ async fn garbage_and_mixed_stats_and_reset() {
     let v: Value = client().get(url(addr, "/stats")).send().await.unwrap().json().await.unwrap();
     let mut keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["by_path", "by_status", "garbage", "hung", "in_flight", "max_in_flight", "requests", "stolen", "usage"]);
+    assert_eq!(
+        keys,
+        ["by_path", "by_status", "garbage", "hung", "in_flight", "max_in_flight", "requests", "stolen", "usage"]
+    );
     stop.cancel();
 }
 

@@ -162,7 +162,9 @@ impl Follower {
                     self.cancelled.insert_with_reason(job_id.clone(), reason.as_deref(), fleet::now_ms());
                 }
             }
-            ControlMessage::JobOpened { job_id, provider, priority } => self.open_jobs.open(job_id, provider, *priority),
+            ControlMessage::JobOpened { job_id, provider, priority } => {
+                self.open_jobs.open(job_id, provider, *priority)
+            }
             ControlMessage::JobClosed { job_id } => self.open_jobs.close(job_id),
             ControlMessage::Marker { .. } => {}
         }

@@ -192,7 +192,12 @@ impl ProviderJobs {
         let queue = self.ctx.topology.job_items_queue(&self.client.name, job_id);
         let tag = format!("{}/{}/{job_id}", self.worker_id, self.client.name);
         let consumer = match ch
-            .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await
         {
             Ok(c) => c,

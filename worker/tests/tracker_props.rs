@@ -25,8 +25,9 @@ fn event() -> impl Strategy<Value = LedgerEvent> {
                 max_cost: None,
             }
         }),
-        (job.clone(), prop::collection::vec((index, status()), 0..5))
-            .prop_map(|(job_id, items)| LedgerEvent::ItemsFinished { job_id, provider: "p".into(), items, usage: vec![] }),
+        (job.clone(), prop::collection::vec((index, status()), 0..5)).prop_map(|(job_id, items)| {
+            LedgerEvent::ItemsFinished { job_id, provider: "p".into(), items, usage: vec![] }
+        }),
         job.prop_map(|job_id| LedgerEvent::JobCancel { job_id }),
     ]
 }

@@ -231,7 +231,10 @@ impl<'a> Active<'a> {
         let mut sums: std::collections::BTreeMap<(&str, &str), state::UsageTotals> = Default::default();
         for (provider, models) in &self.state.usage_total {
             for (model, t) in models {
-                let key = (self.provider_label(provider), if self.provider_label(provider) == "other" { "other" } else { model.as_str() });
+                let key = (
+                    self.provider_label(provider),
+                    if self.provider_label(provider) == "other" { "other" } else { model.as_str() },
+                );
                 let sum = sums.entry(key).or_default();
                 sum.input_tokens += t.input_tokens;
                 sum.cached_input_tokens += t.cached_input_tokens;
@@ -240,7 +243,9 @@ impl<'a> Active<'a> {
             }
         }
         for ((provider, model), t) in sums {
-            for (kind, n) in [("input", t.input_tokens), ("cached_input", t.cached_input_tokens), ("output", t.output_tokens)] {
+            for (kind, n) in
+                [("input", t.input_tokens), ("cached_input", t.cached_input_tokens), ("output", t.output_tokens)]
+            {
                 let c = self.metrics.usage_tokens.with_label_values(&[provider, model, kind]);
                 c.inc_by(n.saturating_sub(c.get()));
             }

@@ -559,7 +559,10 @@ mod tests {
             job_id: "j".into(),
             provider: "p".into(),
             items: vec![(index, ItemStatus::Succeeded)],
-            usage: vec![(index, Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1 })],
+            usage: vec![(
+                index,
+                Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1 },
+            )],
         };
         s.apply(&used(0, "m"), 2); // costs 2 + 2 = 4
         s.apply(&used(0, "m"), 2); // a redelivered result: not counted again

@@ -18,7 +18,7 @@
 //!                                                            start by every worker
 //! <ns>.jobs    (direct) --job id----> <ns>.items.<provider>.<job>  quorum, one per job (fair
 //!              alternate exchange: <ns>.dead                 sharing); deleted when it ends
-//! <ns>.delay   (headers, x-fleet-delay-s) --> <ns>.delayed.<n>s    quorum, TTL n s, dead-
+//! <ns>.delay   (headers, fleet-delay-s)   --> <ns>.delayed.<n>s    quorum, TTL n s, dead-
 //!                                                            letters back to <ns>.jobs under
 //!                                                            the job id it was published with
 //! ```
@@ -35,8 +35,10 @@ const RESULTS_MAX_AGE: &str = "7D";
 const RESULTS_SEGMENT_BYTES: i64 = 16 * 1024 * 1024;
 
 /// Header of a message published to the `<ns>.delay` exchange naming its delay tier (in
-/// seconds, as a string: the headers exchange compares values with their AMQP type).
-pub const DELAY_TIER_HEADER: &str = "x-fleet-delay-s";
+/// seconds, as a string: the headers exchange compares values with their AMQP type). Not
+/// `x-`-prefixed: a headers exchange ignores such headers when matching, and every tier
+/// would get a copy.
+pub const DELAY_TIER_HEADER: &str = "fleet-delay-s";
 
 /// Header the fleet sets on messages it dead-letters itself, saying why.
 pub const DEAD_REASON_HEADER: &str = "x-fleet-reason";

@@ -469,8 +469,8 @@ const FAIRNESS_WORKERS: usize = 2;
 const FAIRNESS_SMALL: u64 = 10;
 /// Time the big job runs alone before its rate is measured, and the length of each of the
 /// two windows compared (alone, then with the small job).
-const FAIRNESS_WARMUP: Duration = Duration::from_secs(5);
-const FAIRNESS_WINDOW: Duration = Duration::from_secs(15);
+const FAIRNESS_WARMUP: Duration = Duration::from_secs(3);
+const FAIRNESS_WINDOW: Duration = Duration::from_secs(10);
 
 /// A big job runs; a small one is submitted: how long the small one takes (submit to the
 /// end of `wait`), and how much of its rate the big one loses in the window around it
@@ -490,11 +490,13 @@ async fn drive_fairness(stack: &Stack, fleet: &mut FleetRun<'_>, mock: &Mock, li
     let small_output = fleet.dir.join("small-out.jsonl");
     workload::write_requests(&big_input, lines)?;
     workload::write_requests(&small_input, FAIRNESS_SMALL)?;
-    fleet.start_workers(FAIRNESS_WORKERS)?;
-    fleet.wait_for_consumers(Duration::from_secs(30)).await?;
+    // The big job is queued whole before the workers start: the windows then measure the
+    // fleet working through a backlog, not racing the submission.
     let big = fleet.submit(&big_input).await;
     remove(&big_input);
     let big = big?;
+    fleet.start_workers(FAIRNESS_WORKERS)?;
+    fleet.wait_for_consumers(Duration::from_secs(30)).await?;
     tokio::time::sleep(FAIRNESS_WARMUP).await;
 
     let answered = |s: &procs::MockStats| s.status(200);

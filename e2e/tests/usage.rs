@@ -53,6 +53,7 @@ fn usage_sums_equal_the_mocks_reported_usage() {
     let summary: Value = serde_json::from_slice(&out.stdout).expect("wait --json prints JSON");
     assert_eq!(summary["usage"]["input_tokens"].as_u64(), Some(input), "{summary}");
     assert_eq!(summary["usage"]["output_tokens"].as_u64(), Some(output), "{summary}");
+    assert_eq!(summary["usage_final"], true, "the tracker had ended the job: {summary}");
     // And the human `status` line.
     let out = fleet.producer(&["status", &job]);
     let text = String::from_utf8_lossy(&out.stdout);

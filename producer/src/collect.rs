@@ -71,6 +71,10 @@ pub struct Collected {
     /// message, or asked once the results are in; absent if the tracker did not answer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<fleet::wire::JobUsage>,
+    /// Whether `usage` is the job's final figure: false when the tracker had not folded
+    /// every result yet (it trails the results stream under load); `producer status` later
+    /// gives the final one.
+    pub usage_final: bool,
 }
 
 /// Options of a wait.
@@ -146,6 +150,7 @@ struct Collector {
     total: Option<u64>,
     job_status: Option<String>,
     usage: Option<fleet::wire::JobUsage>,
+    usage_final: bool,
     /// Why the tracker ended the job early (`incomplete_submission`).
     abandoned: Option<String>,
     bar: indicatif::ProgressBar,
@@ -184,6 +189,7 @@ impl Collector {
                 self.total.get_or_insert(summary.counts.total);
                 self.job_status = Some(summary.status);
                 self.usage = summary.usage;
+                self.usage_final = true;
                 self.abandoned = summary.reason;
             }
             return Ok(());
@@ -281,6 +287,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         total: None,
         job_status: None,
         usage: None,
+        usage_final: false,
         abandoned: None,
         bar,
         unacked: None,
@@ -333,6 +340,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         elapsed_s: started.elapsed().as_secs_f64(),
         job_status: c.job_status,
         usage: c.usage,
+        usage_final: c.usage_final,
     })
 }
 

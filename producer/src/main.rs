@@ -254,14 +254,17 @@ fn print_jobs(jobs: &[fleet::wire::JobSummary], json: bool) {
 }
 
 /// How long `wait` asks the tracker for the job's usage when its results arrived before
-/// the tracker's `job_finished` (the results are written either way).
+/// the tracker's `job_finished` (the results are written either way). Asked once: a
+/// tracker still folding (it trails the results stream under load) gives the usage so far.
 const USAGE_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn summary(cfg: &fleet::Config, mut c: Collected, output: &std::path::Path, json: bool) {
     if c.usage.is_none() {
         let req = TrackerRequest::Status { job_id: c.job_id.clone() };
         if let Ok(reply) = inspect::ask(cfg, &req, USAGE_QUERY_TIMEOUT).await {
-            c.usage = reply.jobs.into_iter().next().and_then(|j| j.usage);
+            let job = reply.jobs.into_iter().next();
+            c.usage_final = job.as_ref().is_some_and(|j| !matches!(j.status.as_str(), "in_progress" | "submitting"));
+            c.usage = job.and_then(|j| j.usage);
         }
     }
     if json {
@@ -280,8 +283,13 @@ async fn summary(cfg: &fleet::Config, mut c: Collected, output: &std::path::Path
         c.elapsed_s,
         output.display()
     );
-    if let Some(u) = &c.usage {
-        eprintln!("usage: {}", u.describe());
+    match &c.usage {
+        Some(u) if c.usage_final => eprintln!("usage: {}", u.describe()),
+        Some(u) => eprintln!(
+            "usage so far (the tracker is still counting; `producer status` has the final figure): {}",
+            u.describe()
+        ),
+        None => {}
     }
 }
 

@@ -27,6 +27,8 @@ const DEFAULT_ITEMS: u64 = 50_000;
 const SUBMIT_LINES_PER_ITEM: u64 = 20;
 /// The ratelimit scenario's window by default, seconds.
 const DEFAULT_WINDOW_S: u64 = 180;
+/// Lines of the fairness scenario's big job (the 200,000).
+const FAIRNESS_LINES: u64 = 200_000;
 
 /// Benchmark the fleet on the local stack against a bare lapin + reqwest pipeline.
 #[derive(Parser)]
@@ -71,7 +73,8 @@ impl Cli {
     fn settings(&self) -> Settings {
         let items = self.items.unwrap_or(if self.quick { DEFAULT_ITEMS / 10 } else { DEFAULT_ITEMS });
         let window = self.window_s.unwrap_or(if self.quick { 30 } else { DEFAULT_WINDOW_S });
-        Settings { items, submit_lines: items * SUBMIT_LINES_PER_ITEM, ratelimit_window_s: window }
+        let fairness_lines = if self.quick { FAIRNESS_LINES / 10 } else { FAIRNESS_LINES };
+        Settings { items, submit_lines: items * SUBMIT_LINES_PER_ITEM, ratelimit_window_s: window, fairness_lines }
     }
 
     /// The scenarios to run, in canonical order (the reference before overhead).
@@ -169,6 +172,7 @@ async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &
                 Scenario::Ratelimit => scenarios::ratelimit(stack, settings).await,
                 Scenario::Tpm => scenarios::tpm(stack, settings).await,
                 Scenario::Submit => scenarios::submit(stack, settings).await,
+                Scenario::Fairness => scenarios::fairness(stack, settings).await,
             };
             let row = res.unwrap_or_else(|e| Row::failed(&name, &e));
             eprintln!("bench: {name}: {} ({:.0} s)", row.figure, started.elapsed().as_secs_f64());

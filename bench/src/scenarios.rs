@@ -46,6 +46,9 @@ pub enum Scenario {
     Tpm,
     /// `producer submit` of a large file with no workers.
     Submit,
+    /// A 10-line job submitted while a 200,000-line job runs (mock 50 ms): the small job's
+    /// time and the big job's throughput loss.
+    Fairness,
 }
 
 /// How big each scenario is.
@@ -57,6 +60,8 @@ pub struct Settings {
     pub submit_lines: u64,
     /// Measured window of the ratelimit scenario, seconds.
     pub ratelimit_window_s: u64,
+    /// Lines of the fairness scenario's big job.
+    pub fairness_lines: u64,
 }
 
 impl Settings {
@@ -437,8 +442,8 @@ async fn drive_ratelimit(
     let workers1 = fleet.worker_usage()?;
     let after = CpuMark::now(Some(mock));
     let window_s = started.elapsed().as_secs_f64();
-    let backlog =
-        stack.queue_state(&Topology::new(&fleet.ns, 5).items_queue(PROVIDER)).await?.map_or(0, |(ready, _)| ready);
+    let job_queue = Topology::new(&fleet.ns, 5).job_items_queue(PROVIDER, &submitted.job_id);
+    let backlog = stack.queue_state(&job_queue).await?.map_or(0, |(ready, _)| ready);
     fleet.stop_workers().await?;
 
     let ok = stats1.status(200) - stats0.status(200);
@@ -523,4 +528,101 @@ async fn drive_submit(fleet: &mut FleetRun<'_>, lines: u64) -> anyhow::Result<Ro
     .detail("producer_cpu_s", round2(t.usage.cpu_s))
     .detail("producer_peak_rss_mib", round2(rss));
     Ok(after.add_since(before, row))
+}
+
+/// Per-request latency of the fairness scenario's mock, and its workers.
+const FAIRNESS_LATENCY_MS: u64 = 50;
+const FAIRNESS_WORKERS: usize = 2;
+/// Lines of the small job.
+const FAIRNESS_SMALL: u64 = 10;
+/// Time the big job runs alone before its rate is measured, and the length of each of the
+/// two windows compared (alone, then with the small job).
+const FAIRNESS_WARMUP: Duration = Duration::from_secs(3);
+const FAIRNESS_WINDOW: Duration = Duration::from_secs(10);
+
+/// A big job runs; a small one is submitted: how long the small one takes (submit to the
+/// end of `wait`), and how much of its rate the big one loses in the window around it
+/// compared with the window before.
+pub async fn fairness(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+    let latency = FAIRNESS_LATENCY_MS.to_string();
+    let mock = Mock::start(&stack.bin_dir, &["--latency-ms", &latency]).await?;
+    let mut fleet = FleetRun::new(stack, "fairness", &mock.url, DEFAULT_IN_FLIGHT)?;
+    let res = drive_fairness(stack, &mut fleet, &mock, settings.fairness_lines).await;
+    fleet.cleanup().await;
+    let _ = mock.stop().await;
+    res
+}
+
+async fn drive_fairness(stack: &Stack, fleet: &mut FleetRun<'_>, mock: &Mock, lines: u64) -> anyhow::Result<Row> {
+    let (big_input, small_input) = (fleet.dir.join("big.jsonl"), fleet.dir.join("small.jsonl"));
+    let small_output = fleet.dir.join("small-out.jsonl");
+    workload::write_requests(&big_input, lines)?;
+    workload::write_requests(&small_input, FAIRNESS_SMALL)?;
+    // The big job is queued whole before the workers start: the windows then measure the
+    // fleet working through a backlog, not racing the submission.
+    let big = fleet.submit(&big_input).await;
+    remove(&big_input);
+    let big = big?;
+    fleet.start_workers(FAIRNESS_WORKERS)?;
+    fleet.wait_for_consumers(Duration::from_secs(30)).await?;
+    tokio::time::sleep(FAIRNESS_WARMUP).await;
+
+    let answered = |s: &procs::MockStats| s.status(200);
+    let stats0 = mock.stats(&stack.http).await?;
+    let t0 = Instant::now();
+    tokio::time::sleep(FAIRNESS_WINDOW).await;
+    let stats1 = mock.stats(&stack.http).await?;
+    let t1 = Instant::now();
+    let rate_alone = (answered(&stats1) - answered(&stats0)) as f64 / (t1 - t0).as_secs_f64();
+
+    let small = fleet.submit(&small_input).await?;
+    let (summary, _) = fleet.wait(&small.job_id, &small_output, Duration::from_secs(120)).await?;
+    let small_s = t1.elapsed().as_secs_f64();
+    let small_ok = summary["counts"]["succeeded"].as_u64().unwrap_or(0);
+    if let Some(rest) = FAIRNESS_WINDOW.checked_sub(t1.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    let stats2 = mock.stats(&stack.http).await?;
+    let window2_s = t1.elapsed().as_secs_f64();
+    let big_during = (answered(&stats2) - answered(&stats1)).saturating_sub(small_ok);
+    let rate_during = big_during as f64 / window2_s;
+    let job_queue = Topology::new(&fleet.ns, 5).job_items_queue(PROVIDER, &big.job_id);
+    let backlog = stack.queue_state(&job_queue).await?.map_or(0, |(ready, _)| ready);
+    fleet.stop_workers().await?;
+    remove(&small_input);
+    remove(&small_output);
+
+    let loss = 1.0 - rate_during / rate_alone;
+    let mut figure = format!(
+        "small job in {small_s:.1} s (target < 5 s); big job {}/s alone, {}/s beside it: {:.1}% loss (target < 5%)",
+        thousands(rate_alone.round() as u64),
+        thousands(rate_during.round() as u64),
+        loss * 100.0
+    );
+    if small_ok != FAIRNESS_SMALL {
+        figure.push_str(&format!("; only {small_ok} of {FAIRNESS_SMALL} small items succeeded"));
+    }
+    if backlog == 0 {
+        figure.push_str("; the big job ran dry, submit more");
+    }
+    let row = Row {
+        scenario: format!(
+            "fairness ({} + {FAIRNESS_SMALL} lines, {FAIRNESS_WORKERS} workers, {FAIRNESS_LATENCY_MS} ms)",
+            thousands(lines)
+        ),
+        items: big_during + small_ok,
+        wall_s: window2_s,
+        items_per_s: rate_during,
+        worker_cpu_s_per_1k: None,
+        worker_peak_rss_mib: None,
+        figure,
+        targets_met: Some(small_s < 5.0 && loss < 0.05 && small_ok == FAIRNESS_SMALL && backlog > 0),
+        details: Default::default(),
+    }
+    .detail("small_job_s", round2(small_s))
+    .detail("big_rate_alone_per_s", rate_alone.round())
+    .detail("big_rate_beside_small_per_s", rate_during.round())
+    .detail("big_throughput_loss", (loss * 10_000.0).round() / 10_000.0)
+    .detail("big_backlog_at_end", backlog);
+    Ok(row)
 }

@@ -117,6 +117,7 @@ impl Stack {
         let topology = Topology::new(ns, 5);
         let left = self.lock_leftovers().get(ns).cloned().unwrap_or_default();
         let mut queues: Vec<String> = left.jobs.iter().map(|j| topology.results_queue(j)).collect();
+        queues.extend(left.jobs.iter().map(|j| topology.job_items_queue(PROVIDER, j)));
         queues.extend([format!("{ns}.items"), format!("{ns}.results")]);
         self.delete_queues(&queues).await?;
         let ch = self.admin.create_channel().await?;

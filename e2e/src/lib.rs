@@ -312,6 +312,7 @@ impl Fleet {
             for j in jobs {
                 let _ = ch.queue_delete(t.results_queue(&j).into(), Default::default()).await;
                 let _ = ch.queue_delete(t.batch_items_stream(&j).into(), Default::default()).await;
+                let _ = ch.queue_delete(t.job_items_queue("mock", &j).into(), Default::default()).await;
             }
             let _ = t.delete_all(&ch, &["mock"], TEST_DELAY_TIERS_S).await;
         });

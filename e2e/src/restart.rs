@@ -107,9 +107,8 @@ pub fn delayed_items_survive_a_broker_restart(items: usize) -> RestartReport {
     write_requests(&input, items);
     let (job, _) = fleet.submit(&input);
     let topology = fleet::topology::Topology::new(&fleet.ns, 5);
-    let delayed = || {
-        TEST_DELAY_TIERS_S.iter().map(|s| fleet.queue_len(&topology.delay_queue("mock", *s)).unwrap_or(0)).sum::<u32>()
-    };
+    let delayed =
+        || TEST_DELAY_TIERS_S.iter().map(|s| fleet.queue_len(&topology.job_delay_queue(*s)).unwrap_or(0)).sum::<u32>();
     let want = (items / 10).max(1) as u32;
     eventually(Duration::from_secs(60), "items waiting in the delay queues", || {
         report.delayed_at_restart = delayed();

@@ -182,8 +182,9 @@ fn an_item_the_broker_dead_letters_ends_failed_and_the_job_ends() {
     let mock = Mock::start(&[]);
     let fleet = Fleet::new("brokerdead", &mock.url, "");
     // A worker declares the topology, then leaves before the job is submitted.
-    let items_queue = fleet.declare_topology_then_stop();
+    fleet.declare_topology_then_stop();
     let job = fleet.submit_requests(30);
+    let items_queue = fleet::topology::Topology::new(&fleet.ns, 5).job_items_queue("mock", &job);
     // The broker dead-letters one item (a consumer rejects it without requeue): no worker
     // ever sees it again, and nothing but the tracker can end it.
     let queue = items_queue.clone();

@@ -21,8 +21,8 @@ fn a_provider_outage_longer_than_the_retry_budget_waits_in_delay_queues() {
     });
     // While they wait, no prefetch slot is held: nothing is in flight at the provider.
     let delay_queues = fleet::topology::Topology::new(&fleet.ns, 5);
-    let delay_len = fleet.queue_len(&delay_queues.delay_queue("mock", 1)).unwrap_or(0)
-        + fleet.queue_len(&delay_queues.delay_queue("mock", 2)).unwrap_or(0);
+    let delay_len = fleet.queue_len(&delay_queues.job_delay_queue(1)).unwrap_or(0)
+        + fleet.queue_len(&delay_queues.job_delay_queue(2)).unwrap_or(0);
     assert!(delay_len > 0, "items are parked in the delay queues");
     // The provider comes back on the same address.
     drop(down);

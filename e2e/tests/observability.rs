@@ -368,8 +368,10 @@ fn item_and_job_panels_stay_exact_when_workers_are_killed_between_pushes() {
 fn broker_panels_show_the_real_backlog() {
     let fleet = Fleet::new("brokerrow", "http://127.0.0.1:9", "");
     // A worker declares the topology, then leaves: the items stay ready on the queue.
-    let items_queue = fleet.declare_topology_then_stop();
+    fleet.declare_topology_then_stop();
     let job = fleet.submit_requests(250);
+    // The items wait on the job's own queue (one per job: fair sharing).
+    let items_queue = fleet::topology::Topology::new(&fleet.ns, 5).job_items_queue("mock", &job);
     assert_eq!(fleet.queue_len(&items_queue), Some(250));
     let panel = |title: &str| {
         dashboard_queries_for(&fleet.ns.replace('.', "[.]"))

@@ -373,6 +373,11 @@ impl ProviderConfig {
         }
         Ok(())
     }
+    /// Price per model (`prices."<model>" = { input_per_mtok, output_per_mtok }`): turns
+    /// each job's token usage into its cost; the models named here are also the `model`
+    /// label values of the usage metrics (any other model counts as `other`).
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
 }
 
 fn default_max_response_bytes() -> usize {
@@ -438,6 +443,11 @@ impl Config {
             }
             check_http_url(&format!("providers.{name}.base_url"), &p.base_url)?;
             p.check_key_envs(name)?;
+            if let Some((model, _)) = p.prices.iter().find(|(_, price)| !price.is_valid()) {
+                anyhow::bail!(
+                    "providers.{name}.prices.{model:?}: prices must be finite and not negative, batch_factor at most 1"
+                );
+            }
             // An item is unacked for all its in-process attempts; RabbitMQ closes the channel
             // of a consumer holding a delivery for 30 minutes (3.10's default), which would
             // redeliver everything in flight. Longer waits belong in the delay queues.
@@ -611,6 +621,21 @@ mod tests {
         assert_eq!(cfg.providers["claude"].kind, ProviderKind::Anthropic);
         assert_eq!(cfg.providers["claude"].max_in_flight, 3);
         assert!(!cfg.providers.contains_key("mock"), "the built-in mock exists only when no provider is configured");
+    }
+
+    #[test]
+    fn a_price_table_keeps_model_names_as_written() {
+        let cfg = load_str(
+            "prices",
+            "[providers.openai]\nkind = \"openai\"\nbase_url = \"http://x\"\n\
+             [providers.openai.prices.\"gpt-4.1-Mini\"]\ninput_per_mtok = 0.4\noutput_per_mtok = 1.6\n",
+        )
+        .unwrap();
+        let price = &cfg.providers["openai"].prices["gpt-4.1-Mini"];
+        assert_eq!((price.input_per_mtok, price.output_per_mtok, price.batch_factor), (0.4, 1.6, 0.5));
+        let bad = "[providers.openai]\nkind = \"openai\"\nbase_url = \"http://x\"\n\
+                   [providers.openai.prices.m]\ninput_per_mtok = -1\noutput_per_mtok = 1\n";
+        assert!(load_str("badprice", bad).is_err());
     }
 
     /// Writes `toml` to a scratch file and loads it.

@@ -14,6 +14,7 @@ pub mod shutdown;
 pub mod telemetry;
 pub mod tokens;
 pub mod topology;
+pub mod usage;
 pub mod wire;
 
 pub use config::Config;

@@ -183,8 +183,15 @@ pub struct TrackerMetrics {
     pub job_duration: HistogramVec,
     /// `batch_jobs_in_progress{provider}`.
     pub jobs_in_progress: IntGaugeVec,
-    /// `batch_queue_backlog{provider}`: messages ready in each items queue.
+    /// `batch_queue_backlog{provider}`: messages ready in each provider's items queues (its
+    /// own and its jobs in progress).
     pub queue_backlog: IntGaugeVec,
+    /// `batch_usage_tokens_total{provider,model,kind}`: tokens of the jobs' answers (kind
+    /// `input`, `cached_input` (part of input), `output`), each item counted once; `model` is
+    /// a model of the provider's price table or `other`.
+    pub usage_tokens: IntCounterVec,
+    /// `batch_usage_cost_total{provider,model}`: their cost at the price table.
+    pub usage_cost: prometheus::CounterVec,
     /// `batch_push_failures_total`.
     pub push_failures: IntCounter,
 }
@@ -203,7 +210,17 @@ impl TrackerMetrics {
                 JOB_BUCKETS,
             ),
             jobs_in_progress: gauge_vec("batch_jobs_in_progress", "Jobs not yet finished", &["provider"]),
-            queue_backlog: gauge_vec("batch_queue_backlog", "Messages ready in the items queue", &["provider"]),
+            queue_backlog: gauge_vec("batch_queue_backlog", "Messages ready in the items queues", &["provider"]),
+            usage_tokens: counter_vec(
+                "batch_usage_tokens_total",
+                "Tokens of the jobs' answers, each item once",
+                &["provider", "model", "kind"],
+            ),
+            usage_cost: prometheus::CounterVec::new(
+                prometheus::Opts::new("batch_usage_cost_total", "Cost of the jobs' answers at the price table"),
+                &["provider", "model"],
+            )
+            .expect("valid metric"),
             push_failures: IntCounter::new("batch_push_failures_total", "Failed pushes to the Pushgateway")
                 .expect("valid metric"),
             registry,
@@ -215,6 +232,8 @@ impl TrackerMetrics {
             Box::new(m.job_duration.clone()),
             Box::new(m.jobs_in_progress.clone()),
             Box::new(m.queue_backlog.clone()),
+            Box::new(m.usage_tokens.clone()),
+            Box::new(m.usage_cost.clone()),
             Box::new(m.push_failures.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");

@@ -13,8 +13,14 @@
 //! (default)    ------------------> <ns>.delayed.<provider>.<n>s  quorum, TTL n s,
 //!                                                            dead-letters (at least once)
 //!                                                            back to <ns>.items / <provider>
-//! (default)    ------------------> <ns>.control             stream: job cancels, replayed
-//!                                                            from the start by every worker
+//! (default)    ------------------> <ns>.control             stream: job cancels and job
+//!                                                            openings, replayed from the
+//!                                                            start by every worker
+//! <ns>.jobs    (direct) --job id----> <ns>.items.<provider>.<job>  quorum, one per job (fair
+//!              alternate exchange: <ns>.dead                 sharing); deleted when it ends
+//! <ns>.delay   (headers, fleet-delay-s)   --> <ns>.delayed.<n>s    quorum, TTL n s, dead-
+//!                                                            letters back to <ns>.jobs under
+//!                                                            the job id it was published with
 //! ```
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
@@ -27,6 +33,12 @@ pub(crate) const RESULTS_MAX_AGE: &str = "7D";
 /// Segment size of a results stream: age retention drops whole segments, so a smaller
 /// segment lets a large job's stream shrink as it ages.
 const RESULTS_SEGMENT_BYTES: i64 = 16 * 1024 * 1024;
+
+/// Header of a message published to the `<ns>.delay` exchange naming its delay tier (in
+/// seconds, as a string: the headers exchange compares values with their AMQP type). Not
+/// `x-`-prefixed: a headers exchange ignores such headers when matching, and every tier
+/// would get a copy.
+pub const DELAY_TIER_HEADER: &str = "fleet-delay-s";
 
 /// Header the fleet sets on messages it dead-letters itself, saying why.
 pub const DEAD_REASON_HEADER: &str = "x-fleet-reason";
@@ -110,6 +122,25 @@ impl Topology {
         format!("{}.tracker.state", self.ns)
     }
 
+    /// Exchange of the per-job items queues: routing key = job id. Its alternate exchange is
+    /// `<ns>.dead`, so an item whose job queue is gone is parked, never dropped.
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.ns)
+    }
+    /// Items queue of one job (fair sharing: workers consume the open jobs in turn).
+    pub fn job_items_queue(&self, provider: &str, job_id: &str) -> String {
+        format!("{}.items.{provider}.{job_id}", self.ns)
+    }
+    /// Headers exchange in front of the per-job delay tiers (header [`DELAY_TIER_HEADER`]).
+    pub fn delay_exchange(&self) -> String {
+        format!("{}.delay", self.ns)
+    }
+    /// Delay tier for items of per-job queues waiting `secs` before their next attempt; it
+    /// dead-letters each item back to `<ns>.jobs` under its job id.
+    pub fn job_delay_queue(&self, secs: u64) -> String {
+        format!("{}.delayed.{secs}s", self.ns)
+    }
+
     /// Delay queue of `provider` for items waiting `secs` before their next attempt.
     pub fn delay_queue(&self, provider: &str, secs: u64) -> String {
         format!("{}.delayed.{provider}.{secs}s", self.ns)
@@ -137,6 +168,13 @@ impl Topology {
         ] {
             ch.exchange_declare(name.into(), kind, durable, FieldTable::default()).await?;
         }
+        let mut jobs = FieldTable::default();
+        // An item routed to no job queue (its job ended and the queue was deleted: only a
+        // duplicate can arrive then) is parked in <ns>.dead, where the tracker ignores it.
+        jobs.insert("alternate-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
+        ch.exchange_declare(self.jobs_exchange().into(), ExchangeKind::Direct, durable, jobs).await?;
+        ch.exchange_declare(self.delay_exchange().into(), ExchangeKind::Headers, durable, FieldTable::default())
+            .await?;
         declare_queue(ch, &self.dead_queue(), quorum()).await?;
         ch.queue_bind(
             self.dead_queue().into(),
@@ -212,6 +250,27 @@ impl Topology {
         Ok(())
     }
 
+    /// Declares the per-job delay tiers (shared by every provider and job): an item waits in
+    /// tier `n` for `n` s, then is dead-lettered (at least once) to `<ns>.jobs` under the
+    /// routing key it was published with, its job id: back to its own job's queue.
+    pub async fn declare_job_delay_queues(&self, ch: &Channel, tiers_s: &[u64]) -> lapin::Result<()> {
+        for secs in tiers_s {
+            let mut args = quorum();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt((*secs * 1000) as i64));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.jobs_exchange().into()));
+            args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+            let queue = self.job_delay_queue(*secs);
+            declare_queue(ch, &queue, args).await?;
+            let mut bind = FieldTable::default();
+            bind.insert("x-match".into(), AMQPValue::LongString("all".into()));
+            bind.insert(DELAY_TIER_HEADER.into(), AMQPValue::LongString(secs.to_string().into()));
+            ch.queue_bind(queue.into(), self.delay_exchange().into(), "".into(), QueueBindOptions::default(), bind)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Deletes the classic delay queues of earlier versions once they are empty (their
     /// messages keep expiring back to the items queue meanwhile). Best effort, on a channel
     /// of its own: the broker refuses to delete a queue that still holds messages and closes
@@ -240,15 +299,8 @@ impl Topology {
 
     /// Declares the items queue of `provider` and binds it to the items exchange.
     pub async fn declare_items_queue(&self, ch: &Channel, provider: &str) -> lapin::Result<()> {
-        let mut args = quorum();
-        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
-        // At-least-once dead-lettering needs reject-publish overflow; without it RabbitMQ
-        // silently falls back to at-most-once and a parked message could be lost.
-        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
-        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
         let queue = self.items_queue(provider);
-        declare_queue(ch, &queue, args).await?;
+        declare_queue(ch, &queue, self.items_queue_args()).await?;
         ch.queue_bind(
             queue.into(),
             self.items_exchange().into(),
@@ -257,6 +309,32 @@ impl Topology {
             FieldTable::default(),
         )
         .await
+    }
+
+    /// Declares the items queue of one job and binds it to `<ns>.jobs` under the job id.
+    /// Same arguments as a provider's items queue: the same delivery limit and dead-lettering.
+    pub async fn declare_job_items_queue(&self, ch: &Channel, provider: &str, job_id: &str) -> lapin::Result<()> {
+        let queue = self.job_items_queue(provider, job_id);
+        declare_queue(ch, &queue, self.items_queue_args()).await?;
+        ch.queue_bind(
+            queue.into(),
+            self.jobs_exchange().into(),
+            job_id.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    }
+
+    fn items_queue_args(&self) -> FieldTable {
+        let mut args = quorum();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
+        // At-least-once dead-lettering needs reject-publish overflow; without it RabbitMQ
+        // silently falls back to at-most-once and a parked message could be lost.
+        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        args
     }
 
     /// Declares the results stream of a job and binds it to the results exchange. A stream
@@ -291,6 +369,7 @@ impl Topology {
             queues.extend(tiers_s.iter().map(|s| self.delay_queue(p, *s)));
             queues.extend(tiers_s.iter().map(|s| self.classic_delay_queue(p, *s)));
         }
+        queues.extend(tiers_s.iter().map(|s| self.job_delay_queue(*s)));
         queues.extend([
             self.control_stream(),
             self.dead_queue(),
@@ -301,7 +380,13 @@ impl Topology {
         for q in queues {
             ch.queue_delete(q.into(), Default::default()).await?;
         }
-        for x in [self.items_exchange(), self.results_exchange(), self.dead_exchange()] {
+        for x in [
+            self.items_exchange(),
+            self.results_exchange(),
+            self.dead_exchange(),
+            self.jobs_exchange(),
+            self.delay_exchange(),
+        ] {
             ch.exchange_delete(x.into(), Default::default()).await?;
         }
         Ok(())
@@ -361,5 +446,7 @@ mod tests {
         assert_eq!(t.items_queue("mock"), "t42.items.mock");
         assert_eq!(t.results_queue("job1"), "t42.results.job1");
         assert_eq!(t.ledger_queue(), "t42.ledger");
+        assert_eq!(t.job_items_queue("mock", "job_1"), "t42.items.mock.job_1");
+        assert_eq!(t.job_delay_queue(30), "t42.delayed.30s");
     }
 }

@@ -39,6 +39,10 @@ pub enum Invalid {
     Index { index: u64, total: u64 },
     #[error("custom_id is {0} bytes long (at most {MAX_CUSTOM_ID_BYTES})")]
     CustomIdTooLong(usize),
+    #[error("priority {0} is not between 1 and {MAX_PRIORITY}")]
+    Priority(u32),
+    #[error("a job with its own items queue needs an id of letters, digits, '_' and '-'")]
+    JobIdNotAQueueName,
 }
 
 /// Checks a job id given on a command line or read from a queue.
@@ -154,13 +158,36 @@ impl Item {
 pub enum ControlMessage {
     CancelJob {
         job_id: String,
+        /// Why, when not the user's `producer cancel` (e.g. [`REASON_BUDGET`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
+    /// A job's items queue exists (published by `submit` before its first item): workers
+    /// serving the provider start consuming it, with a share weighted by `priority`.
+    JobOpened {
+        job_id: String,
+        provider: String,
+        #[serde(default = "default_priority")]
+        priority: u32,
+    },
+    /// The job ended and its items queue is deleted (published by the tracker).
+    JobClosed { job_id: String },
     /// Written by a worker before it starts consuming items; reading its own marker back
     /// proves it has read every cancel published before.
-    Marker {
-        id: String,
-    },
+    Marker { id: String },
 }
+
+/// Weight of a job that names none: every job gets an equal share of its provider.
+pub const DEFAULT_PRIORITY: u32 = 1;
+/// Highest weight (`submit --priority`): a job gets at most this many shares.
+pub const MAX_PRIORITY: u32 = 10;
+
+fn default_priority() -> u32 {
+    DEFAULT_PRIORITY
+}
+
+/// Reason of a job cancelled because its spend reached `submit --max-cost`.
+pub const REASON_BUDGET: &str = "budget";
 
 /// How an item ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -237,6 +264,10 @@ impl RequestRecord {
     pub fn of(item: &Item) -> RequestRecord {
         RequestRecord { url: item.url.clone(), body: item.body.clone() }
     }
+    /// Tokens the provider reported for the answer (absent without an answer, or when the
+    /// answer reports none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 impl ItemResult {
@@ -274,6 +305,7 @@ impl ItemResult {
             worker: worker.to_string(),
             finished_at_ms: crate::now_ms(),
             request: (status != ItemStatus::Succeeded).then(|| RequestRecord::of(item)),
+            usage: None,
         }
     }
 
@@ -421,6 +453,58 @@ pub struct JobSummary {
     /// Why a job in progress is not done yet; absent once it ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<JobProgress>,
+    /// Tokens and cost of the job's answers so far (absent from trackers before usage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<JobUsage>,
+}
+
+/// A job's token usage and what it cost, summed by the tracker over each item's first result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct JobUsage {
+    #[serde(default)]
+    pub input_tokens: u64,
+    /// Of the input tokens, those read from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+    /// Cost at the provider's price table (`providers.<name>.prices`), in its currency.
+    #[serde(default)]
+    pub cost: f64,
+    /// Answers whose model has no price (their tokens are counted, not their cost).
+    #[serde(default)]
+    pub unpriced_answers: u64,
+    /// The job's spend cap (`submit --max-cost`), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_cost: Option<f64>,
+}
+
+impl JobUsage {
+    /// Adds one answer's usage and its cost (`None`: its model has no price).
+    pub fn add(&mut self, usage: &crate::usage::Usage, cost: Option<f64>) {
+        self.input_tokens = self.input_tokens.saturating_add(usage.input_tokens);
+        self.cached_input_tokens = self.cached_input_tokens.saturating_add(usage.cached_input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(usage.output_tokens);
+        match cost {
+            Some(c) => self.cost += c,
+            None => self.unpriced_answers += 1,
+        }
+    }
+
+    /// One line for people: `1,234 in (12 cached) / 567 out tokens, cost 0.0123 (cap 1.00)`.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "{} in ({} cached) / {} out tokens, cost {:.4}",
+            self.input_tokens, self.cached_input_tokens, self.output_tokens, self.cost
+        );
+        if let Some(cap) = self.max_cost {
+            s.push_str(&format!(" (cap {cap:.2})"));
+        }
+        if self.unpriced_answers > 0 {
+            s.push_str(&format!(", {} answers of unpriced models", self.unpriced_answers));
+        }
+        s
+    }
 }
 
 /// Where the unfinished items of a job in progress are, as far as the tracker knows.
@@ -471,7 +555,7 @@ pub struct TrackerReply {
 }
 
 /// Events on the ledger queue, folded by the job tracker.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LedgerEvent {
     JobSubmitted {
@@ -486,6 +570,9 @@ pub enum LedgerEvent {
         /// submission is resumed.
         #[serde(default)]
         submitting: bool,
+        /// Spend cap (`submit --max-cost`): reached, the job is cancelled (reason `budget`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_cost: Option<f64>,
     },
     /// Every item of the job is published and confirmed.
     SubmissionComplete {
@@ -496,6 +583,10 @@ pub enum LedgerEvent {
         job_id: String,
         provider: String,
         items: Vec<(u64, ItemStatus)>,
+        /// Token usage of the items that report it, by index (counted once per index, with
+        /// the item's first result).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        usage: Vec<(u64, crate::usage::Usage)>,
     },
     JobCancel {
         job_id: String,
@@ -539,7 +630,19 @@ impl ControlMessage {
     /// Bounds a worker checks before acting on a control message.
     pub fn check(&self) -> Result<(), Invalid> {
         match self {
-            ControlMessage::CancelJob { job_id } => check_job_id(job_id),
+            ControlMessage::CancelJob { job_id, .. } | ControlMessage::JobClosed { job_id } => check_job_id(job_id),
+            ControlMessage::JobOpened { job_id, priority, .. } => {
+                check_job_id(job_id)?;
+                // The id becomes the last part of a queue name a worker consumes: no dot, so
+                // no announcement can point a worker at a queue that is not a job's.
+                if !job_id.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+                    return Err(Invalid::JobIdNotAQueueName);
+                }
+                match *priority {
+                    1..=MAX_PRIORITY => Ok(()),
+                    p => Err(Invalid::Priority(p)),
+                }
+            }
             ControlMessage::Marker { .. } => Ok(()),
         }
     }
@@ -611,6 +714,7 @@ mod tests {
             worker: "w".into(),
             finished_at_ms: 2,
             request: None,
+            usage: None,
         };
         let v: serde_json::Value = serde_json::to_value(r.to_output_line()).unwrap();
         assert_eq!(v["custom_id"], "a");
@@ -638,6 +742,7 @@ mod tests {
             worker: "w".into(),
             finished_at_ms: 0,
             request: None,
+            usage: None,
         }
     }
 
@@ -695,6 +800,7 @@ mod tests {
             job_id: "j".into(),
             provider: "p".into(),
             items: vec![(1 << 40, ItemStatus::Failed)],
+            usage: vec![],
         };
         assert!(e.check().is_err());
         let e = LedgerEvent::JobSubmitted {
@@ -704,8 +810,24 @@ mod tests {
             submitted_at_ms: 0,
             deadline_ms: None,
             submitting: false,
+            max_cost: None,
         };
         assert!(e.check().is_err());
+    }
+
+    #[test]
+    fn job_openings_are_checked() {
+        let open = |job_id: &str, priority| ControlMessage::JobOpened {
+            job_id: job_id.into(),
+            provider: "mock".into(),
+            priority,
+        };
+        assert_eq!(open("job_0123abcd", 1).check(), Ok(()));
+        assert_eq!(open("job_1", 0).check(), Err(Invalid::Priority(0)));
+        assert_eq!(open("job_1", MAX_PRIORITY + 1).check(), Err(Invalid::Priority(MAX_PRIORITY + 1)));
+        assert_eq!(open("items.other", 1).check(), Err(Invalid::JobIdNotAQueueName));
+        let old: ControlMessage = serde_json::from_str(r#"{"type":"cancel_job","job_id":"j"}"#).unwrap();
+        assert_eq!(old, ControlMessage::CancelJob { job_id: "j".into(), reason: None }, "older cancels still read");
     }
 
     #[test]

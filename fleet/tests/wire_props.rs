@@ -125,6 +125,19 @@ proptest! {
         prop_assert_eq!(back.custom_id, item.custom_id);
     }
 
+    /// Any answer body, and any `usage` object in one, reads as no usage or as bounded usage
+    /// whose cached tokens are part of its input, never a panic.
+    #[test]
+    fn any_answer_reads_as_bounded_usage(usage in any_json(), model in any_json(), body in any_json()) {
+        for text in [body.to_string(), json!({"model": model, "usage": usage}).to_string()] {
+            if let Some(u) = fleet::usage::parse(&text) {
+                prop_assert!(u.cached_input_tokens <= u.input_tokens);
+                prop_assert!(u.output_tokens <= fleet::usage::MAX_TOKENS_PER_ANSWER);
+                prop_assert!(u.model.len() <= fleet::usage::MAX_MODEL_BYTES);
+            }
+        }
+    }
+
     #[test]
     fn an_output_line_reads_back_as_written(
         job in "[a-z0-9_]{1,40}", index in any::<u64>(), custom in ".{0,100}", status in 100u16..600,
@@ -136,7 +149,7 @@ proptest! {
             response: Some(ResponseRecord { status_code: status, request_id: "r".into(),
                 body: RawValue::from_string(body.to_string()).unwrap() }),
             error: code.clone().map(|c| ErrorRecord { code: c, message: "m".into() }),
-            attempts: 1, worker: "w".into(), finished_at_ms: 0, request: None,
+            attempts: 1, worker: "w".into(), finished_at_ms: 0, request: None, usage: None,
         };
         let text = serde_json::to_string(&result.to_output_line()).unwrap();
         let line: Value = serde_json::from_str(&text).unwrap();

@@ -340,6 +340,15 @@ fn fake_embedding(text: &str) -> [f32; EMBEDDING_DIM] {
     v.map(|x| (x / norm) as f32)
 }
 
+/// The `(input, output)` tokens a success body of ours reports in its `usage` (both
+/// dialects), for `/stats`.
+pub fn reported_usage(success: &[u8]) -> (u64, u64) {
+    let v: Value = serde_json::from_slice(success).unwrap_or(Value::Null);
+    let u = &v["usage"];
+    let n = |a: &str, b: &str| u[a].as_u64().or_else(|| u[b].as_u64()).unwrap_or(0);
+    (n("prompt_tokens", "input_tokens"), n("completion_tokens", "output_tokens"))
+}
+
 /// Body of an error answer with `status`, in the shape the endpoint's API family uses.
 ///
 /// OpenAI shapes: 400 `invalid_request_error` (with `param` and `code` null), 429

@@ -232,7 +232,11 @@ async fn admitted(
         tokio::time::sleep(decision.delay).await;
     }
     match decision.fault {
-        Fault::None => answer(state, endpoint, 200, success, admission),
+        Fault::None => {
+            let (input, output) = api::reported_usage(&success);
+            state.stats.record_usage(input, output);
+            answer(state, endpoint, 200, success, admission)
+        }
         Fault::Garbage => {
             state.stats.record_garbage();
             let mut response = Response::new(Body::from(GARBAGE_BODY));

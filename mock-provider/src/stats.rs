@@ -27,6 +27,8 @@ pub struct Stats {
     tokens_admitted: AtomicU64,
     tpm_refused: AtomicU64,
     unauthorized: AtomicU64,
+    input_tokens: AtomicU64,
+    output_tokens: AtomicU64,
 }
 
 /// The JSON document served by `GET /stats`.
@@ -66,6 +68,18 @@ pub struct StatsSnapshot {
     /// Requests answered 401 because their key is not one of `--valid-keys`.
     #[serde(default)]
     pub unauthorized: u64,
+    /// Tokens reported in the `usage` of the successful answers sent (input: OpenAI's
+    /// `prompt_tokens`, Anthropic's `input_tokens`; output: `completion_tokens` /
+    /// `output_tokens`): what a client summing usage must find.
+    #[serde(default)]
+    pub usage: UsageTotals,
+}
+
+/// Token totals of the answers sent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageTotals {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
 }
 
 impl Default for Stats {
@@ -82,6 +96,8 @@ impl Default for Stats {
             tokens_admitted: AtomicU64::new(0),
             tpm_refused: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
+            input_tokens: AtomicU64::new(0),
+            output_tokens: AtomicU64::new(0),
         }
     }
 }
@@ -112,6 +128,12 @@ impl Stats {
         if let Some(slot) = self.by_status.get(usize::from(status)) {
             slot.fetch_add(1, Relaxed);
         }
+    }
+
+    /// Adds the usage a successful answer reported.
+    pub fn record_usage(&self, input_tokens: u64, output_tokens: u64) {
+        self.input_tokens.fetch_add(input_tokens, Relaxed);
+        self.output_tokens.fetch_add(output_tokens, Relaxed);
     }
 
     /// Counts a request that will never be answered.
@@ -160,6 +182,8 @@ impl Stats {
         for counter in [&self.tokens_admitted, &self.tpm_refused, &self.unauthorized] {
             counter.store(0, Relaxed);
         }
+        self.input_tokens.store(0, Relaxed);
+        self.output_tokens.store(0, Relaxed);
         self.max_in_flight.store(self.in_flight.load(Relaxed), Relaxed);
     }
 
@@ -196,6 +220,10 @@ impl Stats {
             tokens_admitted: self.tokens_admitted.load(Relaxed),
             tpm_refused: self.tpm_refused.load(Relaxed),
             unauthorized: self.unauthorized.load(Relaxed),
+            usage: UsageTotals {
+                input_tokens: self.input_tokens.load(Relaxed),
+                output_tokens: self.output_tokens.load(Relaxed),
+            },
         }
     }
 }
@@ -262,6 +290,7 @@ mod tests {
                 "tokens_admitted": 0,
                 "tpm_refused": 0,
                 "unauthorized": 0,
+                "usage": {"input_tokens": 0, "output_tokens": 0},
             })
         );
     }

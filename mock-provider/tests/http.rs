@@ -137,6 +137,13 @@ async fn other_routes_shapes() {
     assert_eq!(v["stop_reason"], "end_turn");
     assert_eq!(v["usage"]["input_tokens"], 1);
     assert_eq!(v["usage"]["output_tokens"], 5);
+    // /stats sums the usage of the answers sent, in either dialect.
+    let before = stats(addr).await.usage;
+    let resp = post(addr, "/v1/chat/completions", chat_body()).await;
+    let v: Value = resp.json().await.unwrap();
+    let after = stats(addr).await.usage;
+    assert_eq!(after.input_tokens - before.input_tokens, v["usage"]["prompt_tokens"].as_u64().unwrap());
+    assert_eq!(after.output_tokens - before.output_tokens, v["usage"]["completion_tokens"].as_u64().unwrap());
 
     let resp = client().get(url(addr, "/healthz")).send().await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
@@ -315,7 +322,8 @@ async fn garbage_and_mixed_stats_and_reset() {
             "stolen",
             "tokens_admitted",
             "tpm_refused",
-            "unauthorized"
+            "unauthorized",
+            "usage"
         ]
     );
     stop.cancel();

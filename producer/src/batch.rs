@@ -39,9 +39,11 @@ pub fn resolve(mode: ModeArg, provider: &ProviderConfig, deadline_s: Option<u64>
 }
 
 /// Where one job's items are published: `(exchange, routing key)`.
-pub fn destination(topology: &Topology, mode: JobMode, provider: &str, job_id: &str) -> (String, String) {
+pub fn destination(topology: &Topology, mode: JobMode, job_id: &str) -> (String, String) {
     match mode {
-        JobMode::Online => (topology.items_exchange(), provider.to_string()),
+        // The job's own items queue (routing key = job id), which workers consume side by
+        // side with the provider's other jobs.
+        JobMode::Online => (topology.jobs_exchange(), job_id.to_string()),
         // The default exchange routes by queue name.
         JobMode::Batch => (String::new(), topology.batch_items_stream(job_id)),
     }

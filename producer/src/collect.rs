@@ -70,6 +70,14 @@ pub struct Collected {
     pub elapsed_s: f64,
     /// Set when the tracker reported the job's end before every result arrived.
     pub job_status: Option<JobStatus>,
+    /// The job's token usage and cost, as the tracker summed them (from its `job_finished`
+    /// message, or asked once the results are in; absent if the tracker did not answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<fleet::wire::JobUsage>,
+    /// Whether `usage` is the job's final figure: false when the tracker had not folded
+    /// every result yet (it trails the results stream under load); `producer status` later
+    /// gives the final one.
+    pub usage_final: bool,
 }
 
 /// Options of a wait.
@@ -149,6 +157,8 @@ struct Collector {
     counts: JobCounts,
     total: Option<u64>,
     job_status: Option<JobStatus>,
+    usage: Option<fleet::wire::JobUsage>,
+    usage_final: bool,
     /// Why the tracker ended the job early (`incomplete_submission`).
     abandoned: Option<String>,
     bar: indicatif::ProgressBar,
@@ -187,6 +197,8 @@ impl Collector {
             if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
                 self.total.get_or_insert(summary.counts.total);
                 self.job_status = Some(summary.status);
+                self.usage = summary.usage;
+                self.usage_final = true;
                 self.abandoned = summary.reason;
             }
             return Ok(());
@@ -282,6 +294,8 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         counts,
         total: None,
         job_status: None,
+        usage: None,
+        usage_final: false,
         abandoned: None,
         bar,
         format: req.format,
@@ -334,6 +348,8 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         counts: c.counts,
         elapsed_s: started.elapsed().as_secs_f64(),
         job_status: c.job_status,
+        usage: c.usage,
+        usage_final: c.usage_final,
     })
 }
 

@@ -72,6 +72,10 @@ pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyho
 /// pending items are and what it waits for.
 pub fn render(job: &JobSummary) -> String {
     let mut out = summary_line(job);
+    if let Some(u) = &job.usage {
+        out.push_str("\n    usage: ");
+        out.push_str(&u.describe());
+    }
     if let Some(p) = &job.progress {
         out.push_str("\n    ");
         out.push_str(&progress_line(p));
@@ -118,5 +122,5 @@ fn summary_line(job: &JobSummary) -> String {
         r = job.rate_per_s,
         sub = fmt_ts(job.submitted_at_ms),
         fin = job.finished_at_ms.map(|t| format!(" finished={}", fmt_ts(t))).unwrap_or_default(),
-    )
+    ) + &job.reason.as_ref().map(|r| format!(" reason={r}")).unwrap_or_default()
 }

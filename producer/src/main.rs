@@ -78,6 +78,15 @@ enum Command {
         /// job's deadline allows (batch mode).
         #[arg(long, value_enum)]
         fallback: Option<FallbackArg>,
+        /// Share of the provider this job gets next to other jobs (1 to 10; a job of
+        /// priority 3 gets three times the share of a job of priority 1).
+        #[arg(long, default_value_t = fleet::wire::DEFAULT_PRIORITY,
+              value_parser = clap::value_parser!(u32).range(1..=fleet::wire::MAX_PRIORITY as i64))]
+        priority: u32,
+        /// Spend cap in the price table's currency (e.g. 12.50): once the job's cost reaches
+        /// it, its remaining items end `cancelled` (reason `budget`).
+        #[arg(long, value_parser = max_cost)]
+        max_cost: Option<f64>,
     },
     /// Collect a job's results into an output file (OpenAI Batch output lines, or Anthropic
     /// result lines); resumable.
@@ -192,6 +201,8 @@ async fn main() -> ExitCode {
             resume,
             mode,
             fallback,
+            priority,
+            max_cost,
         } => {
             let deadline_s = deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
             let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
@@ -212,6 +223,8 @@ async fn main() -> ExitCode {
                 resume: resume.as_deref(),
                 mode,
                 fallback_online: fallback == Some(FallbackArg::Online),
+                priority,
+                max_cost,
             };
             match submit::submit(&cfg, &req).await {
                 Ok(job) => {
@@ -232,7 +245,13 @@ async fn main() -> ExitCode {
                             timeout: None,
                             format: output_format,
                         };
-                        collect::wait(&cfg, &req).await.map(|c| summary(&c, &output, json))
+                        match collect::wait(&cfg, &req).await {
+                            Ok(c) => {
+                                summary(&cfg, c, &output, json).await;
+                                Ok(())
+                            }
+                            Err(e) => Err(e),
+                        }
                     } else {
                         Ok(())
                     }
@@ -249,7 +268,13 @@ async fn main() -> ExitCode {
                 format: output_format,
             };
             let finish = Finish { ordered, errors: errors.as_deref(), format: output_format };
-            finish::wait(&cfg, &req, &finish).await.map(|c| summary(&c, &output, json))
+            match finish::wait(&cfg, &req, &finish).await {
+                Ok(c) => {
+                    summary(&cfg, c, &output, json).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
         }
         Command::Retry { job, failed, output, json } => {
             retry(&cfg, &job, failed, output.as_deref(), json, progress).await
@@ -328,6 +353,8 @@ async fn retry(
             resume: None,
             mode: ModeArg::Online,
             fallback_online: false,
+            priority: fleet::wire::DEFAULT_PRIORITY,
+            max_cost: None,
         };
     let new = submit::submit(cfg, &req).await?;
     if json {
@@ -345,7 +372,7 @@ async fn retry(
     if let Some(output) = output {
         let req = WaitRequest { job_id: &new.job_id, output, progress, timeout: None, format: OutputFormat::default() };
         let c = collect::wait(cfg, &req).await?;
-        summary(&c, output, json);
+        summary(cfg, c, output, json).await;
     }
     Ok(())
 }
@@ -362,9 +389,22 @@ fn print_jobs(jobs: &[fleet::wire::JobSummary], json: bool) {
     }
 }
 
-fn summary(c: &Collected, output: &std::path::Path, json: bool) {
+/// How long `wait` asks the tracker for the job's usage when its results arrived before
+/// the tracker's `job_finished` (the results are written either way). Asked once: a
+/// tracker still folding (it trails the results stream under load) gives the usage so far.
+const USAGE_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn summary(cfg: &fleet::Config, mut c: Collected, output: &std::path::Path, json: bool) {
+    if c.usage.is_none() {
+        let req = TrackerRequest::Status { job_id: c.job_id.clone() };
+        if let Ok(reply) = inspect::ask(cfg, &req, USAGE_QUERY_TIMEOUT).await {
+            let job = reply.jobs.into_iter().next();
+            c.usage_final = job.as_ref().is_some_and(|j| !matches!(j.status.as_str(), "in_progress" | "submitting"));
+            c.usage = job.and_then(|j| j.usage);
+        }
+    }
     if json {
-        println!("{}", serde_json::to_string(c).expect("serializable"));
+        println!("{}", serde_json::to_string(&c).expect("serializable"));
         return;
     }
     let n = c.counts.finished();
@@ -379,9 +419,25 @@ fn summary(c: &Collected, output: &std::path::Path, json: bool) {
         c.elapsed_s,
         output.display()
     );
+    match &c.usage {
+        Some(u) if c.usage_final => eprintln!("usage: {}", u.describe()),
+        Some(u) => eprintln!(
+            "usage so far (the tracker is still counting; `producer status` has the final figure): {}",
+            u.describe()
+        ),
+        None => {}
+    }
 }
 
 /// A job id argument: refused before anything is sent when no routing key could hold it.
 fn job_id(s: &str) -> Result<String, String> {
     fleet::wire::check_job_id(s).map(|()| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// A spend cap: a finite amount, not negative.
+fn max_cost(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("{s:?} is not an amount (e.g. 12.50)")),
+    }
 }

@@ -5,9 +5,10 @@
 //! `--resume JOB`): the same job id, only the items the broker had not confirmed (see
 //! [`crate::resume`]).
 //!
-//! Order matters: the job's results queue exists before any item is published (so no
-//! result can be unroutable), and the ledger learns of the job before its items (so the
-//! tracker never sees an item of an unknown job).
+//! Order matters: the job's items queue and results queue exist before any item is
+//! published (so no item or result can be unroutable), the ledger learns of the job before
+//! its items (so the tracker never sees an item of an unknown job), and the workers learn
+//! of the job's queue (`job_opened` on the control stream) before its first item.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -15,7 +16,7 @@ use std::path::Path;
 use fleet::amqp::{self, PendingConfirm};
 use fleet::batch::JobMode;
 use fleet::topology::Topology;
-use fleet::wire::{Item, LedgerEvent};
+use fleet::wire::{ControlMessage, Item, LedgerEvent};
 use fleet::Config;
 use serde_json::value::RawValue;
 
@@ -39,6 +40,10 @@ pub struct SubmitRequest<'a> {
     pub mode: ModeArg,
     /// `--fallback online`: requests a provider batch let expire are re-run online.
     pub fallback_online: bool,
+    /// Weight of the job's share of the provider (1 to [`fleet::wire::MAX_PRIORITY`]).
+    pub priority: u32,
+    /// Spend cap: reached, the tracker cancels the job (reason `budget`).
+    pub max_cost: Option<f64>,
 }
 
 /// A submitted job.
@@ -266,6 +271,7 @@ impl Job {
         let ch = amqp::confirm_channel(conn).await.map_err(broker(start))?;
         self.topology.declare_common(&ch).await.map_err(broker(start))?;
         self.topology.declare_items_queue(&ch, req.provider).await.map_err(broker(start))?;
+        self.topology.declare_job_items_queue(&ch, req.provider, &self.job_id).await.map_err(broker(start))?;
         self.topology.declare_results_queue(&ch, &self.job_id).await.map_err(broker(start))?;
         if self.mode == JobMode::Batch {
             self.topology.declare_batch_items_stream(&ch, &self.job_id).await.map_err(broker(start))?;
@@ -282,15 +288,27 @@ impl Job {
                 // The job shows `submitting` until `submission_complete`, and is abandoned
                 // by the tracker if that never comes (see `producer.submit_timeout_s`).
                 submitting: true,
+                max_cost: req.max_cost,
             };
             let event = serde_json::to_vec(&event).map_err(|e| Interrupted::Fatal(e.into()))?;
             amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &event, amqp::persistent_json())
                 .await
                 .map_err(|e| Interrupted::Broker { confirmed: start, error: e.into() })?;
+            // The workers serving the provider start consuming the job's queue (again on a
+            // resume: a worker that knows the job already ignores it).
+            let opened = ControlMessage::JobOpened {
+                job_id: self.job_id.clone(),
+                provider: req.provider.to_string(),
+                priority: req.priority,
+            };
+            let opened = serde_json::to_vec(&opened).map_err(|e| Interrupted::Fatal(e.into()))?;
+            amqp::publish_confirmed(&ch, "", &self.topology.control_stream(), &opened, amqp::persistent_json())
+                .await
+                .map_err(|e| Interrupted::Broker { confirmed: start, error: e.into() })?;
             *announced = true;
         }
         bar.set_position(start);
-        let (exchange, routing_key) = batch::destination(&self.topology, self.mode, req.provider, &self.job_id);
+        let (exchange, routing_key) = batch::destination(&self.topology, self.mode, &self.job_id);
         let mut chunker = batch::chunker(&self.provider_cfg);
         let mut pending: VecDeque<(u64, PendingConfirm)> = VecDeque::with_capacity(self.window);
         let mut payload = Vec::with_capacity(4096);

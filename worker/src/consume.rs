@@ -1,5 +1,6 @@
 //! Consuming the items queues over one connection: a channel per provider with
-//! `basic_qos` = that provider's in-flight limit, one task per delivery.
+//! `basic_qos` = that provider's in-flight limit, one task per delivery; and, beside each
+//! provider's own queue, the per-job queues of its open jobs ([`crate::jobs`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -7,15 +8,15 @@ use std::sync::Arc;
 use fleet::metrics::WorkerMetrics;
 use fleet::topology::Topology;
 use fleet::Config;
-use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::{self, Cancelled};
-use crate::process::{self, Context};
+use crate::jobs::{self, OpenJobs, ProviderJobs};
+use crate::process::Context;
 use crate::provider::ProviderClient;
 
 /// What a worker keeps across reconnections.
@@ -32,15 +33,18 @@ pub struct Worker {
     pub cancelled: Cancelled,
     /// `batch_provider_batches{provider,status}` (batch mode).
     pub provider_batches: prometheus::IntGaugeVec,
+    /// Jobs whose items queues exist, as the control stream announced them.
+    pub open_jobs: OpenJobs,
 }
 
 /// Consumes every served provider's queue on `conn` until the connection fails (`Err`) or
 /// `shutdown` fires (`Ok` once every consumer is cancelled; in-flight tasks keep running
 /// in `in_flight`).
 pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let Worker { cfg, worker_id, topology, metrics, clients, in_flight, cancelled, .. } = w;
+    let Worker { cfg, worker_id, topology, metrics, clients, in_flight, cancelled, open_jobs, .. } = w;
     let publish = fleet::amqp::confirm_channel(conn).await?;
     topology.declare_common(&publish).await?;
+    topology.declare_job_delay_queues(&publish, &cfg.retry.delay_tiers_s).await?;
     for name in clients.keys() {
         topology.declare_items_queue(&publish, name).await?;
         topology.declare_delay_queues(&publish, name, &cfg.retry.delay_tiers_s).await?;
@@ -65,8 +69,9 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
         shutdown: shutdown.clone(),
     });
     // Known cancels first, so no item of a cancelled job reaches a provider.
-    let follower = control::Follower::catch_up(conn, topology, cancelled.clone()).await?;
+    let follower = control::Follower::catch_up(conn, topology, cancelled.clone(), open_jobs.clone()).await?;
     let mut consumers = tokio::task::JoinSet::new();
+    let mut job_servers = Vec::new();
     for (name, (client, prefetch)) in clients {
         let ch = conn.create_channel().await?;
         // The broker never hands us more unacked items than the prefetch.
@@ -80,38 +85,25 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
                 FieldTable::default(),
             )
             .await?;
-        let (ctx, client, in_flight, shutdown) = (ctx.clone(), client.clone(), in_flight.clone(), shutdown.clone());
+        let (ctx2, client2, in_flight2, shutdown2) = (ctx.clone(), client.clone(), in_flight.clone(), shutdown.clone());
+        // The provider's own queue: items of earlier versions' producers, `dead --requeue`d
+        // items and the old delay tiers' returns. Its consumer ending is a failure.
         consumers.spawn(async move {
-            let mut consumer = consumer;
-            let mut cancelling = false;
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled(), if !cancelling => {
-                        cancelling = true;
-                        // Stop new deliveries; the stream ends once the broker confirms, and
-                        // whatever arrived before that is still processed.
-                        if ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    next = consumer.next() => match next {
-                        Some(Ok(delivery)) => {
-                            // The task holds a handle of the channel: lapin closes a channel
-                            // when its last handle drops, which would requeue this delivery
-                            // even after the consumer task has finished (during the drain).
-                            let (ctx, client, ch) = (ctx.clone(), client.clone(), ch.clone());
-                            in_flight.spawn(async move {
-                                process::handle(ctx, client, delivery).await;
-                                drop(ch);
-                            });
-                        }
-                        Some(Err(e)) => return Err(anyhow::Error::from(e)),
-                        None if cancelling => return Ok(()),
-                        None => anyhow::bail!("consumer of {} ended unexpectedly", client.name),
-                    }
-                }
+            let name = client2.name.clone();
+            match jobs::consume_deliveries(ch, consumer, tag, ctx2, client2, in_flight2, shutdown2).await? {
+                true => Ok(()),
+                false => anyhow::bail!("consumer of {name} ended unexpectedly"),
             }
         });
+        let provider_jobs = ProviderJobs {
+            ctx: ctx.clone(),
+            client: client.clone(),
+            prefetch: *prefetch,
+            in_flight: in_flight.clone(),
+            open_jobs: open_jobs.clone(),
+            worker_id: worker_id.clone(),
+        };
+        job_servers.push(provider_jobs.serve(conn, shutdown));
     }
     crate::batch::spawn_consumers(conn, w, &ctx, &mut consumers, shutdown);
     tracing::info!(providers = clients.len(), "consuming");
@@ -125,10 +117,11 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
         }
         Ok(())
     };
+    let all_jobs = futures::future::try_join_all(job_servers);
     // Cancels are followed for as long as the item consumers run; they decide when this
     // connection is done (a follower failure means the connection failed too).
     tokio::select! {
-        res = all_consumers => res,
+        res = async { tokio::try_join!(all_consumers, all_jobs).map(|_| ()) } => res,
         res = follower.run() => res,
     }
 }

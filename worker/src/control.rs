@@ -1,5 +1,6 @@
-//! The control stream: job cancels, read by every worker from the start of the stream so
-//! that a worker started after a cancel honours it too. The set of cancelled jobs outlives
+//! The control stream: job cancels and job openings/closings, read by every worker from the
+//! start of the stream so that a worker started after a cancel honours it too (and knows
+//! every open job's queue, see [`crate::jobs`]). The set of cancelled jobs outlives
 //! reconnections (it is re-read from the start after each, which is idempotent).
 //!
 //! Anyone who can publish to the stream can add cancels, so the set is bounded: a cancel
@@ -20,17 +21,37 @@ use lapin::Connection;
 pub const MAX_CANCELLED: usize = 100_000;
 
 /// Jobs cancelled fleet-wide, shared by every delivery handler: job id -> when it was read
-/// (ms since the epoch).
+/// (ms since the epoch) and why, when the cancel says (e.g. `budget`).
 #[derive(Clone)]
 pub struct Cancelled {
     jobs: Arc<RwLock<HashMap<String, u64>>>,
+    reasons: Arc<RwLock<HashMap<String, String>>>,
     retention_ms: u64,
 }
 
 impl Cancelled {
     /// An empty set whose cancels are forgotten after `retention_ms`.
     pub fn new(retention_ms: u64) -> Self {
-        Cancelled { jobs: Arc::default(), retention_ms }
+        Cancelled { jobs: Arc::default(), reasons: Arc::default(), retention_ms }
+    }
+
+    /// Why `job_id` was cancelled, when the cancel gave a reason.
+    pub fn reason(&self, job_id: &str) -> Option<String> {
+        self.reasons.read().ok().and_then(|r| r.get(job_id).cloned())
+    }
+
+    /// Records a cancel with its reason (bounded: reasons are kept only for cancels the set
+    /// still remembers).
+    pub fn insert_with_reason(&self, job_id: String, reason: Option<&str>, now_ms: u64) {
+        if let (Some(reason), Ok(mut r)) = (reason, self.reasons.write()) {
+            const MAX_REASON: usize = 64;
+            r.insert(job_id.clone(), reason.chars().take(MAX_REASON).collect());
+            if r.len() > MAX_CANCELLED {
+                // Rare (only a flood of cancels with reasons): forget the reasons, keep the cancels.
+                r.clear();
+            }
+        }
+        self.insert(job_id, now_ms);
     }
 
     pub fn contains(&self, job_id: &str) -> bool {
@@ -71,13 +92,19 @@ impl Cancelled {
 pub struct Follower {
     consumer: lapin::Consumer,
     cancelled: Cancelled,
+    open_jobs: crate::jobs::OpenJobs,
 }
 
 impl Follower {
     /// Opens the stream from its first message and reads until a marker of our own, which
     /// is published first: when it returns, every cancel published before is known, so a
     /// worker started after a cancel never calls the provider for that job.
-    pub async fn catch_up(conn: &Connection, topology: &Topology, cancelled: Cancelled) -> anyhow::Result<Follower> {
+    pub async fn catch_up(
+        conn: &Connection,
+        topology: &Topology,
+        cancelled: Cancelled,
+        open_jobs: crate::jobs::OpenJobs,
+    ) -> anyhow::Result<Follower> {
         let ch = conn.create_channel().await?;
         // Streams require a prefetch and manual acks on AMQP 0.9.1.
         ch.basic_qos(500, BasicQosOptions::default()).await?;
@@ -98,7 +125,7 @@ impl Follower {
         )
         .await?;
         let _ = pub_ch.close(200, "marker sent".into()).await;
-        let mut follower = Follower { consumer, cancelled };
+        let mut follower = Follower { consumer, cancelled, open_jobs };
         while let Some(msg) = follower.next().await? {
             if matches!(&msg, ControlMessage::Marker { id } if *id == marker) {
                 return Ok(follower);
@@ -118,16 +145,28 @@ impl Follower {
                     tracing::warn!(error = %msg.check().unwrap_err(), "ignoring a control message out of bounds");
                 }
                 Ok(msg) => {
-                    if let ControlMessage::CancelJob { job_id } = &msg {
-                        if !self.cancelled.contains(job_id) {
-                            tracing::info!(job_id = %job_id, "job cancelled");
-                            self.cancelled.insert(job_id.clone(), fleet::now_ms());
-                        }
-                    }
+                    self.apply(&msg);
                     return Ok(Some(msg));
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed control message"),
             }
+        }
+    }
+
+    /// Applies a checked control message to the worker's view of the fleet's jobs.
+    fn apply(&self, msg: &ControlMessage) {
+        match msg {
+            ControlMessage::CancelJob { job_id, reason } => {
+                if !self.cancelled.contains(job_id) {
+                    tracing::info!(job_id = %job_id, reason = reason.as_deref().unwrap_or("cancel"), "job cancelled");
+                    self.cancelled.insert_with_reason(job_id.clone(), reason.as_deref(), fleet::now_ms());
+                }
+            }
+            ControlMessage::JobOpened { job_id, provider, priority } => {
+                self.open_jobs.open(job_id, provider, *priority)
+            }
+            ControlMessage::JobClosed { job_id } => self.open_jobs.close(job_id),
+            ControlMessage::Marker { .. } => {}
         }
     }
 

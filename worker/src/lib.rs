@@ -9,6 +9,7 @@ pub mod batch;
 pub mod consume;
 pub mod control;
 pub mod keys;
+pub mod jobs;
 pub mod limit;
 pub mod process;
 pub mod provider;
@@ -70,6 +71,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         in_flight: TaskTracker::new(),
         cancelled: control::Cancelled::new(cfg.tracker.retention_s.saturating_mul(1000)),
         provider_batches: fleet::metrics::register_provider_batches(&metrics.registry),
+        open_jobs: jobs::OpenJobs::default(),
     };
     // A refused login never heals by retrying (the loop below retries only what can): fail
     // at start with exit 1 rather than warn forever. A broker that is down is waited for.

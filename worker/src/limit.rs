@@ -236,6 +236,15 @@ impl Limiter {
         }
     }
 
+    /// Gives back the room [`Limiter::room`] counted for a task that will not start after
+    /// all (its job was cancelled while it waited).
+    pub fn leave_room(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.starting = s.starting.saturating_sub(1);
+        }
+        self.freed.notify_one();
+    }
+
     /// Feeds back what a call told us.
     pub fn observe(&self, signal: Signal) {
         let now = Instant::now();

@@ -24,7 +24,7 @@ use std::time::Duration;
 use fleet::amqp::{self, PublishError};
 use fleet::config::RetryConfig;
 use fleet::metrics::WorkerMetrics;
-use fleet::topology::{Topology, DEAD_REASON_HEADER};
+use fleet::topology::{Topology, DEAD_REASON_HEADER, DELAY_TIER_HEADER};
 use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, KIND_RESULT};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
@@ -92,12 +92,7 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
     let deliveries = delivery_count(&delivery) + 1;
     let now = fleet::now_ms();
     let decision = if ctx.cancelled.contains(&item.job_id) {
-        Decision::Finish(Box::new(early_result(
-            &ctx,
-            &item,
-            ItemStatus::Cancelled,
-            "job cancelled before this request was made",
-        )))
+        Decision::Finish(Box::new(cancelled_result(&ctx, &item)))
     } else if item.deadline_ms.is_some_and(|d| now > d) {
         Decision::Finish(Box::new(early_result(
             &ctx,
@@ -135,6 +130,14 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
         key = client.keys.room() => key,
         _ = ctx.shutdown.cancelled() => return Decision::Release,
     };
+    // The wait for room can be long (a worker holds more items than it calls at once): a
+    // cancel (or a spend cap) read meanwhile still stops this item before it costs anything.
+    if ctx.cancelled.contains(&item.job_id) {
+        if let Some(i) = key {
+            client.keys.key(i).limiter.leave_room();
+        }
+        return Decision::Finish(Box::new(cancelled_result(ctx, &item)));
+    }
     let in_flight = ctx.metrics.in_flight.with_label_values(&[&client.name]);
     in_flight.inc();
     let outcome = client.execute(&item, target, key).await;
@@ -145,6 +148,7 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
     match outcome.result {
         Ok(success) => {
             result.response = success.answer.to_record();
+            result.usage = result.response.as_ref().and_then(|r| fleet::usage::parse(r.body.get()));
             let tokens = [("prompt", success.prompt_tokens), ("completion", success.completion_tokens)];
             for (kind, n) in tokens {
                 if n > 0 {
@@ -176,6 +180,18 @@ fn may_delay(retry: &RetryConfig, item: &Item) -> bool {
     let within_budget =
         item.first_delay_ms.is_none_or(|t| fleet::now_ms().saturating_sub(t) < retry.delay_budget_s * 1000);
     item.attempt < retry.max_delays && within_budget
+}
+
+/// The result of an item of a cancelled job, saying why when the cancel did (`budget`).
+fn cancelled_result(ctx: &Context, item: &Item) -> ItemResult {
+    let message = match ctx.cancelled.reason(&item.job_id) {
+        Some(reason) if reason == fleet::wire::REASON_BUDGET => {
+            "budget: the job's spend reached its cap (--max-cost) before this request was made".to_string()
+        }
+        Some(reason) => format!("{reason}: job cancelled before this request was made"),
+        None => "job cancelled before this request was made".to_string(),
+    };
+    early_result(ctx, item, ItemStatus::Cancelled, &message)
 }
 
 /// A result for an item that ends without (more) provider calls.
@@ -217,8 +233,18 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
     item.first_delay_ms.get_or_insert(fleet::now_ms());
     tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, error = %error, delay_s = secs, attempt = item.attempt, "provider still failing; delaying item");
     let payload = serde_json::to_vec(&item).expect("items serialize");
-    let queue = ctx.topology.delay_queue(provider, secs);
-    match amqp::publish_confirmed(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await {
+    // An item of a job's own queue waits in the shared tiers and comes back to that queue
+    // (routed by its job id); one of the provider's queue in the provider's tiers.
+    let published = if delivery.exchange.as_str() == ctx.topology.jobs_exchange() {
+        let mut headers = FieldTable::default();
+        headers.insert(DELAY_TIER_HEADER.into(), AMQPValue::LongString(secs.to_string().into()));
+        let props = amqp::persistent_json().with_headers(headers);
+        amqp::publish_confirmed(&ctx.publish, &ctx.topology.delay_exchange(), &item.job_id, &payload, props).await
+    } else {
+        let queue = ctx.topology.delay_queue(provider, secs);
+        amqp::publish_confirmed(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await
+    };
+    match published {
         Ok(()) => {
             ctx.metrics.retries.with_label_values(&[provider, "delay", error.kind()]).inc();
             note_delay(ctx, &item, &error).await;

@@ -736,6 +736,7 @@ mod tests {
             batch_max_requests: None,
             batch_max_bytes: None,
             batch_poll_interval_s: 60,
+            prices: Default::default(),
         };
         let retry = RetryConfig {
             max_attempts: 1,
@@ -796,6 +797,7 @@ mod tests {
             batch_max_requests: None,
             batch_max_bytes: None,
             batch_poll_interval_s: 60,
+            prices: Default::default(),
         };
         let retry = client(ProviderKind::Openai, "http://x").retry.clone();
         let err = ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).err().unwrap().to_string();

@@ -22,10 +22,12 @@ fn event() -> impl Strategy<Value = LedgerEvent> {
                 submitted_at_ms: 0,
                 deadline_ms: None,
                 submitting: total % 2 == 0,
+                max_cost: None,
             }
         }),
-        (job.clone(), prop::collection::vec((index, status()), 0..5))
-            .prop_map(|(job_id, items)| LedgerEvent::ItemsFinished { job_id, provider: "p".into(), items }),
+        (job.clone(), prop::collection::vec((index, status()), 0..5)).prop_map(|(job_id, items)| {
+            LedgerEvent::ItemsFinished { job_id, provider: "p".into(), items, usage: vec![] }
+        }),
         job.prop_map(|job_id| LedgerEvent::JobCancel { job_id }),
     ]
 }

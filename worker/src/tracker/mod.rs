@@ -135,7 +135,8 @@ impl<'a> Active<'a> {
     ) -> anyhow::Result<Active<'a>> {
         let ch = amqp::confirm_channel(conn).await?;
         topology.declare_common(&ch).await?;
-        let state = restore(&ch, &topology).await?;
+        let mut state = restore(&ch, &topology).await?;
+        state.prices = cfg.providers.iter().map(|(name, p)| (name.clone(), p.prices.clone())).collect();
         let metrics = TrackerMetrics::new();
         let (snapshot, rx) = watch::channel(None);
         let pusher = spawn_snapshot_pusher(
@@ -220,7 +221,39 @@ impl<'a> Active<'a> {
         for (provider, n) in self.state.in_progress() {
             self.metrics.jobs_in_progress.with_label_values(&[self.provider_label(&provider)]).set(n);
         }
+        self.publish_usage_metrics();
         self.snapshot.send_replace(Some(fleet::metrics::encode(&self.metrics.registry)));
+    }
+
+    /// Usage counters catch up with the checkpointed totals (labels: a configured provider
+    /// or `other`, a priced model or `other`, summed first since several map to `other`).
+    fn publish_usage_metrics(&self) {
+        let mut sums: std::collections::BTreeMap<(&str, &str), state::UsageTotals> = Default::default();
+        for (provider, models) in &self.state.usage_total {
+            for (model, t) in models {
+                let key = (
+                    self.provider_label(provider),
+                    if self.provider_label(provider) == "other" { "other" } else { model.as_str() },
+                );
+                let sum = sums.entry(key).or_default();
+                sum.input_tokens += t.input_tokens;
+                sum.cached_input_tokens += t.cached_input_tokens;
+                sum.output_tokens += t.output_tokens;
+                sum.cost += t.cost;
+            }
+        }
+        for ((provider, model), t) in sums {
+            for (kind, n) in
+                [("input", t.input_tokens), ("cached_input", t.cached_input_tokens), ("output", t.output_tokens)]
+            {
+                let c = self.metrics.usage_tokens.with_label_values(&[provider, model, kind]);
+                c.inc_by(n.saturating_sub(c.get()));
+            }
+            let c = self.metrics.usage_cost.with_label_values(&[provider, model]);
+            if t.cost > c.get() {
+                c.inc_by(t.cost - c.get());
+            }
+        }
     }
 
     async fn run(mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
@@ -306,6 +339,11 @@ impl<'a> Active<'a> {
                     let forgotten = self.state.prune(fleet::now_ms(), self.cfg.tracker.retention_s * 1000);
                     dirty |= !forgotten.is_empty();
                     self.delete_results(&forgotten).await;
+                    // Again (idempotent): a tracker that died between ending a job and
+                    // deleting its items queue left it behind.
+                    for (job_id, provider) in &forgotten {
+                        self.close_job_queue(job_id, provider).await;
+                    }
                     self.prune_groups().await;
                 }
             }
@@ -319,12 +357,20 @@ impl<'a> Active<'a> {
         Ok(())
     }
 
-    /// Folds one event; announces a job that ended.
+    /// Folds one event; cancels a job whose spend reached its cap; announces a job that ended.
     async fn fold(&mut self, event: &LedgerEvent) -> anyhow::Result<()> {
-        let Some(ended) = self.state.apply(event, fleet::now_ms()) else {
-            return Ok(());
-        };
-        self.finished(&ended).await;
+        let ended = self.state.apply(event, fleet::now_ms());
+        for job_id in std::mem::take(&mut self.state.budget_cancels) {
+            // The same cancel `producer cancel` sends: workers end the job's items that have
+            // not started `cancelled`. (Replayed after a takeover if the checkpoint did not
+            // cover it: the fold sets it again.)
+            tracing::info!(job_id = %job_id, "the job's spend reached its cap: cancelling it (reason budget)");
+            let reason = Some(fleet::wire::REASON_BUDGET.to_string());
+            self.control(&fleet::wire::ControlMessage::CancelJob { job_id, reason }).await;
+        }
+        if let Some(ended) = ended {
+            self.finished(&ended).await;
+        }
         Ok(())
     }
 
@@ -338,6 +384,33 @@ impl<'a> Active<'a> {
             .with_label_values(&[self.provider_label(&s.provider), s.status.as_str()])
             .observe(ended.duration_s);
         self.announce(s).await;
+        self.close_job_queue(&s.job_id, &s.provider).await;
+    }
+
+    /// Deletes an ended job's items queue and tells the workers (`job_closed`), so they stop
+    /// consuming it. What is still on it is a duplicate of an item that has its result.
+    async fn close_job_queue(&self, job_id: &str, provider: &str) {
+        let queue = self.topology.job_items_queue(provider, job_id);
+        if let Err(e) = self.ch.queue_delete(queue.as_str().into(), Default::default()).await {
+            tracing::debug!(job_id = %job_id, error = %e, "cannot delete a job's items queue");
+        }
+        let closed = fleet::wire::ControlMessage::JobClosed { job_id: job_id.to_string() };
+        self.control(&closed).await;
+    }
+
+    /// Publishes a control message to every worker (confirm awaited off the loop: a lost
+    /// one only delays what the broker tells the workers anyway).
+    async fn control(&self, msg: &fleet::wire::ControlMessage) {
+        let payload = serde_json::to_vec(msg).expect("control messages serialize");
+        let res = amqp::publish(&self.ch, "", &self.topology.control_stream(), &payload, amqp::persistent_json()).await;
+        match res {
+            Ok(pending) => {
+                tokio::spawn(async move {
+                    let _ = pending.wait().await;
+                });
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot publish to the control stream"),
+        }
     }
 
     /// Gives a dead-lettered item that has no result a failed one (see [`dead`]). The
@@ -362,8 +435,8 @@ impl<'a> Active<'a> {
     }
 
     /// Deletes the results streams of jobs the tracker forgot: their retention is over.
-    async fn delete_results(&self, jobs: &[String]) {
-        for job_id in jobs {
+    async fn delete_results(&self, jobs: &[(String, String)]) {
+        for (job_id, _) in jobs {
             let queue = self.topology.results_queue(job_id);
             match self.ch.queue_delete(queue.as_str().into(), Default::default()).await {
                 Ok(_) => tracing::info!(job_id = %job_id, "retention over: deleted the job's results stream"),
@@ -442,12 +515,26 @@ impl<'a> Active<'a> {
         summary
     }
 
-    /// Sets `batch_queue_backlog` for every provider in the config.
+    /// Sets `batch_queue_backlog` for every provider in the config: its own items queue plus
+    /// the items queues of its jobs in progress (the backlog fair sharing spreads over them).
     async fn measure_backlog(&self) {
         for provider in self.cfg.providers.keys() {
-            if let Ok(Some(n)) = self.topology.queue_len(self.conn, &self.topology.items_queue(provider)).await {
-                self.metrics.queue_backlog.with_label_values(&[provider]).set(n.into());
+            let mut queues = vec![self.topology.items_queue(provider)];
+            queues.extend(
+                self.state
+                    .jobs
+                    .values()
+                    .filter(|j| &j.provider == provider && j.end_status.is_none())
+                    .map(|j| self.topology.job_items_queue(provider, &j.job_id)),
+            );
+            let mut total = 0u64;
+            for queue in queues {
+                match self.topology.queue_len(self.conn, &queue).await {
+                    Ok(n) => total += u64::from(n.unwrap_or(0)),
+                    Err(_) => return, // the connection is failing; keep the last value
+                }
             }
+            self.metrics.queue_backlog.with_label_values(&[provider]).set(total as i64);
         }
     }
 
@@ -493,8 +580,13 @@ fn ledger_event_unchecked(
         Some(KIND_RESULT) => {
             let r: ItemResult = serde_json::from_slice(&delivery.data)?;
             let failure = if r.status == ItemStatus::Failed { r.error } else { None };
-            let event =
-                LedgerEvent::ItemsFinished { job_id: r.job_id, provider: r.provider, items: vec![(r.index, r.status)] };
+            let usage = r.usage.map(|u| (r.index, u)).into_iter().collect();
+            let event = LedgerEvent::ItemsFinished {
+                job_id: r.job_id,
+                provider: r.provider,
+                items: vec![(r.index, r.status)],
+                usage,
+            };
             Ok(Some((event, failure)))
         }
         Some(KIND_JOB_FINISHED) => Ok(None),

@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use fleet::wire::{ErrorRecord, JobCounts, JobProgress, JobStatus, JobSummary, LedgerEvent};
+use fleet::usage::{Price, Usage};
+use fleet::wire::{ErrorRecord, JobCounts, JobProgress, JobStatus, JobSummary, JobUsage, LedgerEvent};
 use serde::{Deserialize, Serialize};
 
 /// A set of item indices, one bit each.
@@ -78,9 +79,16 @@ pub struct JobState {
     /// is abandoned.
     #[serde(default)]
     pub last_event_ms: u64,
-    /// Why the job ended other than by its items (`incomplete_submission`).
+    /// Why the job ended other than by its items (`incomplete_submission`), or why it was
+    /// cancelled by the fleet (`budget`).
     #[serde(default)]
     pub reason: Option<String>,
+    /// Spend cap (`submit --max-cost`), in the price table's currency.
+    #[serde(default)]
+    pub max_cost: Option<f64>,
+    /// Tokens and cost of the job's first results.
+    #[serde(default)]
+    pub usage: JobUsage,
 }
 
 impl JobState {
@@ -100,6 +108,7 @@ impl JobState {
             reason: self.reason.clone(),
             rate_per_s: counts.finished() as f64 / secs,
             progress: self.end_status.is_none().then(|| self.progress(&counts, secs, now_ms)),
+            usage: Some(JobUsage { max_cost: self.max_cost, ..self.usage.clone() }),
             counts,
             submitted_at_ms: self.submitted_at_ms,
             finished_at_ms: self.finished_at_ms,
@@ -142,6 +151,25 @@ pub struct State {
     /// result is folded (restored on takeover, so it never decreases).
     #[serde(default)]
     pub items_total: BTreeMap<String, u64>,
+    /// Tokens and cost of every job's answers by provider, then model label (a priced model
+    /// or `other`): the usage metrics, restored on takeover so they never decrease.
+    #[serde(default)]
+    pub usage_total: BTreeMap<String, BTreeMap<String, UsageTotals>>,
+    /// The price tables by provider (from the configuration, not checkpointed).
+    #[serde(skip)]
+    pub prices: BTreeMap<String, BTreeMap<String, Price>>,
+    /// Jobs whose spend just reached their cap: the tracker cancels them fleet-wide.
+    #[serde(skip)]
+    pub budget_cancels: Vec<String>,
+}
+
+/// Token and cost counters of one provider and model label.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct UsageTotals {
+    pub input_tokens: u64,
+    pub cached_input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost: f64,
 }
 
 /// The key of the checkpoint's per-provider counter maps: `provider/label`, where the label is
@@ -188,13 +216,23 @@ impl State {
             submitting: false,
             last_event_ms: 0,
             reason: None,
+            max_cost: None,
+            usage: JobUsage::default(),
         })
     }
 
     /// Folds one event; returns the job it ended, if any.
     pub fn apply(&mut self, event: &LedgerEvent, now_ms: u64) -> Option<Ended> {
         let job_id = match event {
-            LedgerEvent::JobSubmitted { job_id, provider, total, submitted_at_ms, deadline_ms, submitting } => {
+            LedgerEvent::JobSubmitted {
+                job_id,
+                provider,
+                total,
+                submitted_at_ms,
+                deadline_ms,
+                submitting,
+                max_cost,
+            } => {
                 let job = self.job_mut(job_id, provider);
                 if job.total.is_some() {
                     // A redelivered submission, or a resumed one: that one is progress.
@@ -208,16 +246,18 @@ impl State {
                 job.submitting = *submitting;
                 job.submitted_at_ms = *submitted_at_ms;
                 job.deadline_ms = *deadline_ms;
+                job.max_cost = max_cost.filter(|c| c.is_finite() && *c >= 0.0);
                 let provider = provider.clone();
                 *self.jobs_total.entry(provider_key(&provider, "submitted")).or_default() += 1;
                 job_id
             }
-            LedgerEvent::ItemsFinished { job_id, provider, items } => {
+            LedgerEvent::ItemsFinished { job_id, provider, items, usage } => {
                 let job = self.job_mut(job_id, provider);
                 if job.end_status.is_some() {
                     return None;
                 }
                 let mut counted = Vec::new();
+                let mut used = Vec::new();
                 for (index, status) in items {
                     // The bitmap grows to the largest index: an index from a hostile or
                     // broken publisher beyond the job's total is never recorded.
@@ -228,6 +268,7 @@ impl State {
                         job.last_event_ms = now_ms;
                         job.counts.add(*status);
                         counted.push(*status);
+                        used.extend(usage.iter().filter(|(i, _)| i == index).map(|(_, u)| u).take(1));
                         if job.delayed.contains(*index) {
                             job.in_delay = job.in_delay.saturating_sub(1);
                         }
@@ -236,6 +277,9 @@ impl State {
                 let provider = job.provider.clone();
                 for status in counted {
                     *self.items_total.entry(provider_key(&provider, status.as_str())).or_default() += 1;
+                }
+                for u in used {
+                    self.add_usage(job_id, &provider, u);
                 }
                 job_id
             }
@@ -277,7 +321,8 @@ impl State {
     fn end(&mut self, job_id: &str, status: JobStatus, reason: Option<String>, now_ms: u64) -> Ended {
         let job = self.jobs.get_mut(job_id).expect("ending a known job");
         job.end_status = Some(status);
-        job.reason = reason;
+        // A reason set before the end (a spend cap's `budget`) stays.
+        job.reason = reason.or(job.reason.take());
         job.finished_at_ms = Some(now_ms);
         job.done = Bitmap::default();
         let summary = job.summary(now_ms);
@@ -286,6 +331,27 @@ impl State {
         *self.jobs_total.entry(key.clone()).or_default() += 1;
         self.durations.entry(key).or_default().push(duration_s);
         Ended { summary, duration_s }
+    }
+
+    /// Counts one answer's usage for its job and the provider's totals, and notes the job
+    /// for a budget cancel when its spend reaches its cap.
+    fn add_usage(&mut self, job_id: &str, provider: &str, usage: &Usage) {
+        let table = self.prices.get(provider);
+        let label = table.map_or("other", |t| fleet::usage::model_label(t, &usage.model)).to_string();
+        let cost = table.and_then(|t| t.get(&usage.model)).map(|p| p.cost(usage, false));
+        let totals = self.usage_total.entry(provider.to_string()).or_default().entry(label).or_default();
+        totals.input_tokens = totals.input_tokens.saturating_add(usage.input_tokens);
+        totals.cached_input_tokens = totals.cached_input_tokens.saturating_add(usage.cached_input_tokens);
+        totals.output_tokens = totals.output_tokens.saturating_add(usage.output_tokens);
+        totals.cost += cost.unwrap_or(0.0);
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        job.usage.add(usage, cost);
+        let over = job.max_cost.is_some_and(|cap| job.usage.cost >= cap);
+        if over && !job.cancel_requested && job.end_status.is_none() {
+            job.cancel_requested = true;
+            job.reason = Some(fleet::wire::REASON_BUDGET.to_string());
+            self.budget_cancels.push(job_id.to_string());
+        }
     }
 
     /// Jobs not yet ended, by provider.
@@ -316,15 +382,16 @@ impl State {
 
     /// Forgets jobs that ended more than `retention_ms` ago, and results of jobs never
     /// submitted (anyone can publish a result) once silent that long: the map stays
-    /// bounded by retention. Returns the ids of the jobs forgotten.
-    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<String> {
+    /// bounded by retention. Returns the jobs forgotten (id, provider).
+    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<(String, String)> {
         let gone_for_good = |j: &JobState| {
             let ended_long_ago = j.finished_at_ms.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms);
             let never_submitted = j.total.is_none() && now_ms.saturating_sub(j.last_event_ms) >= retention_ms;
             ended_long_ago || never_submitted
         };
-        let gone: Vec<String> = self.jobs.values().filter(|j| gone_for_good(j)).map(|j| j.job_id.clone()).collect();
-        for id in &gone {
+        let gone: Vec<(String, String)> =
+            self.jobs.values().filter(|j| gone_for_good(j)).map(|j| (j.job_id.clone(), j.provider.clone())).collect();
+        for (id, _) in &gone {
             self.jobs.remove(id);
         }
         gone
@@ -349,11 +416,12 @@ mod tests {
             submitted_at_ms: 1_000,
             deadline_ms: None,
             submitting: false,
+            max_cost: None,
         }
     }
 
     fn finished(job: &str, items: &[(u64, ItemStatus)]) -> LedgerEvent {
-        LedgerEvent::ItemsFinished { job_id: job.into(), provider: "p".into(), items: items.to_vec() }
+        LedgerEvent::ItemsFinished { job_id: job.into(), provider: "p".into(), items: items.to_vec(), usage: vec![] }
     }
 
     #[test]
@@ -445,6 +513,7 @@ mod tests {
             job_id: job.into(),
             provider: "mock".into(),
             items,
+            usage: vec![],
         };
         assert!(s.apply(&f(vec![(0, ItemStatus::Succeeded)]), 1).is_none());
         let rest: Vec<(u64, ItemStatus)> =
@@ -453,6 +522,55 @@ mod tests {
         assert_eq!(ended.summary.status.as_str(), "cancelled");
         assert_eq!(ended.summary.counts.finished(), 130);
         assert_eq!(s.jobs_total["mock/cancelled"], 1);
+    }
+
+    /// Usage is counted with an item's first result only, priced by the table, and a job
+    /// whose cost reaches its cap is cancelled once, ending `cancelled` with reason `budget`.
+    #[test]
+    fn usage_is_summed_once_per_item_and_a_cap_cancels_the_job_once() {
+        let mut s = State::default();
+        let price = Price { input_per_mtok: 1e6, output_per_mtok: 2e6, cached_input_per_mtok: None, batch_factor: 0.5 };
+        s.prices.insert("p".into(), BTreeMap::from([("m".to_string(), price)]));
+        let mut ev = submitted("j", 4);
+        if let LedgerEvent::JobSubmitted { max_cost, .. } = &mut ev {
+            *max_cost = Some(10.0);
+        }
+        s.apply(&ev, 1);
+        let used = |index, model: &str| LedgerEvent::ItemsFinished {
+            job_id: "j".into(),
+            provider: "p".into(),
+            items: vec![(index, ItemStatus::Succeeded)],
+            usage: vec![(
+                index,
+                Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1 },
+            )],
+        };
+        s.apply(&used(0, "m"), 2); // costs 2 + 2 = 4
+        s.apply(&used(0, "m"), 2); // a redelivered result: not counted again
+        s.apply(&used(1, "unpriced"), 3);
+        let u = &s.jobs["j"].usage;
+        assert_eq!((u.input_tokens, u.output_tokens, u.unpriced_answers), (4, 2, 1));
+        assert!((u.cost - 4.0).abs() < 1e-9);
+        assert!(s.budget_cancels.is_empty() && !s.jobs["j"].cancel_requested);
+        s.apply(&used(2, "m"), 4); // 8 of 10: still under
+        assert!(s.budget_cancels.is_empty());
+        assert!(s.apply(&used(3, "m"), 5).is_some_and(|e| e.summary.status == JobStatus::Completed), "every item answered");
+        let mut s2 = State { prices: s.prices.clone(), ..State::default() };
+        s2.apply(&ev, 1);
+        for i in 0..3 {
+            s2.apply(&used(i, "m"), 2);
+        }
+        assert_eq!(s2.budget_cancels, vec!["j".to_string()], "12 >= 10: cancelled once");
+        s2.budget_cancels.clear();
+        let ended = s2.apply(&finished("j", &[(3, ItemStatus::Cancelled)]), 3).expect("ends");
+        assert_eq!((ended.summary.status.as_str(), ended.summary.reason.as_deref()), ("cancelled", Some("budget")));
+        assert!(s2.budget_cancels.is_empty());
+        assert_eq!(s2.usage_total["p"]["m"].input_tokens, 6);
+        // Restored from a checkpoint, the totals are there; the prices come from the config.
+        let restored: State = serde_json::from_slice(&serde_json::to_vec(&s2).unwrap()).unwrap();
+        assert_eq!(restored.usage_total, s2.usage_total);
+        assert_eq!(restored.jobs["j"].usage, s2.jobs["j"].usage);
+        assert!(restored.prices.is_empty());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fleet::topology::Topology;
-use fleet::wire::{output_line_status, ItemResult, JobCounts, JobSummary, KIND_JOB_FINISHED};
+use fleet::wire::{output_line_status, ItemResult, JobCounts, JobSummary, ResultGroup, KIND_JOB_FINISHED, KIND_RESULTS};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -171,7 +171,8 @@ impl Collector {
         Ok(())
     }
 
-    /// Records one message from the results queue.
+    /// Records one message from the results stream: a result, a group of results, or the
+    /// tracker's `job_finished`.
     fn take(&mut self, delivery: &lapin::message::Delivery) -> anyhow::Result<()> {
         let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string());
         if kind.as_deref() == Some(KIND_JOB_FINISHED) {
@@ -182,26 +183,56 @@ impl Collector {
             }
             return Ok(());
         }
-        match serde_json::from_slice::<ItemResult>(&delivery.data) {
-            // Anyone who can publish to the results exchange can write here: a result out
-            // of bounds (an index past its total, a total no job can have) is not written.
-            Ok(result) if result.check().is_err() => {
-                let e = result.check().unwrap_err();
-                tracing::warn!(error = %e, "ignoring a result out of bounds");
-            }
-            Ok(result) => {
-                if self.total.is_none() {
-                    self.bar.set_length(result.total);
-                }
-                self.total.get_or_insert(result.total);
-                if self.seen.insert(result.custom_id.clone()) {
-                    serde_json::to_writer(&mut self.out, &result.to_output_line())?;
-                    self.out.write_all(b"\n")?;
-                    self.counts.add(result.status);
-                    self.bar.inc(1);
+        let results: Vec<ItemResult> = if kind.as_deref() == Some(KIND_RESULTS) {
+            match serde_json::from_slice::<ResultGroup>(&delivery.data) {
+                // Anyone who can publish to the results exchange can write here: a group
+                // with any result out of bounds is not written at all.
+                Ok(group) => match group.check() {
+                    Ok(()) => group.into_results().collect(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring a result group out of bounds");
+                        return Ok(());
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a message on the results queue that is not a result group");
+                    return Ok(());
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "ignoring a message on the results queue that is not a result"),
+        } else {
+            match serde_json::from_slice::<ItemResult>(&delivery.data) {
+                // A result out of bounds (an index past its total, a total no job can have)
+                // is not written.
+                Ok(result) => match result.check() {
+                    Ok(()) => vec![result],
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring a result out of bounds");
+                        return Ok(());
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "ignoring a message on the results queue that is not a result");
+                    return Ok(());
+                }
+            }
+        };
+        for result in results {
+            self.write(&result)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a result to the file unless its `custom_id` is there already.
+    fn write(&mut self, result: &ItemResult) -> anyhow::Result<()> {
+        if self.total.is_none() {
+            self.bar.set_length(result.total);
+        }
+        self.total.get_or_insert(result.total);
+        if self.seen.insert(result.custom_id.clone()) {
+            serde_json::to_writer(&mut self.out, &result.to_output_line())?;
+            self.out.write_all(b"\n")?;
+            self.counts.add(result.status);
+            self.bar.inc(1);
         }
         Ok(())
     }

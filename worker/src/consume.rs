@@ -14,7 +14,9 @@ use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acks::ChannelAcks;
 use crate::control::{self, Cancelled};
+use crate::outbox::Outbox;
 use crate::process::{self, Context};
 use crate::provider::ProviderClient;
 
@@ -61,6 +63,10 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
         retry: cfg.retry.clone(),
         cancelled: cancelled.clone(),
         shutdown: shutdown.clone(),
+        outbox: Outbox::new(
+            cfg.worker.result_group_max,
+            std::time::Duration::from_millis(cfg.worker.result_group_linger_ms),
+        ),
     });
     // Known cancels first, so no item of a cancelled job reaches a provider.
     let follower = control::Follower::catch_up(conn, topology, cancelled.clone()).await?;
@@ -79,6 +85,8 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
             )
             .await?;
         let (ctx, client, in_flight, shutdown) = (ctx.clone(), client.clone(), in_flight.clone(), shutdown.clone());
+        // Every settlement on this channel goes through it, so acks can be grouped safely.
+        let acks = Arc::new(ChannelAcks::default());
         consumers.spawn(async move {
             let mut consumer = consumer;
             let mut cancelling = false;
@@ -94,6 +102,7 @@ pub async fn serve_connection(conn: &Connection, w: &Worker, shutdown: &Cancella
                     }
                     next = consumer.next() => match next {
                         Some(Ok(delivery)) => {
+                            let delivery = acks.track(delivery).await;
                             // The task holds a handle of the channel: lapin closes a channel
                             // when its last handle drops, which would requeue this delivery
                             // even after the consumer task has finished (during the drain).

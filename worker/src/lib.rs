@@ -5,9 +5,11 @@
 //! connection fails (then reconnect) or shutdown fires (then stop consuming, drain the
 //! items in flight within `worker.drain_timeout_s`, push metrics one last time, exit).
 
+pub mod acks;
 pub mod consume;
 pub mod control;
 pub mod limit;
+pub mod outbox;
 pub mod process;
 pub mod provider;
 pub mod tracker;

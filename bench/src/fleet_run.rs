@@ -50,6 +50,11 @@ impl<'a> FleetRun<'a> {
         Ok(FleetRun { stack, ns, dir, config, workers: Vec::new() })
     }
 
+    /// The stack this fleet runs on.
+    pub fn stack(&self) -> &'a Stack {
+        self.stack
+    }
+
     /// Starts `n` more workers (`bench-w<i>`, logs in the scratch directory).
     pub fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
         for _ in 0..n {

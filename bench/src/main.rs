@@ -11,6 +11,7 @@ mod reference;
 mod scenarios;
 mod stack;
 mod table;
+mod traffic;
 mod workload;
 
 use std::path::PathBuf;

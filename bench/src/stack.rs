@@ -67,6 +67,11 @@ impl Stack {
         })
     }
 
+    /// The broker's AMQP port (of `amqp_url`), whose connections are measured.
+    pub fn amqp_port(&self) -> u16 {
+        self.amqp_url.parse::<lapin::uri::AMQPUri>().map_or(5672, |u| u.authority.port)
+    }
+
     /// A fresh namespace `bench.<scenario>.<random>` and its own scratch subdirectory.
     pub fn namespace(&self, scenario: &str) -> anyhow::Result<(String, PathBuf)> {
         let ns = format!("bench.{scenario}.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);

@@ -14,7 +14,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fleet::topology::Topology;
-use fleet::wire::{output_line_status, ItemResult, JobCounts, JobSummary, ResultGroup, KIND_JOB_FINISHED, KIND_RESULTS};
+use fleet::wire::{
+    output_line_status, ItemResult, JobCounts, JobSummary, ResultGroup, KIND_JOB_FINISHED, KIND_RESULTS,
+};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};

@@ -477,8 +477,9 @@ type Failures = Vec<(u64, ErrorRecord)>;
 fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<(LedgerEvent, Failures)>> {
     // Anyone who can publish to the broker can write here: an event out of bounds (a job id
     // no routing key can hold, an index past any job) is refused like a malformed one.
-    let checked =
-        |(e, failures): (LedgerEvent, Failures)| e.check().map(|()| Some((e, failures))).map_err(serde::de::Error::custom);
+    let checked = |(e, failures): (LedgerEvent, Failures)| {
+        e.check().map(|()| Some((e, failures))).map_err(serde::de::Error::custom)
+    };
     ledger_event_unchecked(delivery)?.map_or(Ok(None), checked)
 }
 

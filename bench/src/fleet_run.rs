@@ -65,6 +65,7 @@ impl<'a> FleetRun<'a> {
             cmd.arg("--config")
                 .arg(&self.config)
                 .env("FLEET__WORKER__ID", &id)
+                .envs(self.stack.worker_env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log);

@@ -40,6 +40,8 @@ pub enum Scenario {
     Ratelimit,
     /// `producer submit` of a large file with no workers.
     Submit,
+    /// The broker's cost of single choices (ledger queue type, grouped acks), one row each.
+    Probes,
 }
 
 /// How big each scenario is.

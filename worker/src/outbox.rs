@@ -27,8 +27,9 @@ use crate::acks::{self, Tracked};
 use crate::process::{dead_letter, Context};
 
 /// A group is sent once its message reaches this size, whatever its count: results carry
-/// whole provider answers, and one message should stay far below the broker's limit.
-pub const MAX_GROUP_BYTES: usize = 1 << 20;
+/// whole provider answers, and readers hold a window of messages in memory (`producer
+/// wait` 256, the tracker 2,000), so a group is kept no larger than one big answer alone.
+pub const MAX_GROUP_BYTES: usize = 256 << 10;
 
 /// Open groups, by job.
 pub struct Outbox {

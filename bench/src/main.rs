@@ -158,7 +158,7 @@ async fn main() -> ExitCode {
 /// Runs the scenarios in order, appending their rows; a failed scenario gets a FAILED row
 /// and the others still run.
 async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &mut Vec<Row>) {
-    let mut reference_rate = None;
+    let mut reference = None;
     for &scenario in plan {
         let variants: Vec<(String, usize)> = match scenario {
             Scenario::Overhead => vec![("overhead (1 worker)".into(), 1), ("overhead (2 workers)".into(), 2)],
@@ -172,11 +172,11 @@ async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &
             eprintln!("bench: {name} ...");
             let started = std::time::Instant::now();
             let res = match scenario {
-                Scenario::Reference => scenarios::reference(stack, settings).await.map(|(row, rate)| {
-                    reference_rate = Some(rate);
+                Scenario::Reference => scenarios::reference(stack, settings).await.map(|row| {
+                    reference = Some(scenarios::Baseline::of(&row));
                     row
                 }),
-                Scenario::Overhead => scenarios::overhead(stack, settings, workers, reference_rate).await,
+                Scenario::Overhead => scenarios::overhead(stack, settings, workers, reference).await,
                 Scenario::Latency => scenarios::latency(stack, settings).await,
                 Scenario::Ratelimit => scenarios::ratelimit(stack, settings).await,
                 Scenario::Submit => scenarios::submit(stack, settings).await,

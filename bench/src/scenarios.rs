@@ -119,8 +119,30 @@ fn worker_columns(cpu_s: f64, usages: &[Usage], items: u64) -> (Option<f64>, Opt
     (Some(cpu_s / items as f64 * 1000.0), Some(rss))
 }
 
-/// The reference pipeline; returns its row and its items per second.
-pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<(Row, f64)> {
+/// What the overhead scenario is measured against: the reference's rate and broker cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline {
+    pub rate: f64,
+    pub broker_cpu_us_per_item: Option<f64>,
+}
+
+impl Baseline {
+    pub fn of(reference: &Row) -> Baseline {
+        Baseline { rate: reference.items_per_s, broker_cpu_us_per_item: reference.broker_cpu_us_per_item }
+    }
+}
+
+/// Targets of the overhead scenario (issue 11): a share of the reference's rate, and at
+/// most this multiple of its broker CPU per item.
+const OVERHEAD_MIN_FRACTION: f64 = 0.85;
+const OVERHEAD_MAX_BROKER_RATIO: f64 = 1.2;
+/// Target of the latency scenario: a share of its in-flight bound.
+const LATENCY_MIN_FRACTION: f64 = 0.90;
+/// Target of the submit scenario, lines per second.
+const SUBMIT_MIN_RATE: f64 = 30_000.0;
+
+/// The reference pipeline and its row.
+pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     let mock = Mock::start(&stack.bin_dir, &[]).await?;
     let before = CpuMark::now(stack, Some(&mock));
     let traffic = Sampler::start(stack.amqp_port(), Scope::OwnProcess);
@@ -150,7 +172,7 @@ pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<(Ro
     }
     .detail("bench_cpu_s", round2(out.usage.cpu_s))
     .detail("non_200", out.non_200);
-    Ok((with_costs(after.add_since(before, row), bytes), rate))
+    Ok(with_costs(after.add_since(before, row), bytes))
 }
 
 /// One job through the fleet: what a row needs.
@@ -314,23 +336,33 @@ pub async fn overhead(
     stack: &Stack,
     settings: &Settings,
     workers: usize,
-    reference_rate: Option<f64>,
+    reference: Option<Baseline>,
 ) -> anyhow::Result<Row> {
     let run = run_job(stack, "overhead", &[], workers, DEFAULT_IN_FLIGHT, settings.items).await?;
     let plural = if workers == 1 { "" } else { "s" };
     let mut row = run.row(format!("overhead ({workers} worker{plural})"));
     let shortfall = run.shortfall();
-    match reference_rate {
+    match reference {
         Some(reference) => {
-            let fraction = row.items_per_s / reference;
+            let fraction = row.items_per_s / reference.rate;
+            let broker_ratio = row.broker_cpu_us_per_item.zip(reference.broker_cpu_us_per_item).map(|(f, r)| f / r);
             row.figure = format!(
-                "{}{:.0}% of reference {}/s (target >= 70%)",
+                "{}{:.0}% of reference {}/s (target >= {:.0}%); broker CPU {} the reference's (target <= {OVERHEAD_MAX_BROKER_RATIO}x)",
                 shortfall.as_deref().unwrap_or(""),
                 fraction * 100.0,
-                thousands(reference.round() as u64)
+                thousands(reference.rate.round() as u64),
+                OVERHEAD_MIN_FRACTION * 100.0,
+                broker_ratio.map_or_else(|| "?".to_string(), |r| format!("{r:.2}x")),
             );
-            row.targets_met = Some(fraction >= 0.70 && shortfall.is_none());
+            row.targets_met = Some(
+                fraction >= OVERHEAD_MIN_FRACTION
+                    && broker_ratio.is_some_and(|r| r <= OVERHEAD_MAX_BROKER_RATIO)
+                    && shortfall.is_none(),
+            );
             row = row.detail("fraction_of_reference", round2(fraction));
+            if let Some(r) = broker_ratio {
+                row = row.detail("broker_cpu_ratio_to_reference", round2(r));
+            }
         }
         None => row.figure = format!("{}no reference rate (it failed)", shortfall.as_deref().unwrap_or("")),
     }
@@ -347,12 +379,13 @@ pub async fn latency(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> 
     let rss = row.worker_peak_rss_mib.unwrap_or(f64::NAN);
     let shortfall = run.shortfall();
     row.figure = format!(
-        "{}{:.0}% of the {}/s bound (target >= 80%); peak RSS {rss:.0} MiB (target < 100)",
+        "{}{:.0}% of the {}/s bound (target >= {:.0}%); peak RSS {rss:.0} MiB (target < 100)",
         shortfall.as_deref().unwrap_or(""),
         fraction * 100.0,
         thousands(bound as u64),
+        LATENCY_MIN_FRACTION * 100.0,
     );
-    row.targets_met = Some(fraction >= 0.80 && rss < 100.0 && shortfall.is_none());
+    row.targets_met = Some(fraction >= LATENCY_MIN_FRACTION && rss < 100.0 && shortfall.is_none());
     Ok(row.detail("fraction_of_bound", round2(fraction)))
 }
 
@@ -489,10 +522,11 @@ async fn drive_submit(fleet: &mut FleetRun<'_>, lines: u64) -> anyhow::Result<Ro
         worker_cpu_us_per_item: None,
         broker_bytes_per_item: None,
         figure: format!(
-            "{} lines/s (target >= 50,000); producer peak RSS {rss:.0} MiB (target < 100)",
-            thousands(rate.round() as u64)
+            "{} lines/s (target >= {}); producer peak RSS {rss:.0} MiB (target < 100)",
+            thousands(rate.round() as u64),
+            thousands(SUBMIT_MIN_RATE as u64)
         ),
-        targets_met: Some(rate >= 50_000.0 && rss < 100.0),
+        targets_met: Some(rate >= SUBMIT_MIN_RATE && rss < 100.0),
         details: Default::default(),
     }
     .detail("input_mib", round2(input_mib))

@@ -172,10 +172,9 @@ async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &
             eprintln!("bench: {name} ...");
             let started = std::time::Instant::now();
             let res = match scenario {
-                Scenario::Reference => scenarios::reference(stack, settings).await.map(|row| {
-                    reference = Some(scenarios::Baseline::of(&row));
-                    row
-                }),
+                Scenario::Reference => scenarios::reference(stack, settings)
+                    .await
+                    .inspect(|row| reference = Some(scenarios::Baseline::of(row))),
                 Scenario::Overhead => scenarios::overhead(stack, settings, workers, reference).await,
                 Scenario::Latency => scenarios::latency(stack, settings).await,
                 Scenario::Ratelimit => scenarios::ratelimit(stack, settings).await,

@@ -155,7 +155,7 @@ async fn exercise(stack: &Stack, probe: Probe, ns: &str) -> anyhow::Result<Row> 
     while got < PROBE_MESSAGES {
         let delivery = consumer.next().await.ok_or_else(|| anyhow::anyhow!("the probe's consumer ended"))??;
         got += 1;
-        if got % probe.ack_every == 0 || got == PROBE_MESSAGES {
+        if got.is_multiple_of(probe.ack_every) || got == PROBE_MESSAGES {
             delivery.ack(BasicAckOptions { multiple: probe.ack_every > 1 }).await?;
         }
     }

@@ -50,6 +50,11 @@ impl<'a> FleetRun<'a> {
         Ok(FleetRun { stack, ns, dir, config, workers: Vec::new() })
     }
 
+    /// The stack this fleet runs on.
+    pub fn stack(&self) -> &'a Stack {
+        self.stack
+    }
+
     /// Starts `n` more workers (`bench-w<i>`, logs in the scratch directory).
     pub fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
         for _ in 0..n {
@@ -60,6 +65,7 @@ impl<'a> FleetRun<'a> {
             cmd.arg("--config")
                 .arg(&self.config)
                 .env("FLEET__WORKER__ID", &id)
+                .envs(self.stack.worker_env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log);

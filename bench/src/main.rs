@@ -6,11 +6,13 @@
 //! processes, queues and Pushgateway groups when done, also on failure or Ctrl-C.
 
 mod fleet_run;
+mod probes;
 mod procs;
 mod reference;
 mod scenarios;
 mod stack;
 mod table;
+mod traffic;
 mod workload;
 
 use std::path::PathBuf;
@@ -64,6 +66,10 @@ struct Cli {
     /// executable's directory, i.e. target/release).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Extra environment of every worker, `FLEET__WORKER__KEY=VALUE` (repeatable), to
+    /// compare a setting, e.g. `--worker-env FLEET__WORKER__RESULT_GROUP_MAX=1`.
+    #[arg(long = "worker-env", value_parser = parse_env)]
+    worker_env: Vec<(String, String)>,
     /// Where to write the JSON report.
     #[arg(long, default_value = ".run/bench.json")]
     json: PathBuf,
@@ -98,10 +104,11 @@ async fn main() -> ExitCode {
         Ok(dir) => dir,
         Err(e) => return fail(&e),
     };
-    let stack = match Stack::connect(cli.amqp_url.clone(), cli.pushgateway_url.clone(), bin_dir).await {
+    let mut stack = match Stack::connect(cli.amqp_url.clone(), cli.pushgateway_url.clone(), bin_dir).await {
         Ok(stack) => stack,
         Err(e) => return fail(&e),
     };
+    stack.worker_env = cli.worker_env.clone();
     let settings = cli.settings();
     let load_before = stack::load_average();
     let started_ms = fleet::now_ms();
@@ -134,6 +141,7 @@ async fn main() -> ExitCode {
         "finished_at_ms": fleet::now_ms(),
         "quick": cli.quick,
         "settings": settings,
+        "worker_env": cli.worker_env,
         "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
         "load_average_before": load_before,
         "load_average_after": load_after,
@@ -153,32 +161,46 @@ async fn main() -> ExitCode {
 /// Runs the scenarios in order, appending their rows; a failed scenario gets a FAILED row
 /// and the others still run.
 async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &mut Vec<Row>) {
-    let mut reference_rate = None;
+    let mut reference = None;
     for &scenario in plan {
         let variants: Vec<(String, usize)> = match scenario {
             Scenario::Overhead => vec![("overhead (1 worker)".into(), 1), ("overhead (2 workers)".into(), 2)],
             other => vec![(format!("{other:?}").to_lowercase(), 0)],
         };
+        if scenario == Scenario::Probes {
+            rows.extend(probes::run(stack).await);
+            continue;
+        }
         for (name, workers) in variants {
             eprintln!("bench: {name} ...");
             let started = std::time::Instant::now();
             let res = match scenario {
-                Scenario::Reference => scenarios::reference(stack, settings).await.map(|(row, rate)| {
-                    reference_rate = Some(rate);
-                    row
-                }),
-                Scenario::Overhead => scenarios::overhead(stack, settings, workers, reference_rate).await,
+                Scenario::Reference => scenarios::reference(stack, settings)
+                    .await
+                    .inspect(|row| reference = Some(scenarios::Baseline::of(row))),
+                Scenario::Overhead => scenarios::overhead(stack, settings, workers, reference).await,
                 Scenario::Latency => scenarios::latency(stack, settings).await,
                 Scenario::Ratelimit => scenarios::ratelimit(stack, settings).await,
                 Scenario::Tpm => scenarios::tpm(stack, settings).await,
                 Scenario::Submit => scenarios::submit(stack, settings).await,
                 Scenario::Fairness => scenarios::fairness(stack, settings).await,
+                Scenario::Probes => unreachable!("probes run above"),
             };
             let row = res.unwrap_or_else(|e| Row::failed(&name, &e));
             eprintln!("bench: {name}: {} ({:.0} s)", row.figure, started.elapsed().as_secs_f64());
             rows.push(row);
         }
     }
+}
+
+/// `KEY=VALUE` of `--worker-env`: a `FLEET__WORKER__*` setting only (they hold no secret,
+/// so the report can show them).
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').ok_or_else(|| format!("{s:?} is not KEY=VALUE"))?;
+    if !k.starts_with("FLEET__WORKER__") {
+        return Err(format!("{k}: only FLEET__WORKER__* settings can be compared"));
+    }
+    Ok((k.to_string(), v.to_string()))
 }
 
 fn fmt_load(l: [f64; 3]) -> String {

@@ -69,9 +69,14 @@ pub fn read_usage(pid: &str) -> anyhow::Result<Usage> {
     Ok(Usage { cpu_s, peak_rss_kib })
 }
 
-/// CPU seconds used so far by the local RabbitMQ (every `beam.smp` process), or `None`
-/// when it is not visible from here. Only read, to show where the CPU went.
-pub fn broker_cpu_s() -> Option<f64> {
+/// CPU seconds (user + system) used so far by the local RabbitMQ: the `beam.smp` process
+/// listening on the AMQP `port` (found with `ss -tlnp`; every `beam.smp` when none is
+/// found, e.g. without the rights to see the owner), or `None` when it is not visible from
+/// here. Only read, to show where the CPU went.
+pub fn broker_cpu_s(port: u16) -> Option<f64> {
+    if let Some(pid) = listener_pid(port) {
+        return read_usage(&pid.to_string()).ok().map(|u| u.cpu_s);
+    }
     let mut total = None;
     for entry in std::fs::read_dir("/proc").ok()?.flatten() {
         let pid = entry.file_name().to_string_lossy().into_owned();
@@ -86,6 +91,15 @@ pub fn broker_cpu_s() -> Option<f64> {
         }
     }
     total
+}
+
+/// The process listening on TCP `port` on this machine, if `ss` can tell.
+fn listener_pid(port: u16) -> Option<u32> {
+    let filter = format!("( sport = :{port} )");
+    let out = std::process::Command::new("ss").args(["-tlnpH", &filter]).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let pid = text.split("pid=").nth(1)?.split(|c: char| !c.is_ascii_digit()).next()?;
+    pid.parse().ok()
 }
 
 /// A long-running child process, killed when dropped so no run leaks processes.

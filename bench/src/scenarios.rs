@@ -12,6 +12,7 @@ use crate::procs::{self, Mock, Timed, Usage};
 use crate::reference;
 use crate::stack::Stack;
 use crate::table::{thousands, Row};
+use crate::traffic::{Sampler, Scope};
 use crate::workload::{self, PROVIDER};
 
 /// Time the ratelimit scenario lets the workers settle before its window opens.
@@ -49,6 +50,8 @@ pub enum Scenario {
     /// A 10-line job submitted while a 200,000-line job runs (mock 50 ms): the small job's
     /// time and the big job's throughput loss.
     Fairness,
+    /// The broker's cost of single choices (ledger queue type, grouped acks), one row each.
+    Probes,
 }
 
 /// How big each scenario is.
@@ -128,8 +131,11 @@ struct CpuMark {
 }
 
 impl CpuMark {
-    fn now(mock: Option<&Mock>) -> CpuMark {
-        CpuMark { mock: mock.and_then(|m| m.proc.usage().ok()).map(|u| u.cpu_s), broker: procs::broker_cpu_s() }
+    fn now(stack: &Stack, mock: Option<&Mock>) -> CpuMark {
+        CpuMark {
+            mock: mock.and_then(|m| m.proc.usage().ok()).map(|u| u.cpu_s),
+            broker: procs::broker_cpu_s(stack.amqp_port()),
+        }
     }
 
     /// Adds `mock_cpu_s` and `broker_cpu_s` spent since `earlier` to a row's details.
@@ -141,6 +147,21 @@ impl CpuMark {
             row = row.detail("broker_cpu_s", round2(b - a));
         }
         row
+    }
+}
+
+/// Fills the cost columns of a row from its details and `bytes`: broker CPU, worker CPU
+/// and broker bytes, each per item of the row. For the submit scenario, whose row has no
+/// worker, the producer's CPU stands in the worker column's place in the JSON only.
+fn with_costs(mut row: Row, bytes: Option<u64>) -> Row {
+    let per_item = |total: f64| (row.items > 0).then(|| total / row.items as f64);
+    row.broker_cpu_us_per_item =
+        row.details.get("broker_cpu_s").and_then(|v| v.as_f64()).and_then(|s| per_item(s * 1e6));
+    row.worker_cpu_us_per_item = row.worker_cpu_s_per_1k.map(|s| s * 1000.0);
+    row.broker_bytes_per_item = bytes.and_then(|b| per_item(b as f64));
+    match bytes {
+        Some(b) => row.detail("broker_bytes", b),
+        None => row,
     }
 }
 
@@ -157,12 +178,36 @@ fn worker_columns(cpu_s: f64, usages: &[Usage], items: u64) -> (Option<f64>, Opt
     (Some(cpu_s / items as f64 * 1000.0), Some(rss))
 }
 
-/// The reference pipeline; returns its row and its items per second.
-pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<(Row, f64)> {
+/// What the overhead scenario is measured against: the reference's rate and broker cost.
+#[derive(Debug, Clone, Copy)]
+pub struct Baseline {
+    pub rate: f64,
+    pub broker_cpu_us_per_item: Option<f64>,
+}
+
+impl Baseline {
+    pub fn of(reference: &Row) -> Baseline {
+        Baseline { rate: reference.items_per_s, broker_cpu_us_per_item: reference.broker_cpu_us_per_item }
+    }
+}
+
+/// Targets of the overhead scenario (issue 11): a share of the reference's rate, and at
+/// most this multiple of its broker CPU per item.
+const OVERHEAD_MIN_FRACTION: f64 = 0.85;
+const OVERHEAD_MAX_BROKER_RATIO: f64 = 1.2;
+/// Target of the latency scenario: a share of its in-flight bound.
+const LATENCY_MIN_FRACTION: f64 = 0.90;
+/// Target of the submit scenario, lines per second.
+const SUBMIT_MIN_RATE: f64 = 30_000.0;
+
+/// The reference pipeline and its row.
+pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     let mock = Mock::start(&stack.bin_dir, &[]).await?;
-    let before = CpuMark::now(Some(&mock));
+    let before = CpuMark::now(stack, Some(&mock));
+    let traffic = Sampler::start(stack.amqp_port(), Scope::OwnProcess);
     let res = reference::run(stack, &mock.url, settings.items).await;
-    let after = CpuMark::now(Some(&mock));
+    let bytes = traffic.finish().await;
+    let after = CpuMark::now(stack, Some(&mock));
     let _ = mock.stop().await;
     let out = res?;
     let rate = out.rate();
@@ -177,13 +222,16 @@ pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<(Ro
         items_per_s: rate,
         worker_cpu_s_per_1k: Some(out.usage.cpu_s / out.items as f64 * 1000.0),
         worker_peak_rss_mib: Some(out.usage.peak_rss_mib()),
+        broker_cpu_us_per_item: None,
+        worker_cpu_us_per_item: None,
+        broker_bytes_per_item: None,
         figure,
         targets_met: None,
         details: Default::default(),
     }
     .detail("bench_cpu_s", round2(out.usage.cpu_s))
     .detail("non_200", out.non_200);
-    Ok((after.add_since(before, row), rate))
+    Ok(with_costs(after.add_since(before, row), bytes))
 }
 
 /// One job through the fleet: what a row needs.
@@ -197,6 +245,8 @@ struct JobRun {
     wait: Timed,
     before: CpuMark,
     after: CpuMark,
+    /// Bytes between the fleet's processes and the broker during the job.
+    bytes: Option<u64>,
     /// Requests in flight at the mock between submit and the last result.
     in_flight: InFlight,
 }
@@ -213,6 +263,9 @@ impl JobRun {
             items_per_s: self.items as f64 / self.wall_s,
             worker_cpu_s_per_1k: cpu_per_1k,
             worker_peak_rss_mib: rss,
+            broker_cpu_us_per_item: None,
+            worker_cpu_us_per_item: None,
+            broker_bytes_per_item: None,
             figure: String::new(),
             targets_met: None,
             details: Default::default(),
@@ -227,7 +280,7 @@ impl JobRun {
         .detail("wait_peak_rss_mib", round2(self.wait.usage.peak_rss_mib()))
         .detail("mock_in_flight_mean", self.in_flight.mean.round())
         .detail("mock_in_flight_max", self.in_flight.max);
-        self.after.add_since(self.before, row)
+        with_costs(self.after.add_since(self.before, row), self.bytes)
     }
 
     /// `None` when every item succeeded, else a note for the figure.
@@ -267,7 +320,8 @@ async fn drive_job(
     // Workers first, so the measured time is the whole job as a user sees it.
     fleet.start_workers(workers)?;
     fleet.wait_for_consumers(Duration::from_secs(30)).await?;
-    let before = CpuMark::now(Some(mock));
+    let before = CpuMark::now(fleet.stack(), Some(mock));
+    let traffic = Sampler::start(fleet.stack().amqp_port(), Scope::Children);
     let started = Instant::now();
     let job = async {
         let submitted = fleet.submit(&input).await?;
@@ -278,7 +332,8 @@ async fn drive_job(
     let (job, in_flight) = sample_in_flight(mock, http, job).await;
     let (submitted, summary, wait) = job?;
     let wall_s = started.elapsed().as_secs_f64();
-    let after = CpuMark::now(Some(mock));
+    let bytes = traffic.finish().await;
+    let after = CpuMark::now(fleet.stack(), Some(mock));
     let usage = fleet.stop_workers().await?;
     remove(&input);
     remove(&output);
@@ -291,6 +346,7 @@ async fn drive_job(
         wait,
         before,
         after,
+        bytes,
         in_flight,
     })
 }
@@ -339,23 +395,33 @@ pub async fn overhead(
     stack: &Stack,
     settings: &Settings,
     workers: usize,
-    reference_rate: Option<f64>,
+    reference: Option<Baseline>,
 ) -> anyhow::Result<Row> {
     let run = run_job(stack, "overhead", &[], workers, DEFAULT_IN_FLIGHT, settings.items).await?;
     let plural = if workers == 1 { "" } else { "s" };
     let mut row = run.row(format!("overhead ({workers} worker{plural})"));
     let shortfall = run.shortfall();
-    match reference_rate {
+    match reference {
         Some(reference) => {
-            let fraction = row.items_per_s / reference;
+            let fraction = row.items_per_s / reference.rate;
+            let broker_ratio = row.broker_cpu_us_per_item.zip(reference.broker_cpu_us_per_item).map(|(f, r)| f / r);
             row.figure = format!(
-                "{}{:.0}% of reference {}/s (target >= 70%)",
+                "{}{:.0}% of reference {}/s (target >= {:.0}%); broker CPU {} the reference's (target <= {OVERHEAD_MAX_BROKER_RATIO}x)",
                 shortfall.as_deref().unwrap_or(""),
                 fraction * 100.0,
-                thousands(reference.round() as u64)
+                thousands(reference.rate.round() as u64),
+                OVERHEAD_MIN_FRACTION * 100.0,
+                broker_ratio.map_or_else(|| "?".to_string(), |r| format!("{r:.2}x")),
             );
-            row.targets_met = Some(fraction >= 0.70 && shortfall.is_none());
+            row.targets_met = Some(
+                fraction >= OVERHEAD_MIN_FRACTION
+                    && broker_ratio.is_some_and(|r| r <= OVERHEAD_MAX_BROKER_RATIO)
+                    && shortfall.is_none(),
+            );
             row = row.detail("fraction_of_reference", round2(fraction));
+            if let Some(r) = broker_ratio {
+                row = row.detail("broker_cpu_ratio_to_reference", round2(r));
+            }
         }
         None => row.figure = format!("{}no reference rate (it failed)", shortfall.as_deref().unwrap_or("")),
     }
@@ -372,12 +438,13 @@ pub async fn latency(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> 
     let rss = row.worker_peak_rss_mib.unwrap_or(f64::NAN);
     let shortfall = run.shortfall();
     row.figure = format!(
-        "{}{:.0}% of the {}/s bound (target >= 80%); peak RSS {rss:.0} MiB (target < 100)",
+        "{}{:.0}% of the {}/s bound (target >= {:.0}%); peak RSS {rss:.0} MiB (target < 100)",
         shortfall.as_deref().unwrap_or(""),
         fraction * 100.0,
         thousands(bound as u64),
+        LATENCY_MIN_FRACTION * 100.0,
     );
-    row.targets_met = Some(fraction >= 0.80 && rss < 100.0 && shortfall.is_none());
+    row.targets_met = Some(fraction >= LATENCY_MIN_FRACTION && rss < 100.0 && shortfall.is_none());
     Ok(row.detail("fraction_of_bound", round2(fraction)))
 }
 
@@ -422,7 +489,8 @@ async fn drive_ratelimit(
 
     let stats0 = mock.stats(&stack.http).await?;
     let workers0 = fleet.worker_usage()?;
-    let before = CpuMark::now(Some(mock));
+    let before = CpuMark::now(fleet.stack(), Some(mock));
+    let traffic = Sampler::start(stack.amqp_port(), Scope::Children);
     let started = Instant::now();
     let window = Duration::from_secs(settings.ratelimit_window_s);
     while started.elapsed() < window {
@@ -440,7 +508,8 @@ async fn drive_ratelimit(
     }
     let stats1 = mock.stats(&stack.http).await?;
     let workers1 = fleet.worker_usage()?;
-    let after = CpuMark::now(Some(mock));
+    let bytes = traffic.finish().await;
+    let after = CpuMark::now(fleet.stack(), Some(mock));
     let window_s = started.elapsed().as_secs_f64();
     let job_queue = Topology::new(&fleet.ns, 5).job_items_queue(PROVIDER, &submitted.job_id);
     let backlog = stack.queue_state(&job_queue).await?.map_or(0, |(ready, _)| ready);
@@ -472,6 +541,9 @@ async fn drive_ratelimit(
         items_per_s: ok as f64 / window_s,
         worker_cpu_s_per_1k: cpu_per_1k,
         worker_peak_rss_mib: rss,
+        broker_cpu_us_per_item: None,
+        worker_cpu_us_per_item: None,
+        broker_bytes_per_item: None,
         figure,
         targets_met: Some(fraction >= 0.95 && share_429 <= 0.03 && backlog > 0),
         details: Default::default(),
@@ -485,7 +557,7 @@ async fn drive_ratelimit(
     .detail("share_429", (share_429 * 10_000.0).round() / 10_000.0)
     .detail("backlog_at_end", backlog)
     .detail("worker_cpu_s", round2(cpu));
-    Ok(after.add_since(before, row))
+    Ok(with_costs(after.add_since(before, row), bytes))
 }
 
 /// `producer submit` of a large file with no worker running.
@@ -501,9 +573,11 @@ async fn drive_submit(fleet: &mut FleetRun<'_>, lines: u64) -> anyhow::Result<Ro
     let input = fleet.dir.join("input.jsonl");
     workload::write_requests(&input, lines)?;
     let input_mib = std::fs::metadata(&input)?.len() as f64 / (1 << 20) as f64;
-    let before = CpuMark::now(None);
+    let before = CpuMark::now(fleet.stack(), None);
+    let traffic = Sampler::start(fleet.stack().amqp_port(), Scope::Children);
     let submitted = fleet.submit(&input).await;
-    let after = CpuMark::now(None);
+    let bytes = traffic.finish().await;
+    let after = CpuMark::now(fleet.stack(), None);
     remove(&input);
     let submitted = submitted?;
     anyhow::ensure!(submitted.total == lines, "submitted {} of {lines} lines", submitted.total);
@@ -517,17 +591,21 @@ async fn drive_submit(fleet: &mut FleetRun<'_>, lines: u64) -> anyhow::Result<Ro
         items_per_s: rate,
         worker_cpu_s_per_1k: None,
         worker_peak_rss_mib: None,
+        broker_cpu_us_per_item: None,
+        worker_cpu_us_per_item: None,
+        broker_bytes_per_item: None,
         figure: format!(
-            "{} lines/s (target >= 50,000); producer peak RSS {rss:.0} MiB (target < 100)",
-            thousands(rate.round() as u64)
+            "{} lines/s (target >= {}); producer peak RSS {rss:.0} MiB (target < 100)",
+            thousands(rate.round() as u64),
+            thousands(SUBMIT_MIN_RATE as u64)
         ),
-        targets_met: Some(rate >= 50_000.0 && rss < 100.0),
+        targets_met: Some(rate >= SUBMIT_MIN_RATE && rss < 100.0),
         details: Default::default(),
     }
     .detail("input_mib", round2(input_mib))
     .detail("producer_cpu_s", round2(t.usage.cpu_s))
     .detail("producer_peak_rss_mib", round2(rss));
-    Ok(after.add_since(before, row))
+    Ok(with_costs(after.add_since(before, row), bytes))
 }
 
 /// Per-request latency of the fairness scenario's mock, and its workers.

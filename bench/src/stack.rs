@@ -27,6 +27,8 @@ pub struct Stack {
     pub admin: lapin::Connection,
     /// HTTP client for the mock's `/stats`.
     pub http: reqwest::Client,
+    /// Extra environment of every worker (`--worker-env`), e.g. a setting to compare.
+    pub worker_env: Vec<(String, String)>,
     /// Namespaces not cleaned up yet: deleted by [`Stack::delete_leftovers`] when a run is
     /// interrupted or a scenario's own clean-up failed.
     leftovers: Mutex<BTreeMap<String, Leftover>>,
@@ -63,8 +65,14 @@ impl Stack {
             scratch,
             admin,
             http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?,
+            worker_env: Vec::new(),
             leftovers: Mutex::default(),
         })
+    }
+
+    /// The broker's AMQP port (of `amqp_url`), whose connections are measured.
+    pub fn amqp_port(&self) -> u16 {
+        self.amqp_url.parse::<lapin::uri::AMQPUri>().map_or(5672, |u| u.authority.port)
     }
 
     /// A fresh namespace `bench.<scenario>.<random>` and its own scratch subdirectory.

@@ -18,6 +18,14 @@ pub struct Row {
     pub worker_cpu_s_per_1k: Option<f64>,
     /// Largest peak RSS of one worker, MiB (for the reference, the bench process's own).
     pub worker_peak_rss_mib: Option<f64>,
+    /// RabbitMQ's CPU (user + system of its `beam.smp`) per item, microseconds. The broker
+    /// is shared: other clients' work during the run counts too.
+    pub broker_cpu_us_per_item: Option<f64>,
+    /// Worker CPU per item, microseconds (all workers; for the reference, the bench process).
+    pub worker_cpu_us_per_item: Option<f64>,
+    /// Bytes between the measured processes and the broker, both ways, per item (counted at
+    /// the client sockets, see `traffic.rs`).
+    pub broker_bytes_per_item: Option<f64>,
     /// The scenario's own figure, in words, with its target.
     pub figure: String,
     /// Whether the scenario's targets were met (`None` when it has none or failed).
@@ -36,6 +44,9 @@ impl Row {
             items_per_s: 0.0,
             worker_cpu_s_per_1k: None,
             worker_peak_rss_mib: None,
+            broker_cpu_us_per_item: None,
+            worker_cpu_us_per_item: None,
+            broker_bytes_per_item: None,
             figure: format!("FAILED: {error:#}"),
             targets_met: None,
             details: Default::default(),
@@ -49,12 +60,21 @@ impl Row {
     }
 }
 
-const HEADERS: [&str; 7] =
-    ["scenario", "items", "wall s", "items/s", "worker CPU s / 1k items", "worker peak RSS MiB", "figure"];
+const HEADERS: [&str; 9] = [
+    "scenario",
+    "items",
+    "wall s",
+    "items/s",
+    "broker CPU µs/item",
+    "worker CPU µs/item",
+    "broker bytes/item",
+    "worker peak RSS MiB",
+    "figure",
+];
 
 /// The rows as a markdown table with aligned columns.
 pub fn render(rows: &[Row]) -> String {
-    let cells: Vec<[String; 7]> = rows
+    let cells: Vec<[String; 9]> = rows
         .iter()
         .map(|r| {
             [
@@ -62,7 +82,9 @@ pub fn render(rows: &[Row]) -> String {
                 thousands(r.items),
                 format!("{:.1}", r.wall_s),
                 thousands(r.items_per_s.round() as u64),
-                optional(r.worker_cpu_s_per_1k, 2),
+                optional(r.broker_cpu_us_per_item, 0),
+                optional(r.worker_cpu_us_per_item, 0),
+                optional(r.broker_bytes_per_item.map(|b| b.round()), 0),
                 optional(r.worker_peak_rss_mib, 1),
                 match r.targets_met {
                     Some(true) => format!("{} [ok]", r.figure),
@@ -79,7 +101,7 @@ pub fn render(rows: &[Row]) -> String {
         }
     }
     // Text columns are left-aligned, numbers right-aligned.
-    let numeric = [false, true, true, true, true, true, false];
+    let numeric = [false, true, true, true, true, true, true, true, false];
     let line = |cells: &[String]| -> String {
         let padded: Vec<String> = cells
             .iter()
@@ -131,6 +153,9 @@ mod tests {
             items_per_s: 4050.4,
             worker_cpu_s_per_1k: Some(0.1234),
             worker_peak_rss_mib: None,
+            broker_cpu_us_per_item: Some(167.4),
+            worker_cpu_us_per_item: Some(123.4),
+            broker_bytes_per_item: Some(1234.5),
             figure: "81% of 5,000/s".into(),
             targets_met: met,
             details: Default::default(),
@@ -156,7 +181,7 @@ mod tests {
         assert!(lines[2].contains("| 50,000 |"));
         assert!(lines[2].contains(" 12.3 "));
         assert!(lines[2].contains(" 4,050 "));
-        assert!(lines[2].contains(" 0.12 "));
+        assert!(lines[2].contains(" 167 ") && lines[2].contains(" 123 ") && lines[2].contains(" 1235 "));
         assert!(lines[2].contains(" - "));
         assert!(lines[2].ends_with("81% of 5,000/s [ok]     |"), "{}", lines[2]);
         assert!(lines[3].contains("[MISSED]"));

@@ -75,7 +75,21 @@ fn hostile_queues_and_a_hostile_provider_crash_nothing_leak_nothing_and_lose_not
         "job_id": job, "index": 1u64 << 40, "total": 1u64 << 41, "custom_id": "evil-result", "provider": "mock",
         "status": "failed", "response": null, "error": null, "attempts": 0, "worker": "evil", "finished_at_ms": 0
     });
-    let results_messages = vec![b"not a result".to_vec(), serde_json::to_vec(&out_of_bounds_result).unwrap()];
+    // A group whose first result is fine but whose second is out of bounds: none is written.
+    let out_of_bounds_group = json!({
+        "job_id": job, "provider": "mock", "total": total, "worker": "evil", "results": [
+            {"index": 0, "custom_id": "evil-group", "status": "succeeded", "response": null, "error": null,
+             "attempts": 0, "finished_at_ms": 0},
+            {"index": total, "custom_id": "evil-group-2", "status": "failed", "response": null, "error": null,
+             "attempts": 0, "finished_at_ms": 0}]
+    });
+    let (single, group) = (fleet::wire::KIND_RESULT, fleet::wire::KIND_RESULTS);
+    let results_messages = vec![
+        (single, b"not a result".to_vec()),
+        (single, serde_json::to_vec(&out_of_bounds_result).unwrap()),
+        (group, b"[not a group".to_vec()),
+        (group, serde_json::to_vec(&out_of_bounds_group).unwrap()),
+    ];
     let stream_item =
         item(&stream_job, 0, 1, "/v1/chat/completions", json!({"model": "mock-model", "messages": [], "stream": true}));
 
@@ -92,8 +106,8 @@ fn hostile_queues_and_a_hostile_provider_crash_nothing_leak_nothing_and_lose_not
         for payload in &ledger_messages {
             fleet::amqp::publish_confirmed(&ch, "", &t.ledger_queue(), payload, json_props()).await.unwrap();
         }
-        for payload in &results_messages {
-            let props = BasicProperties::default().with_type(fleet::wire::KIND_RESULT.into());
+        for (kind, payload) in &results_messages {
+            let props = BasicProperties::default().with_type((*kind).into());
             fleet::amqp::publish_confirmed(&ch, &t.results_exchange(), &job2, payload, props).await.unwrap();
         }
     });
@@ -138,7 +152,11 @@ fn hostile_queues_and_a_hostile_provider_crash_nothing_leak_nothing_and_lose_not
         let mut consumer =
             ch.basic_consume(queue.as_str().into(), "hostile".into(), Default::default(), from_first).await.unwrap();
         let next = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut consumer)).await;
-        let got = next.ok().flatten().map(|d| serde_json::from_slice(&d.unwrap().data).unwrap());
+        // A worker sends its results in groups: this one holds the item's alone.
+        let got = next.ok().flatten().map(|d| {
+            let v: serde_json::Value = serde_json::from_slice(&d.unwrap().data).unwrap();
+            v["results"][0].clone()
+        });
         let _ = ch.queue_delete(queue.as_str().into(), Default::default()).await;
         got.expect("a result for the streaming item")
     });

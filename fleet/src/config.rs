@@ -36,6 +36,8 @@ timeout_s = 5
 max_in_flight = 256
 drain_timeout_s = 30
 providers = []
+result_group_max = 64
+result_group_linger_ms = 5
 
 [retry]
 max_attempts = 8
@@ -193,6 +195,24 @@ pub struct WorkerConfig {
     pub drain_timeout_s: u64,
     /// Providers to serve; empty means every provider in the config.
     pub providers: Vec<String>,
+    /// Most results of one job sent in one broker message (1: every result alone).
+    #[serde(default = "default_result_group_max")]
+    pub result_group_max: usize,
+    /// Longest a result waits for others of its job before its group is sent, ms.
+    #[serde(default = "default_result_group_linger_ms")]
+    pub result_group_linger_ms: u64,
+}
+
+/// Longest accepted `worker.result_group_linger_ms`: a grouped result holds its item's
+/// prefetch slot while it waits, so a long linger starves the worker.
+const MAX_RESULT_GROUP_LINGER_MS: u64 = 10_000;
+
+fn default_result_group_max() -> usize {
+    64
+}
+
+fn default_result_group_linger_ms() -> u64 {
+    5
 }
 
 /// In-process retries of transient provider failures.
@@ -420,6 +440,14 @@ impl Config {
             if !self.providers.contains_key(name) {
                 anyhow::bail!("worker.providers names unknown provider {name:?}");
             }
+        }
+        let group_max = crate::wire::MAX_GROUP_RESULTS;
+        if !(1..=group_max).contains(&self.worker.result_group_max) {
+            anyhow::bail!("worker.result_group_max must be between 1 and {group_max}");
+        }
+        // A result waiting for its group holds its item's prefetch slot.
+        if self.worker.result_group_linger_ms > MAX_RESULT_GROUP_LINGER_MS {
+            anyhow::bail!("worker.result_group_linger_ms must be at most {MAX_RESULT_GROUP_LINGER_MS}");
         }
         if self.retry.delay_tiers_s.is_empty() || self.retry.delay_tiers_s.contains(&0) {
             anyhow::bail!("retry.delay_tiers_s must list positive numbers of seconds");

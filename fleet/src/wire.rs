@@ -9,6 +9,9 @@ use serde_json::value::RawValue;
 
 /// AMQP `type` property of a message on a results queue carrying an [`ItemResult`].
 pub const KIND_RESULT: &str = "result";
+/// AMQP `type` property of a message on a results queue carrying a [`ResultGroup`]: the
+/// results of several items of one job from one worker, in one broker message.
+pub const KIND_RESULTS: &str = "results";
 /// AMQP `type` property of a message on a results queue carrying a [`JobSummary`].
 pub const KIND_JOB_FINISHED: &str = "job_finished";
 
@@ -43,6 +46,8 @@ pub enum Invalid {
     Priority(u32),
     #[error("a job with its own items queue needs an id of letters, digits, '_' and '-'")]
     JobIdNotAQueueName,
+    #[error("a result group of {0} results (at most {MAX_GROUP_RESULTS})")]
+    GroupTooLarge(usize),
 }
 
 /// Checks a job id given on a command line or read from a queue.
@@ -275,6 +280,119 @@ impl ItemResult {
     pub fn check(&self) -> Result<(), Invalid> {
         check_job_id(&self.job_id)?;
         check_position(self.index, self.total)
+    }
+}
+
+/// The results of several items of one job, published by one worker as one message
+/// ([`KIND_RESULTS`]). The fields every result of the group shares are written once, so a
+/// group is both fewer broker messages and fewer bytes than its results one by one.
+///
+/// `results` is the last field on purpose: a worker serializes each entry as it arrives
+/// and splices the entries into the serialized header when the group is sent (see
+/// [`ResultGroup::header_json`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResultGroup {
+    pub job_id: String,
+    pub provider: String,
+    pub total: u64,
+    pub worker: String,
+    pub results: Vec<GroupedResult>,
+}
+
+/// One result of a [`ResultGroup`]: what differs from item to item.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupedResult {
+    pub index: u64,
+    pub custom_id: String,
+    pub status: ItemStatus,
+    pub response: Option<ResponseRecord>,
+    pub error: Option<ErrorRecord>,
+    pub attempts: u32,
+    pub finished_at_ms: u64,
+    /// As [`ItemResult::request`]: the request of an item that did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<RequestRecord>,
+    /// As [`ItemResult::usage`]: the tokens the provider reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
+}
+
+/// Most results one group may carry; a reader refuses a group claiming more (a worker
+/// sends far fewer, see `worker.result_group_max`).
+pub const MAX_GROUP_RESULTS: usize = 10_000;
+
+impl ResultGroup {
+    /// Bounds a collector or the tracker checks before trusting a group read from a queue:
+    /// the header like a single result's, every index below the total, at most
+    /// [`MAX_GROUP_RESULTS`] entries, and every `custom_id` within its bound.
+    pub fn check(&self) -> Result<(), Invalid> {
+        check_job_id(&self.job_id)?;
+        check_position(0, self.total)?;
+        if self.results.len() > MAX_GROUP_RESULTS {
+            return Err(Invalid::GroupTooLarge(self.results.len()));
+        }
+        for r in &self.results {
+            check_position(r.index, self.total)?;
+            if r.custom_id.len() > MAX_CUSTOM_ID_BYTES {
+                return Err(Invalid::CustomIdTooLong(r.custom_id.len()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The group's results one by one, each a whole [`ItemResult`].
+    pub fn into_results(self) -> impl Iterator<Item = ItemResult> {
+        let ResultGroup { job_id, provider, total, worker, results } = self;
+        results.into_iter().map(move |r| ItemResult {
+            job_id: job_id.clone(),
+            index: r.index,
+            total,
+            custom_id: r.custom_id,
+            provider: provider.clone(),
+            status: r.status,
+            response: r.response,
+            error: r.error,
+            attempts: r.attempts,
+            worker: worker.clone(),
+            finished_at_ms: r.finished_at_ms,
+            request: r.request,
+            usage: r.usage,
+        })
+    }
+
+    /// The JSON of a group with these header fields and no results yet, cut just before the
+    /// closing `]}`, so serialized entries can be appended (comma-separated) and the message
+    /// closed with `]}`.
+    pub fn header_json(job_id: &str, provider: &str, total: u64, worker: &str) -> Vec<u8> {
+        let empty = ResultGroup {
+            job_id: job_id.to_string(),
+            provider: provider.to_string(),
+            total,
+            worker: worker.to_string(),
+            results: Vec::new(),
+        };
+        let mut json = serde_json::to_vec(&empty).expect("groups serialize");
+        debug_assert!(json.ends_with(b"[]}"), "`results` is the last field");
+        json.truncate(json.len() - 2);
+        json
+    }
+}
+
+impl ItemResult {
+    /// Splits a result into what it shares with the other results of its group (job, total,
+    /// provider, worker) and its own entry.
+    pub fn into_grouped(self) -> GroupedResult {
+        GroupedResult {
+            index: self.index,
+            custom_id: self.custom_id,
+            status: self.status,
+            response: self.response,
+            error: self.error,
+            attempts: self.attempts,
+            finished_at_ms: self.finished_at_ms,
+            request: self.request,
+            usage: self.usage,
+        }
     }
 }
 
@@ -828,6 +946,58 @@ mod tests {
         assert_eq!(open("items.other", 1).check(), Err(Invalid::JobIdNotAQueueName));
         let old: ControlMessage = serde_json::from_str(r#"{"type":"cancel_job","job_id":"j"}"#).unwrap();
         assert_eq!(old, ControlMessage::CancelJob { job_id: "j".into(), reason: None }, "older cancels still read");
+    }
+
+    #[test]
+    fn a_group_spliced_from_entries_reads_back_as_its_results() {
+        let a = result(ItemStatus::Succeeded, Some(200), None);
+        let mut b = result(ItemStatus::Failed, None, Some("timeout"));
+        b.index = 0;
+        b.custom_id = "c0".into();
+        let mut json = ResultGroup::header_json(&a.job_id, &a.provider, a.total, &a.worker);
+        for (i, r) in [a.clone(), b.clone()].into_iter().enumerate() {
+            if i > 0 {
+                json.push(b',');
+            }
+            serde_json::to_writer(&mut json, &r.into_grouped()).unwrap();
+        }
+        json.extend_from_slice(b"]}");
+        let group: ResultGroup = serde_json::from_slice(&json).unwrap();
+        assert_eq!(group.check(), Ok(()));
+        let back: Vec<ItemResult> = group.into_results().collect();
+        assert_eq!(back.len(), 2);
+        for (got, want) in back.iter().zip([&a, &b]) {
+            assert_eq!(serde_json::to_value(got).unwrap(), serde_json::to_value(want).unwrap());
+        }
+        // The shared fields are written once: smaller than the results one by one.
+        let singles = serde_json::to_vec(&a).unwrap().len() + serde_json::to_vec(&b).unwrap().len();
+        assert!(json.len() < singles, "{} >= {singles}", json.len());
+    }
+
+    #[test]
+    fn a_group_out_of_bounds_is_refused() {
+        let group = |index: u64, total: u64| ResultGroup {
+            job_id: "j".into(),
+            provider: "p".into(),
+            total,
+            worker: "w".into(),
+            results: vec![result(ItemStatus::Succeeded, Some(200), None).into_grouped()]
+                .into_iter()
+                .map(|mut r| {
+                    r.index = index;
+                    r
+                })
+                .collect(),
+        };
+        assert_eq!(group(1, 2).check(), Ok(()));
+        assert_eq!(group(2, 2).check(), Err(Invalid::Index { index: 2, total: 2 }));
+        assert_eq!(group(0, 0).check(), Err(Invalid::Total(0)));
+        let mut big = group(0, 2);
+        big.results = vec![big.results[0].clone(); MAX_GROUP_RESULTS + 1];
+        assert_eq!(big.check(), Err(Invalid::GroupTooLarge(MAX_GROUP_RESULTS + 1)));
+        let mut long = group(0, 2);
+        long.results[0].custom_id = "x".repeat(MAX_CUSTOM_ID_BYTES + 1);
+        assert_eq!(long.check(), Err(Invalid::CustomIdTooLong(MAX_CUSTOM_ID_BYTES + 1)));
     }
 
     #[test]

@@ -57,6 +57,15 @@ fn decode_all(bytes: &[u8]) {
         }
         let _ = serde_json::to_vec(&result.to_output_line()).unwrap();
     }
+    if let Ok(group) = serde_json::from_slice::<ResultGroup>(bytes) {
+        if group.check().is_ok() {
+            assert!(group.results.len() <= MAX_GROUP_RESULTS);
+            for result in group.into_results() {
+                assert!(result.check().is_ok(), "every result of a checked group is in bounds");
+                let _ = serde_json::to_vec(&result.to_output_line()).unwrap();
+            }
+        }
+    }
     if let Ok(event) = serde_json::from_slice::<LedgerEvent>(bytes) {
         if event.check().is_ok() {
             if let LedgerEvent::ItemsFinished { items, .. } = &event {
@@ -102,6 +111,11 @@ proptest! {
             json!({"type": kind, "job_id": job, "provider": "p", "items": [[n, "failed"]]}),
             json!({"type": kind, "id": job}),
             json!({"op": kind, "job_id": job}),
+            json!({"job_id": "j", "provider": "p", "total": n, "worker": "w", "results": [
+                {"index": 0, "custom_id": "c", "status": "succeeded", "response": null, "error": null,
+                 "attempts": 1, "finished_at_ms": 0},
+                {"index": n, "custom_id": job, "status": kind, "response": null, "error": null,
+                 "attempts": 0, "finished_at_ms": n}]}),
         ] {
             decode_all(&serde_json::to_vec(&v).unwrap());
         }

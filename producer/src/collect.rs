@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use fleet::topology::Topology;
-use fleet::wire::{ItemResult, JobCounts, JobStatus, JobSummary, KIND_JOB_FINISHED};
+use fleet::wire::{ItemResult, JobCounts, JobStatus, JobSummary, ResultGroup, KIND_JOB_FINISHED, KIND_RESULTS};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -26,6 +26,10 @@ use crate::output_format::OutputFormat;
 /// Results acked at once (one multiple-ack per batch, after an fsync). On a stream an ack
 /// only makes room for more deliveries (the prefetch window); it removes nothing.
 const ACK_BATCH: usize = 512;
+/// Messages acked at once at most. A message may be a worker's group of results, and the
+/// prefetch window (twice this) bounds what the broker sends ahead: with a group at most
+/// 256 KiB (`worker::outbox::MAX_GROUP_BYTES`), 64 MiB at worst.
+const ACK_BATCH_MESSAGES: usize = 128;
 /// A partial batch is synced and acked after this much quiet.
 const ACK_IDLE: Duration = Duration::from_millis(200);
 /// Longest wait for an ack or a close: past it the connection is treated as failed.
@@ -166,6 +170,8 @@ struct Collector {
     /// Acker of the newest message not yet acked (acks are cumulative).
     unacked: Option<lapin::Acker>,
     unacked_n: usize,
+    /// Messages behind `unacked`.
+    unacked_messages: usize,
 }
 
 impl Collector {
@@ -179,6 +185,7 @@ impl Collector {
     async fn sync_and_ack(&mut self) -> Result<(), Interrupted> {
         self.out.flush().and_then(|()| self.out.get_ref().sync_data()).map_err(|e| Interrupted::Fatal(e.into()))?;
         self.unacked_n = 0;
+        self.unacked_messages = 0;
         if let Some(acker) = self.unacked.take() {
             // Bounded: an ack that never completes must not hold a finished wait (the lines
             // are already on disk; a redelivery after reconnecting is skipped as a duplicate).
@@ -190,8 +197,9 @@ impl Collector {
         Ok(())
     }
 
-    /// Records one message from the results queue.
-    fn take(&mut self, delivery: &lapin::message::Delivery) -> anyhow::Result<()> {
+    /// Records one message from the results stream: a result, a group of results, or the
+    /// tracker's `job_finished`. Returns how many results it held.
+    fn take(&mut self, delivery: &lapin::message::Delivery) -> anyhow::Result<usize> {
         let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string());
         if kind.as_deref() == Some(KIND_JOB_FINISHED) {
             if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
@@ -201,27 +209,25 @@ impl Collector {
                 self.usage_final = true;
                 self.abandoned = summary.reason;
             }
-            return Ok(());
+            return Ok(0);
         }
-        match serde_json::from_slice::<ItemResult>(&delivery.data) {
-            // Anyone who can publish to the results exchange can write here: a result out
-            // of bounds (an index past its total, a total no job can have) is not written.
-            Ok(result) if result.check().is_err() => {
-                let e = result.check().unwrap_err();
-                tracing::warn!(error = %e, "ignoring a result out of bounds");
-            }
-            Ok(result) => {
-                if self.total.is_none() {
-                    self.bar.set_length(result.total);
-                }
-                self.total.get_or_insert(result.total);
-                if self.seen.insert(result.custom_id.clone()) {
-                    self.format.write_line(&mut self.out, &result)?;
-                    self.counts.add(result.status);
-                    self.bar.inc(1);
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring a message on the results queue that is not a result"),
+        let results = decode_results(kind.as_deref() == Some(KIND_RESULTS), &delivery.data);
+        for result in &results {
+            self.write(result)?;
+        }
+        Ok(results.len())
+    }
+
+    /// Writes a result to the file unless its `custom_id` is there already.
+    fn write(&mut self, result: &ItemResult) -> anyhow::Result<()> {
+        if self.total.is_none() {
+            self.bar.set_length(result.total);
+        }
+        self.total.get_or_insert(result.total);
+        if self.seen.insert(result.custom_id.clone()) {
+            self.format.write_line(&mut self.out, result)?;
+            self.counts.add(result.status);
+            self.bar.inc(1);
         }
         Ok(())
     }
@@ -236,7 +242,7 @@ impl Collector {
     ) -> Result<(), Interrupted> {
         let broker = |e: lapin::Error| Interrupted::Broker(e.into());
         let ch = conn.create_channel().await.map_err(broker)?;
-        ch.basic_qos(2 * ACK_BATCH as u16, BasicQosOptions::default()).await.map_err(broker)?;
+        ch.basic_qos(2 * ACK_BATCH_MESSAGES as u16, BasicQosOptions::default()).await.map_err(broker)?;
         // Every session reads the stream from its first message; what the file holds already
         // is skipped. (The stream keeps no per-reader position, so readers never interfere.)
         let mut from_first = FieldTable::default();
@@ -266,10 +272,11 @@ impl Collector {
                 Some(Err(e)) => return Err(broker(e)),
                 None => return Err(Interrupted::Broker(anyhow::anyhow!("the broker closed the results consumer"))),
             };
-            self.take(&delivery).map_err(Interrupted::Fatal)?;
+            let results = self.take(&delivery).map_err(Interrupted::Fatal)?;
             self.unacked = Some(delivery.acker);
-            self.unacked_n += 1;
-            if self.unacked_n >= ACK_BATCH {
+            self.unacked_n += results.max(1);
+            self.unacked_messages += 1;
+            if self.unacked_n >= ACK_BATCH || self.unacked_messages >= ACK_BATCH_MESSAGES {
                 self.sync_and_ack().await?;
             }
         }
@@ -301,6 +308,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         format: req.format,
         unacked: None,
         unacked_n: 0,
+        unacked_messages: 0,
     };
     let queue = topology.results_queue(req.job_id);
     let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
@@ -320,6 +328,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
                 tracing::warn!(error = %format!("{e:#}"), results = c.seen.len(), "lost the broker; reconnecting");
                 c.unacked = None;
                 c.unacked_n = 0;
+                c.unacked_messages = 0;
                 let never = tokio_util::sync::CancellationToken::new();
                 let urls = cfg.amqp.addresses();
                 let reconnect = fleet::amqp::connect_with_retry(&urls, "producer wait", &never);
@@ -350,6 +359,26 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         job_status: c.job_status,
         usage: c.usage,
         usage_final: c.usage_final,
+    })
+}
+
+/// The results a message of the results stream carries: a worker's group, or one alone.
+/// Anyone who can publish to the results exchange can write there: a message that is not
+/// results, or a result out of bounds (an index past its total, a total no job can have),
+/// is skipped with a warning; a group with any result out of bounds is skipped whole.
+fn decode_results(grouped: bool, data: &[u8]) -> Vec<ItemResult> {
+    let decoded = if grouped {
+        serde_json::from_slice::<ResultGroup>(data)
+            .map_err(|e| format!("not a result group: {e}"))
+            .and_then(|g| g.check().map(|()| g.into_results().collect()).map_err(|e| format!("out of bounds: {e}")))
+    } else {
+        serde_json::from_slice::<ItemResult>(data)
+            .map_err(|e| format!("not a result: {e}"))
+            .and_then(|r| r.check().map(|()| vec![r]).map_err(|e| format!("out of bounds: {e}")))
+    };
+    decoded.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "ignoring a message on the results stream");
+        Vec::new()
     })
 }
 

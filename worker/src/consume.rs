@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::control::{self, Cancelled};
 use crate::jobs::{self, OpenJobs, ProviderJobs};
+use crate::outbox::Outbox;
 use crate::process::Context;
 use crate::provider::ProviderClient;
 
@@ -67,6 +68,10 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
         retry: cfg.retry.clone(),
         cancelled: cancelled.clone(),
         shutdown: shutdown.clone(),
+        outbox: Outbox::new(
+            cfg.worker.result_group_max,
+            std::time::Duration::from_millis(cfg.worker.result_group_linger_ms),
+        ),
     });
     // Known cancels first, so no item of a cancelled job reaches a provider.
     let follower = control::Follower::catch_up(conn, topology, cancelled.clone(), open_jobs.clone()).await?;

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acks::ChannelAcks;
 use crate::process::{self, Context};
 use crate::provider::ProviderClient;
 
@@ -231,6 +232,8 @@ pub async fn consume_deliveries(
     in_flight: TaskTracker,
     shutdown: CancellationToken,
 ) -> anyhow::Result<bool> {
+    // Every settlement on this channel goes through it, so acks can be grouped safely.
+    let acks = Arc::new(ChannelAcks::default());
     let mut cancelling = false;
     loop {
         tokio::select! {
@@ -244,6 +247,7 @@ pub async fn consume_deliveries(
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
+                    let delivery = acks.track(delivery).await;
                     // The task holds a handle of the channel: lapin closes a channel
                     // when its last handle drops, which would requeue this delivery
                     // even after the consumer task has finished (during the drain).

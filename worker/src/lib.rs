@@ -6,11 +6,13 @@
 //! items in flight within `worker.drain_timeout_s`, push metrics one last time, exit).
 
 pub mod batch;
+pub mod acks;
 pub mod consume;
 pub mod control;
 pub mod keys;
 pub mod jobs;
 pub mod limit;
+pub mod outbox;
 pub mod process;
 pub mod provider;
 pub mod tracker;

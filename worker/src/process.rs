@@ -1,6 +1,7 @@
 //! Processing one delivery from an items queue: decide, call the provider if the item still
-//! needs it, publish the result with a confirm (the broker routes it to the job's results
-//! queue and to the ledger), and only then ack.
+//! needs it, publish the result with a confirm (in a group of its job's results, see
+//! [`crate::outbox`]; the broker routes it to the job's results stream and to the ledger),
+//! and only then ack.
 //!
 //! Every delivery ends in an explicit decision:
 //! - garbage (not an item, or an item out of bounds: a job id no routing key can hold, an
@@ -26,12 +27,12 @@ use fleet::config::RetryConfig;
 use fleet::metrics::WorkerMetrics;
 use fleet::topology::{Topology, DEAD_REASON_HEADER, DELAY_TIER_HEADER};
 use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, KIND_RESULT};
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 
+use crate::acks::Tracked;
 use crate::control::Cancelled;
+use crate::outbox::Outbox;
 use crate::provider::{CallError, ProviderClient, Target};
 
 /// What every delivery handler shares.
@@ -47,6 +48,8 @@ pub struct Context {
     pub cancelled: Cancelled,
     /// Fired at SIGTERM: items that have not started calling the provider are released.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// Groups results of one job into one message (on `publish`).
+    pub outbox: Outbox,
 }
 
 /// How an item is settled.
@@ -61,7 +64,7 @@ enum Decision {
 
 /// Handles one delivery to completion. Never panics on bad input; never returns an error:
 /// the outcome is always settled on the broker (or left to redelivery if the channel died).
-pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Delivery) {
+pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Tracked) {
     if delivery.data.len() > ctx.max_message_bytes {
         let reason = format!("oversized: {} bytes > {}", delivery.data.len(), ctx.max_message_bytes);
         return dead_letter(&ctx, &client.name, delivery, "oversized", &reason).await;
@@ -112,10 +115,10 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: De
     };
 
     match decision {
-        Decision::Finish(result) => settle(&ctx, &client.name, delivery, &result).await,
+        Decision::Finish(result) => publish_and_ack(&ctx, delivery, *result).await,
         Decision::Delay(item, error) => delay(&ctx, &client.name, *item, error, delivery).await,
         Decision::Release => {
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = delivery.nack(true).await;
         }
     }
 }
@@ -200,33 +203,16 @@ fn early_result(ctx: &Context, item: &Item, status: ItemStatus, message: &str) -
     ItemResult::without_answer(item, status, error, &ctx.worker_id)
 }
 
-/// Publishes the result, acks, counts.
-async fn settle(ctx: &Context, provider: &str, delivery: Delivery, result: &ItemResult) {
-    match publish_outcome(ctx, result).await {
-        Ok(()) => {}
-        Err(PublishError::Unroutable { .. }) => {
-            // The job's results queue is gone (deleted or expired): nobody can receive this
-            // result. Park the item with the reason rather than drop it.
-            let reason = format!("results queue of job {} does not exist", result.job_id);
-            return dead_letter(ctx, provider, delivery, "no_results_queue", &reason).await;
-        }
-        Err(e) => {
-            tracing::warn!(job_id = %result.job_id, custom_id = %result.custom_id, error = %e, "cannot publish result; item will be redelivered");
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
-            return;
-        }
-    }
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
-        // The result is out; a redelivery will publish a duplicate, which collectors drop.
-        tracing::warn!(job_id = %result.job_id, custom_id = %result.custom_id, error = %e, "ack failed after publishing the result");
-        return;
-    }
-    // Counted after the ack so that the fleet's counters equal the results delivered.
-    ctx.metrics.items.with_label_values(&[provider, result.status.as_str()]).inc();
+/// The one way a finished item leaves the worker: publishes its result (grouped with other
+/// results of its job, confirmed), then acks its delivery, then counts it. Returns once the
+/// delivery is settled: acked; dead-lettered if the job's results stream is gone; or
+/// requeued if the result could not be published (redone later).
+pub async fn publish_and_ack(ctx: &Context, delivery: Tracked, result: ItemResult) {
+    ctx.outbox.send(ctx, delivery, result).await;
 }
 
 /// Sends a transiently failing item to the delay queue of its attempt, then acks it.
-async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, delivery: Delivery) {
+async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, delivery: Tracked) {
     let tiers = &ctx.retry.delay_tiers_s;
     let secs = tiers[(item.attempt as usize).min(tiers.len() - 1)];
     item.attempt += 1;
@@ -248,7 +234,7 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
         Ok(()) => {
             ctx.metrics.retries.with_label_values(&[provider, "delay", error.kind()]).inc();
             note_delay(ctx, &item, &error).await;
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+            if let Err(e) = delivery.ack().await {
                 tracing::warn!(error = %e, "ack failed after delaying; the item may run twice");
             }
         }
@@ -256,7 +242,7 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
             tracing::warn!(error = %e, "cannot publish to the delay queue; requeueing the item");
             // Requeue after a pause so an outage does not turn into a hot loop.
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            let _ = delivery.nack(true).await;
         }
     }
 }
@@ -285,7 +271,7 @@ async fn note_delay(ctx: &Context, item: &Item, error: &CallError) {
 
 /// An item that has been delivered more than the delivery limit allows: it keeps killing
 /// workers. Its job gets a failed result (so the job can finish) and the message is parked.
-async fn poison(ctx: &Context, provider: &str, item: Item, delivery: Delivery, deliveries: u64) {
+async fn poison(ctx: &Context, provider: &str, item: Item, delivery: Tracked, deliveries: u64) {
     let reason = format!("poison: delivered {deliveries} times without completing");
     let mut result = early_result(ctx, &item, ItemStatus::Failed, &reason);
     result.error = Some(ErrorRecord { code: "poison".into(), message: reason.clone() });
@@ -298,7 +284,7 @@ async fn poison(ctx: &Context, provider: &str, item: Item, delivery: Delivery, d
 }
 
 /// Times this message was delivered before (quorum queues count in `x-delivery-count`).
-pub fn delivery_count(delivery: &Delivery) -> u64 {
+pub fn delivery_count(delivery: &lapin::message::Delivery) -> u64 {
     let Some(headers) = delivery.properties.headers() else { return 0 };
     match headers.inner().get("x-delivery-count") {
         Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u64,
@@ -311,8 +297,10 @@ pub fn delivery_count(delivery: &Delivery) -> u64 {
     }
 }
 
-/// Publishes the result (routed to the job's results queue and, as the item's
-/// `items_finished` event, to the ledger) and waits for the broker's confirm.
+/// Publishes one result alone (routed to the job's results stream and, as the item's
+/// `items_finished` event, to the ledger) and waits for the broker's confirm. For the
+/// poison path, which parks its item right after; finished items go through
+/// [`publish_and_ack`].
 pub async fn publish_outcome(ctx: &Context, result: &ItemResult) -> Result<(), PublishError> {
     let payload = serde_json::to_vec(result).expect("results serialize");
     let props = amqp::persistent_json().with_type(KIND_RESULT.into());
@@ -321,7 +309,7 @@ pub async fn publish_outcome(ctx: &Context, result: &ItemResult) -> Result<(), P
 
 /// Parks a message in the dead-letter queue with a reason header, then acks it. If that
 /// publish fails, rejects it instead so the queue's own dead-lettering parks it.
-pub async fn dead_letter(ctx: &Context, provider: &str, delivery: Delivery, label: &'static str, reason: &str) {
+pub async fn dead_letter(ctx: &Context, provider: &str, delivery: Tracked, label: &'static str, reason: &str) {
     tracing::warn!(provider, reason, bytes = delivery.data.len(), "dead-lettering message");
     let mut headers = FieldTable::default();
     headers.insert(DEAD_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
@@ -335,10 +323,10 @@ pub async fn dead_letter(ctx: &Context, provider: &str, delivery: Delivery, labe
         ctx.metrics.errors.with_label_values(&[provider, "malformed_message", "consume"]).inc();
     }
     let settled = match published {
-        Ok(()) => delivery.ack(BasicAckOptions::default()).await,
+        Ok(()) => delivery.ack().await,
         Err(e) => {
             tracing::warn!(error = %e, "dead-letter publish failed; rejecting to the queue's dead-letter exchange");
-            delivery.reject(BasicRejectOptions { requeue: false }).await
+            delivery.reject().await
         }
     };
     if let Err(e) = settled {

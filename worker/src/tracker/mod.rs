@@ -22,8 +22,8 @@ use fleet::metrics::TrackerMetrics;
 use fleet::push::{GroupKey, Pushgateway, WORKER_JOB};
 use fleet::topology::Topology;
 use fleet::wire::{
-    ErrorRecord, ItemResult, ItemStatus, JobStatus, JobSummary, LedgerEvent, TrackerReply, TrackerRequest,
-    KIND_JOB_FINISHED, KIND_RESULT,
+    ErrorRecord, ItemResult, ItemStatus, JobStatus, JobSummary, LedgerEvent, ResultGroup, TrackerReply,
+    TrackerRequest, KIND_JOB_FINISHED, KIND_RESULT, KIND_RESULTS,
 };
 use fleet::Config;
 use futures::StreamExt;
@@ -296,9 +296,9 @@ impl<'a> Active<'a> {
                     if delivery.exchange.as_str() == self.topology.dead_exchange() {
                         self.end_dead_item(&delivery).await?;
                     } else { match ledger_event(&delivery) {
-                        Ok(Some((event, failure))) => {
-                            if let (Some(error), LedgerEvent::ItemsFinished { job_id, items, .. }) = (&failure, &event) {
-                                for (index, _) in items {
+                        Ok(Some((event, failures))) => {
+                            if let LedgerEvent::ItemsFinished { job_id, .. } = &event {
+                                for (index, error) in &failures {
                                     self.state.note_failure(job_id, *index, error, fleet::now_ms());
                                 }
                             }
@@ -560,38 +560,52 @@ impl<'a> Active<'a> {
     }
 }
 
-/// The event a ledger message carries: a job event from the producer or a worker, or a
-/// result (routed here from the results exchange) as its item's `items_finished` with the
-/// failure it reports. Our own `job_finished` announcements come back too, and carry
-/// nothing to fold.
-fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<(LedgerEvent, Option<ErrorRecord>)>> {
+/// Failed items of a ledger message, with the failure each reports.
+type Failures = Vec<(u64, ErrorRecord)>;
+
+/// The event a ledger message carries: a job event from the producer or a worker, or
+/// results (routed here from the results exchange, one alone or a worker's group) as their
+/// items' `items_finished` with the failures they report. Our own `job_finished`
+/// announcements come back too, and carry nothing to fold.
+fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<(LedgerEvent, Failures)>> {
     // Anyone who can publish to the broker can write here: an event out of bounds (a job id
     // no routing key can hold, an index past any job) is refused like a malformed one.
-    let checked = |(e, failure): (LedgerEvent, Option<ErrorRecord>)| {
-        e.check().map(|()| Some((e, failure))).map_err(serde::de::Error::custom)
+    let checked = |(e, failures): (LedgerEvent, Failures)| {
+        e.check().map(|()| Some((e, failures))).map_err(serde::de::Error::custom)
     };
     ledger_event_unchecked(delivery)?.map_or(Ok(None), checked)
 }
 
-fn ledger_event_unchecked(
-    delivery: &lapin::message::Delivery,
-) -> serde_json::Result<Option<(LedgerEvent, Option<ErrorRecord>)>> {
+fn ledger_event_unchecked(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<(LedgerEvent, Failures)>> {
     match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
-        Some(KIND_RESULT) => {
-            let r: ItemResult = serde_json::from_slice(&delivery.data)?;
-            let failure = if r.status == ItemStatus::Failed { r.error } else { None };
-            let usage = r.usage.map(|u| (r.index, u)).into_iter().collect();
-            let event = LedgerEvent::ItemsFinished {
-                job_id: r.job_id,
-                provider: r.provider,
-                items: vec![(r.index, r.status)],
-                usage,
-            };
-            Ok(Some((event, failure)))
+        Some(KIND_RESULT) => Ok(Some(finished(std::iter::once(serde_json::from_slice::<ItemResult>(&delivery.data)?)))),
+        Some(KIND_RESULTS) => {
+            let group: ResultGroup = serde_json::from_slice(&delivery.data)?;
+            // A group's entries are bounded like the single results they stand for.
+            group.check().map_err(serde::de::Error::custom)?;
+            Ok((!group.results.is_empty()).then(|| finished(group.into_results())))
         }
         Some(KIND_JOB_FINISHED) => Ok(None),
-        _ => serde_json::from_slice(&delivery.data).map(|e| Some((e, None))),
+        _ => serde_json::from_slice(&delivery.data).map(|e| Some((e, Vec::new()))),
     }
+}
+
+/// The `items_finished` event of results of one job (a group's, or one alone), with the
+/// failures they report.
+fn finished(results: impl Iterator<Item = ItemResult>) -> (LedgerEvent, Failures) {
+    let (mut job_id, mut provider) = (String::new(), String::new());
+    let mut items = Vec::new();
+    let mut failures = Vec::new();
+    let mut usage = Vec::new();
+    for r in results {
+        if r.status == ItemStatus::Failed {
+            failures.extend(r.error.map(|e| (r.index, e)));
+        }
+        usage.extend(r.usage.map(|u| (r.index, u)));
+        items.push((r.index, r.status));
+        (job_id, provider) = (r.job_id, r.provider);
+    }
+    (LedgerEvent::ItemsFinished { job_id, provider, items, usage }, failures)
 }
 
 /// Reads the newest checkpoint (leaving it in place), or starts empty.

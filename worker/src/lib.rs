@@ -8,8 +8,8 @@
 pub mod batch;
 pub mod consume;
 pub mod control;
-pub mod keys;
 pub mod jobs;
+pub mod keys;
 pub mod limit;
 pub mod process;
 pub mod provider;

@@ -342,6 +342,11 @@ pub struct ProviderConfig {
     /// Seconds between two polls of a provider batch (the TTL of its poll delay queue).
     #[serde(default = "default_batch_poll_interval_s")]
     pub batch_poll_interval_s: u64,
+    /// Price per model (`prices."<model>" = { input_per_mtok, output_per_mtok }`): turns
+    /// each job's token usage into its cost; the models named here are also the `model`
+    /// label values of the usage metrics (any other model counts as `other`).
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
 }
 
 fn default_batch_poll_interval_s() -> u64 {
@@ -393,11 +398,6 @@ impl ProviderConfig {
         }
         Ok(())
     }
-    /// Price per model (`prices."<model>" = { input_per_mtok, output_per_mtok }`): turns
-    /// each job's token usage into its cost; the models named here are also the `model`
-    /// label values of the usage metrics (any other model counts as `other`).
-    #[serde(default)]
-    pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
 }
 
 fn default_max_response_bytes() -> usize {

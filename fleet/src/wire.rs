@@ -256,6 +256,10 @@ pub struct ItemResult {
     /// batch API's input file may be). Not part of the output line; absent on successes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<RequestRecord>,
+    /// Tokens the provider reported for the answer (absent without an answer, or when the
+    /// answer reports none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 /// The original request of an item, as its input line had it (the method is always POST).
@@ -269,10 +273,6 @@ impl RequestRecord {
     pub fn of(item: &Item) -> RequestRecord {
         RequestRecord { url: item.url.clone(), body: item.body.clone() }
     }
-    /// Tokens the provider reported for the answer (absent without an answer, or when the
-    /// answer reports none).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage: Option<crate::usage::Usage>,
 }
 
 impl ItemResult {

@@ -163,6 +163,7 @@ mod tests {
             worker: "w".into(),
             finished_at_ms: 0,
             request: None,
+            usage: None,
         }
     }
 

@@ -230,6 +230,7 @@ mod tests {
             batch_max_requests: None,
             batch_max_bytes: None,
             batch_poll_interval_s: 60,
+            prices: Default::default(),
         };
         KeyPool::new("p", &cfg, 4, &WorkerMetrics::new()).unwrap()
     }

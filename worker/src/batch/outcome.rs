@@ -45,6 +45,7 @@ fn unanswered(
             worker: ctx.worker_id.clone(),
             finished_at_ms: fleet::now_ms(),
             request: None,
+            usage: None,
         },
     }
 }
@@ -133,6 +134,7 @@ pub fn of_lines(
                     r.error = (!ok).then(|| error("provider_error", &format!("HTTP {}", response.status_code)));
                     // Kept with a failed result so `producer retry` can submit it again.
                     r.request = if ok { None } else { items.get(&index).map(fleet::wire::RequestRecord::of) };
+                    r.usage = fleet::usage::parse(response.body.get());
                     r.response = Some(response);
                     r.attempts = 1;
                 }

@@ -554,7 +554,10 @@ mod tests {
         assert!(s.budget_cancels.is_empty() && !s.jobs["j"].cancel_requested);
         s.apply(&used(2, "m"), 4); // 8 of 10: still under
         assert!(s.budget_cancels.is_empty());
-        assert!(s.apply(&used(3, "m"), 5).is_some_and(|e| e.summary.status == JobStatus::Completed), "every item answered");
+        assert!(
+            s.apply(&used(3, "m"), 5).is_some_and(|e| e.summary.status == JobStatus::Completed),
+            "every item answered"
+        );
         let mut s2 = State { prices: s.prices.clone(), ..State::default() };
         s2.apply(&ev, 1);
         for i in 0..3 {

@@ -693,6 +693,10 @@ async fn drive_fairness(stack: &Stack, fleet: &mut FleetRun<'_>, mock: &Mock, li
         items_per_s: rate_during,
         worker_cpu_s_per_1k: None,
         worker_peak_rss_mib: None,
+        // The fairness row measures shares, not costs.
+        broker_cpu_us_per_item: None,
+        worker_cpu_us_per_item: None,
+        broker_bytes_per_item: None,
         figure,
         targets_met: Some(small_s < 5.0 && loss < 0.05 && small_ok == FAIRNESS_SMALL && backlog > 0),
         details: Default::default(),

@@ -58,6 +58,8 @@ fn earlier_failure(job: &str, index: u64, total: u64) -> ItemResult {
         attempts: 1,
         worker: "killed".into(),
         finished_at_ms: fleet::now_ms(),
+        request: None,
+        usage: None,
     }
 }
 

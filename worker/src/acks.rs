@@ -81,6 +81,14 @@ impl ChannelAcks {
 }
 
 impl Tracked {
+    /// A delivery of a channel whose settlements are never grouped (the batch-mode chunk
+    /// consumer's), for the functions that take a [`Tracked`]. Tracked alone, so it must be
+    /// settled only by [`Tracked::ack`], [`Tracked::nack`] or [`Tracked::reject`], never
+    /// by [`ack_all`] (whose multiple ack would also cover the channel's other deliveries).
+    pub async fn alone(delivery: Delivery) -> Tracked {
+        Arc::new(ChannelAcks::default()).track(delivery).await
+    }
+
     /// Acks this delivery alone.
     pub async fn ack(self) -> lapin::Result<()> {
         let mut unsettled = self.acks.unsettled.lock().await;

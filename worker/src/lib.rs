@@ -5,8 +5,8 @@
 //! connection fails (then reconnect) or shutdown fires (then stop consuming, drain the
 //! items in flight within `worker.drain_timeout_s`, push metrics one last time, exit).
 
-pub mod batch;
 pub mod acks;
+pub mod batch;
 pub mod consume;
 pub mod control;
 pub mod jobs;

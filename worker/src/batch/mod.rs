@@ -126,6 +126,13 @@ pub async fn consume(b: Arc<Batch>, in_flight: TaskTracker, shutdown: Cancellati
     }
 }
 
+/// Parks a chunk message that is not one (settled alone: chunk deliveries are never acked
+/// in groups).
+async fn dead_letter(b: &Batch, delivery: Delivery, reason: &str) {
+    let delivery = crate::acks::Tracked::alone(delivery).await;
+    process::dead_letter(&b.ctx, &b.client.name, delivery, "malformed", reason).await;
+}
+
 /// Handles one chunk delivery to completion; never panics on bad input, always settles.
 async fn handle(b: &Batch, delivery: Delivery) {
     let provider = b.client.name.as_str();
@@ -133,16 +140,16 @@ async fn handle(b: &Batch, delivery: Delivery) {
         Ok(t) => t,
         Err(e) => {
             let reason = format!("malformed chunk: {e}");
-            return process::dead_letter(&b.ctx, provider, delivery, "malformed", &reason).await;
+            return dead_letter(b, delivery, &reason).await;
         }
     };
     if let Err(e) = task.check() {
         let reason = format!("invalid chunk: {e}");
-        return process::dead_letter(&b.ctx, provider, delivery, "malformed", &reason).await;
+        return dead_letter(b, delivery, &reason).await;
     }
     if task.provider != provider {
         let reason = format!("chunk for provider {:?} on the chunk queue of {provider:?}", task.provider);
-        return process::dead_letter(&b.ctx, provider, delivery, "malformed", &reason).await;
+        return dead_letter(b, delivery, &reason).await;
     }
     let redelivered = delivery.redelivered || process::delivery_count(&delivery) > 0;
     match task.state.clone() {

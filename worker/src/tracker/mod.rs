@@ -22,8 +22,8 @@ use fleet::metrics::TrackerMetrics;
 use fleet::push::{GroupKey, Pushgateway, WORKER_JOB};
 use fleet::topology::Topology;
 use fleet::wire::{
-    ErrorRecord, ItemResult, ItemStatus, JobStatus, JobSummary, LedgerEvent, ResultGroup, TrackerReply,
-    TrackerRequest, KIND_JOB_FINISHED, KIND_RESULT, KIND_RESULTS,
+    ErrorRecord, ItemResult, ItemStatus, JobStatus, JobSummary, LedgerEvent, ResultGroup, TrackerReply, TrackerRequest,
+    KIND_JOB_FINISHED, KIND_RESULT, KIND_RESULTS,
 };
 use fleet::Config;
 use futures::StreamExt;

@@ -427,6 +427,28 @@ impl ItemResult {
         }
     }
 
+    /// The result of an item the provider answered: `succeeded` with `answer`, or `failed`
+    /// (with the request kept for `producer retry`) when the answer is not a 2xx. The caller
+    /// adds what else it knows (attempts, usage, an error).
+    pub fn answered(item: &Item, answer: ResponseRecord, worker: &str) -> ItemResult {
+        let ok = is_success(answer.status_code);
+        ItemResult {
+            job_id: item.job_id.clone(),
+            index: item.index,
+            total: item.total,
+            custom_id: item.custom_id.clone(),
+            provider: item.provider.clone(),
+            status: if ok { ItemStatus::Succeeded } else { ItemStatus::Failed },
+            response: Some(answer),
+            error: None,
+            attempts: 1,
+            worker: worker.to_string(),
+            finished_at_ms: crate::now_ms(),
+            request: (!ok).then(|| RequestRecord::of(item)),
+            usage: None,
+        }
+    }
+
     /// The output line for this result. As in OpenAI's batch output, `error` is null when
     /// the provider answered (any HTTP status): the failure is then in `response`
     /// (`status_code` and body). `error` is kept for failures without an answer (timeout,
@@ -811,6 +833,25 @@ mod tests {
         let back: Item = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(back.body.get(), body, "body bytes are passed through unchanged");
         assert_eq!(back.index, 3);
+    }
+
+    #[test]
+    fn an_answered_result_takes_its_status_from_the_answer_and_keeps_a_failures_request() {
+        let item: Item = serde_json::from_str(
+            r#"{"job_id":"j","index":1,"total":2,"custom_id":"c","provider":"p","url":"/v1/chat/completions","body":{"a":1},"attempt":0,"submitted_at_ms":1}"#,
+        )
+        .unwrap();
+        let answer = |status_code| ResponseRecord {
+            status_code,
+            request_id: "r".into(),
+            body: RawValue::from_string("{}".into()).unwrap(),
+        };
+        let ok = ItemResult::answered(&item, answer(200), "w");
+        assert_eq!((ok.status, ok.error.is_none(), ok.request.is_none()), (ItemStatus::Succeeded, true, true));
+        let refused = ItemResult::answered(&item, answer(429), "w");
+        assert_eq!(refused.status, ItemStatus::Failed);
+        assert_eq!(refused.request.as_ref().map(|r| r.body.get()), Some(r#"{"a":1}"#));
+        assert_eq!(output_line_status(&serde_json::to_value(refused.to_output_line()).unwrap()), ItemStatus::Failed);
     }
 
     #[test]

@@ -126,20 +126,19 @@ pub fn of_lines(
             unanswered(ctx, task, items, index, status, error(status.as_str(), message))
         };
         let result = match line {
-            Some(LineOutcome::Answered(response)) => {
-                let ok = (200..300).contains(&response.status_code);
-                let mut r = unanswered(ctx, task, items, index, ItemStatus::Succeeded, error("", ""));
-                if r.status == ItemStatus::Succeeded {
-                    r.status = if ok { ItemStatus::Succeeded } else { ItemStatus::Failed };
-                    r.error = (!ok).then(|| error("provider_error", &format!("HTTP {}", response.status_code)));
-                    // Kept with a failed result so `producer retry` can submit it again.
-                    r.request = if ok { None } else { items.get(&index).map(fleet::wire::RequestRecord::of) };
-                    r.usage = fleet::usage::parse(response.body.get());
-                    r.response = Some(response);
-                    r.attempts = 1;
+            Some(LineOutcome::Answered(response)) => Some(match items.get(&index) {
+                Some(item) => {
+                    let code = response.status_code;
+                    let mut r = ItemResult::answered(item, response, &ctx.worker_id);
+                    if r.status == ItemStatus::Failed {
+                        r.error = Some(error("provider_error", &format!("HTTP {code}")));
+                    }
+                    r.usage = r.response.as_ref().and_then(|a| fleet::usage::parse(a.body.get()));
+                    r
                 }
-                Some(r)
-            }
+                // The answer of an item the stream no longer holds: `missing_item`.
+                None => unanswered(ctx, task, items, index, ItemStatus::Failed, error("missing_item", "")),
+            }),
             Some(LineOutcome::Errored(e)) => Some(unanswered(ctx, task, items, index, ItemStatus::Failed, e)),
             Some(LineOutcome::Expired) => expired(&mut fallback),
             Some(LineOutcome::Cancelled) => Some(cancelled()),

@@ -455,7 +455,11 @@ impl<'a> Active<'a> {
     async fn announce(&self, summary: &JobSummary) {
         let payload = serde_json::to_vec(summary).expect("summaries serialize");
         let props = amqp::persistent_json().with_type(KIND_JOB_FINISHED.into());
-        let res = amqp::publish(&self.ch, &self.topology.results_exchange(), &summary.job_id, &payload, props).await;
+        // Straight to the job's results stream (the default exchange routes by queue name),
+        // not through the results exchange, whose copy to the ledger would only come back
+        // to this tracker.
+        let stream = self.topology.results_queue(&summary.job_id);
+        let res = amqp::publish(&self.ch, "", &stream, &payload, props).await;
         // Not awaited here: the confirm arrives while we keep folding; an unroutable one
         // (results queue deleted) is harmless.
         if let Ok(pending) = res {
@@ -565,8 +569,8 @@ type Failures = Vec<(u64, ErrorRecord)>;
 
 /// The event a ledger message carries: a job event from the producer or a worker, or
 /// results (routed here from the results exchange, one alone or a worker's group) as their
-/// items' `items_finished` with the failures they report. Our own `job_finished`
-/// announcements come back too, and carry nothing to fold.
+/// items' `items_finished` with the failures they report. (`job_finished` announcements
+/// go straight to the job's stream; one found here, from an older tracker, is skipped.)
 fn ledger_event(delivery: &lapin::message::Delivery) -> serde_json::Result<Option<(LedgerEvent, Failures)>> {
     // Anyone who can publish to the broker can write here: an event out of bounds (a job id
     // no routing key can hold, an index past any job) is refused like a malformed one.
@@ -585,6 +589,7 @@ fn ledger_event_unchecked(delivery: &lapin::message::Delivery) -> serde_json::Re
             group.check().map_err(serde::de::Error::custom)?;
             Ok((!group.results.is_empty()).then(|| finished(group.into_results())))
         }
+        // Sent by trackers before job_finished went straight to the job's stream.
         Some(KIND_JOB_FINISHED) => Ok(None),
         _ => serde_json::from_slice(&delivery.data).map(|e| Some((e, Vec::new()))),
     }

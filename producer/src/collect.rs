@@ -366,7 +366,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
 /// Anyone who can publish to the results exchange can write there: a message that is not
 /// results, or a result out of bounds (an index past its total, a total no job can have),
 /// is skipped with a warning; a group with any result out of bounds is skipped whole.
-fn decode_results(grouped: bool, data: &[u8]) -> Vec<ItemResult> {
+pub(crate) fn decode_results(grouped: bool, data: &[u8]) -> Vec<ItemResult> {
     let decoded = if grouped {
         serde_json::from_slice::<ResultGroup>(data)
             .map_err(|e| format!("not a result group: {e}"))

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleet::topology::Topology;
-use fleet::wire::{ItemResult, ItemStatus, KIND_RESULT};
+use fleet::wire::{ItemResult, ItemStatus, KIND_RESULT, KIND_RESULTS};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -167,14 +167,14 @@ async fn read_results(cfg: &Config, job_id: &str, selection: Selection) -> anyho
     Ok(found)
 }
 
-/// The results a message of the results stream carries that are within bounds (anyone who
-/// can publish to the results exchange can write there; the rest is skipped).
+/// The results a message of the results stream carries (one alone, or a worker's group),
+/// decoded as `wait` decodes them; `job_finished` and other kinds carry none.
 fn decode(delivery: &lapin::message::Delivery) -> Vec<ItemResult> {
-    let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string());
-    if kind.as_deref().is_some_and(|k| k != KIND_RESULT) {
-        return Vec::new();
+    match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
+        Some(KIND_RESULTS) => crate::collect::decode_results(true, &delivery.data),
+        None | Some(KIND_RESULT) => crate::collect::decode_results(false, &delivery.data),
+        Some(_) => Vec::new(),
     }
-    serde_json::from_slice::<ItemResult>(&delivery.data).ok().filter(|r| r.check().is_ok()).into_iter().collect()
 }
 
 #[cfg(test)]

@@ -320,17 +320,60 @@ impl Fleet {
 }
 
 impl Drop for Fleet {
-    /// Deletes the namespace's Pushgateway groups, passing or failing: the machine's
-    /// Pushgateway outlives the run and Prometheus would scrape them forever. (Queues stay
-    /// after a failure, for a look; `cleanup` deletes them after a pass.) Fields drop after
-    /// this, and a test's workers, declared after its fleet, are already gone.
+    /// Deletes what the namespace left on the machine's services, passing or failing: its
+    /// Pushgateway groups (Prometheus would scrape them forever) and every queue whose name
+    /// starts with the namespace (queues of any provider, job queues, chunk and delay
+    /// queues: RabbitMQ 3.x counts each classic queue against its file-handle limit, and
+    /// runs that left their queues behind once exhausted it). `FLEET_TEST_KEEP_QUEUES=1`
+    /// keeps the queues of a failed test for a look. Fields drop after this, and a test's
+    /// workers, declared after its fleet, are already gone. Never panics.
     fn drop(&mut self) {
-        let Some(pg) = fleet::push::Pushgateway::at(&pushgateway_url()) else { return };
-        let ns = self.ns.clone();
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            let _ = rt.block_on(pg.delete_namespace(&ns));
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        if let Some(pg) = fleet::push::Pushgateway::at(&pushgateway_url()) {
+            let _ = rt.block_on(pg.delete_namespace(&self.ns));
         }
+        if std::thread::panicking() && std::env::var_os("FLEET_TEST_KEEP_QUEUES").is_some() {
+            return;
+        }
+        let (queues, exchanges) = (names_of("list_queues", &self.ns), names_of("list_exchanges", &self.ns));
+        if queues.is_empty() && exchanges.is_empty() {
+            return;
+        }
+        rt.block_on(async {
+            let conn = match fleet::amqp::connect(&self.amqp_url, "e2e cleanup").await {
+                Ok(conn) => conn,
+                Err(_) => match fleet::amqp::connect_any(&amqp_urls(), "e2e cleanup").await {
+                    Ok(conn) => conn,
+                    Err(_) => return,
+                },
+            };
+            if let Ok(ch) = conn.create_channel().await {
+                for q in queues {
+                    let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+                }
+                for x in exchanges {
+                    let _ = ch.exchange_delete(x.as_str().into(), Default::default()).await;
+                }
+            }
+            let _ = conn.close(200, "done".into()).await;
+        });
     }
+}
+
+/// Queues or exchanges (`list_queues`, `list_exchanges`) of the default vhost whose name
+/// starts with `ns.`, from `rabbitmqctl`, which the tests' local broker has (none when it
+/// cannot be run).
+fn names_of(list: &str, ns: &str) -> Vec<String> {
+    let Ok(out) = Command::new("rabbitmqctl").args([list, "-q", "--no-table-headers", "name"]).output() else {
+        return Vec::new();
+    };
+    let prefix = format!("{ns}.");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|q| q.starts_with(&prefix))
+        .map(String::from)
+        .collect()
 }
 
 /// `base` with the tables of `extra` merged in (keys of `extra` win).

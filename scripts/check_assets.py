@@ -296,11 +296,19 @@ if docs is not None:
         for trig in triggers:
             md = trig.get("metadata", {})
             query = md.get("query", "")
-            # All the work: items waiting AND items in flight, on the items queue.
-            if trig.get("type") != "prometheus" or not all(
-                    m in query for m in ("messages_ready", "messages_unacked", 'queue="fleet.items.openai"')):
+            # All the work: items waiting AND items in flight, on the provider's items queue and
+            # its jobs' queues (one per job, `fleet.items.openai.<job>`), and on no other queue.
+            matchers = re.findall(r'queue(=~?)"([^"]*)"', query)
+
+            def selects(name):
+                return bool(matchers) and all(
+                    (v == name) if op == "=" else re.fullmatch(v, name) is not None for op, v in matchers)
+            covers = selects("fleet.items.openai") and selects("fleet.items.openai.job_0123abcd")
+            strays = selects("fleet.items.anthropic") or selects("fleet.results.job_1")
+            if (trig.get("type") != "prometheus" or not all(m in query for m in ("messages_ready", "messages_unacked"))
+                    or not covers or strays):
                 problems.append(f"trigger {trig.get('type')} does not scale on ready + unacked of "
-                                f"fleet.items.openai: {query!r}")
+                                f"fleet.items.openai and its job queues: {query!r}")
             if not md.get("serverAddress", "").startswith("http"):
                 problems.append("prometheus trigger without serverAddress")
         # cooldownPeriod only acts on the last replica (scale to zero).
@@ -309,7 +317,8 @@ if docs is not None:
     worker = deployments.get("worker") or {}
     if "replicas" in worker.get("spec", {}):
         problems.append("Deployment worker sets replicas: it fights the autoscaler")
-    check("k8s: ScaledObject scales Deployment worker on ready + unacked of fleet.items.openai", problems)
+    check("k8s: ScaledObject scales Deployment worker on ready + unacked of fleet.items.openai and its job queues",
+          problems)
 
     problems = []
     pdbs = [p for p in by_kind.get("PodDisruptionBudget", [])

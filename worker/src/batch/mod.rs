@@ -222,7 +222,7 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
 }
 
 /// One poll pass of a chunk whose provider batch exists.
-async fn poll(b: &Batch, mut task: ChunkTask, created: Created, mut cancel_sent: bool, delivery: Delivery) {
+async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: bool, delivery: Delivery) {
     let started = Instant::now();
     let api = BatchApi::new(&b.client, b.ctx.topology.namespace());
     if unwanted(b, &task).is_some() && !cancel_sent {
@@ -237,12 +237,7 @@ async fn poll(b: &Batch, mut task: ChunkTask, created: Created, mut cancel_sent:
         Ok(p) => p,
         Err(ApiError::Transient(e)) => {
             tracing::info!(batch_id = %created.batch_id, error = %e, "cannot poll the provider batch; trying again later");
-            task.polls += 1;
-            task.state =
-                ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
-            to_poll_queue(b, &task, delivery).await;
-            b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
-            return;
+            return poll_again(b, task, created, cancel_sent, delivery, started).await;
         }
         Err(ApiError::Refused { status, message }) => {
             // The provider does not know the batch (any more): nothing will come of it.
@@ -258,12 +253,7 @@ async fn poll(b: &Batch, mut task: ChunkTask, created: Created, mut cancel_sent:
     b.batches.seen(&tag, polled.status, polled.ending.is_some());
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, status = polled.status, polls = task.polls + 1, "polled provider batch");
     if polled.ending.is_none() {
-        task.polls += 1;
-        task.state =
-            ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
-        to_poll_queue(b, &task, delivery).await;
-        b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
-        return;
+        return poll_again(b, task, created, cancel_sent, delivery, started).await;
     }
     b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
     fetch(b, task, created, polled, delivery).await;
@@ -325,6 +315,22 @@ async fn read_items(b: &Batch, task: &ChunkTask, acker: lapin::Acker) -> Option<
 
 /// Publishes the chunk (in its new state) to the poll queue, confirmed, then acks the
 /// delivery it came from. If the publish fails the delivery is requeued instead.
+/// Ends a poll pass whose batch is still running (or could not be asked): the chunk, with
+/// its poll counted and whether a cancel was sent, waits in the poll queue for the next pass.
+async fn poll_again(
+    b: &Batch,
+    mut task: ChunkTask,
+    created: Created,
+    cancel_sent: bool,
+    delivery: Delivery,
+    started: Instant,
+) {
+    task.polls += 1;
+    task.state = ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
+    to_poll_queue(b, &task, delivery).await;
+    b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
+}
+
 async fn to_poll_queue(b: &Batch, task: &ChunkTask, delivery: Delivery) {
     let payload = serde_json::to_vec(task).expect("chunks serialize");
     let queue = b.ctx.topology.poll_queue(&b.client.name, b.poll_s);

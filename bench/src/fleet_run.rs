@@ -4,14 +4,13 @@
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use fleet::topology::Topology;
-use tokio::process::Command;
+use harness::{FleetConfig, Proc};
 
-use crate::procs::{self, Proc, Timed, Usage};
+use crate::procs::{self, Timed, Usage};
 use crate::stack::Stack;
 use crate::workload::PROVIDER;
 
@@ -42,12 +41,17 @@ impl<'a> FleetRun<'a> {
     pub fn new(stack: &'a Stack, scenario: &str, mock_url: &str, max_in_flight: u16) -> anyhow::Result<Self> {
         let (ns, dir) = stack.namespace(scenario)?;
         let config = dir.join("fleet.toml");
-        std::fs::write(&config, config_toml(&ns, &stack.amqp_url, &stack.pushgateway_url, mock_url, max_in_flight))?;
+        config_toml(&ns, &stack.amqp_url, &stack.pushgateway_url, mock_url, max_in_flight).write(&config)?;
         // Load it as the workers will: a bad file fails here, and clean-up learns the delay
         // queues the workers will declare.
         let cfg = fleet::Config::load(Some(&config)).context("the generated fleet config")?;
         stack.track(&ns, |left| left.delay_tiers_s = cfg.retry.delay_tiers_s.clone());
         Ok(FleetRun { stack, ns, dir, config, workers: Vec::new() })
+    }
+
+    /// The names of its queues and exchanges.
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.ns, 5)
     }
 
     /// The stack this fleet runs on.
@@ -59,29 +63,23 @@ impl<'a> FleetRun<'a> {
     pub fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
         for _ in 0..n {
             let id = format!("bench-w{}", self.workers.len() + 1);
-            let log = std::fs::File::create(self.dir.join(format!("{id}.log")))?;
-            let mut cmd = Command::new(self.stack.bin("worker"));
+            let mut cmd = harness::worker_command(&self.config);
             procs::clear_fleet_env(&mut cmd);
-            cmd.arg("--config")
-                .arg(&self.config)
-                .env("FLEET__WORKER__ID", &id)
-                .envs(self.stack.worker_env.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            self.workers.push(Proc::spawn(&mut cmd, &format!("worker {id}"))?);
+            cmd.env("FLEET__WORKER__ID", &id).envs(self.stack.worker_env.iter().map(|(k, v)| (k, v)));
+            let log = self.dir.join(format!("{id}.log"));
+            self.workers.push(Proc::spawn_logged(&mut cmd, &format!("worker {id}"), &log)?);
         }
         Ok(())
     }
 
     /// Waits until every started worker consumes the items queue.
     pub async fn wait_for_consumers(&mut self, timeout: Duration) -> anyhow::Result<()> {
-        let queue = Topology::new(&self.ns, 5).items_queue(PROVIDER);
+        let queue = self.topology().items_queue(PROVIDER);
         let want = self.workers.len() as u32;
         let started = Instant::now();
         loop {
             for (i, w) in self.workers.iter_mut().enumerate() {
-                if let Some(status) = w.exited()? {
+                if let Some(status) = w.child.try_wait()? {
                     let log = worker_log_tail(&self.dir, i + 1);
                     anyhow::bail!("{} exited early ({status}):\n{log}", w.name);
                 }
@@ -144,12 +142,12 @@ impl<'a> FleetRun<'a> {
         let mut all: Vec<&OsStr> = vec![OsStr::new("--config"), self.config.as_os_str(), OsStr::new("--quiet")];
         all.extend_from_slice(args);
         let report = self.dir.join(format!("time-{}.txt", uuid::Uuid::new_v4()));
-        procs::run_timed(&self.stack.bin("producer"), &all, report).await
+        procs::run_timed(&harness::bin("producer"), &all, report).await
     }
 
     /// CPU time and peak RSS of every worker so far.
     pub fn worker_usage(&self) -> anyhow::Result<Vec<Usage>> {
-        self.workers.iter().map(Proc::usage).collect()
+        self.workers.iter().map(procs::usage_of).collect()
     }
 
     /// Measures the workers, then stops them (SIGTERM, drain, SIGKILL after a grace).
@@ -157,7 +155,7 @@ impl<'a> FleetRun<'a> {
         let usage = self.worker_usage();
         for w in self.workers.drain(..) {
             let name = w.name.clone();
-            let status = w.stop(STOP_GRACE).await?;
+            let status = procs::stop(w, STOP_GRACE).await?;
             if !status.success() {
                 eprintln!("bench: {name} exited with {status}");
             }
@@ -183,18 +181,16 @@ fn worker_log_tail(dir: &Path, n: usize) -> String {
     lines[lines.len().saturating_sub(10)..].join("\n")
 }
 
-/// The workers' and producer's config file.
-fn config_toml(ns: &str, amqp: &str, pg: &str, mock_url: &str, max_in_flight: u16) -> String {
-    format!(
-        "namespace = \"{ns}\"\n\
-         \n[amqp]\nurl = \"{amqp}\"\n\
-         \n[pushgateway]\nurl = \"{pg}\"\n\
-         \n[worker]\nmax_in_flight = {max_in_flight}\n\
-         # Short, so stopping workers with a backlog (ratelimit) does not wait long.\n\
-         drain_timeout_s = 5\n\
-         \n[providers.mock]\nkind = \"openai\"\nbase_url = \"{mock_url}\"\n\
-         timeout_s = 60\nmax_in_flight = {max_in_flight}\n"
-    )
+/// The workers' and producer's config.
+fn config_toml(ns: &str, amqp: &str, pg: &str, mock_url: &str, max_in_flight: u16) -> FleetConfig {
+    let provider = format!("providers.{PROVIDER}");
+    FleetConfig::new(ns, amqp, pg)
+        .openai_provider(PROVIDER, mock_url)
+        .set(&provider, "timeout_s", 60)
+        .set(&provider, "max_in_flight", i64::from(max_in_flight))
+        .set("worker", "max_in_flight", i64::from(max_in_flight))
+        // Short, so stopping workers with a backlog (ratelimit) does not wait long.
+        .set("worker", "drain_timeout_s", 5)
 }
 
 #[cfg(test)]
@@ -206,8 +202,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bench-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("f.toml");
-        let toml = config_toml("bench.t.1", "amqp://x", "http://pg", "http://127.0.0.1:1", 1000);
-        std::fs::write(&path, toml).unwrap();
+        config_toml("bench.t.1", "amqp://x", "http://pg", "http://127.0.0.1:1", 1000).write(&path).unwrap();
         let cfg = fleet::Config::load(Some(&path)).unwrap();
         assert_eq!(cfg.namespace, "bench.t.1");
         assert_eq!(cfg.worker.max_in_flight, 1000);

@@ -54,13 +54,13 @@ struct Cli {
     #[arg(
         long,
         env = "FLEET__AMQP__URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        default_value = harness::DEFAULT_AMQP_URL,
         hide_default_value = true,
         hide_env_values = true
     )]
     amqp_url: String,
     /// Pushgateway the workers push to (their groups are deleted afterwards).
-    #[arg(long, env = "FLEET__PUSHGATEWAY__URL", default_value = "http://127.0.0.1:9091", hide_env_values = true)]
+    #[arg(long, env = "FLEET__PUSHGATEWAY__URL", default_value = harness::DEFAULT_PUSHGATEWAY_URL, hide_env_values = true)]
     pushgateway_url: String,
     /// Directory of the `worker`, `producer` and `mock-provider` binaries (default: this
     /// executable's directory, i.e. target/release).
@@ -100,11 +100,10 @@ impl Cli {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let bin_dir = match cli.bin_dir.clone().map_or_else(stack::own_bin_dir, Ok) {
-        Ok(dir) => dir,
-        Err(e) => return fail(&e),
-    };
-    let mut stack = match Stack::connect(cli.amqp_url.clone(), cli.pushgateway_url.clone(), bin_dir).await {
+    if let Some(dir) = cli.bin_dir.clone() {
+        harness::set_bin_dir(dir);
+    }
+    let mut stack = match Stack::connect(cli.amqp_url.clone(), cli.pushgateway_url.clone()).await {
         Ok(stack) => stack,
         Err(e) => return fail(&e),
     };

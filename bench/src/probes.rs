@@ -113,8 +113,7 @@ async fn measure(stack: &Stack, probe: Probe) -> anyhow::Result<Row> {
 }
 
 async fn exercise(stack: &Stack, probe: Probe, ns: &str) -> anyhow::Result<Row> {
-    // `<ns>.items` and `<ns>.results` are what the bench's clean-up deletes.
-    let (queue, exchange) = (format!("{ns}.items"), format!("{ns}.results"));
+    let (queue, exchange) = crate::stack::pipeline_names(ns);
     let conn = fleet::amqp::connect(&stack.amqp_url, "bench probe").await?;
     let ch = fleet::amqp::confirm_channel(&conn).await?;
     let durable = lapin::options::ExchangeDeclareOptions { durable: true, ..Default::default() };

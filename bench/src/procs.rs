@@ -1,18 +1,16 @@
-//! Child processes the benchmark starts and what it measures of them: a kill-on-drop
-//! process handle, CPU time and peak RSS read from `/proc`, signals sent with the `kill`
-//! command, the mock provider (its banner and `/stats`), and one-shot commands timed by
-//! `/usr/bin/time`.
+//! What the benchmark measures of its processes (started with the `harness` crate): CPU
+//! time and peak RSS read from `/proc`, the mock provider's counters, and one-shot
+//! commands timed by `/usr/bin/time`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use harness::{Mock, Proc};
 use serde::Deserialize;
-use tokio::io::{AsyncBufReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
 
 /// GNU time, which reports a child's peak RSS and CPU time (`apt-get install time`).
 const GNU_TIME: &str = "/usr/bin/time";
@@ -102,58 +100,14 @@ fn listener_pid(port: u16) -> Option<u32> {
     pid.parse().ok()
 }
 
-/// A long-running child process, killed when dropped so no run leaks processes.
-pub struct Proc {
-    child: Child,
-    /// Name for messages (`worker bench-w1`, `mock-provider`).
-    pub name: String,
-    pid: u32,
+/// CPU time and peak RSS of a running process so far.
+pub fn usage_of(proc: &Proc) -> anyhow::Result<Usage> {
+    read_usage(&proc.pid().to_string()).with_context(|| format!("measuring {}", proc.name))
 }
 
-impl Proc {
-    /// Spawns `cmd` (which is set to kill on drop).
-    pub fn spawn(cmd: &mut Command, name: &str) -> anyhow::Result<Proc> {
-        let child = cmd.kill_on_drop(true).spawn().with_context(|| format!("cannot start {name}"))?;
-        let pid = child.id().context("child exited at once")?;
-        Ok(Proc { child, name: name.to_string(), pid })
-    }
-
-    /// Its CPU time and peak RSS so far.
-    pub fn usage(&self) -> anyhow::Result<Usage> {
-        read_usage(&self.pid.to_string()).with_context(|| format!("measuring {}", self.name))
-    }
-
-    /// `Some(status)` if it has exited.
-    pub fn exited(&mut self) -> anyhow::Result<Option<ExitStatus>> {
-        Ok(self.child.try_wait()?)
-    }
-
-    /// Sends a signal by name (`TERM`, `KILL`) with the `kill` command.
-    pub fn signal(&self, sig: &str) -> anyhow::Result<()> {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid.to_string())
-            .status()
-            .context("running kill")?;
-        anyhow::ensure!(status.success(), "kill -{sig} {} failed", self.pid);
-        Ok(())
-    }
-
-    /// SIGTERM, then SIGKILL if it has not exited within `grace`. Returns the exit status.
-    pub async fn stop(mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
-        if let Some(status) = self.child.try_wait()? {
-            return Ok(status);
-        }
-        self.signal("TERM")?;
-        match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(status) => Ok(status?),
-            Err(_) => {
-                eprintln!("bench: {} did not stop within {grace:?}; killing it", self.name);
-                self.child.kill().await?;
-                Ok(self.child.wait().await?)
-            }
-        }
-    }
+/// Stops `proc` (SIGTERM, SIGKILL after `grace`) off the async threads.
+pub async fn stop(proc: Proc, grace: Duration) -> anyhow::Result<ExitStatus> {
+    tokio::task::spawn_blocking(move || proc.stop(grace)).await?
 }
 
 /// Answer counts of the mock provider (`GET /stats`).
@@ -173,52 +127,22 @@ pub struct MockStats {
 }
 
 impl MockStats {
+    /// The mock's counters now (one short request on loopback).
+    pub fn of(mock: &Mock) -> anyhow::Result<MockStats> {
+        Ok(serde_json::from_value(mock.try_stats()?)?)
+    }
+
     /// Answers with HTTP `status`.
     pub fn status(&self, status: u16) -> u64 {
         self.by_status.get(&status.to_string()).copied().unwrap_or(0)
     }
 }
 
-/// A running `mock-provider --port 0`.
-pub struct Mock {
-    pub proc: Proc,
-    /// `http://127.0.0.1:PORT`.
-    pub url: String,
-    /// Kept open so the mock never writes to a closed pipe.
-    _stdout: Lines<BufReader<ChildStdout>>,
-}
-
-impl Mock {
-    /// Starts the mock from `bin_dir` with extra knob flags and reads its address.
-    pub async fn start(bin_dir: &Path, args: &[&str]) -> anyhow::Result<Mock> {
-        let mut cmd = Command::new(bin_dir.join("mock-provider"));
-        cmd.args(["--port", "0"]).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut proc = Proc::spawn(&mut cmd, "mock-provider")?;
-        let stdout = proc.child.stdout.take().context("mock stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let banner = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
-            .await
-            .context("mock-provider did not print its address within 10 s")??
-            .context("mock-provider exited before printing its address")?;
-        let url = banner
-            .strip_prefix("mock-provider listening on ")
-            .filter(|u| u.starts_with("http://"))
-            .with_context(|| format!("unexpected mock-provider banner {banner:?}"))?
-            .to_string();
-        Ok(Mock { proc, url, _stdout: lines })
-    }
-
-    /// The mock's counters.
-    pub async fn stats(&self, http: &reqwest::Client) -> anyhow::Result<MockStats> {
-        Ok(http.get(format!("{}/stats", self.url)).send().await?.error_for_status()?.json().await?)
-    }
-
-    /// Stops the mock and returns its CPU use.
-    pub async fn stop(self) -> anyhow::Result<Usage> {
-        let usage = self.proc.usage()?;
-        self.proc.stop(Duration::from_secs(5)).await?;
-        Ok(usage)
-    }
+/// Stops the mock and returns its CPU use.
+pub async fn stop_mock(mock: Mock) -> anyhow::Result<Usage> {
+    let usage = usage_of(&mock.proc)?;
+    stop(mock.proc, Duration::from_secs(5)).await?;
+    Ok(usage)
 }
 
 /// A finished short-lived command and what it cost.
@@ -249,8 +173,10 @@ impl Timed {
 pub async fn run_timed(program: &Path, args: &[&std::ffi::OsStr], report: PathBuf) -> anyhow::Result<Timed> {
     anyhow::ensure!(Path::new(GNU_TIME).exists(), "{GNU_TIME} is missing (apt-get install time)");
     let mut cmd = Command::new(GNU_TIME);
-    cmd.arg("-o").arg(&report).args(["-f", "%M %U %S"]).arg(program).args(args).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.arg("-o").arg(&report).args(["-f", "%M %U %S"]).arg(program).args(args).stdin(Stdio::null());
     clear_fleet_env(&mut cmd);
+    let mut cmd = tokio::process::Command::from(cmd);
+    cmd.kill_on_drop(true);
     let started = Instant::now();
     let output = cmd.output().await.with_context(|| format!("running {}", program.display()))?;
     let wall_s = started.elapsed().as_secs_f64();

@@ -59,8 +59,7 @@ impl Outcome {
 /// Runs the reference pipeline for `items` items against the mock at `mock_url`.
 pub async fn run(stack: &Stack, mock_url: &str, items: u64) -> anyhow::Result<Outcome> {
     let (ns, _dir) = stack.namespace("reference")?;
-    let items_q = format!("{ns}.items");
-    let results_q = format!("{ns}.results");
+    let (items_q, results_q) = crate::stack::pipeline_names(&ns);
     let res = pipeline(stack, mock_url, items, &items_q, &results_q).await;
     if let Err(e) = stack.delete_namespace(&ns).await {
         eprintln!("bench: deleting the reference queues: {e:#}");

@@ -5,10 +5,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fleet::topology::Topology;
-
 use crate::fleet_run::FleetRun;
-use crate::procs::{self, Mock, Timed, Usage};
+use harness::Mock;
+
+use crate::procs::{self, MockStats, Timed, Usage};
 use crate::reference;
 use crate::stack::Stack;
 use crate::table::{thousands, Row};
@@ -108,7 +108,7 @@ impl Limit {
 
     /// What the limit counts between two `/stats` readings: answered requests, or the
     /// tokens the mock charged.
-    fn used(self, before: &procs::MockStats, after: &procs::MockStats) -> u64 {
+    fn used(self, before: &MockStats, after: &MockStats) -> u64 {
         match self {
             Limit::Rpm(_) => after.status(200) - before.status(200),
             Limit::Tpm(_) => after.tokens_admitted - before.tokens_admitted,
@@ -133,7 +133,7 @@ struct CpuMark {
 impl CpuMark {
     fn now(stack: &Stack, mock: Option<&Mock>) -> CpuMark {
         CpuMark {
-            mock: mock.and_then(|m| m.proc.usage().ok()).map(|u| u.cpu_s),
+            mock: mock.and_then(|m| procs::usage_of(&m.proc).ok()).map(|u| u.cpu_s),
             broker: procs::broker_cpu_s(stack.amqp_port()),
         }
     }
@@ -202,13 +202,13 @@ const SUBMIT_MIN_RATE: f64 = 30_000.0;
 
 /// The reference pipeline and its row.
 pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
-    let mock = Mock::start(&stack.bin_dir, &[]).await?;
+    let mock = Mock::try_start(0, &[])?;
     let before = CpuMark::now(stack, Some(&mock));
     let traffic = Sampler::start(stack.amqp_port(), Scope::OwnProcess);
     let res = reference::run(stack, &mock.url, settings.items).await;
     let bytes = traffic.finish().await;
     let after = CpuMark::now(stack, Some(&mock));
-    let _ = mock.stop().await;
+    let _ = procs::stop_mock(mock).await;
     let out = res?;
     let rate = out.rate();
     let mut figure = format!("baseline {}/s (CPU and RSS: the bench process)", thousands(rate.round() as u64));
@@ -299,21 +299,15 @@ async fn run_job(
     max_in_flight: u16,
     items: u64,
 ) -> anyhow::Result<JobRun> {
-    let mock = Mock::start(&stack.bin_dir, mock_args).await?;
+    let mock = Mock::try_start(0, mock_args)?;
     let mut fleet = FleetRun::new(stack, scenario, &mock.url, max_in_flight)?;
-    let res = drive_job(&mut fleet, &mock, &stack.http, workers, items).await;
+    let res = drive_job(&mut fleet, &mock, workers, items).await;
     fleet.cleanup().await;
-    let _ = mock.stop().await;
+    let _ = procs::stop_mock(mock).await;
     res
 }
 
-async fn drive_job(
-    fleet: &mut FleetRun<'_>,
-    mock: &Mock,
-    http: &reqwest::Client,
-    workers: usize,
-    items: u64,
-) -> anyhow::Result<JobRun> {
+async fn drive_job(fleet: &mut FleetRun<'_>, mock: &Mock, workers: usize, items: u64) -> anyhow::Result<JobRun> {
     let input = fleet.dir.join("input.jsonl");
     let output = fleet.dir.join("output.jsonl");
     workload::write_requests(&input, items)?;
@@ -329,7 +323,7 @@ async fn drive_job(
         let (summary, wait) = fleet.wait(&submitted.job_id, &output, timeout).await?;
         anyhow::Ok((submitted, summary, wait))
     };
-    let (job, in_flight) = sample_in_flight(mock, http, job).await;
+    let (job, in_flight) = sample_in_flight(mock, job).await;
     let (submitted, summary, wait) = job?;
     let wall_s = started.elapsed().as_secs_f64();
     let bytes = traffic.finish().await;
@@ -361,11 +355,7 @@ struct InFlight {
 /// Runs `work` while sampling the mock's requests in flight every 100 ms: how much of
 /// the in-flight limit is spent waiting for the provider (the rest is spent on the
 /// broker and in the worker).
-async fn sample_in_flight<T>(
-    mock: &Mock,
-    http: &reqwest::Client,
-    work: impl std::future::Future<Output = T>,
-) -> (T, InFlight) {
+async fn sample_in_flight<T>(mock: &Mock, work: impl std::future::Future<Output = T>) -> (T, InFlight) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let (mut sum, mut n, mut max) = (0u64, 0u64, 0u64);
     tokio::pin!(work);
@@ -376,7 +366,7 @@ async fn sample_in_flight<T>(
                 return (out, InFlight { mean, max });
             }
             _ = tick.tick() => {
-                if let Ok(s) = mock.stats(http).await {
+                if let Ok(s) = MockStats::of(mock) {
                     sum += s.in_flight;
                     n += 1;
                     max = max.max(s.in_flight);
@@ -463,11 +453,11 @@ pub async fn tpm(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
 
 async fn limited(stack: &Stack, settings: &Settings, limit: Limit, name: &str) -> anyhow::Result<Row> {
     let args = limit.mock_args();
-    let mock = Mock::start(&stack.bin_dir, &[args[0].as_str(), args[1].as_str()]).await?;
+    let mock = Mock::try_start(0, &[args[0].as_str(), args[1].as_str()])?;
     let mut fleet = FleetRun::new(stack, name, &mock.url, DEFAULT_IN_FLIGHT)?;
     let res = drive_ratelimit(stack, &mut fleet, &mock, settings, limit).await;
     fleet.cleanup().await;
-    let _ = mock.stop().await;
+    let _ = procs::stop_mock(mock).await;
     res
 }
 
@@ -487,7 +477,7 @@ async fn drive_ratelimit(
     let submitted = submitted?;
     tokio::time::sleep(RATELIMIT_WARMUP).await;
 
-    let stats0 = mock.stats(&stack.http).await?;
+    let stats0 = MockStats::of(mock)?;
     let workers0 = fleet.worker_usage()?;
     let before = CpuMark::now(fleet.stack(), Some(mock));
     let traffic = Sampler::start(stack.amqp_port(), Scope::Children);
@@ -496,7 +486,7 @@ async fn drive_ratelimit(
     while started.elapsed() < window {
         let step = (window - started.elapsed()).min(Duration::from_secs(30));
         tokio::time::sleep(step).await;
-        let s = mock.stats(&stack.http).await?;
+        let s = MockStats::of(mock)?;
         eprintln!(
             "bench:   {} {:>3.0}/{} s: {} used, {} answered 429",
             limit.name(),
@@ -506,12 +496,12 @@ async fn drive_ratelimit(
             s.status(429) - stats0.status(429),
         );
     }
-    let stats1 = mock.stats(&stack.http).await?;
+    let stats1 = MockStats::of(mock)?;
     let workers1 = fleet.worker_usage()?;
     let bytes = traffic.finish().await;
     let after = CpuMark::now(fleet.stack(), Some(mock));
     let window_s = started.elapsed().as_secs_f64();
-    let job_queue = Topology::new(&fleet.ns, 5).job_items_queue(PROVIDER, &submitted.job_id);
+    let job_queue = fleet.topology().job_items_queue(PROVIDER, &submitted.job_id);
     let backlog = stack.queue_state(&job_queue).await?.map_or(0, |(ready, _)| ready);
     fleet.stop_workers().await?;
 
@@ -623,11 +613,11 @@ const FAIRNESS_WINDOW: Duration = Duration::from_secs(10);
 /// compared with the window before.
 pub async fn fairness(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     let latency = FAIRNESS_LATENCY_MS.to_string();
-    let mock = Mock::start(&stack.bin_dir, &["--latency-ms", &latency]).await?;
+    let mock = Mock::try_start(0, &["--latency-ms", &latency])?;
     let mut fleet = FleetRun::new(stack, "fairness", &mock.url, DEFAULT_IN_FLIGHT)?;
     let res = drive_fairness(stack, &mut fleet, &mock, settings.fairness_lines).await;
     fleet.cleanup().await;
-    let _ = mock.stop().await;
+    let _ = procs::stop_mock(mock).await;
     res
 }
 
@@ -645,11 +635,11 @@ async fn drive_fairness(stack: &Stack, fleet: &mut FleetRun<'_>, mock: &Mock, li
     fleet.wait_for_consumers(Duration::from_secs(30)).await?;
     tokio::time::sleep(FAIRNESS_WARMUP).await;
 
-    let answered = |s: &procs::MockStats| s.status(200);
-    let stats0 = mock.stats(&stack.http).await?;
+    let answered = |s: &MockStats| s.status(200);
+    let stats0 = MockStats::of(mock)?;
     let t0 = Instant::now();
     tokio::time::sleep(FAIRNESS_WINDOW).await;
-    let stats1 = mock.stats(&stack.http).await?;
+    let stats1 = MockStats::of(mock)?;
     let t1 = Instant::now();
     let rate_alone = (answered(&stats1) - answered(&stats0)) as f64 / (t1 - t0).as_secs_f64();
 
@@ -660,11 +650,11 @@ async fn drive_fairness(stack: &Stack, fleet: &mut FleetRun<'_>, mock: &Mock, li
     if let Some(rest) = FAIRNESS_WINDOW.checked_sub(t1.elapsed()) {
         tokio::time::sleep(rest).await;
     }
-    let stats2 = mock.stats(&stack.http).await?;
+    let stats2 = MockStats::of(mock)?;
     let window2_s = t1.elapsed().as_secs_f64();
     let big_during = (answered(&stats2) - answered(&stats1)).saturating_sub(small_ok);
     let rate_during = big_during as f64 / window2_s;
-    let job_queue = Topology::new(&fleet.ns, 5).job_items_queue(PROVIDER, &big.job_id);
+    let job_queue = fleet.topology().job_items_queue(PROVIDER, &big.job_id);
     let backlog = stack.queue_state(&job_queue).await?.map_or(0, |(ready, _)| ready);
     fleet.stop_workers().await?;
     remove(&small_input);

@@ -89,7 +89,7 @@ impl NodeFaults {
         &mut self,
         c: &ClusterFaults,
         progress: f64,
-        ns: &str,
+        topology: &fleet::topology::Topology,
         job: &str,
         disk: &mut DiskMeter,
         report: &mut Report,
@@ -106,8 +106,8 @@ impl NodeFaults {
             return;
         }
         let (at, queue, role, how, verb) = match self.done {
-            0 => (0.2, format!("{ns}.items.mock"), "items queue leader", "stop-node", "stopped"),
-            1 => (0.5, format!("{ns}.results.{job}"), "results queue leader", "kill-node", "killed (SIGKILL)"),
+            0 => (0.2, topology.items_queue(MOCK), "items queue leader", "stop-node", "stopped"),
+            1 => (0.5, topology.results_queue(job), "results queue leader", "kill-node", "killed (SIGKILL)"),
             _ => return,
         };
         if progress < at || progress >= 1.0 {
@@ -306,7 +306,7 @@ pub fn run(plan: &Plan) -> Report {
             broker_restarted = true;
         }
         if let Some(c) = &plan.cluster {
-            node_faults.step(c, progress, &fleet.ns, &job, &mut disk, &mut report);
+            node_faults.step(c, progress, &fleet.topology(), &job, &mut disk, &mut report);
         }
         if !pg_done && pg_stopped_at.is_none() && progress > 0.1 {
             pg = None; // kill-on-drop
@@ -330,7 +330,7 @@ pub fn run(plan: &Plan) -> Report {
         // A node still down when the job ended comes back before the checks.
         while node_faults.down.is_some() {
             std::thread::sleep(Duration::from_millis(200));
-            node_faults.step(c, 1.0, &fleet.ns, &job, &mut disk, &mut report);
+            node_faults.step(c, 1.0, &fleet.topology(), &job, &mut disk, &mut report);
         }
         if report.node_faults.len() < 2 {
             report.wrong_counts.push(format!("{} of 2 planned node faults happened", report.node_faults.len()));

@@ -106,7 +106,7 @@ pub fn delayed_items_survive_a_broker_restart(items: usize) -> RestartReport {
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, items);
     let (job, _) = fleet.submit(&input);
-    let topology = fleet::topology::Topology::new(&fleet.ns, 5);
+    let topology = fleet.topology();
     let delayed =
         || TEST_DELAY_TIERS_S.iter().map(|s| fleet.queue_len(&topology.job_delay_queue(*s)).unwrap_or(0)).sum::<u32>();
     let want = (items / 10).max(1) as u32;

@@ -43,7 +43,7 @@ fn a_dead_first_address_is_skipped_without_waiting_for_a_timeout() {
 fn a_client_whose_node_goes_away_reconnects_to_another_and_keeps_its_messages() {
     let mut nodes = [Proxy::start(broker_addr()), Proxy::start(broker_addr())];
     let urls: Vec<String> = nodes.iter().map(Proxy::url).collect();
-    let queue = format!("t.failover.{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let queue = namespace("failover");
     rt().block_on(async {
         let never = tokio_util::sync::CancellationToken::new();
         let conn = fleet::amqp::connect_with_retry(&urls, "e2e failover", &never).await.expect("connected");

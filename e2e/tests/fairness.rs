@@ -65,7 +65,7 @@ fn a_small_job_behind_a_big_one_finishes_before_the_big_one_is_a_tenth_done() {
     assert!(out.status.success(), "cancel failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(fleet.final_status(&big)["status"], "cancelled");
     // The tracker deletes an ended job's items queue.
-    let queue = fleet::topology::Topology::new(&fleet.ns, 5).job_items_queue("mock", &big);
+    let queue = fleet.topology().job_items_queue("mock", &big);
     eventually(Duration::from_secs(30), "the big job's queue is deleted", || fleet.queue_len(&queue).is_none());
     fleet.cleanup(&[&big, &small]);
 }

@@ -128,7 +128,7 @@ fn submit_wait_checks_its_output_first_and_json_means_json() {
     let out = fleet.producer(&args);
     assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot open"));
-    assert_eq!(fleet.queue_len(&format!("{}.items.mock", fleet.ns)), None, "nothing was published");
+    assert_eq!(fleet.queue_len(&fleet.topology().items_queue(MOCK)), None, "nothing was published");
 
     let _w = fleet.worker("w1", &[]);
     let output = fleet.dir.join("out.jsonl");
@@ -184,7 +184,7 @@ fn an_item_the_broker_dead_letters_ends_failed_and_the_job_ends() {
     // A worker declares the topology, then leaves before the job is submitted.
     fleet.declare_topology_then_stop();
     let job = fleet.submit_requests(30);
-    let items_queue = fleet::topology::Topology::new(&fleet.ns, 5).job_items_queue("mock", &job);
+    let items_queue = fleet.topology().job_items_queue("mock", &job);
     // The broker dead-letters one item (a consumer rejects it without requeue): no worker
     // ever sees it again, and nothing but the tracker can end it.
     let queue = items_queue.clone();
@@ -204,7 +204,7 @@ fn an_item_the_broker_dead_letters_ends_failed_and_the_job_ends() {
     let status = fleet.final_status(&job);
     assert_eq!((status["succeeded"].as_u64(), status["failed"].as_u64()), (Some(29), Some(1)), "{status}");
     // The item itself stays parked for `producer dead`.
-    assert_eq!(fleet.queue_len(&format!("{}.dead", fleet.ns)), Some(1));
+    assert_eq!(fleet.queue_len(&fleet.topology().dead_queue()), Some(1));
     fleet.cleanup(&[&job]);
 }
 
@@ -244,7 +244,7 @@ fn a_jobs_results_stream_goes_when_the_tracker_forgets_the_job() {
     let _w = fleet.worker("w1", &[]);
     let job = fleet.submit_requests(20);
     assert_exactly_once(&fleet.collect(&job), 20);
-    let stream = format!("{}.results.{job}", fleet.ns);
+    let stream = fleet.topology().results_queue(&job);
     eventually(Duration::from_secs(30), "the results stream is deleted after retention", || {
         fleet.queue_len(&stream).is_none()
     });

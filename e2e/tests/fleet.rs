@@ -172,7 +172,7 @@ fn bad_input_files_are_refused_with_line_numbers_and_nothing_is_published() {
     );
 
     // Nothing reached the broker: the namespace's items queue was never even declared.
-    assert_eq!(fleet.queue_len(&format!("{}.items.mock", fleet.ns)), None);
+    assert_eq!(fleet.queue_len(&fleet.topology().items_queue(MOCK)), None);
 }
 
 #[test]
@@ -180,7 +180,7 @@ fn garbage_on_the_items_queue_is_dead_lettered_and_the_worker_keeps_going() {
     let mock = Mock::start(&[]);
     let fleet = Fleet::new("garbage", &mock.url, "");
     let w = fleet.worker("w1", &[]);
-    let items_queue = format!("{}.items.mock", fleet.ns);
+    let items_queue = fleet.topology().items_queue(MOCK);
     // `consuming` is logged once every queue is declared and bound (a queue that exists
     // may not be bound yet, and a publish then comes back unroutable).
     eventually(Duration::from_secs(30), "worker declared and bound its queue", || {
@@ -201,7 +201,7 @@ fn garbage_on_the_items_queue_is_dead_lettered_and_the_worker_keeps_going() {
                 .unwrap();
         }
     });
-    let dead = format!("{}.dead", fleet.ns);
+    let dead = fleet.topology().dead_queue();
     eventually(Duration::from_secs(30), "garbage in the dead-letter queue", || fleet.queue_len(&dead) == Some(n));
     // The worker is still alive and still serves real work.
     let job = fleet.submit_requests(20);

@@ -141,7 +141,7 @@ fn hostile_queues_and_a_hostile_provider_crash_nothing_leak_nothing_and_lose_not
     assert_eq!(status["total"].as_u64(), Some(total), "{status}");
 
     // The streaming item failed without a call.
-    let topology = fleet::topology::Topology::new(&fleet.ns, 5);
+    let topology = fleet.topology();
     let result: serde_json::Value = fleet.amqp(|conn, _| async move {
         let ch = conn.create_channel().await.unwrap();
         let queue = topology.results_queue(&stream_job);

@@ -20,7 +20,7 @@ fn a_provider_outage_longer_than_the_retry_budget_waits_in_delay_queues() {
         down.stats()["requests"].as_u64().unwrap_or(0) >= 150 && fleet.worker_log("w1").contains("delaying item")
     });
     // While they wait, no prefetch slot is held: nothing is in flight at the provider.
-    let delay_queues = fleet::topology::Topology::new(&fleet.ns, 5);
+    let delay_queues = fleet.topology();
     let delay_len = fleet.queue_len(&delay_queues.job_delay_queue(1)).unwrap_or(0)
         + fleet.queue_len(&delay_queues.job_delay_queue(2)).unwrap_or(0);
     assert!(delay_len > 0, "items are parked in the delay queues");
@@ -80,12 +80,12 @@ fn a_message_that_keeps_killing_workers_is_parked_as_poison_and_the_job_finishes
     assert_eq!(listed[0]["custom_id"], "req-0");
     assert!(listed[0]["reason"].as_str().unwrap().starts_with("poison"), "{listed:?}");
     // Listing leaves it parked; --requeue puts it back on its items queue.
-    assert_eq!(fleet.queue_len(&format!("{}.dead", fleet.ns)), Some(1));
+    assert_eq!(fleet.queue_len(&fleet.topology().dead_queue()), Some(1));
     drop(_survivor);
     let requeue = fleet.producer(&["dead", "--requeue", "--job", &job]);
     assert!(requeue.status.success(), "{}", String::from_utf8_lossy(&requeue.stderr));
-    assert_eq!(fleet.queue_len(&format!("{}.dead", fleet.ns)), Some(0));
-    assert_eq!(fleet.queue_len(&format!("{}.items.mock", fleet.ns)), Some(1));
+    assert_eq!(fleet.queue_len(&fleet.topology().dead_queue()), Some(0));
+    assert_eq!(fleet.queue_len(&fleet.topology().items_queue(MOCK)), Some(1));
     fleet.cleanup(&[&job]);
 }
 
@@ -159,7 +159,7 @@ fn a_huge_message_on_the_items_queue_is_dead_lettered_as_oversized() {
     let mock = Mock::start(&[]);
     let fleet = Fleet::new("huge", &mock.url, "[amqp]\nmax_message_bytes = 65536\n");
     let _w = fleet.worker("w1", &[]);
-    let items_queue = format!("{}.items.mock", fleet.ns);
+    let items_queue = fleet.topology().items_queue(MOCK);
     eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
     let huge = vec![b'x'; 1 << 20];
     fleet.amqp(|conn, t| async move {
@@ -168,7 +168,7 @@ fn a_huge_message_on_the_items_queue_is_dead_lettered_as_oversized() {
             .await
             .unwrap();
     });
-    eventually(Duration::from_secs(30), "parked", || fleet.queue_len(&format!("{}.dead", fleet.ns)) == Some(1));
+    eventually(Duration::from_secs(30), "parked", || fleet.queue_len(&fleet.topology().dead_queue()) == Some(1));
     let dead = fleet.producer(&["dead"]);
     assert!(
         String::from_utf8_lossy(&dead.stdout).contains("oversized: 1048576 bytes"),

@@ -371,7 +371,7 @@ fn broker_panels_show_the_real_backlog() {
     fleet.declare_topology_then_stop();
     let job = fleet.submit_requests(250);
     // The items wait on the job's own queue (one per job: fair sharing).
-    let items_queue = fleet::topology::Topology::new(&fleet.ns, 5).job_items_queue("mock", &job);
+    let items_queue = fleet.topology().job_items_queue("mock", &job);
     assert_eq!(fleet.queue_len(&items_queue), Some(250));
     let panel = |title: &str| {
         dashboard_queries_for(&fleet.ns.replace('.', "[.]"))
@@ -422,7 +422,7 @@ fn a_real_alert_reaches_the_webhook_receiver() {
     let mock = Mock::start(&[]);
     let fleet = Fleet::new("alert", &mock.url, "");
     let _w = fleet.worker("w1", &[]);
-    let items_queue = format!("{}.items.mock", fleet.ns);
+    let items_queue = fleet.topology().items_queue(MOCK);
     eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
     // Prometheus must have scraped the counter at 0 first: a counter first seen at 1 shows
     // no increase, and the rule (like any `increase`) would never fire.

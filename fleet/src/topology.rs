@@ -361,9 +361,10 @@ impl Topology {
         Ok(queue_stats(conn, queue).await?.map(|(ready, _)| ready))
     }
 
-    /// Deletes every queue of this namespace that a test created (items of `providers`,
-    /// the shared ones). Results queues are deleted by their collector.
-    pub async fn delete_all(&self, ch: &Channel, providers: &[&str], tiers_s: &[u64]) -> lapin::Result<()> {
+    /// The queues and exchanges of this namespace that do not depend on a job: the items
+    /// and delay queues of `providers` (delay tiers `tiers_s`), the shared queues and the
+    /// exchanges. Job queues and results streams are named after their jobs.
+    pub fn fixed_names(&self, providers: &[&str], tiers_s: &[u64]) -> (Vec<String>, Vec<String>) {
         let mut queues: Vec<String> = providers.iter().map(|p| self.items_queue(p)).collect();
         for p in providers {
             queues.extend(tiers_s.iter().map(|s| self.delay_queue(p, *s)));
@@ -377,16 +378,24 @@ impl Topology {
             self.tracker_rpc_queue(),
             self.tracker_state_queue(),
         ]);
-        for q in queues {
-            ch.queue_delete(q.into(), Default::default()).await?;
-        }
-        for x in [
+        let exchanges = vec![
             self.items_exchange(),
             self.results_exchange(),
             self.dead_exchange(),
             self.jobs_exchange(),
             self.delay_exchange(),
-        ] {
+        ];
+        (queues, exchanges)
+    }
+
+    /// Deletes every queue of this namespace that a test created (items of `providers`,
+    /// the shared ones). Results queues are deleted by their collector.
+    pub async fn delete_all(&self, ch: &Channel, providers: &[&str], tiers_s: &[u64]) -> lapin::Result<()> {
+        let (queues, exchanges) = self.fixed_names(providers, tiers_s);
+        for q in queues {
+            ch.queue_delete(q.into(), Default::default()).await?;
+        }
+        for x in exchanges {
             ch.exchange_delete(x.into(), Default::default()).await?;
         }
         Ok(())

@@ -14,9 +14,9 @@ use std::io::{BufRead, Seek, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fleet::topology::Topology;
 use fleet::messages::ResultsMessage;
-use fleet::wire::{ItemResult, JobCounts, JobStatus, JobSummary};
+use fleet::topology::Topology;
+use fleet::wire::{ItemResult, JobCounts, JobStatus};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};

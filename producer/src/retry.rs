@@ -19,8 +19,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleet::topology::Topology;
 use fleet::messages::ResultsMessage;
+use fleet::topology::Topology;
 use fleet::wire::{ItemResult, ItemStatus};
 use fleet::Config;
 use futures::StreamExt;

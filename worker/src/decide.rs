@@ -122,7 +122,8 @@ pub fn after_call(item: Item, outcome: Outcome, retry: &RetryConfig, worker_id: 
                 // The client returns a success only with a JSON body; should one come without,
                 // the item fails rather than claim an answer it does not have.
                 None => {
-                    let error = ErrorRecord { code: "invalid_response".into(), message: "a 2xx answer without a body".into() };
+                    let error =
+                        ErrorRecord { code: "invalid_response".into(), message: "a 2xx answer without a body".into() };
                     ItemResult::without_answer(&item, ItemStatus::Failed, error, worker_id)
                 }
             };
@@ -228,9 +229,13 @@ mod tests {
         assert_eq!(dead_label(&verdict(&" ".repeat(1025))), Some("oversized"));
         assert_eq!(dead_label(&verdict("{not json")), Some("malformed"));
         let other = item_json("").replace("\"mock\"", "\"other\"");
-        assert!(matches!(verdict(&other), Verdict::DeadLetter { label: "malformed", reason } if reason.contains("\"other\"")));
+        assert!(
+            matches!(verdict(&other), Verdict::DeadLetter { label: "malformed", reason } if reason.contains("\"other\""))
+        );
         let past_total = item_json("").replace("\"index\":0", "\"index\":2");
-        assert!(matches!(verdict(&past_total), Verdict::DeadLetter { label: "malformed", reason } if reason.starts_with("invalid item")));
+        assert!(
+            matches!(verdict(&past_total), Verdict::DeadLetter { label: "malformed", reason } if reason.starts_with("invalid item"))
+        );
     }
 
     #[test]
@@ -245,7 +250,9 @@ mod tests {
             cancelled: &Cancelled::new(60_000),
         };
         let v = decide(item_json("").as_bytes(), &facts, |url| Err(ForbiddenUrl::Escapes(url.to_string())));
-        assert!(matches!(v, Verdict::DeadLetter { label: "forbidden_url", reason } if reason.contains("/v1/chat/completions")));
+        assert!(
+            matches!(v, Verdict::DeadLetter { label: "forbidden_url", reason } if reason.contains("/v1/chat/completions"))
+        );
     }
 
     #[test]
@@ -295,7 +302,10 @@ mod tests {
     fn anything_else_is_called() {
         match verdict(&item_json("")) {
             Verdict::Call { item, target } => {
-                assert_eq!((item.custom_id.as_str(), target.endpoint), ("c0", fleet::endpoint::Endpoint::ChatCompletions))
+                assert_eq!(
+                    (item.custom_id.as_str(), target.endpoint),
+                    ("c0", fleet::endpoint::Endpoint::ChatCompletions)
+                )
             }
             other => panic!("expected a call, got {other:?}"),
         }
@@ -313,7 +323,11 @@ mod tests {
 
     fn answer(status: u16) -> Answer {
         let body = r#"{"model":"m","usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
-        Answer { status, request_id: "req_1".into(), body: Some(serde_json::value::RawValue::from_string(body.into()).unwrap()) }
+        Answer {
+            status,
+            request_id: "req_1".into(),
+            body: Some(serde_json::value::RawValue::from_string(body.into()).unwrap()),
+        }
     }
 
     #[test]
@@ -331,7 +345,9 @@ mod tests {
         }
         let bodiless = Success { answer: Answer { body: None, ..answer(200) }, prompt_tokens: 0, completion_tokens: 0 };
         match after_call(item(0, None), Outcome { result: Ok(bodiless), attempts: 1 }, &retry(), "w1", NOW) {
-            Decision::Finish(r) => assert_eq!((r.status, r.error.unwrap().code.as_str()), (ItemStatus::Failed, "invalid_response")),
+            Decision::Finish(r) => {
+                assert_eq!((r.status, r.error.unwrap().code.as_str()), (ItemStatus::Failed, "invalid_response"))
+            }
             other => panic!("expected a failure, got {other:?}"),
         }
     }
@@ -344,7 +360,10 @@ mod tests {
         for spent in [item(2, Some(NOW)), item(1, Some(NOW - 60_000))] {
             match after_call(spent, timeout(), &retry(), "w1", NOW) {
                 Decision::Finish(r) => {
-                    assert_eq!((r.status, r.error.unwrap().code.as_str(), r.attempts), (ItemStatus::Failed, "timeout", 5));
+                    assert_eq!(
+                        (r.status, r.error.unwrap().code.as_str(), r.attempts),
+                        (ItemStatus::Failed, "timeout", 5)
+                    );
                     assert!(r.request.is_some(), "a failure keeps its request for `producer retry`");
                 }
                 other => panic!("expected a failure once the delays are spent, got {other:?}"),

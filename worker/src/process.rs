@@ -52,7 +52,9 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Tr
         cancelled: &ctx.cancelled,
     };
     let decision = match decide(&delivery.data, &facts, |url| client.target(url)) {
-        Verdict::DeadLetter { label, reason } => return dead_letter(&ctx, &client.name, delivery, label, &reason).await,
+        Verdict::DeadLetter { label, reason } => {
+            return dead_letter(&ctx, &client.name, delivery, label, &reason).await
+        }
         Verdict::Poison { result, reason } => return poison(&ctx, &client.name, *result, delivery, &reason).await,
         Verdict::Finish(result) => Decision::Finish(result),
         Verdict::Call { item, target } => call(&ctx, &client, *item, &target).await,

@@ -722,7 +722,12 @@ mod tests {
     }
 
     fn client(kind: ProviderKind, base_url: &str) -> ProviderClient {
-        let cfg = ProviderConfig { timeout_s: 1, max_in_flight: 1, max_response_bytes: 1024, ..ProviderConfig::new(kind, base_url) };
+        let cfg = ProviderConfig {
+            timeout_s: 1,
+            max_in_flight: 1,
+            max_response_bytes: 1024,
+            ..ProviderConfig::new(kind, base_url)
+        };
         let retry = RetryConfig {
             max_attempts: 1,
             initial_backoff_ms: 1,

@@ -27,12 +27,14 @@ fn message() -> impl Strategy<Value = Option<LedgerMessage>> {
                 max_cost: None,
             })
         }),
-        (job.clone(), index, prop_oneof![1u64..20, any::<u64>()], status()).prop_map(|(job_id, index, total, status)| {
-            let result = serde_json::json!({"job_id": job_id, "index": index, "total": total, "custom_id": "c",
+        (job.clone(), index, prop_oneof![1u64..20, any::<u64>()], status()).prop_map(
+            |(job_id, index, total, status)| {
+                let result = serde_json::json!({"job_id": job_id, "index": index, "total": total, "custom_id": "c",
                 "provider": "p", "status": status, "response": null, "error": null, "attempts": 1, "worker": "w",
                 "finished_at_ms": 0});
-            LedgerMessage::decode(Some(KIND_RESULT), &serde_json::to_vec(&result).unwrap()).ok()
-        }),
+                LedgerMessage::decode(Some(KIND_RESULT), &serde_json::to_vec(&result).unwrap()).ok()
+            }
+        ),
         job.prop_map(|job_id| event(LedgerEvent::JobCancel { job_id })),
     ]
 }

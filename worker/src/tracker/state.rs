@@ -615,8 +615,9 @@ mod tests {
         let mut s = State::default();
         s.apply(&submitted("j", 2), 1);
         s.apply(&LedgerEvent::JobCancel { job_id: "j".into() }, 2);
-        let ended =
-            s.apply_results(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Cancelled)]), 3).expect("ends");
+        let ended = s
+            .apply_results(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Cancelled)]), 3)
+            .expect("ends");
         assert_eq!(ended.summary.status.as_str(), "cancelled");
         assert_eq!(s.in_progress()["p"], 0);
         s.prune(10, 100);

@@ -349,6 +349,29 @@ pub struct ProviderConfig {
     pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
 }
 
+impl ProviderConfig {
+    /// A provider of `kind` at `base_url` with every other setting at its default, as a
+    /// config file naming only those two keys gets (tools and tests build on it).
+    pub fn new(kind: ProviderKind, base_url: &str) -> ProviderConfig {
+        ProviderConfig {
+            kind,
+            base_url: base_url.to_string(),
+            api_key_env: None,
+            api_key_envs: Vec::new(),
+            timeout_s: default_timeout_s(),
+            max_in_flight: default_max_in_flight(),
+            rpm: None,
+            tpm: None,
+            max_response_bytes: default_max_response_bytes(),
+            batch: false,
+            batch_max_requests: None,
+            batch_max_bytes: None,
+            batch_poll_interval_s: default_batch_poll_interval_s(),
+            prices: Default::default(),
+        }
+    }
+}
+
 fn default_batch_poll_interval_s() -> u64 {
     60
 }

@@ -8,6 +8,7 @@ pub mod amqp;
 pub mod batch;
 pub mod config;
 pub mod endpoint;
+pub mod messages;
 pub mod metrics;
 pub mod push;
 pub mod shutdown;

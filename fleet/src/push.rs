@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use prometheus::{IntCounter, Registry};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -190,18 +191,46 @@ fn path_safe(s: &str) -> String {
 /// this much of its counter increments (the tracker's counts are exact regardless).
 pub const BUSY_PUSH_GAP: Duration = Duration::from_secs(1);
 
-/// Pushes `registry` as one group: within [`BUSY_PUSH_GAP`] of a change, and at least every
+/// What a pusher pushes.
+pub enum Source {
+    /// A registry, encoded afresh at every tick (a worker's live counters).
+    Registry(Registry),
+    /// The newest of a series of encoded snapshots (the tracker's: the metrics of its last
+    /// checkpoint, so it never pushes a value a takeover would not restore).
+    Snapshots(watch::Receiver<Option<Vec<u8>>>),
+}
+
+impl From<Registry> for Source {
+    fn from(registry: Registry) -> Self {
+        Source::Registry(registry)
+    }
+}
+
+impl Source {
+    /// The text exposition to push now, if there is one yet.
+    fn current(&mut self) -> Option<Vec<u8>> {
+        match self {
+            // Encoding a worker's registry takes microseconds: cheap enough to compare.
+            Source::Registry(registry) => Some(crate::metrics::encode(registry)),
+            Source::Snapshots(rx) => rx.borrow_and_update().clone(),
+        }
+    }
+}
+
+/// Pushes `source` as one group: within [`BUSY_PUSH_GAP`] of a change, and at least every
 /// `interval` (so the group's push time stays fresh while idle), until `stop` fires, then
 /// once more so the final values (a worker's last counter increments, `batch_worker_up 0`)
-/// reach the Pushgateway. Returns a handle to await that final push.
+/// reach the Pushgateway. Returns a handle to await that final push. A failed push counts
+/// in `failures` and is logged at most every 30 s.
 pub fn spawn_pusher(
     pg: Option<Pushgateway>,
     key: GroupKey,
-    registry: Registry,
+    source: impl Into<Source>,
     interval: Duration,
     failures: IntCounter,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
+    let mut source = source.into();
     tokio::spawn(async move {
         let Some(pg) = pg else { return };
         let mut last_warn: Option<Instant> = None;
@@ -213,8 +242,12 @@ pub fn spawn_pusher(
                 _ = stop.cancelled() => true,
                 _ = tick.tick() => false,
             };
-            // Encoding a worker's registry takes microseconds: cheap enough to compare.
-            let body = crate::metrics::encode(&registry);
+            let Some(body) = source.current() else {
+                if stopping {
+                    return;
+                }
+                continue;
+            };
             let due = match &pushed {
                 None => true,
                 Some((at, last)) => at.elapsed() >= interval || *last != body,
@@ -226,7 +259,7 @@ pub fn spawn_pusher(
                 Ok(()) => pushed = Some((Instant::now(), body)),
                 Err(e) => {
                     failures.inc();
-                    // A Pushgateway outage would otherwise log every second on every worker.
+                    // A Pushgateway outage would otherwise log every second on every pusher.
                     if last_warn.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                         tracing::warn!(error = %e, "metrics push failed for group {} (counted in batch_push_failures_total)", key.job);
                         last_warn = Some(Instant::now());

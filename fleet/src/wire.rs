@@ -694,7 +694,8 @@ pub struct TrackerReply {
     pub error: Option<String>,
 }
 
-/// Events on the ledger queue, folded by the job tracker.
+/// Job events on the ledger queue, folded by the job tracker (results reach the ledger too,
+/// as [`ItemResult`]s and [`ResultGroup`]s: see [`crate::messages::LedgerMessage`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LedgerEvent {
@@ -718,16 +719,6 @@ pub enum LedgerEvent {
     SubmissionComplete {
         job_id: String,
     },
-    /// Items of one job that finished (a worker may batch several).
-    ItemsFinished {
-        job_id: String,
-        provider: String,
-        items: Vec<(u64, ItemStatus)>,
-        /// Token usage of the items that report it, by index (counted once per index, with
-        /// the item's first result).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        usage: Vec<(u64, crate::usage::Usage)>,
-    },
     JobCancel {
         job_id: String,
     },
@@ -748,14 +739,6 @@ impl LedgerEvent {
             LedgerEvent::JobSubmitted { job_id, total, .. } => {
                 check_job_id(job_id)?;
                 check_position(0, *total)
-            }
-            LedgerEvent::ItemsFinished { job_id, items, .. } => {
-                check_job_id(job_id)?;
-                // The job's total may not be known yet; the tracker checks against it too.
-                match items.iter().find(|(i, _)| *i >= MAX_JOB_ITEMS) {
-                    Some((index, _)) => Err(Invalid::Index { index: *index, total: MAX_JOB_ITEMS }),
-                    None => Ok(()),
-                }
             }
             LedgerEvent::JobCancel { job_id } | LedgerEvent::SubmissionComplete { job_id } => check_job_id(job_id),
             LedgerEvent::ItemDelayed { job_id, index, .. } => {
@@ -955,13 +938,6 @@ mod tests {
         assert_eq!(item.check(), Err(Invalid::JobIdTooLong(256)));
         item.job_id = "a\nb".into();
         assert_eq!(item.check(), Err(Invalid::JobIdControl));
-        let e = LedgerEvent::ItemsFinished {
-            job_id: "j".into(),
-            provider: "p".into(),
-            items: vec![(1 << 40, ItemStatus::Failed)],
-            usage: vec![],
-        };
-        assert!(e.check().is_err());
         let e = LedgerEvent::JobSubmitted {
             job_id: "j".into(),
             provider: "p".into(),

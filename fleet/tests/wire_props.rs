@@ -1,9 +1,10 @@
-//! Property tests of every decoder of what arrives on a queue (item, result, ledger event,
-//! control message, tracker request) and of the output line: no input panics a decoder or
+//! Property tests of every decoder of what arrives on a queue (item, result, ledger and
+//! results-stream messages, control message, tracker request) and of the output line: no input panics a decoder or
 //! its bound check, whatever is accepted is within bounds, and what the fleet writes reads
 //! back unchanged.
 
 use fleet::endpoint::Endpoint;
+use fleet::messages::{LedgerMessage, ResultsMessage};
 use fleet::wire::*;
 use proptest::prelude::*;
 use serde_json::value::RawValue;
@@ -66,11 +67,12 @@ fn decode_all(bytes: &[u8]) {
             }
         }
     }
-    if let Ok(event) = serde_json::from_slice::<LedgerEvent>(bytes) {
-        if event.check().is_ok() {
-            if let LedgerEvent::ItemsFinished { items, .. } = &event {
-                assert!(items.iter().all(|(i, _)| *i < MAX_JOB_ITEMS));
-            }
+    for kind in [None, Some(KIND_RESULT), Some(KIND_RESULTS), Some(KIND_JOB_FINISHED)] {
+        if let Ok(LedgerMessage::Results(results)) = LedgerMessage::decode(kind, bytes) {
+            assert!(results.iter().all(|r| r.check().is_ok()), "a decoded ledger message is in bounds");
+        }
+        if let Ok(ResultsMessage::Results(results)) = ResultsMessage::decode(kind, bytes) {
+            assert!(results.iter().all(|r| r.check().is_ok()), "decoded results are in bounds");
         }
     }
     if let Ok(msg) = serde_json::from_slice::<ControlMessage>(bytes) {

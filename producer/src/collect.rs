@@ -14,8 +14,9 @@ use std::io::{BufRead, Seek, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use fleet::messages::ResultsMessage;
 use fleet::topology::Topology;
-use fleet::wire::{ItemResult, JobCounts, JobStatus, JobSummary, ResultGroup, KIND_JOB_FINISHED, KIND_RESULTS};
+use fleet::wire::{ItemResult, JobCounts, JobStatus};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -200,18 +201,22 @@ impl Collector {
     /// Records one message from the results stream: a result, a group of results, or the
     /// tracker's `job_finished`. Returns how many results it held.
     fn take(&mut self, delivery: &lapin::message::Delivery) -> anyhow::Result<usize> {
-        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str().to_string());
-        if kind.as_deref() == Some(KIND_JOB_FINISHED) {
-            if let Ok(summary) = serde_json::from_slice::<JobSummary>(&delivery.data) {
+        let kind = delivery.properties.kind().as_ref().map(|k| k.as_str());
+        let results = match ResultsMessage::decode(kind, &delivery.data) {
+            Ok(ResultsMessage::JobFinished(summary)) => {
                 self.total.get_or_insert(summary.counts.total);
                 self.job_status = Some(summary.status);
                 self.usage = summary.usage;
                 self.usage_final = true;
                 self.abandoned = summary.reason;
+                return Ok(0);
             }
-            return Ok(0);
-        }
-        let results = decode_results(kind.as_deref() == Some(KIND_RESULTS), &delivery.data);
+            Ok(ResultsMessage::Results(results)) => results,
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring a message on the results stream");
+                return Ok(0);
+            }
+        };
         for result in &results {
             self.write(result)?;
         }
@@ -359,26 +364,6 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         job_status: c.job_status,
         usage: c.usage,
         usage_final: c.usage_final,
-    })
-}
-
-/// The results a message of the results stream carries: a worker's group, or one alone.
-/// Anyone who can publish to the results exchange can write there: a message that is not
-/// results, or a result out of bounds (an index past its total, a total no job can have),
-/// is skipped with a warning; a group with any result out of bounds is skipped whole.
-pub(crate) fn decode_results(grouped: bool, data: &[u8]) -> Vec<ItemResult> {
-    let decoded = if grouped {
-        serde_json::from_slice::<ResultGroup>(data)
-            .map_err(|e| format!("not a result group: {e}"))
-            .and_then(|g| g.check().map(|()| g.into_results().collect()).map_err(|e| format!("out of bounds: {e}")))
-    } else {
-        serde_json::from_slice::<ItemResult>(data)
-            .map_err(|e| format!("not a result: {e}"))
-            .and_then(|r| r.check().map(|()| vec![r]).map_err(|e| format!("out of bounds: {e}")))
-    };
-    decoded.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "ignoring a message on the results stream");
-        Vec::new()
     })
 }
 

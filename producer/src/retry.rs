@@ -19,8 +19,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use fleet::messages::ResultsMessage;
 use fleet::topology::Topology;
-use fleet::wire::{ItemResult, ItemStatus, KIND_RESULT, KIND_RESULTS};
+use fleet::wire::{ItemResult, ItemStatus};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -168,12 +169,17 @@ async fn read_results(cfg: &Config, job_id: &str, selection: Selection) -> anyho
 }
 
 /// The results a message of the results stream carries (one alone, or a worker's group),
-/// decoded as `wait` decodes them; `job_finished` and other kinds carry none.
+/// decoded as `wait` decodes them; `job_finished` carries none, and what does not decode is
+/// skipped with a warning.
 fn decode(delivery: &lapin::message::Delivery) -> Vec<ItemResult> {
-    match delivery.properties.kind().as_ref().map(|k| k.as_str()) {
-        Some(KIND_RESULTS) => crate::collect::decode_results(true, &delivery.data),
-        None | Some(KIND_RESULT) => crate::collect::decode_results(false, &delivery.data),
-        Some(_) => Vec::new(),
+    let kind = delivery.properties.kind().as_ref().map(|k| k.as_str());
+    match ResultsMessage::decode(kind, &delivery.data) {
+        Ok(ResultsMessage::Results(results)) => results,
+        Ok(ResultsMessage::JobFinished(_)) => Vec::new(),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring a message on the results stream");
+            Vec::new()
+        }
     }
 }
 

@@ -217,20 +217,9 @@ mod tests {
             std::env::set_var(var, key);
         }
         let cfg = ProviderConfig {
-            kind: ProviderKind::Openai,
-            base_url: "http://h".into(),
-            api_key_env: None,
             api_key_envs: envs.iter().map(|(v, _)| v.to_string()).collect(),
-            timeout_s: 1,
             max_in_flight: 4,
-            rpm: None,
-            tpm: None,
-            max_response_bytes: 1,
-            batch: false,
-            batch_max_requests: None,
-            batch_max_bytes: None,
-            batch_poll_interval_s: 60,
-            prices: Default::default(),
+            ..ProviderConfig::new(ProviderKind::Openai, "http://h")
         };
         KeyPool::new("p", &cfg, 4, &WorkerMetrics::new()).unwrap()
     }

@@ -9,6 +9,7 @@ pub mod acks;
 pub mod batch;
 pub mod consume;
 pub mod control;
+pub mod decide;
 pub mod jobs;
 pub mod keys;
 pub mod limit;

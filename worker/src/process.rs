@@ -1,23 +1,9 @@
-//! Processing one delivery from an items queue: decide, call the provider if the item still
-//! needs it, publish the result with a confirm (in a group of its job's results, see
+//! Processing one delivery from an items queue: decide (see [`crate::decide`], where every
+//! branch is written down and unit-tested), call the provider if the item still needs it,
+//! publish the result with a confirm (in a group of its job's results, see
 //! [`crate::outbox`]; the broker routes it to the job's results stream and to the ledger),
-//! and only then ack.
-//!
-//! Every delivery ends in an explicit decision:
-//! - garbage (not an item, or an item out of bounds: a job id no routing key can hold, an
-//!   index not below the job's total) is dead-lettered with its reason;
-//! - an item whose `url` is not an endpoint of its provider, or would leave the provider's
-//!   `base_url`, is dead-lettered with reason `forbidden_url`, and no call is made (only the
-//!   producer, which validates every line, should publish items; anyone else is suspect);
-//! - an item whose body asks for `"stream": true` fails with `stream_not_supported`
-//!   without a call (a streamed answer is not JSON, and retrying it would pay again);
-//! - an item of a cancelled job, or past its deadline, gets a `cancelled`/`expired` result
-//!   without a provider call;
-//! - an item delivered `amqp.delivery_limit` times (it keeps killing workers) gets a failed
-//!   result with code `poison` and is parked in the dead-letter queue;
-//! - a transient failure that outlasts the in-process retries goes to a delay queue;
-//! - otherwise the provider's answer becomes the result;
-//! - if the result cannot be published the item is requeued, and redone later.
+//! and only then ack. If the result cannot be published the item is requeued, and redone
+//! later.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +12,13 @@ use fleet::amqp::{self, PublishError};
 use fleet::config::RetryConfig;
 use fleet::metrics::WorkerMetrics;
 use fleet::topology::{Topology, DEAD_REASON_HEADER, DELAY_TIER_HEADER};
-use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, KIND_RESULT};
+use fleet::wire::{Item, ItemResult, ItemStatus, KIND_RESULT};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 
 use crate::acks::Tracked;
 use crate::control::Cancelled;
+use crate::decide::{after_call, cancelled_result, decide, Decision, Facts, Verdict};
 use crate::outbox::Outbox;
 use crate::provider::{CallError, ProviderClient, Target};
 
@@ -52,68 +39,26 @@ pub struct Context {
     pub outbox: Outbox,
 }
 
-/// How an item is settled.
-enum Decision {
-    /// Publish this result, then ack.
-    Finish(Box<ItemResult>),
-    /// Republish to the delay queue for another try later, then ack.
-    Delay(Box<Item>, CallError),
-    /// Not started before shutdown: give it back to the queue for another worker.
-    Release,
-}
-
 /// Handles one delivery to completion. Never panics on bad input; never returns an error:
 /// the outcome is always settled on the broker (or left to redelivery if the channel died).
 pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Tracked) {
-    if delivery.data.len() > ctx.max_message_bytes {
-        let reason = format!("oversized: {} bytes > {}", delivery.data.len(), ctx.max_message_bytes);
-        return dead_letter(&ctx, &client.name, delivery, "oversized", &reason).await;
-    }
-    let item: Item = match serde_json::from_slice(&delivery.data) {
-        Ok(item) => item,
-        Err(e) => {
-            let reason = format!("malformed item: {e}");
-            return dead_letter(&ctx, &client.name, delivery, "malformed", &reason).await;
+    let facts = Facts {
+        provider: &client.name,
+        max_message_bytes: ctx.max_message_bytes,
+        delivery_limit: ctx.delivery_limit,
+        deliveries: delivery_count(&delivery) + 1,
+        now_ms: fleet::now_ms(),
+        worker_id: &ctx.worker_id,
+        cancelled: &ctx.cancelled,
+    };
+    let decision = match decide(&delivery.data, &facts, |url| client.target(url)) {
+        Verdict::DeadLetter { label, reason } => {
+            return dead_letter(&ctx, &client.name, delivery, label, &reason).await
         }
+        Verdict::Poison { result, reason } => return poison(&ctx, &client.name, *result, delivery, &reason).await,
+        Verdict::Finish(result) => Decision::Finish(result),
+        Verdict::Call { item, target } => call(&ctx, &client, *item, &target).await,
     };
-    if item.provider != client.name {
-        let reason = format!("item for provider {:?} on the queue of {:?}", item.provider, client.name);
-        return dead_letter(&ctx, &client.name, delivery, "malformed", &reason).await;
-    }
-    if let Err(e) = item.check() {
-        let reason = format!("invalid item: {e}");
-        return dead_letter(&ctx, &client.name, delivery, "malformed", &reason).await;
-    }
-    let target = match client.target(&item.url) {
-        Ok(target) => target,
-        Err(e) => {
-            let reason = format!("forbidden_url: {e}");
-            return dead_letter(&ctx, &client.name, delivery, "forbidden_url", &reason).await;
-        }
-    };
-
-    let deliveries = delivery_count(&delivery) + 1;
-    let now = fleet::now_ms();
-    let decision = if ctx.cancelled.contains(&item.job_id) {
-        Decision::Finish(Box::new(cancelled_result(&ctx, &item)))
-    } else if item.deadline_ms.is_some_and(|d| now > d) {
-        Decision::Finish(Box::new(early_result(
-            &ctx,
-            &item,
-            ItemStatus::Expired,
-            "job deadline passed before this request was made",
-        )))
-    } else if deliveries > u64::from(ctx.delivery_limit) {
-        return poison(&ctx, &client.name, item, delivery, deliveries).await;
-    } else if asks_to_stream(&item) {
-        let message = "the body asks for \"stream\": true; the fleet needs whole JSON answers";
-        let mut result = early_result(&ctx, &item, ItemStatus::Failed, message);
-        result.error = Some(ErrorRecord { code: "stream_not_supported".into(), message: message.into() });
-        Decision::Finish(Box::new(result))
-    } else {
-        call(&ctx, &client, item, &target).await
-    };
-
     match decision {
         Decision::Finish(result) => publish_and_ack(&ctx, delivery, *result).await,
         Decision::Delay(item, error) => delay(&ctx, &client.name, *item, error, delivery).await,
@@ -139,68 +84,25 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
         if let Some(i) = key {
             client.keys.key(i).limiter.leave_room();
         }
-        return Decision::Finish(Box::new(cancelled_result(ctx, &item)));
+        return Decision::Finish(Box::new(cancelled_result(&item, &ctx.cancelled, &ctx.worker_id)));
     }
     let in_flight = ctx.metrics.in_flight.with_label_values(&[&client.name]);
     in_flight.inc();
     let outcome = client.execute(&item, target, key).await;
     in_flight.dec();
-    let mut result = early_result(ctx, &item, ItemStatus::Succeeded, "");
-    result.error = None;
-    result.attempts = outcome.attempts;
-    match outcome.result {
-        Ok(success) => {
-            result.response = success.answer.to_record();
-            result.usage = result.response.as_ref().and_then(|r| fleet::usage::parse(r.body.get()));
-            let tokens = [("prompt", success.prompt_tokens), ("completion", success.completion_tokens)];
-            for (kind, n) in tokens {
-                if n > 0 {
-                    ctx.metrics.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
-                }
-            }
-            Decision::Finish(Box::new(result))
-        }
-        Err(e) if e.is_transient() && may_delay(&ctx.retry, &item) => Decision::Delay(Box::new(item), e),
-        Err(e) => {
-            tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, error = %e, attempts = outcome.attempts, "item failed");
-            result.status = ItemStatus::Failed;
-            result.response = e.answer().and_then(|a| a.to_record());
-            result.error = Some(e.to_record());
-            // Kept with the result so `producer retry` can submit it again.
-            result.request = Some(fleet::wire::RequestRecord::of(&item));
-            Decision::Finish(Box::new(result))
+    if let Ok(success) = &outcome.result {
+        let tokens = [("prompt", success.prompt_tokens), ("completion", success.completion_tokens)];
+        for (kind, n) in tokens.into_iter().filter(|(_, n)| *n > 0) {
+            ctx.metrics.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
         }
     }
-}
-
-/// Whether the item's body asks for a streamed answer (`"stream": true`).
-fn asks_to_stream(item: &Item) -> bool {
-    fleet::wire::asks_to_stream(&item.body)
-}
-
-/// Whether a transiently failing item may wait in a delay queue once more.
-fn may_delay(retry: &RetryConfig, item: &Item) -> bool {
-    let within_budget =
-        item.first_delay_ms.is_none_or(|t| fleet::now_ms().saturating_sub(t) < retry.delay_budget_s * 1000);
-    item.attempt < retry.max_delays && within_budget
-}
-
-/// The result of an item of a cancelled job, saying why when the cancel did (`budget`).
-fn cancelled_result(ctx: &Context, item: &Item) -> ItemResult {
-    let message = match ctx.cancelled.reason(&item.job_id) {
-        Some(reason) if reason == fleet::wire::REASON_BUDGET => {
-            "budget: the job's spend reached its cap (--max-cost) before this request was made".to_string()
+    let decision = after_call(item, outcome, &ctx.retry, &ctx.worker_id, fleet::now_ms());
+    if let Decision::Finish(r) = &decision {
+        if let (ItemStatus::Failed, Some(error)) = (r.status, &r.error) {
+            tracing::info!(job_id = %r.job_id, custom_id = %r.custom_id, error = %error.message, attempts = r.attempts, "item failed");
         }
-        Some(reason) => format!("{reason}: job cancelled before this request was made"),
-        None => "job cancelled before this request was made".to_string(),
-    };
-    early_result(ctx, item, ItemStatus::Cancelled, &message)
-}
-
-/// A result for an item that ends without (more) provider calls.
-fn early_result(ctx: &Context, item: &Item, status: ItemStatus, message: &str) -> ItemResult {
-    let error = ErrorRecord { code: status.as_str().to_string(), message: message.to_string() };
-    ItemResult::without_answer(item, status, error, &ctx.worker_id)
+    }
+    decision
 }
 
 /// The one way a finished item leaves the worker: publishes its result (grouped with other
@@ -270,17 +172,14 @@ async fn note_delay(ctx: &Context, item: &Item, error: &CallError) {
 }
 
 /// An item that has been delivered more than the delivery limit allows: it keeps killing
-/// workers. Its job gets a failed result (so the job can finish) and the message is parked.
-async fn poison(ctx: &Context, provider: &str, item: Item, delivery: Tracked, deliveries: u64) {
-    let reason = format!("poison: delivered {deliveries} times without completing");
-    let mut result = early_result(ctx, &item, ItemStatus::Failed, &reason);
-    result.error = Some(ErrorRecord { code: "poison".into(), message: reason.clone() });
+/// workers. Its job gets the failed result (so the job can finish) and the message is parked.
+async fn poison(ctx: &Context, provider: &str, result: ItemResult, delivery: Tracked, reason: &str) {
     if let Err(e) = publish_outcome(ctx, &result).await {
         tracing::warn!(error = %e, "cannot publish the poison result; parking the item anyway");
     } else {
         ctx.metrics.items.with_label_values(&[provider, "failed"]).inc();
     }
-    dead_letter(ctx, provider, delivery, "poison", &reason).await;
+    dead_letter(ctx, provider, delivery, "poison", reason).await;
 }
 
 /// Times this message was delivered before (quorum queues count in `x-delivery-count`).
@@ -297,8 +196,8 @@ pub fn delivery_count(delivery: &lapin::message::Delivery) -> u64 {
     }
 }
 
-/// Publishes one result alone (routed to the job's results stream and, as the item's
-/// `items_finished` event, to the ledger) and waits for the broker's confirm. For the
+/// Publishes one result alone (routed to the job's results stream and to the ledger) and
+/// waits for the broker's confirm. For the
 /// poison path, which parks its item right after; finished items go through
 /// [`publish_and_ack`].
 pub async fn publish_outcome(ctx: &Context, result: &ItemResult) -> Result<(), PublishError> {

@@ -723,20 +723,10 @@ mod tests {
 
     fn client(kind: ProviderKind, base_url: &str) -> ProviderClient {
         let cfg = ProviderConfig {
-            kind,
-            base_url: base_url.into(),
-            api_key_env: None,
-            api_key_envs: Vec::new(),
             timeout_s: 1,
             max_in_flight: 1,
-            rpm: None,
-            tpm: None,
             max_response_bytes: 1024,
-            batch: false,
-            batch_max_requests: None,
-            batch_max_bytes: None,
-            batch_poll_interval_s: 60,
-            prices: Default::default(),
+            ..ProviderConfig::new(kind, base_url)
         };
         let retry = RetryConfig {
             max_attempts: 1,
@@ -783,22 +773,7 @@ mod tests {
 
     #[test]
     fn a_base_url_that_is_not_http_is_refused_without_echoing_it() {
-        let cfg = ProviderConfig {
-            kind: ProviderKind::Openai,
-            base_url: "http//user:hunter2@host".into(),
-            api_key_env: None,
-            api_key_envs: Vec::new(),
-            timeout_s: 1,
-            max_in_flight: 1,
-            rpm: None,
-            tpm: None,
-            max_response_bytes: 1,
-            batch: false,
-            batch_max_requests: None,
-            batch_max_bytes: None,
-            batch_poll_interval_s: 60,
-            prices: Default::default(),
-        };
+        let cfg = ProviderConfig::new(ProviderKind::Openai, "http//user:hunter2@host");
         let retry = client(ProviderKind::Openai, "http://x").retry.clone();
         let err = ProviderClient::new("p", &cfg, 1, &retry, WorkerMetrics::new()).err().unwrap().to_string();
         assert!(err.contains("base_url") && !err.contains("hunter2"), "{err}");

@@ -1,8 +1,9 @@
 //! Property tests of the tracker's inputs: a checkpoint read back from its queue and any
-//! sequence of ledger events (as the tracker takes them: only those within bounds) never
-//! panic it, and a job's counts never exceed its total.
+//! sequence of ledger messages (as the tracker takes them: decoded, so only those within
+//! bounds) never panic it, and a job's counts never exceed its total.
 
-use fleet::wire::{ItemStatus, LedgerEvent};
+use fleet::messages::LedgerMessage;
+use fleet::wire::{ItemStatus, LedgerEvent, KIND_RESULT};
 use proptest::prelude::*;
 use worker::tracker::state::State;
 
@@ -10,12 +11,13 @@ fn status() -> impl Strategy<Value = ItemStatus> {
     prop::sample::select(vec![ItemStatus::Succeeded, ItemStatus::Failed, ItemStatus::Cancelled, ItemStatus::Expired])
 }
 
-fn event() -> impl Strategy<Value = LedgerEvent> {
+/// A ledger message as the tracker decodes it: a job event, or a result sent as JSON.
+fn message() -> impl Strategy<Value = Option<LedgerMessage>> {
     let job = prop::sample::select(vec!["a", "b", ""]).prop_map(str::to_string);
     let index = prop_oneof![0u64..20, Just(1 << 40), any::<u64>()];
     prop_oneof![
         (job.clone(), prop_oneof![1u64..20, Just(0), Just(1 << 40), any::<u64>()]).prop_map(|(job_id, total)| {
-            LedgerEvent::JobSubmitted {
+            event(LedgerEvent::JobSubmitted {
                 job_id,
                 provider: "p".into(),
                 total,
@@ -23,13 +25,23 @@ fn event() -> impl Strategy<Value = LedgerEvent> {
                 deadline_ms: None,
                 submitting: total % 2 == 0,
                 max_cost: None,
+            })
+        }),
+        (job.clone(), index, prop_oneof![1u64..20, any::<u64>()], status()).prop_map(
+            |(job_id, index, total, status)| {
+                let result = serde_json::json!({"job_id": job_id, "index": index, "total": total, "custom_id": "c",
+                "provider": "p", "status": status, "response": null, "error": null, "attempts": 1, "worker": "w",
+                "finished_at_ms": 0});
+                LedgerMessage::decode(Some(KIND_RESULT), &serde_json::to_vec(&result).unwrap()).ok()
             }
-        }),
-        (job.clone(), prop::collection::vec((index, status()), 0..5)).prop_map(|(job_id, items)| {
-            LedgerEvent::ItemsFinished { job_id, provider: "p".into(), items, usage: vec![] }
-        }),
-        job.prop_map(|job_id| LedgerEvent::JobCancel { job_id }),
+        ),
+        job.prop_map(|job_id| event(LedgerEvent::JobCancel { job_id })),
     ]
+}
+
+/// The event as the tracker reads it off the ledger (`None` when refused).
+fn event(e: LedgerEvent) -> Option<LedgerMessage> {
+    LedgerMessage::decode(None, &serde_json::to_vec(&e).unwrap()).ok()
 }
 
 proptest! {
@@ -41,11 +53,18 @@ proptest! {
     }
 
     #[test]
-    fn any_events_keep_counts_within_totals(events in prop::collection::vec(event(), 0..40)) {
+    fn any_messages_keep_counts_within_totals(messages in prop::collection::vec(message(), 0..40)) {
         let mut state = State::default();
-        for (t, e) in events.iter().enumerate() {
-            if e.check().is_ok() {
-                let _ = state.apply(e, t as u64);
+        for (t, m) in messages.iter().enumerate() {
+            let t = t as u64;
+            match m {
+                Some(LedgerMessage::Event(e)) => {
+                    let _ = state.apply(e, t);
+                }
+                Some(LedgerMessage::Results(results)) => {
+                    let _ = state.apply_results(results, t);
+                }
+                Some(LedgerMessage::Nothing) | None => {}
             }
         }
         for job in state.jobs.values() {

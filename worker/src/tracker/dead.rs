@@ -7,8 +7,12 @@
 //! (to the job's results stream and back to the ledger), so the job ends and `wait` writes
 //! the line. Garbage that is not an item is left to `producer dead`.
 
-use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus};
+use anyhow::Context as _;
+use fleet::amqp;
+use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, KIND_RESULT};
 use lapin::message::Delivery;
+
+use super::active::Active;
 
 /// Error code of the result given to an item that was dead-lettered without one.
 pub const DEAD_LETTERED: &str = "dead_lettered";
@@ -24,4 +28,26 @@ pub fn dead_item(delivery: &Delivery) -> Option<Item> {
 pub fn failed_result(item: &Item, reason: &str, tracker: &str) -> ItemResult {
     let error = ErrorRecord { code: DEAD_LETTERED.into(), message: reason.to_string() };
     ItemResult::without_answer(item, ItemStatus::Failed, error, tracker)
+}
+
+impl Active<'_> {
+    /// Gives a dead-lettered item that has no result a failed one. The publish is confirmed
+    /// before the ledger message can be acked: a tracker that dies first sees the dead copy
+    /// again, and a second result is dropped as a duplicate.
+    pub(super) async fn end_dead_item(&self, delivery: &Delivery) -> anyhow::Result<()> {
+        let Some(item) = dead_item(delivery) else {
+            return Ok(()); // not an item: `producer dead` shows it
+        };
+        if self.state.has_result(&item.job_id, item.index) {
+            return Ok(()); // e.g. a poison item: its worker published the result first
+        }
+        let reason = fleet::topology::dead_reason(&delivery.properties);
+        tracing::info!(job_id = %item.job_id, custom_id = %item.custom_id, reason = %reason, "ending a dead-lettered item as failed");
+        let result = failed_result(&item, &reason, &self.worker_id);
+        let payload = serde_json::to_vec(&result)?;
+        let props = amqp::persistent_json().with_type(KIND_RESULT.into());
+        amqp::publish_confirmed(&self.ch, &self.topology.results_exchange(), &item.job_id, &payload, props)
+            .await
+            .context("publishing the result of a dead-lettered item")
+    }
 }

@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 
 use fleet::usage::{Price, Usage};
-use fleet::wire::{ErrorRecord, JobCounts, JobProgress, JobStatus, JobSummary, JobUsage, LedgerEvent};
+use fleet::wire::{
+    ErrorRecord, ItemResult, ItemStatus, JobCounts, JobProgress, JobStatus, JobSummary, JobUsage, LedgerEvent,
+};
 use serde::{Deserialize, Serialize};
 
 /// A set of item indices, one bit each.
@@ -181,7 +183,7 @@ pub fn provider_key(provider: &str, label: &str) -> String {
 impl State {
     /// Records the failure a result of `job_id` carries, before the result is folded (the
     /// newest error, and a dead-lettered item once: only a new index counts).
-    pub fn note_failure(&mut self, job_id: &str, index: u64, error: &ErrorRecord, at_ms: u64) {
+    fn note_failure(&mut self, job_id: &str, index: u64, error: &ErrorRecord, at_ms: u64) {
         let Some(job) = self.jobs.get_mut(job_id) else { return };
         if job.end_status.is_some() || job.done.contains(index) {
             return;
@@ -221,7 +223,7 @@ impl State {
         })
     }
 
-    /// Folds one event; returns the job it ended, if any.
+    /// Folds one job event; returns the job it ended, if any.
     pub fn apply(&mut self, event: &LedgerEvent, now_ms: u64) -> Option<Ended> {
         let job_id = match event {
             LedgerEvent::JobSubmitted {
@@ -251,38 +253,6 @@ impl State {
                 *self.jobs_total.entry(provider_key(&provider, "submitted")).or_default() += 1;
                 job_id
             }
-            LedgerEvent::ItemsFinished { job_id, provider, items, usage } => {
-                let job = self.job_mut(job_id, provider);
-                if job.end_status.is_some() {
-                    return None;
-                }
-                let mut counted = Vec::new();
-                let mut used = Vec::new();
-                for (index, status) in items {
-                    // The bitmap grows to the largest index: an index from a hostile or
-                    // broken publisher beyond the job's total is never recorded.
-                    if *index >= job.total.unwrap_or(fleet::wire::MAX_JOB_ITEMS) {
-                        continue;
-                    }
-                    if job.done.insert(*index) {
-                        job.last_event_ms = now_ms;
-                        job.counts.add(*status);
-                        counted.push(*status);
-                        used.extend(usage.iter().filter(|(i, _)| i == index).map(|(_, u)| u).take(1));
-                        if job.delayed.contains(*index) {
-                            job.in_delay = job.in_delay.saturating_sub(1);
-                        }
-                    }
-                }
-                let provider = job.provider.clone();
-                for status in counted {
-                    *self.items_total.entry(provider_key(&provider, status.as_str())).or_default() += 1;
-                }
-                for u in used {
-                    self.add_usage(job_id, &provider, u);
-                }
-                job_id
-            }
             LedgerEvent::ItemDelayed { job_id, provider, index, error } => {
                 let job = self.job_mut(job_id, provider);
                 job.last_error = Some((bounded(error), now_ms));
@@ -305,6 +275,41 @@ impl State {
             }
         };
         self.maybe_end(job_id, now_ms)
+    }
+
+    /// Folds the results of one ledger message (one alone, or a worker's group); returns
+    /// the job they ended, if any. Only an item's first result counts: a redone item's
+    /// later ones (a redelivery, a worker killed before its ack) change nothing.
+    pub fn apply_results(&mut self, results: &[ItemResult], now_ms: u64) -> Option<Ended> {
+        let mut ended = None;
+        for result in results {
+            ended = self.apply_result(result, now_ms).or(ended);
+        }
+        ended
+    }
+
+    fn apply_result(&mut self, result: &ItemResult, now_ms: u64) -> Option<Ended> {
+        if let (ItemStatus::Failed, Some(error)) = (result.status, &result.error) {
+            self.note_failure(&result.job_id, result.index, error, now_ms);
+        }
+        let job = self.job_mut(&result.job_id, &result.provider);
+        // The bitmap grows to the largest index: an index from a hostile or broken publisher
+        // beyond the job's total is never recorded.
+        let in_job = result.index < job.total.unwrap_or(fleet::wire::MAX_JOB_ITEMS);
+        if job.end_status.is_some() || !in_job || !job.done.insert(result.index) {
+            return None;
+        }
+        job.last_event_ms = now_ms;
+        job.counts.add(result.status);
+        if job.delayed.contains(result.index) {
+            job.in_delay = job.in_delay.saturating_sub(1);
+        }
+        let provider = job.provider.clone();
+        *self.items_total.entry(provider_key(&provider, result.status.as_str())).or_default() += 1;
+        if let Some(usage) = &result.usage {
+            self.add_usage(&result.job_id, &provider, usage);
+        }
+        self.maybe_end(&result.job_id, now_ms)
     }
 
     fn maybe_end(&mut self, job_id: &str, now_ms: u64) -> Option<Ended> {
@@ -406,7 +411,6 @@ pub fn split_key(key: &str) -> (&str, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet::wire::ItemStatus;
 
     fn submitted(job: &str, total: u64) -> LedgerEvent {
         LedgerEvent::JobSubmitted {
@@ -420,8 +424,24 @@ mod tests {
         }
     }
 
-    fn finished(job: &str, items: &[(u64, ItemStatus)]) -> LedgerEvent {
-        LedgerEvent::ItemsFinished { job_id: job.into(), provider: "p".into(), items: items.to_vec(), usage: vec![] }
+    /// Results of `job` (provider `p`), as a worker's group carries them.
+    fn finished(job: &str, items: &[(u64, ItemStatus)]) -> Vec<ItemResult> {
+        let result = |&(index, status): &(u64, ItemStatus)| ItemResult {
+            job_id: job.into(),
+            index,
+            total: fleet::wire::MAX_JOB_ITEMS,
+            custom_id: format!("c{index}"),
+            provider: "p".into(),
+            status,
+            response: None,
+            error: None,
+            attempts: 1,
+            worker: "w".into(),
+            finished_at_ms: 0,
+            request: None,
+            usage: None,
+        };
+        items.iter().map(result).collect()
     }
 
     #[test]
@@ -429,13 +449,13 @@ mod tests {
         let mut s = State::default();
         assert!(s.apply(&submitted("j", 3), 1_000).is_none());
         assert!(s.apply(&submitted("j", 3), 1_000).is_none());
-        s.apply(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Failed)]), 2_000);
-        s.apply(&finished("j", &[(1, ItemStatus::Failed)]), 2_000);
-        let ended = s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 4_000).expect("ends");
+        s.apply_results(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Failed)]), 2_000);
+        s.apply_results(&finished("j", &[(1, ItemStatus::Failed)]), 2_000);
+        let ended = s.apply_results(&finished("j", &[(2, ItemStatus::Succeeded)]), 4_000).expect("ends");
         assert_eq!(ended.summary.status.as_str(), "completed");
         assert_eq!(ended.summary.counts, JobCounts { total: 3, succeeded: 2, failed: 1, cancelled: 0, expired: 0 });
         assert_eq!(ended.duration_s, 3.0);
-        assert!(s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 5_000).is_none());
+        assert!(s.apply_results(&finished("j", &[(2, ItemStatus::Succeeded)]), 5_000).is_none());
         assert_eq!(s.jobs_total["p/submitted"], 1);
         assert_eq!(s.jobs_total["p/completed"], 1);
     }
@@ -460,7 +480,7 @@ mod tests {
                 s.apply(&LedgerEvent::JobCancel { job_id: job.clone() }, 2);
             }
             let items: Vec<(u64, ItemStatus)> = items.iter().enumerate().map(|(n, st)| (n as u64, *st)).collect();
-            let ended = s.apply(&finished(&job, &items), 3).expect("ends");
+            let ended = s.apply_results(&finished(&job, &items), 3).expect("ends");
             assert_eq!(ended.summary.status.as_str(), *want, "case {i}: {items:?} cancel={cancel}");
         }
     }
@@ -478,17 +498,17 @@ mod tests {
         s.apply(&delayed(0), 1_000);
         s.apply(&delayed(0), 1_500); // delayed again, or a redelivered note: counted once
         s.apply(&delayed(1), 2_000);
-        s.apply(&finished("j", &[(2, ItemStatus::Succeeded)]), 2_000);
+        s.apply_results(&finished("j", &[(2, ItemStatus::Succeeded)]), 2_000);
         let p = s.jobs["j"].summary(4_000).progress.expect("in progress");
         assert_eq!((p.in_delay_queues, p.queued_or_in_flight), (2, 1));
         assert_eq!(p.last_error.as_deref(), Some("HTTP 503 #1"));
         assert_eq!(p.last_error_age_s, Some(2));
         assert_eq!(p.eta_s, Some(9), "1 item in the 3 s since submission, 3 left");
-        s.apply(&finished("j", &[(0, ItemStatus::Succeeded)]), 5_000);
+        s.apply_results(&finished("j", &[(0, ItemStatus::Succeeded)]), 5_000);
         assert_eq!(s.jobs["j"].summary(5_000).progress.unwrap().in_delay_queues, 1);
         s.apply(&LedgerEvent::JobCancel { job_id: "j".into() }, 5_000);
         assert!(s.jobs["j"].summary(5_000).progress.unwrap().cancelling);
-        let ended = s.apply(&finished("j", &[(1, ItemStatus::Cancelled), (3, ItemStatus::Cancelled)]), 6_000);
+        let ended = s.apply_results(&finished("j", &[(1, ItemStatus::Cancelled), (3, ItemStatus::Cancelled)]), 6_000);
         assert!(ended.expect("ends").summary.progress.is_none());
     }
 
@@ -509,16 +529,13 @@ mod tests {
         assert!(!s.has_result("job_1d2e3f4a5b6c7d8e", 3));
         // Redelivered results change nothing; the rest end the job, cancelled.
         let job = "job_1d2e3f4a5b6c7d8e";
-        let f = |items: Vec<(u64, ItemStatus)>| LedgerEvent::ItemsFinished {
-            job_id: job.into(),
-            provider: "mock".into(),
-            items,
-            usage: vec![],
+        let f = |items: Vec<(u64, ItemStatus)>| -> Vec<ItemResult> {
+            finished(job, &items).into_iter().map(|r| ItemResult { provider: "mock".into(), ..r }).collect()
         };
-        assert!(s.apply(&f(vec![(0, ItemStatus::Succeeded)]), 1).is_none());
+        assert!(s.apply_results(&f(vec![(0, ItemStatus::Succeeded)]), 1).is_none());
         let rest: Vec<(u64, ItemStatus)> =
             (0..130).filter(|i| ![0, 1, 2, 64, 129].contains(i)).map(|i| (i, ItemStatus::Cancelled)).collect();
-        let ended = s.apply(&f(rest), 2).expect("ends");
+        let ended = s.apply_results(&f(rest), 2).expect("ends");
         assert_eq!(ended.summary.status.as_str(), "cancelled");
         assert_eq!(ended.summary.counts.finished(), 130);
         assert_eq!(s.jobs_total["mock/cancelled"], 1);
@@ -536,36 +553,32 @@ mod tests {
             *max_cost = Some(10.0);
         }
         s.apply(&ev, 1);
-        let used = |index, model: &str| LedgerEvent::ItemsFinished {
-            job_id: "j".into(),
-            provider: "p".into(),
-            items: vec![(index, ItemStatus::Succeeded)],
-            usage: vec![(
-                index,
-                Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1 },
-            )],
+        let used = |index, model: &str| -> Vec<ItemResult> {
+            let usage = Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1 };
+            let [r] = <[ItemResult; 1]>::try_from(finished("j", &[(index, ItemStatus::Succeeded)])).unwrap();
+            vec![ItemResult { usage: Some(usage), ..r }]
         };
-        s.apply(&used(0, "m"), 2); // costs 2 + 2 = 4
-        s.apply(&used(0, "m"), 2); // a redelivered result: not counted again
-        s.apply(&used(1, "unpriced"), 3);
+        s.apply_results(&used(0, "m"), 2); // costs 2 + 2 = 4
+        s.apply_results(&used(0, "m"), 2); // a redelivered result: not counted again
+        s.apply_results(&used(1, "unpriced"), 3);
         let u = &s.jobs["j"].usage;
         assert_eq!((u.input_tokens, u.output_tokens, u.unpriced_answers), (4, 2, 1));
         assert!((u.cost - 4.0).abs() < 1e-9);
         assert!(s.budget_cancels.is_empty() && !s.jobs["j"].cancel_requested);
-        s.apply(&used(2, "m"), 4); // 8 of 10: still under
+        s.apply_results(&used(2, "m"), 4); // 8 of 10: still under
         assert!(s.budget_cancels.is_empty());
         assert!(
-            s.apply(&used(3, "m"), 5).is_some_and(|e| e.summary.status == JobStatus::Completed),
+            s.apply_results(&used(3, "m"), 5).is_some_and(|e| e.summary.status == JobStatus::Completed),
             "every item answered"
         );
         let mut s2 = State { prices: s.prices.clone(), ..State::default() };
         s2.apply(&ev, 1);
         for i in 0..3 {
-            s2.apply(&used(i, "m"), 2);
+            s2.apply_results(&used(i, "m"), 2);
         }
         assert_eq!(s2.budget_cancels, vec!["j".to_string()], "12 >= 10: cancelled once");
         s2.budget_cancels.clear();
-        let ended = s2.apply(&finished("j", &[(3, ItemStatus::Cancelled)]), 3).expect("ends");
+        let ended = s2.apply_results(&finished("j", &[(3, ItemStatus::Cancelled)]), 3).expect("ends");
         assert_eq!((ended.summary.status.as_str(), ended.summary.reason.as_deref()), ("cancelled", Some("budget")));
         assert!(s2.budget_cancels.is_empty());
         assert_eq!(s2.usage_total["p"]["m"].input_tokens, 6);
@@ -579,7 +592,7 @@ mod tests {
     #[test]
     fn items_before_submission_are_kept() {
         let mut s = State::default();
-        s.apply(&finished("j", &[(0, ItemStatus::Failed)]), 1);
+        s.apply_results(&finished("j", &[(0, ItemStatus::Failed)]), 1);
         let ended = s.apply(&submitted("j", 1), 2).expect("ends on submission");
         assert_eq!(ended.summary.status.as_str(), "failed");
     }
@@ -588,12 +601,12 @@ mod tests {
     fn a_checkpoint_round_trips_and_replay_changes_nothing() {
         let mut s = State::default();
         s.apply(&submitted("j", 100), 1);
-        s.apply(&finished("j", &[(5, ItemStatus::Succeeded), (70, ItemStatus::Expired)]), 2);
+        s.apply_results(&finished("j", &[(5, ItemStatus::Succeeded), (70, ItemStatus::Expired)]), 2);
         let restored: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(restored, s);
         let mut replayed = restored.clone();
         replayed.apply(&submitted("j", 100), 3);
-        replayed.apply(&finished("j", &[(5, ItemStatus::Succeeded)]), 3);
+        replayed.apply_results(&finished("j", &[(5, ItemStatus::Succeeded)]), 3);
         assert_eq!(replayed, s);
     }
 
@@ -602,8 +615,9 @@ mod tests {
         let mut s = State::default();
         s.apply(&submitted("j", 2), 1);
         s.apply(&LedgerEvent::JobCancel { job_id: "j".into() }, 2);
-        let ended =
-            s.apply(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Cancelled)]), 3).expect("ends");
+        let ended = s
+            .apply_results(&finished("j", &[(0, ItemStatus::Succeeded), (1, ItemStatus::Cancelled)]), 3)
+            .expect("ends");
         assert_eq!(ended.summary.status.as_str(), "cancelled");
         assert_eq!(s.in_progress()["p"], 0);
         s.prune(10, 100);
@@ -620,7 +634,7 @@ mod tests {
             *submitting = true;
         }
         s.apply(&ev, 1000);
-        s.apply(&finished("j", &[(0, ItemStatus::Succeeded)]), 2000);
+        s.apply_results(&finished("j", &[(0, ItemStatus::Succeeded)]), 2000);
         assert_eq!(s.jobs["j"].summary(2000).status.as_str(), "submitting");
         assert!(s.abandon_stalled(2500, 1000).is_empty(), "not silent long enough");
         let ended = s.abandon_stalled(3000, 1000);
@@ -640,7 +654,7 @@ mod tests {
     #[test]
     fn results_of_jobs_never_submitted_are_forgotten_after_retention() {
         let mut s = State::default();
-        s.apply(&finished("ghost", &[(3, ItemStatus::Failed)]), 1000);
+        s.apply_results(&finished("ghost", &[(3, ItemStatus::Failed)]), 1000);
         s.prune(1500, 1000);
         assert!(s.jobs.contains_key("ghost"), "kept within retention (its submission may come)");
         s.prune(2000, 1000);

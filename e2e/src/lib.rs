@@ -19,6 +19,11 @@ pub use harness::{amqp_url, amqp_urls, bin, free_port, prometheus_url, pushgatew
 use harness::{FleetConfig, Names};
 pub use serde_json::Value;
 
+/// `GET` of a JSON document (a test fails if it is not one).
+pub fn get_json(url: &str) -> Value {
+    harness::http_get_json(url).unwrap_or_else(|e| panic!("GET {url}: {e:#}"))
+}
+
 /// Delay tiers of the tests' fleets: short, so long-retry paths finish quickly.
 pub const TEST_DELAY_TIERS_S: &[u64] = &[1, 2];
 

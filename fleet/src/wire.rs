@@ -30,22 +30,37 @@ pub const MAX_CUSTOM_ID_BYTES: usize = 512;
 /// Why a message read from a queue is not acceptable although it parsed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Invalid {
+    /// The job id is the empty string.
     #[error("job id is empty")]
     EmptyJobId,
+    /// The job id is longer than [`MAX_JOB_ID_BYTES`]; holds its length in bytes.
     #[error("job id is {0} bytes long (at most {MAX_JOB_ID_BYTES})")]
     JobIdTooLong(usize),
+    /// The job id holds a control character (a newline, a NUL, ...).
     #[error("job id contains a control character")]
     JobIdControl,
+    /// The job's item count is 0 or over [`MAX_JOB_ITEMS`]; holds the count claimed.
     #[error("job total {0} is not between 1 and {MAX_JOB_ITEMS}")]
     Total(u64),
+    /// An item's index is not below its job's item count.
     #[error("index {index} is not below the job's total {total}")]
-    Index { index: u64, total: u64 },
+    Index {
+        /// The index claimed (from 0).
+        index: u64,
+        /// The job's item count claimed with it.
+        total: u64,
+    },
+    /// A `custom_id` is longer than [`MAX_CUSTOM_ID_BYTES`]; holds its length in bytes.
     #[error("custom_id is {0} bytes long (at most {MAX_CUSTOM_ID_BYTES})")]
     CustomIdTooLong(usize),
+    /// A job opening's priority is not between 1 and [`MAX_PRIORITY`]; holds the priority.
     #[error("priority {0} is not between 1 and {MAX_PRIORITY}")]
     Priority(u32),
+    /// A job opening's id holds a character other than an ASCII letter, a digit, `_` or
+    /// `-`: the id ends the name of a queue workers consume, and a dot could name another.
     #[error("a job with its own items queue needs an id of letters, digits, '_' and '-'")]
     JobIdNotAQueueName,
+    /// A result group carries more than [`MAX_GROUP_RESULTS`] results; holds how many.
     #[error("a result group of {0} results (at most {MAX_GROUP_RESULTS})")]
     GroupTooLarge(usize),
 }
@@ -113,28 +128,43 @@ impl<'de> Deserialize<'de> for StreamFlag {
 /// One line of an OpenAI Batch API input file.
 #[derive(Debug, Deserialize)]
 pub struct BatchInputLine {
+    /// The user's name for the request, copied to its output line (the producer refuses an
+    /// empty one and one over [`MAX_CUSTOM_ID_BYTES`]).
     pub custom_id: String,
+    /// HTTP method; the producer accepts only `POST`.
     pub method: String,
+    /// Path of the endpoint, e.g. `/v1/chat/completions`; the producer refuses one the
+    /// provider's kind does not serve (see [`crate::endpoint`]).
     pub url: String,
+    /// The request body (an Anthropic line's `params`): a JSON object, sent to the provider
+    /// unchanged.
     pub body: Box<RawValue>,
 }
 
 /// One request of a job, as queued on `<ns>.items.<provider>`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Item {
+    /// The job the item belongs to; also the routing key of its job's items queue and of
+    /// its result.
     pub job_id: String,
     /// Position of the line in the input file, from 0: the dedup key within a job.
     pub index: u64,
     /// Number of items in the job, so whoever collects results knows when it has all.
     pub total: u64,
+    /// The input line's `custom_id`, copied to the item's result; at most
+    /// [`MAX_CUSTOM_ID_BYTES`].
     pub custom_id: String,
+    /// Name of the provider to call (a key of the config's `providers`).
     pub provider: String,
     /// Path of the endpoint, e.g. `/v1/chat/completions`.
     pub url: String,
+    /// The request body, sent to the provider unchanged.
     pub body: Box<RawValue>,
     /// Times this item went through a delay queue (long-outage retries).
     #[serde(default)]
     pub attempt: u32,
+    /// When the job was submitted, ms since the Unix epoch: the same for every item of the
+    /// job, kept when a submission is resumed.
     pub submitted_at_ms: u64,
     /// After this instant the item ends `expired` instead of being called.
     #[serde(default)]
@@ -161,7 +191,10 @@ impl Item {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ControlMessage {
+    /// Cancel a job: workers end its items not yet called `cancelled` (published by
+    /// `producer cancel`, and by the tracker when the job's spend reaches its cap).
     CancelJob {
+        /// The job to cancel.
         job_id: String,
         /// Why, when not the user's `producer cancel` (e.g. [`REASON_BUDGET`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -170,16 +203,27 @@ pub enum ControlMessage {
     /// A job's items queue exists (published by `submit` before its first item): workers
     /// serving the provider start consuming it, with a share weighted by `priority`.
     JobOpened {
+        /// The job whose queue opened (`<ns>.items.<provider>.<job>`): ASCII letters,
+        /// digits, `_` and `-` only.
         job_id: String,
+        /// Name of the provider the job's items are for.
         provider: String,
+        /// The job's weight, 1 to [`MAX_PRIORITY`] (`submit --priority`;
+        /// [`DEFAULT_PRIORITY`] when absent).
         #[serde(default = "default_priority")]
         priority: u32,
     },
     /// The job ended and its items queue is deleted (published by the tracker).
-    JobClosed { job_id: String },
+    JobClosed {
+        /// The job that ended: workers stop consuming its items queue.
+        job_id: String,
+    },
     /// Written by a worker before it starts consuming items; reading its own marker back
     /// proves it has read every cancel published before.
-    Marker { id: String },
+    Marker {
+        /// A random id (a UUID) the worker waits to read back.
+        id: String,
+    },
 }
 
 /// Weight of a job that names none: every job gets an equal share of its provider.
@@ -198,9 +242,14 @@ pub const REASON_BUDGET: &str = "budget";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ItemStatus {
+    /// The provider answered with a 2xx status: the answer is the item's output.
     Succeeded,
+    /// No usable answer: the provider refused the request or kept failing, or the item was
+    /// poison or dead-lettered.
     Failed,
+    /// The item's job was cancelled before the item got an answer.
     Cancelled,
+    /// The job's deadline passed before the item got an answer.
     Expired,
 }
 
@@ -223,8 +272,12 @@ impl ItemStatus {
 /// The provider's HTTP answer, as recorded in the output file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResponseRecord {
+    /// HTTP status of the provider's answer.
     pub status_code: u16,
+    /// The provider's id for the request (from a header such as `x-request-id`, or the
+    /// batch API's output line); empty when it gave none.
     pub request_id: String,
+    /// The answer's JSON body, as the provider sent it.
     pub body: Box<RawValue>,
 }
 
@@ -233,23 +286,37 @@ pub struct ResponseRecord {
 pub struct ErrorRecord {
     /// A stable machine-readable code (`client_error`, `rate_limited`, `timeout`, ...).
     pub code: String,
+    /// What went wrong, for people (the provider's or the worker's words); match on
+    /// `code`, not on this.
     pub message: String,
 }
 
 /// The outcome of one item, published to `<ns>.results` with the job id as routing key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemResult {
+    /// The item's job; the result is published with it as routing key.
     pub job_id: String,
+    /// The item's position in the input file, from 0 (as [`Item::index`]).
     pub index: u64,
+    /// Number of items in the job (as [`Item::total`]).
     pub total: u64,
+    /// The input line's `custom_id`, written to the output line.
     pub custom_id: String,
+    /// Name of the provider the item was for.
     pub provider: String,
+    /// How the item ended.
     pub status: ItemStatus,
+    /// The provider's answer, when there was one (a failure may have one: a 4xx or 5xx).
     pub response: Option<ResponseRecord>,
+    /// Why the item did not succeed; absent on success, and may be absent on a failure
+    /// whose `response` says why.
     pub error: Option<ErrorRecord>,
     /// Provider calls made for this item (0 when none was made).
     pub attempts: u32,
+    /// Id of the worker that ended the item (`worker.id`; the active tracker's for an item
+    /// it ended as a dead letter).
     pub worker: String,
+    /// When the item ended, ms since the Unix epoch (the writer's clock).
     pub finished_at_ms: u64,
     /// The request of an item that did not succeed, so that `producer retry` can submit it
     /// again from the job's results alone (the input file may be long gone, as a hosted
@@ -265,11 +332,14 @@ pub struct ItemResult {
 /// The original request of an item, as its input line had it (the method is always POST).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RequestRecord {
+    /// Path of the endpoint, as [`Item::url`].
     pub url: String,
+    /// The request body, unchanged.
     pub body: Box<RawValue>,
 }
 
 impl RequestRecord {
+    /// The request of `item`, kept with a result that did not succeed.
     pub fn of(item: &Item) -> RequestRecord {
         RequestRecord { url: item.url.clone(), body: item.body.clone() }
     }
@@ -292,22 +362,35 @@ impl ItemResult {
 /// [`ResultGroup::header_json`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResultGroup {
+    /// The job of every result in the group (the routing key it is published with).
     pub job_id: String,
+    /// Name of the provider of every result.
     pub provider: String,
+    /// Number of items in the job.
     pub total: u64,
+    /// Id of the worker that sent the group.
     pub worker: String,
+    /// What differs from result to result, at most [`MAX_GROUP_RESULTS`] entries (a worker
+    /// sends at most `worker.result_group_max`).
     pub results: Vec<GroupedResult>,
 }
 
 /// One result of a [`ResultGroup`]: what differs from item to item.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupedResult {
+    /// As [`ItemResult::index`]: the item's position in the input file, from 0.
     pub index: u64,
+    /// As [`ItemResult::custom_id`]: the input line's `custom_id`.
     pub custom_id: String,
+    /// As [`ItemResult::status`]: how the item ended.
     pub status: ItemStatus,
+    /// As [`ItemResult::response`]: the provider's answer, if any.
     pub response: Option<ResponseRecord>,
+    /// As [`ItemResult::error`]: why the item did not succeed.
     pub error: Option<ErrorRecord>,
+    /// As [`ItemResult::attempts`]: provider calls made for the item.
     pub attempts: u32,
+    /// As [`ItemResult::finished_at_ms`]: when the item ended, ms since the Unix epoch.
     pub finished_at_ms: u64,
     /// As [`ItemResult::request`]: the request of an item that did not succeed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -400,9 +483,14 @@ impl ItemResult {
 /// the result it is written from: the response body is serialized, never copied.
 #[derive(Debug, Serialize)]
 pub struct BatchOutputLine<'a> {
+    /// `batch_req_<job id>_<index>`: unique among the lines of the job's output.
     pub id: String,
+    /// The input line's `custom_id`, by which the user matches answers to requests.
     pub custom_id: &'a str,
+    /// The provider's answer; `null` when there was none.
     pub response: Option<&'a ResponseRecord>,
+    /// Why the item failed, for a failure the `response` cannot tell; `null` otherwise
+    /// (see [`ItemResult::to_output_line`]).
     pub error: Option<&'a ErrorRecord>,
 }
 
@@ -492,20 +580,28 @@ pub fn output_line_status(line: &serde_json::Value) -> ItemStatus {
 /// Final counts of a job, published by the tracker when the job ends.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct JobCounts {
+    /// Number of items in the job (0 while the tracker has not seen its submission).
     pub total: u64,
+    /// Items that ended `succeeded`.
     pub succeeded: u64,
+    /// Items that ended `failed`.
     pub failed: u64,
+    /// Items that ended `cancelled`.
     pub cancelled: u64,
+    /// Items that ended `expired`.
     pub expired: u64,
 }
 
 impl JobCounts {
+    /// Items that ended, whatever their status.
     pub fn finished(&self) -> u64 {
         self.succeeded + self.failed + self.cancelled + self.expired
     }
+    /// Items not ended yet: `total` less [`JobCounts::finished`], never below 0.
     pub fn pending(&self) -> u64 {
         self.total.saturating_sub(self.finished())
     }
+    /// Counts one more item that ended with `status`.
     pub fn add(&mut self, status: ItemStatus) {
         match status {
             ItemStatus::Succeeded => self.succeeded += 1,
@@ -522,10 +618,18 @@ impl JobCounts {
 pub enum JobStatus {
     /// A resumable `submit` is still publishing its items.
     Submitting,
+    /// Every item is published (or the submission cannot be resumed) and not every item
+    /// has ended.
     InProgress,
+    /// Every item ended, none stopped by a cancel or the deadline; some may have failed,
+    /// not all (see [`JobStatus::of_finished`]).
     Completed,
+    /// Every item ended and none succeeded, or the submission was abandoned (reason
+    /// [`REASON_INCOMPLETE_SUBMISSION`]).
     Failed,
+    /// A cancel (`producer cancel`, or the spend cap) stopped at least one item.
     Cancelled,
+    /// The job's deadline stopped at least one item.
     Expired,
 }
 
@@ -577,12 +681,18 @@ impl std::fmt::Display for JobStatus {
 /// The job-level state the tracker reports (status queries and `job_finished`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobSummary {
+    /// The job's id, as `submit` printed it.
     pub job_id: String,
+    /// Name of the provider the job was submitted to.
     pub provider: String,
+    /// Where the job is, or how it ended.
     pub status: JobStatus,
+    /// The job's items by how they ended, and its total (flattened into the JSON).
     #[serde(flatten)]
     pub counts: JobCounts,
+    /// When the job was submitted, ms since the Unix epoch.
     pub submitted_at_ms: u64,
+    /// When the tracker ended the job, ms since the Unix epoch; `None` until then.
     pub finished_at_ms: Option<u64>,
     /// Items finished per second since submission (or over the whole job once finished).
     #[serde(default)]
@@ -601,11 +711,13 @@ pub struct JobSummary {
 /// A job's token usage and what it cost, summed by the tracker over each item's first result.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct JobUsage {
+    /// Input tokens of the answers, cached ones included.
     #[serde(default)]
     pub input_tokens: u64,
     /// Of the input tokens, those read from the provider's prompt cache.
     #[serde(default)]
     pub cached_input_tokens: u64,
+    /// Output tokens of the answers.
     #[serde(default)]
     pub output_tokens: u64,
     /// Cost at the provider's price table (`providers.<name>.prices`), in its currency.
@@ -663,6 +775,7 @@ pub struct JobProgress {
     pub dead_lettered: u64,
     /// The newest provider failure seen for this job (retried or final), and its age.
     pub last_error: Option<String>,
+    /// Seconds since the tracker saw `last_error`.
     pub last_error_age_s: Option<u64>,
     /// Seconds until the job ends at its current rate.
     pub eta_s: Option<u64>,
@@ -678,7 +791,10 @@ pub const REASON_INCOMPLETE_SUBMISSION: &str = "incomplete_submission";
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum TrackerRequest {
     /// One job.
-    Status { job_id: String },
+    Status {
+        /// The job to report.
+        job_id: String,
+    },
     /// Jobs in progress and recently finished.
     Jobs,
 }
@@ -688,6 +804,8 @@ pub enum TrackerRequest {
 pub struct TrackerReply {
     /// Worker id of the tracker that answered.
     pub tracker: String,
+    /// The job asked for (none when unknown), or every job in progress and every finished
+    /// job still retained (`tracker.retention_s`).
     pub jobs: Vec<JobSummary>,
     /// Set when the request could not be answered (e.g. an unknown job id).
     #[serde(default)]
@@ -699,11 +817,19 @@ pub struct TrackerReply {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LedgerEvent {
+    /// A job was submitted: published by `submit` before its first item (and again by a
+    /// resumed submission, which the tracker does not count twice).
     JobSubmitted {
+        /// The new job's id.
         job_id: String,
+        /// Name of the provider the job's items are for.
         provider: String,
+        /// Number of items in the job, 1 to [`MAX_JOB_ITEMS`].
         total: u64,
+        /// When the job was submitted, ms since the Unix epoch.
         submitted_at_ms: u64,
+        /// After this instant, ms since the Unix epoch, the job's unfinished items end
+        /// `expired`; `None`: no deadline.
         #[serde(default)]
         deadline_ms: Option<u64>,
         /// Whether a `submission_complete` event will follow (a producer that can be
@@ -717,15 +843,23 @@ pub enum LedgerEvent {
     },
     /// Every item of the job is published and confirmed.
     SubmissionComplete {
+        /// The job whose items are all published.
         job_id: String,
     },
+    /// `producer cancel` asked to cancel the job (the workers learn it from the control
+    /// stream): once its items have ended, the job ends `cancelled` if the cancel stopped
+    /// any.
     JobCancel {
+        /// The job to cancel.
         job_id: String,
     },
     /// A worker sent an item to a delay queue: the provider keeps failing.
     ItemDelayed {
+        /// The delayed item's job.
         job_id: String,
+        /// Name of the provider that keeps failing.
         provider: String,
+        /// The delayed item's position in its job, from 0.
         index: u64,
         /// The failure that sent it there (no response body, no key: the error's message).
         error: String,

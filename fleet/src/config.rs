@@ -83,11 +83,17 @@ pub struct Config {
     /// Prefix of every exchange and queue name, so several fleets (or parallel tests)
     /// share one broker without seeing each other.
     pub namespace: String,
+    /// The broker: where to connect, and the delivery limit and size bound of items queues.
     pub amqp: AmqpConfig,
+    /// Where metrics are pushed, and how often.
     pub pushgateway: PushgatewayConfig,
+    /// Settings of worker processes.
     pub worker: WorkerConfig,
+    /// How a worker retries a failing provider: in process, then through delay queues.
     pub retry: RetryConfig,
+    /// Settings of `producer submit` (`submit_timeout_s` is the tracker's to apply).
     pub producer: ProducerConfig,
+    /// The job tracker role a worker may take.
     pub tracker: TrackerConfig,
     /// Provider definitions by name; the name is the items queue's routing key.
     pub providers: BTreeMap<String, ProviderConfig>,
@@ -142,13 +148,19 @@ impl AmqpConfig {
 pub struct PushgatewayConfig {
     /// Base URL; an empty string disables pushing.
     pub url: String,
+    /// Seconds between two pushes of a group that has not changed, so its push time stays
+    /// fresh (a changed one is pushed within a second); at least 1.
     pub push_interval_s: u64,
     /// Groups of workers that have not pushed for this long are deleted by the tracker.
     pub stale_group_s: u64,
+    /// Seconds one request to the Pushgateway (a push, a delete, a listing) may take; at
+    /// least 1.
     pub timeout_s: u64,
     /// Optional basic-auth user; the password comes from `FLEET__PUSHGATEWAY__PASSWORD`.
     #[serde(default)]
     pub username: Option<String>,
+    /// Basic-auth password, sent with `username`; best set through
+    /// `FLEET__PUSHGATEWAY__PASSWORD` (`Debug` shows `***`).
     #[serde(default)]
     pub password: Option<String>,
 }
@@ -220,7 +232,11 @@ fn default_result_group_linger_ms() -> u64 {
 pub struct RetryConfig {
     /// Calls to the provider for one item, the first included.
     pub max_attempts: u32,
+    /// Wait before the first retry, ms; later waits grow exponentially, with jitter, and
+    /// are never shorter than the provider's `Retry-After`.
     pub initial_backoff_ms: u64,
+    /// Longest wait between two attempts, ms (a provider's `Retry-After` may ask for more,
+    /// and is obeyed within `max_elapsed_s`).
     pub max_backoff_ms: u64,
     /// Total time spent sleeping between attempts of one item before giving up.
     pub max_elapsed_s: u64,
@@ -261,6 +277,8 @@ pub struct ProducerConfig {
 pub struct TrackerConfig {
     /// Whether this worker may take the tracker role.
     pub enabled: bool,
+    /// How often the active tracker checkpoints its state and acks the ledger events folded
+    /// since, ms (at least 50; sooner when many events wait).
     pub checkpoint_interval_ms: u64,
     /// How long finished jobs stay queryable.
     pub retention_s: u64,
@@ -295,6 +313,8 @@ impl TryFrom<String> for ProviderKind {
 /// defaults.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ProviderConfig {
+    /// The API dialect the provider speaks: which endpoints it serves, how it is called and
+    /// which batch API it has.
     pub kind: ProviderKind,
     /// The request's `url` (e.g. `/v1/chat/completions`) is appended to this.
     pub base_url: String,

@@ -26,7 +26,12 @@ pub enum PublishError {
     Nacked,
     /// No queue is bound for it: retrying will not help.
     #[error("unroutable: no queue bound for exchange {exchange:?} key {routing_key:?}")]
-    Unroutable { exchange: String, routing_key: String },
+    Unroutable {
+        /// The exchange published to (`""`: the default exchange, which routes by queue name).
+        exchange: String,
+        /// The routing key no binding matched (for the default exchange, a queue name).
+        routing_key: String,
+    },
     /// The channel or connection failed: reconnect and retry.
     #[error("AMQP error: {0}")]
     Amqp(#[from] lapin::Error),

@@ -47,6 +47,8 @@ pub enum ChunkState {
     },
     /// The provider batch exists; the chunk is polled until it ends, then fetched.
     Created {
+        /// The provider's id of the chunk's batch (`[A-Za-z0-9_-]`, at most
+        /// [`MAX_PROVIDER_ID_BYTES`]).
         batch_id: String,
         /// The uploaded input file (OpenAI kind), deleted once the batch has ended.
         #[serde(default)]
@@ -60,14 +62,21 @@ pub enum ChunkState {
 /// One chunk of a batch-mode job: the items with index in `start..end`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkTask {
+    /// The batch-mode job the chunk belongs to.
     pub job_id: String,
+    /// Name of the provider whose batch API runs the chunk (its chunk queue's name ends in
+    /// it).
     pub provider: String,
     /// Position of the chunk in the job, from 0.
     pub chunk: u32,
+    /// Index of the chunk's first item in the job.
     pub start: u64,
+    /// Index one past the chunk's last item: `start < end <= total`, at most
+    /// [`MAX_CHUNK_ITEMS`] apart.
     pub end: u64,
     /// Items of the whole job.
     pub total: u64,
+    /// When the job was submitted, ms since the Unix epoch.
     pub submitted_at_ms: u64,
     /// After this instant the chunk's unfinished items end `expired` (or, with
     /// `fallback_online`, nothing more is tried).
@@ -76,6 +85,8 @@ pub struct ChunkTask {
     /// Items the provider lets expire are re-run online while the deadline allows.
     #[serde(default)]
     pub fallback_online: bool,
+    /// Where the chunk is in its life (flattened: its `state` tag and fields sit beside the
+    /// others in the JSON).
     #[serde(flatten)]
     pub state: ChunkState,
     /// Poll passes made so far (for logs and the poll budget).
@@ -122,10 +133,21 @@ impl ChunkTask {
 /// Why a chunk message is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ChunkInvalid {
+    /// The job id or the job's item count is out of bounds.
     #[error(transparent)]
     Job(#[from] Invalid),
+    /// The item range is empty, over [`MAX_CHUNK_ITEMS`] items or past the job's end.
     #[error("chunk range {start}..{end} is empty, over {MAX_CHUNK_ITEMS} items or beyond the job's total {total}")]
-    Range { start: u64, end: u64, total: u64 },
+    Range {
+        /// First index claimed.
+        start: u64,
+        /// Index one past the last, as claimed.
+        end: u64,
+        /// The job's item count claimed with them.
+        total: u64,
+    },
+    /// A batch or file id is empty, over [`MAX_PROVIDER_ID_BYTES`] or holds characters
+    /// other than `[A-Za-z0-9_-]`: it could not go into a URL path as it is.
     #[error("provider id is empty, over {MAX_PROVIDER_ID_BYTES} bytes or holds characters other than [A-Za-z0-9_-]")]
     ProviderId,
 }
@@ -158,6 +180,8 @@ pub struct Chunker {
 }
 
 impl Chunker {
+    /// A chunker for batches of at most `max_requests` items (at least 1 is used) and
+    /// `max_bytes` bytes of input, such as [`crate::config::ProviderConfig::batch_limits`] gives.
     pub fn new(max_requests: u64, max_bytes: u64) -> Chunker {
         Chunker {
             max_requests: max_requests.max(1),

@@ -28,6 +28,8 @@ const JOB_BUCKETS: &[f64] =
 /// Metrics of one worker process.
 #[derive(Clone)]
 pub struct WorkerMetrics {
+    /// Holds every metric below: the worker pushes it as its own group
+    /// (`job="batch_worker"`).
     pub registry: Registry,
     /// `batch_worker_items_total{provider,status}`: items finished by this worker (a
     /// per-worker view; the exact fleet count is the tracker's `batch_items_total`).
@@ -63,6 +65,8 @@ pub struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
+    /// Every worker metric, registered in a registry of its own; the series of each
+    /// [`DEAD_LETTER_REASONS`] start at 0.
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = WorkerMetrics {
@@ -170,6 +174,8 @@ impl Default for WorkerMetrics {
 /// Job-level metrics, owned by the active tracker.
 #[derive(Clone)]
 pub struct TrackerMetrics {
+    /// Holds every metric below: the active tracker encodes it at each checkpoint and
+    /// pushes that snapshot as the fleet's one tracker group (`job="batch_tracker"`).
     pub registry: Registry,
     /// `batch_jobs_total{provider,status}`: jobs that ended, by end status (summing it
     /// counts each job once).
@@ -197,6 +203,7 @@ pub struct TrackerMetrics {
 }
 
 impl TrackerMetrics {
+    /// Every tracker metric, registered in a registry of its own.
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = TrackerMetrics {

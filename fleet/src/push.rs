@@ -30,6 +30,7 @@ pub struct Pushgateway {
 /// One group on the Pushgateway: its grouping labels and last successful push.
 #[derive(Debug, Clone)]
 pub struct Group {
+    /// The grouping labels by name, `job` included.
     pub labels: BTreeMap<String, String>,
     /// Unix seconds of the last successful push.
     pub push_time_s: f64,
@@ -150,7 +151,9 @@ impl Pushgateway {
 /// The grouping key of a Pushgateway group: `job` plus further labels, in URL order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupKey {
+    /// The `job` label: [`WORKER_JOB`] or [`TRACKER_JOB`] for the fleet's own groups.
     pub job: String,
+    /// The other grouping labels, `(name, value)`, in the order the URL names them.
     pub labels: Vec<(String, String)>,
 }
 

@@ -72,14 +72,18 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// The names of `namespace`; items and chunk queues are declared with
+    /// `delivery_limit` as their `x-delivery-limit` (`amqp.delivery_limit`).
     pub fn new(namespace: &str, delivery_limit: u32) -> Self {
         Topology { ns: namespace.to_string(), delivery_limit }
     }
 
+    /// The names of the configured `namespace`, with its `amqp.delivery_limit`.
     pub fn from_config(cfg: &crate::Config) -> Self {
         Topology::new(&cfg.namespace, cfg.amqp.delivery_limit)
     }
 
+    /// The prefix of every name (`namespace` in the config).
     pub fn namespace(&self) -> &str {
         &self.ns
     }
@@ -87,24 +91,37 @@ impl Topology {
     pub fn delivery_limit(&self) -> u32 {
         self.delivery_limit
     }
+    /// Direct exchange of the providers' items queues: routing key = provider name.
     pub fn items_exchange(&self) -> String {
         format!("{}.items", self.ns)
     }
+    /// Items queue shared by every job of `provider`, bound to the items exchange under the
+    /// provider's name; its delay queues send items back to it.
     pub fn items_queue(&self, provider: &str) -> String {
         format!("{}.items.{provider}", self.ns)
     }
+    /// Topic exchange of results: routing key = job id; the ledger is bound with `#` and
+    /// gets a copy of every result.
     pub fn results_exchange(&self) -> String {
         format!("{}.results", self.ns)
     }
+    /// Results stream of one job: its results, then the tracker's `job_finished`, read from
+    /// the start by `producer wait` and `producer retry`.
     pub fn results_queue(&self, job_id: &str) -> String {
         format!("{}.results.{job_id}", self.ns)
     }
+    /// Fanout exchange of parked messages: the items queues' dead-letter exchange and
+    /// `<ns>.jobs`' alternate exchange; the dead queue and the ledger are bound to it.
     pub fn dead_exchange(&self) -> String {
         format!("{}.dead", self.ns)
     }
+    /// Queue of parked messages (poison, malformed, oversized, unroutable), each with its
+    /// reason ([`dead_reason`]), until `producer dead` lists or requeues them.
     pub fn dead_queue(&self) -> String {
         format!("{}.dead", self.ns)
     }
+    /// Queue of job events and a copy of every result and dead letter, folded by the
+    /// active tracker (single active consumer).
     pub fn ledger_queue(&self) -> String {
         format!("{}.ledger", self.ns)
     }

@@ -34,6 +34,7 @@ pub struct Usage {
     /// Of the input tokens, those read from the provider's prompt cache.
     #[serde(default)]
     pub cached_input_tokens: u64,
+    /// Output tokens: the answer itself (reasoning included, when the provider counts it so).
     #[serde(default)]
     pub output_tokens: u64,
 }
@@ -97,7 +98,9 @@ struct Details {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Price {
+    /// Price of a million input tokens not read from the cache, in the provider's currency.
     pub input_per_mtok: f64,
+    /// Price of a million output tokens.
     pub output_per_mtok: f64,
     /// Input tokens read from the prompt cache; the input price when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]

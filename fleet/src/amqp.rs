@@ -110,7 +110,8 @@ fn next_start(len: usize) -> usize {
 }
 
 /// Connects to the first address of `urls` that answers, trying each once, starting at a
-/// rotating offset (see [`NEXT_START`]). The error is the last address's.
+/// rotating offset: each connect of this process starts one address further on, so
+/// clients spread over the nodes. The error is the last address's.
 pub async fn connect_any(urls: &[String], name: &str) -> lapin::Result<Connection> {
     let Some(last) = urls.len().checked_sub(1) else {
         return Err(std::io::Error::other("no broker address configured (amqp.url / amqp.urls)").into());

@@ -4,6 +4,9 @@
 //! The binaries (`producer`, `worker`) stay thin; names that must agree across processes
 //! (queue names, message shapes, metric names) live here, once.
 
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
+
 pub mod amqp;
 pub mod batch;
 pub mod config;

@@ -33,12 +33,20 @@ fn submit_file(fleet: &Fleet, input: &Path, priority: u32) -> String {
     v["job_id"].as_str().unwrap().to_string()
 }
 
-/// Items of `job` finished so far, as the tracker counts them.
+/// Items of `job` finished so far, as the tracker counts them. Right after `submit` the
+/// tracker may not have read the job's submission off the ledger yet (it answers "no job
+/// ... is known"), so the query is repeated until it knows the job, for at most 30 s.
 fn finished(fleet: &Fleet, job: &str) -> u64 {
-    let out = fleet.producer(&["status", job, "--json"]);
-    assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
-    ["succeeded", "failed", "cancelled", "expired"].iter().map(|k| v[k].as_u64().unwrap_or(0)).sum()
+    let mut status = Value::Null;
+    eventually(Duration::from_secs(30), "the tracker knows the job", || {
+        let out = fleet.producer(&["status", job, "--json"]);
+        if !out.status.success() {
+            return false;
+        }
+        status = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+        true
+    });
+    ["succeeded", "failed", "cancelled", "expired"].iter().map(|k| status[k].as_u64().unwrap_or(0)).sum()
 }
 
 #[test]

@@ -47,7 +47,7 @@ pub enum Scenario {
     Tpm,
     /// `producer submit` of a large file with no workers.
     Submit,
-    /// A 10-line job submitted while a 200,000-line job runs (mock 50 ms): the small job's
+    /// A 10-line job submitted while a 400,000-line job runs (mock 50 ms): the small job's
     /// time and the big job's throughput loss.
     Fairness,
     /// The broker's cost of single choices (ledger queue type, grouped acks), one row each.

@@ -230,14 +230,17 @@ impl Fleet {
     pub fn final_status(&self, job: &str) -> Value {
         let mut last = Value::Null;
         eventually(Duration::from_secs(30), "the tracker reports the job ended", || {
-            let out = self.producer(&["status", job, "--json"]);
-            if !out.status.success() {
-                return false;
-            }
-            last = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
-            !matches!(last["status"].as_str(), Some("in_progress" | "submitting"))
+            last = self.try_status(job).unwrap_or(Value::Null);
+            !last.is_null() && !matches!(last["status"].as_str(), Some("in_progress" | "submitting"))
         });
         last
+    }
+
+    /// One `status --json` query: `None` when it fails, as it does while the tracker has not
+    /// yet read the job's submission off the ledger (right after `submit`) or none answers.
+    pub fn try_status(&self, job: &str) -> Option<Value> {
+        let out = self.producer(&["status", job, "--json"]);
+        out.status.success().then(|| serde_json::from_slice(&out.stdout).expect("status --json prints JSON"))
     }
 }
 

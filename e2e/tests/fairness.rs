@@ -38,13 +38,12 @@ fn submit_file(fleet: &Fleet, input: &Path, priority: u32) -> String {
 /// ... is known"), so the query is repeated until it knows the job, for at most 30 s.
 fn finished(fleet: &Fleet, job: &str) -> u64 {
     let mut status = Value::Null;
-    eventually(Duration::from_secs(30), "the tracker knows the job", || {
-        let out = fleet.producer(&["status", job, "--json"]);
-        if !out.status.success() {
-            return false;
+    eventually(Duration::from_secs(30), "the tracker knows the job", || match fleet.try_status(job) {
+        Some(v) => {
+            status = v;
+            true
         }
-        status = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
-        true
+        None => false,
     });
     ["succeeded", "failed", "cancelled", "expired"].iter().map(|k| status[k].as_u64().unwrap_or(0)).sum()
 }

@@ -236,6 +236,14 @@ impl Fleet {
         last
     }
 
+    /// Waits until the namespace's tracker answers (`producer jobs`): it holds the role
+    /// and reads the ledger. A worker takes the role a moment after it starts.
+    pub fn wait_for_tracker(&self) {
+        eventually(Duration::from_secs(30), "a worker holds the tracker role and answers", || {
+            self.producer(&["jobs", "--json", "--timeout", "2"]).status.success()
+        });
+    }
+
     /// One `status --json` query: `None` when it fails, as it does while the tracker has not
     /// yet read the job's submission off the ledger (right after `submit`) or none answers.
     pub fn try_status(&self, job: &str) -> Option<Value> {

@@ -250,5 +250,49 @@ fn a_jobs_results_stream_goes_when_the_tracker_forgets_the_job() {
     });
     let out = fleet.wait(&job, &fleet.dir.join("late.jsonl"), 10);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no job"), "{}", String::from_utf8_lossy(&out.stderr));
+    // `status` of a job the fleet forgot fails at once, not after waiting for the tracker
+    // to catch up: nothing says it was submitted any more.
+    let asked = std::time::Instant::now();
+    let out = fleet.producer(&["status", &job, "--timeout", "20"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("no job"), "{err}");
+    assert!(asked.elapsed() < Duration::from_secs(15), "failed at once, not at the timeout: {err}");
+    fleet.cleanup(&[&job]);
+}
+
+/// Ledger messages ahead of the submission in the catching-up test: enough for a debug
+/// build's tracker to take a few seconds over them.
+const LEDGER_AHEAD: usize = 20_000;
+
+#[test]
+fn status_right_after_submit_waits_for_a_tracker_catching_up() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("catchup", &mock.url, "");
+    // A fleet whose tracker has to start over: the submission waits on the ledger for the
+    // next worker, whose tracker may answer before it has read it.
+    let mut w1 = fleet.worker("w1", &[]);
+    fleet.wait_for_tracker();
+    w1.signal("TERM");
+    assert_eq!(w1.wait_exit(Duration::from_secs(30)), Some(0));
+    // Ahead of the submission, a long ledger for the next tracker to read (messages with
+    // nothing to fold, as an older tracker's `job_finished` echo).
+    fleet.amqp(|conn, t| async move {
+        let ch = fleet::amqp::confirm_channel(&conn).await.unwrap();
+        let props = || lapin::BasicProperties::default().with_type(fleet::wire::KIND_JOB_FINISHED.into());
+        let mut pending = Vec::with_capacity(LEDGER_AHEAD);
+        for _ in 0..LEDGER_AHEAD {
+            pending.push(fleet::amqp::publish(&ch, "", &t.ledger_queue(), b"{}", props()).await.unwrap());
+        }
+        for p in pending {
+            p.wait().await.unwrap();
+        }
+    });
+    let job = fleet.submit_requests(30);
+    let _w2 = fleet.worker("w2", &[]);
+    let out = fleet.producer(&["status", &job, "--json", "--timeout", "30"]);
+    assert!(out.status.success(), "status right after submit: {}", String::from_utf8_lossy(&out.stderr));
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status --json prints JSON");
+    assert_eq!((status["job_id"].as_str(), status["total"].as_u64()), (Some(job.as_str()), Some(30)), "{status}");
+    assert_exactly_once(&fleet.collect(&job), 30);
     fleet.cleanup(&[&job]);
 }

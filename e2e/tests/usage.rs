@@ -80,6 +80,9 @@ fn a_spend_cap_cancels_the_job_within_the_overshoot_bound() {
     let fleet =
         Fleet::new("budget", &mock.url, &prices(&format!("[providers.mock]\nmax_in_flight = {MAX_IN_FLIGHT}\n")));
     let _w = fleet.worker("w1", &[]);
+    // The bound holds while a tracker reads the ledger; until a worker holds the role
+    // (a moment after it starts, or during a takeover) results are only counted later.
+    fleet.wait_for_tracker();
     let input = fleet.dir.join("in.jsonl");
     e2e::write_requests(&input, 300);
     let out = fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--json", "--max-cost", "20"]);

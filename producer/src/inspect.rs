@@ -14,8 +14,57 @@ use lapin::BasicProperties;
 /// RabbitMQ's pseudo-queue for replies without declaring a queue.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 
-/// Asks the tracker; fails with a clear message if none answers within `timeout`.
+/// Asks the tracker; fails with a clear message if none answers within `timeout`, or
+/// with the tracker's own when it cannot answer (e.g. an unknown job id).
 pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyhow::Result<TrackerReply> {
+    let reply = ask_once(cfg, req, timeout).await?;
+    if let Some(e) = &reply.error {
+        anyhow::bail!("{e}");
+    }
+    Ok(reply)
+}
+
+/// How often [`status`] asks again while the tracker has not read a submitted job yet.
+const CATCHING_UP_EVERY: Duration = Duration::from_millis(250);
+
+/// A job's status. A tracker that does not know the job yet, although the job was
+/// submitted (its results queue exists), is still reading the ledger behind the
+/// submission (right after `submit`, or after a takeover): it is asked again until it
+/// knows the job or `timeout` is over.
+pub async fn status(cfg: &Config, job_id: &str, timeout: Duration) -> anyhow::Result<TrackerReply> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let req = TrackerRequest::Status { job_id: job_id.to_string() };
+    loop {
+        // At least a second per question, so a retry near the deadline still gets an answer.
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let reply = ask_once(cfg, &req, left.max(Duration::from_secs(1))).await?;
+        let Some(e) = reply.error else { return Ok(reply) };
+        if !submitted(cfg, job_id).await? {
+            anyhow::bail!("{e}");
+        }
+        if tokio::time::Instant::now() + CATCHING_UP_EVERY >= deadline {
+            anyhow::bail!(
+                "job {job_id} was submitted but the tracker has not read it off the ledger within {} s \
+                 (it trails the ledger under load, or a new tracker is catching up): ask again",
+                timeout.as_secs()
+            );
+        }
+        tokio::time::sleep(CATCHING_UP_EVERY).await;
+    }
+}
+
+/// Whether `job_id` was submitted in this namespace: `submit` declares its results queue
+/// first, and only the tracker's retention deletes it.
+async fn submitted(cfg: &Config, job_id: &str) -> anyhow::Result<bool> {
+    let topology = Topology::from_config(cfg);
+    let conn = crate::connect(cfg, "producer query").await?;
+    let exists = topology.queue_len(&conn, &topology.results_queue(job_id)).await?.is_some();
+    fleet::amqp::close(&conn, "done").await;
+    Ok(exists)
+}
+
+/// One request and its reply, the tracker's error included.
+async fn ask_once(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyhow::Result<TrackerReply> {
     let topology = Topology::from_config(cfg);
     let conn = crate::connect(cfg, "producer query").await?;
     if topology.queue_len(&conn, &topology.tracker_rpc_queue()).await?.is_none() {
@@ -62,9 +111,6 @@ pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyho
         )
     })??;
     fleet::amqp::close(&conn, "done").await;
-    if let Some(e) = &reply.error {
-        anyhow::bail!("{e}");
-    }
     Ok(reply)
 }
 

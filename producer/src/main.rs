@@ -283,8 +283,7 @@ async fn main() -> ExitCode {
             producer::watch::watch(&cfg, &job, Duration::from_secs(timeout), json).await
         }
         Command::Status { job, json, timeout, watch: false } => {
-            let req = TrackerRequest::Status { job_id: job };
-            inspect::ask(&cfg, &req, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
+            inspect::status(&cfg, &job, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
         }
         Command::Cancel { job } => cancel::cancel(&cfg, &job).await.map(|()| {
             eprintln!("cancel requested for job {job}: unstarted items end `cancelled`");

@@ -5,7 +5,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
-use fleet::wire::{JobSummary, TrackerRequest};
+use fleet::wire::JobSummary;
 use fleet::Config;
 
 use crate::inspect;
@@ -18,7 +18,7 @@ pub async fn watch(cfg: &Config, job_id: &str, timeout: Duration, json: bool) ->
     let in_place = !json && std::io::stdout().is_terminal();
     let mut drawn = 0;
     loop {
-        let reply = inspect::ask(cfg, &TrackerRequest::Status { job_id: job_id.to_string() }, timeout).await?;
+        let reply = inspect::status(cfg, job_id, timeout).await?;
         let text = reply.jobs.iter().map(|j| render(j, json)).collect::<Vec<_>>().join("\n");
         let mut out = std::io::stdout().lock();
         if in_place && drawn > 0 {

@@ -39,6 +39,8 @@ pub(super) struct Active<'a> {
     /// The pusher and what stops it (taken on a clean stop; aborted if the role is lost).
     pusher: Option<(CancellationToken, JoinHandle<()>)>,
     pub(super) pg: Option<Pushgateway>,
+    /// The Pushgateway pruning under way, if any (see [`Active::retention`]).
+    pub(super) pruning: Option<JoinHandle<()>>,
 }
 
 /// Ledger deliveries folded but not yet covered by a checkpoint.
@@ -84,6 +86,7 @@ impl<'a> Active<'a> {
             snapshot,
             pusher: Some((stop, pusher)),
             pg,
+            pruning: None,
         };
         active.zero_series();
         active.replay_durations();
@@ -235,10 +238,13 @@ impl<'a> Active<'a> {
 }
 
 impl Drop for Active<'_> {
-    /// A role lost to an error pushes nothing more: the next tracker's values take over.
+    /// A role lost to an error pushes and prunes nothing more: the next tracker's values take over.
     fn drop(&mut self) {
         if let Some((_, pusher)) = self.pusher.take() {
             pusher.abort();
+        }
+        if let Some(pruning) = self.pruning.take() {
+            pruning.abort();
         }
     }
 }

@@ -54,7 +54,7 @@ impl Active<'_> {
         for (job_id, provider) in &forgotten {
             self.close_job_queue(job_id, provider).await;
         }
-        self.prune_groups().await;
+        self.prune_groups();
         !forgotten.is_empty()
     }
 
@@ -77,22 +77,31 @@ impl Active<'_> {
 
     /// Deletes Pushgateway groups of this namespace's workers that stopped pushing more
     /// than `pushgateway.stale_group_s` ago. Until then their counters keep counting
-    /// (dashboards exclude their gauges by push time).
-    async fn prune_groups(&self) {
-        let Some(pg) = &self.pg else { return };
-        let Ok(groups) = pg.groups().await else {
+    /// (dashboards exclude their gauges by push time). Runs as a task of its own (one at a
+    /// time): a slow Pushgateway must not hold up the fold, whose cancels (a spend cap's)
+    /// and answers wait behind it.
+    fn prune_groups(&mut self) {
+        let Some(pg) = self.pg.clone() else { return };
+        if self.pruning.as_ref().is_some_and(|task| !task.is_finished()) {
             return;
-        };
-        let now_s = fleet::now_ms() as f64 / 1000.0;
-        for g in groups {
-            let ours = g.labels.get("job").map(String::as_str) == Some(WORKER_JOB)
-                && g.labels.get("namespace").map(String::as_str) == Some(self.topology.namespace());
-            if ours && now_s - g.push_time_s > self.cfg.pushgateway.stale_group_s as f64 {
-                if let Some(key) = GroupKey::from_labels(&g.labels) {
-                    tracing::info!(group = ?key.labels, idle_s = (now_s - g.push_time_s) as u64, "deleting stale worker group");
-                    let _ = pg.delete(&key).await;
+        }
+        let namespace = self.topology.namespace().to_string();
+        let stale_s = self.cfg.pushgateway.stale_group_s as f64;
+        self.pruning = Some(tokio::spawn(async move {
+            let Ok(groups) = pg.groups().await else {
+                return;
+            };
+            let now_s = fleet::now_ms() as f64 / 1000.0;
+            for g in groups {
+                let ours = g.labels.get("job").map(String::as_str) == Some(WORKER_JOB)
+                    && g.labels.get("namespace") == Some(&namespace);
+                if ours && now_s - g.push_time_s > stale_s {
+                    if let Some(key) = GroupKey::from_labels(&g.labels) {
+                        tracing::info!(group = ?key.labels, idle_s = (now_s - g.push_time_s) as u64, "deleting stale worker group");
+                        let _ = pg.delete(&key).await;
+                    }
                 }
             }
-        }
+        }));
     }
 }

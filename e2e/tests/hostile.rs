@@ -33,7 +33,9 @@ fn item(job: &str, index: u64, total: u64, url: &str, body: serde_json::Value) -
 
 #[test]
 fn hostile_queues_and_a_hostile_provider_crash_nothing_leak_nothing_and_lose_nothing() {
-    let mock = Mock::start(&[]);
+    // Answers slow enough that the forged items below, which name the job's first indexes,
+    // are refused and dead-lettered before the real items there are answered.
+    let mock = Mock::start(&["--latency-ms", "150"]);
     let fleet = Fleet::new("hostile", &mock.url, CONFIG);
     let env = [("HOSTILE_TEST_KEY", KEY)];
     let mut workers = vec![fleet.worker("w1", &env), fleet.worker("w2", &env)];

@@ -43,15 +43,35 @@ pub const DELAY_TIER_HEADER: &str = "fleet-delay-s";
 /// Header the fleet sets on messages it dead-letters itself, saying why.
 pub const DEAD_REASON_HEADER: &str = "x-fleet-reason";
 
+/// Header the fleet sets on messages it dead-letters itself: the reason's kind, as the
+/// `batch_dead_letters_total` `reason` label (`malformed`, `forbidden_url`, `oversized`).
+pub const DEAD_LABEL_HEADER: &str = "x-fleet-dead-label";
+
+/// Dead-letter kinds of messages the producer never publishes: it validates every line's
+/// `url` and provider, so an item refused for these came from someone else (or from a
+/// producer whose config disagrees with the workers'). Such an item must not end a job's
+/// item on its own say: see `worker::tracker::dead`.
+pub const SUSPECT_DEAD_LABELS: [&str; 2] = ["malformed", "forbidden_url"];
+
+/// Whether a dead-lettered message was refused by a worker as [`SUSPECT_DEAD_LABELS`].
+pub fn dead_suspect(props: &lapin::BasicProperties) -> bool {
+    let label = props.headers().as_ref().and_then(|h| text(h.inner().get(DEAD_LABEL_HEADER)));
+    label.is_some_and(|l| SUSPECT_DEAD_LABELS.contains(&l.as_str()))
+}
+
+/// A header's value when it is a string.
+fn text(v: Option<&AMQPValue>) -> Option<String> {
+    match v {
+        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+        Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
 /// Why a dead-lettered message was parked: the fleet's own [`DEAD_REASON_HEADER`], or the
 /// broker's `x-death` record (reason and source queue), or `unknown`.
 pub fn dead_reason(props: &lapin::BasicProperties) -> String {
     let Some(headers) = props.headers() else { return "unknown".into() };
-    let text = |v: Option<&AMQPValue>| match v {
-        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
-        Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
-        _ => None,
-    };
     if let Some(reason) = text(headers.inner().get(DEAD_REASON_HEADER)) {
         return reason;
     }
@@ -474,5 +494,18 @@ mod tests {
         assert_eq!(t.ledger_queue(), "t42.ledger");
         assert_eq!(t.job_items_queue("mock", "job_1"), "t42.items.mock.job_1");
         assert_eq!(t.job_delay_queue(30), "t42.delayed.30s");
+    }
+
+    #[test]
+    fn only_items_refused_as_not_the_producers_are_suspect() {
+        let with_label = |label: &str| {
+            let mut h = FieldTable::default();
+            h.insert(DEAD_LABEL_HEADER.into(), AMQPValue::LongString(label.into()));
+            lapin::BasicProperties::default().with_headers(h)
+        };
+        assert!(dead_suspect(&with_label("forbidden_url")) && dead_suspect(&with_label("malformed")));
+        assert!(!dead_suspect(&with_label("oversized")));
+        // The broker's own dead-lettering (delivery limit, rejection) sets no label.
+        assert!(!dead_suspect(&lapin::BasicProperties::default()));
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use fleet::amqp::{self, PublishError};
 use fleet::config::RetryConfig;
 use fleet::metrics::WorkerMetrics;
-use fleet::topology::{Topology, DEAD_REASON_HEADER, DELAY_TIER_HEADER};
+use fleet::topology::{Topology, DEAD_LABEL_HEADER, DEAD_REASON_HEADER, DELAY_TIER_HEADER};
 use fleet::wire::{Item, ItemResult, ItemStatus, KIND_RESULT};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
@@ -212,6 +212,7 @@ pub async fn dead_letter(ctx: &Context, provider: &str, delivery: Tracked, label
     tracing::warn!(provider, reason, bytes = delivery.data.len(), "dead-lettering message");
     let mut headers = FieldTable::default();
     headers.insert(DEAD_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(DEAD_LABEL_HEADER.into(), AMQPValue::LongString(label.into()));
     headers.insert("x-fleet-queue".into(), AMQPValue::LongString(ctx.topology.items_queue(provider).into()));
     headers.insert("x-fleet-provider".into(), AMQPValue::LongString(provider.into()));
     let props = amqp::persistent_json().with_headers(headers);

@@ -5,7 +5,11 @@
 //! (delivery limit, rejection; the reason in `x-death`): see [`fleet::topology::dead_reason`]. An item whose index has no result
 //! yet gets a failed result with code `dead_lettered`, published like any worker's result
 //! (to the job's results stream and back to the ledger), so the job ends and `wait` writes
-//! the line. Garbage that is not an item is left to `producer dead`.
+//! the line. Garbage that is not an item is left to `producer dead`, and so is an item a
+//! worker refused as `malformed` or `forbidden_url` ([`fleet::topology::SUSPECT_DEAD_LABELS`]):
+//! the producer never publishes one, so it is not the job's own item, and its result would
+//! claim a real item's index under a `custom_id` of its sender's choosing (the job's real
+//! item there still gets its answer).
 
 use anyhow::Context as _;
 use fleet::amqp;
@@ -18,8 +22,11 @@ use super::active::Active;
 pub const DEAD_LETTERED: &str = "dead_lettered";
 
 /// The item a dead-lettered message carries, if it is one within the bounds every worker
-/// checks ([`Item::check`]).
+/// checks ([`Item::check`]) and not a suspect one ([`fleet::topology::dead_suspect`]).
 pub fn dead_item(delivery: &Delivery) -> Option<Item> {
+    if fleet::topology::dead_suspect(&delivery.properties) {
+        return None;
+    }
     let item: Item = serde_json::from_slice(&delivery.data).ok()?;
     item.check().is_ok().then_some(item)
 }
@@ -36,7 +43,7 @@ impl Active<'_> {
     /// again, and a second result is dropped as a duplicate.
     pub(super) async fn end_dead_item(&self, delivery: &Delivery) -> anyhow::Result<()> {
         let Some(item) = dead_item(delivery) else {
-            return Ok(()); // not an item: `producer dead` shows it
+            return Ok(()); // not an item, or a suspect one: `producer dead` shows it
         };
         if self.state.has_result(&item.job_id, item.index) {
             return Ok(()); // e.g. a poison item: its worker published the result first

@@ -193,6 +193,9 @@ fn an_item_the_broker_dead_letters_ends_failed_and_the_job_ends() {
         let msg = ch.basic_get(queue.as_str().into(), Default::default()).await.unwrap().expect("an item");
         let item: Value = serde_json::from_slice(&msg.delivery.data).unwrap();
         msg.delivery.acker.reject(lapin::options::BasicRejectOptions { requeue: false }).await.unwrap();
+        // A reject has no answer: closing politely makes the broker take it first (a
+        // connection dropped before the frame left would requeue the item instead).
+        fleet::amqp::close(&conn, "item rejected").await;
         item["custom_id"].as_str().unwrap().to_string()
     });
     let _w = fleet.worker("w1", &[]);

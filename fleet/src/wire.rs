@@ -639,11 +639,13 @@ impl JobStatus {
         [JobStatus::Completed, JobStatus::Failed, JobStatus::Cancelled, JobStatus::Expired];
 
     /// The one rule (the README's "How a job ends") for a job whose items are all finished:
-    /// `cancelled` when a cancel stopped at least one item; else `expired` when the deadline
-    /// stopped at least one item (as a provider's batch expires with partial results); else
-    /// `failed` when no item succeeded; else `completed` (individual items may have failed).
-    pub fn of_finished(counts: &JobCounts, cancel_requested: bool) -> JobStatus {
-        if cancel_requested && counts.cancelled > 0 {
+    /// `cancelled` when a cancel stopped at least one item (only a cancel, the user's or a
+    /// spend cap's, makes an item `cancelled`, so the counts say it even when the request
+    /// itself has not been folded yet); else `expired` when the deadline stopped at least
+    /// one item (as a provider's batch expires with partial results); else `failed` when no
+    /// item succeeded; else `completed` (individual items may have failed).
+    pub fn of_finished(counts: &JobCounts) -> JobStatus {
+        if counts.cancelled > 0 {
             JobStatus::Cancelled
         } else if counts.expired > 0 {
             JobStatus::Expired

@@ -16,10 +16,12 @@ pub async fn cancel(cfg: &Config, job_id: &str) -> anyhow::Result<()> {
     }
     let ch = amqp::confirm_channel(&conn).await?;
     topology.declare_common(&ch).await?;
-    let msg = serde_json::to_vec(&ControlMessage::CancelJob { job_id: job_id.to_string(), reason: None })?;
-    amqp::publish_confirmed(&ch, "", &topology.control_stream(), &msg, amqp::persistent_json()).await?;
+    // The ledger first: workers end items `cancelled` only once they read the control
+    // stream, so the tracker folds the request before any result it caused.
     let event = serde_json::to_vec(&LedgerEvent::JobCancel { job_id: job_id.to_string() })?;
     amqp::publish_confirmed(&ch, "", &topology.ledger_queue(), &event, amqp::persistent_json()).await?;
+    let msg = serde_json::to_vec(&ControlMessage::CancelJob { job_id: job_id.to_string(), reason: None })?;
+    amqp::publish_confirmed(&ch, "", &topology.control_stream(), &msg, amqp::persistent_json()).await?;
     fleet::amqp::close(&conn, "done").await;
     Ok(())
 }

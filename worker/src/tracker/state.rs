@@ -318,7 +318,7 @@ impl State {
         if job.end_status.is_some() || job.counts.finished() < total {
             return None;
         }
-        let status = JobStatus::of_finished(&job.counts, job.cancel_requested);
+        let status = JobStatus::of_finished(&job.counts);
         Some(self.end(job_id, status, None, now_ms))
     }
 
@@ -624,6 +624,24 @@ mod tests {
         assert!(s.jobs.contains_key("j"));
         s.prune(1_000, 100);
         assert!(s.jobs.is_empty());
+    }
+
+    #[test]
+    fn a_job_whose_items_were_cancelled_ends_cancelled_even_before_the_request_is_folded() {
+        // Workers may read a cancel on the control stream, and their cancelled results may
+        // reach the ledger, before the request does (a `producer cancel` of an older version
+        // published it there second).
+        let mut s = State::default();
+        s.apply(&submitted("j", 2), 1);
+        let ended = s
+            .apply_results(&finished("j", &[(0, ItemStatus::Cancelled), (1, ItemStatus::Cancelled)]), 2)
+            .expect("ends");
+        assert_eq!(ended.summary.status.as_str(), "cancelled");
+        // A cancel that came after every item had its result stops nothing.
+        s.apply(&submitted("k", 1), 3);
+        s.apply(&LedgerEvent::JobCancel { job_id: "k".into() }, 4);
+        let ended = s.apply_results(&finished("k", &[(0, ItemStatus::Succeeded)]), 5).expect("ends");
+        assert_eq!(ended.summary.status.as_str(), "completed");
     }
 
     #[test]

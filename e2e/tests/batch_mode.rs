@@ -22,7 +22,8 @@ fn batch_fleet(test: &str, mock: &Mock, max_requests: u64) -> Fleet {
     let extra = format!(
         "[providers.mock]\nbatch = true\nbatch_poll_interval_s = {POLL_S}\nbatch_max_requests = {max_requests}\n\
          [providers.claude]\nkind = \"anthropic\"\nbase_url = \"{url}\"\ntimeout_s = 10\nmax_in_flight = 64\n\
-         batch = true\nbatch_poll_interval_s = {POLL_S}\nbatch_max_requests = {max_requests}\n",
+         batch = true\nbatch_poll_interval_s = {POLL_S}\nbatch_max_requests = {max_requests}\n\
+         [providers.mock.prices.\"mock-model\"]\ninput_per_mtok = 1000.0\noutput_per_mtok = 3000.0\n",
         url = mock.url
     );
     Fleet::new(test, &mock.url, &extra)
@@ -123,7 +124,7 @@ fn the_same_file_online_and_through_both_batch_apis_gives_every_custom_id_once()
     let _w: Vec<Proc> = workers.iter().map(|w| f.worker(w, &[])).collect();
     let openai = input(&f, "openai.jsonl", 2000, false);
     let anthropic = input(&f, "anthropic.jsonl", 2000, true);
-    let mut jobs = Vec::new();
+    let (mut jobs, mut usage) = (Vec::new(), Vec::new());
     for (provider, file, mode) in [
         ("mock", &openai, "online"),
         ("mock", &openai, "batch"),
@@ -137,8 +138,18 @@ fn the_same_file_online_and_through_both_batch_apis_gives_every_custom_id_once()
         let status = f.final_status(&job);
         assert_eq!(status["status"], "completed", "{provider} {mode}: {status}");
         assert_eq!(status["succeeded"], 2000, "{provider} {mode}: the tracker counted each item once: {status}");
+        usage.push(status["usage"].clone());
         jobs.push((provider, mode, job));
     }
+    // The same requests online and in a provider batch: the same tokens, the batch's at
+    // half the price (the default `batch_factor`).
+    let (online, batch) = (&usage[0], &usage[1]);
+    assert!(online["output_tokens"].as_u64().unwrap_or(0) > 0, "{online}");
+    for k in ["input_tokens", "output_tokens"] {
+        assert_eq!(online[k], batch[k], "{k}: online {online}, batch {batch}");
+    }
+    let (full, half) = (online["cost"].as_f64().unwrap(), batch["cost"].as_f64().unwrap());
+    assert!(full > 0.0 && (half - full / 2.0).abs() < 1e-9 * full, "online {full}, batch {half}");
     // 2,000 requests in chunks of 800: three provider batches per batch-mode job, each
     // created once; the online jobs created none.
     assert_created_once(&mock, "openai_created", Some(&jobs[1].2), 3);

@@ -37,6 +37,11 @@ pub struct Usage {
     /// Output tokens: the answer itself (reasoning included, when the provider counts it so).
     #[serde(default)]
     pub output_tokens: u64,
+    /// The answer came out of a provider batch (batch mode): priced at the model's
+    /// [`Price::batch_factor`]. Set by the worker that read the batch's output, never by the
+    /// answer itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub batch: bool,
 }
 
 /// Reads the usage of an answer body; `None` when it reports none (or is not an object).
@@ -64,7 +69,13 @@ pub fn parse(body: &str) -> Option<Usage> {
         }
         model.truncate(cut);
     }
-    Some(Usage { model, input_tokens: input, cached_input_tokens: cached.min(input), output_tokens: output })
+    Some(Usage {
+        model,
+        input_tokens: input,
+        cached_input_tokens: cached.min(input),
+        output_tokens: output,
+        batch: false,
+    })
 }
 
 /// The two keys read; every other key is skipped unparsed. A `usage` or `model` of the
@@ -116,14 +127,15 @@ fn default_batch_factor() -> f64 {
 }
 
 impl Price {
-    /// Cost of `usage` at this price (direct calls; `batch` applies [`Price::batch_factor`]).
-    pub fn cost(&self, usage: &Usage, batch: bool) -> f64 {
+    /// Cost of `usage` at this price: [`Price::batch_factor`] of it for an answer out of a
+    /// provider batch ([`Usage::batch`]).
+    pub fn cost(&self, usage: &Usage) -> f64 {
         let uncached = usage.input_tokens.saturating_sub(usage.cached_input_tokens) as f64;
         let cached_price = self.cached_input_per_mtok.unwrap_or(self.input_per_mtok);
         let full = uncached * self.input_per_mtok
             + usage.cached_input_tokens as f64 * cached_price
             + usage.output_tokens as f64 * self.output_per_mtok;
-        let factor = if batch { self.batch_factor } else { 1.0 };
+        let factor = if usage.batch { self.batch_factor } else { 1.0 };
         full / 1_000_000.0 * factor
     }
 
@@ -159,7 +171,13 @@ mod tests {
                      "prompt_tokens_details":{"cached_tokens":60}}}"#;
         assert_eq!(
             parse(chat),
-            Some(Usage { model: "gpt-4o".into(), input_tokens: 100, cached_input_tokens: 60, output_tokens: 20 })
+            Some(Usage {
+                model: "gpt-4o".into(),
+                input_tokens: 100,
+                cached_input_tokens: 60,
+                output_tokens: 20,
+                batch: false
+            })
         );
         let responses = r#"{"model":"o3","output":[],"usage":{"input_tokens":50,"output_tokens":7,
             "input_tokens_details":{"cached_tokens":10},"output_tokens_details":{"reasoning_tokens":3}}}"#;
@@ -205,11 +223,16 @@ mod tests {
     fn prices_turn_tokens_into_money() {
         let p =
             Price { input_per_mtok: 2.0, output_per_mtok: 8.0, cached_input_per_mtok: Some(0.5), batch_factor: 0.5 };
-        let u =
-            Usage { model: "m".into(), input_tokens: 1_000_000, cached_input_tokens: 400_000, output_tokens: 500_000 };
+        let u = Usage {
+            model: "m".into(),
+            input_tokens: 1_000_000,
+            cached_input_tokens: 400_000,
+            output_tokens: 500_000,
+            batch: false,
+        };
         let direct = 0.6 * 2.0 + 0.4 * 0.5 + 0.5 * 8.0;
-        assert!((p.cost(&u, false) - direct).abs() < 1e-9);
-        assert!((p.cost(&u, true) - direct / 2.0).abs() < 1e-9);
+        assert!((p.cost(&u) - direct).abs() < 1e-9);
+        assert!((p.cost(&Usage { batch: true, ..u.clone() }) - direct / 2.0).abs() < 1e-9);
         assert!(p.is_valid());
         assert!(!Price { batch_factor: 2.0, ..p.clone() }.is_valid());
         let table = BTreeMap::from([("m".to_string(), p)]);

@@ -133,7 +133,12 @@ pub fn of_lines(
                     if r.status == ItemStatus::Failed {
                         r.error = Some(error("provider_error", &format!("HTTP {code}")));
                     }
-                    r.usage = r.response.as_ref().and_then(|a| fleet::usage::parse(a.body.get()));
+                    // Out of a provider batch: priced at the model's batch factor.
+                    r.usage = r
+                        .response
+                        .as_ref()
+                        .and_then(|a| fleet::usage::parse(a.body.get()))
+                        .map(|u| fleet::usage::Usage { batch: true, ..u });
                     r
                 }
                 // The answer of an item the stream no longer holds: `missing_item`.

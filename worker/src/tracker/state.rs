@@ -343,7 +343,7 @@ impl State {
     fn add_usage(&mut self, job_id: &str, provider: &str, usage: &Usage) {
         let table = self.prices.get(provider);
         let label = table.map_or("other", |t| fleet::usage::model_label(t, &usage.model)).to_string();
-        let cost = table.and_then(|t| t.get(&usage.model)).map(|p| p.cost(usage, false));
+        let cost = table.and_then(|t| t.get(&usage.model)).map(|p| p.cost(usage));
         let totals = self.usage_total.entry(provider.to_string()).or_default().entry(label).or_default();
         totals.input_tokens = totals.input_tokens.saturating_add(usage.input_tokens);
         totals.cached_input_tokens = totals.cached_input_tokens.saturating_add(usage.cached_input_tokens);
@@ -553,11 +553,12 @@ mod tests {
             *max_cost = Some(10.0);
         }
         s.apply(&ev, 1);
-        let used = |index, model: &str| -> Vec<ItemResult> {
-            let usage = Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1 };
+        let used_in = |index, model: &str, batch: bool| -> Vec<ItemResult> {
+            let usage = Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1, batch };
             let [r] = <[ItemResult; 1]>::try_from(finished("j", &[(index, ItemStatus::Succeeded)])).unwrap();
             vec![ItemResult { usage: Some(usage), ..r }]
         };
+        let used = |index, model: &str| used_in(index, model, false);
         s.apply_results(&used(0, "m"), 2); // costs 2 + 2 = 4
         s.apply_results(&used(0, "m"), 2); // a redelivered result: not counted again
         s.apply_results(&used(1, "unpriced"), 3);
@@ -587,6 +588,13 @@ mod tests {
         assert_eq!(restored.usage_total, s2.usage_total);
         assert_eq!(restored.jobs["j"].usage, s2.jobs["j"].usage);
         assert!(restored.prices.is_empty());
+
+        // An answer out of a provider batch costs the batch factor of the price.
+        let mut s3 = State { prices: s.prices.clone(), ..State::default() };
+        s3.apply(&ev, 1);
+        s3.apply_results(&used_in(0, "m", true), 2);
+        assert!((s3.jobs["j"].usage.cost - 2.0).abs() < 1e-9, "half of 4");
+        assert!((s3.usage_total["p"]["m"].cost - 2.0).abs() < 1e-9);
     }
 
     #[test]

@@ -51,7 +51,7 @@ impl<'a> FleetRun<'a> {
 
     /// The names of its queues and exchanges.
     pub fn topology(&self) -> Topology {
-        Topology::new(&self.ns, 5)
+        Topology::names(&self.ns)
     }
 
     /// The stack this fleet runs on.

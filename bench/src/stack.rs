@@ -42,7 +42,7 @@ pub struct Leftover {
 /// namespace `ns`: named like the fleet's items and results exchanges, so the namespace's
 /// clean-up deletes them with the rest.
 pub fn pipeline_names(ns: &str) -> (String, String) {
-    let t = Topology::new(ns, 5);
+    let t = Topology::names(ns);
     (t.items_exchange(), t.results_exchange())
 }
 
@@ -104,7 +104,7 @@ impl Stack {
     /// jobs' results and items queues, the fleet's fixed queues and exchanges, the
     /// pipelines' plain queues.
     pub async fn delete_namespace(&self, ns: &str) -> anyhow::Result<()> {
-        let topology = Topology::new(ns, 5);
+        let topology = Topology::names(ns);
         let left = self.lock_leftovers().get(ns).cloned().unwrap_or_default();
         let (mut queues, exchanges) = topology.fixed_names(&[PROVIDER], &left.delay_tiers_s);
         queues.extend(left.jobs.iter().map(|j| topology.results_queue(j)));

@@ -95,8 +95,7 @@ impl Fleet {
 
     /// The names of the namespace's queues and exchanges (tests never spell them out).
     pub fn topology(&self) -> Topology {
-        // The delivery limit only matters to declarations; the names do not depend on it.
-        Topology::new(&self.ns, 5)
+        Topology::names(&self.ns)
     }
 
     /// Starts a worker process with `FLEET__WORKER__ID=<id>` and extra env.

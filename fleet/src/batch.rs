@@ -89,7 +89,7 @@ pub struct ChunkTask {
     /// others in the JSON).
     #[serde(flatten)]
     pub state: ChunkState,
-    /// Poll passes made so far (for logs and the poll budget).
+    /// Poll passes made so far (for logs).
     #[serde(default)]
     pub polls: u32,
 }

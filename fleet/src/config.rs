@@ -674,7 +674,7 @@ mod tests {
     fn defaults_load_and_name_a_mock_provider() {
         let cfg = Config::load(None).unwrap();
         assert_eq!(cfg.providers["mock"].kind, ProviderKind::Openai);
-        assert!(cfg.amqp.delivery_limit > 0);
+        assert_eq!(cfg.amqp.delivery_limit, crate::topology::DEFAULT_DELIVERY_LIMIT);
     }
 
     #[test]

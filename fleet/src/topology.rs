@@ -84,6 +84,9 @@ pub fn dead_reason(props: &lapin::BasicProperties) -> String {
     "unknown".into()
 }
 
+/// The default of `amqp.delivery_limit` (a config test keeps the two equal).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 10;
+
 /// Names of everything on the broker for one namespace.
 #[derive(Debug, Clone)]
 pub struct Topology {
@@ -96,6 +99,13 @@ impl Topology {
     /// `delivery_limit` as their `x-delivery-limit` (`amqp.delivery_limit`).
     pub fn new(namespace: &str, delivery_limit: u32) -> Self {
         Topology { ns: namespace.to_string(), delivery_limit }
+    }
+
+    /// The names of `namespace` alone, for code that only reads, lists or deletes them
+    /// (tests, the bench). Declaring an items queue through it uses the default
+    /// `amqp.delivery_limit`, [`DEFAULT_DELIVERY_LIMIT`].
+    pub fn names(namespace: &str) -> Self {
+        Topology::new(namespace, DEFAULT_DELIVERY_LIMIT)
     }
 
     /// The names of the configured `namespace`, with its `amqp.delivery_limit`.
@@ -189,7 +199,8 @@ impl Topology {
     pub fn classic_delay_queue(&self, provider: &str, secs: u64) -> String {
         format!("{}.delay.{provider}.{secs}s", self.ns)
     }
-    /// Stream of control messages (job cancels) every worker reads from the start.
+    /// Stream of control messages (job cancels, job queues opening and closing) every
+    /// worker reads from the start.
     pub fn control_stream(&self) -> String {
         format!("{}.control", self.ns)
     }

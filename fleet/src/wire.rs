@@ -141,7 +141,8 @@ pub struct BatchInputLine {
     pub body: Box<RawValue>,
 }
 
-/// One request of a job, as queued on `<ns>.items.<provider>`.
+/// One request of a job, as queued on its job's items queue `<ns>.items.<provider>.<job>`
+/// (or the provider's shared `<ns>.items.<provider>`, which its delay queues feed).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Item {
     /// The job the item belongs to; also the routing key of its job's items queue and of

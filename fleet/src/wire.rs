@@ -142,7 +142,7 @@ pub struct BatchInputLine {
 }
 
 /// One request of a job, as queued on its job's items queue `<ns>.items.<provider>.<job>`
-/// (or the provider's shared `<ns>.items.<provider>`, which its delay queues feed).
+/// (or the provider's shared `<ns>.items.<provider>`: `dead --requeue`, earlier producers).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Item {
     /// The job the item belongs to; also the routing key of its job's items queue and of

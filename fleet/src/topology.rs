@@ -404,6 +404,13 @@ impl Topology {
         .await
     }
 
+    /// Whether `job_id` was submitted in this namespace and is still retained: `submit`
+    /// declares the job's results queue before anything else, and only the tracker's
+    /// retention deletes it.
+    pub async fn job_exists(&self, conn: &lapin::Connection, job_id: &str) -> lapin::Result<bool> {
+        Ok(self.queue_len(conn, &self.results_queue(job_id)).await?.is_some())
+    }
+
     /// Number of messages ready in a queue, or `None` if it does not exist.
     pub async fn queue_len(&self, conn: &lapin::Connection, queue: &str) -> lapin::Result<Option<u32>> {
         Ok(queue_stats(conn, queue).await?.map(|(ready, _)| ready))

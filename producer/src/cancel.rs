@@ -11,7 +11,7 @@ use fleet::Config;
 pub async fn cancel(cfg: &Config, job_id: &str) -> anyhow::Result<()> {
     let topology = Topology::from_config(cfg);
     let conn = crate::connect(cfg, "producer cancel").await?;
-    if topology.queue_len(&conn, &topology.results_queue(job_id)).await?.is_none() {
+    if !topology.job_exists(&conn, job_id).await? {
         anyhow::bail!("no job {job_id:?} in namespace {:?}", topology.namespace());
     }
     let ch = amqp::confirm_channel(&conn).await?;

@@ -318,7 +318,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     let queue = topology.results_queue(req.job_id);
     let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
     let mut conn = crate::connect(cfg, "producer wait").await?;
-    if topology.queue_len(&conn, &queue).await?.is_none() {
+    if !topology.job_exists(&conn, req.job_id).await? {
         anyhow::bail!(
             "no job {:?} in namespace {:?} (its results queue {queue} does not exist)",
             req.job_id,

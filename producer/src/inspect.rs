@@ -17,7 +17,11 @@ const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// Asks the tracker; fails with a clear message if none answers within `timeout`, or
 /// with the tracker's own when it cannot answer (e.g. an unknown job id).
 pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyhow::Result<TrackerReply> {
-    let reply = ask_once(cfg, req, timeout).await?;
+    let topology = Topology::from_config(cfg);
+    let conn = crate::connect(cfg, "producer query").await?;
+    let reply = ask_once(&conn, &topology, req, timeout).await;
+    fleet::amqp::close(&conn, "done").await;
+    let reply = reply?;
     if let Some(e) = &reply.error {
         anyhow::bail!("{e}");
     }
@@ -28,18 +32,36 @@ pub async fn ask(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyho
 const CATCHING_UP_EVERY: Duration = Duration::from_millis(250);
 
 /// A job's status. A tracker that does not know the job yet, although the job was
-/// submitted (its results queue exists), is still reading the ledger behind the
+/// submitted ([`Topology::job_exists`]), is still reading the ledger behind the
 /// submission (right after `submit`, or after a takeover): it is asked again until it
-/// knows the job or `timeout` is over.
+/// knows the job or `timeout` is over. One connection serves every question.
 pub async fn status(cfg: &Config, job_id: &str, timeout: Duration) -> anyhow::Result<TrackerReply> {
+    let topology = Topology::from_config(cfg);
+    let conn = crate::connect(cfg, "producer query").await?;
+    let reply = status_on(&conn, &topology, job_id, timeout).await;
+    fleet::amqp::close(&conn, "done").await;
+    reply
+}
+
+async fn status_on(
+    conn: &lapin::Connection,
+    topology: &Topology,
+    job_id: &str,
+    timeout: Duration,
+) -> anyhow::Result<TrackerReply> {
     let deadline = tokio::time::Instant::now() + timeout;
     let req = TrackerRequest::Status { job_id: job_id.to_string() };
+    let mut submitted = None;
     loop {
         // At least a second per question, so a retry near the deadline still gets an answer.
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let reply = ask_once(cfg, &req, left.max(Duration::from_secs(1))).await?;
+        let reply = ask_once(conn, topology, &req, left.max(Duration::from_secs(1))).await?;
         let Some(e) = reply.error else { return Ok(reply) };
-        if !submitted(cfg, job_id).await? {
+        // Asked once: a job that exists does not stop existing while the tracker catches up.
+        if submitted.is_none() {
+            submitted = Some(topology.job_exists(conn, job_id).await?);
+        }
+        if submitted == Some(false) {
             anyhow::bail!("{e}");
         }
         if tokio::time::Instant::now() + CATCHING_UP_EVERY >= deadline {
@@ -53,21 +75,14 @@ pub async fn status(cfg: &Config, job_id: &str, timeout: Duration) -> anyhow::Re
     }
 }
 
-/// Whether `job_id` was submitted in this namespace: `submit` declares its results queue
-/// first, and only the tracker's retention deletes it.
-async fn submitted(cfg: &Config, job_id: &str) -> anyhow::Result<bool> {
-    let topology = Topology::from_config(cfg);
-    let conn = crate::connect(cfg, "producer query").await?;
-    let exists = topology.queue_len(&conn, &topology.results_queue(job_id)).await?.is_some();
-    fleet::amqp::close(&conn, "done").await;
-    Ok(exists)
-}
-
-/// One request and its reply, the tracker's error included.
-async fn ask_once(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyhow::Result<TrackerReply> {
-    let topology = Topology::from_config(cfg);
-    let conn = crate::connect(cfg, "producer query").await?;
-    if topology.queue_len(&conn, &topology.tracker_rpc_queue()).await?.is_none() {
+/// One request and its reply on `conn`, the tracker's error included.
+async fn ask_once(
+    conn: &lapin::Connection,
+    topology: &Topology,
+    req: &TrackerRequest,
+    timeout: Duration,
+) -> anyhow::Result<TrackerReply> {
+    if topology.queue_len(conn, &topology.tracker_rpc_queue()).await?.is_none() {
         anyhow::bail!("no worker has ever run in namespace {:?}: start one with `worker`", topology.namespace());
     }
     let ch = conn.create_channel().await?;
@@ -110,7 +125,7 @@ async fn ask_once(cfg: &Config, req: &TrackerRequest, timeout: Duration) -> anyh
             topology.namespace()
         )
     })??;
-    fleet::amqp::close(&conn, "done").await;
+    let _ = ch.close(200, "answered".into()).await;
     Ok(reply)
 }
 

@@ -118,7 +118,7 @@ async fn read_results(cfg: &Config, job_id: &str, selection: Selection) -> anyho
     let topology = Topology::from_config(cfg);
     let queue = topology.results_queue(job_id);
     let conn = crate::connect(cfg, "producer retry").await?;
-    if topology.queue_len(&conn, &queue).await?.is_none() {
+    if !topology.job_exists(&conn, job_id).await? {
         anyhow::bail!(
             "no job {job_id:?} in namespace {:?} (its results are gone or never existed)",
             topology.namespace()

@@ -293,15 +293,7 @@ async fn main() -> ExitCode {
                 if json {
                     println!("{}", serde_json::to_string(m).expect("serializable"));
                 } else {
-                    println!(
-                        "{}{} job={} custom_id={} bytes={}: {}",
-                        if m.requeued { "requeued " } else { "" },
-                        m.provider.as_deref().unwrap_or("-"),
-                        m.job_id.as_deref().unwrap_or("-"),
-                        m.custom_id.as_deref().unwrap_or("-"),
-                        m.bytes,
-                        m.reason
-                    );
+                    println!("{}", m.line());
                 }
             }
             let requeued = msgs.iter().filter(|m| m.requeued).count();
@@ -398,7 +390,7 @@ async fn summary(cfg: &fleet::Config, mut c: Collected, output: &std::path::Path
         let req = TrackerRequest::Status { job_id: c.job_id.clone() };
         if let Ok(reply) = inspect::ask(cfg, &req, USAGE_QUERY_TIMEOUT).await {
             let job = reply.jobs.into_iter().next();
-            c.usage_final = job.as_ref().is_some_and(|j| !matches!(j.status.as_str(), "in_progress" | "submitting"));
+            c.usage_final = job.as_ref().is_some_and(|j| j.status.is_ended());
             c.usage = job.and_then(|j| j.usage);
         }
     }

@@ -28,7 +28,7 @@ pub async fn watch(cfg: &Config, job_id: &str, timeout: Duration, json: bool) ->
         writeln!(out, "{text}")?;
         out.flush()?;
         drawn = text.lines().count();
-        if reply.jobs.iter().all(|j| !matches!(j.status.as_str(), "in_progress" | "submitting")) {
+        if reply.jobs.iter().all(|j| j.status.is_ended()) {
             return Ok(());
         }
         tokio::time::sleep(EVERY).await;

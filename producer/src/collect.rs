@@ -8,6 +8,16 @@
 //! its `custom_id` is not in the file yet. Interrupted and run again, it reads the file back
 //! (dropping a torn last line) and carries on; a file that is already complete returns at
 //! once. An output file belongs to one job: lines of another job in it are refused.
+//!
+//! **Local files are the user's.** An existing file is read back (see [`ReadBack`]) before
+//! anything is written, and nothing is written to one that is not a results file of this
+//! job: a line that is not a result, a line of another job, or an unfinished last line
+//! that is not a torn write of ours refuses the file whole, byte for byte unchanged. Only
+//! a torn last line after at least one complete result line is cut off, and only once the
+//! job is known to exist. A missing file is created with `create_new` (`O_EXCL`), so never
+//! through a link planted at the path; an output path that is a link to an existing file
+//! is followed, but only to a file that passes the same checks (empty, or this job's
+//! results), so nothing else is ever written through it.
 
 use std::collections::HashSet;
 use std::io::{BufRead, Seek, Write};
@@ -36,7 +46,8 @@ const ACK_IDLE: Duration = Duration::from_millis(200);
 /// Longest wait for an ack or a close: past it the connection is treated as failed.
 const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The output file cannot take this job's results (exit code 2: nothing was read).
+/// A file cannot take this job's results (exit code 2): refused before anything was written
+/// to it, and left as it was.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
     /// The file already holds results of another job.
@@ -46,8 +57,24 @@ pub enum OutputError {
     #[error("{path} already holds results (of job {other}); choose a new output file for a new job")]
     NotEmpty { path: String, other: String },
     /// A line that is not a result of this fleet, in the format asked for.
-    #[error("{path} line {line} is not a result line (in the {format} output format); refusing to append to it")]
+    #[error("{path} line {line} is not a result line (in the {format} output format); refusing to change it")]
     NotResults { path: String, line: usize, format: OutputFormat },
+    /// The last line has no newline and is not a torn write of this job's results (one comes
+    /// only after a complete result line, and starts as a result line of the job).
+    #[error(
+        "{path} line {line} is unfinished (no newline) and is not a torn result line of this job; refusing to cut \
+         it off or write to the file"
+    )]
+    Unfinished { path: String, line: usize },
+    /// The file changed between being checked and being opened for writing.
+    #[error("{path} changed while it was being checked; run again")]
+    Changed { path: String },
+    /// `--errors` names the output (or its collection): the two need files of their own.
+    #[error("the error file {path} is the output file (or its collection); give the errors a file of their own")]
+    SameFile { path: String },
+    /// A file that is not one of ours sits where a temporary file of the producer goes.
+    #[error("{path} is in the way of a temporary file of the producer and is not one of its own; move it away and run again")]
+    InTheWay { path: String },
     /// The file cannot be opened for appending.
     #[error("cannot open {path} for writing: {source}")]
     Unwritable { path: String, source: std::io::Error },
@@ -58,15 +85,60 @@ fn line_job_id(v: &serde_json::Value) -> Option<&str> {
     v["id"].as_str()?.strip_prefix("batch_req_")?.rsplit_once('_').map(|(job, _)| job)
 }
 
+/// Whether `tail`, an unfinished last line, can be a line of `job` torn by an interrupted
+/// write: it starts as every line of either format starts (`id` is serialized first), or
+/// is the beginning of that start.
+fn torn_line_of(job: &str, tail: &[u8]) -> bool {
+    let start = format!("{{\"id\":\"batch_req_{job}_");
+    tail.starts_with(start.as_bytes()) || start.as_bytes().starts_with(tail)
+}
+
 /// Checks, before a job is submitted, that `path` can be written and holds no results
-/// (or, for a resumed submission, only that job's).
+/// (or, for a resumed submission, only that job's). An existing file is only read; a
+/// missing one is created empty (never through a link planted at the path), which proves
+/// the path can be written before any job is started.
 pub fn check_new_output(path: &Path, resumed: Option<&str>, format: OutputFormat) -> anyhow::Result<()> {
-    let (_, seen, _, job) = open_output(path, resumed, format)?;
-    if let Some(other) = job.filter(|_| !seen.is_empty() && resumed.is_none()) {
+    let back = ReadBack::read(path, resumed, format)?;
+    if let Some(other) = back.job.filter(|_| !back.seen.is_empty() && resumed.is_none()) {
         return Err(OutputError::NotEmpty { path: path.display().to_string(), other }.into());
+    }
+    if back.file.is_none() {
+        create_new(path)?;
     }
     Ok(())
 }
+
+/// Creates `path` for reading and appending, failing if anything (a file, a link, even a
+/// dangling one) is there already.
+fn create_new(path: &Path) -> Result<std::fs::File, OutputError> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|source| OutputError::Unwritable { path: path.display().to_string(), source })
+}
+
+/// Fails unless `job_id` has a results stream. `finish` asks before it moves any file,
+/// so that a mistyped job id leaves the user's files where they are.
+pub(crate) async fn check_job(cfg: &Config, job_id: &str) -> anyhow::Result<()> {
+    let conn = crate::connect(cfg, "producer wait").await?;
+    let found = require_job(&conn, &Topology::from_config(cfg), job_id).await;
+    fleet::amqp::close(&conn, "done").await;
+    found
+}
+
+async fn require_job(conn: &lapin::Connection, topology: &Topology, job_id: &str) -> anyhow::Result<()> {
+    if !topology.job_exists(conn, job_id).await? {
+        anyhow::bail!(
+            "no job {job_id:?} in namespace {:?} (its results queue {} does not exist)",
+            topology.namespace(),
+            topology.results_queue(job_id)
+        );
+    }
+    Ok(())
+}
+
 /// How a wait ended.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Collected {
@@ -96,55 +168,119 @@ pub struct WaitRequest<'a> {
     pub format: OutputFormat,
 }
 
-/// Opens `path` for appending, returning the custom_ids already in it, their counts and
-/// the job they belong to. With `job_id`, lines of any other job are refused; so are lines
-/// not in `format`.
-fn open_output(
-    path: &Path,
-    job_id: Option<&str>,
-    format: OutputFormat,
-) -> anyhow::Result<(std::fs::File, HashSet<String>, JobCounts, Option<String>)> {
-    let shown = || path.display().to_string();
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(path)
-        .map_err(|source| OutputError::Unwritable { path: shown(), source })?;
-    let mut seen = HashSet::new();
-    let mut counts = JobCounts::default();
-    let mut job: Option<String> = None;
-    let mut good_len = 0u64;
-    let mut reader = std::io::BufReader::new(&file);
-    let mut line = Vec::new();
-    for number in 1.. {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 || line.last() != Some(&b'\n') {
-            break; // end, or a torn last line from an interrupted write
+/// A results file read back before anything is written to it: what it holds, checked
+/// line by line. Reading it changes nothing; [`ReadBack::open`] then makes it ready for
+/// appending.
+pub(crate) struct ReadBack {
+    /// The file, opened for reading and appending; `None` when nothing is at the path.
+    file: Option<std::fs::File>,
+    /// The custom_ids of the complete lines.
+    seen: HashSet<String>,
+    counts: JobCounts,
+    /// The job the lines belong to (`None` without a complete line).
+    job: Option<String>,
+    /// Bytes of complete lines; past them, a torn last line of ours.
+    good_len: u64,
+    /// Bytes in the file when it was read.
+    len: u64,
+}
+
+impl ReadBack {
+    /// Reads `path` back, writing nothing: every complete line must be a result in
+    /// `format` (and of `job_id` when given); an unfinished last line only passes as a
+    /// torn write of the job after at least one complete line. Nothing at the path (or a
+    /// dangling link, which [`ReadBack::open`] then refuses to create through) reads as an
+    /// empty file.
+    pub(crate) fn read(path: &Path, job_id: Option<&str>, format: OutputFormat) -> anyhow::Result<ReadBack> {
+        let shown = || path.display().to_string();
+        // Opened for appending already: a file that cannot be written is refused now, and
+        // the handle that was checked is the one written to (no second lookup of the path).
+        let file = match std::fs::OpenOptions::new().read(true).append(true).open(path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(ReadBack {
+                    file: None,
+                    seen: HashSet::new(),
+                    counts: JobCounts::default(),
+                    job: None,
+                    good_len: 0,
+                    len: 0,
+                })
+            }
+            Err(source) => return Err(OutputError::Unwritable { path: shown(), source }.into()),
+        };
+        let mut seen = HashSet::new();
+        let mut counts = JobCounts::default();
+        let mut job: Option<String> = None;
+        let mut good_len = 0u64;
+        let mut reader = std::io::BufReader::new(&file);
+        let mut line = Vec::new();
+        let mut number = 0;
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 {
+                break;
+            }
+            number += 1;
+            if line.last() != Some(&b'\n') {
+                // The last line has no newline: a torn write of ours can only follow a
+                // complete line of the job (a file that is one unfinished line, like
+                // `echo -n notes`, was never written by `wait`).
+                if !job.as_deref().is_some_and(|job| torn_line_of(job, &line)) {
+                    return Err(OutputError::Unfinished { path: shown(), line: number }.into());
+                }
+                break;
+            }
+            let not_results = || OutputError::NotResults { path: shown(), line: number, format };
+            let v: serde_json::Value = serde_json::from_slice(&line).map_err(|_| not_results())?;
+            let line_job = line_job_id(&v).ok_or_else(not_results)?;
+            let status = format.status_of(&v).ok_or_else(not_results)?;
+            if let Some(want) = job_id.filter(|want| *want != line_job) {
+                return Err(OutputError::OtherJob {
+                    path: shown(),
+                    other: line_job.to_string(),
+                    job: want.to_string(),
+                }
+                .into());
+            }
+            job.get_or_insert_with(|| line_job.to_string());
+            let id = v["custom_id"].as_str().unwrap_or_default().to_string();
+            if seen.insert(id) {
+                counts.add(status);
+            }
+            good_len += n as u64;
         }
-        let not_results = || OutputError::NotResults { path: shown(), line: number, format };
-        let v: serde_json::Value = serde_json::from_slice(&line).map_err(|_| not_results())?;
-        let line_job = line_job_id(&v).ok_or_else(not_results)?;
-        let status = format.status_of(&v).ok_or_else(not_results)?;
-        if let Some(want) = job_id.filter(|want| *want != line_job) {
-            return Err(
-                OutputError::OtherJob { path: shown(), other: line_job.to_string(), job: want.to_string() }.into()
-            );
-        }
-        job.get_or_insert_with(|| line_job.to_string());
-        let id = v["custom_id"].as_str().unwrap_or_default().to_string();
-        if seen.insert(id) {
-            counts.add(status);
-        }
-        good_len += n as u64;
+        drop(reader);
+        let len = good_len + line.len() as u64;
+        Ok(ReadBack { file: Some(file), seen, counts, job, good_len, len })
     }
-    drop(reader);
-    if file.metadata()?.len() != good_len {
-        file.set_len(good_len)?;
+
+    /// Whether a file was found at the path.
+    pub(crate) fn exists(&self) -> bool {
+        self.file.is_some()
     }
-    file.seek(std::io::SeekFrom::End(0))?;
-    Ok((file, seen, counts, job))
+
+    /// Makes the file read back ready for appending at `path` (where it may have been
+    /// renamed since): created if there was none, its torn last line cut off. Returns it
+    /// with the custom_ids already in it and their counts.
+    pub(crate) fn open(self, path: &Path) -> anyhow::Result<(std::fs::File, HashSet<String>, JobCounts)> {
+        let mut file = match self.file {
+            Some(file) => file,
+            None => create_new(path)?,
+        };
+        let len = file.metadata()?.len();
+        if len != self.len {
+            // Written to since it was checked (another `wait` on the same file?): what is
+            // there now has not been checked, so it is not cut.
+            return Err(OutputError::Changed { path: path.display().to_string() }.into());
+        }
+        if len != self.good_len {
+            file.set_len(self.good_len)?;
+        }
+        file.seek(std::io::SeekFrom::End(0))?;
+        Ok((file, self.seen, self.counts))
+    }
 }
 
 /// Why a consuming session ended without finishing.
@@ -297,7 +433,12 @@ impl Collector {
 pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collected> {
     let started = Instant::now();
     let topology = Topology::from_config(cfg);
-    let (file, seen, counts, _) = open_output(req.output, Some(req.job_id), req.format)?;
+    // Refused before anything is written: a file that is not this job's, then a job that
+    // does not exist. Only then is the file created, or its torn last line cut off.
+    let back = ReadBack::read(req.output, Some(req.job_id), req.format)?;
+    let mut conn = crate::connect(cfg, "producer wait").await?;
+    require_job(&conn, &topology, req.job_id).await?;
+    let (file, seen, counts) = back.open(req.output)?;
     let bar = crate::progress::bar(0, req.progress, "collecting");
     bar.set_position(seen.len() as u64);
     let mut c = Collector {
@@ -317,14 +458,6 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     };
     let queue = topology.results_queue(req.job_id);
     let deadline = req.timeout.map(|t| tokio::time::Instant::now() + t);
-    let mut conn = crate::connect(cfg, "producer wait").await?;
-    if !topology.job_exists(&conn, req.job_id).await? {
-        anyhow::bail!(
-            "no job {:?} in namespace {:?} (its results queue {queue} does not exist)",
-            req.job_id,
-            topology.namespace()
-        );
-    }
     loop {
         match c.consume(&conn, &queue, deadline, req.output).await {
             Ok(()) => break,
@@ -394,6 +527,18 @@ mod tests {
         )
     }
 
+    /// What `wait` does to its file before collecting: read it back, then open it.
+    fn open_output(
+        path: &Path,
+        job_id: Option<&str>,
+        format: OutputFormat,
+    ) -> anyhow::Result<(std::fs::File, HashSet<String>, JobCounts, Option<String>)> {
+        let back = ReadBack::read(path, job_id, format)?;
+        let job = back.job.clone();
+        let (file, seen, counts) = back.open(path)?;
+        Ok((file, seen, counts, job))
+    }
+
     #[test]
     fn a_torn_last_line_is_dropped_and_the_file_resumes_after_the_good_ones() {
         let good = line("job_a", 0, "null") + &line("job_a", 1, r#"{"code":"expired","message":"late"}"#);
@@ -437,6 +582,94 @@ mod tests {
         let err = open_output(&path, Some("job_a"), OutputFormat::Anthropic).unwrap_err().to_string();
         assert!(err.contains("(in the anthropic output format)"), "{err}");
         assert_eq!(std::fs::read_to_string(&path).unwrap(), line("job_a", 0, "null"), "left untouched");
+    }
+
+    #[test]
+    fn a_file_without_a_newline_is_refused_and_left_unchanged() {
+        let one_line = line("job_a", 0, "null");
+        let cases = [
+            ("precious", "notes".to_string()),
+            // A whole result, but nothing before it: not a torn write that follows a line.
+            ("lone-result", one_line.trim_end().to_string()),
+            ("notes-after-results", one_line.clone() + "notes"),
+            ("other-job-tail", one_line.clone() + r#"{"id":"batch_req_job_b_1","cus"#),
+        ];
+        for (name, content) in cases {
+            let path = scratch(name, &content);
+            let err = open_output(&path, Some("job_a"), OutputFormat::Openai).unwrap_err();
+            assert!(matches!(err.downcast_ref::<OutputError>(), Some(OutputError::Unfinished { .. })), "{name}: {err}");
+            assert!(err.to_string().contains(&path.display().to_string()), "{name}: the file is named: {err}");
+            let err = check_new_output(&path, None, OutputFormat::Openai).unwrap_err();
+            assert!(matches!(err.downcast_ref::<OutputError>(), Some(OutputError::Unfinished { .. })), "{name}: {err}");
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), content, "{name}: byte for byte unchanged");
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_of_the_job_may_be_as_short_as_one_byte() {
+        let good = line("job_a", 0, "null");
+        let path = scratch("one-byte", &format!("{good}{{"));
+        let (_, seen, _, _) = open_output(&path, Some("job_a"), OutputFormat::Openai).unwrap();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), good);
+    }
+
+    #[test]
+    fn reading_back_writes_nothing_and_a_file_changed_since_is_not_cut() {
+        let good = line("job_a", 0, "null");
+        let torn = format!("{good}{{\"id\":\"batch_req_job_a_1\"");
+        let path = scratch("changed", &torn);
+        let back = ReadBack::read(&path, Some("job_a"), OutputFormat::Openai).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), torn, "reading cuts nothing");
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"more").unwrap();
+        let err = back.open(&path).unwrap_err();
+        assert!(matches!(err.downcast_ref::<OutputError>(), Some(OutputError::Changed { .. })), "{err}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), torn + "more");
+    }
+
+    #[test]
+    fn a_new_output_is_created_only_where_nothing_is() {
+        let path = scratch("created", "");
+        std::fs::remove_file(&path).unwrap();
+        check_new_output(&path, None, OutputFormat::Openai).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "created empty");
+        check_new_output(&path, None, OutputFormat::Openai).unwrap();
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_at_the_output_path_is_followed_only_to_a_results_file() {
+        let dir = scratch("links", "").parent().unwrap().to_path_buf();
+        let precious = dir.join("precious.txt");
+        std::fs::write(&precious, "notes\n").unwrap();
+        let link = dir.join("to-precious.jsonl");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&precious, &link).unwrap();
+        assert!(open_output(&link, Some("job_a"), OutputFormat::Openai).is_err());
+        assert!(check_new_output(&link, None, OutputFormat::Openai).is_err());
+        assert_eq!(std::fs::read_to_string(&precious).unwrap(), "notes\n", "the target is untouched");
+
+        // A dangling link is not created through: its target stays absent.
+        let nowhere = dir.join("nowhere.txt");
+        let _ = std::fs::remove_file(&nowhere);
+        let dangling = dir.join("dangling.jsonl");
+        let _ = std::fs::remove_file(&dangling);
+        std::os::unix::fs::symlink(&nowhere, &dangling).unwrap();
+        let err = open_output(&dangling, Some("job_a"), OutputFormat::Openai).unwrap_err();
+        assert!(matches!(err.downcast_ref::<OutputError>(), Some(OutputError::Unwritable { .. })), "{err}");
+        assert!(check_new_output(&dangling, None, OutputFormat::Openai).is_err());
+        assert!(!nowhere.exists(), "nothing was created through the link");
+
+        // A link to this job's results is the user's way of naming the file: appended to.
+        let results = dir.join("results.jsonl");
+        std::fs::write(&results, line("job_a", 0, "null")).unwrap();
+        let to_results = dir.join("to-results.jsonl");
+        let _ = std::fs::remove_file(&to_results);
+        std::os::unix::fs::symlink(&results, &to_results).unwrap();
+        let (mut file, seen, _, _) = open_output(&to_results, Some("job_a"), OutputFormat::Openai).unwrap();
+        assert_eq!(seen.len(), 1);
+        file.write_all(line("job_a", 1, "null").as_bytes()).unwrap();
+        assert_eq!(std::fs::read_to_string(&results).unwrap(), line("job_a", 0, "null") + &line("job_a", 1, "null"));
     }
 
     #[test]

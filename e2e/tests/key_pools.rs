@@ -1,13 +1,18 @@
-//! Key pools (issue 13, point 3): a provider with several API keys spreads its calls over
-//! them; a key the provider rejects (401) leaves the rotation, counted by
-//! `batch_api_key_rejections_total` and named by its variable in the log (never by its
-//! value), while the other keys finish the job. With every key rejected, items fail clearly.
+//! Key pools (issue 13, point 3; issue 21, point 1): a provider with several API keys
+//! spreads its calls over them; a key the provider rejects as a key (401
+//! `invalid_api_key`) leaves the rotation, counted by `batch_api_key_rejections_total` and
+//! named by its variable in the log (never by its value), while the other keys finish the
+//! job. With every key rejected, items fail clearly. A request the key may not make (403
+//! `model_not_found`) fails only its line; a rejected key comes back after `key_retry_s`
+//! once a probe finds it good.
 
 use std::time::Duration;
 
 use e2e::*;
 
-const POOL: &str = "[providers.mock]\napi_key_envs = [\"POOL_KEY_A\", \"POOL_KEY_B\", \"POOL_KEY_C\"]\n";
+/// A pool of three keys; a rejected key is not probed again within a test.
+const POOL: &str =
+    "[providers.mock]\napi_key_envs = [\"POOL_KEY_A\", \"POOL_KEY_B\", \"POOL_KEY_C\"]\nkey_retry_s = 3600\n";
 
 #[test]
 fn a_pool_with_a_rejected_key_completes_the_job_on_the_others() {
@@ -90,5 +95,74 @@ fn when_every_key_is_rejected_items_fail_clearly() {
     let codes = error_codes(&fleet.collect(&job2));
     assert_eq!(codes.get(&Some("api_keys_rejected".to_string())), Some(&10), "{codes:?}");
     assert_eq!(mock.stats()["unauthorized"].as_u64(), Some(calls), "no call was made");
+    fleet.cleanup(&[&job, &job2]);
+}
+
+/// The pushed `batch_api_keys_active` of the fleet's provider equals `n`.
+fn keys_active_is(fleet: &Fleet, n: u32) -> bool {
+    let want = format!(" {n}");
+    pushgateway_metrics()
+        .lines()
+        .any(|l| l.starts_with("batch_api_keys_active{") && l.contains(&fleet.ns) && l.ends_with(&want))
+}
+
+#[test]
+fn a_model_the_key_may_not_use_fails_its_line_and_no_key() {
+    let (a, b, c) = ("sk-model-a", "sk-model-b", "sk-model-c");
+    let mock = Mock::start(&["--valid-keys", &format!("{a},{b},{c}"), "--forbidden-models", "gpt-not-yours"]);
+    let fleet = Fleet::new("keymodel", &mock.url, POOL);
+    let _w = fleet.worker("km1", &[("POOL_KEY_A", a), ("POOL_KEY_B", b), ("POOL_KEY_C", c)]);
+
+    // 200 lines; line 5 (custom id req-4) asks for a model no key of the pool may use.
+    let input = fleet.dir.join("in.jsonl");
+    write_requests(&input, 200);
+    let text = std::fs::read_to_string(&input).unwrap();
+    let edited: Vec<String> = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| if i == 4 { l.replace("\"mock-model\"", "\"gpt-not-yours\"") } else { l.to_string() })
+        .collect();
+    std::fs::write(&input, edited.join("\n") + "\n").unwrap();
+    let (job, _) = fleet.submit(&input);
+    let lines = fleet.collect(&job);
+    let by_status = assert_exactly_once(&lines, 200);
+    assert_eq!((by_status.get(&200), by_status.get(&403)), (Some(&199), Some(&1)), "{by_status:?}");
+    let refused = lines.iter().find(|l| l["custom_id"] == "req-4").unwrap();
+    assert_eq!(refused["response"]["body"]["error"]["code"], "model_not_found", "{refused}");
+    assert!(mock.status_count(403) <= 2, "the line was called at most twice: {}", mock.stats());
+
+    // Every key is still in the rotation: the next job runs on all three.
+    let job2 = fleet.submit_requests(100);
+    assert_eq!(error_codes(&fleet.collect(&job2)).get(&None), Some(&100));
+    eventually(Duration::from_secs(20), "three keys in rotation", || keys_active_is(&fleet, 3));
+    let log = fleet.worker_log("km1");
+    assert!(!log.contains("leaves the rotation"), "no key left the rotation:\n{log}");
+    assert_eq!(mock.stats()["unauthorized"].as_u64(), Some(0));
+    fleet.cleanup(&[&job, &job2]);
+}
+
+#[test]
+fn a_rejected_key_comes_back_once_a_probe_finds_it_good() {
+    let (a, b, c) = ("sk-back-a", "sk-back-b", "sk-back-c");
+    let mock = Mock::start(&["--valid-keys", &format!("{a},{c}")]);
+    let pool = POOL.replace("key_retry_s = 3600", "key_retry_s = 2");
+    let fleet = Fleet::new("keyback", &mock.url, &pool);
+    let _w = fleet.worker("kb1", &[("POOL_KEY_A", a), ("POOL_KEY_B", b), ("POOL_KEY_C", c)]);
+    let job = fleet.submit_requests(100);
+    assert_eq!(error_codes(&fleet.collect(&job)).get(&None), Some(&100));
+    eventually(Duration::from_secs(20), "the bad key left", || keys_active_is(&fleet, 2));
+
+    // The key is fixed at the provider; after its wait, a probe brings it back.
+    mock.set_valid_keys(&[a, b, c]);
+    std::thread::sleep(Duration::from_secs(3));
+    let job2 = fleet.submit_requests(100);
+    assert_eq!(error_codes(&fleet.collect(&job2)).get(&None), Some(&100));
+    eventually(Duration::from_secs(20), "three keys in rotation again", || keys_active_is(&fleet, 3));
+    assert!(mock.stats()["models_listed"].as_u64().unwrap() >= 1, "a key-only probe: {}", mock.stats());
+    let log = fleet.worker_log("kb1");
+    assert!(
+        log.lines().any(|l| l.contains("POOL_KEY_B") && l.contains("back in the rotation")),
+        "an INFO line names the variable:\n{log}"
+    );
     fleet.cleanup(&[&job, &job2]);
 }

@@ -116,6 +116,59 @@ fn cancel_stops_a_job_across_the_fleet_including_workers_started_later() {
     fleet.cleanup(&[&job]);
 }
 
+/// Issue 21, point 12: items a worker holds while it paces (here a fleet `rpm` ceiling of
+/// 120, two workers) ask again after their wait, so a cancel stops them without a call.
+#[test]
+fn cancel_wins_over_pacing() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("cancelpaced", &mock.url, "[providers.mock]\nrpm = 120\n");
+    let _w1 = fleet.worker("w1", &[]);
+    let _w2 = fleet.worker("w2", &[]);
+    let job = fleet.submit_requests(400);
+    eventually(Duration::from_secs(60), "some paced progress", || mock.status_count(200) >= 10);
+    let out = fleet.producer(&["cancel", &job]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let calls_at_cancel = mock.stats()["requests"].as_u64().unwrap();
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 400);
+    let calls = mock.stats()["requests"].as_u64().unwrap();
+    // Calls already on the wire when the cancel was read still answer; a handful at most.
+    assert!(calls <= calls_at_cancel + 6, "{} calls after the cancel", calls - calls_at_cancel);
+    let cancelled = error_codes(&lines).get(&Some("cancelled".into())).copied().unwrap_or(0) as u64;
+    assert_eq!(cancelled, 400 - calls, "every uncalled item ended cancelled");
+    let v = fleet.final_status(&job);
+    assert_eq!(v["status"], "cancelled", "{v}");
+    fleet.cleanup(&[&job]);
+}
+
+/// The same for a deadline that passes while items wait for the pace.
+#[test]
+fn a_deadline_wins_over_pacing() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("deadlinepaced", &mock.url, "[providers.mock]\nrpm = 120\n");
+    let _w1 = fleet.worker("w1", &[]);
+    let input = fleet.dir.join("in.jsonl");
+    write_requests(&input, 200);
+    let out = fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--json", "--deadline", "5s"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let job = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_string();
+    let started = std::time::Instant::now();
+    let lines = fleet.collect(&job);
+    assert_exactly_once(&lines, 200);
+    let calls = mock.stats()["requests"].as_u64().unwrap();
+    let expired = error_codes(&lines).get(&Some("expired".into())).copied().unwrap_or(0) as u64;
+    assert_eq!(expired, 200 - calls, "every uncalled item ended expired");
+    // 120 rpm for about 5 s is about 10 calls (and a second of burst): far from 200.
+    assert!(calls < 40, "{calls} calls within a 5 s deadline at 120 rpm");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "the job ended soon after its deadline: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(fleet.final_status(&job)["status"], "expired");
+    fleet.cleanup(&[&job]);
+}
+
 #[test]
 fn items_past_the_deadline_end_expired_without_a_provider_call() {
     let mock = Mock::start(&[]);

@@ -325,9 +325,15 @@ pub struct ProviderConfig {
     /// A key pool: names of environment variables each holding one key of this provider
     /// (instead of `api_key_env`). Calls are spread over the keys, each with its own adaptive
     /// limiter and `rpm`/`tpm` ceilings (providers limit per key); a key the provider
-    /// answers 401/403 leaves the rotation.
+    /// refuses as a key (401 `invalid_api_key`, `authentication_error`, or a key-only probe
+    /// that fails) leaves the rotation until a probe finds it good again.
     #[serde(default)]
     pub api_key_envs: Vec<String>,
+    /// Seconds a rejected key stays out of the rotation before a key-only probe
+    /// (`GET /v1/models`) may bring it back; it stays out another period when the probe
+    /// fails.
+    #[serde(default = "default_key_retry_s")]
+    pub key_retry_s: u64,
     /// Seconds one provider call may take.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
@@ -378,6 +384,7 @@ impl ProviderConfig {
             base_url: base_url.to_string(),
             api_key_env: None,
             api_key_envs: Vec::new(),
+            key_retry_s: default_key_retry_s(),
             timeout_s: default_timeout_s(),
             max_in_flight: default_max_in_flight(),
             rpm: None,
@@ -390,6 +397,10 @@ impl ProviderConfig {
             prices: Default::default(),
         }
     }
+}
+
+fn default_key_retry_s() -> u64 {
+    60
 }
 
 fn default_batch_poll_interval_s() -> u64 {
@@ -433,14 +444,43 @@ impl ProviderConfig {
         if self.api_key_env.is_some() && !self.api_key_envs.is_empty() {
             anyhow::bail!("provider {name}: set api_key_env (one key) or api_key_envs (a pool), not both");
         }
+        // First, before anything quotes a name: a key pasted where its variable's name
+        // belongs must not reach a message or a log.
+        for (key, var) in self
+            .api_key_env
+            .iter()
+            .map(|v| ("api_key_env", v))
+            .chain(self.api_key_envs.iter().map(|v| ("api_key_envs", v)))
+        {
+            if !is_env_var_name(var) {
+                anyhow::bail!(
+                    "provider {name}: {key} must be the NAME of an environment variable holding the key \
+                     (letters, digits and _, at most {MAX_ENV_NAME} characters), not the key itself; \
+                     the value given is not shown"
+                );
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for var in &self.api_key_envs {
-            if var.is_empty() || !seen.insert(var) {
-                anyhow::bail!("provider {name}: api_key_envs must name distinct, non-empty variables ({var:?})");
+            if !seen.insert(var) {
+                anyhow::bail!("provider {name}: api_key_envs must name distinct variables ({var:?} twice)");
             }
         }
         Ok(())
     }
+}
+
+/// Longest accepted name of a key's environment variable: longer ones are more likely a
+/// pasted key than a name.
+const MAX_ENV_NAME: usize = 64;
+
+/// Whether `s` can be an environment variable's name as shells write them
+/// (`[A-Za-z_][A-Za-z0-9_]*`, at most [`MAX_ENV_NAME`]). Keys have dashes (`sk-...`,
+/// `sk-ant-...`) or are long: neither passes.
+fn is_env_var_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    first_ok && s.len() <= MAX_ENV_NAME && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 fn default_max_response_bytes() -> usize {
@@ -805,6 +845,23 @@ mod tests {
         assert!(err.contains("not both"), "{err}");
         let twice = format!("{base}api_key_envs = [\"{set}\", \"{set}\"]\n");
         assert!(load_str("pool3", &twice).unwrap_err().to_string().contains("distinct"));
+    }
+
+    #[test]
+    fn a_key_pasted_for_its_variable_is_refused_without_being_shown() {
+        let base = "[providers.x]\nkind = \"openai\"\nbase_url = \"http://h\"\n";
+        let long = "A".repeat(MAX_ENV_NAME + 1);
+        for (field, value) in [
+            ("api_key_env = ", "\"sk-proj-abc123secret\""),
+            ("api_key_envs = ", "[\"OK_NAME\", \"sk-ant-api03-secret\"]"),
+            ("api_key_env = ", &format!("\"{long}\"")),
+            ("api_key_envs = ", "[\"\"]"),
+        ] {
+            let err = format!("{:#}", load_str("pasted", &format!("{base}{field}{value}\n")).unwrap_err());
+            assert!(err.contains("NAME of an environment variable"), "{err}");
+            assert!(!err.contains("secret") && !err.contains(&long), "the value is not shown: {err}");
+        }
+        assert!(load_str("named", &format!("{base}api_key_env = \"OPENAI_API_KEY_2\"\n")).is_ok());
     }
 
     /// The README's real-provider example is accepted exactly as written there.

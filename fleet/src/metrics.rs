@@ -66,7 +66,7 @@ pub struct WorkerMetrics {
 
 impl WorkerMetrics {
     /// Every worker metric, registered in a registry of its own; the series of each
-    /// [`DEAD_LETTER_REASONS`] start at 0.
+    /// [`crate::topology::DeadLabel::ALL`] start at 0.
     pub fn new() -> Self {
         let registry = Registry::new();
         let m = WorkerMetrics {
@@ -141,8 +141,8 @@ impl WorkerMetrics {
         }
         // Series that exist from the start read as 0 instead of "no data", so rates and
         // alerts on them work before the first event.
-        for reason in DEAD_LETTER_REASONS {
-            m.dead_letters.with_label_values(&[reason]);
+        for reason in crate::topology::DeadLabel::ALL {
+            m.dead_letters.with_label_values(&[reason.as_str()]);
         }
         m
     }
@@ -161,9 +161,6 @@ pub fn register_provider_batches(registry: &Registry) -> IntGaugeVec {
     registry.register(Box::new(gauge.clone())).expect("metric registered once");
     gauge
 }
-
-/// `reason` label values of `batch_dead_letters_total`.
-pub const DEAD_LETTER_REASONS: [&str; 4] = ["malformed", "oversized", "no_results_queue", "poison"];
 
 impl Default for WorkerMetrics {
     fn default() -> Self {

@@ -44,19 +44,73 @@ pub const DELAY_TIER_HEADER: &str = "fleet-delay-s";
 pub const DEAD_REASON_HEADER: &str = "x-fleet-reason";
 
 /// Header the fleet sets on messages it dead-letters itself: the reason's kind, as the
-/// `batch_dead_letters_total` `reason` label (`malformed`, `forbidden_url`, `oversized`).
+/// `batch_dead_letters_total` `reason` label ([`DeadLabel`]).
 pub const DEAD_LABEL_HEADER: &str = "x-fleet-dead-label";
 
-/// Dead-letter kinds of messages the producer never publishes: it validates every line's
-/// `url` and provider, so an item refused for these came from someone else (or from a
-/// producer whose config disagrees with the workers'). Such an item must not end a job's
-/// item on its own say: see `worker::tracker::dead`.
-pub const SUSPECT_DEAD_LABELS: [&str; 2] = ["malformed", "forbidden_url"];
+/// Why a worker parked a message in the dead-letter queue: the `batch_dead_letters_total`
+/// `reason` label and the [`DEAD_LABEL_HEADER`] value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLabel {
+    /// Not a message of its queue (not JSON, not the expected shape, out of bounds).
+    Malformed,
+    /// Larger than `amqp.max_message_bytes`.
+    Oversized,
+    /// An item whose `url` is not an endpoint of its provider.
+    ForbiddenUrl,
+    /// Delivered more often than the delivery limit allows: it keeps killing workers.
+    Poison,
+    /// A finished item whose job's results stream is gone.
+    NoResultsQueue,
+}
 
-/// Whether a dead-lettered message was refused by a worker as [`SUSPECT_DEAD_LABELS`].
+impl DeadLabel {
+    /// Every label, in the order the metric's series are created.
+    pub const ALL: [DeadLabel; 5] =
+        [Self::Malformed, Self::Oversized, Self::ForbiddenUrl, Self::NoResultsQueue, Self::Poison];
+
+    /// The label as it appears in metrics and headers.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Oversized => "oversized",
+            Self::ForbiddenUrl => "forbidden_url",
+            Self::Poison => "poison",
+            Self::NoResultsQueue => "no_results_queue",
+        }
+    }
+
+    /// The label a header names, if it is one.
+    pub fn parse(s: &str) -> Option<DeadLabel> {
+        Self::ALL.into_iter().find(|l| l.as_str() == s)
+    }
+
+    /// Whether a message parked for this reason is one the producer never publishes: it
+    /// validates every line's `url` and provider, so an item refused as malformed or for
+    /// its url came from someone else (or from a producer whose config disagrees with the
+    /// workers'). Such an item must not end a job's item on its own say: see
+    /// `worker::tracker::dead`.
+    pub fn is_suspect(self) -> bool {
+        matches!(self, Self::Malformed | Self::ForbiddenUrl)
+    }
+
+    /// Whether the message was refused for what it is (counted as a `malformed_message`
+    /// error too).
+    pub fn is_bad_message(self) -> bool {
+        matches!(self, Self::Malformed | Self::Oversized)
+    }
+}
+
+impl std::fmt::Display for DeadLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Whether a dead-lettered message was refused by a worker for a suspect reason
+/// ([`DeadLabel::is_suspect`]).
 pub fn dead_suspect(props: &lapin::BasicProperties) -> bool {
     let label = props.headers().as_ref().and_then(|h| text(h.inner().get(DEAD_LABEL_HEADER)));
-    label.is_some_and(|l| SUSPECT_DEAD_LABELS.contains(&l.as_str()))
+    label.as_deref().and_then(DeadLabel::parse).is_some_and(DeadLabel::is_suspect)
 }
 
 /// A header's value when it is a string.

@@ -83,21 +83,34 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
-/// `GET` of a JSON document from a plain `http://host:port/path` URL (the mock's `/stats`),
-/// over one HTTP/1.0 connection: no runtime, so sync and async callers alike can use it.
+/// `GET` of a JSON document from a plain `http://host:port/path` URL (the mock's `/stats`).
 pub fn http_get_json(url: &str) -> anyhow::Result<serde_json::Value> {
+    let (status, body) = http_request("GET", url, None)?;
+    anyhow::ensure!(status == 200, "{url} answered HTTP {status}");
+    serde_json::from_str(&body).with_context(|| format!("{url} answered no JSON"))
+}
+
+/// One request to a plain `http://host:port/path` URL, with an optional JSON body, over
+/// one HTTP/1.0 connection: no runtime, so sync and async callers alike can use it.
+/// Returns the status and the body.
+pub fn http_request(method: &str, url: &str, json_body: Option<&str>) -> anyhow::Result<(u16, String)> {
     let rest = url.strip_prefix("http://").with_context(|| format!("{url} is not an http:// URL"))?;
     let (host, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
     let mut stream = TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\n\r\n")?;
+    let body = json_body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).with_context(|| format!("reading the answer of {url}"))?;
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("{url}: malformed HTTP answer"))?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    anyhow::ensure!(status == "200", "{url} answered {}", head.lines().next().unwrap_or(""));
-    serde_json::from_str(body).with_context(|| format!("{url} answered no JSON"))
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+    let status = status.with_context(|| format!("{url}: no status in {:?}", head.lines().next()))?;
+    Ok((status, body.to_string()))
 }
 
 /// A current-thread tokio runtime for one blocking call into async code.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::{bin, http_get_json, Proc};
+use crate::{bin, http_get_json, http_request, Proc};
 
 /// How long the mock may take to print its address.
 const BANNER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,5 +77,13 @@ impl Mock {
     /// Count of responses with `status` in `/stats`.
     pub fn status_count(&self, status: u16) -> u64 {
         self.stats()["by_status"][status.to_string()].as_u64().unwrap_or(0)
+    }
+
+    /// Replaces the keys the mock accepts (`--valid-keys`) while it runs.
+    pub fn set_valid_keys(&self, keys: &[&str]) {
+        let body = serde_json::to_string(keys).expect("keys serialize");
+        let url = format!("{}/admin/valid-keys", self.url);
+        let (status, _) = http_request("PUT", &url, Some(&body)).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(status, 204, "PUT {url}");
     }
 }

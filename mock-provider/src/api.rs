@@ -14,6 +14,15 @@ pub fn is_anthropic(endpoint: Endpoint) -> bool {
 }
 
 pub(crate) const DEFAULT_MODEL: &str = "mock-model";
+
+/// The `model` a request body names, if it is JSON and names one.
+pub(crate) fn requested_model(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        model: Option<String>,
+    }
+    serde_json::from_slice::<Named>(body).ok()?.model
+}
 /// How much of the prompt the canned reply quotes.
 const QUOTE_CHARS: usize = 40;
 /// Dimension of the fake embeddings.
@@ -364,6 +373,16 @@ pub fn error_body(endpoint: Endpoint, status: u16, message: &str) -> Vec<u8> {
         }}),
         429 => serde_json::json!({"error": {
             "message": message, "type": "requests", "param": null, "code": "rate_limit_exceeded",
+        }}),
+        // As the providers answer a key they do not know.
+        401 if is_anthropic(endpoint) => anthropic_error("authentication_error", message),
+        401 => serde_json::json!({"error": {
+            "message": message, "type": "invalid_request_error", "param": null, "code": "invalid_api_key",
+        }}),
+        // As the providers answer a key that may not use the requested model.
+        403 if is_anthropic(endpoint) => anthropic_error("permission_error", message),
+        403 => serde_json::json!({"error": {
+            "message": message, "type": "invalid_request_error", "param": null, "code": "model_not_found",
         }}),
         _ => serde_json::json!({"error": {"message": message, "type": "server_error"}}),
     };

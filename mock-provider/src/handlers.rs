@@ -10,7 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Extension, Json, Router};
 use tokio_util::sync::CancellationToken;
 
@@ -37,8 +37,11 @@ pub(crate) struct AppState {
     limiter: Option<Mutex<TokenBucket>>,
     /// `--tpm`: the same bucket, charged each request's counted tokens.
     tokens: Option<Mutex<TokenBucket>>,
-    /// `--valid-keys` (empty: any key, or none, is accepted).
-    valid_keys: Vec<String>,
+    /// `--valid-keys` (empty: any key, or none, is accepted); replaced at run time by
+    /// `PUT /admin/valid-keys`, so a test can make a rejected key good again.
+    valid_keys: std::sync::RwLock<Vec<String>>,
+    /// `--forbidden-models`: answered 403, the key stays good.
+    forbidden_models: Vec<String>,
     stats: Stats,
     next_request: AtomicU64,
     shutdown: CancellationToken,
@@ -52,7 +55,8 @@ impl AppState {
             faults: FaultInjector::new(knobs),
             limiter: knobs.rpm.map(|rpm| Mutex::new(TokenBucket::new(rpm, Instant::now()))),
             tokens: knobs.tpm.map(|tpm| Mutex::new(TokenBucket::new(tpm, Instant::now()))),
-            valid_keys: knobs.valid_keys.iter().map(|k| k.0.clone()).collect(),
+            valid_keys: std::sync::RwLock::new(knobs.valid_keys.iter().map(|k| k.0.clone()).collect()),
+            forbidden_models: knobs.forbidden_models.clone(),
             stats: Stats::default(),
             next_request: AtomicU64::new(0),
             shutdown,
@@ -78,6 +82,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
         .route("/healthz", get(healthz))
+        .route(MODELS_PATH, get(models))
+        .route("/admin/valid-keys", put(set_valid_keys))
         .merge(batches::router(state.batches.clone()))
         // The key is checked first, as a provider's edge does (`--valid-keys`).
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
@@ -99,17 +105,32 @@ async fn request_id(State(state): State<Arc<AppState>>, mut req: Request, next: 
     response
 }
 
-/// With `--valid-keys`, answers 401 to a provider request whose key is not one of them
-/// (`Authorization: Bearer <key>` or Anthropic's `x-api-key`), in the endpoint's error shape.
+/// The model list both providers serve (`GET /v1/models`): what a client asks to learn
+/// whether a key is good, since it names no model and costs nothing.
+const MODELS_PATH: &str = "/v1/models";
+
+/// With `--valid-keys`, answers 401 to a provider request (and to the model list) whose key
+/// is not one of them (`Authorization: Bearer <key>` or Anthropic's `x-api-key`), in the
+/// endpoint's error shape.
 async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let Some(endpoint) = Endpoint::from_path(req.uri().path()).filter(|_| !state.valid_keys.is_empty()) else {
+    let headers = req.headers();
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let path = req.uri().path();
+    let endpoint = Endpoint::from_path(path).or_else(|| {
+        (path == MODELS_PATH).then_some(if x_api_key.is_some() {
+            Endpoint::Messages
+        } else {
+            Endpoint::ChatCompletions
+        })
+    });
+    let checked = !state.valid_keys.read().unwrap_or_else(|e| e.into_inner()).is_empty();
+    let Some(endpoint) = endpoint.filter(|_| checked) else {
         return next.run(req).await;
     };
-    let headers = req.headers();
     let bearer =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    if [bearer, x_api_key].into_iter().flatten().any(|k| state.valid_keys.iter().any(|v| v == k)) {
+    let valid = state.valid_keys.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if [bearer, x_api_key].into_iter().flatten().any(|k| valid.iter().any(|v| v == k)) {
         return next.run(req).await;
     }
     state.stats.record_unauthorized();
@@ -153,6 +174,20 @@ async fn stolen(State(state): State<Arc<AppState>>) -> Response {
 
 async fn healthz() -> &'static str {
     "ok"
+}
+
+/// `GET /v1/models`: one model, in OpenAI's list shape (Anthropic's differs only in fields
+/// no client of the fleet reads). Counted in `models_listed`.
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    state.stats.record_models_listed();
+    Json(serde_json::json!({"object": "list", "data": [{"id": api::DEFAULT_MODEL, "object": "model"}]})).into_response()
+}
+
+/// `PUT /admin/valid-keys` with a JSON list of keys: the keys accepted from now on (a test
+/// knob: a key fixed at the provider while the fleet runs).
+async fn set_valid_keys(State(state): State<Arc<AppState>>, Json(keys): Json<Vec<String>>) -> StatusCode {
+    *state.valid_keys.write().unwrap_or_else(|e| e.into_inner()) = keys;
+    StatusCode::NO_CONTENT
 }
 
 /// The pipeline shared by every provider endpoint.
@@ -210,6 +245,12 @@ async fn admitted(
             return answer(state, endpoint, 400, body, admission);
         }
     };
+
+    // A model the key may not use: refused at once, as the providers' permission check does.
+    if let Some(model) = api::requested_model(body).filter(|m| state.forbidden_models.iter().any(|f| f == m)) {
+        let message = format!("mock-provider: this key does not have access to model `{model}`");
+        return answer(state, endpoint, 403, api::error_body(endpoint, 403, &message), admission);
+    }
 
     // A request that names a hostile model gets that misbehaviour, whatever the knobs say.
     if let Some(hostile) = Hostile::requested_by(body) {

@@ -60,6 +60,12 @@ pub struct Knobs {
     #[arg(long, env = "MOCK_VALID_KEYS", value_delimiter = ',', value_parser = secret_key)]
     pub valid_keys: Vec<SecretKey>,
 
+    /// Models the key may not use (comma-separated): a request for one is answered 403, as
+    /// OpenAI answers a project without access to a model (`model_not_found`) and Anthropic
+    /// a key without permission (`permission_error`). The key itself stays good.
+    #[arg(long, env = "MOCK_FORBIDDEN_MODELS", value_delimiter = ',')]
+    pub forbidden_models: Vec<String>,
+
     /// Pass every answer on the way the LiteLLM proxy does: `hint` (a 429 carries
     /// `llm_provider-retry-after`, ids are `x-litellm-call-id`, no `retry-after` or
     /// `x-ratelimit-*`) or `silent` (no rate-limit, retry or request-id header at all).
@@ -92,6 +98,7 @@ impl Default for Knobs {
             rpm: None,
             tpm: None,
             valid_keys: Vec::new(),
+            forbidden_models: Vec::new(),
             litellm: None,
             seed: 42,
             batch: crate::batches::BatchKnobs::default(),

@@ -27,6 +27,7 @@ pub struct Stats {
     tokens_admitted: AtomicU64,
     tpm_refused: AtomicU64,
     unauthorized: AtomicU64,
+    models_listed: AtomicU64,
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
 }
@@ -68,6 +69,9 @@ pub struct StatsSnapshot {
     /// Requests answered 401 because their key is not one of `--valid-keys`.
     #[serde(default)]
     pub unauthorized: u64,
+    /// `GET /v1/models` calls answered (a client checking its key).
+    #[serde(default)]
+    pub models_listed: u64,
     /// Tokens reported in the `usage` of the successful answers sent (input: OpenAI's
     /// `prompt_tokens`, Anthropic's `input_tokens`; output: `completion_tokens` /
     /// `output_tokens`): what a client summing usage must find.
@@ -96,6 +100,7 @@ impl Default for Stats {
             tokens_admitted: AtomicU64::new(0),
             tpm_refused: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
+            models_listed: AtomicU64::new(0),
             input_tokens: AtomicU64::new(0),
             output_tokens: AtomicU64::new(0),
         }
@@ -163,6 +168,11 @@ impl Stats {
         self.record_status(401);
     }
 
+    /// Counts a `GET /v1/models`.
+    pub fn record_models_listed(&self) {
+        self.models_listed.fetch_add(1, Relaxed);
+    }
+
     /// Counts a request that followed a hostile redirect.
     pub fn record_stolen(&self) {
         self.stolen.fetch_add(1, Relaxed);
@@ -179,7 +189,7 @@ impl Stats {
         self.hung.store(0, Relaxed);
         self.garbage.store(0, Relaxed);
         self.stolen.store(0, Relaxed);
-        for counter in [&self.tokens_admitted, &self.tpm_refused, &self.unauthorized] {
+        for counter in [&self.tokens_admitted, &self.tpm_refused, &self.unauthorized, &self.models_listed] {
             counter.store(0, Relaxed);
         }
         self.input_tokens.store(0, Relaxed);
@@ -220,6 +230,7 @@ impl Stats {
             tokens_admitted: self.tokens_admitted.load(Relaxed),
             tpm_refused: self.tpm_refused.load(Relaxed),
             unauthorized: self.unauthorized.load(Relaxed),
+            models_listed: self.models_listed.load(Relaxed),
             usage: UsageTotals {
                 input_tokens: self.input_tokens.load(Relaxed),
                 output_tokens: self.output_tokens.load(Relaxed),
@@ -290,6 +301,7 @@ mod tests {
                 "tokens_admitted": 0,
                 "tpm_refused": 0,
                 "unauthorized": 0,
+                "models_listed": 0,
                 "usage": {"input_tokens": 0, "output_tokens": 0},
             })
         );

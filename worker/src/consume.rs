@@ -2,41 +2,18 @@
 //! `basic_qos` = that provider's in-flight limit, one task per delivery; and, beside each
 //! provider's own queue, the per-job queues of its open jobs ([`crate::jobs`]).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use fleet::metrics::WorkerMetrics;
-use fleet::topology::Topology;
-use fleet::Config;
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::control::{self, Cancelled};
-use crate::jobs::{self, OpenJobs, ProviderJobs};
+use crate::context::{Context, Worker};
+use crate::control;
+use crate::jobs::{self, ProviderJobs};
 use crate::outbox::Outbox;
-use crate::process::Context;
-use crate::provider::ProviderClient;
-
-/// What a worker keeps across reconnections.
-pub struct Worker {
-    pub cfg: Config,
-    pub worker_id: String,
-    pub topology: Topology,
-    pub metrics: WorkerMetrics,
-    /// Provider clients by name, with their AMQP prefetch (the in-flight limit plus room
-    /// for items that are publishing their result).
-    pub clients: BTreeMap<String, (Arc<ProviderClient>, u16)>,
-    /// Items in flight; the drain waits for all of them.
-    pub in_flight: TaskTracker,
-    pub cancelled: Cancelled,
-    /// `batch_provider_batches{provider,status}` (batch mode).
-    pub provider_batches: prometheus::IntGaugeVec,
-    /// Jobs whose items queues exist, as the control stream announced them.
-    pub open_jobs: OpenJobs,
-}
+use crate::settle::Publisher;
 
 /// Consumes every served provider's queue on `conn` until the connection fails (`Err`) or
 /// `shutdown` fires (`Ok` once every consumer is cancelled; in-flight tasks keep running
@@ -60,9 +37,7 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
     }
     let ctx = Arc::new(Context {
         worker_id: worker_id.to_string(),
-        topology: topology.clone(),
-        metrics: metrics.clone(),
-        publish,
+        publisher: Publisher { channel: publish, topology: topology.clone(), metrics: metrics.clone() },
         max_message_bytes: cfg.amqp.max_message_bytes,
         delivery_limit: cfg.amqp.delivery_limit,
         retry: cfg.retry.clone(),

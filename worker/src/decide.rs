@@ -21,9 +21,10 @@
 //!    failure becomes a failed result that keeps its request (for `producer retry`).
 
 use fleet::config::RetryConfig;
+use fleet::topology::DeadLabel;
 use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, RequestRecord, REASON_BUDGET};
 
-use crate::control::Cancelled;
+use crate::known::Cancelled;
 use crate::provider::{CallError, ForbiddenUrl, Outcome, Target};
 
 /// What the worker knows about a delivery besides its bytes.
@@ -47,9 +48,8 @@ pub struct Facts<'a> {
 /// What to do with a delivery, decided before any provider call.
 #[derive(Debug)]
 pub enum Verdict {
-    /// Not an item this worker may act on: park it with this reason (`label` is the
-    /// `batch_dead_letters_total` reason label).
-    DeadLetter { label: &'static str, reason: String },
+    /// Not an item this worker may act on: park it with this reason.
+    DeadLetter { label: DeadLabel, reason: String },
     /// The item ends without a call: publish this result, then ack.
     Finish(Box<ItemResult>),
     /// The item keeps killing workers: publish this failed result, then park the message.
@@ -63,9 +63,9 @@ pub enum Verdict {
 pub fn decide(data: &[u8], facts: &Facts<'_>, target_of: impl FnOnce(&str) -> Result<Target, ForbiddenUrl>) -> Verdict {
     if data.len() > facts.max_message_bytes {
         let reason = format!("oversized: {} bytes > {}", data.len(), facts.max_message_bytes);
-        return Verdict::DeadLetter { label: "oversized", reason };
+        return Verdict::DeadLetter { label: DeadLabel::Oversized, reason };
     }
-    let malformed = |reason: String| Verdict::DeadLetter { label: "malformed", reason };
+    let malformed = |reason: String| Verdict::DeadLetter { label: DeadLabel::Malformed, reason };
     let item: Item = match serde_json::from_slice(data) {
         Ok(item) => item,
         Err(e) => return malformed(format!("malformed item: {e}")),
@@ -78,14 +78,10 @@ pub fn decide(data: &[u8], facts: &Facts<'_>, target_of: impl FnOnce(&str) -> Re
     }
     let target = match target_of(&item.url) {
         Ok(target) => target,
-        Err(e) => return Verdict::DeadLetter { label: "forbidden_url", reason: format!("forbidden_url: {e}") },
+        Err(e) => return Verdict::DeadLetter { label: DeadLabel::ForbiddenUrl, reason: format!("forbidden_url: {e}") },
     };
-    if facts.cancelled.contains(&item.job_id) {
-        return Verdict::Finish(Box::new(cancelled_result(&item, facts.cancelled, facts.worker_id)));
-    }
-    if item.deadline_ms.is_some_and(|d| facts.now_ms > d) {
-        let message = "job deadline passed before this request was made";
-        return Verdict::Finish(Box::new(ended_without_call(&item, ItemStatus::Expired, message, facts.worker_id)));
+    if let Some(result) = unwanted(&item, facts.cancelled, facts.now_ms, facts.worker_id) {
+        return Verdict::Finish(Box::new(result));
     }
     if facts.deliveries > u64::from(facts.delivery_limit) {
         let reason = format!("poison: delivered {} times without completing", facts.deliveries);
@@ -150,8 +146,23 @@ fn may_delay(retry: &RetryConfig, item: &Item, now_ms: u64) -> bool {
     item.attempt < retry.max_delays && within_budget
 }
 
+/// The result of an item its job no longer wants, if it does not: `cancelled` when the job
+/// was cancelled, `expired` when its deadline passed. Checked before the item is taken, and
+/// again after every wait before a call (for room, a rate limit, a backoff), so a cancel or
+/// a deadline that falls while an item waits still stops it before it costs anything.
+pub fn unwanted(item: &Item, cancelled: &Cancelled, now_ms: u64, worker_id: &str) -> Option<ItemResult> {
+    if cancelled.contains(&item.job_id) {
+        return Some(cancelled_result(item, cancelled, worker_id));
+    }
+    if item.deadline_ms.is_some_and(|d| now_ms > d) {
+        let message = "job deadline passed before this request was made";
+        return Some(ended_without_call(item, ItemStatus::Expired, message, worker_id));
+    }
+    None
+}
+
 /// The result of an item of a cancelled job, saying why when the cancel did (`budget`).
-pub fn cancelled_result(item: &Item, cancelled: &Cancelled, worker_id: &str) -> ItemResult {
+fn cancelled_result(item: &Item, cancelled: &Cancelled, worker_id: &str) -> ItemResult {
     let message = match cancelled.reason(&item.job_id) {
         Some(reason) if reason == REASON_BUDGET => {
             "budget: the job's spend reached its cap (--max-cost) before this request was made".to_string()
@@ -210,9 +221,9 @@ mod tests {
         verdict_with(data, 1, &Cancelled::new(60_000))
     }
 
-    fn dead_label(v: &Verdict) -> Option<&'static str> {
+    fn dead_label(v: &Verdict) -> Option<DeadLabel> {
         match v {
-            Verdict::DeadLetter { label, .. } => Some(label),
+            Verdict::DeadLetter { label, .. } => Some(*label),
             _ => None,
         }
     }
@@ -226,15 +237,15 @@ mod tests {
 
     #[test]
     fn garbage_is_dead_lettered_with_its_reason() {
-        assert_eq!(dead_label(&verdict(&" ".repeat(1025))), Some("oversized"));
-        assert_eq!(dead_label(&verdict("{not json")), Some("malformed"));
+        assert_eq!(dead_label(&verdict(&" ".repeat(1025))), Some(DeadLabel::Oversized));
+        assert_eq!(dead_label(&verdict("{not json")), Some(DeadLabel::Malformed));
         let other = item_json("").replace("\"mock\"", "\"other\"");
         assert!(
-            matches!(verdict(&other), Verdict::DeadLetter { label: "malformed", reason } if reason.contains("\"other\""))
+            matches!(verdict(&other), Verdict::DeadLetter { label: DeadLabel::Malformed, reason } if reason.contains("\"other\""))
         );
         let past_total = item_json("").replace("\"index\":0", "\"index\":2");
         assert!(
-            matches!(verdict(&past_total), Verdict::DeadLetter { label: "malformed", reason } if reason.starts_with("invalid item"))
+            matches!(verdict(&past_total), Verdict::DeadLetter { label: DeadLabel::Malformed, reason } if reason.starts_with("invalid item"))
         );
     }
 
@@ -251,7 +262,7 @@ mod tests {
         };
         let v = decide(item_json("").as_bytes(), &facts, |url| Err(ForbiddenUrl::Escapes(url.to_string())));
         assert!(
-            matches!(v, Verdict::DeadLetter { label: "forbidden_url", reason } if reason.contains("/v1/chat/completions"))
+            matches!(v, Verdict::DeadLetter { label: DeadLabel::ForbiddenUrl, reason } if reason.contains("/v1/chat/completions"))
         );
     }
 

@@ -12,107 +12,24 @@
 //!
 //! Workers learn of jobs from the control stream: `submit` publishes `job_opened` once the
 //! job's queue exists, the tracker publishes `job_closed` when the job ended and its queue
-//! is deleted (the broker also cancels our consumer then). The registry is bounded: anyone
-//! who can publish to the stream can announce jobs.
+//! is deleted (the broker also cancels our consumer then). The registry of open jobs is
+//! [`crate::known::OpenJobs`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
+use std::sync::Arc;
 
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::acks::ChannelAcks;
-use crate::process::{self, Context};
+use crate::context::Context;
+use crate::known::OpenJobs;
+use crate::process;
 use crate::provider::ProviderClient;
-
-/// Open jobs a worker remembers at most (the oldest announcements go first beyond it).
-pub const MAX_OPEN_JOBS: usize = 10_000;
-/// Jobs of one provider a worker consumes at once; later ones wait for one of them to end.
-/// Bounds the deliveries a worker holds (each consumed job holds up to its prefetch).
-pub const MAX_CONSUMED_JOBS: usize = 64;
-
-/// One open job as announced on the control stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct OpenJob {
-    provider: String,
-    priority: u32,
-    /// Order of announcement: jobs beyond [`MAX_CONSUMED_JOBS`] wait in this order.
-    seq: u64,
-}
-
-/// The jobs whose queues exist, shared by the control follower (which fills it) and the
-/// per-provider consumers (which follow it).
-#[derive(Clone)]
-pub struct OpenJobs {
-    jobs: Arc<Mutex<HashMap<String, OpenJob>>>,
-    next_seq: Arc<Mutex<u64>>,
-    changed: watch::Sender<u64>,
-}
-
-impl Default for OpenJobs {
-    fn default() -> Self {
-        OpenJobs { jobs: Arc::default(), next_seq: Arc::default(), changed: watch::channel(0).0 }
-    }
-}
-
-impl OpenJobs {
-    /// Records a job as open (again: a resumed submission re-announces it; kept as first seen).
-    pub fn open(&self, job_id: &str, provider: &str, priority: u32) {
-        let Ok(mut jobs) = self.jobs.lock() else { return };
-        if jobs.contains_key(job_id) {
-            return;
-        }
-        let seq = {
-            let mut n = self.next_seq.lock().expect("seq lock");
-            *n += 1;
-            *n
-        };
-        let priority = priority.clamp(1, fleet::wire::MAX_PRIORITY);
-        jobs.insert(job_id.to_string(), OpenJob { provider: provider.to_string(), priority, seq });
-        if jobs.len() > MAX_OPEN_JOBS {
-            if let Some(oldest) = jobs.iter().min_by_key(|(_, j)| j.seq).map(|(id, _)| id.clone()) {
-                jobs.remove(&oldest);
-            }
-        }
-        drop(jobs);
-        self.changed.send_modify(|v| *v += 1);
-    }
-
-    /// Forgets a job (it ended, or its queue is gone).
-    pub fn close(&self, job_id: &str) {
-        let removed = self.jobs.lock().map(|mut j| j.remove(job_id).is_some()).unwrap_or(false);
-        if removed {
-            self.changed.send_modify(|v| *v += 1);
-        }
-    }
-
-    /// The jobs of `provider` to consume now, oldest announcement first: job id -> priority.
-    fn for_provider(&self, provider: &str) -> BTreeMap<String, u32> {
-        let Ok(jobs) = self.jobs.lock() else { return BTreeMap::new() };
-        let mut mine: Vec<(&String, &OpenJob)> = jobs.iter().filter(|(_, j)| j.provider == provider).collect();
-        mine.sort_by_key(|(_, j)| j.seq);
-        mine.into_iter().take(MAX_CONSUMED_JOBS).map(|(id, j)| (id.clone(), j.priority)).collect()
-    }
-
-    /// Number of open jobs remembered.
-    pub fn len(&self) -> usize {
-        self.jobs.lock().map(|j| j.len()).unwrap_or(0)
-    }
-
-    /// Whether no job is open.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-}
 
 /// How a job's consumer ended.
 enum JobConsumerEnd {
@@ -190,7 +107,7 @@ impl ProviderJobs {
         let ch = conn.create_channel().await?;
         let prefetch = u32::from(self.prefetch).saturating_mul(priority).min(u32::from(u16::MAX)) as u16;
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let queue = self.ctx.topology.job_items_queue(&self.client.name, job_id);
+        let queue = self.ctx.publisher.topology.job_items_queue(&self.client.name, job_id);
         let tag = format!("{}/{}/{job_id}", self.worker_id, self.client.name);
         let consumer = match ch
             .basic_consume(
@@ -261,32 +178,5 @@ pub async fn consume_deliveries(
                 None => return Ok(cancelling),
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn open_jobs_are_bounded_and_consumed_oldest_first() {
-        let jobs = OpenJobs::default();
-        jobs.open("b", "p", 3);
-        jobs.open("a", "p", 99);
-        jobs.open("c", "q", 1);
-        jobs.open("b", "p", 1); // a re-announcement keeps the first
-        let p = jobs.for_provider("p");
-        assert_eq!(p.get("b"), Some(&3));
-        assert_eq!(p.get("a"), Some(&fleet::wire::MAX_PRIORITY), "priority clamped");
-        assert_eq!(jobs.for_provider("q").len(), 1);
-        jobs.close("b");
-        assert_eq!(jobs.for_provider("p").len(), 1);
-        for i in 0..MAX_OPEN_JOBS + 5 {
-            jobs.open(&format!("j{i}"), "p", 1);
-        }
-        assert_eq!(jobs.len(), MAX_OPEN_JOBS);
-        let consumed = jobs.for_provider("p");
-        assert_eq!(consumed.len(), MAX_CONSUMED_JOBS);
-        assert!(!consumed.contains_key("a") && !consumed.contains_key("j0"), "the oldest were forgotten");
     }
 }

@@ -3,13 +3,20 @@
 //! key: a pool of N keys may send N times what one key may.
 //!
 //! Calls are spread over the keys in turn; a task waiting to start takes the first key with
-//! room. A key the provider answers 401 or 403 leaves the rotation of this worker for good
-//! (until the worker restarts): `batch_api_key_rejections_total{provider,key_env}` counts it
-//! and a WARN line names the variable, never the key. The other keys carry on; when none is
-//! left, items fail at once with `api_keys_rejected` instead of calling with a dead key.
-//! A provider configured without a key has one keyless entry, which never leaves.
+//! room. A key leaves the rotation of this worker only for its own fault (the provider
+//! decides that, see [`crate::provider`]'s key verdicts: a request the key may not make is
+//! the request's fault): `batch_api_key_rejections_total{provider,key_env}` counts it and a
+//! WARN line names the variable, never the key. The other keys carry on; when none is left,
+//! items fail at once with `api_keys_rejected` instead of calling with a dead key.
+//!
+//! A retired key is not gone for good: `key_retry_s` after it left, the next call of the
+//! provider first probes it (a key-only request) and brings it back when the provider
+//! accepts it, or keeps it out for another period. A provider configured without a key has
+//! one keyless entry, which never leaves.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use fleet::config::{ProviderConfig, ProviderKind};
 use fleet::metrics::WorkerMetrics;
@@ -26,6 +33,8 @@ pub struct PooledKey {
     pub auth: Option<(HeaderName, HeaderValue)>,
     pub limiter: Limiter,
     retired: AtomicBool,
+    /// When the key may be probed again (set while it is retired).
+    probe_at: Mutex<Option<Instant>>,
 }
 
 /// The keys of one provider in one worker.
@@ -34,6 +43,8 @@ pub struct KeyPool {
     keys: Vec<PooledKey>,
     /// Round-robin position.
     next: AtomicUsize,
+    /// How long a retired key stays out before it is probed (`key_retry_s`).
+    retry_after: Duration,
     /// The provider's `batch_concurrency_limit` and `batch_rate_limit_rps`: sums over the
     /// keys in rotation (each key's limiter keeps its own, unregistered gauges).
     limit_gauge: IntGauge,
@@ -73,12 +84,13 @@ impl KeyPool {
                 IntGauge::new("key_limit", "per-key in-flight limit").expect("valid gauge"),
                 Gauge::new("key_rate", "per-key rate").expect("valid gauge"),
             );
-            keys.push(PooledKey { env, auth, limiter, retired: AtomicBool::new(false) });
+            keys.push(PooledKey { env, auth, limiter, retired: AtomicBool::new(false), probe_at: Mutex::new(None) });
         }
         let pool = KeyPool {
             provider: name.to_string(),
             keys,
             next: AtomicUsize::new(0),
+            retry_after: Duration::from_secs(cfg.key_retry_s),
             limit_gauge: metrics.concurrency_limit.with_label_values(&[name]),
             rate_gauge: metrics.rate_limit.with_label_values(&[name]),
             active_gauge: metrics.keys_active.with_label_values(&[name]),
@@ -156,12 +168,14 @@ impl KeyPool {
         self.keys.iter().all(|k| k.env.is_none())
     }
 
-    /// The provider answered 401/403 to key `i`: it leaves the rotation. Returns whether
-    /// another key is left to retry with. A keyless provider's entry never leaves.
+    /// The provider refused key `i` as a key: it leaves the rotation until a probe
+    /// `key_retry_s` from now finds it good. Returns whether another key is left to retry
+    /// with. A keyless provider's entry never leaves.
     pub fn reject(&self, i: usize, status: u16) -> bool {
         let key = &self.keys[i];
         let Some(env) = &key.env else { return false };
         if !key.retired.swap(true, Ordering::Relaxed) {
+            *key.probe_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + self.retry_after);
             self.rejections.with_label_values(&[&self.provider, env]).inc();
             let left = self.active().len();
             tracing::warn!(
@@ -169,14 +183,49 @@ impl KeyPool {
                 env = %env,
                 status,
                 keys_left = left,
-                "the provider rejected the API key in this variable; it leaves the rotation"
+                retry_s = self.retry_after.as_secs(),
+                "the provider rejected the API key in this variable; it leaves the rotation until a probe finds it good"
             );
             if left == 0 {
-                tracing::error!(provider = %self.provider, keys = %self.env_names(), "every API key of the provider was rejected; its items fail until the keys are fixed and the worker restarted");
+                tracing::error!(provider = %self.provider, keys = %self.env_names(), retry_s = self.retry_after.as_secs(), "every API key of the provider was rejected; its items fail until a key is accepted again");
             }
             self.update_gauges();
         }
         !self.active().is_empty()
+    }
+
+    /// Retired keys whose wait is over, each handed to exactly one caller (which must end
+    /// the probe with [`KeyPool::probed`]): until then no other caller gets it.
+    pub fn due_for_probe(&self, now: Instant) -> Vec<usize> {
+        let mut due = Vec::new();
+        for (i, key) in self.keys.iter().enumerate() {
+            if !key.retired.load(Ordering::Relaxed) {
+                continue;
+            }
+            let mut at = key.probe_at.lock().unwrap_or_else(|e| e.into_inner());
+            if at.is_some_and(|t| t <= now) {
+                // Taken: the next caller waits for this probe's verdict, or a period.
+                *at = Some(now + self.retry_after);
+                due.push(i);
+            }
+        }
+        due
+    }
+
+    /// The verdict of a probe of retired key `i`: good brings it back into the rotation;
+    /// otherwise it stays out another `key_retry_s`.
+    pub fn probed(&self, i: usize, good: bool) {
+        let key = &self.keys[i];
+        let env = key.env.as_deref().unwrap_or_default();
+        if good {
+            *key.probe_at.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            key.retired.store(false, Ordering::Relaxed);
+            tracing::info!(provider = %self.provider, env = %env, "the provider accepts the API key in this variable again; it is back in the rotation");
+            self.update_gauges();
+        } else {
+            *key.probe_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + self.retry_after);
+            tracing::info!(provider = %self.provider, env = %env, retry_s = self.retry_after.as_secs(), "the API key in this variable is still rejected");
+        }
     }
 
     /// The variables of every key, for messages (`KEY_A, KEY_B`).
@@ -193,6 +242,43 @@ impl KeyPool {
         let rates: Option<Vec<f64>> = active.iter().map(|&i| self.keys[i].limiter.rate()).collect();
         self.limit_gauge.set(limit as i64);
         self.rate_gauge.set(rates.map_or(0.0, |r| r.iter().sum()));
+    }
+}
+
+/// Whose fault a 401/403 answer is, as its body tells.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFault {
+    /// The key itself: unknown, revoked (OpenAI `invalid_api_key`, Anthropic
+    /// `authentication_error`).
+    Key,
+    /// The request: a model or endpoint this key may not use (OpenAI `model_not_found`,
+    /// Anthropic `permission_error`, LiteLLM's "not allowed to access model"). The key is good
+    /// for other requests.
+    Request,
+    /// The body does not say (a gateway's own words, no JSON): a key-only probe decides.
+    Unsure,
+}
+
+/// Reads a 401/403 body in the providers' error shapes (OpenAI and LiteLLM
+/// `{"error": {"code", "type", "message"}}`, Anthropic `{"error": {"type", "message"}}`).
+/// What names the request wins over what names the key: a key that may not use one model
+/// must not leave the rotation for every other request.
+pub fn key_fault(body: Option<&str>) -> KeyFault {
+    let v: serde_json::Value = body.and_then(|b| serde_json::from_str(b).ok()).unwrap_or_default();
+    let error = &v["error"];
+    let field = |name: &str| error[name].as_str().unwrap_or_default().to_ascii_lowercase();
+    let (code, kind) = (field("code"), field("type"));
+    let message = error["message"].as_str().or(v["message"].as_str()).unwrap_or_default().to_ascii_lowercase();
+    const REQUEST_CODES: [&str; 4] = ["model_not_found", "permission_error", "not_found_error", "unsupported_model"];
+    const KEY_CODES: [&str; 3] = ["invalid_api_key", "authentication_error", "invalid_authentication"];
+    if REQUEST_CODES.iter().any(|c| code == *c || kind == *c) {
+        KeyFault::Request
+    } else if KEY_CODES.iter().any(|c| code == *c || kind == *c) {
+        KeyFault::Key
+    } else if message.contains("model") || message.contains("endpoint") {
+        KeyFault::Request
+    } else {
+        KeyFault::Unsure
     }
 }
 
@@ -247,6 +333,43 @@ mod tests {
         assert!(!p.reject(j, 401), "the last key gone");
         assert!(p.take(None, 0).await.is_none(), "no key left: no call");
         assert_eq!(p.room().await, None, "room returns at once with no key left");
+    }
+
+    #[test]
+    fn a_rejection_names_the_key_or_the_request() {
+        let openai = |code: &str, msg: &str| {
+            format!(r#"{{"error":{{"message":"{msg}","type":"invalid_request_error","param":null,"code":"{code}"}}}}"#)
+        };
+        let anthropic = |kind: &str| format!(r#"{{"type":"error","error":{{"type":"{kind}","message":"no"}}}}"#);
+        assert_eq!(key_fault(Some(&openai("invalid_api_key", "Incorrect API key provided: sk-ab***"))), KeyFault::Key);
+        assert_eq!(key_fault(Some(&anthropic("authentication_error"))), KeyFault::Key);
+        let no_access = openai("model_not_found", "The model `gpt-5` does not exist or you do not have access to it.");
+        assert_eq!(key_fault(Some(&no_access)), KeyFault::Request);
+        assert_eq!(key_fault(Some(&anthropic("permission_error"))), KeyFault::Request);
+        // LiteLLM answers a key not allowed a model with its own words and a 401.
+        let litellm = r#"{"error":{"message":"Authentication Error, API Key not allowed to access model. This token can only access models=['a']. Tried to access b","type":"auth_error","param":"None","code":"401"}}"#;
+        assert_eq!(key_fault(Some(litellm)), KeyFault::Request);
+        let litellm_bad_key = r#"{"error":{"message":"Authentication Error, Invalid proxy server token passed","type":"auth_error","param":"None","code":"401"}}"#;
+        assert_eq!(key_fault(Some(litellm_bad_key)), KeyFault::Unsure);
+        assert_eq!(key_fault(None), KeyFault::Unsure);
+        assert_eq!(key_fault(Some("[1, 2]")), KeyFault::Unsure);
+    }
+
+    #[test]
+    fn a_rejected_key_is_probed_after_its_wait_by_one_caller() {
+        let p = pool(&[("KEYS_PROBE_A", "a"), ("KEYS_PROBE_B", "b")]);
+        let start = Instant::now();
+        assert!(p.reject(0, 401));
+        assert!(p.due_for_probe(start).is_empty(), "not before key_retry_s");
+        let later = start + Duration::from_secs(61);
+        assert_eq!(p.due_for_probe(later), vec![0]);
+        assert!(p.due_for_probe(later).is_empty(), "one probe at a time");
+        p.probed(0, false);
+        assert_eq!(p.active(), vec![1], "still out after a failed probe");
+        assert!(p.due_for_probe(Instant::now() + Duration::from_secs(61)) == vec![0]);
+        p.probed(0, true);
+        assert_eq!(p.active(), vec![0, 1], "back after a good probe");
+        assert_eq!(p.active_gauge.get(), 2);
     }
 
     #[tokio::test]

@@ -8,14 +8,17 @@
 pub mod acks;
 pub mod batch;
 pub mod consume;
+pub mod context;
 pub mod control;
 pub mod decide;
 pub mod jobs;
 pub mod keys;
+pub mod known;
 pub mod limit;
 pub mod outbox;
 pub mod process;
 pub mod provider;
+pub mod settle;
 pub mod tracker;
 
 use std::collections::BTreeMap;
@@ -65,16 +68,16 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
     tracing::info!(worker = %worker_id, namespace = topology.namespace(), providers = ?clients.keys().collect::<Vec<_>>(), "worker starting");
 
     // Items in flight across reconnections: the drain waits for all of them.
-    let worker = consume::Worker {
+    let worker = context::Worker {
         cfg: cfg.clone(),
         worker_id: worker_id.clone(),
         topology: topology.clone(),
         metrics: metrics.clone(),
         clients,
         in_flight: TaskTracker::new(),
-        cancelled: control::Cancelled::new(cfg.tracker.retention_s.saturating_mul(1000)),
+        cancelled: known::Cancelled::new(cfg.tracker.retention_s.saturating_mul(1000)),
         provider_batches: fleet::metrics::register_provider_batches(&metrics.registry),
-        open_jobs: jobs::OpenJobs::default(),
+        open_jobs: known::OpenJobs::default(),
     };
     // A refused login never heals by retrying (the loop below retries only what can): fail
     // at start with exit 1 rather than warn forever. A broker that is down is waited for.

@@ -141,6 +141,18 @@ impl Drop for Permit<'_> {
     }
 }
 
+/// The room [`Limiter::room`] counted for a task that has not taken its slot yet: given
+/// back if the wait for the slot is abandoned.
+struct CountedRoom<'a> {
+    limiter: &'a Limiter,
+}
+
+impl Drop for CountedRoom<'_> {
+    fn drop(&mut self) {
+        self.limiter.leave_room();
+    }
+}
+
 impl Limiter {
     pub fn new(
         max_in_flight: u16,
@@ -192,7 +204,11 @@ impl Limiter {
         self.take_slot(est_tokens, true).await
     }
 
+    /// Cancel-safe: dropped while it waits for a slot, a started task's room is given back
+    /// (a wait for a slot may be abandoned when the item's job is cancelled meanwhile);
+    /// dropped while it waits for its send time, its permit frees the slot.
     async fn take_slot(&self, est_tokens: u64, started: bool) -> Permit<'_> {
+        let mut room = started.then_some(CountedRoom { limiter: self });
         let send_at = loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -202,7 +218,9 @@ impl Limiter {
                 let mut s = self.state.lock().expect("limiter lock");
                 if (s.in_flight as f64) < s.limit.floor().max(1.0) {
                     s.in_flight += 1;
-                    if started {
+                    if let Some(counted) = room.take() {
+                        // Settled here, under the lock: its drop would take the lock again.
+                        std::mem::forget(counted);
                         s.starting = s.starting.saturating_sub(1);
                     }
                     break s.schedule(Instant::now(), est_tokens);
@@ -423,6 +441,20 @@ mod tests {
         drop(a);
         let third = tokio::time::timeout(Duration::from_millis(50), l.acquire(0)).await;
         assert!(third.is_ok(), "and goes once a slot frees");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_wait_for_a_slot_gives_its_room_back() {
+        let l = limiter(1, None);
+        let held = l.acquire(0).await;
+        // A task counted by `room` gives up waiting for its slot (its job was cancelled).
+        l.state.lock().unwrap().starting += 1;
+        let waited = tokio::time::timeout(Duration::from_millis(50), l.acquire_started(0)).await;
+        assert!(waited.is_err(), "no slot while one is held");
+        assert_eq!(l.state.lock().unwrap().starting, 0, "the room it was counted is given back");
+        drop(held);
+        let next = tokio::time::timeout(Duration::from_millis(50), l.room()).await;
+        assert!(next.is_ok(), "the next task finds room");
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,11 +20,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use fleet::amqp::{self, PublishError};
+use fleet::topology::DeadLabel;
 use fleet::wire::{ItemResult, ItemStatus, ResultGroup, KIND_RESULTS};
 use tokio::sync::oneshot;
 
 use crate::acks::{self, Tracked};
-use crate::process::{dead_letter, Context};
+use crate::settle::Publisher;
 
 /// A group is sent once its message reaches this size, whatever its count: results carry
 /// whole provider answers, and readers hold a window of messages in memory (`producer
@@ -69,8 +70,8 @@ impl Outbox {
     }
 
     /// Publishes `result` in its job's group and settles `delivery` after the confirm;
-    /// returns once it is settled. See [`crate::process::publish_and_ack`].
-    pub async fn send(&self, ctx: &Context, delivery: Tracked, result: ItemResult) {
+    /// returns once it is settled (the online handler's one way out for a finished item).
+    pub async fn send(&self, publisher: &Publisher, delivery: Tracked, result: ItemResult) {
         let key = GroupKey { job_id: result.job_id.clone(), provider: result.provider.clone(), total: result.total };
         let status = result.status;
         let worker = result.worker.clone();
@@ -97,7 +98,7 @@ impl Outbox {
             }
         };
         if let Some(group) = full {
-            self.flush(ctx, &key, group).await;
+            self.flush(publisher, &key, group).await;
         } else if let Some(id) = opened {
             tokio::select! {
                 _ = &mut done => return,
@@ -110,7 +111,7 @@ impl Outbox {
                         }
                     };
                     if let Some(group) = mine {
-                        self.flush(ctx, &key, group).await;
+                        self.flush(publisher, &key, group).await;
                     }
                 }
             }
@@ -120,12 +121,12 @@ impl Outbox {
 
     /// Publishes a group, then settles its items: acked after the confirm; dead-lettered
     /// when the job's results stream is gone; requeued when the publish failed.
-    async fn flush(&self, ctx: &Context, key: &GroupKey, group: Group) {
+    async fn flush(&self, publisher: &Publisher, key: &GroupKey, group: Group) {
         let Group { mut json, members, .. } = group;
         json.extend_from_slice(b"]}");
         let props = amqp::persistent_json().with_type(KIND_RESULTS.into());
-        let exchange = ctx.topology.results_exchange();
-        let published = amqp::publish_confirmed(&ctx.publish, &exchange, &key.job_id, &json, props).await;
+        let exchange = publisher.topology.results_exchange();
+        let published = amqp::publish_confirmed(&publisher.channel, &exchange, &key.job_id, &json, props).await;
         let mut waiters = Vec::with_capacity(members.len());
         match published {
             Ok(()) => {
@@ -141,7 +142,7 @@ impl Outbox {
                     // delivered.
                     Ok(_) => {
                         for status in statuses {
-                            ctx.metrics.items.with_label_values(&[&key.provider, status.as_str()]).inc();
+                            publisher.metrics.items.with_label_values(&[&key.provider, status.as_str()]).inc();
                         }
                     }
                     // The results are out; redeliveries publish duplicates, which collectors drop.
@@ -153,7 +154,7 @@ impl Outbox {
                 // these results. Park the items with the reason rather than drop them.
                 let reason = format!("results queue of job {} does not exist", key.job_id);
                 for m in members {
-                    dead_letter(ctx, &key.provider, m.delivery, "no_results_queue", &reason).await;
+                    publisher.dead_letter(&key.provider, m.delivery, DeadLabel::NoResultsQueue, &reason).await;
                     waiters.push(m.settled);
                 }
             }

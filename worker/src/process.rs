@@ -6,38 +6,17 @@
 //! later.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use fleet::amqp::{self, PublishError};
-use fleet::config::RetryConfig;
-use fleet::metrics::WorkerMetrics;
-use fleet::topology::{Topology, DEAD_LABEL_HEADER, DEAD_REASON_HEADER, DELAY_TIER_HEADER};
-use fleet::wire::{Item, ItemResult, ItemStatus, KIND_RESULT};
+use fleet::amqp;
+use fleet::topology::{DeadLabel, DELAY_TIER_HEADER};
+use fleet::wire::{Item, ItemResult, ItemStatus};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Channel;
 
 use crate::acks::Tracked;
-use crate::control::Cancelled;
-use crate::decide::{after_call, cancelled_result, decide, Decision, Facts, Verdict};
-use crate::outbox::Outbox;
+use crate::context::Context;
+use crate::decide::{after_call, decide, unwanted, Decision, Facts, Verdict};
 use crate::provider::{CallError, ProviderClient, Target};
-
-/// What every delivery handler shares.
-pub struct Context {
-    pub worker_id: String,
-    pub topology: Topology,
-    pub metrics: WorkerMetrics,
-    /// Confirm-mode channel for results, delays and dead letters.
-    pub publish: Channel,
-    pub max_message_bytes: usize,
-    pub delivery_limit: u32,
-    pub retry: RetryConfig,
-    pub cancelled: Cancelled,
-    /// Fired at SIGTERM: items that have not started calling the provider are released.
-    pub shutdown: tokio_util::sync::CancellationToken,
-    /// Groups results of one job into one message (on `publish`).
-    pub outbox: Outbox,
-}
+use crate::settle::{delivery_count, detach_confirm, requeue_after_pause};
 
 /// Handles one delivery to completion. Never panics on bad input; never returns an error:
 /// the outcome is always settled on the broker (or left to redelivery if the channel died).
@@ -53,7 +32,7 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Tr
     };
     let decision = match decide(&delivery.data, &facts, |url| client.target(url)) {
         Verdict::DeadLetter { label, reason } => {
-            return dead_letter(&ctx, &client.name, delivery, label, &reason).await
+            return ctx.publisher.dead_letter(&client.name, delivery, label, &reason).await
         }
         Verdict::Poison { result, reason } => return poison(&ctx, &client.name, *result, delivery, &reason).await,
         Verdict::Finish(result) => Decision::Finish(result),
@@ -79,21 +58,29 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
         _ = ctx.shutdown.cancelled() => return Decision::Release,
     };
     // The wait for room can be long (a worker holds more items than it calls at once): a
-    // cancel (or a spend cap) read meanwhile still stops this item before it costs anything.
-    if ctx.cancelled.contains(&item.job_id) {
+    // cancel (or a spend cap, or the deadline) read meanwhile still stops this item before
+    // it costs anything; the client checks again after each wait of its own.
+    if let Some(result) = unwanted(&item, &ctx.cancelled, fleet::now_ms(), &ctx.worker_id) {
         if let Some(i) = key {
             client.keys.key(i).limiter.leave_room();
         }
-        return Decision::Finish(Box::new(cancelled_result(&item, &ctx.cancelled, &ctx.worker_id)));
+        return Decision::Finish(Box::new(result));
     }
-    let in_flight = ctx.metrics.in_flight.with_label_values(&[&client.name]);
+    let in_flight = ctx.publisher.metrics.in_flight.with_label_values(&[&client.name]);
     in_flight.inc();
-    let outcome = client.execute(&item, target, key).await;
+    let wanted = || unwanted(&item, &ctx.cancelled, fleet::now_ms(), &ctx.worker_id).is_none();
+    let outcome = client.execute(&item, target, key, &wanted).await;
     in_flight.dec();
+    if matches!(outcome.result, Err(CallError::Unwanted)) {
+        if let Some(mut result) = unwanted(&item, &ctx.cancelled, fleet::now_ms(), &ctx.worker_id) {
+            result.attempts = outcome.attempts.saturating_sub(1);
+            return Decision::Finish(Box::new(result));
+        }
+    }
     if let Ok(success) = &outcome.result {
         let tokens = [("prompt", success.prompt_tokens), ("completion", success.completion_tokens)];
         for (kind, n) in tokens.into_iter().filter(|(_, n)| *n > 0) {
-            ctx.metrics.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
+            ctx.publisher.metrics.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
         }
     }
     let decision = after_call(item, outcome, &ctx.retry, &ctx.worker_id, fleet::now_ms());
@@ -110,7 +97,7 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
 /// delivery is settled: acked; dead-lettered if the job's results stream is gone; or
 /// requeued if the result could not be published (redone later).
 pub async fn publish_and_ack(ctx: &Context, delivery: Tracked, result: ItemResult) {
-    ctx.outbox.send(ctx, delivery, result).await;
+    ctx.outbox.send(&ctx.publisher, delivery, result).await;
 }
 
 /// Sends a transiently failing item to the delay queue of its attempt, then acks it.
@@ -123,18 +110,25 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
     let payload = serde_json::to_vec(&item).expect("items serialize");
     // An item of a job's own queue waits in the shared tiers and comes back to that queue
     // (routed by its job id); one of the provider's queue in the provider's tiers.
-    let published = if delivery.exchange.as_str() == ctx.topology.jobs_exchange() {
+    let published = if delivery.exchange.as_str() == ctx.publisher.topology.jobs_exchange() {
         let mut headers = FieldTable::default();
         headers.insert(DELAY_TIER_HEADER.into(), AMQPValue::LongString(secs.to_string().into()));
         let props = amqp::persistent_json().with_headers(headers);
-        amqp::publish_confirmed(&ctx.publish, &ctx.topology.delay_exchange(), &item.job_id, &payload, props).await
+        amqp::publish_confirmed(
+            &ctx.publisher.channel,
+            &ctx.publisher.topology.delay_exchange(),
+            &item.job_id,
+            &payload,
+            props,
+        )
+        .await
     } else {
-        let queue = ctx.topology.delay_queue(provider, secs);
-        amqp::publish_confirmed(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await
+        let queue = ctx.publisher.topology.delay_queue(provider, secs);
+        amqp::publish_confirmed(&ctx.publisher.channel, "", &queue, &payload, amqp::persistent_json()).await
     };
     match published {
         Ok(()) => {
-            ctx.metrics.retries.with_label_values(&[provider, "delay", error.kind()]).inc();
+            ctx.publisher.metrics.retries.with_label_values(&[provider, "delay", error.kind()]).inc();
             note_delay(ctx, &item, &error).await;
             if let Err(e) = delivery.ack().await {
                 tracing::warn!(error = %e, "ack failed after delaying; the item may run twice");
@@ -142,9 +136,7 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot publish to the delay queue; requeueing the item");
-            // Requeue after a pause so an outage does not turn into a hot loop.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = delivery.nack(true).await;
+            requeue_after_pause(delivery).await;
         }
     }
 }
@@ -160,13 +152,9 @@ async fn note_delay(ctx: &Context, item: &Item, error: &CallError) {
         error: error.to_string(),
     };
     let payload = serde_json::to_vec(&event).expect("events serialize");
-    let queue = ctx.topology.ledger_queue();
-    match amqp::publish(&ctx.publish, "", &queue, &payload, amqp::persistent_json()).await {
-        Ok(pending) => {
-            tokio::spawn(async move {
-                let _ = pending.wait().await;
-            });
-        }
+    let queue = ctx.publisher.topology.ledger_queue();
+    match amqp::publish(&ctx.publisher.channel, "", &queue, &payload, amqp::persistent_json()).await {
+        Ok(pending) => detach_confirm(pending),
         Err(e) => tracing::debug!(error = %e, "cannot note a delay on the ledger"),
     }
 }
@@ -174,62 +162,10 @@ async fn note_delay(ctx: &Context, item: &Item, error: &CallError) {
 /// An item that has been delivered more than the delivery limit allows: it keeps killing
 /// workers. Its job gets the failed result (so the job can finish) and the message is parked.
 async fn poison(ctx: &Context, provider: &str, result: ItemResult, delivery: Tracked, reason: &str) {
-    if let Err(e) = publish_outcome(ctx, &result).await {
+    if let Err(e) = ctx.publisher.outcome(&result).await {
         tracing::warn!(error = %e, "cannot publish the poison result; parking the item anyway");
     } else {
-        ctx.metrics.items.with_label_values(&[provider, "failed"]).inc();
+        ctx.publisher.metrics.items.with_label_values(&[provider, "failed"]).inc();
     }
-    dead_letter(ctx, provider, delivery, "poison", reason).await;
-}
-
-/// Times this message was delivered before (quorum queues count in `x-delivery-count`).
-pub fn delivery_count(delivery: &lapin::message::Delivery) -> u64 {
-    let Some(headers) = delivery.properties.headers() else { return 0 };
-    match headers.inner().get("x-delivery-count") {
-        Some(AMQPValue::LongLongInt(n)) => (*n).max(0) as u64,
-        Some(AMQPValue::LongInt(n)) => (*n).max(0) as u64,
-        Some(AMQPValue::LongUInt(n)) => u64::from(*n),
-        Some(AMQPValue::ShortInt(n)) => (*n).max(0) as u64,
-        Some(AMQPValue::ShortShortInt(n)) => (*n).max(0) as u64,
-        Some(AMQPValue::ShortShortUInt(n)) => u64::from(*n),
-        _ => 0,
-    }
-}
-
-/// Publishes one result alone (routed to the job's results stream and to the ledger) and
-/// waits for the broker's confirm. For the
-/// poison path, which parks its item right after; finished items go through
-/// [`publish_and_ack`].
-pub async fn publish_outcome(ctx: &Context, result: &ItemResult) -> Result<(), PublishError> {
-    let payload = serde_json::to_vec(result).expect("results serialize");
-    let props = amqp::persistent_json().with_type(KIND_RESULT.into());
-    amqp::publish(&ctx.publish, &ctx.topology.results_exchange(), &result.job_id, &payload, props).await?.wait().await
-}
-
-/// Parks a message in the dead-letter queue with a reason header, then acks it. If that
-/// publish fails, rejects it instead so the queue's own dead-lettering parks it.
-pub async fn dead_letter(ctx: &Context, provider: &str, delivery: Tracked, label: &'static str, reason: &str) {
-    tracing::warn!(provider, reason, bytes = delivery.data.len(), "dead-lettering message");
-    let mut headers = FieldTable::default();
-    headers.insert(DEAD_REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
-    headers.insert(DEAD_LABEL_HEADER.into(), AMQPValue::LongString(label.into()));
-    headers.insert("x-fleet-queue".into(), AMQPValue::LongString(ctx.topology.items_queue(provider).into()));
-    headers.insert("x-fleet-provider".into(), AMQPValue::LongString(provider.into()));
-    let props = amqp::persistent_json().with_headers(headers);
-    let published =
-        amqp::publish_confirmed(&ctx.publish, &ctx.topology.dead_exchange(), "", &delivery.data, props).await;
-    ctx.metrics.dead_letters.with_label_values(&[label]).inc();
-    if matches!(label, "malformed" | "oversized") {
-        ctx.metrics.errors.with_label_values(&[provider, "malformed_message", "consume"]).inc();
-    }
-    let settled = match published {
-        Ok(()) => delivery.ack().await,
-        Err(e) => {
-            tracing::warn!(error = %e, "dead-letter publish failed; rejecting to the queue's dead-letter exchange");
-            delivery.reject().await
-        }
-    };
-    if let Err(e) = settled {
-        tracing::warn!(error = %e, "cannot settle dead-lettered message; it will be redelivered");
-    }
+    ctx.publisher.dead_letter(provider, delivery, DeadLabel::Poison, reason).await;
 }

@@ -13,8 +13,15 @@
 //! | other 4xx (400, 401, 403, 404, 422, ...)   | `Client`         | fail at once         |
 //! | 3xx (redirects are never followed)         | `Redirect`       | fail at once         |
 //! | body over `max_response_bytes`             | `TooLarge`       | fail at once         |
-//! | 401/403 to a key while other keys are left | `KeyRejected`    | retry (another key)  |
+//! | 401/403 for the key, other keys left       | `KeyRejected`    | retry (another key)  |
 //! | every key of the provider rejected         | `NoKeys`         | fail at once, no call|
+//!
+//! Whose fault a 401/403 is decides whether the key leaves the rotation
+//! ([`crate::keys::key_fault`]): a body that names the request (a model the key may not
+//! use) fails only the item; one that names the key retires it; one that says neither is
+//! settled by a key-only probe (`GET /v1/models` with that key). One item retires at most
+//! one key on its body's word: a second key refused for the same item is probed first, so a
+//! request every key refuses cannot empty the pool.
 //!
 //! Nothing a provider (or a proxy in front of it) answers is trusted: the URL called is
 //! built with a parser from `base_url` and a known [`Endpoint`] and must stay under
@@ -22,7 +29,7 @@
 //! the key headers are marked sensitive; bodies are read up to a cap; wait hints
 //! (`Retry-After` and friends) are parsed into a duration no longer than the retry budget.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -35,8 +42,11 @@ use reqwest::Url;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::keys::KeyPool;
+use crate::keys::{key_fault, KeyFault, KeyPool};
 use crate::limit::{Signal, Throttle};
+
+/// Longest a key-only probe may take.
+const KEY_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the provider answered, kept for the output file.
 #[derive(Debug, Clone)]
@@ -81,8 +91,12 @@ pub enum CallError {
     /// The provider rejected the key of this call (401/403); other keys are left to retry on.
     #[error("the provider rejected the API key (HTTP {}); retrying with another key", .answer.status)]
     KeyRejected { answer: Answer },
+    /// The job stopped wanting the item (cancelled, deadline passed) while it waited to be
+    /// called: no call is made.
+    #[error("the job no longer wants this request (cancelled, or past its deadline)")]
+    Unwanted,
     /// Every key of the provider was rejected: no call is made.
-    #[error("every API key of this provider was rejected (401/403): {envs}; fix the keys and restart the workers")]
+    #[error("every API key of this provider was rejected (401/403): {envs}; each is probed again every key_retry_s")]
     NoKeys { envs: String },
 }
 
@@ -95,6 +109,7 @@ impl CallError {
                 | CallError::Redirect { .. }
                 | CallError::TooLarge { .. }
                 | CallError::NoKeys { .. }
+                | CallError::Unwanted
         )
     }
 
@@ -120,6 +135,7 @@ impl CallError {
             CallError::TooLarge { .. } => "response_too_large",
             CallError::KeyRejected { .. } => "key_rejected",
             CallError::NoKeys { .. } => "api_keys_rejected",
+            CallError::Unwanted => "unwanted",
         }
     }
 
@@ -135,13 +151,26 @@ impl CallError {
             CallError::Timeout(_)
             | CallError::Connection(_)
             | CallError::TooLarge { .. }
-            | CallError::NoKeys { .. } => None,
+            | CallError::NoKeys { .. }
+            | CallError::Unwanted => None,
         }
     }
 
     pub fn to_record(&self) -> ErrorRecord {
         ErrorRecord { code: self.kind().to_string(), message: self.to_string() }
     }
+}
+
+/// What every call of one item shares, across its in-process retries.
+struct ItemCall<'a> {
+    url: &'a Url,
+    op: &'static str,
+    body: Bytes,
+    est_tokens: u64,
+    /// Whether this item has retired a key already (see the module header).
+    retired_one: AtomicBool,
+    /// Whether the job still wants the item (asked after every wait).
+    wanted: &'a (dyn Fn() -> bool + Send + Sync),
 }
 
 /// A successful call.
@@ -274,6 +303,17 @@ impl ProviderClient {
     /// `base_url` as [`ProviderClient::target`] places endpoints, with the key attached.
     /// Redirects are not followed (the client's policy), so the key stays on this host.
     pub fn batch_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.api_request(method, path, self.keys.batch_auth())
+    }
+
+    /// A request to a fixed API path under `base_url` with `auth` (and the kind's version
+    /// header) attached.
+    fn api_request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        auth: Option<&(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    ) -> reqwest::RequestBuilder {
         let base_path = self.base_url.path().trim_end_matches('/');
         let path = match path.strip_prefix("/v1") {
             Some(rest) if base_path.ends_with("/v1") => format!("{base_path}{rest}"),
@@ -282,7 +322,7 @@ impl ProviderClient {
         let mut url = self.base_url.clone();
         url.set_path(&path);
         let mut req = self.http.request(method, url);
-        if let Some((name, value)) = self.keys.batch_auth() {
+        if let Some((name, value)) = auth {
             req = req.header(name.clone(), value.clone());
         }
         if self.kind == ProviderKind::Anthropic {
@@ -303,11 +343,27 @@ impl ProviderClient {
 
     /// Calls the provider for `item` at `target`, retrying transient failures within the
     /// budget. `key`: the key [`KeyPool::room`] gave this task (its first call uses it).
-    pub async fn execute(&self, item: &Item, target: &Target, key: Option<usize>) -> Outcome {
+    /// `wanted` is asked after every wait (for a rate-limit slot, a backoff) right before a
+    /// call: once it says no, the item ends with [`CallError::Unwanted`], uncalled.
+    pub async fn execute(
+        &self,
+        item: &Item,
+        target: &Target,
+        key: Option<usize>,
+        wanted: &(dyn Fn() -> bool + Send + Sync),
+    ) -> Outcome {
         let body = Bytes::from(item.body.get().to_owned());
-        let op = target.endpoint.operation();
-        // Charged against a `tpm` ceiling as providers charge it: prompt plus requested output.
-        let est_tokens = fleet::tokens::estimate_request_tokens(&body);
+        let call = ItemCall {
+            url: &target.url,
+            op: target.endpoint.operation(),
+            // Charged against a `tpm` ceiling as providers charge it: prompt plus requested
+            // output.
+            est_tokens: fleet::tokens::estimate_request_tokens(&body),
+            body,
+            retired_one: AtomicBool::new(false),
+            wanted,
+        };
+        self.revisit_retired_keys().await;
         let attempts = AtomicU32::new(0);
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.retry.initial_backoff_ms))
@@ -317,7 +373,7 @@ impl ProviderClient {
             .with_jitter();
         let result = (|| {
             let first = attempts.fetch_add(1, Ordering::Relaxed) == 0;
-            self.call_once(&target.url, op, body.clone(), est_tokens, key.filter(|_| first))
+            self.call_once(&call, key.filter(|_| first))
         })
         .retry(backoff)
         .sleep(tokio::time::sleep)
@@ -335,19 +391,23 @@ impl ProviderClient {
 
     /// One HTTP call, classified. `started`: for the item's first call, the key whose slot
     /// [`KeyPool::room`] counted.
-    async fn call_once(
-        &self,
-        url: &Url,
-        op: &'static str,
-        body: Bytes,
-        est_tokens: u64,
-        started: Option<usize>,
-    ) -> Result<Success, CallError> {
-        let Some((k, _permit)) = self.keys.take(started, est_tokens).await else {
+    async fn call_once(&self, call: &ItemCall<'_>, started: Option<usize>) -> Result<Success, CallError> {
+        let op = call.op;
+        // The wait for a slot can be long (pacing, a 429's wait): a cancel or a deadline that
+        // falls meanwhile ends it, and is asked again before paying.
+        let taken = tokio::select! {
+            taken = self.keys.take(started, call.est_tokens) => taken,
+            () = until_unwanted(call.wanted) => return Err(CallError::Unwanted),
+        };
+        let Some((k, _permit)) = taken else {
             return Err(CallError::NoKeys { envs: self.keys.env_names() });
         };
+        if !(call.wanted)() {
+            return Err(CallError::Unwanted);
+        }
         let key = self.keys.key(k);
-        let mut req = self.http.post(url.clone()).header("content-type", "application/json").body(body);
+        let mut req =
+            self.http.post(call.url.clone()).header("content-type", "application/json").body(call.body.clone());
         if let Some((name, value)) = &key.auth {
             req = req.header(name.clone(), value.clone());
         }
@@ -369,10 +429,14 @@ impl ProviderClient {
             _ => Signal::Ok { remaining },
         });
         self.keys.update_gauges();
-        // A rejected key leaves the rotation; the item is retried with another one if any
-        // is left (otherwise the provider's 401/403 is its answer).
+        // A key refused for its own fault leaves the rotation; the item is retried with
+        // another one if any is left (otherwise the provider's 401/403 is its answer).
         if let Err(CallError::Client { answer, .. }) = &result {
-            if matches!(answer.status, 401 | 403) && self.keys.reject(k, answer.status) {
+            if matches!(answer.status, 401 | 403)
+                && key.env.is_some()
+                && self.key_at_fault(k, answer, &call.retired_one).await
+                && self.keys.reject(k, answer.status)
+            {
                 result = Err(CallError::KeyRejected { answer: answer.clone() });
             }
         }
@@ -380,6 +444,46 @@ impl ProviderClient {
             self.metrics.errors.with_label_values(&[&self.name, e.kind(), op]).inc();
         }
         result
+    }
+
+    /// Whether key `k`'s 401/403 `answer` is the key's fault (see the module header).
+    async fn key_at_fault(&self, k: usize, answer: &Answer, retired_one: &AtomicBool) -> bool {
+        let fault = key_fault(answer.body.as_ref().map(|b| b.get()));
+        let at_fault = match fault {
+            KeyFault::Request => false,
+            KeyFault::Key if !retired_one.load(Ordering::Relaxed) => true,
+            KeyFault::Key | KeyFault::Unsure => self.probe_key(k).await == Some(false),
+        };
+        if at_fault {
+            retired_one.store(true, Ordering::Relaxed);
+        }
+        at_fault
+    }
+
+    /// Asks the provider whether key `k` is good with a request that names no model and
+    /// costs nothing (`GET /v1/models`): `Some(true)` accepted, `Some(false)` refused
+    /// (401/403), `None` when the answer says neither (a timeout, a 5xx).
+    async fn probe_key(&self, k: usize) -> Option<bool> {
+        let auth = self.keys.key(k).auth.as_ref();
+        let req = self.api_request(reqwest::Method::GET, "/v1/models", auth).timeout(KEY_PROBE_TIMEOUT);
+        let resp = req.send().await.ok()?;
+        let status = resp.status().as_u16();
+        // The list itself is not needed; read (a little of) it so the connection is reused.
+        let _ = read_capped(resp, 64 << 10).await;
+        match status {
+            200..=299 => Some(true),
+            401 | 403 => Some(false),
+            _ => None,
+        }
+    }
+
+    /// Probes the retired keys whose wait is over, bringing back those the provider accepts
+    /// again. Costs nothing while no key is retired.
+    async fn revisit_retired_keys(&self) {
+        for k in self.keys.due_for_probe(Instant::now()) {
+            let good = self.probe_key(k).await == Some(true);
+            self.keys.probed(k, good);
+        }
     }
 
     /// Sends and classifies; also returns the requests the provider says remain, if it says,
@@ -451,6 +555,17 @@ impl ProviderClient {
         }
     }
 }
+
+/// Returns once `wanted` says no, asking every [`UNWANTED_POLL`] (cancels arrive on the
+/// control stream, deadlines pass: neither wakes a waiting task by itself).
+async fn until_unwanted(wanted: &(dyn Fn() -> bool + Send + Sync)) {
+    while wanted() {
+        tokio::time::sleep(UNWANTED_POLL).await;
+    }
+}
+
+/// How often an item waiting for a slot asks whether its job still wants it.
+const UNWANTED_POLL: Duration = Duration::from_millis(200);
 
 /// Reads a response body of at most `limit` bytes; `Ok(None)` when it is longer (reading
 /// stops there, so an endless body costs `limit` bytes and no more).

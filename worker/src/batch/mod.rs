@@ -32,10 +32,10 @@ use std::time::{Duration, Instant};
 
 use fleet::amqp;
 use fleet::batch::{ChunkState, ChunkTask};
+use fleet::topology::DeadLabel;
 use fleet::wire::{Item, ItemResult};
 use futures::StreamExt;
-use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Connection;
 use prometheus::IntGaugeVec;
@@ -43,8 +43,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::api::{ApiError, BatchApi, Created, Polled};
-use crate::process::{self, Context};
+use crate::acks::Tracked;
+use crate::context::{Context, Worker};
 use crate::provider::ProviderClient;
+use crate::settle::{delivery_count, requeue_after_pause};
 
 /// Chunks one worker works on at once per provider: creating and fetching hold a delivery
 /// for a while (an upload, a download); polls are short.
@@ -64,7 +66,7 @@ pub struct Batch {
 /// Starts a chunk consumer for each served provider in batch mode (`providers.<p>.batch`).
 pub fn spawn_consumers(
     conn: &Arc<Connection>,
-    w: &crate::consume::Worker,
+    w: &Worker,
     ctx: &Arc<Context>,
     consumers: &mut tokio::task::JoinSet<anyhow::Result<()>>,
     shutdown: &CancellationToken,
@@ -85,7 +87,7 @@ pub fn spawn_consumers(
 /// Consumes `provider`'s chunk queue on `conn` until the connection fails (`Err`) or
 /// `shutdown` fires (`Ok`; chunk tasks keep running in `in_flight`).
 pub async fn consume(b: Arc<Batch>, in_flight: TaskTracker, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let topology = &b.ctx.topology;
+    let topology = &b.ctx.publisher.topology;
     let name = b.client.name.clone();
     let ch = b.conn.create_channel().await?;
     topology.declare_chunk_queues(&ch, &name, b.poll_s).await?;
@@ -114,7 +116,8 @@ pub async fn consume(b: Arc<Batch>, in_flight: TaskTracker, shutdown: Cancellati
                 Some(Ok(delivery)) => {
                     let (b, ch) = (b.clone(), ch.clone());
                     in_flight.spawn(async move {
-                        handle(&b, delivery).await;
+                        // Chunk deliveries are settled one by one, never in groups.
+                        handle(&b, Tracked::alone(delivery).await).await;
                         drop(ch);
                     });
                 }
@@ -126,15 +129,13 @@ pub async fn consume(b: Arc<Batch>, in_flight: TaskTracker, shutdown: Cancellati
     }
 }
 
-/// Parks a chunk message that is not one (settled alone: chunk deliveries are never acked
-/// in groups).
-async fn dead_letter(b: &Batch, delivery: Delivery, reason: &str) {
-    let delivery = crate::acks::Tracked::alone(delivery).await;
-    process::dead_letter(&b.ctx, &b.client.name, delivery, "malformed", reason).await;
+/// Parks a chunk message that is not one.
+async fn dead_letter(b: &Batch, delivery: Tracked, reason: &str) {
+    b.ctx.publisher.dead_letter(&b.client.name, delivery, DeadLabel::Malformed, reason).await;
 }
 
 /// Handles one chunk delivery to completion; never panics on bad input, always settles.
-async fn handle(b: &Batch, delivery: Delivery) {
+async fn handle(b: &Batch, delivery: Tracked) {
     let provider = b.client.name.as_str();
     let task: ChunkTask = match serde_json::from_slice(&delivery.data) {
         Ok(t) => t,
@@ -151,7 +152,7 @@ async fn handle(b: &Batch, delivery: Delivery) {
         let reason = format!("chunk for provider {:?} on the chunk queue of {provider:?}", task.provider);
         return dead_letter(b, delivery, &reason).await;
     }
-    let redelivered = delivery.redelivered || process::delivery_count(&delivery) > 0;
+    let redelivered = delivery.redelivered || delivery_count(&delivery) > 0;
     match task.state.clone() {
         ChunkState::Pending { maybe_created } => pending(b, task, maybe_created || redelivered, delivery).await,
         ChunkState::Created { batch_id, input_file_id, cancel_sent } => {
@@ -173,11 +174,11 @@ fn unwanted(b: &Batch, task: &ChunkTask) -> Option<fleet::wire::ItemStatus> {
 }
 
 /// A chunk with no known provider batch: find or create one.
-async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: Delivery) {
-    let api = BatchApi::new(&b.client, b.ctx.topology.namespace());
-    let Some(items) = read_items(b, &task, delivery.acker.clone()).await else { return };
+async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: Tracked) {
+    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace());
+    let Some((items, delivery)) = read_items(b, &task, delivery).await else { return };
     if let Some(status) = unwanted(b, &task) {
-        let results = outcome::all_unrun(&b.ctx, &task, &items, status);
+        let results = outcome::all_unrun(&b.ctx.worker_id, &task, &items, status);
         finish(b, &task, results, Vec::new(), delivery).await;
         return;
     }
@@ -191,7 +192,8 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
             let refused = unbatchable(&b.client, &items);
             let list: Vec<Item> = items.values().filter(|i| !refused.contains_key(&i.index)).cloned().collect();
             if list.is_empty() {
-                let results = outcome::of_lines(&b.ctx, &task, &items, &refused, HashMap::new(), None, None).0;
+                let results =
+                    outcome::of_lines(&b.ctx.worker_id, &task, &items, &refused, HashMap::new(), None, None).0;
                 finish(b, &task, results, Vec::new(), delivery).await;
                 return;
             }
@@ -215,16 +217,16 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
         }
         Err(ApiError::Refused { status, message }) => {
             tracing::info!(job_id = %task.job_id, chunk = task.chunk, status, message = %message, "the provider refused the batch");
-            let results = outcome::refused(&b.ctx, &task, &items, &message);
+            let results = outcome::refused(&b.ctx.worker_id, &task, &items, &message);
             finish(b, &task, results, Vec::new(), delivery).await;
         }
     }
 }
 
 /// One poll pass of a chunk whose provider batch exists.
-async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: bool, delivery: Delivery) {
+async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: bool, delivery: Tracked) {
     let started = Instant::now();
-    let api = BatchApi::new(&b.client, b.ctx.topology.namespace());
+    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace());
     if unwanted(b, &task).is_some() && !cancel_sent {
         match api.cancel(&created.batch_id).await {
             // A refusal: the batch has ended already (nothing left to cancel).
@@ -232,7 +234,7 @@ async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: boo
             Err(e) => tracing::info!(batch_id = %created.batch_id, error = %e, "cannot cancel the provider batch yet"),
         }
     }
-    let tag = task.tag(b.ctx.topology.namespace());
+    let tag = task.tag(b.ctx.publisher.topology.namespace());
     let polled = match api.poll(&created.batch_id).await {
         Ok(p) => p,
         Err(ApiError::Transient(e)) => {
@@ -241,9 +243,9 @@ async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: boo
         }
         Err(ApiError::Refused { status, message }) => {
             // The provider does not know the batch (any more): nothing will come of it.
-            let Some(items) = read_items(b, &task, delivery.acker.clone()).await else { return };
+            let Some((items, delivery)) = read_items(b, &task, delivery).await else { return };
             let message = format!("the provider answered HTTP {status} for batch {}: {message}", created.batch_id);
-            let results = outcome::refused(&b.ctx, &task, &items, &message);
+            let results = outcome::refused(&b.ctx.worker_id, &task, &items, &message);
             b.batches.ended(&tag);
             finish(b, &task, results, Vec::new(), delivery).await;
             return;
@@ -255,14 +257,14 @@ async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: boo
     if polled.ending.is_none() {
         return poll_again(b, task, created, cancel_sent, delivery, started).await;
     }
-    b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
+    b.ctx.publisher.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
     fetch(b, task, created, polled, delivery).await;
 }
 
 /// An ended provider batch: every item gets its result.
-async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, delivery: Delivery) {
-    let api = BatchApi::new(&b.client, b.ctx.topology.namespace());
-    let Some(items) = read_items(b, &task, delivery.acker.clone()).await else { return };
+async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, delivery: Tracked) {
+    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace());
+    let Some((items, delivery)) = read_items(b, &task, delivery).await else { return };
     let mut lines = HashMap::new();
     let mut keep = |f: api::Fetched| {
         lines.entry(f.index).or_insert(f.outcome);
@@ -274,11 +276,12 @@ async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, del
     }
     let wanted = unwanted(b, &task);
     let refused = unbatchable(&b.client, &items);
-    let (results, fallback) = outcome::of_lines(&b.ctx, &task, &items, &refused, lines, polled.ending.clone(), wanted);
+    let (results, fallback) =
+        outcome::of_lines(&b.ctx.worker_id, &task, &items, &refused, lines, polled.ending.clone(), wanted);
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, results = results.len(), online_fallback = fallback.len(), "fetched provider batch");
     if finish(b, &task, results, fallback, delivery).await {
         api.clean_up(&created, &polled).await;
-        b.batches.ended(&task.tag(b.ctx.topology.namespace()));
+        b.batches.ended(&task.tag(b.ctx.publisher.topology.namespace()));
     }
 }
 
@@ -299,15 +302,14 @@ fn unbatchable(client: &ProviderClient, items: &BTreeMap<u64, Item>) -> HashMap<
     refused
 }
 
-/// Reads the chunk's items; on a broker failure the delivery is requeued (after a pause)
-/// and `None` returned.
-async fn read_items(b: &Batch, task: &ChunkTask, acker: lapin::Acker) -> Option<BTreeMap<u64, Item>> {
-    match items::read(&b.conn, &b.ctx.topology, task, b.ctx.max_message_bytes).await {
-        Ok(items) => Some(items),
+/// Reads the chunk's items, handing the delivery back with them; on a broker failure the
+/// delivery is requeued (after a pause) and `None` returned.
+async fn read_items(b: &Batch, task: &ChunkTask, delivery: Tracked) -> Option<(BTreeMap<u64, Item>, Tracked)> {
+    match items::read(&b.conn, &b.ctx.publisher.topology, task, b.ctx.max_message_bytes).await {
+        Ok(items) => Some((items, delivery)),
         Err(e) => {
             tracing::warn!(job_id = %task.job_id, chunk = task.chunk, error = %e, "cannot read the chunk's items; requeueing it");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            requeue_after_pause(delivery).await;
             None
         }
     }
@@ -322,28 +324,27 @@ async fn poll_again(
     mut task: ChunkTask,
     created: Created,
     cancel_sent: bool,
-    delivery: Delivery,
+    delivery: Tracked,
     started: Instant,
 ) {
     task.polls += 1;
     task.state = ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
     to_poll_queue(b, &task, delivery).await;
-    b.ctx.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
+    b.ctx.publisher.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
 }
 
-async fn to_poll_queue(b: &Batch, task: &ChunkTask, delivery: Delivery) {
+async fn to_poll_queue(b: &Batch, task: &ChunkTask, delivery: Tracked) {
     let payload = serde_json::to_vec(task).expect("chunks serialize");
-    let queue = b.ctx.topology.poll_queue(&b.client.name, b.poll_s);
-    match amqp::publish_confirmed(&b.ctx.publish, "", &queue, &payload, amqp::persistent_json()).await {
+    let queue = b.ctx.publisher.topology.poll_queue(&b.client.name, b.poll_s);
+    match amqp::publish_confirmed(&b.ctx.publisher.channel, "", &queue, &payload, amqp::persistent_json()).await {
         Ok(()) => {
-            if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+            if let Err(e) = delivery.ack().await {
                 tracing::warn!(error = %e, "ack failed after moving a chunk to the poll queue; it may be taken twice");
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot publish to the poll queue; requeueing the chunk");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            requeue_after_pause(delivery).await;
         }
     }
 }
@@ -351,19 +352,13 @@ async fn to_poll_queue(b: &Batch, task: &ChunkTask, delivery: Delivery) {
 /// Publishes every result (and re-queues the items falling back to online), then acks the
 /// chunk. Returns whether the chunk was acked; otherwise it is requeued and redone (the
 /// results already out are duplicates then, dropped downstream).
-async fn finish(
-    b: &Batch,
-    task: &ChunkTask,
-    results: Vec<ItemResult>,
-    fallback: Vec<Item>,
-    delivery: Delivery,
-) -> bool {
+async fn finish(b: &Batch, task: &ChunkTask, results: Vec<ItemResult>, fallback: Vec<Item>, delivery: Tracked) -> bool {
     let ctx = &b.ctx;
     let mut failure = None;
     for window in results.chunks(PUBLISH_CONCURRENCY) {
         let mut confirms = Vec::with_capacity(window.len());
         for r in window {
-            confirms.push(process::publish_outcome(ctx, r));
+            confirms.push(ctx.publisher.outcome(r));
         }
         failure = futures::future::join_all(confirms).await.into_iter().find_map(Result::err);
         if failure.is_some() {
@@ -374,10 +369,15 @@ async fn finish(
     if failure.is_none() {
         for item in &fallback {
             let payload = serde_json::to_vec(item).expect("items serialize");
-            let exchange = ctx.topology.items_exchange();
-            if let Err(e) =
-                amqp::publish_confirmed(&ctx.publish, &exchange, &item.provider, &payload, amqp::persistent_json())
-                    .await
+            let exchange = ctx.publisher.topology.items_exchange();
+            if let Err(e) = amqp::publish_confirmed(
+                &ctx.publisher.channel,
+                &exchange,
+                &item.provider,
+                &payload,
+                amqp::persistent_json(),
+            )
+            .await
             {
                 failure = Some(e);
                 break;
@@ -391,18 +391,17 @@ async fn finish(
         }
         Some(e) => {
             tracing::warn!(job_id = %task.job_id, chunk = task.chunk, error = %e, "cannot publish the chunk's results; requeueing it");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let _ = delivery.nack(BasicNackOptions { requeue: true, ..Default::default() }).await;
+            requeue_after_pause(delivery).await;
             return false;
         }
         None => {}
     }
-    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+    if let Err(e) = delivery.ack().await {
         tracing::warn!(error = %e, "ack failed after publishing a chunk's results; it may be fetched again");
         return false;
     }
     for r in &results {
-        ctx.metrics.items.with_label_values(&[&task.provider, r.status.as_str()]).inc();
+        ctx.publisher.metrics.items.with_label_values(&[&task.provider, r.status.as_str()]).inc();
     }
     true
 }

@@ -17,13 +17,12 @@ use fleet::batch::ChunkTask;
 use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus};
 
 use super::api::{Ending, LineOutcome};
-use crate::process::Context;
 
 /// A result for item `index` of the chunk without a provider answer. An item missing from
 /// the job's batch items stream (it should never be) still gets a failed result, under a
 /// custom id naming its index, so the job can end.
 fn unanswered(
-    ctx: &Context,
+    worker_id: &str,
     task: &ChunkTask,
     items: &BTreeMap<u64, Item>,
     index: u64,
@@ -31,7 +30,7 @@ fn unanswered(
     error: ErrorRecord,
 ) -> ItemResult {
     match items.get(&index) {
-        Some(item) => ItemResult::without_answer(item, status, error, &ctx.worker_id),
+        Some(item) => ItemResult::without_answer(item, status, error, worker_id),
         None => ItemResult {
             job_id: task.job_id.clone(),
             index,
@@ -42,7 +41,7 @@ fn unanswered(
             response: None,
             error: Some(ErrorRecord { code: "missing_item".into(), message: "the item could not be read".into() }),
             attempts: 0,
-            worker: ctx.worker_id.clone(),
+            worker: worker_id.to_string(),
             finished_at_ms: fleet::now_ms(),
             request: None,
             usage: None,
@@ -55,25 +54,32 @@ fn error(code: &str, message: &str) -> ErrorRecord {
 }
 
 /// Every item of a chunk whose batch never ran: `cancelled` or `expired`.
-pub fn all_unrun(ctx: &Context, task: &ChunkTask, items: &BTreeMap<u64, Item>, status: ItemStatus) -> Vec<ItemResult> {
+pub fn all_unrun(
+    worker_id: &str,
+    task: &ChunkTask,
+    items: &BTreeMap<u64, Item>,
+    status: ItemStatus,
+) -> Vec<ItemResult> {
     let message = match status {
         ItemStatus::Cancelled => "job cancelled before its provider batch was created",
         _ => "job deadline passed before its provider batch was created",
     };
-    (task.start..task.end).map(|i| unanswered(ctx, task, items, i, status, error(status.as_str(), message))).collect()
+    (task.start..task.end)
+        .map(|i| unanswered(worker_id, task, items, i, status, error(status.as_str(), message)))
+        .collect()
 }
 
 /// Every item of a chunk whose batch the provider refused, failed with its reason.
-pub fn refused(ctx: &Context, task: &ChunkTask, items: &BTreeMap<u64, Item>, message: &str) -> Vec<ItemResult> {
+pub fn refused(worker_id: &str, task: &ChunkTask, items: &BTreeMap<u64, Item>, message: &str) -> Vec<ItemResult> {
     let e = error("batch_rejected", message);
-    (task.start..task.end).map(|i| unanswered(ctx, task, items, i, ItemStatus::Failed, e.clone())).collect()
+    (task.start..task.end).map(|i| unanswered(worker_id, task, items, i, ItemStatus::Failed, e.clone())).collect()
 }
 
 /// The results of an ended batch from its lines; `wanted` says why the job stopped wanting
 /// the chunk (cancelled, deadline), if it did. Returns the results and the items to run
 /// online instead (`--fallback online`).
 pub fn of_lines(
-    ctx: &Context,
+    worker_id: &str,
     task: &ChunkTask,
     items: &BTreeMap<u64, Item>,
     unbatchable: &HashMap<u64, String>,
@@ -95,7 +101,7 @@ pub fn of_lines(
     let mut fallback = Vec::new();
     for index in task.start..task.end {
         if let Some(reason) = unbatchable.get(&index) {
-            results.push(unanswered(ctx, task, items, index, ItemStatus::Failed, error("not_batchable", reason)));
+            results.push(unanswered(worker_id, task, items, index, ItemStatus::Failed, error("not_batchable", reason)));
             continue;
         }
         let line = lines.remove(&index);
@@ -109,7 +115,7 @@ pub fn of_lines(
                     None
                 }
                 _ => Some(unanswered(
-                    ctx,
+                    worker_id,
                     task,
                     items,
                     index,
@@ -123,13 +129,13 @@ pub fn of_lines(
                 Some(ItemStatus::Expired) => (ItemStatus::Expired, "job deadline passed while its provider batch ran"),
                 _ => (ItemStatus::Cancelled, "the provider batch was cancelled before this request ran"),
             };
-            unanswered(ctx, task, items, index, status, error(status.as_str(), message))
+            unanswered(worker_id, task, items, index, status, error(status.as_str(), message))
         };
         let result = match line {
             Some(LineOutcome::Answered(response)) => Some(match items.get(&index) {
                 Some(item) => {
                     let code = response.status_code;
-                    let mut r = ItemResult::answered(item, response, &ctx.worker_id);
+                    let mut r = ItemResult::answered(item, response, worker_id);
                     if r.status == ItemStatus::Failed {
                         r.error = Some(error("provider_error", &format!("HTTP {code}")));
                     }
@@ -142,14 +148,14 @@ pub fn of_lines(
                     r
                 }
                 // The answer of an item the stream no longer holds: `missing_item`.
-                None => unanswered(ctx, task, items, index, ItemStatus::Failed, error("missing_item", "")),
+                None => unanswered(worker_id, task, items, index, ItemStatus::Failed, error("missing_item", "")),
             }),
-            Some(LineOutcome::Errored(e)) => Some(unanswered(ctx, task, items, index, ItemStatus::Failed, e)),
+            Some(LineOutcome::Errored(e)) => Some(unanswered(worker_id, task, items, index, ItemStatus::Failed, e)),
             Some(LineOutcome::Expired) => expired(&mut fallback),
             Some(LineOutcome::Cancelled) => Some(cancelled()),
             None => match &ending {
                 Ending::Completed => Some(unanswered(
-                    ctx,
+                    worker_id,
                     task,
                     items,
                     index,
@@ -158,7 +164,14 @@ pub fn of_lines(
                 )),
                 Ending::Rejected { reason, .. } => {
                     let message = rejected_lines.get(&index).copied().unwrap_or(reason);
-                    Some(unanswered(ctx, task, items, index, ItemStatus::Failed, error("batch_rejected", message)))
+                    Some(unanswered(
+                        worker_id,
+                        task,
+                        items,
+                        index,
+                        ItemStatus::Failed,
+                        error("batch_rejected", message),
+                    ))
                 }
                 Ending::Expired => expired(&mut fallback),
                 Ending::Cancelled => Some(cancelled()),

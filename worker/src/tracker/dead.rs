@@ -6,7 +6,7 @@
 //! yet gets a failed result with code `dead_lettered`, published like any worker's result
 //! (to the job's results stream and back to the ledger), so the job ends and `wait` writes
 //! the line. Garbage that is not an item is left to `producer dead`, and so is an item a
-//! worker refused as `malformed` or `forbidden_url` ([`fleet::topology::SUSPECT_DEAD_LABELS`]):
+//! worker refused as `malformed` or `forbidden_url` ([`fleet::topology::DeadLabel::is_suspect`]):
 //! the producer never publishes one, so it is not the job's own item, and its result would
 //! claim a real item's index under a `custom_id` of its sender's choosing (the job's real
 //! item there still gets its answer).

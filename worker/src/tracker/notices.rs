@@ -5,6 +5,7 @@ use fleet::amqp;
 use fleet::wire::{ControlMessage, JobSummary, KIND_JOB_FINISHED};
 
 use super::active::Active;
+use crate::settle::detach_confirm;
 
 impl Active<'_> {
     /// Publishes `job_finished` to the job's results stream (so `producer wait` can stop).
@@ -19,9 +20,7 @@ impl Active<'_> {
         // Not awaited here: the confirm arrives while we keep folding; an unroutable one
         // (results queue deleted) is harmless.
         if let Ok(pending) = res {
-            tokio::spawn(async move {
-                let _ = pending.wait().await;
-            });
+            detach_confirm(pending);
         }
     }
 
@@ -41,11 +40,7 @@ impl Active<'_> {
         let payload = serde_json::to_vec(msg).expect("control messages serialize");
         let res = amqp::publish(&self.ch, "", &self.topology.control_stream(), &payload, amqp::persistent_json()).await;
         match res {
-            Ok(pending) => {
-                tokio::spawn(async move {
-                    let _ = pending.wait().await;
-                });
-            }
+            Ok(pending) => detach_confirm(pending),
             Err(e) => tracing::warn!(error = %e, "cannot publish to the control stream"),
         }
     }

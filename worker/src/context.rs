@@ -1,0 +1,52 @@
+//! What a worker holds: [`Worker`], kept across reconnections (its config, provider
+//! clients, items in flight and what the control stream told it), and [`Context`], made
+//! anew for each connection (its publishing channel and result groups). Data only: the
+//! loops that use them live in [`crate::consume`], [`crate::jobs`] and [`crate::process`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use fleet::config::RetryConfig;
+use fleet::metrics::WorkerMetrics;
+use fleet::topology::Topology;
+use fleet::Config;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::known::{Cancelled, OpenJobs};
+use crate::outbox::Outbox;
+use crate::provider::ProviderClient;
+use crate::settle::Publisher;
+
+/// What a worker keeps across reconnections.
+pub struct Worker {
+    pub cfg: Config,
+    pub worker_id: String,
+    pub topology: Topology,
+    pub metrics: WorkerMetrics,
+    /// Provider clients by name, with their AMQP prefetch (the in-flight limit plus room
+    /// for items that are publishing their result).
+    pub clients: BTreeMap<String, (Arc<ProviderClient>, u16)>,
+    /// Items in flight; the drain waits for all of them.
+    pub in_flight: TaskTracker,
+    pub cancelled: Cancelled,
+    /// `batch_provider_batches{provider,status}` (batch mode).
+    pub provider_batches: prometheus::IntGaugeVec,
+    /// Jobs whose items queues exist, as the control stream announced them.
+    pub open_jobs: OpenJobs,
+}
+
+/// What every delivery handler of one connection shares.
+pub struct Context {
+    pub worker_id: String,
+    /// Confirm-mode channel, names and counters: what settling a delivery needs.
+    pub publisher: Publisher,
+    pub max_message_bytes: usize,
+    pub delivery_limit: u32,
+    pub retry: RetryConfig,
+    pub cancelled: Cancelled,
+    /// Fired at SIGTERM: items that have not started calling the provider are released.
+    pub shutdown: CancellationToken,
+    /// Groups results of one job into one message (on `publish`).
+    pub outbox: Outbox,
+}

@@ -169,6 +169,34 @@ fn a_deadline_wins_over_pacing() {
     fleet.cleanup(&[&job]);
 }
 
+/// Issue 21, point 6: once the broker closes the worker's publish channel (here: a delay
+/// publish to an exchange deleted while the job runs), the worker makes a new connection,
+/// declares its topology again and carries on; an item is called again at most once.
+#[test]
+fn a_publish_channel_the_broker_closed_is_replaced() {
+    let mock = Mock::start(&["--error-503", "0.2", "--latency-ms", "200"]);
+    // One call per delivery: a 503 goes straight to a delay queue.
+    let fleet = Fleet::new("pubclosed", &mock.url, "[retry]\nmax_attempts = 1\n");
+    let _w = fleet.worker("w1", &[]);
+    let job = fleet.submit_requests(300);
+    eventually(Duration::from_secs(30), "some answers", || mock.status_count(200) >= 10);
+    let delay_exchange = fleet.topology().delay_exchange();
+    fleet.amqp(|conn, _| async move {
+        let ch = conn.create_channel().await.expect("channel");
+        ch.exchange_delete(delay_exchange.as_str().into(), Default::default()).await.expect("delete the exchange");
+    });
+    let lines = fleet.collect(&job);
+    let by_status = assert_exactly_once(&lines, 300);
+    assert_eq!(by_status.get(&200), Some(&300), "every item succeeded in the end: {by_status:?}");
+    let log = fleet.worker_log("w1");
+    assert!(log.contains("the broker closed the publish channel; reconnecting"), "the loss is logged:\n{log}");
+    // Answers paid for: the 300 kept, plus at most the items in flight at the loss (the
+    // prefetch), each redone once.
+    let answered = mock.status_count(200);
+    assert!(answered <= 300 + 80, "{answered} answers for 300 items: {}", mock.stats());
+    fleet.cleanup(&[&job]);
+}
+
 #[test]
 fn items_past_the_deadline_end_expired_without_a_provider_call() {
     let mock = Mock::start(&[]);

@@ -30,6 +30,9 @@ use lapin::{Channel, ExchangeKind};
 /// Results streams keep a job's results for a week at most (the tracker deletes a job's
 /// stream earlier, when it forgets the finished job after `tracker.retention_s`).
 pub(crate) const RESULTS_MAX_AGE: &str = "7D";
+/// [`RESULTS_MAX_AGE`] in seconds: how long a job's results (and its failed items' requests)
+/// stay readable, measured from when each was written.
+pub const RESULTS_MAX_AGE_S: u64 = 7 * 86_400;
 /// Segment size of a results stream: age retention drops whole segments, so a smaller
 /// segment lets a large job's stream shrink as it ages.
 const RESULTS_SEGMENT_BYTES: i64 = 16 * 1024 * 1024;
@@ -579,5 +582,6 @@ mod tests {
         assert!(!dead_suspect(&with_label("oversized")));
         // The broker's own dead-lettering (delivery limit, rejection) sets no label.
         assert!(!dead_suspect(&lapin::BasicProperties::default()));
+        assert_eq!(RESULTS_MAX_AGE, format!("{}D", RESULTS_MAX_AGE_S / 86_400), "one age, two spellings");
     }
 }

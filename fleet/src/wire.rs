@@ -813,6 +813,11 @@ pub struct TrackerReply {
     /// Set when the request could not be answered (e.g. an unknown job id).
     #[serde(default)]
     pub error: Option<String>,
+    /// Set with `error` when the job asked for ended longer ago than `tracker.retention_s`:
+    /// its summary is forgotten, its results are still readable (`producer wait`) until
+    /// they are past the results stream's age limit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forgotten: bool,
 }
 
 /// Job events on the ledger queue, folded by the job tracker (results reach the ledger too,

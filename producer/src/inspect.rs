@@ -57,6 +57,9 @@ async fn status_on(
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let reply = ask_once(conn, topology, &req, left.max(Duration::from_secs(1))).await?;
         let Some(e) = reply.error else { return Ok(reply) };
+        if reply.forgotten {
+            anyhow::bail!("{e}");
+        }
         // Asked once: a job that exists does not stop existing while the tracker catches up.
         if submitted.is_none() {
             submitted = Some(topology.job_exists(conn, job_id).await?);

@@ -37,7 +37,7 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
     }
     let ctx = Arc::new(Context {
         worker_id: worker_id.to_string(),
-        publisher: Publisher { channel: publish, topology: topology.clone(), metrics: metrics.clone() },
+        publisher: Publisher::new(publish, topology.clone(), metrics.clone()),
         max_message_bytes: cfg.amqp.max_message_bytes,
         delivery_limit: cfg.amqp.delivery_limit,
         retry: cfg.retry.clone(),
@@ -100,8 +100,15 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
     let all_jobs = futures::future::try_join_all(job_servers);
     // Cancels are followed for as long as the item consumers run; they decide when this
     // connection is done (a follower failure means the connection failed too).
+    // A publish channel the broker closed ends the connection too: nothing could be
+    // settled on it any more. Closing it hands every unsettled delivery back to the
+    // broker at once (items in flight hold channel handles, which would keep it open).
     tokio::select! {
         res = async { tokio::try_join!(all_consumers, all_jobs).map(|_| ()) } => res,
         res = follower.run() => res,
+        why = ctx.publisher.lost() => {
+            fleet::amqp::close(conn, "giving up the publish channel").await;
+            anyhow::bail!("{why}")
+        }
     }
 }

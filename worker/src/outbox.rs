@@ -126,7 +126,7 @@ impl Outbox {
         json.extend_from_slice(b"]}");
         let props = amqp::persistent_json().with_type(KIND_RESULTS.into());
         let exchange = publisher.topology.results_exchange();
-        let published = amqp::publish_confirmed(&publisher.channel, &exchange, &key.job_id, &json, props).await;
+        let published = publisher.publish_confirmed(&exchange, &key.job_id, &json, props).await;
         let mut waiters = Vec::with_capacity(members.len());
         match published {
             Ok(()) => {

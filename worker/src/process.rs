@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use fleet::amqp;
+use fleet::amqp::{self, PublishError};
 use fleet::topology::{DeadLabel, DELAY_TIER_HEADER};
 use fleet::wire::{Item, ItemResult, ItemStatus};
 use lapin::types::{AMQPValue, FieldTable};
@@ -114,17 +114,10 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
         let mut headers = FieldTable::default();
         headers.insert(DELAY_TIER_HEADER.into(), AMQPValue::LongString(secs.to_string().into()));
         let props = amqp::persistent_json().with_headers(headers);
-        amqp::publish_confirmed(
-            &ctx.publisher.channel,
-            &ctx.publisher.topology.delay_exchange(),
-            &item.job_id,
-            &payload,
-            props,
-        )
-        .await
+        ctx.publisher.publish_confirmed(&ctx.publisher.topology.delay_exchange(), &item.job_id, &payload, props).await
     } else {
         let queue = ctx.publisher.topology.delay_queue(provider, secs);
-        amqp::publish_confirmed(&ctx.publisher.channel, "", &queue, &payload, amqp::persistent_json()).await
+        ctx.publisher.publish_confirmed("", &queue, &payload, amqp::persistent_json()).await
     };
     match published {
         Ok(()) => {
@@ -136,6 +129,11 @@ async fn delay(ctx: &Context, provider: &str, mut item: Item, error: CallError, 
         }
         Err(e) => {
             tracing::warn!(error = %e, "cannot publish to the delay queue; requeueing the item");
+            // The delay tiers are the fleet's own: one that routes nowhere lost a binding,
+            // which a new connection declares again.
+            if matches!(e, PublishError::Unroutable { .. }) {
+                ctx.publisher.give_up("a delay tier routes nowhere");
+            }
             requeue_after_pause(delivery).await;
         }
     }
@@ -153,7 +151,7 @@ async fn note_delay(ctx: &Context, item: &Item, error: &CallError) {
     };
     let payload = serde_json::to_vec(&event).expect("events serialize");
     let queue = ctx.publisher.topology.ledger_queue();
-    match amqp::publish(&ctx.publisher.channel, "", &queue, &payload, amqp::persistent_json()).await {
+    match ctx.publisher.publish("", &queue, &payload, amqp::persistent_json()).await {
         Ok(pending) => detach_confirm(pending),
         Err(e) => tracing::debug!(error = %e, "cannot note a delay on the ledger"),
     }

@@ -7,16 +7,22 @@
 //! before its delivery is acked (and rejected to the queue's own dead-lettering when that
 //! publish fails); a requeue waits a moment first, so a broker that refuses publishes does
 //! not turn a delivery into a hot loop.
+//!
+//! Every publish of the worker goes through [`Publisher::publish`]. When the broker closes
+//! the publish channel (a publish to an exchange that is gone, a message over its
+//! `max_message_size`), nothing published on it can succeed again: the publisher says so
+//! once ([`Publisher::lost`]), and the connection is given up and made anew, with a fresh
+//! channel and the topology declared again. What failed meanwhile is redelivered once.
 
 use std::time::Duration;
 
-use fleet::amqp::PendingConfirm;
-use fleet::amqp::{self, PublishError};
+use fleet::amqp::{self, PendingConfirm, PublishError};
 use fleet::metrics::WorkerMetrics;
 use fleet::topology::{DeadLabel, Topology, DEAD_LABEL_HEADER, DEAD_REASON_HEADER};
 use fleet::wire::{ItemResult, KIND_RESULT};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::Channel;
+use lapin::{BasicProperties, Channel};
+use tokio_util::sync::CancellationToken;
 
 use crate::acks::Tracked;
 
@@ -26,12 +32,75 @@ pub const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 /// What publishing from a worker needs: the confirm-mode channel, the names, the counters.
 pub struct Publisher {
     /// Confirm-mode channel for results, delays and dead letters.
-    pub channel: Channel,
+    channel: Channel,
     pub topology: Topology,
     pub metrics: WorkerMetrics,
+    /// Fired once the connection must be given up, with why.
+    lost: CancellationToken,
+    why: std::sync::OnceLock<String>,
 }
 
 impl Publisher {
+    /// A publisher on `channel` (in confirm mode).
+    pub fn new(channel: Channel, topology: Topology, metrics: WorkerMetrics) -> Publisher {
+        Publisher { channel, topology, metrics, lost: CancellationToken::new(), why: std::sync::OnceLock::new() }
+    }
+
+    /// Resolves once the connection must be made anew (see the module header), with why.
+    pub async fn lost(&self) -> String {
+        self.lost.cancelled().await;
+        self.why.get().cloned().unwrap_or_default()
+    }
+
+    /// Starts a mandatory publish (see [`fleet::amqp::publish`]); a failure that left the
+    /// channel closed fires [`Publisher::lost`].
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<PendingConfirm, PublishError> {
+        let started = amqp::publish(&self.channel, exchange, routing_key, payload, props).await;
+        if started.is_err() {
+            self.check_channel();
+        }
+        started
+    }
+
+    /// Publishes and waits for the broker's confirm; a failure that left the channel
+    /// closed fires [`Publisher::lost`].
+    pub async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
+        let confirmed = self.publish(exchange, routing_key, payload, props).await?.wait().await;
+        if confirmed.is_err() {
+            self.check_channel();
+        }
+        confirmed
+    }
+
+    /// Fires [`Publisher::lost`] (once, with a WARN) when the channel is no longer open.
+    fn check_channel(&self) {
+        if !self.channel.status().connected() {
+            self.give_up("the broker closed the publish channel");
+        }
+    }
+
+    /// Gives up this connection (once, with a WARN saying `why`): the channel is closed, or
+    /// the fleet's own topology is missing a part a new connection declares again (a
+    /// delay tier's binding).
+    pub fn give_up(&self, why: &str) {
+        if self.why.set(why.to_string()).is_ok() {
+            tracing::warn!("{why}; reconnecting");
+            self.lost.cancel();
+        }
+    }
+
     /// Publishes one result alone (routed to the job's results stream and to the ledger)
     /// and waits for the broker's confirm. For results that do not go through a group: the
     /// poison path, which parks its item right after, and batch mode's fetched chunks.
@@ -39,7 +108,7 @@ impl Publisher {
         let payload = serde_json::to_vec(result).expect("results serialize");
         let props = amqp::persistent_json().with_type(KIND_RESULT.into());
         let exchange = self.topology.results_exchange();
-        amqp::publish(&self.channel, &exchange, &result.job_id, &payload, props).await?.wait().await
+        self.publish_confirmed(&exchange, &result.job_id, &payload, props).await
     }
 
     /// Parks a message in the dead-letter queue with a reason header, then acks it. If that
@@ -53,7 +122,7 @@ impl Publisher {
         headers.insert("x-fleet-provider".into(), AMQPValue::LongString(provider.into()));
         let props = amqp::persistent_json().with_headers(headers);
         let exchange = self.topology.dead_exchange();
-        let published = amqp::publish_confirmed(&self.channel, &exchange, "", &delivery.data, props).await;
+        let published = self.publish_confirmed(&exchange, "", &delivery.data, props).await;
         self.metrics.dead_letters.with_label_values(&[label.as_str()]).inc();
         if label.is_bad_message() {
             self.metrics.errors.with_label_values(&[provider, "malformed_message", "consume"]).inc();

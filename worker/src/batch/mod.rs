@@ -336,7 +336,7 @@ async fn poll_again(
 async fn to_poll_queue(b: &Batch, task: &ChunkTask, delivery: Tracked) {
     let payload = serde_json::to_vec(task).expect("chunks serialize");
     let queue = b.ctx.publisher.topology.poll_queue(&b.client.name, b.poll_s);
-    match amqp::publish_confirmed(&b.ctx.publisher.channel, "", &queue, &payload, amqp::persistent_json()).await {
+    match b.ctx.publisher.publish_confirmed("", &queue, &payload, amqp::persistent_json()).await {
         Ok(()) => {
             if let Err(e) = delivery.ack().await {
                 tracing::warn!(error = %e, "ack failed after moving a chunk to the poll queue; it may be taken twice");
@@ -370,14 +370,8 @@ async fn finish(b: &Batch, task: &ChunkTask, results: Vec<ItemResult>, fallback:
         for item in &fallback {
             let payload = serde_json::to_vec(item).expect("items serialize");
             let exchange = ctx.publisher.topology.items_exchange();
-            if let Err(e) = amqp::publish_confirmed(
-                &ctx.publisher.channel,
-                &exchange,
-                &item.provider,
-                &payload,
-                amqp::persistent_json(),
-            )
-            .await
+            if let Err(e) =
+                ctx.publisher.publish_confirmed(&exchange, &item.provider, &payload, amqp::persistent_json()).await
             {
                 failure = Some(e);
                 break;

@@ -163,7 +163,17 @@ pub struct State {
     /// Jobs whose spend just reached their cap: the tracker cancels them fleet-wide.
     #[serde(skip)]
     pub budget_cancels: Vec<String>,
+    /// Results streams of jobs the tracker forgot, by job id, with when the job ended: each
+    /// is deleted once its results are past the stream's own age limit
+    /// ([`fleet::topology::RESULTS_MAX_AGE_S`]), never earlier: output nobody read is not
+    /// the tracker's to delete. At most [`MAX_EXPIRING_STREAMS`].
+    #[serde(default)]
+    pub expiring_results: BTreeMap<String, u64>,
 }
+
+/// Results streams waiting for their age limit at most: beyond it, the oldest is left to
+/// the broker (its age limit empties it; only an empty queue object remains).
+pub const MAX_EXPIRING_STREAMS: usize = 100_000;
 
 /// Token and cost counters of one provider and model label.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -397,9 +407,30 @@ impl State {
         let gone: Vec<(String, String)> =
             self.jobs.values().filter(|j| gone_for_good(j)).map(|j| (j.job_id.clone(), j.provider.clone())).collect();
         for (id, _) in &gone {
-            self.jobs.remove(id);
+            if let Some(job) = self.jobs.remove(id) {
+                self.expiring_results.insert(id.clone(), job.finished_at_ms.unwrap_or(now_ms));
+            }
+        }
+        while self.expiring_results.len() > MAX_EXPIRING_STREAMS {
+            let oldest = self.expiring_results.iter().min_by_key(|(_, at)| **at).map(|(id, _)| id.clone());
+            oldest.map(|id| self.expiring_results.remove(&id));
         }
         gone
+    }
+
+    /// The forgotten jobs whose results are past the stream's age limit: their streams
+    /// may be deleted now (they are taken off the list).
+    pub fn expired_results(&mut self, now_ms: u64, max_age_ms: u64) -> Vec<String> {
+        let due: Vec<String> = self
+            .expiring_results
+            .iter()
+            .filter(|(_, ended)| now_ms.saturating_sub(**ended) >= max_age_ms)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &due {
+            self.expiring_results.remove(id);
+        }
+        due
     }
 }
 
@@ -632,6 +663,11 @@ mod tests {
         assert!(s.jobs.contains_key("j"));
         s.prune(1_000, 100);
         assert!(s.jobs.is_empty());
+        // Forgotten, its results stream is kept until its results are past their age.
+        assert_eq!(s.expiring_results.get("j"), Some(&3), "ended at 3");
+        assert!(s.expired_results(1_000, 5_000).is_empty());
+        assert_eq!(s.expired_results(5_003, 5_000), vec!["j".to_string()]);
+        assert!(s.expiring_results.is_empty());
     }
 
     #[test]

@@ -14,10 +14,17 @@ impl Active<'_> {
             return;
         };
         let now = fleet::now_ms();
-        let mut reply = TrackerReply { tracker: self.worker_id.clone(), jobs: vec![], error: None };
+        let mut reply = TrackerReply { tracker: self.worker_id.clone(), jobs: vec![], error: None, forgotten: false };
         match serde_json::from_slice::<TrackerRequest>(&req.data) {
             Ok(TrackerRequest::Status { job_id }) => match self.state.jobs.get(&job_id) {
                 Some(j) => reply.jobs.push(self.summary(j, now)),
+                None if self.state.expiring_results.contains_key(&job_id) => {
+                    reply.forgotten = true;
+                    reply.error = Some(format!(
+                        "job {job_id:?} ended more than tracker.retention_s ago: its summary is forgotten; \
+                         its results stay readable with `producer wait` for 7 days after they were written"
+                    ));
+                }
                 None => reply.error = Some(format!("no job {job_id:?} is known to the tracker")),
             },
             Ok(TrackerRequest::Jobs) => reply.jobs = self.state.jobs.values().map(|j| self.summary(j, now)).collect(),

@@ -44,30 +44,42 @@ impl Active<'_> {
         }
     }
 
-    /// Forgets the jobs whose retention is over, deleting their streams, and prunes stale
-    /// Pushgateway groups; returns whether the state changed.
+    /// Forgets the jobs whose retention is over (deleting their batch items streams),
+    /// deletes the results streams past their age limit, and prunes stale Pushgateway
+    /// groups; returns whether the state changed.
     pub(super) async fn retention(&mut self) -> bool {
-        let forgotten = self.state.prune(fleet::now_ms(), self.cfg.tracker.retention_s * 1000);
-        self.delete_results(&forgotten).await;
+        let now_ms = fleet::now_ms();
+        let forgotten = self.state.prune(now_ms, self.cfg.tracker.retention_s * 1000);
+        self.delete_batch_items(&forgotten).await;
+        let expired = self.state.expired_results(now_ms, fleet::topology::RESULTS_MAX_AGE_S * 1000);
+        self.delete_results(&expired).await;
         // Again (idempotent): a tracker that died between ending a job and deleting its
         // items queue left it behind.
         for (job_id, provider) in &forgotten {
             self.close_job_queue(job_id, provider).await;
         }
         self.prune_groups();
-        !forgotten.is_empty()
+        !forgotten.is_empty() || !expired.is_empty()
     }
 
-    /// Deletes the results streams of jobs the tracker forgot: their retention is over.
-    async fn delete_results(&self, jobs: &[(String, String)]) {
-        for (job_id, _) in jobs {
+    /// Deletes the results streams whose results are all past the stream's age limit.
+    async fn delete_results(&self, jobs: &[String]) {
+        for job_id in jobs {
             let queue = self.topology.results_queue(job_id);
             match self.ch.queue_delete(queue.as_str().into(), Default::default()).await {
-                Ok(_) => tracing::info!(job_id = %job_id, "retention over: deleted the job's results stream"),
+                Ok(_) => {
+                    tracing::info!(job_id = %job_id, "results past their age limit: deleted the job's results stream")
+                }
                 Err(e) => tracing::debug!(job_id = %job_id, error = %e, "cannot delete a results stream"),
             }
-            // A batch-mode job's items stream goes with its results (deleting a queue that
-            // does not exist, as for an online job, is a no-op).
+        }
+    }
+
+    /// Deletes the batch items streams of jobs the tracker forgot (deleting a queue that
+    /// does not exist, as for an online job, is a no-op): only workers read them, and the
+    /// job has ended.
+    async fn delete_batch_items(&self, jobs: &[(String, String)]) {
+        for (job_id, _) in jobs {
             let items = self.topology.batch_items_stream(job_id);
             if let Err(e) = self.ch.queue_delete(items.as_str().into(), Default::default()).await {
                 tracing::debug!(job_id = %job_id, error = %e, "cannot delete a batch items stream");

@@ -50,7 +50,7 @@ COUNTERS = {"batch_jobs_total", "batch_jobs_submitted_total", "batch_items_total
 HISTOGRAMS = {"batch_job_duration_seconds", "batch_poll_cycle_seconds",
               "batch_provider_latency_seconds"}
 GAUGES = {"batch_jobs_in_progress", "batch_items_in_flight", "batch_worker_up", "batch_provider_batches",
-          "batch_queue_backlog", "batch_concurrency_limit"}
+          "batch_queue_backlog", "batch_concurrency_limit", "batch_provider_paused"}
 KNOWN = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 
 

@@ -70,32 +70,57 @@ fn a_pool_with_a_rejected_key_completes_the_job_on_the_others() {
     fleet.cleanup(&[&job, &job2]);
 }
 
+/// Issue 21, point 15: a worker whose keys are all rejected is no black hole: it stops
+/// taking the provider's items (they stay for a worker whose keys work), says so at WARN
+/// with the variables' names and in `batch_provider_paused`.
 #[test]
-fn when_every_key_is_rejected_items_fail_clearly() {
-    let mock = Mock::start(&["--valid-keys", "sk-nobody-has-this"]);
+fn a_worker_whose_keys_are_all_rejected_leaves_the_items_to_a_good_one() {
+    let good = "sk-only-good-key";
+    let mock = Mock::start(&["--valid-keys", good, "--latency-ms", "5"]);
     let fleet = Fleet::new("keypool_dead", &mock.url, POOL);
-    let _w = fleet.worker("kpd1", &[("POOL_KEY_A", "sk-x1"), ("POOL_KEY_B", "sk-x2"), ("POOL_KEY_C", "sk-x3")]);
-    let job = fleet.submit_requests(40);
+    let _bad = fleet.worker("kpd-bad", &[("POOL_KEY_A", "sk-x1"), ("POOL_KEY_B", "sk-x2"), ("POOL_KEY_C", "sk-x3")]);
+    let _good = fleet.worker("kpd-good", &[("POOL_KEY_A", good), ("POOL_KEY_B", good), ("POOL_KEY_C", good)]);
+    let job = fleet.submit_requests(1000);
     let lines = fleet.collect(&job);
-    assert_exactly_once(&lines, 40);
-    let codes = error_codes(&lines);
-    // The call that retired the last key keeps the provider's 401; later items are not
-    // called at all and say why.
-    let rejected = codes.get(&Some("api_keys_rejected".to_string())).copied().unwrap_or(0);
-    let http_401 = codes.get(&Some("http_401".to_string())).copied().unwrap_or(0);
-    assert_eq!(rejected + http_401, 40, "{codes:?}");
-    assert!(rejected > 0, "{codes:?}");
-    let line = lines.iter().find(|l| l["error"]["code"] == "api_keys_rejected").unwrap();
-    let message = line["error"]["message"].as_str().unwrap();
-    assert!(message.contains("POOL_KEY_A, POOL_KEY_B, POOL_KEY_C"), "{message}");
-    assert_eq!(fleet.final_status(&job)["status"], "failed");
-    // With no key left, a later job's items fail without any call.
-    let calls = mock.stats()["unauthorized"].as_u64().unwrap();
-    let job2 = fleet.submit_requests(10);
-    let codes = error_codes(&fleet.collect(&job2));
-    assert_eq!(codes.get(&Some("api_keys_rejected".to_string())), Some(&10), "{codes:?}");
-    assert_eq!(mock.stats()["unauthorized"].as_u64(), Some(calls), "no call was made");
-    fleet.cleanup(&[&job, &job2]);
+    let by_status = assert_exactly_once(&lines, 1000);
+    assert_eq!(by_status.get(&200), Some(&1000), "every item succeeded on the good worker: {by_status:?}");
+    let log = fleet.worker_log("kpd-bad");
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("every API key of the provider was rejected")
+            && l.contains("POOL_KEY_A, POOL_KEY_B, POOL_KEY_C")),
+        "a WARN line names the variables:\n{log}"
+    );
+    eventually(Duration::from_secs(20), "the bad worker reports itself paused", || {
+        pushgateway_metrics().lines().any(|l| {
+            l.starts_with("batch_provider_paused{")
+                && l.contains(&fleet.ns)
+                && l.contains("kpd-bad")
+                && l.ends_with(" 1")
+        })
+    });
+    fleet.cleanup(&[&job]);
+}
+
+/// With every worker's keys rejected, the items wait on the queue (nothing is failed for
+/// the fleet's fault); once the provider accepts a key again, a probe finds it and the job
+/// completes.
+#[test]
+fn items_wait_while_every_key_is_rejected_and_run_once_one_is_good_again() {
+    let key = "sk-fixed-later";
+    let mock = Mock::start(&["--valid-keys", "sk-nobody-has-this"]);
+    let fleet = Fleet::new("keypool_wait", &mock.url, &POOL.replace("key_retry_s = 3600", "key_retry_s = 2"));
+    let _w = fleet.worker("kpw1", &[("POOL_KEY_A", key), ("POOL_KEY_B", "sk-x2"), ("POOL_KEY_C", "sk-x3")]);
+    let job = fleet.submit_requests(40);
+    eventually(Duration::from_secs(30), "every key rejected", || fleet.worker_log("kpw1").contains("every API key"));
+    std::thread::sleep(Duration::from_secs(1));
+    let status = fleet.try_status(&job).expect("status");
+    assert_eq!(status["status"], "in_progress", "nothing failed for the fleet's fault: {status}");
+    mock.set_valid_keys(&[key]);
+    let lines = fleet.collect(&job);
+    let by_status = assert_exactly_once(&lines, 40);
+    assert_eq!(by_status.get(&200), Some(&40), "{by_status:?}");
+    fleet.cleanup(&[&job]);
 }
 
 /// The pushed `batch_api_keys_active` of the fleet's provider equals `n`.

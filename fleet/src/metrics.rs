@@ -62,6 +62,10 @@ pub struct WorkerMetrics {
     pub key_rejections: IntCounterVec,
     /// `batch_api_keys_active{provider}`: keys of the provider still in this worker's rotation.
     pub keys_active: IntGaugeVec,
+    /// `batch_provider_paused{provider}`: 1 while this worker takes none of the provider's
+    /// items because the provider rejected every key (probed again; items stay queued for
+    /// other workers).
+    pub provider_paused: IntGaugeVec,
 }
 
 impl WorkerMetrics {
@@ -119,6 +123,11 @@ impl WorkerMetrics {
                 &["provider", "key_env"],
             ),
             keys_active: gauge_vec("batch_api_keys_active", "API keys of the provider in rotation", &["provider"]),
+            provider_paused: gauge_vec(
+                "batch_provider_paused",
+                "1 while the worker takes none of the provider's items: every key was rejected",
+                &["provider"],
+            ),
             registry,
         };
         for c in [
@@ -136,6 +145,7 @@ impl WorkerMetrics {
             Box::new(m.poll_cycle.clone()),
             Box::new(m.key_rejections.clone()),
             Box::new(m.keys_active.clone()),
+            Box::new(m.provider_paused.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }

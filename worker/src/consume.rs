@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
-use lapin::types::FieldTable;
 use lapin::Connection;
 use tokio_util::sync::CancellationToken;
 
@@ -52,29 +50,15 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
     let follower = control::Follower::catch_up(conn, topology, cancelled.clone(), open_jobs.clone()).await?;
     let mut consumers = tokio::task::JoinSet::new();
     let mut job_servers = Vec::new();
-    for (name, (client, prefetch)) in clients {
-        let ch = conn.create_channel().await?;
-        // The broker never hands us more unacked items than the prefetch.
-        ch.basic_qos(*prefetch, BasicQosOptions::default()).await?;
-        let tag = format!("{worker_id}/{name}");
-        let consumer = ch
-            .basic_consume(
-                topology.items_queue(name).into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let (ctx2, client2, in_flight2, shutdown2) = (ctx.clone(), client.clone(), in_flight.clone(), shutdown.clone());
-        // The provider's own queue: items of earlier versions' producers, `dead --requeue`d
-        // items and the old delay tiers' returns. Its consumer ending is a failure.
-        consumers.spawn(async move {
-            let name = client2.name.clone();
-            match jobs::consume_deliveries(ch, consumer, tag, ctx2, client2, in_flight2, shutdown2).await? {
-                true => Ok(()),
-                false => anyhow::bail!("consumer of {name} ended unexpectedly"),
-            }
-        });
+    for (client, prefetch) in clients.values() {
+        consumers.spawn(jobs::serve_provider_queue(
+            conn.clone(),
+            ctx.clone(),
+            client.clone(),
+            *prefetch,
+            in_flight.clone(),
+            shutdown.clone(),
+        ));
         let provider_jobs = ProviderJobs {
             ctx: ctx.clone(),
             client: client.clone(),

@@ -107,11 +107,15 @@ pub enum Decision {
     Delay(Box<Item>, CallError),
     /// Not started before shutdown: give it back to the queue for another worker.
     Release,
+    /// This worker cannot call the provider (every key rejected): back to the queue after
+    /// a pause, for a worker whose keys work.
+    Requeue,
 }
 
 /// What a provider call's outcome means for its item, `now_ms` after the epoch.
 pub fn after_call(item: Item, outcome: Outcome, retry: &RetryConfig, worker_id: &str, now_ms: u64) -> Decision {
     match outcome.result {
+        Err(CallError::NoKeys { .. }) => Decision::Requeue,
         Ok(success) => {
             let mut result = match success.answer.to_record() {
                 Some(answer) => ItemResult::answered(&item, answer, worker_id),

@@ -33,7 +33,7 @@ use crate::provider::ProviderClient;
 
 /// How a job's consumer ended.
 enum JobConsumerEnd {
-    /// Shutdown: the consumer was cancelled by us.
+    /// Shutdown, or the provider's keys all rejected: the consumer was cancelled by us.
     Stopped,
     /// The broker cancelled it: the job's queue was deleted (the job ended).
     QueueGone,
@@ -56,17 +56,22 @@ pub struct ProviderJobs {
 impl ProviderJobs {
     /// Consumes the open jobs of this provider, following the registry, until `shutdown`
     /// (then `Ok` once every job consumer is cancelled) or the connection fails (`Err`).
+    /// While the provider's keys are all rejected ([`crate::keys::KeyPool::usable`]) no job
+    /// is consumed: its items stay queued for workers whose keys work.
     pub async fn serve(self, conn: &Connection, shutdown: &CancellationToken) -> anyhow::Result<()> {
         let mut changes = self.open_jobs.subscribe();
+        let mut usable = self.client.keys.usable();
+        // Cancelled when the keys become unusable: the job consumers of this period stop.
+        let mut period = shutdown.child_token();
         let mut running: HashMap<String, ()> = HashMap::new();
         let mut consumers = tokio::task::JoinSet::new();
         loop {
-            if !shutdown.is_cancelled() {
+            if !shutdown.is_cancelled() && *usable.borrow() {
                 for (job_id, priority) in self.open_jobs.for_provider(&self.client.name) {
                     if running.contains_key(&job_id) {
                         continue;
                     }
-                    if let Some(task) = self.start(conn, &job_id, priority, shutdown).await? {
+                    if let Some(task) = self.start(conn, &job_id, priority, &period).await? {
                         running.insert(job_id.clone(), ());
                         consumers.spawn(async move { (job_id, task.await) });
                     }
@@ -76,6 +81,13 @@ impl ProviderJobs {
                 changed = changes.changed(), if !shutdown.is_cancelled() => {
                     if changed.is_err() {
                         anyhow::bail!("job registry closed");
+                    }
+                }
+                Ok(()) = usable.changed() => {
+                    if *usable.borrow_and_update() {
+                        period = shutdown.child_token();
+                    } else {
+                        period.cancel();
                     }
                 }
                 _ = shutdown.cancelled(), if consumers.is_empty() => return Ok(()),
@@ -96,13 +108,14 @@ impl ProviderJobs {
     }
 
     /// Starts consuming one job's queue on a channel of its own (a missing queue closes only
-    /// that channel). `None` when the queue does not exist: the job ended meanwhile.
+    /// that channel), until `stop`. `None` when the queue does not exist: the job ended
+    /// meanwhile.
     async fn start(
         &self,
         conn: &Connection,
         job_id: &str,
         priority: u32,
-        shutdown: &CancellationToken,
+        stop: &CancellationToken,
     ) -> anyhow::Result<Option<JobTask>> {
         let ch = conn.create_channel().await?;
         let prefetch = u32::from(self.prefetch).saturating_mul(priority).min(u32::from(u16::MAX)) as u16;
@@ -127,12 +140,66 @@ impl ProviderJobs {
             Err(e) => return Err(e.into()),
         };
         tracing::debug!(job_id = %job_id, priority, prefetch, "consuming a job");
-        let (ctx, client, in_flight, shutdown) =
-            (self.ctx.clone(), self.client.clone(), self.in_flight.clone(), shutdown.clone());
+        let (ctx, client, in_flight, stop) =
+            (self.ctx.clone(), self.client.clone(), self.in_flight.clone(), stop.clone());
         Ok(Some(Box::pin(async move {
-            let ended = consume_deliveries(ch, consumer, tag, ctx, client, in_flight, shutdown).await?;
+            let ended = consume_deliveries(ch, consumer, tag, ctx, client, in_flight, stop).await?;
             Ok(if ended { JobConsumerEnd::Stopped } else { JobConsumerEnd::QueueGone })
         })))
+    }
+}
+
+/// Consumes the provider's own queue (items of earlier versions' producers, `dead
+/// --requeue`d items, the old delay tiers' returns) on a channel of its own with
+/// `prefetch`, until `shutdown` (`Ok`) or the connection fails (`Err`); paused while the
+/// provider's keys are all rejected, as the job consumers are.
+pub async fn serve_provider_queue(
+    conn: Arc<Connection>,
+    ctx: Arc<Context>,
+    client: Arc<ProviderClient>,
+    prefetch: u16,
+    in_flight: TaskTracker,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let queue = ctx.publisher.topology.items_queue(&client.name);
+    let tag = format!("{}/{}", ctx.worker_id, client.name);
+    let mut usable = client.keys.usable();
+    loop {
+        while !*usable.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changed = usable.changed() => changed?,
+            }
+        }
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+        let ch = conn.create_channel().await?;
+        // The broker never hands us more unacked items than the prefetch.
+        ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let consumer = ch
+            .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await?;
+        let period = shutdown.child_token();
+        let ended = {
+            let consuming =
+                consume_deliveries(ch, consumer, tag.clone(), ctx.clone(), client.clone(), in_flight.clone(), period.clone());
+            tokio::pin!(consuming);
+            loop {
+                tokio::select! {
+                    ended = &mut consuming => break ended?,
+                    changed = usable.changed(), if !period.is_cancelled() => {
+                        changed?;
+                        if !*usable.borrow_and_update() {
+                            period.cancel();
+                        }
+                    }
+                }
+            }
+        };
+        if !ended {
+            anyhow::bail!("consumer of {} ended unexpectedly", client.name);
+        }
     }
 }
 

@@ -10,9 +10,13 @@
 //! items fail at once with `api_keys_rejected` instead of calling with a dead key.
 //!
 //! A retired key is not gone for good: `key_retry_s` after it left, the next call of the
-//! provider first probes it (a key-only request) and brings it back when the provider
-//! accepts it, or keeps it out for another period. A provider configured without a key has
-//! one keyless entry, which never leaves.
+//! provider (or the client's watch, while no item comes) first probes it (a key-only
+//! request) and brings it back when the provider accepts it, or keeps it out for another
+//! period. A provider configured without a key has one keyless entry, which never leaves.
+//!
+//! With no key left the pool is not usable ([`KeyPool::usable`]): the worker stops taking
+//! the provider's items (they stay queued for workers whose keys work) until a probe finds
+//! a key good again; `batch_provider_paused{provider}` says so.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -50,7 +54,10 @@ pub struct KeyPool {
     limit_gauge: IntGauge,
     rate_gauge: Gauge,
     active_gauge: IntGauge,
+    paused_gauge: IntGauge,
     rejections: IntCounterVec,
+    /// Whether a key is left (always, for a keyless provider); watched by the consumers.
+    usable: tokio::sync::watch::Sender<bool>,
 }
 
 impl KeyPool {
@@ -94,7 +101,9 @@ impl KeyPool {
             limit_gauge: metrics.concurrency_limit.with_label_values(&[name]),
             rate_gauge: metrics.rate_limit.with_label_values(&[name]),
             active_gauge: metrics.keys_active.with_label_values(&[name]),
+            paused_gauge: metrics.provider_paused.with_label_values(&[name]),
             rejections: metrics.key_rejections.clone(),
+            usable: tokio::sync::watch::channel(true).0,
         };
         pool.update_gauges();
         Ok(pool)
@@ -187,7 +196,7 @@ impl KeyPool {
                 "the provider rejected the API key in this variable; it leaves the rotation until a probe finds it good"
             );
             if left == 0 {
-                tracing::error!(provider = %self.provider, keys = %self.env_names(), retry_s = self.retry_after.as_secs(), "every API key of the provider was rejected; its items fail until a key is accepted again");
+                tracing::warn!(provider = %self.provider, keys = %self.env_names(), retry_s = self.retry_after.as_secs(), "every API key of the provider was rejected: this worker takes none of its items (they stay queued for other workers) until a probe finds a key good");
             }
             self.update_gauges();
         }
@@ -233,10 +242,19 @@ impl KeyPool {
         self.keys.iter().filter_map(|k| k.env.as_deref()).collect::<Vec<_>>().join(", ")
     }
 
+    /// Whether a key is left to call with, and a receiver that sees it change.
+    pub fn usable(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.usable.subscribe()
+    }
+
     /// Publishes the provider's in-flight limit and rate: sums over the keys in rotation
-    /// (a rate of 0 means one key is not paced, so neither is the provider).
+    /// (a rate of 0 means one key is not paced, so neither is the provider), and whether
+    /// the pool is usable.
     pub fn update_gauges(&self) {
         let active = self.active();
+        let usable = self.keyless() || !active.is_empty();
+        self.usable.send_if_modified(|u| std::mem::replace(u, usable) != usable);
+        self.paused_gauge.set(i64::from(!usable));
         self.active_gauge.set(if self.keyless() { 0 } else { active.len() as i64 });
         let limit: usize = active.iter().map(|&i| self.keys[i].limiter.limit()).sum();
         let rates: Option<Vec<f64>> = active.iter().map(|&i| self.keys[i].limiter.rate()).collect();

@@ -55,6 +55,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         clients.insert(name.to_string(), (Arc::new(client), prefetch));
     }
 
+    // Rejected keys are probed again on a clock of their own: with every key rejected no
+    // item comes to do it.
+    for (client, _) in clients.values() {
+        let (client, shutdown) = (client.clone(), shutdown.clone());
+        tokio::spawn(async move { client.watch_keys(shutdown).await });
+    }
+
     let pg = Pushgateway::from_config(&cfg.pushgateway);
     let stop_pushing = CancellationToken::new();
     let pusher = spawn_pusher(

@@ -44,6 +44,7 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Tr
         Decision::Release => {
             let _ = delivery.nack(true).await;
         }
+        Decision::Requeue => requeue_after_pause(delivery).await,
     }
 }
 

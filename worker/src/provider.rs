@@ -13,8 +13,8 @@
 //! | other 4xx (400, 401, 403, 404, 422, ...)   | `Client`         | fail at once         |
 //! | 3xx (redirects are never followed)         | `Redirect`       | fail at once         |
 //! | body over `max_response_bytes`             | `TooLarge`       | fail at once         |
-//! | 401/403 for the key, other keys left       | `KeyRejected`    | retry (another key)  |
-//! | every key of the provider rejected         | `NoKeys`         | fail at once, no call|
+//! | 401/403 for the key                        | `KeyRejected`    | retry (another key)  |
+//! | every key of the provider rejected         | `NoKeys`         | back to the queue, no call |
 //!
 //! Whose fault a 401/403 is decides whether the key leaves the rotation
 //! ([`crate::keys::key_fault`]): a body that names the request (a model the key may not
@@ -95,7 +95,8 @@ pub enum CallError {
     /// called: no call is made.
     #[error("the job no longer wants this request (cancelled, or past its deadline)")]
     Unwanted,
-    /// Every key of the provider was rejected: no call is made.
+    /// Every key of the provider was rejected: no call is made, and the item goes back to
+    /// the queue for a worker whose keys work.
     #[error("every API key of this provider was rejected (401/403): {envs}; each is probed again every key_retry_s")]
     NoKeys { envs: String },
 }
@@ -430,13 +431,14 @@ impl ProviderClient {
         });
         self.keys.update_gauges();
         // A key refused for its own fault leaves the rotation; the item is retried with
-        // another one if any is left (otherwise the provider's 401/403 is its answer).
+        // another one (with none left, it goes back to the queue for another worker: see
+        // `NoKeys`).
         if let Err(CallError::Client { answer, .. }) = &result {
             if matches!(answer.status, 401 | 403)
                 && key.env.is_some()
                 && self.key_at_fault(k, answer, &call.retired_one).await
-                && self.keys.reject(k, answer.status)
             {
+                self.keys.reject(k, answer.status);
                 result = Err(CallError::KeyRejected { answer: answer.clone() });
             }
         }
@@ -474,6 +476,19 @@ impl ProviderClient {
             200..=299 => Some(true),
             401 | 403 => Some(false),
             _ => None,
+        }
+    }
+
+    /// Probes retired keys as their waits end, until `shutdown`: while every key is
+    /// retired no item comes to probe them (the worker takes none), so this does.
+    pub async fn watch_keys(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => self.revisit_retired_keys().await,
+            }
         }
     }
 

@@ -178,12 +178,24 @@ pub async fn serve_provider_queue(
         // The broker never hands us more unacked items than the prefetch.
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let consumer = ch
-            .basic_consume(queue.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
             .await?;
         let period = shutdown.child_token();
         let ended = {
-            let consuming =
-                consume_deliveries(ch, consumer, tag.clone(), ctx.clone(), client.clone(), in_flight.clone(), period.clone());
+            let consuming = consume_deliveries(
+                ch,
+                consumer,
+                tag.clone(),
+                ctx.clone(),
+                client.clone(),
+                in_flight.clone(),
+                period.clone(),
+            );
             tokio::pin!(consuming);
             loop {
                 tokio::select! {

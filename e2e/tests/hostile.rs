@@ -190,3 +190,38 @@ fn hostile_queues_and_a_hostile_provider_crash_nothing_leak_nothing_and_lose_not
     assert!(!output.contains(KEY));
     fleet.cleanup(&[&job]);
 }
+
+/// Issue 21, point 3: a message that is not a checkpoint, published to the tracker's
+/// checkpoint queue (which keeps only its newest message), no longer disables the tracker
+/// role: the next tracker restores the copy, parks the garbage, and jobs still end.
+#[test]
+fn garbage_on_the_checkpoint_queue_does_not_disable_the_tracker() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("badcheckpoint", &mock.url, "");
+    let mut w1 = fleet.worker("w1", &[]);
+    let job = fleet.submit_requests(30);
+    assert_exactly_once(&fleet.collect(&job), 30);
+    fleet.final_status(&job);
+    w1.signal("TERM");
+    assert_eq!(w1.wait_exit(Duration::from_secs(30)), Some(0));
+    // 16 bytes of garbage replace the newest checkpoint.
+    let queue = fleet.topology().tracker_state_queue();
+    fleet.amqp(|conn, _| async move {
+        let ch = fleet::amqp::confirm_channel(&conn).await.unwrap();
+        fleet::amqp::publish_confirmed(&ch, "", &queue, b"\x00garbage\xffgarbage", lapin::BasicProperties::default())
+            .await
+            .unwrap();
+    });
+    let _w2 = fleet.worker("w2", &[]);
+    fleet.wait_for_tracker();
+    let status = fleet.final_status(&job);
+    assert_eq!(status["status"], "completed", "the job restored from the copy: {status}");
+    let job2 = fleet.submit_requests(20);
+    assert_exactly_once(&fleet.collect(&job2), 20);
+    assert_eq!(fleet.final_status(&job2)["status"], "completed");
+    let log = fleet.worker_log("w2");
+    assert!(log.contains("a tracker checkpoint is unreadable"), "{log}");
+    let dead = fleet.producer(&["dead", "--json"]);
+    assert!(String::from_utf8_lossy(&dead.stdout).contains("unreadable tracker checkpoint"), "parked for a look");
+    fleet.cleanup(&[&job, &job2]);
+}

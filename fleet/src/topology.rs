@@ -225,6 +225,12 @@ impl Topology {
     pub fn tracker_state_queue(&self) -> String {
         format!("{}.tracker.state", self.ns)
     }
+    /// A second copy of the newest tracker checkpoint (written after
+    /// [`Topology::tracker_state_queue`]'s, same shape): a message that is not a checkpoint
+    /// published to one of them leaves the other to restore from.
+    pub fn tracker_state_copy_queue(&self) -> String {
+        format!("{}.tracker.state.copy", self.ns)
+    }
 
     /// Exchange of the per-job items queues: routing key = job id. Its alternate exchange is
     /// `<ns>.dead`, so an item whose job queue is gone is parked, never dropped.
@@ -324,7 +330,8 @@ impl Topology {
         // Only the newest checkpoint matters: publishing one drops the previous.
         state.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
         state.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
-        declare_queue(ch, &self.tracker_state_queue(), state).await?;
+        declare_queue(ch, &self.tracker_state_queue(), state.clone()).await?;
+        declare_queue(ch, &self.tracker_state_copy_queue(), state).await?;
         let mut control = FieldTable::default();
         control.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
         // Cancels only matter while a job's items can still be around.
@@ -489,6 +496,7 @@ impl Topology {
             self.ledger_queue(),
             self.tracker_rpc_queue(),
             self.tracker_state_queue(),
+            self.tracker_state_copy_queue(),
         ]);
         let exchanges = vec![
             self.items_exchange(),

@@ -227,7 +227,7 @@ impl<'a> Active<'a> {
 
     /// Checkpoint, then ack what it covers, then expose its metrics.
     async fn checkpoint(&mut self, unacked: &mut Unacked) -> anyhow::Result<()> {
-        checkpoint::write(&self.ch, &self.topology, &self.state).await?;
+        checkpoint::write(&self.ch, &self.topology, &mut self.state).await?;
         if let Some(acker) = unacked.last.take() {
             acker.ack(lapin::options::BasicAckOptions { multiple: true }).await?;
         }

@@ -6,7 +6,7 @@
 //! single-active-consumer, as a second guard.
 //!
 //! The active tracker ([`active`]) folds ledger messages into [`state::State`], and in each
-//! cycle: checkpoints the state to `<ns>.tracker.state` (confirmed, [`checkpoint`]), then
+//! cycle: checkpoints the state to `<ns>.tracker.state` and its copy (confirmed, [`checkpoint`]), then
 //! acks the messages the checkpoint covers, then publishes the job-level metrics of that
 //! same checkpoint ([`publish`]). Metrics are only ever pushed from checkpointed state, so a
 //! takeover (which restores the newest checkpoint) never shows a counter going down.

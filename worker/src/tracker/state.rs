@@ -144,6 +144,10 @@ pub struct Ended {
 /// Everything the tracker checkpoints.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct State {
+    /// How many checkpoints were written before this one (a takeover restores the newest
+    /// readable copy; 0 in checkpoints of earlier versions).
+    #[serde(default)]
+    pub checkpoint_seq: u64,
     pub jobs: BTreeMap<String, JobState>,
     /// `batch_jobs_total` by `provider/status`, restored on takeover so it never decreases.
     pub jobs_total: BTreeMap<String, u64>,

@@ -173,7 +173,19 @@ pub struct State {
     /// the tracker's to delete. At most [`MAX_EXPIRING_STREAMS`].
     #[serde(default)]
     pub expiring_results: BTreeMap<String, u64>,
+    /// Jobs in `jobs` with no submission yet (at most [`MAX_UNSUBMITTED_JOBS`]); counted on
+    /// restore.
+    #[serde(skip)]
+    unsubmitted: Option<usize>,
 }
+
+/// Jobs never submitted (results or delays came first) the state holds at most: results are
+/// published only after their job's submission is confirmed on the ledger, so such jobs
+/// are rare, and a flood of them is someone publishing results of jobs that do not exist.
+pub const MAX_UNSUBMITTED_JOBS: usize = 1_024;
+/// Largest item index recorded for a job never submitted (its bitmap stays under 8 KiB):
+/// a job's real total bounds the others.
+pub const MAX_UNSUBMITTED_INDEX: u64 = 65_536;
 
 /// Results streams waiting for their age limit at most: beyond it, the oldest is left to
 /// the broker (its age limit empties it; only an empty queue object remains).
@@ -213,6 +225,30 @@ impl State {
         self.jobs.get(job_id).is_some_and(|j| j.end_status.is_some() || j.done.contains(index))
     }
 
+    /// Jobs held that were never submitted (counted once, then kept up to date).
+    fn unsubmitted(&mut self) -> usize {
+        let jobs = &self.jobs;
+        *self.unsubmitted.get_or_insert_with(|| jobs.values().filter(|j| j.total.is_none()).count())
+    }
+
+    /// The job an item event (a result, a delay) of `job_id` at `index` folds into: the
+    /// submitted job when the index is within its total, or a job not yet submitted while
+    /// both bounds allow ([`MAX_UNSUBMITTED_JOBS`], [`MAX_UNSUBMITTED_INDEX`]). `None`: the
+    /// event is not folded (it names no job the fleet admitted, or an index beyond it).
+    fn item_job(&mut self, job_id: &str, provider: &str, index: u64) -> Option<&mut JobState> {
+        let known = self.jobs.get(job_id).map(|j| j.total);
+        match known {
+            Some(Some(total)) if index < total => {}
+            Some(Some(_)) => return None,
+            Some(None) if index < MAX_UNSUBMITTED_INDEX => {}
+            None if index < MAX_UNSUBMITTED_INDEX && self.unsubmitted() < MAX_UNSUBMITTED_JOBS => {
+                *self.unsubmitted.get_or_insert(0) += 1;
+            }
+            Some(None) | None => return None,
+        }
+        Some(self.job_mut(job_id, provider))
+    }
+
     fn job_mut(&mut self, job_id: &str, provider: &str) -> &mut JobState {
         self.jobs.entry(job_id.to_string()).or_insert_with(|| JobState {
             job_id: job_id.to_string(),
@@ -249,6 +285,10 @@ impl State {
                 submitting,
                 max_cost,
             } => {
+                if self.jobs.get(job_id).is_some_and(|j| j.total.is_none()) {
+                    let n = self.unsubmitted();
+                    self.unsubmitted = Some(n.saturating_sub(1));
+                }
                 let job = self.job_mut(job_id, provider);
                 if job.total.is_some() {
                     // A redelivered submission, or a resumed one: that one is progress.
@@ -268,11 +308,10 @@ impl State {
                 job_id
             }
             LedgerEvent::ItemDelayed { job_id, provider, index, error } => {
-                let job = self.job_mut(job_id, provider);
+                let job = self.item_job(job_id, provider, *index)?;
                 job.last_error = Some((bounded(error), now_ms));
                 job.last_event_ms = job.last_event_ms.max(now_ms);
-                let in_job = *index < job.total.unwrap_or(fleet::wire::MAX_JOB_ITEMS);
-                if in_job && job.end_status.is_none() && !job.done.contains(*index) && job.delayed.insert(*index) {
+                if job.end_status.is_none() && !job.done.contains(*index) && job.delayed.insert(*index) {
                     job.in_delay += 1;
                 }
                 return None;
@@ -306,11 +345,11 @@ impl State {
         if let (ItemStatus::Failed, Some(error)) = (result.status, &result.error) {
             self.note_failure(&result.job_id, result.index, error, now_ms);
         }
-        let job = self.job_mut(&result.job_id, &result.provider);
         // The bitmap grows to the largest index: an index from a hostile or broken publisher
-        // beyond the job's total is never recorded.
-        let in_job = result.index < job.total.unwrap_or(fleet::wire::MAX_JOB_ITEMS);
-        if job.end_status.is_some() || !in_job || !job.done.insert(result.index) {
+        // beyond the job's total (or, before the submission, beyond a small bound) is never
+        // recorded.
+        let job = self.item_job(&result.job_id, &result.provider, result.index)?;
+        if job.end_status.is_some() || !job.done.insert(result.index) {
             return None;
         }
         job.last_event_ms = now_ms;
@@ -403,6 +442,8 @@ impl State {
     /// submitted (anyone can publish a result) once silent that long: the map stays
     /// bounded by retention. Returns the jobs forgotten (id, provider).
     pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<(String, String)> {
+        // Counted before any job goes, so each removal below is subtracted from the truth.
+        self.unsubmitted();
         let gone_for_good = |j: &JobState| {
             let ended_long_ago = j.finished_at_ms.is_some_and(|t| now_ms.saturating_sub(t) >= retention_ms);
             let never_submitted = j.total.is_none() && now_ms.saturating_sub(j.last_event_ms) >= retention_ms;
@@ -412,6 +453,10 @@ impl State {
             self.jobs.values().filter(|j| gone_for_good(j)).map(|j| (j.job_id.clone(), j.provider.clone())).collect();
         for (id, _) in &gone {
             if let Some(job) = self.jobs.remove(id) {
+                if job.total.is_none() {
+                    let n = self.unsubmitted();
+                    self.unsubmitted = Some(n.saturating_sub(1));
+                }
                 self.expiring_results.insert(id.clone(), job.finished_at_ms.unwrap_or(now_ms));
             }
         }
@@ -715,6 +760,34 @@ mod tests {
         s.apply(&LedgerEvent::SubmissionComplete { job_id: "j".into() }, 1100);
         assert_eq!(s.jobs["j"].summary(1100).status.as_str(), "in_progress");
         assert!(s.abandon_stalled(1_000_000, 1000).is_empty());
+    }
+
+    #[test]
+    fn results_of_jobs_never_submitted_are_bounded() {
+        let mut s = State::default();
+        // Forged results: many unknown jobs, indices near the largest a job may have.
+        for j in 0..(MAX_UNSUBMITTED_JOBS as u64 + 500) {
+            let forged =
+                finished(&format!("forged{j}"), &[(49_999_999, ItemStatus::Succeeded), (3, ItemStatus::Failed)]);
+            s.apply_results(&forged, 10);
+        }
+        assert_eq!(s.jobs.len(), MAX_UNSUBMITTED_JOBS, "no more unknown jobs than the bound");
+        let bytes = serde_json::to_vec(&s).unwrap().len();
+        assert!(bytes < 1 << 20, "checkpoint of {bytes} bytes");
+        assert!(s.jobs.values().all(|j| j.counts.finished() == 1), "only the small index is recorded");
+        // A real job still folds in full, its early results included.
+        s.apply_results(&finished("forged0", &[(0, ItemStatus::Succeeded)]), 11);
+        s.apply(&submitted("forged0", 4), 12);
+        assert_eq!(s.unsubmitted(), MAX_UNSUBMITTED_JOBS - 1);
+        let ended =
+            s.apply_results(&finished("forged0", &[(1, ItemStatus::Succeeded), (2, ItemStatus::Succeeded)]), 13);
+        assert!(ended.is_some(), "4 of 4 with the early ones");
+        // Beyond a submitted job's total nothing is recorded.
+        s.apply(&submitted("real", 2), 14);
+        assert!(s.apply_results(&finished("real", &[(7, ItemStatus::Succeeded)]), 15).is_none());
+        assert_eq!(s.jobs["real"].counts.finished(), 0);
+        s.prune(10_000_000, 1_000);
+        assert_eq!(s.unsubmitted(), 0, "pruned, and the count follows");
     }
 
     #[test]

@@ -176,7 +176,19 @@ pub struct State {
     /// Jobs in `jobs` with no submission yet (at most [`MAX_UNSUBMITTED_JOBS`]); counted on
     /// restore.
     #[serde(skip)]
-    unsubmitted: Option<usize>,
+    unsubmitted: Count,
+}
+
+/// A count derived from the state, kept to save a scan: not part of what a state is (two
+/// states that differ only in it are equal, as one restored from a checkpoint and the one
+/// written).
+#[derive(Debug, Clone, Default)]
+struct Count(Option<usize>);
+
+impl PartialEq for Count {
+    fn eq(&self, _: &Count) -> bool {
+        true
+    }
 }
 
 /// Jobs never submitted (results or delays came first) the state holds at most: results are
@@ -228,7 +240,7 @@ impl State {
     /// Jobs held that were never submitted (counted once, then kept up to date).
     fn unsubmitted(&mut self) -> usize {
         let jobs = &self.jobs;
-        *self.unsubmitted.get_or_insert_with(|| jobs.values().filter(|j| j.total.is_none()).count())
+        *self.unsubmitted.0.get_or_insert_with(|| jobs.values().filter(|j| j.total.is_none()).count())
     }
 
     /// The job an item event (a result, a delay) of `job_id` at `index` folds into: the
@@ -242,7 +254,7 @@ impl State {
             Some(Some(_)) => return None,
             Some(None) if index < MAX_UNSUBMITTED_INDEX => {}
             None if index < MAX_UNSUBMITTED_INDEX && self.unsubmitted() < MAX_UNSUBMITTED_JOBS => {
-                *self.unsubmitted.get_or_insert(0) += 1;
+                *self.unsubmitted.0.get_or_insert(0) += 1;
             }
             Some(None) | None => return None,
         }
@@ -287,7 +299,7 @@ impl State {
             } => {
                 if self.jobs.get(job_id).is_some_and(|j| j.total.is_none()) {
                     let n = self.unsubmitted();
-                    self.unsubmitted = Some(n.saturating_sub(1));
+                    self.unsubmitted = Count(Some(n.saturating_sub(1)));
                 }
                 let job = self.job_mut(job_id, provider);
                 if job.total.is_some() {
@@ -455,7 +467,7 @@ impl State {
             if let Some(job) = self.jobs.remove(id) {
                 if job.total.is_none() {
                     let n = self.unsubmitted();
-                    self.unsubmitted = Some(n.saturating_sub(1));
+                    self.unsubmitted = Count(Some(n.saturating_sub(1)));
                 }
                 self.expiring_results.insert(id.clone(), job.finished_at_ms.unwrap_or(now_ms));
             }

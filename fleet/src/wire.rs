@@ -285,11 +285,85 @@ pub struct ResponseRecord {
 /// Why an item did not succeed.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ErrorRecord {
-    /// A stable machine-readable code (`client_error`, `rate_limited`, `timeout`, ...).
+    /// A stable machine-readable code, one of [`error_code::ALL`].
     pub code: String,
     /// What went wrong, for people (the provider's or the worker's words); match on
     /// `code`, not on this.
     pub message: String,
+}
+
+/// The codes of [`ErrorRecord::code`]: what users match on in an output file's `error`.
+pub mod error_code {
+    /// The provider answered 429 (or 408/409/425) until the retry budget was spent.
+    pub const RATE_LIMITED: &str = "rate_limited";
+    /// The provider answered 503/529 until the retry budget was spent.
+    pub const OVERLOADED: &str = "overloaded";
+    /// The provider answered another 5xx until the retry budget was spent.
+    pub const SERVER_ERROR: &str = "server_error";
+    /// Every call timed out.
+    pub const TIMEOUT: &str = "timeout";
+    /// Every call failed to connect.
+    pub const CONNECTION: &str = "connection";
+    /// A 2xx answer that is not JSON (or has no body).
+    pub const INVALID_RESPONSE: &str = "invalid_response";
+    /// The provider refused the request (a 4xx): its answer is in the line's `response`.
+    pub const CLIENT_ERROR: &str = "client_error";
+    /// The provider answered with a redirect, which is never followed.
+    pub const REDIRECT: &str = "redirect";
+    /// The answer was over `providers.<name>.max_response_bytes`.
+    pub const RESPONSE_TOO_LARGE: &str = "response_too_large";
+    /// The provider rejected the key of a call (retried with another key).
+    pub const KEY_REJECTED: &str = "key_rejected";
+    /// Every key of the provider was rejected (the item waits for a worker whose keys work).
+    pub const API_KEYS_REJECTED: &str = "api_keys_rejected";
+    /// The job stopped wanting the item while it waited to be called.
+    pub const UNWANTED: &str = "unwanted";
+    /// The job was cancelled before the item was called (also its status).
+    pub const CANCELLED: &str = "cancelled";
+    /// The job's deadline passed before the item was called (also its status).
+    pub const EXPIRED: &str = "expired";
+    /// The item kept killing workers: delivered more often than `amqp.delivery_limit`.
+    pub const POISON: &str = "poison";
+    /// The broker dead-lettered the item (its delivery limit, an alternate exchange).
+    pub const DEAD_LETTERED: &str = "dead_lettered";
+    /// The body asks for `"stream": true`, which the fleet cannot collect.
+    pub const STREAM_NOT_SUPPORTED: &str = "stream_not_supported";
+    /// A batch-mode item the worker could not read from the job's items stream.
+    pub const MISSING_ITEM: &str = "missing_item";
+    /// The provider refused the whole batch (its reason in the message).
+    pub const BATCH_REJECTED: &str = "batch_rejected";
+    /// A batch-mode item that cannot go into its chunk's provider batch.
+    pub const NOT_BATCHABLE: &str = "not_batchable";
+    /// The provider's batch completed without a line for this request.
+    pub const MISSING_FROM_BATCH_OUTPUT: &str = "missing_from_batch_output";
+    /// A provider batch's line with an error status and no usable body.
+    pub const PROVIDER_ERROR: &str = "provider_error";
+
+    /// Every code, as the docs list them.
+    pub const ALL: [&str; 22] = [
+        RATE_LIMITED,
+        OVERLOADED,
+        SERVER_ERROR,
+        TIMEOUT,
+        CONNECTION,
+        INVALID_RESPONSE,
+        CLIENT_ERROR,
+        REDIRECT,
+        RESPONSE_TOO_LARGE,
+        KEY_REJECTED,
+        API_KEYS_REJECTED,
+        UNWANTED,
+        CANCELLED,
+        EXPIRED,
+        POISON,
+        DEAD_LETTERED,
+        STREAM_NOT_SUPPORTED,
+        MISSING_ITEM,
+        BATCH_REJECTED,
+        NOT_BATCHABLE,
+        MISSING_FROM_BATCH_OUTPUT,
+        PROVIDER_ERROR,
+    ];
 }
 
 /// The outcome of one item, published to `<ns>.results` with the job id as routing key.

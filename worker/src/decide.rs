@@ -22,7 +22,7 @@
 
 use fleet::config::RetryConfig;
 use fleet::topology::DeadLabel;
-use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, RequestRecord, REASON_BUDGET};
+use fleet::wire::{error_code, ErrorRecord, Item, ItemResult, ItemStatus, RequestRecord, REASON_BUDGET};
 
 use crate::known::Cancelled;
 use crate::provider::{CallError, ForbiddenUrl, Outcome, Target};
@@ -85,13 +85,13 @@ pub fn decide(data: &[u8], facts: &Facts<'_>, target_of: impl FnOnce(&str) -> Re
     }
     if facts.deliveries > u64::from(facts.delivery_limit) {
         let reason = format!("poison: delivered {} times without completing", facts.deliveries);
-        let error = ErrorRecord { code: "poison".into(), message: reason.clone() };
+        let error = ErrorRecord { code: error_code::POISON.into(), message: reason.clone() };
         let result = ItemResult::without_answer(&item, ItemStatus::Failed, error, facts.worker_id);
         return Verdict::Poison { result: Box::new(result), reason };
     }
     if fleet::wire::asks_to_stream(&item.body) {
         let message = "the body asks for \"stream\": true; the fleet needs whole JSON answers";
-        let error = ErrorRecord { code: "stream_not_supported".into(), message: message.into() };
+        let error = ErrorRecord { code: error_code::STREAM_NOT_SUPPORTED.into(), message: message.into() };
         let result = ItemResult::without_answer(&item, ItemStatus::Failed, error, facts.worker_id);
         return Verdict::Finish(Box::new(result));
     }
@@ -122,8 +122,10 @@ pub fn after_call(item: Item, outcome: Outcome, retry: &RetryConfig, worker_id: 
                 // The client returns a success only with a JSON body; should one come without,
                 // the item fails rather than claim an answer it does not have.
                 None => {
-                    let error =
-                        ErrorRecord { code: "invalid_response".into(), message: "a 2xx answer without a body".into() };
+                    let error = ErrorRecord {
+                        code: error_code::INVALID_RESPONSE.into(),
+                        message: "a 2xx answer without a body".into(),
+                    };
                     ItemResult::without_answer(&item, ItemStatus::Failed, error, worker_id)
                 }
             };

@@ -37,7 +37,7 @@ use bytes::Bytes;
 use fleet::config::{ProviderConfig, ProviderKind, RetryConfig};
 use fleet::endpoint::Endpoint;
 use fleet::metrics::WorkerMetrics;
-use fleet::wire::{ErrorRecord, Item, ResponseRecord};
+use fleet::wire::{error_code, ErrorRecord, Item, ResponseRecord};
 use reqwest::Url;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -125,18 +125,18 @@ impl CallError {
     /// The `error_type` / `retry_reason` label and the output file's error code.
     pub fn kind(&self) -> &'static str {
         match self {
-            CallError::RateLimited { .. } => "rate_limited",
-            CallError::Overloaded { .. } => "overloaded",
-            CallError::Server { .. } => "server_error",
-            CallError::Timeout(_) => "timeout",
-            CallError::Connection(_) => "connection",
-            CallError::InvalidResponse { .. } => "invalid_response",
-            CallError::Client { .. } => "client_error",
-            CallError::Redirect { .. } => "redirect",
-            CallError::TooLarge { .. } => "response_too_large",
-            CallError::KeyRejected { .. } => "key_rejected",
-            CallError::NoKeys { .. } => "api_keys_rejected",
-            CallError::Unwanted => "unwanted",
+            CallError::RateLimited { .. } => error_code::RATE_LIMITED,
+            CallError::Overloaded { .. } => error_code::OVERLOADED,
+            CallError::Server { .. } => error_code::SERVER_ERROR,
+            CallError::Timeout(_) => error_code::TIMEOUT,
+            CallError::Connection(_) => error_code::CONNECTION,
+            CallError::InvalidResponse { .. } => error_code::INVALID_RESPONSE,
+            CallError::Client { .. } => error_code::CLIENT_ERROR,
+            CallError::Redirect { .. } => error_code::REDIRECT,
+            CallError::TooLarge { .. } => error_code::RESPONSE_TOO_LARGE,
+            CallError::KeyRejected { .. } => error_code::KEY_REJECTED,
+            CallError::NoKeys { .. } => error_code::API_KEYS_REJECTED,
+            CallError::Unwanted => error_code::UNWANTED,
         }
     }
 
@@ -746,6 +746,28 @@ impl Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_kind_is_a_documented_result_code() {
+        let answer = || Answer { status: 400, request_id: String::new(), body: None };
+        let errors = [
+            CallError::RateLimited { answer: answer(), retry_after: None },
+            CallError::Overloaded { answer: answer(), retry_after: None },
+            CallError::Server { answer: answer() },
+            CallError::Timeout(Duration::ZERO),
+            CallError::Connection(String::new()),
+            CallError::InvalidResponse { answer: answer(), reason: String::new() },
+            CallError::Client { answer: answer(), message: String::new() },
+            CallError::Redirect { answer: answer() },
+            CallError::TooLarge { status: 200, limit: 1 },
+            CallError::KeyRejected { answer: answer() },
+            CallError::NoKeys { envs: String::new() },
+            CallError::Unwanted,
+        ];
+        for e in errors {
+            assert!(error_code::ALL.contains(&e.kind()), "{} is not in error_code::ALL", e.kind());
+        }
+    }
 
     const CAP: Duration = Duration::from_secs(60);
 

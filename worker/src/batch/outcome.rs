@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use fleet::batch::ChunkTask;
-use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus};
+use fleet::wire::{error_code, ErrorRecord, Item, ItemResult, ItemStatus};
 
 use super::api::{Ending, LineOutcome};
 
@@ -39,7 +39,10 @@ fn unanswered(
             provider: task.provider.clone(),
             status: ItemStatus::Failed,
             response: None,
-            error: Some(ErrorRecord { code: "missing_item".into(), message: "the item could not be read".into() }),
+            error: Some(ErrorRecord {
+                code: error_code::MISSING_ITEM.into(),
+                message: "the item could not be read".into(),
+            }),
             attempts: 0,
             worker: worker_id.to_string(),
             finished_at_ms: fleet::now_ms(),
@@ -71,7 +74,7 @@ pub fn all_unrun(
 
 /// Every item of a chunk whose batch the provider refused, failed with its reason.
 pub fn refused(worker_id: &str, task: &ChunkTask, items: &BTreeMap<u64, Item>, message: &str) -> Vec<ItemResult> {
-    let e = error("batch_rejected", message);
+    let e = error(error_code::BATCH_REJECTED, message);
     (task.start..task.end).map(|i| unanswered(worker_id, task, items, i, ItemStatus::Failed, e.clone())).collect()
 }
 
@@ -101,7 +104,14 @@ pub fn of_lines(
     let mut fallback = Vec::new();
     for index in task.start..task.end {
         if let Some(reason) = unbatchable.get(&index) {
-            results.push(unanswered(worker_id, task, items, index, ItemStatus::Failed, error("not_batchable", reason)));
+            results.push(unanswered(
+                worker_id,
+                task,
+                items,
+                index,
+                ItemStatus::Failed,
+                error(error_code::NOT_BATCHABLE, reason),
+            ));
             continue;
         }
         let line = lines.remove(&index);
@@ -120,7 +130,7 @@ pub fn of_lines(
                     items,
                     index,
                     ItemStatus::Expired,
-                    error("expired", "the provider batch expired before this request ran"),
+                    error(error_code::EXPIRED, "the provider batch expired before this request ran"),
                 )),
             }
         };
@@ -137,7 +147,7 @@ pub fn of_lines(
                     let code = response.status_code;
                     let mut r = ItemResult::answered(item, response, worker_id);
                     if r.status == ItemStatus::Failed {
-                        r.error = Some(error("provider_error", &format!("HTTP {code}")));
+                        r.error = Some(error(error_code::PROVIDER_ERROR, &format!("HTTP {code}")));
                     }
                     // Out of a provider batch: priced at the model's batch factor.
                     r.usage = r
@@ -148,7 +158,9 @@ pub fn of_lines(
                     r
                 }
                 // The answer of an item the stream no longer holds: `missing_item`.
-                None => unanswered(worker_id, task, items, index, ItemStatus::Failed, error("missing_item", "")),
+                None => {
+                    unanswered(worker_id, task, items, index, ItemStatus::Failed, error(error_code::MISSING_ITEM, ""))
+                }
             }),
             Some(LineOutcome::Errored(e)) => Some(unanswered(worker_id, task, items, index, ItemStatus::Failed, e)),
             Some(LineOutcome::Expired) => expired(&mut fallback),
@@ -160,7 +172,10 @@ pub fn of_lines(
                     items,
                     index,
                     ItemStatus::Failed,
-                    error("missing_from_batch_output", "the provider's batch output has no line for this request"),
+                    error(
+                        error_code::MISSING_FROM_BATCH_OUTPUT,
+                        "the provider's batch output has no line for this request",
+                    ),
                 )),
                 Ending::Rejected { reason, .. } => {
                     let message = rejected_lines.get(&index).copied().unwrap_or(reason);
@@ -170,7 +185,7 @@ pub fn of_lines(
                         items,
                         index,
                         ItemStatus::Failed,
-                        error("batch_rejected", message),
+                        error(error_code::BATCH_REJECTED, message),
                     ))
                 }
                 Ending::Expired => expired(&mut fallback),

@@ -13,13 +13,10 @@
 
 use anyhow::Context as _;
 use fleet::amqp;
-use fleet::wire::{ErrorRecord, Item, ItemResult, ItemStatus, KIND_RESULT};
+use fleet::wire::{error_code, ErrorRecord, Item, ItemResult, ItemStatus, KIND_RESULT};
 use lapin::message::Delivery;
 
 use super::active::Active;
-
-/// Error code of the result given to an item that was dead-lettered without one.
-pub const DEAD_LETTERED: &str = "dead_lettered";
 
 /// The item a dead-lettered message carries, if it is one within the bounds every worker
 /// checks ([`Item::check`]) and not a suspect one ([`fleet::topology::dead_suspect`]).
@@ -33,7 +30,7 @@ pub fn dead_item(delivery: &Delivery) -> Option<Item> {
 
 /// The failed result of a dead-lettered item.
 pub fn failed_result(item: &Item, reason: &str, tracker: &str) -> ItemResult {
-    let error = ErrorRecord { code: DEAD_LETTERED.into(), message: reason.to_string() };
+    let error = ErrorRecord { code: error_code::DEAD_LETTERED.into(), message: reason.to_string() };
     ItemResult::without_answer(item, ItemStatus::Failed, error, tracker)
 }
 

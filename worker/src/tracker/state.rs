@@ -10,7 +10,8 @@ use std::collections::BTreeMap;
 
 use fleet::usage::{Price, Usage};
 use fleet::wire::{
-    ErrorRecord, ItemResult, ItemStatus, JobCounts, JobProgress, JobStatus, JobSummary, JobUsage, LedgerEvent,
+    error_code, ErrorRecord, ItemResult, ItemStatus, JobCounts, JobProgress, JobStatus, JobSummary, JobUsage,
+    LedgerEvent,
 };
 use serde::{Deserialize, Serialize};
 
@@ -227,7 +228,7 @@ impl State {
             return;
         }
         job.last_error = Some((bounded(&error.message), at_ms));
-        if matches!(error.code.as_str(), "dead_lettered" | "poison") {
+        if [error_code::DEAD_LETTERED, error_code::POISON].contains(&error.code.as_str()) {
             job.dead_lettered += 1;
         }
     }

@@ -2,9 +2,10 @@
 //! again and publish only what the broker had not confirmed.
 //!
 //! The record lives next to the input file (`<file>.submitting.json`), is rewritten (to a
-//! temporary file, then renamed) each time the confirmed watermark has advanced, and is
-//! deleted when the submission completes. The watermark it holds is never ahead of what the
-//! broker confirmed, so a resumed submission publishes again at most the items that were in
+//! temporary file, then renamed) as the confirmed watermark advances (how often is
+//! `submit`'s decision: see `Progress` in [`crate::submit`]), and is deleted when the
+//! submission completes. The watermark it holds is never ahead of what the broker
+//! confirmed, so a resumed submission publishes again at most the items that were in
 //! flight when the first one died; the fleet drops those duplicates by (job, index).
 
 use std::io::Read;
@@ -68,14 +69,30 @@ pub fn load(file: &Path) -> anyhow::Result<Option<Record>> {
     }
 }
 
-/// Writes the record atomically (temporary file, sync, rename).
-pub fn save(file: &Path, record: &Record) -> std::io::Result<()> {
+/// What a write of the record must survive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// The process being killed (SIGKILL, a crash, the OOM killer): the rename reaches the
+    /// page cache, which belongs to the kernel, not the process, so the next run reads the
+    /// new record even though nothing was synced. The per-confirm-batch writes use this.
+    ProcessKill,
+    /// The machine losing power as well: the data is synced before the rename. Costs a
+    /// disk flush (milliseconds), so it is kept for the few writes that are rare anyway:
+    /// the first one and the last one of a run.
+    PowerLoss,
+}
+
+/// Writes the record atomically (temporary file, then rename over the old record): a
+/// reader sees the old record or the new one, never a torn one.
+pub fn save(file: &Path, record: &Record, durability: Durability) -> std::io::Result<()> {
     let path = record_path(file);
     let tmp = path.with_extension("json.tmp");
     {
         let mut f = std::fs::File::create(&tmp)?;
         serde_json::to_writer(&mut f, record)?;
-        f.sync_data()?;
+        if durability == Durability::PowerLoss {
+            f.sync_data()?;
+        }
     }
     std::fs::rename(&tmp, &path)
 }
@@ -111,7 +128,7 @@ mod tests {
             mode: None,
             fallback_online: false,
         };
-        save(&file, &r).unwrap();
+        save(&file, &r, Durability::PowerLoss).unwrap();
         assert_eq!(record_path(&file), dir.join("in.jsonl.submitting.json"));
         assert_eq!(load(&file).unwrap(), Some(r.clone()));
         std::fs::write(&file, "b\n").unwrap();

@@ -58,6 +58,13 @@ submit_timeout_s = 3600
 enabled = true
 checkpoint_interval_ms = 500
 retention_s = 86400
+
+[api]
+listen = "127.0.0.1:8090"
+key_envs = []
+max_file_bytes = 209715200
+max_file_lines = 50000
+file_retention_s = 604800
 "#;
 
 /// The built-in `mock` provider (the workspace's mock server on its default port). It
@@ -71,7 +78,7 @@ batch = true
 "#;
 
 /// Keys whose environment value is a comma-separated list (`FLEET__WORKER__PROVIDERS=a,b`).
-const LIST_KEYS: &[&str] = &["worker.providers", "retry.delay_tiers_s", "amqp.urls"];
+const LIST_KEYS: &[&str] = &["worker.providers", "retry.delay_tiers_s", "amqp.urls", "api.key_envs"];
 
 /// Longest time an item may stay unacked in a worker (in-process retries included), kept
 /// well under RabbitMQ's default consumer timeout of 30 minutes.
@@ -97,6 +104,25 @@ pub struct Config {
     pub tracker: TrackerConfig,
     /// Provider definitions by name; the name is the items queue's routing key.
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// `producer serve`: the OpenAI Files + Batches and Anthropic Message Batches HTTP API.
+    pub api: ApiConfig,
+}
+
+/// Settings of `producer serve` (see docs/api.md). Only the names of the variables that
+/// hold the clients' keys are configured, never the keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ApiConfig {
+    /// Address the HTTP server listens on (`FLEET__API__LISTEN`; port 0 picks a free one).
+    pub listen: String,
+    /// Names of the environment variables each holding one key clients present (`Bearer`
+    /// or `x-api-key`); `FLEET__API__KEY_ENVS=A,B`. The server refuses to start without one.
+    pub key_envs: Vec<String>,
+    /// Largest uploaded file (or inline Message Batch), bytes: larger ones answer 413.
+    pub max_file_bytes: u64,
+    /// Most requests in one uploaded file (OpenAI's limit is 50,000).
+    pub max_file_lines: u64,
+    /// How long uploaded files and the records of files and batches are kept, seconds.
+    pub file_retention_s: u64,
 }
 
 /// RabbitMQ connection and queue settings. `Debug` redacts the URL's password.
@@ -373,6 +399,13 @@ pub struct ProviderConfig {
     /// label values of the usage metrics (any other model counts as `other`).
     #[serde(default)]
     pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
+    /// Glob patterns (`*` any run of characters, `?` one) of the request `model`s this
+    /// provider serves, e.g. `["gpt-*", "o?-mini"]`. `producer serve` routes a batch by
+    /// its lines' models when several providers serve its endpoint; empty (the default):
+    /// the provider takes no batch by model, only by `metadata.provider` or being the only
+    /// one.
+    #[serde(default)]
+    pub models: Vec<String>,
 }
 
 impl ProviderConfig {
@@ -395,6 +428,7 @@ impl ProviderConfig {
             batch_max_bytes: None,
             batch_poll_interval_s: default_batch_poll_interval_s(),
             prices: Default::default(),
+            models: Vec::new(),
         }
     }
 }
@@ -516,6 +550,7 @@ impl Config {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.amqp.check_addresses()?;
+        self.api.validate()?;
         if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
             anyhow::bail!("namespace must be a non-empty word, got {:?}", self.namespace);
         }
@@ -602,6 +637,25 @@ impl Config {
                 format!("{host}-{}", std::process::id())
             }
         }
+    }
+}
+
+impl ApiConfig {
+    /// Checks the limits and the variable names (a key pasted where its variable's name
+    /// belongs is refused without being shown).
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            anyhow::bail!("api.listen must be an address such as 127.0.0.1:8090, got {:?}", self.listen);
+        }
+        if let Some(i) = self.key_envs.iter().position(|v| !is_env_var_name(v)) {
+            anyhow::bail!(
+                "api.key_envs[{i}] is not the name of an environment variable (name the variable, not the key)"
+            );
+        }
+        if self.max_file_bytes == 0 || self.max_file_lines == 0 || self.file_retention_s == 0 {
+            anyhow::bail!("api.max_file_bytes, api.max_file_lines and api.file_retention_s must be > 0");
+        }
+        Ok(())
     }
 }
 

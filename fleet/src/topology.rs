@@ -449,6 +449,17 @@ impl Topology {
         args
     }
 
+    /// Stream of `producer serve`'s records (uploaded files, batches, cancels, deletions):
+    /// append-only, replayed by every replica, so any replica answers any request.
+    pub fn api_meta_stream(&self) -> String {
+        format!("{}.api.meta", self.ns)
+    }
+    /// Stream holding the lines of one file uploaded to `producer serve`; the file exists
+    /// for clients only once its record is on [`Topology::api_meta_stream`].
+    pub fn api_file_stream(&self, file_id: &str) -> String {
+        format!("{}.api.file.{file_id}", self.ns)
+    }
+
     /// Declares the results stream of a job and binds it to the results exchange. A stream
     /// (not a queue) so that reading does not consume: `wait` can run any number of times.
     pub async fn declare_results_queue(&self, ch: &Channel, job_id: &str) -> lapin::Result<()> {

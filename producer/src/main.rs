@@ -10,13 +10,13 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use fleet::wire::TrackerRequest;
 use producer::batch::{FallbackArg, ModeArg};
-use producer::collect::{self, Collected, WaitRequest};
+use producer::collect::{self, WaitRequest};
 use producer::finish::{self, Finish};
 use producer::inspect;
 use producer::output_format::OutputFormat;
 use producer::retry::Selection;
 use producer::submit::{self, InputError, SubmitRequest};
-use producer::{cancel, dead};
+use producer::{cancel, dead, report};
 
 #[derive(Parser)]
 #[command(version, about = "Submit batches of LLM requests to the fleet and collect the results")]
@@ -38,142 +38,173 @@ struct Cli {
 enum Command {
     /// Validate an input file (OpenAI Batch, or Anthropic Message Batches lines) and enqueue
     /// it as one job.
-    Submit {
-        /// JSONL file: one {custom_id, method, url, body} request per line, or (for an
-        /// anthropic-kind provider) one {custom_id, params} Message Batches request per line.
-        file: PathBuf,
-        /// Provider (a name from the config's `providers`).
-        #[arg(long, short)]
-        provider: String,
-        /// Replace `body.model` of every request.
-        #[arg(long)]
-        model: Option<String>,
-        /// Print `{"job_id": ..., "total": ...}` on stdout instead of the bare job id.
-        #[arg(long)]
-        json: bool,
-        /// Then wait for the results (as `producer wait`).
-        #[arg(long)]
-        wait: bool,
-        /// Output file for `--wait` (default `<job id>.jsonl`).
-        #[arg(long, short)]
-        output: Option<PathBuf>,
-        /// Format of the `--wait` output file's lines.
-        #[arg(long, value_enum, default_value_t)]
-        output_format: OutputFormat,
-        /// Items not finished within this time end `expired` (e.g. 90s, 30m, 24h, 2d;
-        /// default `producer.default_deadline_s`, 0 = none).
-        #[arg(long, value_parser = producer::duration::parse_duration)]
-        deadline: Option<Duration>,
-        /// Finish the interrupted submission of this job (same file): only the items the
-        /// broker had not confirmed are published. Without it, an interrupted submission of
-        /// the same file is recognised by its content and resumed too.
-        #[arg(long, value_parser = job_id)]
-        resume: Option<String>,
-        /// How the requests run: `online` (one call each), `batch` (the provider's batch
-        /// API: half price, within 24 h) or `auto` (batch when the provider has one and the
-        /// deadline allows 24 h).
-        #[arg(long, value_enum, default_value = "online")]
-        mode: ModeArg,
-        /// `online`: requests a provider batch lets expire are re-run online while the
-        /// job's deadline allows (batch mode).
-        #[arg(long, value_enum)]
-        fallback: Option<FallbackArg>,
-        /// Share of the provider this job gets next to other jobs (1 to 10; a job of
-        /// priority 3 gets three times the share of a job of priority 1).
-        #[arg(long, default_value_t = fleet::wire::DEFAULT_PRIORITY,
-              value_parser = clap::value_parser!(u32).range(1..=fleet::wire::MAX_PRIORITY as i64))]
-        priority: u32,
-        /// Spend cap in the price table's currency (e.g. 12.50): once the job's cost reaches
-        /// it, its remaining items end `cancelled` (reason `budget`).
-        #[arg(long, value_parser = max_cost)]
-        max_cost: Option<f64>,
-    },
+    Submit(SubmitArgs),
     /// Collect a job's results into an output file (OpenAI Batch output lines, or Anthropic
     /// result lines); resumable.
-    Wait {
-        /// Job id printed by `submit`.
-        #[arg(value_parser = job_id)]
-        job: String,
-        /// Output file; results already in it are kept and not written twice.
-        #[arg(long, short)]
-        output: PathBuf,
-        /// Format of the output file's lines: `openai` ({id, custom_id, response, error}) or
-        /// `anthropic` ({custom_id, result: {type: succeeded|errored|canceled|expired}}).
-        #[arg(long, value_enum, default_value_t)]
-        output_format: OutputFormat,
-        /// Give up after this many seconds (run again to resume).
-        #[arg(long)]
-        timeout: Option<u64>,
-        /// Print the summary as JSON.
-        #[arg(long)]
-        json: bool,
-        /// Write the lines in input order (collected aside first, then merged with bounded
-        /// memory).
-        #[arg(long)]
-        ordered: bool,
-        /// Write the lines of items that did not succeed to this file instead of OUT, as
-        /// OpenAI's batch error file.
-        #[arg(long, value_name = "FILE")]
-        errors: Option<PathBuf>,
-    },
+    Wait(WaitArgs),
     /// Submit a new job of the items of JOB that did not succeed (failed, cancelled or
     /// expired; only failed with --failed), with their original requests.
-    Retry {
-        /// The finished job whose items to retry.
-        #[arg(value_parser = job_id)]
-        job: String,
-        /// Only the items that ended `failed` (not the cancelled or expired ones).
-        #[arg(long)]
-        failed: bool,
-        /// Then wait for the new job's results into this file (as `wait -o`).
-        #[arg(long, short)]
-        output: Option<PathBuf>,
-        /// Print `{"job_id": ..., "total": ...}` of the new job on stdout.
-        #[arg(long)]
-        json: bool,
-    },
+    Retry(RetryArgs),
     /// Show one job's progress, as the fleet's job tracker knows it.
-    Status {
-        /// Job id.
-        #[arg(value_parser = job_id)]
-        job: String,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Refresh every 2 s (in place on a terminal) until the job ends.
-        #[arg(long)]
-        watch: bool,
-        /// Seconds to wait for the tracker's answer.
-        #[arg(long, default_value_t = 5)]
-        timeout: u64,
-    },
+    Status(StatusArgs),
     /// Cancel a job: items not yet started end `cancelled` without a provider call.
-    Cancel {
-        /// Job id.
-        #[arg(value_parser = job_id)]
-        job: String,
-    },
+    Cancel(CancelArgs),
     /// List dead-lettered messages with their reasons; optionally put items back.
-    Dead {
-        /// Put the dead-lettered items back on their items queues.
-        #[arg(long)]
-        requeue: bool,
-        /// Only this job's items (with --requeue).
-        #[arg(long, value_parser = job_id)]
-        job: Option<String>,
-        /// Print JSON lines.
-        #[arg(long)]
-        json: bool,
-    },
+    Dead(DeadArgs),
     /// List jobs in progress and recently finished.
-    Jobs {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-        /// Seconds to wait for the tracker's answer.
-        #[arg(long, default_value_t = 5)]
-        timeout: u64,
-    },
+    Jobs(JobsArgs),
+    /// Serve the OpenAI Files + Batches and Anthropic Message Batches HTTP APIs on
+    /// `api.listen` (docs/api.md), until SIGINT or SIGTERM.
+    Serve,
+}
+
+/// The arguments of `producer submit`.
+#[derive(clap::Args)]
+struct SubmitArgs {
+    /// JSONL file: one {custom_id, method, url, body} request per line, or (for an
+    /// anthropic-kind provider) one {custom_id, params} Message Batches request per line.
+    file: PathBuf,
+    /// Provider (a name from the config's `providers`).
+    #[arg(long, short)]
+    provider: String,
+    /// Replace `body.model` of every request.
+    #[arg(long)]
+    model: Option<String>,
+    /// Print `{"job_id": ..., "total": ...}` on stdout instead of the bare job id.
+    #[arg(long)]
+    json: bool,
+    /// Then wait for the results (as `producer wait`).
+    #[arg(long)]
+    wait: bool,
+    /// Output file for `--wait` (default `<job id>.jsonl`).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Format of the `--wait` output file's lines.
+    #[arg(long, value_enum, default_value_t)]
+    output_format: OutputFormat,
+    /// Items not finished within this time end `expired` (e.g. 90s, 30m, 24h, 2d;
+    /// default `producer.default_deadline_s`, 0 = none).
+    #[arg(long, value_parser = producer::duration::parse_duration)]
+    deadline: Option<Duration>,
+    /// Finish the interrupted submission of this job (same file): only the items the
+    /// broker had not confirmed are published. Without it, an interrupted submission of
+    /// the same file is recognised by its content and resumed too.
+    #[arg(long, value_parser = job_id)]
+    resume: Option<String>,
+    /// How the requests run: `online` (one call each), `batch` (the provider's batch
+    /// API: half price, within 24 h) or `auto` (batch when the provider has one and the
+    /// deadline allows 24 h).
+    #[arg(long, value_enum, default_value = "online")]
+    mode: ModeArg,
+    /// `online`: requests a provider batch lets expire are re-run online while the
+    /// job's deadline allows (batch mode).
+    #[arg(long, value_enum)]
+    fallback: Option<FallbackArg>,
+    /// Share of the provider this job gets next to other jobs (1 to 10; a job of
+    /// priority 3 gets three times the share of a job of priority 1).
+    #[arg(long, default_value_t = fleet::wire::DEFAULT_PRIORITY,
+          value_parser = clap::value_parser!(u32).range(1..=fleet::wire::MAX_PRIORITY as i64))]
+    priority: u32,
+    /// Spend cap in the price table's currency (e.g. 12.50): once the job's cost reaches
+    /// it, its remaining items end `cancelled` (reason `budget`).
+    #[arg(long, value_parser = max_cost)]
+    max_cost: Option<f64>,
+}
+
+/// The arguments of `producer wait`.
+#[derive(clap::Args)]
+struct WaitArgs {
+    /// Job id printed by `submit`.
+    #[arg(value_parser = job_id)]
+    job: String,
+    /// Output file; results already in it are kept and not written twice.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Format of the output file's lines: `openai` ({id, custom_id, response, error}) or
+    /// `anthropic` ({custom_id, result: {type: succeeded|errored|canceled|expired}}).
+    #[arg(long, value_enum, default_value_t)]
+    output_format: OutputFormat,
+    /// Give up after this many seconds (run again to resume).
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Write the lines in input order (collected aside first, then merged with bounded
+    /// memory).
+    #[arg(long)]
+    ordered: bool,
+    /// Write the lines of items that did not succeed to this file instead of OUT, as
+    /// OpenAI's batch error file.
+    #[arg(long, value_name = "FILE")]
+    errors: Option<PathBuf>,
+}
+
+/// The arguments of `producer retry`.
+#[derive(clap::Args)]
+struct RetryArgs {
+    /// The finished job whose items to retry.
+    #[arg(value_parser = job_id)]
+    job: String,
+    /// Only the items that ended `failed` (not the cancelled or expired ones).
+    #[arg(long)]
+    failed: bool,
+    /// Then wait for the new job's results into this file (as `wait -o`).
+    #[arg(long, short)]
+    output: Option<PathBuf>,
+    /// Print `{"job_id": ..., "total": ...}` of the new job on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The arguments of `producer status`.
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Job id.
+    #[arg(value_parser = job_id)]
+    job: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Refresh every 2 s (in place on a terminal) until the job ends.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds to wait for the tracker's answer.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
+}
+
+/// The arguments of `producer cancel`.
+#[derive(clap::Args)]
+struct CancelArgs {
+    /// Job id.
+    #[arg(value_parser = job_id)]
+    job: String,
+}
+
+/// The arguments of `producer dead`.
+#[derive(clap::Args)]
+struct DeadArgs {
+    /// Put the dead-lettered items back on their items queues.
+    #[arg(long)]
+    requeue: bool,
+    /// Only this job's items (with --requeue).
+    #[arg(long, value_parser = job_id)]
+    job: Option<String>,
+    /// Print JSON lines.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The arguments of `producer jobs`.
+#[derive(clap::Args)]
+struct JobsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    /// Seconds to wait for the tracker's answer.
+    #[arg(long, default_value_t = 5)]
+    timeout: u64,
 }
 
 #[tokio::main]
@@ -189,235 +220,153 @@ async fn main() -> ExitCode {
     };
     let progress = !cli.quiet;
     let result = match cli.command {
-        Command::Submit {
-            file,
-            provider,
-            model,
-            json,
-            wait,
-            output,
-            output_format,
-            deadline,
-            resume,
-            mode,
-            fallback,
-            priority,
-            max_cost,
-        } => {
-            let deadline_s = deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
-            let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
-            if let Some(output) = output.as_deref().filter(|_| wait) {
-                // Before anything is published: a job whose results cannot be written is
-                // better not started (a resumed job's own results may be there already).
-                if let Err(e) = collect::check_new_output(output, resume.as_deref(), output_format) {
-                    eprintln!("producer: {e:#}");
-                    return ExitCode::from(2);
-                }
-            }
-            let req = SubmitRequest {
-                file: &file,
-                provider: &provider,
-                model: model.as_deref(),
-                deadline_ms,
-                progress,
-                resume: resume.as_deref(),
-                mode,
-                fallback_online: fallback == Some(FallbackArg::Online),
-                priority,
-                max_cost,
-            };
-            match submit::submit(&cfg, &req).await {
-                Ok(job) => {
-                    if json {
-                        println!("{}", serde_json::to_string(&job).expect("serializable"));
-                    } else {
-                        println!("{}", job.job_id);
-                    }
-                    if !json {
-                        eprintln!("submitted job {} with {} requests", job.job_id, job.total);
-                    }
-                    if wait {
-                        let output = output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
-                        let req = WaitRequest {
-                            job_id: &job.job_id,
-                            output: &output,
-                            progress,
-                            timeout: None,
-                            format: output_format,
-                        };
-                        match collect::wait(&cfg, &req).await {
-                            Ok(c) => {
-                                summary(&cfg, c, &output, json).await;
-                                Ok(())
-                            }
-                            Err(e) => Err(e),
-                        }
-                    } else {
-                        Ok(())
-                    }
-                }
-                Err(e) => Err(e),
-            }
-        }
-        Command::Wait { job, output, output_format, timeout, json, ordered, errors } => {
-            let req = WaitRequest {
-                job_id: &job,
-                output: &output,
-                progress,
-                timeout: timeout.map(Duration::from_secs),
-                format: output_format,
-            };
-            let finish = Finish { ordered, errors: errors.as_deref(), format: output_format };
-            match finish::wait(&cfg, &req, &finish).await {
-                Ok(c) => {
-                    summary(&cfg, c, &output, json).await;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            }
-        }
-        Command::Retry { job, failed, output, json } => {
-            retry(&cfg, &job, failed, output.as_deref(), json, progress).await
-        }
-        Command::Status { job, json, timeout, watch: true } => {
-            producer::watch::watch(&cfg, &job, Duration::from_secs(timeout), json).await
-        }
-        Command::Status { job, json, timeout, watch: false } => {
-            inspect::status(&cfg, &job, Duration::from_secs(timeout)).await.map(|r| print_jobs(&r.jobs, json))
-        }
-        Command::Cancel { job } => cancel::cancel(&cfg, &job).await.map(|()| {
-            eprintln!("cancel requested for job {job}: unstarted items end `cancelled`");
-        }),
-        Command::Dead { requeue, job, json } => dead::dead(&cfg, requeue, job.as_deref()).await.map(|msgs| {
-            for m in &msgs {
-                if json {
-                    println!("{}", serde_json::to_string(m).expect("serializable"));
-                } else {
-                    println!("{}", m.line());
-                }
-            }
-            let requeued = msgs.iter().filter(|m| m.requeued).count();
-            eprintln!("{} dead-lettered message(s), {requeued} requeued", msgs.len());
-        }),
-        Command::Jobs { json, timeout } => inspect::ask(&cfg, &TrackerRequest::Jobs, Duration::from_secs(timeout))
-            .await
-            .map(|r| print_jobs(&r.jobs, json)),
+        Command::Submit(args) => submit(&cfg, args, progress).await,
+        Command::Wait(args) => wait(&cfg, args, progress).await,
+        Command::Retry(args) => retry(&cfg, args, progress).await,
+        Command::Status(args) => status(&cfg, args).await,
+        Command::Cancel(args) => cancel(&cfg, args).await,
+        Command::Dead(args) => dead(&cfg, args).await,
+        Command::Jobs(args) => jobs(&cfg, args).await,
+        Command::Serve => producer::serve::run(cfg.clone(), fleet::shutdown::on_signals()).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("producer: {e:#}");
-            if e.downcast_ref::<InputError>().is_some() || e.downcast_ref::<collect::OutputError>().is_some() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::FAILURE
-            }
+            ExitCode::from(exit_code(&e))
         }
     }
+}
+
+/// A refusal before anything was published, whatever its cause (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct Refused(anyhow::Error);
+
+/// 2 for bad input or configuration (nothing was published), 1 for any other failure.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let usage = e.downcast_ref::<Refused>().is_some()
+        || e.downcast_ref::<InputError>().is_some()
+        || e.downcast_ref::<collect::OutputError>().is_some()
+        || e.downcast_ref::<producer::serve::KeysError>().is_some();
+    if usage {
+        2
+    } else {
+        1
+    }
+}
+
+/// `producer submit`, then with `--wait` the wait for its results.
+async fn submit(cfg: &fleet::Config, args: SubmitArgs, progress: bool) -> anyhow::Result<()> {
+    let deadline_s = args.deadline.map_or(cfg.producer.default_deadline_s, |d| d.as_secs());
+    let deadline_ms = (deadline_s > 0).then(|| fleet::now_ms() + deadline_s * 1000);
+    if let Some(output) = args.output.as_deref().filter(|_| args.wait) {
+        // Before anything is published: a job whose results cannot be written is better
+        // not started (a resumed job's own results may be there already).
+        collect::check_new_output(output, args.resume.as_deref(), args.output_format).map_err(Refused)?;
+    }
+    let req = SubmitRequest {
+        file: &args.file,
+        provider: &args.provider,
+        model: args.model.as_deref(),
+        deadline_ms,
+        progress,
+        resume: args.resume.as_deref(),
+        mode: args.mode,
+        fallback_online: args.fallback == Some(FallbackArg::Online),
+        priority: args.priority,
+        max_cost: args.max_cost,
+    };
+    let job = submit::submit(cfg, &req).await?;
+    report::submitted(&job, args.json);
+    if !args.wait {
+        return Ok(());
+    }
+    let output = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
+    let req = WaitRequest { job_id: &job.job_id, output: &output, progress, timeout: None, format: args.output_format };
+    let collected = collect::wait(cfg, &req).await?;
+    report::summary(cfg, collected, &output, args.json).await;
+    Ok(())
+}
+
+/// `producer wait`.
+async fn wait(cfg: &fleet::Config, args: WaitArgs, progress: bool) -> anyhow::Result<()> {
+    let req = WaitRequest {
+        job_id: &args.job,
+        output: &args.output,
+        progress,
+        timeout: args.timeout.map(Duration::from_secs),
+        format: args.output_format,
+    };
+    let finish = Finish { ordered: args.ordered, errors: args.errors.as_deref(), format: args.output_format };
+    let collected = finish::wait(cfg, &req, &finish).await?;
+    report::summary(cfg, collected, &args.output, args.json).await;
+    Ok(())
 }
 
 /// `producer retry`: writes the items to retry to `<JOB>.retry.jsonl`, submits it to the
 /// original job's provider, and with `-o` waits for the new job.
-async fn retry(
-    cfg: &fleet::Config,
-    job: &str,
-    failed: bool,
-    output: Option<&std::path::Path>,
-    json: bool,
-    progress: bool,
-) -> anyhow::Result<()> {
-    if let Some(output) = output {
+async fn retry(cfg: &fleet::Config, args: RetryArgs, progress: bool) -> anyhow::Result<()> {
+    if let Some(output) = &args.output {
         collect::check_new_output(output, None, OutputFormat::default())?;
     }
-    let selection = if failed { Selection::Failed } else { Selection::NotSucceeded };
-    let plan = producer::retry::plan(cfg, job, selection, std::path::Path::new(".")).await?;
+    let selection = if args.failed { Selection::Failed } else { Selection::NotSucceeded };
+    let plan = producer::retry::plan(cfg, &args.job, selection, std::path::Path::new(".")).await?;
     let deadline_ms =
         (cfg.producer.default_deadline_s > 0).then(|| fleet::now_ms() + cfg.producer.default_deadline_s * 1000);
-    let req =
-        // Online: the items to retry are few, and the provider's batch window would delay them.
-        SubmitRequest {
-            file: &plan.file,
-            provider: &plan.provider,
-            model: None,
-            deadline_ms,
-            progress,
-            resume: None,
-            mode: ModeArg::Online,
-            fallback_online: false,
-            priority: fleet::wire::DEFAULT_PRIORITY,
-            max_cost: None,
-        };
+    // Online: the items to retry are few, and the provider's batch window would delay them.
+    let req = SubmitRequest {
+        file: &plan.file,
+        provider: &plan.provider,
+        model: None,
+        deadline_ms,
+        progress,
+        resume: None,
+        mode: ModeArg::Online,
+        fallback_online: false,
+        priority: fleet::wire::DEFAULT_PRIORITY,
+        max_cost: None,
+    };
     let new = submit::submit(cfg, &req).await?;
-    if json {
-        println!("{}", serde_json::to_string(&new).expect("serializable"));
-    } else {
-        println!("{}", new.job_id);
-        eprintln!(
-            "submitted job {} with the {} of {} items of job {job} to retry ({})",
-            new.job_id,
-            plan.selected,
-            plan.total,
-            plan.file.display()
-        );
-    }
-    if let Some(output) = output {
+    report::retried(&new, &plan, &args.job, args.json);
+    if let Some(output) = &args.output {
         let req = WaitRequest { job_id: &new.job_id, output, progress, timeout: None, format: OutputFormat::default() };
-        let c = collect::wait(cfg, &req).await?;
-        summary(cfg, c, output, json).await;
+        let collected = collect::wait(cfg, &req).await?;
+        report::summary(cfg, collected, output, args.json).await;
     }
     Ok(())
 }
 
-fn print_jobs(jobs: &[fleet::wire::JobSummary], json: bool) {
-    for job in jobs {
-        if json {
-            let mut v = serde_json::to_value(job).expect("serializable");
-            v["pending"] = job.counts.pending().into();
-            println!("{v}");
-        } else {
-            println!("{}", inspect::render(job));
-        }
+/// `producer status`, once or `--watch`ed.
+async fn status(cfg: &fleet::Config, args: StatusArgs) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.timeout);
+    if args.watch {
+        return producer::watch::watch(cfg, &args.job, timeout, args.json).await;
     }
+    let reply = inspect::status(cfg, &args.job, timeout).await?;
+    report::jobs(&reply.jobs, args.json);
+    Ok(())
 }
 
-/// How long `wait` asks the tracker for the job's usage when its results arrived before
-/// the tracker's `job_finished` (the results are written either way). Asked once: a
-/// tracker still folding (it trails the results stream under load) gives the usage so far.
-const USAGE_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+/// `producer cancel`.
+async fn cancel(cfg: &fleet::Config, args: CancelArgs) -> anyhow::Result<()> {
+    cancel::cancel(cfg, &args.job).await?;
+    eprintln!("cancel requested for job {}: unstarted items end `cancelled`", args.job);
+    Ok(())
+}
 
-async fn summary(cfg: &fleet::Config, mut c: Collected, output: &std::path::Path, json: bool) {
-    if c.usage.is_none() {
-        let req = TrackerRequest::Status { job_id: c.job_id.clone() };
-        if let Ok(reply) = inspect::ask(cfg, &req, USAGE_QUERY_TIMEOUT).await {
-            let job = reply.jobs.into_iter().next();
-            c.usage_final = job.as_ref().is_some_and(|j| j.status.is_ended());
-            c.usage = job.and_then(|j| j.usage);
-        }
-    }
-    if json {
-        println!("{}", serde_json::to_string(&c).expect("serializable"));
-        return;
-    }
-    let n = c.counts.finished();
-    eprintln!(
-        "job {}: {} results (succeeded {}, failed {}, cancelled {}, expired {}) in {:.1} s -> {}",
-        c.job_id,
-        n,
-        c.counts.succeeded,
-        c.counts.failed,
-        c.counts.cancelled,
-        c.counts.expired,
-        c.elapsed_s,
-        output.display()
-    );
-    match &c.usage {
-        Some(u) if c.usage_final => eprintln!("usage: {}", u.describe()),
-        Some(u) => eprintln!(
-            "usage so far (the tracker is still counting; `producer status` has the final figure): {}",
-            u.describe()
-        ),
-        None => {}
-    }
+/// `producer dead`.
+async fn dead(cfg: &fleet::Config, args: DeadArgs) -> anyhow::Result<()> {
+    let messages = dead::dead(cfg, args.requeue, args.job.as_deref()).await?;
+    report::dead(&messages, args.json);
+    Ok(())
+}
+
+/// `producer jobs`.
+async fn jobs(cfg: &fleet::Config, args: JobsArgs) -> anyhow::Result<()> {
+    let reply = inspect::ask(cfg, &TrackerRequest::Jobs, Duration::from_secs(args.timeout)).await?;
+    report::jobs(&reply.jobs, args.json);
+    Ok(())
 }
 
 /// A job id argument: refused before anything is sent when no routing key could hold it.

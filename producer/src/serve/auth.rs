@@ -1,0 +1,114 @@
+//! Who a request comes from: the key it presents (`Authorization: Bearer`, or
+//! `x-api-key` for Anthropic clients), checked against the keys in the variables
+//! `api.key_envs` names. A key is compared in constant time and never logged; what is
+//! stored with a file or batch is its owner id, a one-way hash of the key.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use sha2::Digest as _;
+
+use super::error::{ApiError, Dialect};
+
+/// Why the server cannot start with the configured keys.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("api.key_envs names no variable: the API needs at least one client key (e.g. FLEET__API__KEY_ENVS=FLEET_API_KEY)")]
+    None,
+    #[error("the variable {0} named in api.key_envs is unset or empty")]
+    Unset(String),
+}
+
+/// The clients' keys, each with its owner id.
+pub struct Keys {
+    keys: Vec<(Vec<u8>, String)>,
+}
+
+impl Keys {
+    /// Reads the keys from the variables named `names`.
+    pub fn from_env(names: &[String]) -> Result<Keys, KeysError> {
+        if names.is_empty() {
+            return Err(KeysError::None);
+        }
+        let mut keys = Vec::new();
+        for name in names {
+            match std::env::var(name) {
+                Ok(key) if !key.is_empty() => keys.push((key.as_bytes().to_vec(), owner_id(key.as_bytes()))),
+                _ => return Err(KeysError::Unset(name.clone())),
+            }
+        }
+        Ok(Keys { keys })
+    }
+
+    /// The owner id of `presented`, if it is one of the keys. Every key is compared, each
+    /// in constant time, so the time taken says nothing about which key came close.
+    pub fn owner_of(&self, presented: &[u8]) -> Option<&str> {
+        let mut found = None;
+        for (key, owner) in &self.keys {
+            if constant_time_eq(key, presented) {
+                found = Some(owner.as_str());
+            }
+        }
+        found
+    }
+}
+
+/// Equality whose time depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The owner id stored with a key's files and batches: 128 bits of SHA-256 over a
+/// domain-separated key, so the broker's contents never reveal a key.
+pub fn owner_id(key: &[u8]) -> String {
+    let digest = sha2::Sha256::new().chain_update(b"fleet-api-owner\0").chain_update(key).finalize();
+    digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The owner of an authenticated request; extracting it answers 401 for a missing or
+/// unknown key.
+pub struct Owner(pub String);
+
+impl FromRequestParts<super::AppState> for Owner {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &super::AppState) -> Result<Owner, ApiError> {
+        let dialect = Dialect::of_path(parts.uri.path());
+        let bearer = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+            .map(<[u8]>::trim_ascii);
+        let presented = parts.headers.get("x-api-key").map(|v| v.as_bytes()).or(bearer);
+        match presented.and_then(|k| app.keys.owner_of(k)) {
+            Some(owner) => Ok(Owner(owner.to_string())),
+            None => Err(ApiError::unauthorized().answer(dialect)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_configured_key_has_an_owner_and_owners_differ() {
+        let keys = Keys { keys: vec![(b"k1".to_vec(), owner_id(b"k1")), (b"k2".to_vec(), owner_id(b"k2"))] };
+        assert_eq!(keys.owner_of(b"k1"), Some(owner_id(b"k1").as_str()));
+        assert_ne!(keys.owner_of(b"k1"), keys.owner_of(b"k2"));
+        assert_eq!(keys.owner_of(b"k3"), None);
+        assert_eq!(keys.owner_of(b"k"), None);
+        assert_eq!(keys.owner_of(b""), None);
+        assert!(!owner_id(b"k1").contains("k1"));
+        assert_eq!(owner_id(b"k1").len(), 32);
+    }
+
+    #[test]
+    fn no_variable_or_an_empty_one_refuses_to_start() {
+        assert!(matches!(Keys::from_env(&[]), Err(KeysError::None)));
+        let missing = "FLEET_SERVE_TEST_SURELY_UNSET_KEY".to_string();
+        assert!(matches!(Keys::from_env(&[missing]), Err(KeysError::Unset(_))));
+    }
+}

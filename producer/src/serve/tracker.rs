@@ -1,0 +1,68 @@
+//! Questions to the job tracker over the server's shared connection (request/reply on
+//! RabbitMQ's direct reply-to, as `producer status` asks them): a batch's status and
+//! counts are the tracker's.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use fleet::wire::{JobSummary, TrackerReply, TrackerRequest};
+use futures::StreamExt as _;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::FieldTable;
+
+use super::error::ApiError;
+use super::store::Store;
+
+/// RabbitMQ's pseudo-queue for replies without declaring a queue.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// How long a request waits for the tracker.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One question and the tracker's reply; `None` when no tracker answered in time (the
+/// batch is then shown from its record alone).
+async fn ask(store: &Store, req: &TrackerRequest) -> Result<Option<TrackerReply>, ApiError> {
+    let conn = store.broker.conn().await?;
+    let ch = conn.create_channel().await?;
+    let mut replies = ch
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "serve-query".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let props = lapin::BasicProperties::default()
+        .with_reply_to(DIRECT_REPLY_TO.into())
+        .with_correlation_id(id.as_str().into())
+        .with_content_type("application/json".into());
+    let body = serde_json::to_vec(req).map_err(ApiError::unavailable)?;
+    let rpc = store.topology.tracker_rpc_queue();
+    ch.basic_publish("".into(), rpc.as_str().into(), BasicPublishOptions::default(), &body, props).await?;
+    let reply = tokio::time::timeout(ASK_TIMEOUT, async {
+        while let Some(Ok(d)) = replies.next().await {
+            if d.properties.correlation_id().as_ref().map(|c| c.as_str()) == Some(id.as_str()) {
+                return serde_json::from_slice::<TrackerReply>(&d.data).ok();
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten();
+    let _ = ch.close(200, "answered".into()).await;
+    Ok(reply)
+}
+
+/// The tracker's summary of `job_id`: `None` when it does not know the job (yet, or any
+/// more) or does not answer.
+pub async fn job(store: &Store, job_id: &str) -> Result<Option<JobSummary>, ApiError> {
+    let reply = ask(store, &TrackerRequest::Status { job_id: job_id.to_string() }).await?;
+    Ok(reply.filter(|r| r.error.is_none()).and_then(|r| r.jobs.into_iter().next()))
+}
+
+/// Every job the tracker knows, by id (empty when it does not answer).
+pub async fn jobs(store: &Store) -> Result<HashMap<String, JobSummary>, ApiError> {
+    let reply = ask(store, &TrackerRequest::Jobs).await?;
+    Ok(reply.map(|r| r.jobs.into_iter().map(|j| (j.job_id.clone(), j)).collect()).unwrap_or_default())
+}

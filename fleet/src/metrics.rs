@@ -283,6 +283,52 @@ pub fn encode(registry: &Registry) -> Vec<u8> {
     buf
 }
 
+/// The metrics of `producer serve`, scraped by Prometheus from its `/metrics` (a
+/// long-running server is scraped, not pushed; the scrape job is `batch_api`). Labels are
+/// route templates (`/v1/batches/{id}`), never paths, ids or keys.
+#[derive(Clone)]
+pub struct ApiMetrics {
+    /// The registry `/metrics` renders.
+    pub registry: Registry,
+    /// `batch_api_requests_total{route,status}`: HTTP requests by route template and status code.
+    pub requests: IntCounterVec,
+    /// `batch_api_upload_bytes_total`: bytes of files received.
+    pub upload_bytes: prometheus::IntCounter,
+    /// `batch_api_batches_open`: batches whose job the tracker shows not ended.
+    pub batches_open: prometheus::IntGauge,
+}
+
+impl ApiMetrics {
+    /// Fresh metrics, labelled with the fleet's `namespace`.
+    pub fn new(namespace: &str) -> ApiMetrics {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("namespace", namespace);
+        let requests = IntCounterVec::new(
+            opts("batch_api_requests_total", "HTTP requests to producer serve, by route and status code"),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let upload_bytes = prometheus::IntCounter::with_opts(opts(
+            "batch_api_upload_bytes_total",
+            "Bytes of files uploaded to producer serve",
+        ))
+        .expect("valid metric");
+        let batches_open = prometheus::IntGauge::with_opts(opts(
+            "batch_api_batches_open",
+            "Batches of producer serve whose job has not ended",
+        ))
+        .expect("valid metric");
+        for c in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(upload_bytes.clone()),
+            Box::new(batches_open.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        ApiMetrics { registry, requests, upload_bytes, batches_open }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

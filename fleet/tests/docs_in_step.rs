@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use fleet::config::{ProviderConfig, ProviderKind};
-use fleet::metrics::{TrackerMetrics, WorkerMetrics};
+use fleet::metrics::{ApiMetrics, TrackerMetrics, WorkerMetrics};
 use fleet::usage::Price;
 use prometheus::core::Collector;
 use prometheus::Registry;
@@ -31,6 +31,9 @@ const PROVIDER: &str = "providers.<name>.";
 /// How the docs write the keys of any model of a provider's price table.
 const PRICE: &str = "providers.<name>.prices.\"<model>\".";
 /// Sections of the configuration: a mention starting `<section>.` names a key.
+/// Who exposes `producer serve`'s metrics: Prometheus scrapes them (scrape job `batch_api`).
+const API_SCRAPE_JOB: &str = "batch_api";
+
 const SECTIONS: [&str; 8] = ["amqp", "pushgateway", "worker", "retry", "producer", "tracker", "providers", "api"];
 /// Endings that make a `batch_*` word a metric (or a histogram's series) in the docs.
 const METRIC_SUFFIXES: [&str; 5] = ["_total", "_seconds", "_bucket", "_sum", "_count"];
@@ -120,7 +123,12 @@ fn the_metrics_table_lists_every_metric_as_the_code_defines_it() {
         let Some(metric) = code.get(name) else { continue };
         assert_eq!(row[1], metric.kind, "docs/metrics.md: the type of {name}");
         assert_eq!(label_names(&row[2]), metric.labels, "docs/metrics.md: the labels of {name}");
-        for (who, word) in [(fleet::push::WORKER_JOB, "worker"), (fleet::push::TRACKER_JOB, "tracker")] {
+        let pushers = [
+            (fleet::push::WORKER_JOB, "worker"),
+            (fleet::push::TRACKER_JOB, "tracker"),
+            (API_SCRAPE_JOB, "producer serve"),
+        ];
+        for (who, word) in pushers {
             assert_eq!(
                 row[3].contains(word),
                 metric.pushed_by.contains(who),
@@ -337,8 +345,16 @@ fn code_metrics() -> BTreeMap<String, Metric> {
     add(&mut out, registry, usage_cost, by);
     add(&mut out, registry, push_failures, by);
 
+    let api = ApiMetrics::new("ns");
+    let ApiMetrics { registry, requests, upload_bytes, batches_open } = &api;
+    let by = API_SCRAPE_JOB;
+    add(&mut out, registry, requests, by);
+    add(&mut out, registry, upload_bytes, by);
+    add(&mut out, registry, batches_open, by);
+
     // What the registries gather (the series that have a value) is among the above.
-    for family in worker.registry.gather().iter().chain(&tracker.registry.gather()) {
+    let gathered = [worker.registry.gather(), tracker.registry.gather(), api.registry.gather()];
+    for family in gathered.iter().flatten() {
         assert!(out.contains_key(family.name()), "{} is registered but not a field", family.name());
     }
     out

@@ -6,55 +6,22 @@
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use prometheus::{Encoder as _, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{Encoder as _, TextEncoder};
 use tokio_util::sync::CancellationToken;
 
 /// How often the open batches are counted. Not at scrape time: counting asks the tracker,
 /// which may take its whole timeout, and a scrape must answer at once.
 const COUNT_OPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// The server's metrics.
-pub struct Metrics {
-    registry: Registry,
-    requests: IntCounterVec,
-    /// `batch_api_upload_bytes_total`: bytes of files received.
-    pub upload_bytes: IntCounter,
-    /// `batch_api_batches_open`: batches whose job the tracker shows not ended.
-    batches_open: IntGauge,
-}
+/// The server's metrics: their names and shapes live with the fleet's others
+/// ([`fleet::metrics::ApiMetrics`]).
+pub type Metrics = fleet::metrics::ApiMetrics;
 
-impl Metrics {
-    /// Fresh counters, labelled with the fleet's `namespace`.
-    pub fn new(namespace: &str) -> Metrics {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new("batch_api_requests_total", "HTTP requests to producer serve, by route and status code")
-                .const_label("namespace", namespace),
-            &["route", "status"],
-        )
-        .expect("valid metric");
-        let upload_bytes = IntCounter::with_opts(
-            Opts::new("batch_api_upload_bytes_total", "Bytes of files uploaded to producer serve")
-                .const_label("namespace", namespace),
-        )
-        .expect("valid metric");
-        let batches_open = IntGauge::with_opts(
-            Opts::new("batch_api_batches_open", "Batches of producer serve whose job has not ended")
-                .const_label("namespace", namespace),
-        )
-        .expect("valid metric");
-        registry.register(Box::new(requests.clone())).expect("registered once");
-        registry.register(Box::new(upload_bytes.clone())).expect("registered once");
-        registry.register(Box::new(batches_open.clone())).expect("registered once");
-        Metrics { registry, requests, upload_bytes, batches_open }
-    }
-
-    /// The text exposition of every metric.
-    pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
-        String::from_utf8(buf).unwrap_or_default()
-    }
+/// The text exposition of every metric.
+fn render(metrics: &Metrics) -> String {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&metrics.registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
 }
 
 /// Middleware counting each request by its route template and answer's status.
@@ -86,7 +53,7 @@ pub async fn count_open(app: super::AppState, shutdown: CancellationToken) {
 
 /// `GET /metrics`.
 pub async fn serve(State(app): State<super::AppState>) -> impl IntoResponse {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], app.metrics.render())
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&app.metrics))
 }
 
 #[cfg(test)]
@@ -99,7 +66,7 @@ mod tests {
         m.requests.with_label_values(&["/v1/batches/{id}", "404"]).inc();
         m.upload_bytes.inc_by(10);
         m.batches_open.set(2);
-        let text = m.render();
+        let text = render(&m);
         assert!(
             text.contains(r#"batch_api_requests_total{namespace="ns",route="/v1/batches/{id}",status="404"} 1"#),
             "{text}"

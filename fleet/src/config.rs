@@ -730,8 +730,9 @@ fn unknown_key(raw: &serde_json::Value, known: &serde_json::Value, prefix: &str)
     None
 }
 
-/// Levenshtein distance, for suggesting the key a typo meant.
-fn edit_distance(a: &str, b: &str) -> usize {
+/// Levenshtein distance, for suggesting the key a typo meant (and, in the docs test, the
+/// metric a misspelt mention meant).
+pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {

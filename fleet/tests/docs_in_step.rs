@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use fleet::config::{ProviderConfig, ProviderKind};
+use fleet::config::{edit_distance, ProviderConfig, ProviderKind};
 use fleet::metrics::{ApiMetrics, TrackerMetrics, WorkerMetrics};
 use fleet::usage::Price;
 use prometheus::core::Collector;
@@ -573,18 +573,4 @@ fn env_mentions(text: &str) -> Vec<(String, String)> {
         .filter_map(|w| Some((w, w.strip_prefix("FLEET__").filter(|p| !p.is_empty())?)))
         .map(|(w, path)| (w.to_string(), normalize(&path.split("__").collect::<Vec<_>>().join(".").to_lowercase())))
         .collect()
-}
-
-/// Levenshtein distance: a word this close to a metric's name is a misspelt mention of it.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
-    }
-    prev[b.len()]
 }

@@ -384,3 +384,42 @@ fn batch_mode_needs_a_provider_with_a_batch_api_and_auto_falls_back_to_online() 
         }
     });
 }
+
+/// Issue 21, point 5: a chunk message naming a provider batch that is not its own (anyone
+/// who can publish to the chunk queues could write one) makes no worker cancel, read or
+/// delete anything at the provider with the fleet's key: the batch is retrieved first and
+/// must carry the chunk's tag; the forged chunk is dead-lettered.
+#[test]
+fn a_forged_chunk_cannot_cancel_or_delete_another_batch() {
+    let mock = Mock::start(&["--batch-complete-ms", "60000"]);
+    let f = batch_fleet("forgedchunk", &mock, 100);
+    let _w = f.worker("w1", &[]);
+    let file = input(&f, "in.jsonl", 10, false);
+    let job = submit(&f, &file, "mock", &["--mode", "batch"]);
+    eventually(Duration::from_secs(30), "the job's batch exists", || {
+        mock.stats()["batches"]["openai_created"].as_object().is_some_and(|m| !m.is_empty())
+    });
+    let listed = get_json(&format!("{}/v1/batches?limit=10", mock.url));
+    let victim = listed["data"][0].clone();
+    let (batch_id, input_file_id) = (victim["id"].as_str().unwrap(), victim["input_file_id"].as_str().unwrap());
+    // A chunk of another job, past its deadline (so a worker that trusted it would cancel
+    // the batch), naming the victim's batch and input file.
+    let forged = serde_json::json!({
+        "job_id": "job_forged", "provider": "mock", "chunk": 0, "start": 0, "end": 1, "total": 1,
+        "submitted_at_ms": 0, "deadline_ms": 1, "state": "created", "batch_id": batch_id,
+        "input_file_id": input_file_id, "cancel_sent": false,
+    });
+    let queue = f.topology().chunk_queue("mock");
+    f.amqp(|conn, _| async move {
+        let ch = fleet::amqp::confirm_channel(&conn).await.unwrap();
+        let payload = serde_json::to_vec(&forged).unwrap();
+        fleet::amqp::publish_confirmed(&ch, "", &queue, &payload, fleet::amqp::persistent_json()).await.unwrap();
+    });
+    eventually(Duration::from_secs(30), "the forged chunk is dead-lettered", || {
+        String::from_utf8_lossy(&f.producer(&["dead", "--json"]).stdout).contains("forged chunk")
+    });
+    let stats = mock.stats();
+    assert_eq!(stats["batches"]["cancelled"], 0, "no cancel reached the provider: {stats}");
+    assert_eq!(stats["batches"]["files_deleted"], 0, "no file was deleted: {stats}");
+    tidy(&f, &[&job]);
+}

@@ -196,25 +196,17 @@ pub async fn content(
 /// The lines of a stored file as a streamed body (a read error ends the body early, which
 /// the client sees as a broken transfer, not as a complete file).
 fn stored_content(app: AppState, file: FileRecord) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
-    tokio::spawn(async move {
-        let res = async {
-            let mut reader = upload::FileReader::open(&app.store, &file).await?;
-            while let Some(mut chunk) = reader.next().await? {
-                chunk.push(b'\n');
-                if tx.send(Ok(chunk.into())).await.is_err() {
-                    break;
-                }
+    super::streamed_body(|tx| async move {
+        let mut reader = upload::FileReader::open(&app.store, &file).await?;
+        while let Some(mut chunk) = reader.next().await? {
+            chunk.push(b'\n');
+            if tx.send(Ok(chunk.into())).await.is_err() {
+                break;
             }
-            reader.close().await;
-            Ok::<(), ApiError>(())
         }
-        .await;
-        if let Err(e) = res {
-            let _ = tx.send(Err(std::io::Error::other(e.message))).await;
-        }
-    });
-    super::body_of(rx)
+        reader.close().await;
+        Ok(())
+    })
 }
 
 /// `DELETE /v1/files/{id}`.

@@ -157,8 +157,24 @@ fn list_object(data: Vec<Value>, has_more: bool) -> Value {
     json!({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more})
 }
 
-/// A streamed body fed by a channel (a task reading the broker writes to it).
-fn body_of(rx: tokio::sync::mpsc::Receiver<Result<bytes::Bytes, std::io::Error>>) -> Body {
+/// Where a streamed body's parts go (see [`streamed_body`]).
+type BodySender = tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>;
+
+/// A response body streamed from a task of its own: `produce` sends the parts (and stops
+/// when a send fails: the client left); an error it returns ends the body early, which the
+/// client sees as a broken transfer, never as a complete file.
+fn streamed_body<F, Fut>(produce: F) -> Body
+where
+    F: FnOnce(BodySender) -> Fut,
+    Fut: std::future::Future<Output = Result<(), ApiError>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+    let produced = produce(tx.clone());
+    tokio::spawn(async move {
+        if let Err(e) = produced.await {
+            let _ = tx.send(Err(std::io::Error::other(e.message))).await;
+        }
+    });
     Body::from_stream(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) }))
 }
 

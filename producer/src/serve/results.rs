@@ -98,28 +98,20 @@ impl ResultsReader {
 
 /// The lines of `which` results of `batch` in `format`, streamed.
 pub fn body(app: AppState, batch: BatchRecord, which: Which, format: OutputFormat) -> Body {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
-    tokio::spawn(async move {
-        let res = async {
-            let mut reader = ResultsReader::open(&app, &batch).await?;
-            while let Some(results) = reader.next().await? {
-                let mut buf = Vec::new();
-                for r in results.iter().filter(|r| which.holds(r.status)) {
-                    format.write_line(&mut buf, r).map_err(ApiError::unavailable)?;
-                }
-                if !buf.is_empty() && tx.send(Ok(buf.into())).await.is_err() {
-                    break;
-                }
+    super::streamed_body(|tx| async move {
+        let mut reader = ResultsReader::open(&app, &batch).await?;
+        while let Some(results) = reader.next().await? {
+            let mut buf = Vec::new();
+            for r in results.iter().filter(|r| which.holds(r.status)) {
+                format.write_line(&mut buf, r).map_err(ApiError::unavailable)?;
             }
-            reader.close().await;
-            Ok::<(), ApiError>(())
+            if !buf.is_empty() && tx.send(Ok(buf.into())).await.is_err() {
+                break;
+            }
         }
-        .await;
-        if let Err(e) = res {
-            let _ = tx.send(Err(std::io::Error::other(e.message))).await;
-        }
-    });
-    super::body_of(rx)
+        reader.close().await;
+        Ok(())
+    })
 }
 
 /// Bytes of the `which` file of `batch` (read through once).

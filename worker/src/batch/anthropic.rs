@@ -202,7 +202,7 @@ impl Anthropic<'_> {
             "ended" => ("ended", Some(Ending::Completed)),
             _ => ("unknown", None),
         };
-        Ok(Polled { status, ending, output_file_id: None, error_file_id: None })
+        Ok(Polled { status, ending, output_file_id: None, error_file_id: None, input_file_id: None, tag: None })
     }
 
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {

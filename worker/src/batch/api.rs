@@ -75,6 +75,25 @@ pub struct Polled {
     /// Files holding the results (OpenAI kind), when the batch has ended.
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
+    /// The batch's input file, as the provider names it (OpenAI kind): the one a worker
+    /// deletes after the fetch, never one a chunk message names.
+    pub input_file_id: Option<String>,
+    /// The chunk tag the batch carries (OpenAI's `metadata.fleet_tag`); `None` for a kind
+    /// whose batches carry none (Anthropic's say whose they are only through their results).
+    pub tag: Option<String>,
+}
+
+impl Polled {
+    /// Whether the provider's batch is the chunk's (tagged `tag`): a batch of a kind that
+    /// carries tags must carry this one. A chunk message naming another batch (anyone who
+    /// can publish to the chunk queues could write one) must not make the worker cancel,
+    /// read or delete what is not its own.
+    pub fn is_chunks(&self, kind: ProviderKind, tag: &str) -> bool {
+        match kind {
+            ProviderKind::Openai => self.tag.as_deref() == Some(tag),
+            ProviderKind::Anthropic => true,
+        }
+    }
 }
 
 /// How one request of a batch ended, as a result line said.
@@ -180,9 +199,9 @@ impl<'a> BatchApi<'a> {
 
     /// Deletes what the batch left at the provider that is ours to delete (OpenAI's input
     /// and result files). Best effort: a failure is logged, never retried forever.
-    pub async fn clean_up(&self, created: &Created, polled: &Polled) {
+    pub async fn clean_up(&self, polled: &Polled) {
         if let BatchApi::Openai(a) = self {
-            a.clean_up(created, polled).await;
+            a.clean_up(polled).await;
         }
     }
 }

@@ -10,10 +10,12 @@
 //!   chunk as `created` (batch id) to the poll queue, confirmed, and only then ack: a
 //!   worker killed in between leaves a redelivered `pending` chunk, whose taker finds the
 //!   batch by its tag instead of creating a second one;
-//! - `created` → one poll pass (cancelling the batch first when the job was cancelled or
-//!   its deadline passed): still running → back to the poll queue; ended → fetch every
-//!   result line, publish one result per item on the ordinary results path, ack, then
-//!   delete the provider files;
+//! - `created` → one poll pass: the batch must be the chunk's (OpenAI kind: its
+//!   `metadata.fleet_tag`), or the chunk is dead-lettered as forged and nothing is done to
+//!   the batch; then (cancelling the batch when the job was cancelled or its deadline
+//!   passed) still running → back to the poll queue; ended → fetch every result line,
+//!   publish one result per item on the ordinary results path, ack, then delete the
+//!   provider files the batch object names (never ids a message names);
 //! - a transient provider failure → back to the poll queue, unchanged (a failed create is
 //!   marked `maybe_created`); a refusal → the chunk's items fail with the provider's reason.
 //!
@@ -227,13 +229,6 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
 async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: bool, delivery: Tracked) {
     let started = Instant::now();
     let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace());
-    if unwanted(b, &task).is_some() && !cancel_sent {
-        match api.cancel(&created.batch_id).await {
-            // A refusal: the batch has ended already (nothing left to cancel).
-            Ok(()) | Err(ApiError::Refused { .. }) => cancel_sent = true,
-            Err(e) => tracing::info!(batch_id = %created.batch_id, error = %e, "cannot cancel the provider batch yet"),
-        }
-    }
     let tag = task.tag(b.ctx.publisher.topology.namespace());
     let polled = match api.poll(&created.batch_id).await {
         Ok(p) => p,
@@ -251,7 +246,20 @@ async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: boo
             return;
         }
     };
+    // Before anything is done to the batch with the fleet's key: it must be this chunk's.
+    if !polled.is_chunks(b.client.kind(), &tag) {
+        let reason =
+            format!("forged chunk: provider batch {} is not this chunk's (tagged {:?})", created.batch_id, polled.tag);
+        return dead_letter(b, delivery, &reason).await;
+    }
     test_pause("polled").await;
+    if unwanted(b, &task).is_some() && !cancel_sent && polled.ending.is_none() {
+        match api.cancel(&created.batch_id).await {
+            // A refusal: the batch has ended meanwhile (nothing left to cancel).
+            Ok(()) | Err(ApiError::Refused { .. }) => cancel_sent = true,
+            Err(e) => tracing::info!(batch_id = %created.batch_id, error = %e, "cannot cancel the provider batch yet"),
+        }
+    }
     b.batches.seen(&tag, polled.status, polled.ending.is_some());
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, status = polled.status, polls = task.polls + 1, "polled provider batch");
     if polled.ending.is_none() {
@@ -280,7 +288,7 @@ async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, del
         outcome::of_lines(&b.ctx.worker_id, &task, &items, &refused, lines, polled.ending.clone(), wanted);
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, results = results.len(), online_fallback = fallback.len(), "fetched provider batch");
     if finish(b, &task, results, fallback, delivery).await {
-        api.clean_up(&created, &polled).await;
+        api.clean_up(&polled).await;
         b.batches.ended(&task.tag(b.ctx.publisher.topology.namespace()));
     }
 }

@@ -197,7 +197,15 @@ impl Openai<'_> {
             _ => ("unknown", None),
         };
         let plain = |f: Option<String>| f.filter(|f| check_provider_id(f).is_ok());
-        Ok(Polled { status, ending, output_file_id: plain(b.output_file_id), error_file_id: plain(b.error_file_id) })
+        let tag = b.metadata.as_ref().and_then(|m| m.get(TAG_KEY)).and_then(|v| v.as_str()).map(str::to_string);
+        Ok(Polled {
+            status,
+            ending,
+            output_file_id: plain(b.output_file_id),
+            error_file_id: plain(b.error_file_id),
+            input_file_id: plain(b.input_file_id),
+            tag,
+        })
     }
 
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {
@@ -232,8 +240,8 @@ impl Openai<'_> {
         Ok(())
     }
 
-    pub async fn clean_up(&self, created: &Created, polled: &Polled) {
-        let files = [&created.input_file_id, &polled.output_file_id, &polled.error_file_id];
+    pub async fn clean_up(&self, polled: &Polled) {
+        let files = [&polled.input_file_id, &polled.output_file_id, &polled.error_file_id];
         for file in files.into_iter().flatten() {
             self.delete_file(file).await;
         }

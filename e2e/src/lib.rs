@@ -111,10 +111,19 @@ impl Fleet {
     pub fn declare_topology_then_stop(&self) -> String {
         let mut w = self.worker("declarer", &[]);
         let items_queue = self.topology().items_queue(MOCK);
-        eventually(Duration::from_secs(30), "worker declared its queue", || self.queue_len(&items_queue).is_some());
+        self.wait_until_consuming("declarer");
         w.signal("TERM");
         assert_eq!(w.wait_exit(Duration::from_secs(30)), Some(0), "the declaring worker exits 0");
         items_queue
+    }
+
+    /// Waits until worker `id` has declared its whole topology (queues and their bindings:
+    /// a queue can exist a moment before it is bound, and a publish then is unroutable) and
+    /// consumes.
+    pub fn wait_until_consuming(&self, id: &str) {
+        eventually(Duration::from_secs(30), "the worker declared its topology and consumes", || {
+            self.worker_log(id).contains("consuming")
+        });
     }
 
     /// The worker's log so far.

@@ -240,8 +240,7 @@ fn a_huge_message_on_the_items_queue_is_dead_lettered_as_oversized() {
     let mock = Mock::start(&[]);
     let fleet = Fleet::new("huge", &mock.url, "[amqp]\nmax_message_bytes = 65536\n");
     let _w = fleet.worker("w1", &[]);
-    let items_queue = fleet.topology().items_queue(MOCK);
-    eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
+    fleet.wait_until_consuming("w1");
     let huge = vec![b'x'; 1 << 20];
     fleet.amqp(|conn, t| async move {
         let ch = fleet::amqp::confirm_channel(&conn).await.unwrap();

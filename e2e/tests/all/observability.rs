@@ -423,7 +423,7 @@ fn a_real_alert_reaches_the_webhook_receiver() {
     let fleet = Fleet::new("alert", &mock.url, "");
     let _w = fleet.worker("w1", &[]);
     let items_queue = fleet.topology().items_queue(MOCK);
-    eventually(Duration::from_secs(30), "worker declared its queue", || fleet.queue_len(&items_queue).is_some());
+    fleet.wait_until_consuming("w1");
     // Prometheus must have scraped the counter at 0 first: a counter first seen at 1 shows
     // no increase, and the rule (like any `increase`) would never fire.
     let zero = format!("sum(batch_dead_letters_total{{namespace=\"{}\",reason=\"malformed\"}})", fleet.ns);

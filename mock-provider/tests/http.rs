@@ -318,6 +318,7 @@ async fn garbage_and_mixed_stats_and_reset() {
             "hung",
             "in_flight",
             "max_in_flight",
+            "models_listed",
             "requests",
             "stolen",
             "tokens_admitted",

@@ -1,9 +1,12 @@
 //! A TCP forwarder on loopback that stands in for one broker node: clients connect to it,
 //! it relays to the real RabbitMQ, and [`Proxy::kill`] makes the "node" go away (the
 //! listener closes, so new connects are refused, and every relayed connection is cut).
-//! Used to prove client failover without stopping the shared broker.
+//! [`Proxy::go_silent`] makes it fail the other way, as a node cut off by a partition
+//! does: nothing is passed any more in either direction, and nothing is closed, so a
+//! client sees no error, only silence. Used to prove client failover without stopping the
+//! shared broker.
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +17,7 @@ use std::time::Duration;
 pub struct Proxy {
     pub port: u16,
     stop: Arc<AtomicBool>,
+    silent: Arc<AtomicBool>,
     streams: Arc<Mutex<Vec<TcpStream>>>,
     accepted: Arc<AtomicUsize>,
     acceptor: Option<JoinHandle<()>>,
@@ -31,24 +35,29 @@ impl Proxy {
         let port = listener.local_addr().expect("addr").port();
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
+        let silent = Arc::new(AtomicBool::new(false));
         let streams: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let accepted = Arc::new(AtomicUsize::new(0));
-        let (s, st, acc) = (stop.clone(), streams.clone(), accepted.clone());
+        let (s, quiet, st, acc) = (stop.clone(), silent.clone(), streams.clone(), accepted.clone());
         let acceptor = std::thread::spawn(move || {
             // The listener is dropped (the port closed) when this loop ends.
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
+                    Ok((client, _)) if quiet.load(Ordering::SeqCst) => {
+                        // A silent node still takes the TCP connect (a cut-off host's kernel
+                        // may), then never answers: held open, unread, until killed.
+                        acc.fetch_add(1, Ordering::SeqCst);
+                        st.lock().expect("lock").push(client);
+                    }
                     Ok((client, _)) => {
                         let Ok(upstream) = TcpStream::connect(target) else { continue };
                         client.set_nonblocking(false).expect("blocking");
                         acc.fetch_add(1, Ordering::SeqCst);
                         let mut guard = st.lock().expect("lock");
                         for (from, to) in [(&client, &upstream), (&upstream, &client)] {
-                            let (mut from, mut to) = (from.try_clone().expect("clone"), to.try_clone().expect("clone"));
-                            std::thread::spawn(move || {
-                                let _ = std::io::copy(&mut from, &mut to);
-                                let _ = to.shutdown(Shutdown::Write);
-                            });
+                            let (from, to) = (from.try_clone().expect("clone"), to.try_clone().expect("clone"));
+                            let (s, quiet) = (s.clone(), quiet.clone());
+                            std::thread::spawn(move || relay(from, to, &quiet, &s));
                         }
                         guard.extend([client, upstream]);
                     }
@@ -57,7 +66,15 @@ impl Proxy {
                 }
             }
         });
-        Proxy { port, stop, streams, accepted, acceptor: Some(acceptor) }
+        Proxy { port, stop, silent, streams, accepted, acceptor: Some(acceptor) }
+    }
+
+    /// The node goes silent: from now on no byte is passed in either direction and no
+    /// connection is closed (a close from either side is not passed on either); new
+    /// connects are accepted and never answered. Only [`Proxy::kill`] (or dropping the
+    /// proxy) closes them.
+    pub fn go_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
     }
 
     /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
@@ -79,6 +96,34 @@ impl Proxy {
         for s in self.streams.lock().expect("lock").drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+}
+
+/// Copies `from` to `to` until either closes, then passes the close on; once `silent` is
+/// set, stops reading, drops what it had read and passes nothing (not even a close) until
+/// `stop`.
+fn relay(mut from: TcpStream, mut to: TcpStream, silent: &AtomicBool, stop: &AtomicBool) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if silent.load(Ordering::SeqCst) {
+            break;
+        }
+        match from.read(&mut buf) {
+            // Read while the switch was thrown: dropped, like everything after it.
+            _ if silent.load(Ordering::SeqCst) => break,
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -3,9 +3,16 @@
 //!
 //! Request and response bodies are carried as [`RawValue`]: the fleet passes them through
 //! unchanged and never pays for parsing them into a tree.
+//!
+//! Every message that travels on a queue carries its wire version (`"v": "1.1"`, see
+//! [`version`]): the types below marked `#[serde(remote = "Self")]` get their serde impls
+//! from [`crate::versioned!`].
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+
+pub mod version;
+pub use version::{serialize_versioned, Unsupported, Unversioned, VersionChecked, WireVersion};
 
 /// AMQP `type` property of a message on a results queue carrying an [`ItemResult`].
 pub const KIND_RESULT: &str = "result";
@@ -144,6 +151,7 @@ pub struct BatchInputLine {
 /// One request of a job, as queued on its job's items queue `<ns>.items.<provider>.<job>`
 /// (or the provider's shared `<ns>.items.<provider>`: `dead --requeue`, earlier producers).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct Item {
     /// The job the item belongs to; also the routing key of its job's items queue and of
     /// its result.
@@ -174,6 +182,7 @@ pub struct Item {
     #[serde(default)]
     pub first_delay_ms: Option<u64>,
 }
+crate::versioned!(Item);
 
 impl Item {
     /// Bounds a worker checks before trusting an item read from a queue (the endpoint is
@@ -190,7 +199,7 @@ impl Item {
 
 /// A message on the control stream.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(remote = "Self", tag = "type", rename_all = "snake_case")]
 pub enum ControlMessage {
     /// Cancel a job: workers end its items not yet called `cancelled` (published by
     /// `producer cancel`, and by the tracker when the job's spend reaches its cap).
@@ -226,6 +235,7 @@ pub enum ControlMessage {
         id: String,
     },
 }
+crate::versioned!(ControlMessage);
 
 /// Weight of a job that names none: every job gets an equal share of its provider.
 pub const DEFAULT_PRIORITY: u32 = 1;
@@ -368,6 +378,7 @@ pub mod error_code {
 
 /// The outcome of one item, published to `<ns>.results` with the job id as routing key.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct ItemResult {
     /// The item's job; the result is published with it as routing key.
     pub job_id: String,
@@ -403,6 +414,7 @@ pub struct ItemResult {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<crate::usage::Usage>,
 }
+crate::versioned!(ItemResult);
 
 /// The original request of an item, as its input line had it (the method is always POST).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -436,6 +448,7 @@ impl ItemResult {
 /// and splices the entries into the serialized header when the group is sent (see
 /// [`ResultGroup::header_json`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(remote = "Self")]
 pub struct ResultGroup {
     /// The job of every result in the group (the routing key it is published with).
     pub job_id: String,
@@ -449,6 +462,7 @@ pub struct ResultGroup {
     /// sends at most `worker.result_group_max`).
     pub results: Vec<GroupedResult>,
 }
+crate::versioned!(ResultGroup);
 
 /// One result of a [`ResultGroup`]: what differs from item to item.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -757,6 +771,7 @@ impl std::fmt::Display for JobStatus {
 
 /// The job-level state the tracker reports (status queries and `job_finished`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(remote = "Self")]
 pub struct JobSummary {
     /// The job's id, as `submit` printed it.
     pub job_id: String,
@@ -783,7 +798,12 @@ pub struct JobSummary {
     /// Tokens and cost of the job's answers so far (absent from trackers before usage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<JobUsage>,
+    /// Items of the job that ended failed by dead-lettering, each once, in progress or
+    /// ended; their messages stay listed by `producer dead` until requeued.
+    #[serde(default)]
+    pub dead_lettered: u64,
 }
+crate::versioned!(JobSummary);
 
 /// A job's token usage and what it cost, summed by the tracker over each item's first result.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -820,14 +840,14 @@ impl JobUsage {
         }
     }
 
-    /// One line for people: `1,234 in (12 cached) / 567 out tokens, cost 0.0123 (cap 1.00)`.
+    /// One line for people: `1,234 in (12 cached) / 567 out tokens, cost 0.0123 (cap 1)`.
     pub fn describe(&self) -> String {
         let mut s = format!(
             "{} in ({} cached) / {} out tokens, cost {:.4}",
             self.input_tokens, self.cached_input_tokens, self.output_tokens, self.cost
         );
         if let Some(cap) = self.max_cost {
-            s.push_str(&format!(" (cap {cap:.2})"));
+            s.push_str(&format!(" (cap {cap})")); // as given: 0.001 is not 0.00
         }
         if self.unpriced_answers > 0 {
             s.push_str(&format!(", {} answers of unpriced models", self.unpriced_answers));
@@ -865,7 +885,7 @@ pub const REASON_INCOMPLETE_SUBMISSION: &str = "incomplete_submission";
 
 /// A status query to the active tracker (published to `<ns>.tracker.rpc` with `reply_to`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(remote = "Self", tag = "op", rename_all = "snake_case")]
 pub enum TrackerRequest {
     /// One job.
     Status {
@@ -875,9 +895,11 @@ pub enum TrackerRequest {
     /// Jobs in progress and recently finished.
     Jobs,
 }
+crate::versioned!(TrackerRequest);
 
 /// The tracker's answer.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(remote = "Self")]
 pub struct TrackerReply {
     /// Worker id of the tracker that answered.
     pub tracker: String,
@@ -893,11 +915,12 @@ pub struct TrackerReply {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forgotten: bool,
 }
+crate::versioned!(TrackerReply);
 
 /// Job events on the ledger queue, folded by the job tracker (results reach the ledger too,
 /// as [`ItemResult`]s and [`ResultGroup`]s: see [`crate::messages::LedgerMessage`]).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case")]
+#[serde(remote = "Self", tag = "type", rename_all = "snake_case")]
 pub enum LedgerEvent {
     /// A job was submitted: published by `submit` before its first item (and again by a
     /// resumed submission, which the tracker does not count twice).
@@ -947,6 +970,7 @@ pub enum LedgerEvent {
         error: String,
     },
 }
+crate::versioned!(LedgerEvent);
 
 impl LedgerEvent {
     /// Bounds the tracker checks before folding an event read from the ledger.
@@ -1237,6 +1261,6 @@ mod tests {
     fn ledger_events_are_tagged() {
         let e = LedgerEvent::JobCancel { job_id: "x".into() };
         let s = serde_json::to_string(&e).unwrap();
-        assert_eq!(s, r#"{"type":"job_cancel","job_id":"x"}"#);
+        assert_eq!(s, r#"{"v":"1.1","type":"job_cancel","job_id":"x"}"#);
     }
 }

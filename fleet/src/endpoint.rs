@@ -61,11 +61,9 @@ impl Endpoint {
     /// The provider kinds that serve this endpoint.
     pub fn served_by(self) -> &'static [ProviderKind] {
         match self {
-            Endpoint::ChatCompletions
-            | Endpoint::Completions
-            | Endpoint::Embeddings
-            | Endpoint::Responses
-            | Endpoint::Moderations => &[ProviderKind::Openai],
+            // Gemini takes these two in OpenAI format and translates them (`crate::gemini`).
+            Endpoint::ChatCompletions | Endpoint::Embeddings => &[ProviderKind::Openai, ProviderKind::Gemini],
+            Endpoint::Completions | Endpoint::Responses | Endpoint::Moderations => &[ProviderKind::Openai],
             Endpoint::Messages => &[ProviderKind::Anthropic],
         }
     }
@@ -115,7 +113,7 @@ mod tests {
     fn paths_round_trip_and_nothing_else_matches() {
         for e in Endpoint::ALL {
             assert_eq!(Endpoint::from_path(e.path()), Some(e));
-            assert_eq!(e.served_by().len(), 1);
+            assert!(!e.served_by().is_empty());
         }
         for bad in ["/v1/chat/completions/", "/v1/../admin", "@evil.example/v1/messages", "", "/V1/messages"] {
             assert_eq!(Endpoint::from_path(bad), None, "{bad}");
@@ -125,6 +123,7 @@ mod tests {
         assert_eq!(Endpoint::for_kind("/v1/responses", ProviderKind::Openai), Some(Endpoint::Responses));
         assert_eq!(Endpoint::for_kind("/v1/moderations", ProviderKind::Openai), Some(Endpoint::Moderations));
         assert_eq!(Endpoint::for_kind("/v1/responses", ProviderKind::Anthropic), None);
+        assert_eq!(Endpoint::paths_of(ProviderKind::Gemini), vec!["/v1/chat/completions", "/v1/embeddings"]);
     }
 
     #[test]

@@ -331,7 +331,7 @@ fn embeddings(body: &[u8]) -> Result<Vec<u8>, String> {
 
 /// A deterministic unit vector derived from the text (FNV-1a, then SplitMix64 per component):
 /// equal inputs embed equally, different inputs almost surely differently.
-fn fake_embedding(text: &str) -> [f32; EMBEDDING_DIM] {
+pub(crate) fn fake_embedding(text: &str) -> [f32; EMBEDDING_DIM] {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in text.bytes() {
         h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);

@@ -66,6 +66,11 @@ pub struct Knobs {
     #[arg(long, env = "MOCK_FORBIDDEN_MODELS", value_delimiter = ',')]
     pub forbidden_models: Vec<String>,
 
+    /// Appended to the model an online answer names (e.g. `-2024-07-18`), as providers
+    /// answer a request for `gpt-4o-mini` with their dated snapshot `gpt-4o-mini-2024-07-18`.
+    #[arg(long, env = "MOCK_ANSWER_MODEL_SUFFIX", default_value = "")]
+    pub answer_model_suffix: String,
+
     /// Pass every answer on the way the LiteLLM proxy does: `hint` (a 429 carries
     /// `llm_provider-retry-after`, ids are `x-litellm-call-id`, no `retry-after` or
     /// `x-ratelimit-*`) or `silent` (no rate-limit, retry or request-id header at all).
@@ -79,6 +84,10 @@ pub struct Knobs {
     /// The provider-batch knobs (time to complete, line errors, rejection, expiry, ...).
     #[command(flatten)]
     pub batch: crate::batches::BatchKnobs,
+
+    /// The Gemini knobs (the `retryDelay` of injected 429s).
+    #[command(flatten)]
+    pub gemini: crate::gemini::GeminiKnobs,
 }
 
 impl Default for Knobs {
@@ -99,9 +108,11 @@ impl Default for Knobs {
             tpm: None,
             valid_keys: Vec::new(),
             forbidden_models: Vec::new(),
+            answer_model_suffix: String::new(),
             litellm: None,
             seed: 42,
             batch: crate::batches::BatchKnobs::default(),
+            gemini: crate::gemini::GeminiKnobs::default(),
         }
     }
 }

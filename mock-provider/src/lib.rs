@@ -12,6 +12,7 @@
 //! - [`hostile`]: answers that misbehave on purpose (redirects, endless bodies, absurd
 //!   retry hints), chosen by the request's model;
 //! - [`gateway`]: answers passed on the way the LiteLLM proxy does (`--litellm`);
+//! - [`gemini`]: Google's Gemini endpoints (`/v1beta/models/{model}:generateContent`, ...);
 //! - [`batches`]: the providers' batch APIs (OpenAI Files and Batch, Anthropic Message
 //!   Batches) and their knobs;
 //! - `handlers`: the axum router and the per-request pipeline.
@@ -20,6 +21,7 @@ pub mod api;
 pub mod batches;
 pub mod faults;
 pub mod gateway;
+pub mod gemini;
 mod handlers;
 pub mod hostile;
 pub mod knobs;

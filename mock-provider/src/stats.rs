@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Endpoint;
 use crate::batches::BatchStats;
+use crate::gemini::Method as GeminiMethod;
 
 /// Statuses are counted in a flat array indexed by code: one relaxed atomic add per answer and
 /// no lock, which matters at tens of thousands of requests per second on two cores.
@@ -19,6 +20,8 @@ pub struct Stats {
     requests: AtomicU64,
     by_status: Box<[AtomicU64]>,
     by_path: [AtomicU64; Endpoint::ALL.len()],
+    /// Requests per Gemini method (`crate::gemini::Method::ALL` order), listed in `by_path`.
+    by_gemini: [AtomicU64; GeminiMethod::ALL.len()],
     hung: AtomicU64,
     garbage: AtomicU64,
     stolen: AtomicU64,
@@ -30,6 +33,7 @@ pub struct Stats {
     models_listed: AtomicU64,
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
+    cached_input_tokens: AtomicU64,
 }
 
 /// The JSON document served by `GET /stats`.
@@ -42,7 +46,7 @@ pub struct StatsSnapshot {
     pub requests: u64,
     /// Answers per HTTP status code (as a decimal string).
     pub by_status: BTreeMap<String, u64>,
-    /// Requests per route path.
+    /// Requests per route path (Gemini's as `/v1beta/models/{model}:<method>`).
     pub by_path: BTreeMap<String, u64>,
     /// Requests deliberately never answered.
     pub hung: u64,
@@ -84,6 +88,10 @@ pub struct StatsSnapshot {
 pub struct UsageTotals {
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Of the input tokens, those reported as read from a cache (Gemini's
+    /// `cachedContentTokenCount`).
+    #[serde(default)]
+    pub cached_input_tokens: u64,
 }
 
 impl Default for Stats {
@@ -92,6 +100,7 @@ impl Default for Stats {
             requests: AtomicU64::new(0),
             by_status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             by_path: Default::default(),
+            by_gemini: Default::default(),
             hung: AtomicU64::new(0),
             garbage: AtomicU64::new(0),
             stolen: AtomicU64::new(0),
@@ -103,6 +112,7 @@ impl Default for Stats {
             models_listed: AtomicU64::new(0),
             input_tokens: AtomicU64::new(0),
             output_tokens: AtomicU64::new(0),
+            cached_input_tokens: AtomicU64::new(0),
         }
     }
 }
@@ -126,6 +136,26 @@ impl Stats {
         let now = self.in_flight.fetch_add(1, Relaxed) + 1;
         self.max_in_flight.fetch_max(now, Relaxed);
         InFlight(self)
+    }
+
+    /// Counts a request arriving on a Gemini method and returns its in-flight guard.
+    pub fn enter_gemini(&self, method: GeminiMethod) -> InFlight<'_> {
+        self.requests.fetch_add(1, Relaxed);
+        self.by_gemini[method as usize].fetch_add(1, Relaxed);
+        let now = self.in_flight.fetch_add(1, Relaxed) + 1;
+        self.max_in_flight.fetch_max(now, Relaxed);
+        InFlight(self)
+    }
+
+    /// Adds the cached input tokens a successful answer reported (part of its input).
+    pub fn record_cached(&self, tokens: u64) {
+        self.cached_input_tokens.fetch_add(tokens, Relaxed);
+    }
+
+    /// Counts a request refused for its key with `status` (Gemini answers a bad key 400).
+    pub fn record_key_refused(&self, status: u16) {
+        self.unauthorized.fetch_add(1, Relaxed);
+        self.record_status(status);
     }
 
     /// Counts an answer with `status`.
@@ -183,7 +213,7 @@ impl Stats {
     /// from the current `in_flight`.
     pub fn reset(&self) {
         self.requests.store(0, Relaxed);
-        for slot in self.by_status.iter().chain(&self.by_path) {
+        for slot in self.by_status.iter().chain(&self.by_path).chain(&self.by_gemini) {
             slot.store(0, Relaxed);
         }
         self.hung.store(0, Relaxed);
@@ -194,6 +224,7 @@ impl Stats {
         }
         self.input_tokens.store(0, Relaxed);
         self.output_tokens.store(0, Relaxed);
+        self.cached_input_tokens.store(0, Relaxed);
         self.max_in_flight.store(self.in_flight.load(Relaxed), Relaxed);
     }
 
@@ -216,6 +247,10 @@ impl Stats {
                 let n = self.by_path[e as usize].load(Relaxed);
                 (n > 0).then(|| (e.path().to_owned(), n))
             })
+            .chain(GeminiMethod::ALL.iter().filter_map(|&m| {
+                let n = self.by_gemini[m as usize].load(Relaxed);
+                (n > 0).then(|| (m.stats_path().to_owned(), n))
+            }))
             .collect();
         StatsSnapshot {
             requests: self.requests.load(Relaxed),
@@ -234,6 +269,7 @@ impl Stats {
             usage: UsageTotals {
                 input_tokens: self.input_tokens.load(Relaxed),
                 output_tokens: self.output_tokens.load(Relaxed),
+                cached_input_tokens: self.cached_input_tokens.load(Relaxed),
             },
         }
     }
@@ -302,7 +338,7 @@ mod tests {
                 "tpm_refused": 0,
                 "unauthorized": 0,
                 "models_listed": 0,
-                "usage": {"input_tokens": 0, "output_tokens": 0},
+                "usage": {"input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0},
             })
         );
     }

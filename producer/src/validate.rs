@@ -73,10 +73,10 @@ pub fn check_line(raw: &[u8], rules: &Rules) -> Result<BatchInputLine, String> {
         ParseError::Json(e) => format!("malformed JSON: {}", strip_position(&e)),
     })?;
     if format == Format::AnthropicBatch && rules.kind != ProviderKind::Anthropic {
-        // Only two kinds exist: this provider is an OpenAI-kind one.
-        return Err("an Anthropic Message Batches request (custom_id + params) needs a provider of kind anthropic, \
-                    not openai"
-            .into());
+        return Err(format!(
+            "an Anthropic Message Batches request (custom_id + params) needs a provider of kind anthropic, not {}",
+            rules.kind.name()
+        ));
     }
     if line.custom_id.is_empty() {
         return Err("custom_id is empty".into());
@@ -100,6 +100,13 @@ pub fn check_line(raw: &[u8], rules: &Rules) -> Result<BatchInputLine, String> {
     }
     if fleet::wire::asks_to_stream(&line.body) {
         return Err("body asks for \"stream\": true, which a batch cannot use (remove it)".into());
+    }
+    // A Gemini provider gets the line translated: one that cannot be is refused here, with
+    // the reason (what maps and what does not: docs/providers.md#gemini).
+    if rules.kind == ProviderKind::Gemini {
+        if let Some(endpoint) = Endpoint::from_path(&line.url) {
+            fleet::gemini::translate_request(endpoint, body).map_err(|e| format!("for Gemini: {e}"))?;
+        }
     }
     Ok(line)
 }
@@ -270,6 +277,25 @@ mod tests {
             let anthropic = Rules { kind: ProviderKind::Anthropic, max_body_bytes: 100 };
             assert!(check_line(line.as_bytes(), &anthropic).unwrap_err().contains("not supported"));
         }
+    }
+
+    #[test]
+    fn gemini_lines_are_refused_when_they_cannot_be_translated() {
+        let gemini = Rules { kind: ProviderKind::Gemini, max_body_bytes: 1000 };
+        let line =
+            |body: &str| format!(r#"{{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{body}}}"#);
+        let ok = line(r#"{"model":"gemini-2.0-flash","messages":[{"role":"user","content":"hi"}]}"#);
+        assert!(check_line(ok.as_bytes(), &gemini).is_ok());
+        let tools = line(r#"{"model":"gemini-2.0-flash","messages":[{"role":"user","content":"hi"}],"tools":[]}"#);
+        let err = check_line(tools.as_bytes(), &gemini).unwrap_err();
+        assert!(err.contains("for Gemini") && err.contains("\"tools\""), "{err}");
+        let completions = r#"{"custom_id":"a","method":"POST","url":"/v1/completions","body":{"prompt":"x"}}"#;
+        assert!(check_line(completions.as_bytes(), &gemini).unwrap_err().contains("not supported"));
+        let anthropic = br#"{"custom_id":"r1","params":{"model":"c","max_tokens":5,"messages":[]}}"#;
+        assert!(check_line(anthropic, &gemini).unwrap_err().contains("not gemini"));
+        let p = write("gemini", format!("{ok}\n{}\n", tools.replace("\"a\"", "\"b\"")).as_bytes());
+        let e = validate_file(&p, &gemini).unwrap_err().to_string();
+        assert!(e.contains("line 2: for Gemini"), "{e}");
     }
 
     #[test]

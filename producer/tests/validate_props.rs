@@ -13,7 +13,7 @@ fn rules(kind: ProviderKind) -> Rules {
 }
 
 fn kind() -> impl Strategy<Value = ProviderKind> {
-    prop_oneof![Just(ProviderKind::Openai), Just(ProviderKind::Anthropic)]
+    prop_oneof![Just(ProviderKind::Openai), Just(ProviderKind::Anthropic), Just(ProviderKind::Gemini)]
 }
 
 /// Urls near the real ones: real paths, path tricks, other hosts.

@@ -306,6 +306,7 @@ fn key_header(kind: ProviderKind, key: &str) -> Result<(HeaderName, HeaderValue)
     let (name, value) = match kind {
         ProviderKind::Openai => (reqwest::header::AUTHORIZATION, format!("Bearer {key}")),
         ProviderKind::Anthropic => (HeaderName::from_static("x-api-key"), key.to_string()),
+        ProviderKind::Gemini => (HeaderName::from_static(fleet::gemini::KEY_HEADER), key.to_string()),
     };
     let mut value = HeaderValue::from_str(&value).map_err(|_| ())?;
     value.set_sensitive(true);
@@ -399,7 +400,7 @@ mod tests {
 
     #[test]
     fn the_api_key_header_is_sensitive() {
-        for kind in [ProviderKind::Openai, ProviderKind::Anthropic] {
+        for kind in [ProviderKind::Openai, ProviderKind::Anthropic, ProviderKind::Gemini] {
             let (_, v) = key_header(kind, "sk-secret").unwrap();
             assert!(v.is_sensitive());
             assert!(!format!("{v:?}").contains("sk-secret"));

@@ -16,6 +16,9 @@
 //! | 401/403 for the key                        | `KeyRejected`    | retry (another key)  |
 //! | every key of the provider rejected         | `NoKeys`         | back to the queue, no call |
 //!
+//! A Gemini-kind provider's items are translated before the call and its answers read back
+//! into this taxonomy by [`crate::gemini`] (a 429's `RetryInfo.retryDelay` is its wait hint).
+//!
 //! Whose fault a 401/403 is decides whether the key leaves the rotation
 //! ([`crate::keys::key_fault`]): a body that names the request (a model the key may not
 //! use) fails only the item; one that names the key retires it; one that says neither is
@@ -165,6 +168,8 @@ impl CallError {
 /// What every call of one item shares, across its in-process retries.
 struct ItemCall<'a> {
     url: &'a Url,
+    /// For a Gemini provider, the translated call (`url` and `body` are its own).
+    gemini: Option<&'a crate::gemini::GeminiCall>,
     op: &'static str,
     body: Bytes,
     est_tokens: u64,
@@ -354,13 +359,22 @@ impl ProviderClient {
         wanted: &(dyn Fn() -> bool + Send + Sync),
     ) -> Outcome {
         let body = Bytes::from(item.body.get().to_owned());
+        // Gemini takes the line translated, at a path of its own (see `crate::gemini`).
+        let gemini = match self.kind {
+            ProviderKind::Gemini => match crate::gemini::prepare(&self.base_url, target.endpoint, item.body.get()) {
+                Ok(call) => Some(call),
+                Err(reason) => return Outcome { result: Err(crate::gemini::untranslatable(reason)), attempts: 0 },
+            },
+            ProviderKind::Openai | ProviderKind::Anthropic => None,
+        };
         let call = ItemCall {
-            url: &target.url,
+            url: gemini.as_ref().map_or(&target.url, |g| &g.url),
+            gemini: gemini.as_ref(),
             op: target.endpoint.operation(),
             // Charged against a `tpm` ceiling as providers charge it: prompt plus requested
             // output.
             est_tokens: fleet::tokens::estimate_request_tokens(&body),
-            body,
+            body: gemini.as_ref().map_or(body, |g| g.body.clone()),
             retired_one: AtomicBool::new(false),
             wanted,
         };
@@ -416,7 +430,10 @@ impl ProviderClient {
             req = req.header("anthropic-version", "2023-06-01");
         }
         let started = Instant::now();
-        let (mut result, remaining, throttle, tokens) = self.send(req).await;
+        let (mut result, remaining, mut throttle, tokens) = self.send(req).await;
+        if let Some(g) = call.gemini {
+            (result, throttle) = crate::gemini::read_answer(g, result, throttle, self.retry_after_cap());
+        }
         self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());
         key.limiter.observe_tokens(tokens.remaining);
         key.limiter.observe(match &result {
@@ -434,7 +451,10 @@ impl ProviderClient {
         // another one (with none left, it goes back to the queue for another worker: see
         // `NoKeys`).
         if let Err(CallError::Client { answer, .. }) = &result {
-            if matches!(answer.status, 401 | 403)
+            // Gemini refuses a bad key with a 400 that names it (`API_KEY_INVALID`).
+            let names_key = call.gemini.is_some()
+                && answer.body.as_ref().is_some_and(|b| crate::gemini::names_invalid_key(b.get().as_bytes()));
+            if (matches!(answer.status, 401 | 403) || names_key)
                 && key.env.is_some()
                 && self.key_at_fault(k, answer, &call.retired_one).await
             {
@@ -467,14 +487,19 @@ impl ProviderClient {
     /// (401/403), `None` when the answer says neither (a timeout, a 5xx).
     async fn probe_key(&self, k: usize) -> Option<bool> {
         let auth = self.keys.key(k).auth.as_ref();
-        let req = self.api_request(reqwest::Method::GET, "/v1/models", auth).timeout(KEY_PROBE_TIMEOUT);
+        let path = match self.kind {
+            ProviderKind::Gemini => fleet::gemini::MODELS_PATH,
+            ProviderKind::Openai | ProviderKind::Anthropic => "/v1/models",
+        };
+        let req = self.api_request(reqwest::Method::GET, path, auth).timeout(KEY_PROBE_TIMEOUT);
         let resp = req.send().await.ok()?;
         let status = resp.status().as_u16();
         // The list itself is not needed; read (a little of) it so the connection is reused.
-        let _ = read_capped(resp, 64 << 10).await;
+        let body = read_capped(resp, 64 << 10).await.ok().flatten().unwrap_or_default();
         match status {
             200..=299 => Some(true),
             401 | 403 => Some(false),
+            400 if self.kind == ProviderKind::Gemini && crate::gemini::names_invalid_key(&body) => Some(false),
             _ => None,
         }
     }

@@ -1,12 +1,17 @@
 //! `submit --mode online|batch|auto`: which execution mode a job gets, and, for batch mode,
-//! where its items go (the job's batch items stream) and how it is cut into chunks (one
-//! [`ChunkTask`] per slice within the provider's batch limits, published to the provider's
-//! chunk queue once every item is confirmed on the stream).
+//! where its items go (the job's batch items stream, grouped by endpoint) and how it is cut
+//! into chunks (one [`ChunkTask`] per slice of an endpoint's group within the provider's
+//! batch limits, published to the provider's chunk queue once every item is confirmed on
+//! the stream). See [`fleet::batch::ChunkLayout`].
+
+use std::path::Path;
 
 use fleet::amqp;
-use fleet::batch::{ChunkState, ChunkTask, Chunker, JobMode};
+use fleet::batch::{ChunkLayout, ChunkLimits, ChunkState, ChunkTask, EndpointGroup, JobMode};
 use fleet::config::{ProviderConfig, BATCH_COMPLETION_WINDOW_S};
 use fleet::topology::Topology;
+
+use crate::validate::{self, Rules};
 
 /// The `--mode` the user asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -38,6 +43,28 @@ pub fn resolve(mode: ModeArg, provider: &ProviderConfig, deadline_s: Option<u64>
     }
 }
 
+/// Whole seconds from now until `deadline_ms`, rounded up: a deadline set to 24 h from now
+/// a few milliseconds ago still counts as 24 h (rounded down, the default 24 h deadline
+/// would never allow the 24 h batch window, and `auto` would never pick batch).
+pub fn seconds_left(deadline_ms: Option<u64>) -> Option<u64> {
+    deadline_ms.map(|d| d.saturating_sub(fleet::now_ms()).div_ceil(1000))
+}
+
+/// Why `--mode auto` picked the mode it did, in a sentence `submit` prints.
+pub fn auto_reason(name: &str, provider: &ProviderConfig, deadline_s: Option<u64>) -> String {
+    let window_h = BATCH_COMPLETION_WINDOW_S / 3600;
+    match (provider.batch, deadline_s) {
+        (false, _) => format!("online: provider {name} has no batch API (providers.{name}.batch is not set)"),
+        (true, Some(d)) if d < BATCH_COMPLETION_WINDOW_S => {
+            format!("online: the deadline ({d} s from now) is shorter than the batch window ({window_h} h)")
+        }
+        (true, Some(d)) => {
+            format!("batch: provider {name} has a batch API and the deadline ({d} s) allows its {window_h} h window")
+        }
+        (true, None) => format!("batch: provider {name} has a batch API and the job has no deadline"),
+    }
+}
+
 /// Where one job's items are published: `(exchange, routing key)`.
 pub fn destination(topology: &Topology, mode: JobMode, job_id: &str) -> (String, String) {
     match mode {
@@ -64,16 +91,31 @@ pub struct ChunkPlan<'a> {
     pub maybe_published: bool,
 }
 
-/// A chunker for `provider`'s limits.
-pub fn chunker(provider: &ProviderConfig) -> Chunker {
-    let (requests, bytes) = provider.batch_limits();
-    Chunker::new(requests, bytes)
+/// Reads a validated file once and lays its requests out by endpoint, cut within
+/// `provider`'s limits (see [`ChunkLayout`]); holds no line, only one chunker per endpoint.
+/// A line that no longer passes (the file changed since it was validated) is named by its
+/// line number.
+pub fn lay_out(file: &Path, rules: &Rules, provider: &ProviderConfig) -> anyhow::Result<Vec<EndpointGroup>> {
+    let mut layout = ChunkLayout::new(ChunkLimits::of(provider));
+    validate::for_each_line(file, |line_no, raw| {
+        let line = validate::check_line(raw, rules)
+            .map_err(|e| std::io::Error::other(format!("file changed since it was validated: line {line_no}: {e}")))?;
+        let tokens = fleet::tokens::estimate_request_tokens(line.body.get().as_bytes());
+        layout
+            .push(&line.url, fleet::batch::line_bytes(raw.len()), tokens)
+            .map_err(|e| std::io::Error::other(format!("line {line_no}: {e}")))
+    })
+    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    Ok(layout.finish())
 }
 
-/// Publishes one chunk message per range (confirmed), in order.
-pub async fn publish_chunks(ch: &lapin::Channel, plan: &ChunkPlan<'_>, ranges: &[(u64, u64)]) -> anyhow::Result<()> {
+/// Publishes one chunk message per chunk of `groups` (confirmed), in stream order, numbered
+/// from 0 across the groups.
+pub async fn publish_chunks(ch: &lapin::Channel, plan: &ChunkPlan<'_>, groups: &[EndpointGroup]) -> anyhow::Result<()> {
     let queue = plan.topology.chunk_queue(plan.provider);
-    for (i, (start, end)) in ranges.iter().enumerate() {
+    let by_endpoint = groups.len() > 1;
+    let ranges = groups.iter().flat_map(|g| g.chunks.iter());
+    for (i, (start, end)) in ranges.enumerate() {
         let task = ChunkTask {
             job_id: plan.job_id.to_string(),
             provider: plan.provider.to_string(),
@@ -86,6 +128,9 @@ pub async fn publish_chunks(ch: &lapin::Channel, plan: &ChunkPlan<'_>, ranges: &
             fallback_online: plan.fallback_online,
             state: ChunkState::Pending { maybe_created: plan.maybe_published },
             polls: 0,
+            by_endpoint,
+            generation: 0,
+            admission_since_ms: None,
         };
         let payload = serde_json::to_vec(&task)?;
         amqp::publish_confirmed(ch, "", &queue, &payload, amqp::persistent_json()).await?;
@@ -107,5 +152,11 @@ mod tests {
         assert_eq!(resolve(ModeArg::Auto, &p, Some(86_400)), JobMode::Batch);
         assert_eq!(resolve(ModeArg::Auto, &p, Some(3_600)), JobMode::Online, "deadline shorter than 24 h");
         assert_eq!(resolve(ModeArg::Online, &p, None), JobMode::Online);
+        assert!(auto_reason("p", &p, Some(3_600)).starts_with("online: the deadline"));
+        let day_from_now = fleet::now_ms() + BATCH_COMPLETION_WINDOW_S * 1000;
+        assert_eq!(resolve(ModeArg::Auto, &p, seconds_left(Some(day_from_now - 5))), JobMode::Batch, "rounded up");
+        assert!(auto_reason("p", &p, None).starts_with("batch:"));
+        p.batch = false;
+        assert!(auto_reason("p", &p, None).starts_with("online: provider p has no batch API"));
     }
 }

@@ -33,6 +33,11 @@ pub struct Record {
     pub mode: Option<fleet::batch::JobMode>,
     #[serde(default)]
     pub fallback_online: bool,
+    /// `confirmed` counts positions of a batch-mode job's by-endpoint order (see
+    /// `fleet::batch::ChunkLayout`), not indices. Absent in records of earlier versions,
+    /// whose batch-mode items were published in index order.
+    #[serde(default)]
+    pub by_endpoint: bool,
 }
 
 /// Where the record of submitting `file` is kept.
@@ -127,6 +132,7 @@ mod tests {
             confirmed: 0,
             mode: None,
             fallback_online: false,
+            by_endpoint: false,
         };
         save(&file, &r, Durability::PowerLoss).unwrap();
         assert_eq!(record_path(&file), dir.join("in.jsonl.submitting.json"));

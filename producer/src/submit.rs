@@ -9,6 +9,14 @@
 //! the confirms of what was are awaited (for a few seconds), the record is written, and
 //! the error says to run the same command again.
 //!
+//! A batch-mode job's items are published grouped by endpoint (see
+//! [`fleet::batch::ChunkLayout`]): the file is read once to lay the job out (its endpoints,
+//! their counts and chunks, nothing else kept), then once per endpoint, publishing that
+//! endpoint's lines, so a chunk is a contiguous range of the stream however the file's lines
+//! are interleaved. The record's watermark then counts positions in that order (the same
+//! order on every run, since it depends only on the file); lines keep their index (their
+//! place among the file's requests), and errors name their line number in the file.
+//!
 //! Order matters: the job's items queue and results queue exist before any item is
 //! published (so no item or result can be unroutable), the ledger learns of the job before
 //! its items (so the tracker never sees an item of an unknown job), and the workers learn
@@ -18,13 +26,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use fleet::amqp::{self, PublishError};
-use fleet::batch::JobMode;
+use fleet::batch::{EndpointGroup, JobMode, POSITION_HEADER};
 use fleet::topology::Topology;
 use fleet::wire::{ControlMessage, Item, LedgerEvent};
 use fleet::Config;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt as _, StreamExt as _};
+use lapin::types::{AMQPValue, FieldTable};
 use serde_json::value::RawValue;
 use tokio_util::sync::CancellationToken;
 
@@ -79,6 +88,11 @@ pub enum InputError {
     TooMany { total: u64 },
     #[error("provider {name:?} has no batch API configured (set providers.{name}.batch = true, or use --mode online)")]
     NoBatchApi { name: String },
+    #[error(
+        "the interrupted submission of job {job} was started by an earlier version, which published a file of \
+         several endpoints in another order; delete {record} and submit the file again as a new job"
+    )]
+    EarlierLayout { job: String, record: String },
 }
 
 /// A submission stopped by SIGINT or SIGTERM before it completed. Its record holds every
@@ -127,13 +141,14 @@ pub async fn submit_until(
     if total > fleet::wire::MAX_JOB_ITEMS {
         return Err(InputError::TooMany { total }.into());
     }
+    crate::spend::check_cap(req.file, &rules, req.provider, provider, req.model, req.max_cost)?;
     // Validation reads the whole file without looking up; a signal during it lands here,
     // before a record or a job exists.
     if shutdown.is_cancelled() {
         anyhow::bail!("interrupted before anything was submitted");
     }
 
-    let deadline_s = req.deadline_ms.map(|d| d.saturating_sub(fleet::now_ms()) / 1000);
+    let deadline_s = batch::seconds_left(req.deadline_ms);
     let mode = batch::resolve(req.mode, provider, deadline_s);
     if mode == JobMode::Batch && !provider.batch {
         return Err(InputError::NoBatchApi { name: req.provider.to_string() }.into());
@@ -141,7 +156,20 @@ pub async fn submit_until(
     // A resumed submission may have published chunk messages already (see `ChunkPlan`).
     let resumed = resume::load(req.file)?.is_some();
     let record = start_or_resume(req, total, mode)?;
+    if req.mode == ModeArg::Auto && !resumed {
+        eprintln!("mode {}", batch::auto_reason(req.provider, provider, deadline_s));
+    }
+    // Batch mode: the job's endpoints and chunks, read before anything is published.
+    let groups = match record.mode {
+        Some(JobMode::Batch) => batch::lay_out(req.file, &rules, provider)?,
+        _ => Vec::new(),
+    };
+    if groups.len() > 1 && record.confirmed > 0 && !record.by_endpoint {
+        let record_name = resume::record_path(req.file).display().to_string();
+        return Err(InputError::EarlierLayout { job: record.job_id, record: record_name }.into());
+    }
     let job = Job {
+        groups,
         chunks_maybe_published: std::cell::Cell::new(resumed),
         mode: record.mode.unwrap_or(JobMode::Online),
         fallback_online: record.fallback_online,
@@ -244,6 +272,7 @@ fn start_or_resume(req: &SubmitRequest<'_>, total: u64, mode: JobMode) -> anyhow
             confirmed: 0,
             mode: Some(mode),
             fallback_online: req.fallback_online,
+            by_endpoint: mode == JobMode::Batch,
         }),
         (Some(_), None) => unreachable!("matched above"),
     }
@@ -284,6 +313,44 @@ struct Job {
     chunks_maybe_published: std::cell::Cell<bool>,
     fallback_online: bool,
     provider_cfg: fleet::config::ProviderConfig,
+    /// Batch mode: the job's endpoints in stream order, with their chunks (empty online).
+    groups: Vec<EndpointGroup>,
+}
+
+/// One reading of the file while publishing: the lines of `endpoint` (every line when
+/// `None`), published at positions `first..first + items` in file order.
+struct Pass<'a> {
+    endpoint: Option<&'a str>,
+    first: u64,
+    items: u64,
+}
+
+impl Job {
+    /// How the file is read to publish it: once, in file order (online, or a batch-mode job
+    /// of one endpoint: positions are indices), or once per endpoint (see the module
+    /// documentation).
+    fn passes(&self) -> Vec<Pass<'_>> {
+        if self.groups.len() > 1 {
+            self.groups
+                .iter()
+                .map(|g| Pass { endpoint: Some(g.endpoint.as_str()), first: g.first, items: g.items })
+                .collect()
+        } else {
+            vec![Pass { endpoint: None, first: 0, items: self.total }]
+        }
+    }
+
+    /// The properties of the item message at `position`: batch-mode items carry their
+    /// position in the stream (a reader of a job of several endpoints needs it).
+    fn properties(&self, position: u64) -> lapin::BasicProperties {
+        let props = amqp::persistent_json();
+        if self.mode != JobMode::Batch {
+            return props;
+        }
+        let mut headers = FieldTable::default();
+        headers.insert(POSITION_HEADER.into(), AMQPValue::LongLongInt(position as i64));
+        props.with_headers(headers)
+    }
 }
 
 impl Job {
@@ -348,68 +415,84 @@ impl Job {
         }
         bar.set_position(start);
         let (exchange, routing_key) = batch::destination(&self.topology, self.mode, &self.job_id);
-        let mut chunker = batch::chunker(&self.provider_cfg);
         let mut in_flight = InFlight::default();
         let mut payload = Vec::with_capacity(4096);
-        let mut index = 0u64;
         let fatal = |e: anyhow::Error| Interrupted::Fatal(e);
-        // The file is read a second time (the first pass validated it), by a blocking thread
-        // feeding a bounded channel, so memory stays bounded whatever the file's size.
-        let mut lines = read_lines(req.file.to_path_buf());
-        while let Some(raw) = lines.recv().await {
-            let raw = raw.map_err(|e| fatal(e.into()))?;
-            let this = index;
-            index += 1;
-            let line = validate::check_line(&raw, &self.rules)
-                .map_err(|e| fatal(anyhow::anyhow!("file changed while submitting: {e}")))?;
-            // Chunk boundaries depend on every line, so lines a resumed run skips count too.
-            chunker.push(fleet::batch::line_bytes(raw.len()), &line.url);
-            if this < start {
+        let changed = |what: String| fatal(anyhow::anyhow!("file changed while submitting: {what}"));
+        for pass in self.passes() {
+            if pass.first + pass.items <= start {
+                // Every item of this pass is confirmed already (a resumed submission).
                 continue;
             }
-            // Checked once per line (an atomic load): the waits below watch it as well.
-            if shutdown.is_cancelled() {
-                return Err(in_flight.settle(progress).await);
-            }
-            let body = match req.model {
-                Some(model) => with_model(&line.body, model).map_err(fatal)?,
-                None => line.body,
-            };
-            let item = Item {
-                job_id: self.job_id.clone(),
-                index: this,
-                total: self.total,
-                custom_id: line.custom_id,
-                provider: req.provider.to_string(),
-                url: line.url,
-                body,
-                attempt: 0,
-                submitted_at_ms: self.submitted_at_ms,
-                deadline_ms: req.deadline_ms,
-                first_delay_ms: None,
-            };
-            payload.clear();
-            serde_json::to_writer(&mut payload, &item).map_err(|e| fatal(e.into()))?;
-            in_flight.learn_arrived(progress)?;
-            while !progress.may_publish(this) {
-                in_flight.wait_until(progress.wait_target(this), progress, shutdown).await?;
+            let mut index = 0u64;
+            let mut position = pass.first;
+            // The file is read again (the first pass validated it), by a blocking thread
+            // feeding a bounded channel, so memory stays bounded whatever the file's size.
+            let mut lines = read_lines(req.file.to_path_buf());
+            while let Some(next) = lines.recv().await {
+                let (line_no, raw) = next.map_err(|e| fatal(e.into()))?;
+                let this_index = index;
+                index += 1;
+                let line =
+                    validate::check_line(&raw, &self.rules).map_err(|e| changed(format!("line {line_no}: {e}")))?;
+                if pass.endpoint.is_some_and(|e| e != line.url) {
+                    continue;
+                }
+                let this = position;
+                position += 1;
+                if this < start {
+                    continue;
+                }
+                if this >= pass.first + pass.items {
+                    return Err(changed(format!("line {line_no}: more {} requests than validated", line.url)));
+                }
+                // Checked once per line (an atomic load): the waits below watch it as well.
+                if shutdown.is_cancelled() {
+                    return Err(in_flight.settle(progress).await);
+                }
+                let body = match req.model {
+                    Some(model) => with_model(&line.body, model).map_err(fatal)?,
+                    None => line.body,
+                };
+                let item = Item {
+                    job_id: self.job_id.clone(),
+                    index: this_index,
+                    total: self.total,
+                    custom_id: line.custom_id,
+                    provider: req.provider.to_string(),
+                    url: line.url,
+                    body,
+                    attempt: 0,
+                    submitted_at_ms: self.submitted_at_ms,
+                    deadline_ms: req.deadline_ms,
+                    first_delay_ms: None,
+                };
+                payload.clear();
+                serde_json::to_writer(&mut payload, &item).map_err(|e| fatal(e.into()))?;
                 in_flight.learn_arrived(progress)?;
-                progress.write(Durability::ProcessKill);
+                while !progress.may_publish(this) {
+                    in_flight.wait_until(progress.wait_target(this), progress, shutdown).await?;
+                    in_flight.learn_arrived(progress)?;
+                    progress.write(Durability::ProcessKill);
+                }
+                progress.write_if_due();
+                bar.set_position(progress.confirmed);
+                let p = amqp::publish(&ch, &exchange, &routing_key, &payload, self.properties(this))
+                    .await
+                    .map_err(|e| Interrupted::Broker(e.into()))?;
+                in_flight.push(this, p);
             }
-            progress.write_if_due();
-            bar.set_position(progress.confirmed);
-            let p = amqp::publish(&ch, &exchange, &routing_key, &payload, amqp::persistent_json())
-                .await
-                .map_err(|e| Interrupted::Broker(e.into()))?;
-            in_flight.push(this, p);
+            if index != self.total || position != pass.first + pass.items {
+                let read = position - pass.first;
+                return Err(changed(format!(
+                    "validated {} requests ({} of them {}), read {index} ({read})",
+                    self.total,
+                    pass.items,
+                    pass.endpoint.unwrap_or("any endpoint"),
+                )));
+            }
         }
-        in_flight.wait_until(index, progress, shutdown).await?;
-        if index != self.total {
-            return Err(fatal(anyhow::anyhow!(
-                "file changed while submitting: validated {} requests, read {index}",
-                self.total
-            )));
-        }
+        in_flight.wait_until(self.total, progress, shutdown).await?;
         if self.mode == JobMode::Batch {
             let plan = ChunkPlan {
                 topology: &self.topology,
@@ -421,7 +504,7 @@ impl Job {
                 fallback_online: self.fallback_online,
                 maybe_published: self.chunks_maybe_published.replace(true),
             };
-            batch::publish_chunks(&ch, &plan, &chunker.finish()).await.map_err(Interrupted::Broker)?;
+            batch::publish_chunks(&ch, &plan, &self.groups).await.map_err(Interrupted::Broker)?;
         }
         let done = LedgerEvent::SubmissionComplete { job_id: self.job_id.clone() };
         let done = serde_json::to_vec(&done).map_err(|e| fatal(e.into()))?;
@@ -628,15 +711,18 @@ const LINES_PER_CHUNK: usize = 256;
 /// many chunks of [`LINES_PER_CHUNK`] lines).
 const CHUNKS_IN_FLIGHT: usize = 16;
 
+/// A line of the file: its 1-based number, and its bytes.
+type NumberedLine = (u64, Vec<u8>);
+
 /// The non-blank lines of a file, read by a blocking thread in chunks.
 struct Lines {
-    chunks: tokio::sync::mpsc::Receiver<std::io::Result<Vec<Vec<u8>>>>,
-    current: std::vec::IntoIter<Vec<u8>>,
+    chunks: tokio::sync::mpsc::Receiver<std::io::Result<Vec<NumberedLine>>>,
+    current: std::vec::IntoIter<NumberedLine>,
 }
 
 impl Lines {
     /// The next line, or the read error, or `None` at the end.
-    async fn recv(&mut self) -> Option<std::io::Result<Vec<u8>>> {
+    async fn recv(&mut self) -> Option<std::io::Result<NumberedLine>> {
         loop {
             if let Some(line) = self.current.next() {
                 return Some(Ok(line));
@@ -654,8 +740,8 @@ fn read_lines(path: std::path::PathBuf) -> Lines {
     let (tx, rx) = tokio::sync::mpsc::channel(CHUNKS_IN_FLIGHT);
     tokio::task::spawn_blocking(move || {
         let mut chunk = Vec::with_capacity(LINES_PER_CHUNK);
-        let res = validate::for_each_line(&path, |_, raw| {
-            chunk.push(raw.to_vec());
+        let res = validate::for_each_line(&path, |line_no, raw| {
+            chunk.push((line_no, raw.to_vec()));
             if chunk.len() < LINES_PER_CHUNK {
                 return Ok(());
             }
@@ -697,6 +783,7 @@ mod tests {
             confirmed: 0,
             mode: None,
             fallback_online: false,
+            by_endpoint: false,
         }
     }
 

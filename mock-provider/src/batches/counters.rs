@@ -33,6 +33,11 @@ pub struct BatchStats {
     pub rejected: u64,
     /// Cancel requests that took effect (repeats of one batch's cancel count once).
     pub cancelled: u64,
+    /// OpenAI batches accepted, then failed with `token_limit_exceeded` because the
+    /// enqueued-token limit (`--batch-enqueued-tokens`) was full (not counted in `rejected`).
+    pub token_limit_failed: u64,
+    /// The most OpenAI batches in progress (created, not ended, not failed) at once.
+    pub most_in_progress: u64,
     /// custom_ids of an accepted batch that were already in an earlier accepted batch of the
     /// same API: non-zero means a request may have been billed twice.
     pub resubmitted_custom_ids: u64,
@@ -86,6 +91,23 @@ impl Counters {
                 self.stats.custom_ids_forgotten += 1;
             }
         }
+    }
+
+    /// Counts an OpenAI batch created with `tag` that will fail for the full enqueued-token
+    /// queue (its requests will not run).
+    pub fn token_limited(&mut self, tag: String) {
+        let key = if self.stats.openai_created.len() < MAX_TAGS || self.stats.openai_created.contains_key(&tag) {
+            tag
+        } else {
+            OTHER_TAG.to_owned()
+        };
+        *self.stats.openai_created.entry(key).or_default() += 1;
+        self.stats.token_limit_failed += 1;
+    }
+
+    /// Notes that `n` OpenAI batches are in progress now.
+    pub fn in_progress(&mut self, n: u64) {
+        self.stats.most_in_progress = self.stats.most_in_progress.max(n);
     }
 
     /// Counts an Anthropic create refused for its requests' content.

@@ -14,8 +14,8 @@
 //! end, its output (files, or results) is assembled from those answers and the batch's
 //! [`lifecycle`]. What both APIs do alike (retrieve, cancel, list, admitting a new batch) is
 //! written once in [`shared`]. The knobs ([`BatchKnobs`]) set the time to complete, per-line
-//! errors, rejection, expiry and how much a cut-short batch keeps; `/stats` counts what was
-//! created ([`counters`]). Everything a client sends is bounded: upload and body sizes, lines
+//! errors, rejection, expiry, how much a cut-short batch keeps and an enqueued-token limit
+//! (OpenAI's `token_limit_exceeded`); `/stats` counts what was created ([`counters`]). Everything a client sends is bounded: upload and body sizes, lines
 //! per batch, batches and files kept, bytes stored.
 //!
 //! The fault knobs of the online endpoints (error rates, latency, rpm) do not apply here.
@@ -85,6 +85,13 @@ pub struct BatchKnobs {
     /// would go beyond it is refused.
     #[arg(long, env = "MOCK_BATCH_STORE_BYTES", default_value_t = 1 << 30)]
     pub batch_store_bytes: u64,
+
+    /// The account's enqueued-token limit of OpenAI batches (0: none). A batch whose tokens
+    /// (`fleet::tokens::estimate_request_tokens` of each request), added to those of the
+    /// batches in progress, go beyond it is accepted, then ends `failed` with
+    /// `errors.data[0].code = "token_limit_exceeded"`, as OpenAI reports a full queue.
+    #[arg(long, env = "MOCK_BATCH_ENQUEUED_TOKENS", default_value_t = 0)]
+    pub batch_enqueued_tokens: u64,
 }
 
 impl Default for BatchKnobs {
@@ -98,6 +105,7 @@ impl Default for BatchKnobs {
             batch_partial: 0.5,
             batch_keep: 1000,
             batch_store_bytes: 1 << 30,
+            batch_enqueued_tokens: 0,
         }
     }
 }

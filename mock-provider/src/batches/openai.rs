@@ -57,6 +57,8 @@ pub struct Batch {
     /// Why validation failed (empty unless the batch's fate is [`Fate::Reject`]).
     errors: Vec<BatchError>,
     held: Held,
+    /// Tokens the batch holds in the enqueued-token queue while it is in progress.
+    tokens: u64,
 }
 
 /// What a batch holds: its answers until it ends, then the files they were written to.
@@ -348,10 +350,40 @@ async fn create(State(batches): State<Arc<Batches>>, body: Bytes) -> Result<Resp
     };
 
     let mut inner = batches.lock();
-    shared::admit::<Batch>(&mut inner, plan.bytes, created)?;
     let tag = request.metadata.as_ref().map(metadata_tag).unwrap_or_default();
-    let ids = plan.lines.iter().map(|l| l.custom_id.as_str());
-    inner.counters.created(Api::OpenAi, tag, fate != Fate::Reject, ids);
+    let (queued, running) = enqueued(&mut inner, created);
+    let limit = knobs.batch_enqueued_tokens;
+    let mut plan = plan;
+    let mut fate = fate;
+    if limit > 0 && fate != Fate::Reject && queued.saturating_add(plan.tokens) > limit {
+        // Accepted, then failed after validation: nothing of it runs, as OpenAI does it.
+        let model = plan.model.as_deref().unwrap_or("the model");
+        plan = Plan {
+            lines: Vec::new(),
+            errors: vec![BatchError {
+                code: "token_limit_exceeded",
+                message: format!(
+                    "Enqueued token limit reached for {model} in organization org-mock. Limit: {limit} enqueued \
+                     tokens. Please try again once some in_progress batches have been completed."
+                ),
+                param: None,
+                line: None,
+            }],
+            bytes: 0,
+            tokens: 0,
+            model: None,
+        };
+        fate = Fate::Reject;
+        shared::admit::<Batch>(&mut inner, 0, created)?;
+        inner.counters.token_limited(tag);
+    } else {
+        shared::admit::<Batch>(&mut inner, plan.bytes, created)?;
+        let ids = plan.lines.iter().map(|l| l.custom_id.as_str());
+        inner.counters.created(Api::OpenAi, tag, fate != Fate::Reject, ids);
+        if fate != Fate::Reject {
+            inner.counters.in_progress(running + 1);
+        }
+    }
     let batch = Batch {
         endpoint,
         input_file_id: request.input_file_id,
@@ -360,9 +392,25 @@ async fn create(State(batches): State<Arc<Batches>>, body: Bytes) -> Result<Resp
         life: Lifecycle::new(created, batches.complete_in(), fate, knobs.batch_partial),
         errors: plan.errors,
         held: Held::Answers { lines: plan.lines, bytes: plan.bytes },
+        tokens: plan.tokens,
     };
     inner.openai.insert(seq, batch);
     Ok(shared::answer::<Batch>(&mut inner, seq, Instant::now()))
+}
+
+/// The tokens of the OpenAI batches in progress at `now` (created, not ended, not failed),
+/// and how many they are.
+fn enqueued(inner: &mut Inner, now: Instant) -> (u64, u64) {
+    let mut tokens = 0u64;
+    let mut running = 0;
+    for batch in inner.openai.values_mut() {
+        let stage = batch.life.stage(now);
+        if !matches!(stage, Stage::Ended(_)) && batch.errors.is_empty() {
+            tokens = tokens.saturating_add(batch.tokens);
+            running += 1;
+        }
+    }
+    (tokens, running)
 }
 
 /// The validated and answered input file of a new batch.
@@ -371,6 +419,10 @@ struct Plan {
     lines: Vec<Planned>,
     errors: Vec<BatchError>,
     bytes: u64,
+    /// What the requests hold in the enqueued-token queue.
+    tokens: u64,
+    /// The first request's `model`, for messages.
+    model: Option<String>,
 }
 
 /// One line of an input file, as OpenAI documents it. Every field is optional here so that a
@@ -397,8 +449,12 @@ fn plan(batches: &Batches, endpoint: Endpoint, content: &[u8], created: u64, rej
         });
     }
     if !errors.is_empty() {
-        return Plan { lines: Vec::new(), errors, bytes: 0 };
+        return Plan { lines: Vec::new(), errors, bytes: 0, tokens: 0, model: None };
     }
+    let tokens = requests.iter().map(|r| fleet::tokens::estimate_request_tokens(r.body.get().as_bytes())).sum();
+    let model = requests.first().and_then(|r| {
+        serde_json::from_str::<Value>(r.body.get()).ok()?.get("model")?.as_str().map(|m| m.chars().take(64).collect())
+    });
     let first = batches.line_numbers(requests.len());
     let error_rate = batches.knobs.batch_line_error_rate;
     let lines: Vec<Planned> = requests
@@ -411,7 +467,7 @@ fn plan(batches: &Batches, endpoint: Endpoint, content: &[u8], created: u64, rej
         })
         .collect();
     let bytes = lines.iter().map(|l| (l.rendered.len() + l.custom_id.len()) as u64).sum();
-    Plan { lines, errors: Vec::new(), bytes }
+    Plan { lines, errors: Vec::new(), bytes, tokens, model }
 }
 
 /// A valid request of an input file.

@@ -89,6 +89,11 @@ impl<T: Kept> Registry<T> {
         self.items.get_mut(&seq)
     }
 
+    /// Every batch kept, oldest first.
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.items.values_mut()
+    }
+
     /// Up to `limit` sequence numbers, newest first, from `cursor`; and whether more follow
     /// in that direction.
     pub fn page(&self, cursor: Cursor, limit: usize) -> (Vec<u64>, bool) {

@@ -4,7 +4,8 @@
 //!
 //! Everything a provider answers is untrusted: bodies are read up to a cap, ids are checked
 //! before they go into a URL, result lines are mapped back to items only through our own
-//! `custom_id`s (`i<index>`, checked against the chunk's range), and no URL a provider
+//! `custom_id`s (`i<index>` behind the chunk's own prefix, the index checked against the
+//! job's size; lines naming no item of the chunk are ignored), and no URL a provider
 //! returns (Anthropic's `results_url`) is ever called: the documented path is built instead.
 
 use std::time::{Duration, Instant};
@@ -63,6 +64,11 @@ pub enum Ending {
     Expired,
     /// Cancelled; requests that did not run are cancelled.
     Cancelled,
+    /// The provider failed the batch because the account's enqueued-token queue was full
+    /// (OpenAI's `token_limit_exceeded`): none of its requests ran, and none failed for
+    /// their own sake. The chunk is not finished: it waits, and a batch is created for it
+    /// again under a new tag generation.
+    QueueFull,
 }
 
 /// One poll's answer.
@@ -92,6 +98,8 @@ impl Polled {
         match kind {
             ProviderKind::Openai => self.tag.as_deref() == Some(tag),
             ProviderKind::Anthropic => true,
+            // The fleet creates no Gemini batch (batch mode is refused for the kind).
+            ProviderKind::Gemini => false,
         }
     }
 }
@@ -131,10 +139,12 @@ pub fn provider_custom_id(prefix: &str, index: u64) -> String {
     format!("{prefix}i{index}")
 }
 
-/// The index a provider custom id names, if it is one of ours and inside the chunk.
+/// The index a provider custom id names, if it is one of ours and inside the job (a
+/// chunk's items need not be contiguous: which indices are the chunk's is decided by the
+/// caller, against the items it read).
 pub fn index_of(prefix: &str, custom_id: &str, chunk: &ChunkTask) -> Option<u64> {
     let index: u64 = custom_id.strip_prefix(prefix)?.strip_prefix('i')?.parse().ok()?;
-    (chunk.start..chunk.end).contains(&index).then_some(index)
+    (index < chunk.total).then_some(index)
 }
 
 /// A provider's batch API.
@@ -149,6 +159,22 @@ impl<'a> BatchApi<'a> {
         match client.kind() {
             ProviderKind::Openai => BatchApi::Openai(openai::Openai { http, namespace }),
             ProviderKind::Anthropic => BatchApi::Anthropic(anthropic::Anthropic { http, namespace }),
+            // Never reached: `batch = true` is refused for kind gemini at load, so no chunk
+            // consumer runs for it. Were one to, OpenAI's batch paths are unknown at a Gemini
+            // host: every call is refused (4xx) and the chunk's items end failed.
+            ProviderKind::Gemini => BatchApi::Openai(openai::Openai { http, namespace }),
+        }
+    }
+
+    /// Estimated tokens of the fleet's provider batches in progress (validating, in progress,
+    /// finalizing, cancelling), as their creators recorded them: what the provider's
+    /// enqueued-token queue holds of ours. `None` for a kind whose batches cannot say (the
+    /// chunk is then admitted without a budget check).
+    pub async fn enqueued_tokens(&self) -> Result<Option<u64>, ApiError> {
+        match self {
+            BatchApi::Openai(a) => a.enqueued_tokens().await.map(Some),
+            #[allow(unreachable_patterns)] // other kinds record no tokens
+            _ => Ok(None),
         }
     }
 
@@ -280,11 +306,11 @@ impl Http<'_> {
 }
 
 /// The `operation` label of a batch API call: `submit` (upload, create, and the lists and
-/// reads that look for a chunk's batch), `poll`, `fetch` (result downloads, deletes),
-/// `cancel`.
+/// reads that look for a chunk's batch or sum the batches in progress for admission),
+/// `poll`, `fetch` (result downloads, deletes), `cancel`.
 fn operation(op: &str) -> &'static str {
     match op {
-        "upload" | "create" | "find" => "submit",
+        "upload" | "create" | "find" | "admission" => "submit",
         "retrieve" => "poll",
         "cancel" => "cancel",
         _ => "fetch",
@@ -344,7 +370,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_our_custom_ids_inside_the_chunk_map_to_items() {
+    fn only_our_custom_ids_inside_the_job_map_to_items() {
         let chunk: ChunkTask = serde_json::from_value(serde_json::json!({
             "job_id": "j", "provider": "p", "chunk": 1, "start": 10, "end": 20, "total": 30,
             "submitted_at_ms": 0, "state": "pending"
@@ -352,7 +378,8 @@ mod tests {
         .unwrap();
         assert_eq!(index_of("", &provider_custom_id("", 12), &chunk), Some(12));
         assert_eq!(index_of("t-", "t-i19", &chunk), Some(19));
-        for bad in ["i20", "i9", "i-1", "x12", "i1e1", "i", "", "t-i12"] {
+        assert_eq!(index_of("", "i9", &chunk), Some(9), "the caller decides which indices are the chunk's");
+        for bad in ["i30", "i99", "i-1", "x12", "i1e1", "i", "", "t-i12"] {
             assert_eq!(index_of("", bad, &chunk), None, "{bad}");
         }
     }

@@ -1,15 +1,23 @@
 //! Reading a chunk's items from its job's batch items stream, by offset.
 //!
-//! The producer appends items in index order; a resumed submission may append some again
-//! after the first copy, so item `i` is first found at offset `i` or later. A reader starts
-//! at offset `start` and reads until it holds every index of the chunk (later copies are
-//! skipped), or until the stream has nothing more for [`IDLE`]: the missing items are then
-//! reported, and end failed.
+//! The producer appends items in position order (grouped by endpoint, see
+//! `fleet::batch::ChunkLayout`); a resumed submission may append some again after the first
+//! copy, so the item at position `p` is first found at offset `p` or later. A reader starts
+//! at offset `start` and reads until it holds every position of the chunk (later copies are
+//! skipped), or until the stream has nothing more for [`IDLE`]. An item's position is its
+//! index in a stream of one endpoint (and in streams of earlier versions), else the
+//! `fleet-position` header of its message.
+//!
+//! Missing items: in index order a missing position names its item's index, which then
+//! ends failed (`missing_item`) so the job can end. In a stream of several endpoints a
+//! missing position names no index (only the stream knew it): it is counted and logged.
+//! Either happens only when the stream lost messages (it outlived its 7 days) or a chunk
+//! message claims items the job never had.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use fleet::batch::ChunkTask;
+use fleet::batch::{ChunkTask, POSITION_HEADER};
 use fleet::topology::Topology;
 use fleet::wire::Item;
 use futures::StreamExt;
@@ -21,14 +29,34 @@ const IDLE: Duration = Duration::from_secs(10);
 /// Stream messages in flight to the reader.
 const PREFETCH: u16 = 1000;
 
-/// The chunk's items by index (the ones found), checked like items off the items queue.
+/// What a chunk's reader found.
+#[derive(Debug, Default)]
+pub struct ChunkItems {
+    /// The items found, by index, checked like items off the items queue.
+    pub items: BTreeMap<u64, Item>,
+    /// Every index of the chunk that is known, ascending: the items found, and in an
+    /// index-ordered stream the missing positions too (each ends failed, `missing_item`).
+    pub indices: Vec<u64>,
+    /// Positions of a stream of several endpoints that were not found (see the module
+    /// documentation).
+    pub unnamed: u64,
+}
+
+impl ChunkItems {
+    /// The chunk's items found, in index order.
+    pub fn values(&self) -> impl Iterator<Item = &Item> {
+        self.items.values()
+    }
+}
+
+/// The chunk's items (the ones found), checked like items off the items queue.
 pub async fn read(
     conn: &lapin::Connection,
     topology: &Topology,
     chunk: &ChunkTask,
     max_message_bytes: usize,
-) -> anyhow::Result<BTreeMap<u64, Item>> {
-    let ch = conn.create_channel().await?;
+) -> anyhow::Result<ChunkItems> {
+    let ch = fleet::amqp::open_channel(conn).await?;
     ch.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let mut args = FieldTable::default();
     let offset = i64::try_from(chunk.start)?;
@@ -38,8 +66,9 @@ pub async fn read(
     let mut consumer =
         ch.basic_consume(stream.as_str().into(), tag.as_str().into(), BasicConsumeOptions::default(), args).await?;
     let mut items = BTreeMap::new();
+    let mut found = BTreeSet::new();
     let mut unacked = 0;
-    while (items.len() as u64) < chunk.len() {
+    while (found.len() as u64) < chunk.len() {
         let Ok(next) = tokio::time::timeout(IDLE, consumer.next()).await else { break };
         let Some(delivery) = next else { break };
         let delivery = delivery?;
@@ -54,11 +83,29 @@ pub async fn read(
         }
         let Ok(item) = serde_json::from_slice::<Item>(&delivery.data) else { continue };
         let ours = item.job_id == chunk.job_id && item.provider == chunk.provider && item.total == chunk.total;
-        if ours && item.check().is_ok() && (chunk.start..chunk.end).contains(&item.index) {
+        let position = if chunk.by_endpoint { header_position(&delivery.properties) } else { Some(item.index) };
+        let Some(position) = position.filter(|p| (chunk.start..chunk.end).contains(p)) else { continue };
+        if ours && item.check().is_ok() && found.insert(position) {
             items.entry(item.index).or_insert(item);
         }
     }
     let _ = ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
     let _ = ch.close(200, "chunk read".into()).await;
-    Ok(items)
+    let (indices, unnamed) = if chunk.by_endpoint {
+        (items.keys().copied().collect(), chunk.len() - found.len() as u64)
+    } else {
+        ((chunk.start..chunk.end).collect(), 0)
+    };
+    Ok(ChunkItems { items, indices, unnamed })
+}
+
+/// The position a stream message's header gives its item, if it gives one.
+fn header_position(props: &lapin::BasicProperties) -> Option<u64> {
+    let value = props.headers().as_ref()?.inner().get(POSITION_HEADER)?;
+    match value {
+        AMQPValue::LongLongInt(p) => u64::try_from(*p).ok(),
+        AMQPValue::LongInt(p) => u64::try_from(*p).ok(),
+        AMQPValue::LongUInt(p) => Some(u64::from(*p)),
+        _ => None,
+    }
 }

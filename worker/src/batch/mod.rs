@@ -6,14 +6,19 @@
 //! - garbage (not a chunk, or out of bounds) is dead-lettered with its reason;
 //! - `pending`, job cancelled or past its deadline → every item `cancelled`/`expired`;
 //! - `pending` → find the chunk's batch first when a create may have happened (the
-//!   delivery is a redelivery, or the message says so), else create it; then publish the
+//!   delivery is a redelivery, or the message says so; a `failed` batch is never adopted),
+//!   else, when the provider has an enqueued-token budget (`batch_enqueued_tokens`) that the
+//!   batches in progress and this chunk's estimate would overflow, back to the poll queue
+//!   to wait (admission, see [`admit`]), else create it; then publish the
 //!   chunk as `created` (batch id) to the poll queue, confirmed, and only then ack: a
 //!   worker killed in between leaves a redelivered `pending` chunk, whose taker finds the
 //!   batch by its tag instead of creating a second one;
 //! - `created` → one poll pass: the batch must be the chunk's (OpenAI kind: its
 //!   `metadata.fleet_tag`), or the chunk is dead-lettered as forged and nothing is done to
 //!   the batch; then (cancelling the batch when the job was cancelled or its deadline
-//!   passed) still running → back to the poll queue; ended → fetch every result line,
+//!   passed) still running → back to the poll queue; failed for a full enqueued-token
+//!   queue (`token_limit_exceeded`) → `pending` again, under the next tag generation, back
+//!   to the poll queue (nothing of it ran, nothing is failed); ended → fetch every result line,
 //!   publish one result per item on the ordinary results path, ack, then delete the
 //!   provider files the batch object names (never ids a message names);
 //! - a transient provider failure → back to the poll queue, unchanged (a failed create is
@@ -45,6 +50,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use self::api::{ApiError, BatchApi, Created, Polled};
+use self::items::ChunkItems;
 use crate::acks::Tracked;
 use crate::context::{Context, Worker};
 use crate::provider::ProviderClient;
@@ -63,6 +69,14 @@ pub struct Batch {
     pub client: Arc<ProviderClient>,
     pub poll_s: u64,
     pub batches: ProviderBatches,
+    /// `providers.<p>.batch_enqueued_tokens`: the account's enqueued-token limit, if set.
+    pub enqueued_budget: Option<u64>,
+    /// Held from the admission check to the end of the create, so this worker's chunks
+    /// (taken side by side) are admitted one at a time, each seeing the batches the previous
+    /// one created. Workers do not coordinate: two of them may both admit a chunk, and the
+    /// provider then fails one batch with `token_limit_exceeded`, which waits and is created
+    /// again.
+    pub admission: tokio::sync::Mutex<()>,
 }
 
 /// Starts a chunk consumer for each served provider in batch mode (`providers.<p>.batch`).
@@ -81,6 +95,8 @@ pub fn spawn_consumers(
             client: client.clone(),
             poll_s: pcfg.batch_poll_interval_s,
             batches: ProviderBatches::new(w.provider_batches.clone(), name, pcfg.batch_poll_interval_s),
+            enqueued_budget: pcfg.batch_enqueued_tokens,
+            admission: tokio::sync::Mutex::new(()),
         });
         consumers.spawn(consume(b, w.in_flight.clone(), shutdown.clone()));
     }
@@ -91,7 +107,7 @@ pub fn spawn_consumers(
 pub async fn consume(b: Arc<Batch>, in_flight: TaskTracker, shutdown: CancellationToken) -> anyhow::Result<()> {
     let topology = &b.ctx.publisher.topology;
     let name = b.client.name.clone();
-    let ch = b.conn.create_channel().await?;
+    let ch = fleet::amqp::open_channel(&b.conn).await?;
     topology.declare_chunk_queues(&ch, &name, b.poll_s).await?;
     ch.basic_qos(CHUNK_PREFETCH, BasicQosOptions::default()).await?;
     let tag = format!("{}/batch/{name}", b.ctx.worker_id);
@@ -191,13 +207,29 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
             Ok(c)
         }
         Ok(None) => {
-            let refused = unbatchable(&b.client, &items);
+            let refused = unbatchable(&b.client, &items.items);
             let list: Vec<Item> = items.values().filter(|i| !refused.contains_key(&i.index)).cloned().collect();
             if list.is_empty() {
                 let results =
                     outcome::of_lines(&b.ctx.worker_id, &task, &items, &refused, HashMap::new(), None, None).0;
                 finish(b, &task, results, Vec::new(), delivery).await;
                 return;
+            }
+            // Held until the create has answered (see `Batch::admission`).
+            let _admitted = match admit(b, &api, &list).await {
+                Ok(slot) => slot,
+                Err(waiting) => {
+                    tracing::info!(job_id = %task.job_id, chunk = task.chunk, reason = %waiting, "the provider's enqueued-token budget is full; the chunk waits");
+                    b.ctx.publisher.metrics.admission_waits.with_label_values(&[&task.provider, "budget"]).inc();
+                    task.admission_since_ms.get_or_insert_with(fleet::now_ms);
+                    task.state = ChunkState::Pending { maybe_created };
+                    to_poll_queue(b, &task, delivery).await;
+                    return;
+                }
+            };
+            if let Some(since) = task.admission_since_ms.take() {
+                let waited_s = fleet::now_ms().saturating_sub(since) / 1000;
+                tracing::info!(job_id = %task.job_id, chunk = task.chunk, waited_s, "admitted after waiting for the enqueued-token budget");
             }
             api.create(&task, &list).await
         }
@@ -262,6 +294,10 @@ async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: boo
     }
     b.batches.seen(&tag, polled.status, polled.ending.is_some());
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, status = polled.status, polls = task.polls + 1, "polled provider batch");
+    if polled.ending == Some(api::Ending::QueueFull) {
+        b.ctx.publisher.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
+        return queue_full(b, task, &api, &polled, delivery).await;
+    }
     if polled.ending.is_none() {
         return poll_again(b, task, created, cancel_sent, delivery, started).await;
     }
@@ -269,13 +305,59 @@ async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: boo
     fetch(b, task, created, polled, delivery).await;
 }
 
+/// Whether a chunk of `items` may have its provider batch created now: always when the
+/// provider has no enqueued-token budget (or its kind cannot say what is enqueued); else
+/// only while the batches in progress and this one fit in it, or nothing of ours is in
+/// progress (a chunk over the budget on its own could never run otherwise; the producer cuts
+/// none such). `Ok` holds this worker's admission lock, to be kept until the create has
+/// answered; `Err` says why the chunk waits.
+async fn admit<'b>(
+    b: &'b Batch,
+    api: &BatchApi<'_>,
+    items: &[Item],
+) -> Result<Option<tokio::sync::MutexGuard<'b, ()>>, String> {
+    let Some(budget) = b.enqueued_budget else { return Ok(None) };
+    let slot = b.admission.lock().await;
+    let estimate = openai::estimate_tokens(items);
+    match api.enqueued_tokens().await {
+        Ok(Some(queued)) if queued > 0 && queued.saturating_add(estimate) > budget => {
+            Err(format!("{queued} tokens in progress + {estimate} for this chunk > batch_enqueued_tokens {budget}"))
+        }
+        Ok(_) => Ok(Some(slot)),
+        // Not known now: rather wait a poll interval than overflow the queue.
+        Err(e) => Err(format!("the batches in progress cannot be listed: {e}")),
+    }
+}
+
+/// A provider batch failed because the account's enqueued-token queue was full: nothing of
+/// it ran and nothing is failed. Its files are deleted, and the chunk goes back to the poll
+/// queue `pending`, under the next tag generation (so the failed batch is never taken for
+/// the new one), to be admitted and created again.
+async fn queue_full(b: &Batch, mut task: ChunkTask, api: &BatchApi<'_>, polled: &Polled, delivery: Tracked) {
+    let tag = task.tag(b.ctx.publisher.topology.namespace());
+    tracing::info!(job_id = %task.job_id, chunk = task.chunk, generation = task.generation, "the provider's enqueued-token queue was full (token_limit_exceeded); the chunk waits and is created again");
+    b.ctx.publisher.metrics.admission_waits.with_label_values(&[&task.provider, "token_limit_exceeded"]).inc();
+    api.clean_up(polled).await;
+    b.batches.ended(&tag);
+    task.generation = task.generation.saturating_add(1);
+    // A worker killed before acking this delivery leaves a second copy of the same
+    // generation: whichever copy is taken second must find the first one's batch.
+    task.state = ChunkState::Pending { maybe_created: true };
+    task.polls = 0;
+    task.admission_since_ms.get_or_insert_with(fleet::now_ms);
+    to_poll_queue(b, &task, delivery).await;
+}
+
 /// An ended provider batch: every item gets its result.
 async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, delivery: Tracked) {
     let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace());
     let Some((items, delivery)) = read_items(b, &task, delivery).await else { return };
     let mut lines = HashMap::new();
+    // Only lines of the chunk's own items are kept: a provider cannot grow this map.
     let mut keep = |f: api::Fetched| {
-        lines.entry(f.index).or_insert(f.outcome);
+        if items.items.contains_key(&f.index) {
+            lines.entry(f.index).or_insert(f.outcome);
+        }
     };
     if let Err(e) = api.fetch(&task, &created.batch_id, &polled, &mut keep).await {
         tracing::info!(batch_id = %created.batch_id, error = %e, "cannot read the batch's results yet; trying again later");
@@ -283,7 +365,7 @@ async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, del
         return;
     }
     let wanted = unwanted(b, &task);
-    let refused = unbatchable(&b.client, &items);
+    let refused = unbatchable(&b.client, &items.items);
     let (results, fallback) =
         outcome::of_lines(&b.ctx.worker_id, &task, &items, &refused, lines, polled.ending.clone(), wanted);
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, results = results.len(), online_fallback = fallback.len(), "fetched provider batch");
@@ -312,9 +394,14 @@ fn unbatchable(client: &ProviderClient, items: &BTreeMap<u64, Item>) -> HashMap<
 
 /// Reads the chunk's items, handing the delivery back with them; on a broker failure the
 /// delivery is requeued (after a pause) and `None` returned.
-async fn read_items(b: &Batch, task: &ChunkTask, delivery: Tracked) -> Option<(BTreeMap<u64, Item>, Tracked)> {
+async fn read_items(b: &Batch, task: &ChunkTask, delivery: Tracked) -> Option<(ChunkItems, Tracked)> {
     match items::read(&b.conn, &b.ctx.publisher.topology, task, b.ctx.max_message_bytes).await {
-        Ok(items) => Some((items, delivery)),
+        Ok(items) => {
+            if items.unnamed > 0 {
+                tracing::warn!(job_id = %task.job_id, chunk = task.chunk, missing = items.unnamed, "items of the chunk are not in the job's batch items stream; the rest run without them");
+            }
+            Some((items, delivery))
+        }
         Err(e) => {
             tracing::warn!(job_id = %task.job_id, chunk = task.chunk, error = %e, "cannot read the chunk's items; requeueing it");
             requeue_after_pause(delivery).await;

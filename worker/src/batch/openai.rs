@@ -7,6 +7,7 @@
 //! |-------------------------------------------------|------------------------------------|
 //! | `validating`, `in_progress`, `finalizing`, `cancelling` | poll again                 |
 //! | `completed`                                     | fetch both files                   |
+//! | `failed`, `token_limit_exceeded` (queue full)   | the chunk waits, created again later |
 //! | `failed` (validation)                           | each item failed with its reason   |
 //! | `expired`                                       | fetch what ran; the rest expired   |
 //! | `cancelled`                                     | fetch what ran; the rest cancelled |
@@ -105,6 +106,13 @@ struct OutputError {
 
 /// The metadata key holding the chunk's tag.
 const TAG_KEY: &str = "fleet_tag";
+/// The metadata key holding the batch's estimated tokens (`fleet::tokens`), which admission
+/// sums over the batches in progress.
+const TOKENS_KEY: &str = "fleet_tokens";
+/// The error code of a batch OpenAI failed for a full enqueued-token queue.
+const TOKEN_LIMIT_EXCEEDED: &str = "token_limit_exceeded";
+/// Statuses of a batch that holds its tokens in the enqueued-token queue.
+const ENQUEUED: [&str; 4] = ["validating", "in_progress", "finalizing", "cancelling"];
 
 impl Openai<'_> {
     pub async fn find(&self, chunk: &ChunkTask) -> Result<Option<Created>, ApiError> {
@@ -118,7 +126,9 @@ impl Openai<'_> {
             let page: BatchList = self.http.json(req, "find").await?;
             for b in &page.data {
                 let ours = b.metadata.as_ref().and_then(|m| m.get(TAG_KEY)).and_then(|v| v.as_str()) == Some(&tag);
-                if ours && check_provider_id(&b.id).is_ok() {
+                // A failed batch ran nothing: adopting it would end the chunk with nothing
+                // done (a `token_limit_exceeded` one in particular must be created again).
+                if ours && b.status != "failed" && check_provider_id(&b.id).is_ok() {
                     let input_file_id = b.input_file_id.clone().filter(|f| check_provider_id(f).is_ok());
                     return Ok(Some(Created { batch_id: b.id.clone(), input_file_id }));
                 }
@@ -131,8 +141,34 @@ impl Openai<'_> {
         Ok(None)
     }
 
+    /// See [`super::api::BatchApi::enqueued_tokens`]: the `fleet_tokens` of the batches in
+    /// progress among the newest [`FIND_PAGES`] pages (a batch in progress is recent: the
+    /// window is 24 hours).
+    pub async fn enqueued_tokens(&self) -> Result<u64, ApiError> {
+        let mut after: Option<String> = None;
+        let mut tokens = 0u64;
+        for _ in 0..FIND_PAGES {
+            let mut req = self.http.client.batch_request(Method::GET, "/v1/batches").query(&[("limit", "100")]);
+            if let Some(a) = &after {
+                req = req.query(&[("after", a.as_str())]);
+            }
+            let page: BatchList = self.http.json(req, "admission").await?;
+            for b in page.data.iter().filter(|b| ENQUEUED.contains(&b.status.as_str())) {
+                let recorded = b.metadata.as_ref().and_then(|m| m.get(TOKENS_KEY)).and_then(|v| v.as_str());
+                let batch_tokens = recorded.and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+                tokens = tokens.saturating_add(batch_tokens);
+            }
+            match page.last_id.filter(|_| page.has_more) {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
+        Ok(tokens)
+    }
+
     pub async fn create(&self, chunk: &ChunkTask, items: &[Item]) -> Result<Created, ApiError> {
         let endpoint = items.first().map(|i| i.url.clone()).unwrap_or_default();
+        let tokens = estimate_tokens(items);
         let prefix = custom_id_prefix(self.namespace, chunk);
         let mut jsonl = Vec::with_capacity(items.iter().map(|i| i.body.get().len() + 100).sum());
         for item in items {
@@ -163,6 +199,7 @@ impl Openai<'_> {
                 TAG_KEY: chunk.tag(self.namespace),
                 "fleet_job": chunk.job_id,
                 "fleet_chunk": chunk.chunk.to_string(),
+                TOKENS_KEY: tokens.to_string(),
             },
         });
         let req = self.http.client.batch_request(Method::POST, "/v1/batches").json(&create);
@@ -256,10 +293,20 @@ impl Openai<'_> {
     }
 }
 
+/// Estimated tokens of a batch of `items` (`fleet::tokens`, as the producer cut the chunk
+/// and as the admission budget counts).
+pub fn estimate_tokens(items: &[Item]) -> u64 {
+    items.iter().map(|i| fleet::tokens::estimate_request_tokens(i.body.get().as_bytes())).fold(0, u64::saturating_add)
+}
+
 /// A `failed` batch: the provider's per-line errors (OpenAI's `line` is 1-based in the
 /// uploaded file, whose line n holds the chunk's item n-1) and a reason for the rest.
+/// A batch failed with `token_limit_exceeded` is [`Ending::QueueFull`].
 fn rejected(errors: Option<&BatchErrors>) -> Ending {
     let data = errors.map(|e| e.data.as_slice()).unwrap_or_default();
+    if data.iter().any(|e| e.code.as_deref() == Some(TOKEN_LIMIT_EXCEEDED)) {
+        return Ending::QueueFull;
+    }
     let text = |e: &BatchError| {
         let code = e.code.as_deref().unwrap_or("invalid_batch");
         bounded(&format!("{code}: {}", e.message.as_deref().unwrap_or("rejected by the provider")), 500)
@@ -361,6 +408,11 @@ mod tests {
         let Ending::Rejected { lines, reason } = rejected(Some(&errors)) else { panic!() };
         assert_eq!(lines, vec![(2, "invalid_request: bad model".to_string())]);
         assert_eq!(reason, "too_large: file too large");
+        let full: BatchErrors = serde_json::from_value(serde_json::json!({"data": [
+            {"code": "token_limit_exceeded", "message": "Enqueued token limit reached for gpt-4o-mini", "line": null}
+        ]}))
+        .unwrap();
+        assert_eq!(rejected(Some(&full)), Ending::QueueFull, "a full queue is not a rejection");
     }
 
     #[test]

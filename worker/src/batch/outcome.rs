@@ -17,6 +17,7 @@ use fleet::batch::ChunkTask;
 use fleet::wire::{error_code, ErrorRecord, Item, ItemResult, ItemStatus};
 
 use super::api::{Ending, LineOutcome};
+use super::items::ChunkItems;
 
 /// A result for item `index` of the chunk without a provider answer. An item missing from
 /// the job's batch items stream (it should never be) still gets a failed result, under a
@@ -57,25 +58,24 @@ fn error(code: &str, message: &str) -> ErrorRecord {
 }
 
 /// Every item of a chunk whose batch never ran: `cancelled` or `expired`.
-pub fn all_unrun(
-    worker_id: &str,
-    task: &ChunkTask,
-    items: &BTreeMap<u64, Item>,
-    status: ItemStatus,
-) -> Vec<ItemResult> {
+pub fn all_unrun(worker_id: &str, task: &ChunkTask, chunk: &ChunkItems, status: ItemStatus) -> Vec<ItemResult> {
     let message = match status {
         ItemStatus::Cancelled => "job cancelled before its provider batch was created",
         _ => "job deadline passed before its provider batch was created",
     };
-    (task.start..task.end)
-        .map(|i| unanswered(worker_id, task, items, i, status, error(status.as_str(), message)))
+    let items = &chunk.items;
+    chunk
+        .indices
+        .iter()
+        .map(|&i| unanswered(worker_id, task, items, i, status, error(status.as_str(), message)))
         .collect()
 }
 
 /// Every item of a chunk whose batch the provider refused, failed with its reason.
-pub fn refused(worker_id: &str, task: &ChunkTask, items: &BTreeMap<u64, Item>, message: &str) -> Vec<ItemResult> {
+pub fn refused(worker_id: &str, task: &ChunkTask, chunk: &ChunkItems, message: &str) -> Vec<ItemResult> {
     let e = error(error_code::BATCH_REJECTED, message);
-    (task.start..task.end).map(|i| unanswered(worker_id, task, items, i, ItemStatus::Failed, e.clone())).collect()
+    let items = &chunk.items;
+    chunk.indices.iter().map(|&i| unanswered(worker_id, task, items, i, ItemStatus::Failed, e.clone())).collect()
 }
 
 /// The results of an ended batch from its lines; `wanted` says why the job stopped wanting
@@ -84,17 +84,21 @@ pub fn refused(worker_id: &str, task: &ChunkTask, items: &BTreeMap<u64, Item>, m
 pub fn of_lines(
     worker_id: &str,
     task: &ChunkTask,
-    items: &BTreeMap<u64, Item>,
+    chunk: &ChunkItems,
     unbatchable: &HashMap<u64, String>,
     mut lines: HashMap<u64, LineOutcome>,
     ending: Option<Ending>,
     wanted: Option<ItemStatus>,
 ) -> (Vec<ItemResult>, Vec<Item>) {
+    let items = &chunk.items;
     let ending = ending.unwrap_or(Ending::Completed);
     let rejected_lines: HashMap<u64, &str> = match &ending {
-        // Line n of the uploaded file holds the chunk's item n - 1.
+        // Line n of the uploaded file holds the n-th item put in the batch: the items found
+        // and batchable, in index order.
         Ending::Rejected { lines, .. } => {
-            lines.iter().filter(|(n, _)| *n >= 1).map(|(n, m)| (task.start + n - 1, m.as_str())).collect()
+            let uploaded: Vec<u64> = items.keys().copied().filter(|i| !unbatchable.contains_key(i)).collect();
+            let item_of_line = |n: u64| uploaded.get(usize::try_from(n.checked_sub(1)?).ok()?).copied();
+            lines.iter().filter_map(|(n, m)| Some((item_of_line(*n)?, m.as_str()))).collect()
         }
         _ => HashMap::new(),
     };
@@ -102,7 +106,7 @@ pub fn of_lines(
         task.fallback_online && task.deadline_ms.is_none_or(|d| fleet::now_ms() < d) && wanted.is_none();
     let mut results = Vec::with_capacity(task.len() as usize);
     let mut fallback = Vec::new();
-    for index in task.start..task.end {
+    for &index in &chunk.indices {
         if let Some(reason) = unbatchable.get(&index) {
             results.push(unanswered(
                 worker_id,
@@ -190,6 +194,16 @@ pub fn of_lines(
                 }
                 Ending::Expired => expired(&mut fallback),
                 Ending::Cancelled => Some(cancelled()),
+                // Handled before a fetch (the chunk is created again); should one get here,
+                // its items fail rather than hang.
+                Ending::QueueFull => Some(unanswered(
+                    worker_id,
+                    task,
+                    items,
+                    index,
+                    ItemStatus::Failed,
+                    error(error_code::BATCH_REJECTED, "the provider's enqueued-token queue was full"),
+                )),
             },
         };
         results.extend(result);

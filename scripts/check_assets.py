@@ -45,7 +45,8 @@ def load_yaml(rel, multi=False):
 # _bucket/_sum/_count; the Pushgateway adds push_time_seconds / push_failure_time_seconds.
 COUNTERS = {"batch_jobs_total", "batch_jobs_submitted_total", "batch_items_total",
             "batch_worker_items_total", "batch_retry_attempts_total",
-            "batch_errors_total", "batch_dead_letters_total", "batch_tokens_total",
+            "batch_errors_total", "batch_dead_letters_total", "batch_usage_tokens_total",
+            "batch_usage_cost_total", "batch_answers_total", "batch_api_key_rejections_total",
             "batch_push_failures_total",
             # producer serve's own /metrics (producer/src/serve/metrics.rs), scraped.
             "batch_api_requests_total", "batch_api_upload_bytes_total"}
@@ -53,7 +54,7 @@ HISTOGRAMS = {"batch_job_duration_seconds", "batch_poll_cycle_seconds",
               "batch_provider_latency_seconds"}
 GAUGES = {"batch_jobs_in_progress", "batch_items_in_flight", "batch_worker_up", "batch_provider_batches",
           "batch_queue_backlog", "batch_concurrency_limit", "batch_provider_paused",
-          "batch_api_batches_open"}
+          "batch_api_batches_open", "batch_api_keys_active", "batch_job_cost", "batch_job_max_cost"}
 KNOWN = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
 
 

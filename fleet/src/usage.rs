@@ -10,7 +10,14 @@
 //! - OpenAI responses: `input_tokens`, `output_tokens`, `input_tokens_details.cached_tokens`;
 //! - Anthropic messages: `input_tokens` (not counting the cache), `output_tokens`,
 //!   `cache_read_input_tokens`, `cache_creation_input_tokens`: input = the three summed,
-//!   cached = the cache reads.
+//!   cached = the cache reads;
+//! - Gemini `usageMetadata` (read only when there is no `usage`): input =
+//!   `promptTokenCount` (+ `toolUsePromptTokenCount`), cached = `cachedContentTokenCount`,
+//!   output = `candidatesTokenCount` + `thoughtsTokenCount`; the model is `modelVersion`.
+//!
+//! Prices are looked up by the model the answer names ([`price_of`]): providers answer with
+//! dated snapshot names (`gpt-4o-mini-2024-07-18` to a request for `gpt-4o-mini`), which
+//! the undated entry prices.
 
 use std::collections::BTreeMap;
 
@@ -47,21 +54,31 @@ pub struct Usage {
 /// Reads the usage of an answer body; `None` when it reports none (or is not an object).
 pub fn parse(body: &str) -> Option<Usage> {
     let envelope: Envelope = serde_json::from_str(body).ok()?;
-    let u = envelope.usage?;
     let n = |v: Option<u64>| v.unwrap_or(0).min(MAX_TOKENS_PER_ANSWER);
-    let anthropic = u.cache_read_input_tokens.is_some() || u.cache_creation_input_tokens.is_some();
-    let (input, cached) = if u.prompt_tokens.is_some() || !anthropic {
-        let cached = u.prompt_tokens_details.or(u.input_tokens_details).and_then(|d| d.cached_tokens);
-        (n(u.prompt_tokens.or(u.input_tokens)), n(cached))
-    } else {
-        let read = n(u.cache_read_input_tokens);
-        (n(u.input_tokens) + n(u.cache_creation_input_tokens) + read, read)
+    let (input, cached, output) = match (envelope.usage, envelope.usage_metadata) {
+        (Some(u), _) => {
+            let anthropic = u.cache_read_input_tokens.is_some() || u.cache_creation_input_tokens.is_some();
+            let (input, cached) = if u.prompt_tokens.is_some() || !anthropic {
+                let cached = u.prompt_tokens_details.or(u.input_tokens_details).and_then(|d| d.cached_tokens);
+                (n(u.prompt_tokens.or(u.input_tokens)), n(cached))
+            } else {
+                let read = n(u.cache_read_input_tokens);
+                (n(u.input_tokens) + n(u.cache_creation_input_tokens) + read, read)
+            };
+            (input, cached, n(u.completion_tokens.or(u.output_tokens)))
+        }
+        // Gemini's own answer (the worker translates online answers to OpenAI's shape first).
+        (None, Some(g)) => (
+            n(g.prompt_token_count) + n(g.tool_use_prompt_token_count),
+            n(g.cached_content_token_count),
+            n(g.candidates_token_count) + n(g.thoughts_token_count),
+        ),
+        (None, None) => return None,
     };
-    let output = n(u.completion_tokens.or(u.output_tokens));
     if input == 0 && output == 0 {
         return None;
     }
-    let mut model = envelope.model.unwrap_or_default();
+    let mut model = envelope.model.or(envelope.model_version).unwrap_or_default();
     if model.len() > MAX_MODEL_BYTES {
         let mut cut = MAX_MODEL_BYTES;
         while !model.is_char_boundary(cut) {
@@ -86,6 +103,24 @@ struct Envelope {
     model: Option<String>,
     #[serde(default)]
     usage: Option<RawUsage>,
+    /// Gemini's usage (`generateContent`), read when `usage` is absent.
+    #[serde(default, rename = "usageMetadata")]
+    usage_metadata: Option<GeminiUsage>,
+    /// Gemini's name of the model that answered.
+    #[serde(default, rename = "modelVersion")]
+    model_version: Option<String>,
+}
+
+/// Gemini's `usageMetadata`: `promptTokenCount` includes the cached tokens, as OpenAI's
+/// `prompt_tokens` does; thoughts are billed as output.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct GeminiUsage {
+    prompt_token_count: Option<u64>,
+    candidates_token_count: Option<u64>,
+    cached_content_token_count: Option<u64>,
+    thoughts_token_count: Option<u64>,
+    tool_use_prompt_token_count: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -150,14 +185,51 @@ impl Price {
     }
 }
 
-/// Label of a model in metrics: a model of the provider's price table, or `other` (labels
-/// come from a fixed set, whatever an answer claims).
-pub fn model_label<'a>(prices: &BTreeMap<String, Price>, model: &'a str) -> &'a str {
-    if prices.contains_key(model) {
-        model
-    } else {
-        "other"
+/// The price entry of the model an answer names, and the entry's name: the entry named
+/// exactly `model`, else the entry named `model` without a trailing date suffix
+/// (`-YYYY-MM-DD` as OpenAI dates its snapshots, `gpt-4o-mini-2024-07-18`; or `-YYYYMMDD`
+/// as Anthropic does, `claude-3-5-haiku-20241022`). Nothing looser: a prefix match would
+/// price `gpt-4o-2024-08-06` at a `gpt-4o-mini` entry's price, or `gpt-4o-mini` at
+/// `gpt-4o`'s. An entry named with a date prices that snapshot only.
+pub fn price_of<'t>(prices: &'t BTreeMap<String, Price>, model: &str) -> Option<(&'t str, &'t Price)> {
+    if let Some((name, price)) = prices.get_key_value(model) {
+        return Some((name.as_str(), price));
     }
+    let undated = strip_date_suffix(model)?;
+    prices.get_key_value(undated).map(|(name, price)| (name.as_str(), price))
+}
+
+/// `model` without its trailing `-YYYY-MM-DD` or `-YYYYMMDD` (a plausible date: a year
+/// 2000-2999, a month 01-12, a day 01-31), or `None` when it has none.
+pub fn strip_date_suffix(model: &str) -> Option<&str> {
+    let b = model.as_bytes();
+    let number = |s: &[u8]| -> Option<u32> {
+        s.iter().try_fold(0u32, |n, c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
+    };
+    let date = |y: &[u8], m: &[u8], d: &[u8]| match (number(y), number(m), number(d)) {
+        (Some(y), Some(m), Some(d)) => (2000..=2999).contains(&y) && (1..=12).contains(&m) && (1..=31).contains(&d),
+        _ => false,
+    };
+    // The suffix is ASCII, so where it starts is a character boundary of `model`.
+    let dashed = b.len() > 11 && {
+        let t = &b[b.len() - 11..];
+        t[0] == b'-' && t[5] == b'-' && t[8] == b'-' && date(&t[1..5], &t[6..8], &t[9..11])
+    };
+    if dashed {
+        return Some(&model[..model.len() - 11]);
+    }
+    let compact = b.len() > 9 && {
+        let t = &b[b.len() - 9..];
+        t[0] == b'-' && date(&t[1..5], &t[5..7], &t[7..9])
+    };
+    compact.then(|| &model[..model.len() - 9])
+}
+
+/// Label of a model in metrics: the name of the provider's price entry that prices it
+/// ([`price_of`]: a dated answer is labelled with its undated entry), or `other` (labels
+/// come from a fixed set, whatever an answer claims).
+pub fn model_label<'t>(prices: &'t BTreeMap<String, Price>, model: &str) -> &'t str {
+    price_of(prices, model).map_or("other", |(name, _)| name)
 }
 
 #[cfg(test)]
@@ -190,6 +262,12 @@ mod tests {
         assert_eq!(
             parse(anthropic).map(|u| (u.input_tokens, u.cached_input_tokens, u.output_tokens)),
             Some((37, 30, 9))
+        );
+        let gemini = r#"{"candidates":[],"modelVersion":"gemini-2.0-flash","usageMetadata":{"promptTokenCount":40,
+            "candidatesTokenCount":9,"thoughtsTokenCount":3,"cachedContentTokenCount":30,"totalTokenCount":52}}"#;
+        assert_eq!(
+            parse(gemini).map(|u| (u.model, u.input_tokens, u.cached_input_tokens, u.output_tokens)),
+            Some(("gemini-2.0-flash".into(), 40, 30, 12))
         );
         let embeddings = r#"{"data":[],"model":"e","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
         assert_eq!(parse(embeddings).map(|u| (u.input_tokens, u.output_tokens)), Some((8, 0)));
@@ -238,5 +316,50 @@ mod tests {
         let table = BTreeMap::from([("m".to_string(), p)]);
         assert_eq!(model_label(&table, "m"), "m");
         assert_eq!(model_label(&table, "evil\"}"), "other");
+    }
+
+    /// The documented rule: exact, else without a trailing date; never a looser prefix.
+    #[test]
+    fn a_dated_answer_is_priced_by_its_undated_entry_and_nothing_looser() {
+        let price = |input| Price {
+            input_per_mtok: input,
+            output_per_mtok: 0.0,
+            cached_input_per_mtok: None,
+            batch_factor: 0.5,
+        };
+        let table = BTreeMap::from([
+            ("gpt-4o".to_string(), price(2.5)),
+            ("gpt-4o-mini".to_string(), price(0.15)),
+            ("claude-3-5-haiku".to_string(), price(0.8)),
+            ("o1-2024-12-17".to_string(), price(15.0)),
+        ]);
+        let priced = |model: &str| price_of(&table, model).map(|(name, p)| (name, p.input_per_mtok));
+        assert_eq!(priced("gpt-4o-mini"), Some(("gpt-4o-mini", 0.15)), "exact");
+        assert_eq!(priced("gpt-4o-mini-2024-07-18"), Some(("gpt-4o-mini", 0.15)), "OpenAI's dated snapshot");
+        assert_eq!(priced("gpt-4o-2024-08-06"), Some(("gpt-4o", 2.5)), "not gpt-4o-mini's price");
+        assert_eq!(priced("claude-3-5-haiku-20241022"), Some(("claude-3-5-haiku", 0.8)), "Anthropic's date");
+        assert_eq!(priced("o1-2024-12-17"), Some(("o1-2024-12-17", 15.0)), "a dated entry prices its snapshot");
+        assert_eq!(priced("o1"), None, "an undated answer is not priced by a dated entry");
+        for unpriced in [
+            "gpt-4o-mini-audio",       // a prefix is not a match
+            "gpt-4o-mini-2024-13-18",  // no month 13
+            "gpt-4o-mini-2024-07",     // not a whole date
+            "gpt-4o-mini-0718",        // not a date suffix
+            "gpt-4o-mini-2024-07-18x", // something after the date
+            "gpt-4",
+            "",
+            "-20241022",
+            "é-2024-07-18",
+        ] {
+            assert_eq!(priced(unpriced), None, "{unpriced:?}");
+        }
+        assert_eq!(
+            strip_date_suffix("gpt-4o-mini-2024-07-18-2024-07-18"),
+            Some("gpt-4o-mini-2024-07-18"),
+            "one suffix"
+        );
+        assert_eq!(strip_date_suffix("ééé-20241022"), Some("ééé"));
+        assert_eq!(model_label(&table, "gpt-4o-mini-2024-07-18"), "gpt-4o-mini", "metrics name the entry");
+        assert_eq!(model_label(&table, "gpt-4o-mini-x"), "other");
     }
 }

@@ -1,6 +1,7 @@
 //! What the `producer` CLI prints: job ids as submitted, summaries of collected jobs (with
 //! the job's usage, asked of the tracker when the results came first), job statuses and the
-//! dead-letter listing. Machine-readable output (`--json`) goes to stdout, one JSON value per
+//! dead-letter listing, and what a stuck job waits for. Caps are shown as given (`cap 0.001`,
+//! see [`fleet::wire::JobUsage::describe`]). Machine-readable output (`--json`) goes to stdout, one JSON value per
 //! line; words for people go to stderr, so `job=$(producer submit ...)` captures the id alone.
 
 use std::path::Path;
@@ -45,17 +46,38 @@ pub fn retried(new: &Submitted, plan: &RetryPlan, old_job: &str, json: bool) {
     }
 }
 
-/// Job statuses, one per line (JSON with a `pending` count, or the rendered line).
-pub fn jobs(jobs: &[JobSummary], json: bool) {
-    for job in jobs {
+/// Job statuses with what each is stuck on (`stuck[i]` for `jobs[i]`, see
+/// [`crate::status_diagnosis`]): JSON gets a `pending` count and a `stuck` line when there
+/// is one; text gets the rendered job, a `dead-lettered=` count of an ended job (the items
+/// `producer dead` lists), and the stuck line.
+pub fn statuses(jobs: &[JobSummary], stuck: &[Option<String>], json: bool) {
+    for (i, job) in jobs.iter().enumerate() {
+        let stuck = stuck.get(i).and_then(|s| s.as_deref());
         if json {
             let mut v = serde_json::to_value(job).expect("serializable");
             v["pending"] = job.counts.pending().into();
+            if let Some(s) = stuck {
+                v["stuck"] = s.into();
+            }
             println!("{v}");
         } else {
-            println!("{}", inspect::render(job));
+            println!("{}", render(job, stuck));
         }
     }
+}
+
+/// One job for people: [`inspect::render`], then what the ended job left dead-lettered
+/// (the job in progress shows it on its progress line) and why it is stuck.
+pub fn render(job: &JobSummary, stuck: Option<&str>) -> String {
+    let mut out = inspect::render(job);
+    if job.progress.is_none() && job.dead_lettered > 0 {
+        out.push_str(&format!("\n    dead-lettered={} (listed by `producer dead`)", job.dead_lettered));
+    }
+    if let Some(s) = stuck {
+        out.push_str("\n    stuck: ");
+        out.push_str(s);
+    }
+    out
 }
 
 /// The dead-letter listing (control characters escaped in text, see [`DeadMessage::line`]).

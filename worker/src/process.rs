@@ -78,12 +78,8 @@ async fn call(ctx: &Context, client: &ProviderClient, item: Item, target: &Targe
             return Decision::Finish(Box::new(result));
         }
     }
-    if let Ok(success) = &outcome.result {
-        let tokens = [("prompt", success.prompt_tokens), ("completion", success.completion_tokens)];
-        for (kind, n) in tokens.into_iter().filter(|(_, n)| *n > 0) {
-            ctx.publisher.metrics.tokens.with_label_values(&[&client.name, kind]).inc_by(n);
-        }
-    }
+    // Tokens are counted by the tracker from the usage each result carries (one parser,
+    // `fleet::usage`, online and batch alike): `batch_usage_tokens_total`.
     let decision = after_call(item, outcome, &ctx.retry, &ctx.worker_id, fleet::now_ms());
     if let Decision::Finish(r) = &decision {
         if let (ItemStatus::Failed, Some(error)) = (r.status, &r.error) {

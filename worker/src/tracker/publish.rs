@@ -20,6 +20,9 @@ impl Active<'_> {
                 self.metrics.items.with_label_values(&[provider, status.as_str()]);
             }
             self.metrics.jobs_submitted.with_label_values(&[provider]);
+            for mode in [state::AnswerMode::Online, state::AnswerMode::Batch] {
+                self.metrics.answers.with_label_values(&[provider, mode.as_str()]);
+            }
             self.metrics.jobs_in_progress.with_label_values(&[provider]);
         }
     }
@@ -71,6 +74,7 @@ impl Active<'_> {
             self.metrics.jobs_in_progress.with_label_values(&[self.provider_label(&provider)]).set(n);
         }
         self.publish_usage_metrics();
+        self.publish_spend_metrics();
         self.snapshot.send_replace(Some(fleet::metrics::encode(&self.metrics.registry)));
     }
 
@@ -99,6 +103,31 @@ impl Active<'_> {
             let c = self.metrics.usage_cost.with_label_values(&[provider, model]);
             if t.cost > c.get() {
                 c.inc_by(t.cost - c.get());
+            }
+        }
+    }
+
+    /// Answers by mode catch up with the checkpointed counts; the per-job cost series are
+    /// drawn afresh (a job that left the shown set loses its series: the snapshot replaces
+    /// the whole group at the Pushgateway).
+    fn publish_spend_metrics(&self) {
+        let mut answers: BTreeMap<String, u64> = Default::default();
+        for (key, n) in &self.state.answers_total {
+            let (provider, mode) = state::split_key(key);
+            *answers.entry(state::provider_key(self.provider_label(provider), mode)).or_default() += n;
+        }
+        for (key, n) in answers {
+            let (provider, mode) = state::split_key(&key);
+            let c = self.metrics.answers.with_label_values(&[provider, mode]);
+            c.inc_by(n.saturating_sub(c.get()));
+        }
+        self.metrics.job_cost.reset();
+        self.metrics.job_max_cost.reset();
+        for job in self.state.job_spend() {
+            let labels = [self.provider_label(job.provider), job.job_id];
+            self.metrics.job_cost.with_label_values(&labels).set(job.cost);
+            if let Some(cap) = job.max_cost {
+                self.metrics.job_max_cost.with_label_values(&labels).set(cap);
             }
         }
     }

@@ -115,6 +115,7 @@ impl JobState {
             counts,
             submitted_at_ms: self.submitted_at_ms,
             finished_at_ms: self.finished_at_ms,
+            dead_lettered: self.dead_lettered,
         }
     }
 
@@ -144,6 +145,7 @@ pub struct Ended {
 
 /// Everything the tracker checkpoints.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(remote = "Self")] // the serde impls come from `versioned!` below: written with its wire version
 pub struct State {
     /// How many checkpoints were written before this one (a takeover restores the newest
     /// readable copy; 0 in checkpoints of earlier versions).
@@ -162,6 +164,10 @@ pub struct State {
     /// or `other`): the usage metrics, restored on takeover so they never decrease.
     #[serde(default)]
     pub usage_total: BTreeMap<String, BTreeMap<String, UsageTotals>>,
+    /// `batch_answers_total` by `provider/mode`: succeeded items by how they were answered
+    /// ([`AnswerMode`]), each counted once with its first result (restored on takeover).
+    #[serde(default)]
+    pub answers_total: BTreeMap<String, u64>,
     /// The price tables by provider (from the configuration, not checkpointed).
     #[serde(skip)]
     pub prices: BTreeMap<String, BTreeMap<String, Price>>,
@@ -179,6 +185,7 @@ pub struct State {
     #[serde(skip)]
     unsubmitted: Count,
 }
+fleet::versioned!(State);
 
 /// A count derived from the state, kept to save a scan: not part of what a state is (two
 /// states that differ only in it are equal, as one restored from a checkpoint and the one
@@ -203,6 +210,50 @@ pub const MAX_UNSUBMITTED_INDEX: u64 = 65_536;
 /// Results streams waiting for their age limit at most: beyond it, the oldest is left to
 /// the broker (its age limit empties it; only an empty queue object remains).
 pub const MAX_EXPIRING_STREAMS: usize = 100_000;
+
+/// Jobs the per-job cost series (`batch_job_cost`, `batch_job_max_cost`) show at most: the
+/// only series labelled by job, so bounded whatever the number of jobs held.
+pub const MAX_JOB_COST_SERIES: usize = 20;
+
+/// How a succeeded item was answered: the `mode` label of `batch_answers_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerMode {
+    /// One provider call of its own.
+    Online,
+    /// Out of a provider batch ([`Usage::batch`]).
+    Batch,
+}
+
+impl AnswerMode {
+    /// The mode of an answer with this usage (an answer that reports none was a call of
+    /// its own: batch outputs are read with their usage).
+    pub fn of(usage: Option<&Usage>) -> AnswerMode {
+        if usage.is_some_and(|u| u.batch) {
+            AnswerMode::Batch
+        } else {
+            AnswerMode::Online
+        }
+    }
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnswerMode::Online => "online",
+            AnswerMode::Batch => "batch",
+        }
+    }
+}
+
+/// One job's spend, as the per-job cost series show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpend<'a> {
+    pub job_id: &'a str,
+    pub provider: &'a str,
+    /// Cost so far at the price table.
+    pub cost: f64,
+    /// Its spend cap, if it has one.
+    pub max_cost: Option<f64>,
+}
 
 /// Token and cost counters of one provider and model label.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -372,6 +423,10 @@ impl State {
         }
         let provider = job.provider.clone();
         *self.items_total.entry(provider_key(&provider, result.status.as_str())).or_default() += 1;
+        if result.status == ItemStatus::Succeeded {
+            let mode = AnswerMode::of(result.usage.as_ref()).as_str();
+            *self.answers_total.entry(provider_key(&provider, mode)).or_default() += 1;
+        }
         if let Some(usage) = &result.usage {
             self.add_usage(&result.job_id, &provider, usage);
         }
@@ -408,8 +463,10 @@ impl State {
     /// for a budget cancel when its spend reaches its cap.
     fn add_usage(&mut self, job_id: &str, provider: &str, usage: &Usage) {
         let table = self.prices.get(provider);
-        let label = table.map_or("other", |t| fleet::usage::model_label(t, &usage.model)).to_string();
-        let cost = table.and_then(|t| t.get(&usage.model)).map(|p| p.cost(usage));
+        // Priced by the entry of the answer's model, its dated variants included.
+        let entry = table.and_then(|t| fleet::usage::price_of(t, &usage.model));
+        let label = entry.map_or("other", |(name, _)| name).to_string();
+        let cost = entry.map(|(_, p)| p.cost(usage));
         let totals = self.usage_total.entry(provider.to_string()).or_default().entry(label).or_default();
         totals.input_tokens = totals.input_tokens.saturating_add(usage.input_tokens);
         totals.cached_input_tokens = totals.cached_input_tokens.saturating_add(usage.cached_input_tokens);
@@ -423,6 +480,25 @@ impl State {
             job.reason = Some(fleet::wire::REASON_BUDGET.to_string());
             self.budget_cancels.push(job_id.to_string());
         }
+    }
+
+    /// The jobs the per-job cost series show ([`MAX_JOB_COST_SERIES`] at most): capped jobs
+    /// in progress first (their spend against the cap is what someone watches), then the
+    /// others by cost, highest first.
+    pub fn job_spend(&self) -> Vec<JobSpend<'_>> {
+        let mut jobs: Vec<(bool, JobSpend<'_>)> = self
+            .jobs
+            .values()
+            .filter(|j| j.total.is_some())
+            .map(|j| {
+                let watched = j.max_cost.is_some() && j.end_status.is_none();
+                let spend =
+                    JobSpend { job_id: &j.job_id, provider: &j.provider, cost: j.usage.cost, max_cost: j.max_cost };
+                (watched, spend)
+            })
+            .collect();
+        jobs.sort_by(|(wa, a), (wb, b)| wb.cmp(wa).then(b.cost.total_cmp(&a.cost)).then(a.job_id.cmp(b.job_id)));
+        jobs.into_iter().take(MAX_JOB_COST_SERIES).map(|(_, spend)| spend).collect()
     }
 
     /// Jobs not yet ended, by provider.
@@ -688,6 +764,39 @@ mod tests {
         s3.apply_results(&used_in(0, "m", true), 2);
         assert!((s3.jobs["j"].usage.cost - 2.0).abs() < 1e-9, "half of 4");
         assert!((s3.usage_total["p"]["m"].cost - 2.0).abs() < 1e-9);
+    }
+
+    /// A dated answer (`m-2024-07-18`) is priced by the entry `m`, labelled `m`, and
+    /// counts towards the cap; answers count by mode; the per-job series are bounded.
+    #[test]
+    fn dated_answers_are_priced_by_their_undated_entry_and_fire_the_cap() {
+        let mut s = State::default();
+        let price = Price { input_per_mtok: 1e6, output_per_mtok: 2e6, cached_input_per_mtok: None, batch_factor: 0.5 };
+        s.prices.insert("p".into(), BTreeMap::from([("m".to_string(), price)]));
+        let mut ev = submitted("j", 3);
+        if let LedgerEvent::JobSubmitted { max_cost, .. } = &mut ev {
+            *max_cost = Some(0.001);
+        }
+        s.apply(&ev, 1);
+        let usage = Usage { model: "m-2024-07-18".into(), input_tokens: 2, output_tokens: 1, ..Usage::default() };
+        let [r] = <[ItemResult; 1]>::try_from(finished("j", &[(0, ItemStatus::Succeeded)])).unwrap();
+        s.apply_results(&[ItemResult { usage: Some(usage.clone()), ..r }], 2);
+        assert!((s.jobs["j"].usage.cost - 4.0).abs() < 1e-9);
+        assert_eq!(s.jobs["j"].usage.unpriced_answers, 0);
+        assert_eq!(s.usage_total["p"]["m"].input_tokens, 2, "labelled by the entry");
+        assert_eq!(s.budget_cancels, vec!["j".to_string()], "the cap fired");
+        assert_eq!(s.jobs["j"].summary(2).usage.unwrap().max_cost, Some(0.001));
+        let [r] = <[ItemResult; 1]>::try_from(finished("j", &[(1, ItemStatus::Succeeded)])).unwrap();
+        s.apply_results(&[ItemResult { usage: Some(Usage { batch: true, ..usage }), ..r }], 3);
+        assert_eq!((s.answers_total["p/online"], s.answers_total["p/batch"]), (1, 1));
+        let spend = s.job_spend();
+        assert_eq!((spend[0].job_id, spend[0].max_cost), ("j", Some(0.001)));
+        for i in 0..(MAX_JOB_COST_SERIES + 5) {
+            s.apply(&submitted(&format!("k{i}"), 1), 4);
+        }
+        let spend = s.job_spend();
+        assert_eq!(spend.len(), MAX_JOB_COST_SERIES);
+        assert_eq!(spend[0].job_id, "j", "the capped job in progress comes first");
     }
 
     #[test]

@@ -7,8 +7,15 @@
 //! A client may know several brokers (the nodes of a cluster, `amqp.urls`): it connects to
 //! one that answers and, when that one goes away, to another, exactly as it reconnects
 //! after a broker restart.
+//!
+//! A node can also go *silent*: cut off by a partition, it keeps the TCP connection open
+//! and sends nothing, so no error ever arrives. Every connection therefore asks for an AMQP
+//! heartbeat ([`set_heartbeat`], `amqp.heartbeat_s`, 10 s by default): lapin sends one every
+//! half period and closes the connection when nothing at all has come from the broker for
+//! two periods, checking every half period; the client then reconnects as after any loss.
+//! See [`silent_node_bound`].
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -68,14 +75,61 @@ pub const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// the TCP part: a busy broker may be slow to open, and that is not a dead broker.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The heartbeat a connection asks for when nothing else is configured, seconds. RabbitMQ
+/// proposes 60 s, which would leave a client on a silent node for two minutes or more;
+/// below 5 s a busy broker or client risks false alarms (RabbitMQ's own advice).
+pub const DEFAULT_HEARTBEAT_S: u16 = 10;
+
+/// Longest heartbeat `amqp.heartbeat_s` accepts, seconds.
+pub const MAX_HEARTBEAT_S: u16 = 600;
+
+/// The heartbeat every connection of this process asks for (see [`set_heartbeat`]).
+static HEARTBEAT_S: AtomicU16 = AtomicU16::new(DEFAULT_HEARTBEAT_S);
+
+/// Sets the heartbeat, seconds, that every later [`connect`] of this process asks for when
+/// its URL names none (`?heartbeat=`). Loading the configuration sets it from
+/// `amqp.heartbeat_s`; one process talks to one fleet, so one value serves all its
+/// connections. Values out of [`check_heartbeat`]'s range are ignored.
+pub fn set_heartbeat(seconds: u16) {
+    if check_heartbeat(seconds).is_ok() {
+        HEARTBEAT_S.store(seconds, Ordering::Relaxed);
+    }
+}
+
+/// The heartbeat connections of this process ask for, seconds.
+pub fn heartbeat() -> u16 {
+    HEARTBEAT_S.load(Ordering::Relaxed)
+}
+
+/// Refuses a heartbeat of 0 (lapin would then take the broker's 60 s) or above
+/// [`MAX_HEARTBEAT_S`].
+pub fn check_heartbeat(seconds: u16) -> anyhow::Result<()> {
+    if !(1..=MAX_HEARTBEAT_S).contains(&seconds) {
+        anyhow::bail!("amqp.heartbeat_s must be between 1 and {MAX_HEARTBEAT_S} seconds, got {seconds}");
+    }
+    Ok(())
+}
+
+/// How long a client connected to a node that goes silent (no byte, no close) may take to
+/// notice, with a heartbeat of `heartbeat_s`: lapin closes a connection on which nothing
+/// has arrived for two heartbeats, and looks every half heartbeat (25 s at the default
+/// 10 s). Reconnecting then costs at most [`CONNECT_TIMEOUT`] for each silent address
+/// tried before a live one (a silent node may still accept TCP connects, and then never
+/// answers the AMQP handshake).
+pub fn silent_node_bound(heartbeat_s: u16) -> Duration {
+    Duration::from_millis(u64::from(heartbeat_s) * 2500)
+}
+
 /// Connects once, naming the connection so operators can tell processes apart.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     // Parsed here rather than by lapin, whose parse error quotes the whole URL, password
     // included.
-    let uri: AMQPUri = url.parse().map_err(|_| {
+    let mut uri: AMQPUri = url.parse().map_err(|_| {
         let msg = format!("not a valid AMQP URL: {}", redact_url(url));
         lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))
     })?;
+    // The lower of this and the broker's proposal is used (lapin negotiates so).
+    uri.query.heartbeat.get_or_insert(heartbeat());
     let props = ConnectionProperties::default().with_connection_name(name.into());
     let runtime = lapin::runtime::default_runtime()?;
     // lapin's own TCP connect has no timeout on the async path: a host that drops SYNs
@@ -173,9 +227,86 @@ pub async fn close(conn: &Connection, reason: &str) {
 
 /// Opens a channel in confirm mode.
 pub async fn confirm_channel(conn: &Connection) -> lapin::Result<Channel> {
-    let ch = conn.create_channel().await?;
+    let ch = open_channel(conn).await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     Ok(ch)
+}
+
+/// Tries of [`open_channel`] that may meet a stale error before one counts.
+const STALE_OPEN_TRIES: usize = 4;
+
+/// Opens a channel on `conn`; every channel of the fleet is opened here.
+///
+/// lapin (4.12) keeps the error of a channel the broker closed (a 404 on a passive declare,
+/// a consume of a deleted queue) and hands it to the channel that reuses its id once the
+/// ids wrap around at `channel_max` (2,047 on RabbitMQ): that open fails with the old
+/// channel-level error although the connection is fine, and a caller that reconnects on
+/// it turns one stale error into a reconnection (`fleet/examples/channel_wrap.rs`
+/// reproduces it). Such an open is tried again (each try takes the next id); a
+/// connection-level error returns at once.
+pub async fn open_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let mut tries = 1;
+    loop {
+        match conn.create_channel().await {
+            Err(e) if tries < STALE_OPEN_TRIES && conn.status().connected() && is_channel_level(&e) => {
+                tracing::debug!(error = %e, "a stale channel error on open; opening another");
+                tries += 1;
+            }
+            opened => return opened,
+        }
+    }
+}
+
+/// Uses of one [`Probe`] connection before it is replaced by a fresh one.
+const PROBE_USES: usize = 256;
+
+/// A connection of its own for the broker operations that may close their channel: a
+/// passive declare of a queue that may be missing, a consume or delete that may be
+/// refused. The long-lived connections of a process then never hold a channel the broker
+/// closed, whose id lapin would later hand out with the old error (see [`open_channel`]);
+/// the probe connection is replaced after [`PROBE_USES`] uses and whenever it fails.
+pub struct Probe {
+    urls: Vec<String>,
+    name: String,
+    current: tokio::sync::Mutex<Option<(std::sync::Arc<Connection>, usize)>>,
+}
+
+impl Probe {
+    /// A probe of the broker at `urls` (tried in turn), its connections named `name`;
+    /// connects at first use.
+    pub fn new(urls: Vec<String>, name: &str) -> Probe {
+        Probe { urls, name: name.to_string(), current: tokio::sync::Mutex::new(None) }
+    }
+
+    /// The connection to run one probing operation on.
+    pub async fn connection(&self) -> lapin::Result<std::sync::Arc<Connection>> {
+        let mut current = self.current.lock().await;
+        if let Some((conn, uses)) = current.as_mut() {
+            if *uses < PROBE_USES && conn.status().connected() {
+                *uses += 1;
+                return Ok(conn.clone());
+            }
+        }
+        if let Some((old, _)) = current.take() {
+            // Closed off the caller's path: operations still running on it finish first.
+            tokio::spawn(async move { close(&old, "probe connection replaced").await });
+        }
+        let conn = std::sync::Arc::new(connect_any(&self.urls, &self.name).await?);
+        *current = Some((conn.clone(), 1));
+        Ok(conn)
+    }
+
+    /// Messages ready and consumers of `queue`, `None` when it does not exist (see
+    /// [`crate::topology::queue_stats`]), asked on the probe connection.
+    pub async fn queue_stats(&self, queue: &str) -> lapin::Result<Option<(u32, u32)>> {
+        crate::topology::queue_stats(&*self.connection().await?, queue).await
+    }
+}
+
+/// Whether `e` is a channel-level (soft) error from the broker: it closed one channel, not
+/// the connection.
+fn is_channel_level(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), lapin::protocol::AMQPErrorKind::Soft(_)))
 }
 
 /// Persistent properties with a content type, the base of every message the fleet sends.
@@ -295,6 +426,14 @@ mod tests {
         ] {
             assert_eq!(redact_url(url), want, "{url}");
         }
+    }
+
+    #[test]
+    fn heartbeats_are_bounded_and_say_how_soon_a_silent_node_is_noticed() {
+        assert!(check_heartbeat(0).is_err(), "0 would take the broker's 60 s");
+        assert!(check_heartbeat(MAX_HEARTBEAT_S + 1).is_err());
+        assert!(check_heartbeat(DEFAULT_HEARTBEAT_S).is_ok());
+        assert_eq!(silent_node_bound(DEFAULT_HEARTBEAT_S), Duration::from_secs(25));
     }
 
     #[tokio::test]

@@ -399,7 +399,7 @@ impl Topology {
             if queue_stats(conn, &queue).await?.is_none() {
                 continue;
             }
-            let ch = conn.create_channel().await?;
+            let ch = crate::amqp::open_channel(conn).await?;
             let opts = lapin::options::QueueDeleteOptions { if_empty: true, ..Default::default() };
             if ch.queue_delete(queue.as_str().into(), opts).await.is_err() {
                 left.push(queue);
@@ -536,7 +536,7 @@ impl Topology {
 /// `(messages ready, consumers)` of a queue, or `None` if it does not exist. Uses its own
 /// channel because a passive declare of a missing queue closes the channel.
 pub async fn queue_stats(conn: &lapin::Connection, queue: &str) -> lapin::Result<Option<(u32, u32)>> {
-    let ch = conn.create_channel().await?;
+    let ch = crate::amqp::open_channel(conn).await?;
     let res = ch
         .queue_declare(queue.into(), QueueDeclareOptions { passive: true, ..Default::default() }, FieldTable::default())
         .await;

@@ -382,7 +382,7 @@ impl Collector {
         output: &Path,
     ) -> Result<(), Interrupted> {
         let broker = |e: lapin::Error| Interrupted::Broker(e.into());
-        let ch = conn.create_channel().await.map_err(broker)?;
+        let ch = fleet::amqp::open_channel(conn).await.map_err(broker)?;
         ch.basic_qos(2 * ACK_BATCH_MESSAGES as u16, BasicQosOptions::default()).await.map_err(broker)?;
         // Every session reads the stream from its first message; what the file holds already
         // is skipped. (The stream keeps no per-reader position, so readers never interfere.)

@@ -88,7 +88,7 @@ async fn ask_once(
     if topology.queue_len(conn, &topology.tracker_rpc_queue()).await?.is_none() {
         anyhow::bail!("no worker has ever run in namespace {:?}: start one with `worker`", topology.namespace());
     }
-    let ch = conn.create_channel().await?;
+    let ch = fleet::amqp::open_channel(conn).await?;
     // Direct reply-to: consume first (no-ack), then publish with reply_to set to it.
     let mut replies = ch
         .basic_consume(

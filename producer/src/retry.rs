@@ -124,7 +124,7 @@ async fn read_results(cfg: &Config, job_id: &str, selection: Selection) -> anyho
             topology.namespace()
         );
     }
-    let ch = conn.create_channel().await?;
+    let ch = fleet::amqp::open_channel(&conn).await?;
     ch.basic_qos(2 * ACK_BATCH, BasicQosOptions::default()).await?;
     let mut from_first = FieldTable::default();
     from_first.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));

@@ -17,14 +17,15 @@ use crate::settle::Publisher;
 /// `shutdown` fires (`Ok` once every consumer is cancelled; in-flight tasks keep running
 /// in `in_flight`).
 pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let Worker { cfg, worker_id, topology, metrics, clients, in_flight, cancelled, open_jobs, .. } = w;
+    let Worker { cfg, worker_id, topology, metrics, clients, in_flight, cancelled, open_jobs, probe, .. } = w;
     let publish = fleet::amqp::confirm_channel(conn).await?;
     topology.declare_common(&publish).await?;
     topology.declare_job_delay_queues(&publish, &cfg.retry.delay_tiers_s).await?;
     for name in clients.keys() {
         topology.declare_items_queue(&publish, name).await?;
         topology.declare_delay_queues(&publish, name, &cfg.retry.delay_tiers_s).await?;
-        match topology.retire_classic_delay_queues(conn, name, &cfg.retry.delay_tiers_s).await {
+        // Mostly absent: asked on the probe connection, so no channel of ours is refused.
+        match topology.retire_classic_delay_queues(&*probe.connection().await?, name, &cfg.retry.delay_tiers_s).await {
             Ok(left) if !left.is_empty() => tracing::info!(
                 queues = ?left,
                 "classic delay queues of an earlier version still hold items; they flow back to the items queue as they expire"
@@ -66,6 +67,7 @@ pub async fn serve_connection(conn: &Arc<Connection>, w: &Worker, shutdown: &Can
             in_flight: in_flight.clone(),
             open_jobs: open_jobs.clone(),
             worker_id: worker_id.clone(),
+            probe: probe.clone(),
         };
         job_servers.push(provider_jobs.serve(conn, shutdown));
     }

@@ -34,6 +34,8 @@ pub struct Worker {
     pub provider_batches: prometheus::IntGaugeVec,
     /// Jobs whose items queues exist, as the control stream announced them.
     pub open_jobs: OpenJobs,
+    /// For the broker operations that may close their channel (see [`fleet::amqp::Probe`]).
+    pub probe: Arc<fleet::amqp::Probe>,
 }
 
 /// What every delivery handler of one connection shares.

@@ -30,7 +30,7 @@ impl Follower {
         cancelled: Cancelled,
         open_jobs: OpenJobs,
     ) -> anyhow::Result<Follower> {
-        let ch = conn.create_channel().await?;
+        let ch = fleet::amqp::open_channel(conn).await?;
         // Streams require a prefetch and manual acks on AMQP 0.9.1.
         ch.basic_qos(500, BasicQosOptions::default()).await?;
         let mut args = FieldTable::default();

@@ -14,9 +14,16 @@
 //! job's queue exists, the tracker publishes `job_closed` when the job ended and its queue
 //! is deleted (the broker also cancels our consumer then). The registry of open jobs is
 //! [`crate::known::OpenJobs`].
+//!
+//! Announcements are not trusted to hold a slot: a job whose queue is missing is forgotten
+//! at the first try, and a consumer that held nothing for [`IDLE_GIVE_BACK`] while other
+//! jobs of its provider wait for a slot gives its slot back (its job goes to the back of
+//! the line), so announcements of empty queues cannot starve the jobs that have items.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
@@ -31,16 +38,30 @@ use crate::known::OpenJobs;
 use crate::process;
 use crate::provider::ProviderClient;
 
-/// How a job's consumer ended.
-enum JobConsumerEnd {
+/// How long a job's consumer may hold no delivery, while other jobs of its provider wait
+/// for a slot, before it gives its slot back.
+pub const IDLE_GIVE_BACK: Duration = Duration::from_secs(5);
+
+/// How a consumer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConsumerEnd {
     /// Shutdown, or the provider's keys all rejected: the consumer was cancelled by us.
     Stopped,
+    /// Idle while other jobs waited: cancelled by us to give the slot back.
+    Idle,
     /// The broker cancelled it: the job's queue was deleted (the job ended).
     QueueGone,
 }
 
+/// When a consumer gives its slot back: it held no delivery for `after`, and `others_wait`
+/// says other jobs wait for one.
+pub struct GiveBack {
+    pub after: Duration,
+    pub others_wait: Box<dyn Fn() -> bool + Send + Sync>,
+}
+
 /// A job's consumer, run as a task of its own.
-type JobTask = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<JobConsumerEnd>> + Send>>;
+type JobTask = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result<ConsumerEnd>> + Send>>;
 
 /// What every job consumer of one provider shares.
 pub struct ProviderJobs {
@@ -51,6 +72,8 @@ pub struct ProviderJobs {
     pub in_flight: TaskTracker,
     pub open_jobs: OpenJobs,
     pub worker_id: String,
+    /// Asks whether an announced job's queue exists before a channel is opened for it.
+    pub probe: Arc<fleet::amqp::Probe>,
 }
 
 impl ProviderJobs {
@@ -72,6 +95,7 @@ impl ProviderJobs {
                         continue;
                     }
                     if let Some(task) = self.start(conn, &job_id, priority, &period).await? {
+                        self.open_jobs.set_consuming(&job_id, true);
                         running.insert(job_id.clone(), ());
                         consumers.spawn(async move { (job_id, task.await) });
                     }
@@ -94,13 +118,18 @@ impl ProviderJobs {
                 Some(done) = consumers.join_next() => {
                     let (job_id, end) = done.map_err(|e| anyhow::anyhow!("job consumer task failed: {e}"))?;
                     running.remove(&job_id);
+                    self.open_jobs.set_consuming(&job_id, false);
                     match end? {
-                        JobConsumerEnd::QueueGone => {
+                        ConsumerEnd::QueueGone => {
                             tracing::debug!(job_id = %job_id, "job queue deleted: the job ended");
                             self.open_jobs.close(&job_id);
                         }
-                        JobConsumerEnd::Stopped if shutdown.is_cancelled() && consumers.is_empty() => return Ok(()),
-                        JobConsumerEnd::Stopped => {}
+                        ConsumerEnd::Idle => {
+                            tracing::debug!(job_id = %job_id, "job queue idle while others wait: slot given back");
+                            self.open_jobs.to_back(&job_id);
+                        }
+                        ConsumerEnd::Stopped if shutdown.is_cancelled() && consumers.is_empty() => return Ok(()),
+                        ConsumerEnd::Stopped => {}
                     }
                 }
             }
@@ -117,10 +146,17 @@ impl ProviderJobs {
         priority: u32,
         stop: &CancellationToken,
     ) -> anyhow::Result<Option<JobTask>> {
-        let ch = conn.create_channel().await?;
+        let queue = self.ctx.publisher.topology.job_items_queue(&self.client.name, job_id);
+        // Anyone can announce a job: a missing queue is found on the probe connection, not
+        // by a refused consume on ours (see `fleet::amqp::Probe`).
+        if let Ok(None) = self.probe.queue_stats(&queue).await {
+            tracing::debug!(job_id = %job_id, "job queue does not exist: the job ended");
+            self.open_jobs.close(job_id);
+            return Ok(None);
+        }
+        let ch = fleet::amqp::open_channel(conn).await?;
         let prefetch = u32::from(self.prefetch).saturating_mul(priority).min(u32::from(u16::MAX)) as u16;
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-        let queue = self.ctx.publisher.topology.job_items_queue(&self.client.name, job_id);
         let tag = format!("{}/{}/{job_id}", self.worker_id, self.client.name);
         let consumer = match ch
             .basic_consume(
@@ -142,10 +178,10 @@ impl ProviderJobs {
         tracing::debug!(job_id = %job_id, priority, prefetch, "consuming a job");
         let (ctx, client, in_flight, stop) =
             (self.ctx.clone(), self.client.clone(), self.in_flight.clone(), stop.clone());
-        Ok(Some(Box::pin(async move {
-            let ended = consume_deliveries(ch, consumer, tag, ctx, client, in_flight, stop).await?;
-            Ok(if ended { JobConsumerEnd::Stopped } else { JobConsumerEnd::QueueGone })
-        })))
+        let (open_jobs, provider) = (self.open_jobs.clone(), self.client.name.clone());
+        let give_back =
+            GiveBack { after: IDLE_GIVE_BACK, others_wait: Box::new(move || open_jobs.others_wait(&provider)) };
+        Ok(Some(Box::pin(consume_deliveries(ch, consumer, tag, ctx, client, in_flight, stop, Some(give_back)))))
     }
 }
 
@@ -174,7 +210,7 @@ pub async fn serve_provider_queue(
         if shutdown.is_cancelled() {
             return Ok(());
         }
-        let ch = conn.create_channel().await?;
+        let ch = fleet::amqp::open_channel(&conn).await?;
         // The broker never hands us more unacked items than the prefetch.
         ch.basic_qos(prefetch, BasicQosOptions::default()).await?;
         let consumer = ch
@@ -195,6 +231,7 @@ pub async fn serve_provider_queue(
                 client.clone(),
                 in_flight.clone(),
                 period.clone(),
+                None,
             );
             tokio::pin!(consuming);
             loop {
@@ -209,16 +246,19 @@ pub async fn serve_provider_queue(
                 }
             }
         };
-        if !ended {
+        if ended == ConsumerEnd::QueueGone {
             anyhow::bail!("consumer of {} ended unexpectedly", client.name);
         }
     }
 }
 
 /// Hands every delivery of `consumer` to [`process::handle`] as a task in `in_flight`, until
-/// `shutdown` (then cancels the consumer; returns `Ok(true)` once the broker confirmed) or
-/// until the broker ends the consumer (`Ok(false)`: its queue was deleted). `Err` when the
-/// channel or connection failed.
+/// `shutdown` or, with `give_back`, until it held nothing for a while others waited (then
+/// cancels the consumer, and returns [`ConsumerEnd::Stopped`] or [`ConsumerEnd::Idle`]
+/// once the broker confirmed), or until the broker ends the consumer
+/// ([`ConsumerEnd::QueueGone`]: its queue was deleted). `Err` when the channel or
+/// connection failed.
+#[allow(clippy::too_many_arguments)]
 pub async fn consume_deliveries(
     ch: lapin::Channel,
     mut consumer: lapin::Consumer,
@@ -227,35 +267,51 @@ pub async fn consume_deliveries(
     client: Arc<ProviderClient>,
     in_flight: TaskTracker,
     shutdown: CancellationToken,
-) -> anyhow::Result<bool> {
+    give_back: Option<GiveBack>,
+) -> anyhow::Result<ConsumerEnd> {
     // Every settlement on this channel goes through it, so acks can be grouped safely.
     let acks = Arc::new(ChannelAcks::default());
-    let mut cancelling = false;
+    // Deliveries of this consumer not yet settled, and when the last one arrived.
+    let held = Arc::new(AtomicUsize::new(0));
+    let mut last_delivery = tokio::time::Instant::now();
+    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+    let mut cancelling: Option<ConsumerEnd> = None;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled(), if !cancelling => {
-                cancelling = true;
-                // Stop new deliveries; the stream ends once the broker confirms, and
-                // whatever arrived before that is still processed.
-                if ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await.is_err() {
-                    return Ok(true);
+        let why = tokio::select! {
+            _ = shutdown.cancelled(), if cancelling.is_none() => ConsumerEnd::Stopped,
+            _ = idle_check.tick(), if cancelling.is_none() && give_back.is_some() => {
+                let Some(rule) = &give_back else { continue };
+                let idle = held.load(Ordering::Relaxed) == 0 && last_delivery.elapsed() >= rule.after;
+                if !(idle && (rule.others_wait)()) {
+                    continue;
                 }
+                ConsumerEnd::Idle
             }
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let delivery = acks.track(delivery).await;
+                    last_delivery = tokio::time::Instant::now();
+                    held.fetch_add(1, Ordering::Relaxed);
                     // The task holds a handle of the channel: lapin closes a channel
                     // when its last handle drops, which would requeue this delivery
                     // even after the consumer task has finished (during the drain).
-                    let (ctx, client, ch) = (ctx.clone(), client.clone(), ch.clone());
+                    let (ctx, client, ch, held) = (ctx.clone(), client.clone(), ch.clone(), held.clone());
                     in_flight.spawn(async move {
                         process::handle(ctx, client, delivery).await;
+                        held.fetch_sub(1, Ordering::Relaxed);
                         drop(ch);
                     });
+                    continue;
                 }
                 Some(Err(e)) => return Err(anyhow::Error::from(e)),
-                None => return Ok(cancelling),
+                None => return Ok(cancelling.unwrap_or(ConsumerEnd::QueueGone)),
             }
+        };
+        cancelling = Some(why);
+        // Stop new deliveries; the stream ends once the broker confirms, and whatever
+        // arrived before that is still processed.
+        if ch.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await.is_err() {
+            return Ok(why);
         }
     }
 }

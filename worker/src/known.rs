@@ -6,7 +6,9 @@
 //! Anyone who can publish to the control stream can add cancels and announce jobs, so both
 //! are bounded: a cancel is forgotten `tracker.retention_s` after it was read, and beyond
 //! [`MAX_CANCELLED`] entries the oldest go first; beyond [`MAX_OPEN_JOBS`] announcements the
-//! oldest are forgotten.
+//! oldest are forgotten, never one this worker is consuming. Announcements cannot hold the
+//! consumer slots either: a job whose queue is missing is forgotten at the first try, and
+//! an idle one goes to the back of the line when others wait ([`OpenJobs::to_back`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
@@ -97,6 +99,8 @@ struct OpenJob {
     priority: u32,
     /// Order of announcement: jobs beyond [`MAX_CONSUMED_JOBS`] wait in this order.
     seq: u64,
+    /// A consumer of this worker holds the job's queue: never evicted for a newer one.
+    consuming: bool,
 }
 
 /// The jobs whose queues exist, shared by the control follower (which fills it) and the
@@ -121,20 +125,49 @@ impl OpenJobs {
         if jobs.contains_key(job_id) {
             return;
         }
-        let seq = {
-            let mut n = self.next_seq.lock().expect("seq lock");
-            *n += 1;
-            *n
-        };
+        let seq = self.next_seq();
         let priority = priority.clamp(1, fleet::wire::MAX_PRIORITY);
-        jobs.insert(job_id.to_string(), OpenJob { provider: provider.to_string(), priority, seq });
+        jobs.insert(job_id.to_string(), OpenJob { provider: provider.to_string(), priority, seq, consuming: false });
         if jobs.len() > MAX_OPEN_JOBS {
-            if let Some(oldest) = jobs.iter().min_by_key(|(_, j)| j.seq).map(|(id, _)| id.clone()) {
+            let oldest = jobs.iter().filter(|(_, j)| !j.consuming).min_by_key(|(_, j)| j.seq);
+            if let Some(oldest) = oldest.map(|(id, _)| id.clone()) {
                 jobs.remove(&oldest);
             }
         }
         drop(jobs);
         self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Marks whether a consumer of this worker holds `job_id`'s queue (see [`OpenJob`]).
+    pub(crate) fn set_consuming(&self, job_id: &str, consuming: bool) {
+        if let Some(job) = self.jobs.lock().ok().as_mut().and_then(|j| j.get_mut(job_id)) {
+            job.consuming = consuming;
+        }
+    }
+
+    /// Sends `job_id` to the back of its provider's line: its consumer found its queue idle
+    /// while other jobs waited for a slot ([`OpenJobs::others_wait`]). It keeps its
+    /// announcement and gets a slot again when its turn comes.
+    pub(crate) fn to_back(&self, job_id: &str) {
+        let seq = self.next_seq();
+        if let Some(job) = self.jobs.lock().ok().as_mut().and_then(|j| j.get_mut(job_id)) {
+            job.seq = seq;
+            job.consuming = false;
+        }
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Whether jobs of `provider` wait for a consumer slot (more are open than
+    /// [`MAX_CONSUMED_JOBS`]).
+    pub(crate) fn others_wait(&self, provider: &str) -> bool {
+        let Ok(jobs) = self.jobs.lock() else { return false };
+        jobs.values().filter(|j| j.provider == provider).count() > MAX_CONSUMED_JOBS
+    }
+
+    fn next_seq(&self) -> u64 {
+        let mut n = self.next_seq.lock().expect("seq lock");
+        *n += 1;
+        *n
     }
 
     /// Forgets a job (it ended, or its queue is gone).
@@ -212,5 +245,26 @@ mod tests {
         let consumed = jobs.for_provider("p");
         assert_eq!(consumed.len(), MAX_CONSUMED_JOBS);
         assert!(!consumed.contains_key("a") && !consumed.contains_key("j0"), "the oldest were forgotten");
+    }
+
+    #[test]
+    fn a_consumed_job_is_never_evicted_and_an_idle_one_goes_to_the_back() {
+        let jobs = OpenJobs::default();
+        jobs.open("real", "p", 1);
+        jobs.set_consuming("real", true);
+        for i in 0..MAX_OPEN_JOBS + 100 {
+            jobs.open(&format!("flood{i}"), "p", 1);
+        }
+        assert_eq!(jobs.len(), MAX_OPEN_JOBS);
+        assert!(jobs.for_provider("p").contains_key("real"), "the consumed job survived the flood");
+        assert!(jobs.others_wait("p") && !jobs.others_wait("q"));
+        // The first 64 in line; the oldest flood survivor goes to the back: the next one
+        // in line takes its place.
+        let first: Vec<String> = jobs.for_provider("p").into_keys().collect();
+        let idle = first.iter().find(|j| j.starts_with("flood")).unwrap().clone();
+        jobs.to_back(&idle);
+        let after = jobs.for_provider("p");
+        assert!(!after.contains_key(&idle), "the idle job left the consumed set");
+        assert_eq!(after.len(), MAX_CONSUMED_JOBS);
     }
 }

@@ -11,6 +11,7 @@ pub mod consume;
 pub mod context;
 pub mod control;
 pub mod decide;
+pub mod gemini;
 pub mod jobs;
 pub mod keys;
 pub mod known;
@@ -85,6 +86,7 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         cancelled: known::Cancelled::new(cfg.tracker.retention_s.saturating_mul(1000)),
         provider_batches: fleet::metrics::register_provider_batches(&metrics.registry),
         open_jobs: known::OpenJobs::default(),
+        probe: Arc::new(fleet::amqp::Probe::new(cfg.amqp.addresses(), &format!("worker {worker_id} probe"))),
     };
     // A refused login never heals by retrying (the loop below retries only what can): fail
     // at start with exit 1 rather than warn forever. A broker that is down is waited for.

@@ -63,7 +63,7 @@ pub struct StreamReader {
 impl StreamReader {
     /// Starts reading `queue` (a stream) from its first message on a channel of `conn`.
     pub async fn open(conn: &lapin::Connection, queue: &str) -> lapin::Result<StreamReader> {
-        let ch = conn.create_channel().await?;
+        let ch = fleet::amqp::open_channel(conn).await?;
         ch.basic_qos(2 * ACK_EVERY as u16, BasicQosOptions::default()).await?;
         let mut from_first = FieldTable::default();
         from_first.insert("x-stream-offset".into(), AMQPValue::LongString("first".into()));

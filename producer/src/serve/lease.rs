@@ -46,7 +46,7 @@ impl Lease {
     /// `upload_started` record (in that order: a record always has a lock to ask about).
     pub async fn take(store: &Store, file_id: &str) -> Result<Lease, ApiError> {
         let conn = store.broker.conn().await?;
-        let ch = conn.create_channel().await?;
+        let ch = fleet::amqp::open_channel(&conn).await?;
         let queue = lock_queue(store, file_id);
         let opts = QueueDeclareOptions { exclusive: true, ..Default::default() };
         ch.queue_declare(queue.as_str().into(), opts, FieldTable::default()).await?;
@@ -74,7 +74,7 @@ impl Drop for Lease {
 async fn alive(store: &Store, file_id: &str) -> Result<bool, ApiError> {
     let conn = store.broker.conn().await?;
     // A failed passive declare closes its channel: one channel per question.
-    let ch = conn.create_channel().await?;
+    let ch = fleet::amqp::open_channel(&conn).await?;
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
     match ch.queue_declare(lock_queue(store, file_id).as_str().into(), passive, FieldTable::default()).await {
         Ok(_) => {

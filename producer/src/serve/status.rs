@@ -169,6 +169,7 @@ mod tests {
             reason: None,
             progress: None,
             usage: None,
+            dead_lettered: 0,
         }
     }
 

@@ -153,7 +153,7 @@ impl Store {
     /// by an earlier configuration keeps it).
     pub async fn declare(&self) -> Result<(), ApiError> {
         let conn = self.broker.conn().await?;
-        let ch = conn.create_channel().await?;
+        let ch = fleet::amqp::open_channel(&conn).await?;
         let mut args = FieldTable::default();
         args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
         args.insert("x-max-age".into(), AMQPValue::LongString(format!("{}s", self.retention_s).into()));
@@ -165,7 +165,7 @@ impl Store {
                 return Err(e.into());
             }
             tracing::warn!(stream = %name, "the metadata stream exists with other arguments; keeping them");
-            let ch = conn.create_channel().await?;
+            let ch = fleet::amqp::open_channel(&conn).await?;
             let passive = lapin::options::QueueDeclareOptions { passive: true, ..Default::default() };
             ch.queue_declare(name.as_str().into(), passive, FieldTable::default()).await?;
         }
@@ -378,7 +378,7 @@ impl Store {
     /// Deletes a file's stream.
     pub async fn delete_file_stream(&self, id: &str) -> Result<(), ApiError> {
         let conn = self.broker.conn().await?;
-        let ch = conn.create_channel().await?;
+        let ch = fleet::amqp::open_channel(&conn).await?;
         ch.queue_delete(self.topology.api_file_stream(id).as_str().into(), Default::default()).await?;
         let _ = ch.close(200, "deleted".into()).await;
         Ok(())

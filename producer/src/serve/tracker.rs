@@ -22,7 +22,7 @@ const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 /// batch is then shown from its record alone).
 async fn ask(store: &Store, req: &TrackerRequest) -> Result<Option<TrackerReply>, ApiError> {
     let conn = store.broker.conn().await?;
-    let ch = conn.create_channel().await?;
+    let ch = fleet::amqp::open_channel(&conn).await?;
     let mut replies = ch
         .basic_consume(
             DIRECT_REPLY_TO.into(),

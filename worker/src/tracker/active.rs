@@ -30,6 +30,8 @@ pub(super) struct Active<'a> {
     pub(super) worker_id: String,
     pub(super) topology: Topology,
     pub(super) conn: &'a Connection,
+    /// For the passive declares of queues that may be gone (see [`fleet::amqp::Probe`]).
+    pub(super) probe: amqp::Probe,
     /// Confirm-mode channel for checkpoints, announcements and control messages.
     pub(super) ch: Channel,
     pub(super) state: State,
@@ -80,6 +82,7 @@ impl<'a> Active<'a> {
             worker_id: worker_id.to_string(),
             topology,
             conn,
+            probe: amqp::Probe::new(cfg.amqp.addresses(), &format!("tracker {worker_id} probe")),
             ch,
             state,
             metrics,
@@ -97,7 +100,7 @@ impl<'a> Active<'a> {
     /// Folds the ledger and answers status queries until shutdown (then checkpoints what
     /// it folded) or until a consumer fails (an error: the role is given up).
     pub(super) async fn run(mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
-        let ledger_ch = self.conn.create_channel().await?;
+        let ledger_ch = fleet::amqp::open_channel(self.conn).await?;
         ledger_ch.basic_qos(MAX_UNACKED as u16, BasicQosOptions::default()).await?;
         let mut ledger = ledger_ch
             .basic_consume(
@@ -107,7 +110,7 @@ impl<'a> Active<'a> {
                 FieldTable::default(),
             )
             .await?;
-        let rpc_ch = self.conn.create_channel().await?;
+        let rpc_ch = fleet::amqp::open_channel(self.conn).await?;
         let mut rpc = rpc_ch
             .basic_consume(
                 self.topology.tracker_rpc_queue().into(),

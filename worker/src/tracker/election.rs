@@ -100,7 +100,7 @@ async fn candidate(
 ) -> anyhow::Result<()> {
     let topology = Topology::from_config(cfg);
     loop {
-        let ch = conn.create_channel().await?;
+        let ch = fleet::amqp::open_channel(conn).await?;
         let lock = ch
             .queue_declare(
                 topology.tracker_lock_queue().into(),

@@ -35,8 +35,9 @@ impl Active<'_> {
             );
             let mut total = 0u64;
             for queue in queues {
-                match self.topology.queue_len(self.conn, &queue).await {
-                    Ok(n) => total += u64::from(n.unwrap_or(0)),
+                // A batch-mode job has no items queue: asked on the probe connection.
+                match self.probe.queue_stats(&queue).await {
+                    Ok(n) => total += u64::from(n.map_or(0, |(ready, _)| ready)),
                     Err(_) => return, // the connection is failing; keep the last value
                 }
             }

@@ -25,6 +25,7 @@ namespace = "fleet"
 url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 delivery_limit = 10
 max_message_bytes = 2097152
+heartbeat_s = 10
 
 [pushgateway]
 url = "http://127.0.0.1:9091"
@@ -140,6 +141,10 @@ pub struct AmqpConfig {
     pub delivery_limit: u32,
     /// Messages larger than this on an items queue are dead-lettered unread.
     pub max_message_bytes: usize,
+    /// AMQP heartbeat asked of the broker, seconds (1 to [`crate::amqp::MAX_HEARTBEAT_S`]): a
+    /// node that goes silent without closing the connection is noticed within 2.5 times
+    /// this. A URL's own `?heartbeat=` wins.
+    pub heartbeat_s: u16,
 }
 
 impl AmqpConfig {
@@ -198,6 +203,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("urls", &self.urls.iter().map(|u| crate::amqp::redact_url(u)).collect::<Vec<_>>())
             .field("delivery_limit", &self.delivery_limit)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("heartbeat_s", &self.heartbeat_s)
             .finish()
     }
 }
@@ -318,6 +324,9 @@ pub enum ProviderKind {
     Openai,
     /// Anthropic's Messages API.
     Anthropic,
+    /// Google's Gemini API (`generateContent`): OpenAI-format lines are translated (see
+    /// [`crate::gemini`]); the key goes in `x-goog-api-key`.
+    Gemini,
 }
 
 impl TryFrom<String> for ProviderKind {
@@ -327,9 +336,10 @@ impl TryFrom<String> for ProviderKind {
         match kind.as_str() {
             "openai" => Ok(ProviderKind::Openai),
             "anthropic" => Ok(ProviderKind::Anthropic),
+            "gemini" => Ok(ProviderKind::Gemini),
             _ => Err(format!(
                 "unknown provider kind {kind:?}: use \"openai\" (OpenAI and OpenAI-compatible servers such as \
-                 LiteLLM or vLLM) or \"anthropic\""
+                 LiteLLM or vLLM), \"anthropic\" or \"gemini\""
             )),
         }
     }
@@ -394,6 +404,14 @@ pub struct ProviderConfig {
     /// Seconds between two polls of a provider batch (the TTL of its poll delay queue).
     #[serde(default = "default_batch_poll_interval_s")]
     pub batch_poll_interval_s: u64,
+    /// The account's enqueued-token limit for batches (OpenAI's per-model "batch queue
+    /// limit", e.g. 2,000,000 on Tier 1); unset: no admission. When set, a chunk's provider
+    /// batch is created only while the estimated tokens of the fleet's batches in progress
+    /// plus its own fit (else the chunk waits in the poll queue), and the producer cuts no
+    /// chunk larger than it (OpenAI kind: the batches in progress are read from the
+    /// provider's batch list).
+    #[serde(default)]
+    pub batch_enqueued_tokens: Option<u64>,
     /// Price per model (`prices."<model>" = { input_per_mtok, output_per_mtok }`): turns
     /// each job's token usage into its cost; the models named here are also the `model`
     /// label values of the usage metrics (any other model counts as `other`).
@@ -427,6 +445,7 @@ impl ProviderConfig {
             batch_max_requests: None,
             batch_max_bytes: None,
             batch_poll_interval_s: default_batch_poll_interval_s(),
+            batch_enqueued_tokens: None,
             prices: Default::default(),
             models: Vec::new(),
         }
@@ -451,6 +470,17 @@ impl ProviderKind {
         match self {
             ProviderKind::Openai => (50_000, 200 * 1_000_000),
             ProviderKind::Anthropic => (100_000, 256 * 1_000_000),
+            // Not used yet: batch mode is refused for this kind (see `Config::validate`).
+            ProviderKind::Gemini => (100_000, 2_000 * 1_000_000),
+        }
+    }
+
+    /// The kind's name as configuration files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
         }
     }
 }
@@ -545,11 +575,14 @@ impl Config {
             anyhow::bail!("invalid configuration: {problem}");
         }
         cfg.validate()?;
+        // Every connection this process opens asks for this heartbeat (see amqp::connect).
+        crate::amqp::set_heartbeat(cfg.amqp.heartbeat_s);
         Ok(cfg)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
         self.amqp.check_addresses()?;
+        crate::amqp::check_heartbeat(self.amqp.heartbeat_s)?;
         self.api.validate()?;
         if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
             anyhow::bail!("namespace must be a non-empty word, got {:?}", self.namespace);
@@ -584,8 +617,16 @@ impl Config {
                      1..={max_bytes} (the provider's own limits)"
                 );
             }
+            if p.batch && p.kind == ProviderKind::Gemini {
+                anyhow::bail!("provider {name}: batch = true is not available for kind gemini yet (online calls only)");
+            }
             if !(1..=86_400).contains(&p.batch_poll_interval_s) {
                 anyhow::bail!("provider {name}: batch_poll_interval_s must be 1..=86400");
+            }
+            if p.batch_enqueued_tokens == Some(0) {
+                anyhow::bail!(
+                    "provider {name}: batch_enqueued_tokens must be at least 1 (leave it unset for no limit)"
+                );
             }
             check_http_url(&format!("providers.{name}.base_url"), &p.base_url)?;
             p.check_key_envs(name)?;
@@ -862,6 +903,19 @@ mod tests {
         assert!(err.contains("`providers.x.api_key`") && err.contains("`providers.x.api_key_env`"), "{err}");
         let err = load_str("typo3", "[sections]\n").unwrap_err().to_string();
         assert!(err.contains("unknown key `sections`"), "{err}");
+    }
+
+    #[test]
+    fn a_gemini_provider_loads_and_refuses_batch_mode_for_now() {
+        let toml = format!(
+            "[providers.g]\nkind = \"gemini\"\nbase_url = \"{}\"\napi_key_env = \"GEMINI_API_KEY\"\n",
+            crate::gemini::DEFAULT_BASE_URL
+        );
+        let cfg = load_str("gemini", &toml).unwrap();
+        assert_eq!(cfg.providers["g"].kind, ProviderKind::Gemini);
+        assert_eq!(ProviderKind::Gemini.name(), "gemini");
+        let err = load_str("gemini-batch", &format!("{toml}batch = true\n")).unwrap_err().to_string();
+        assert!(err.contains("not available for kind gemini"), "{err}");
     }
 
     #[test]

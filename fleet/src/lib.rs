@@ -11,6 +11,7 @@ pub mod amqp;
 pub mod batch;
 pub mod config;
 pub mod endpoint;
+pub mod gemini;
 pub mod messages;
 pub mod metrics;
 pub mod push;

@@ -1,8 +1,10 @@
 //! Metric definitions: the one owner of every metric name and label.
 //!
 //! Names follow the system this fleet replaces (see `observability/`), so its dashboard
-//! semantics carry over. Label values come from small fixed sets: never a job id or a
-//! custom id, which would explode the number of series.
+//! semantics carry over. Label values come from small fixed sets: never a custom id, and a
+//! job id only on the two per-job cost gauges, which the tracker bounds to a few jobs
+//! (`batch_job_cost`, `batch_job_max_cost`); anything else would explode the number of
+//! series.
 //!
 //! Two registries exist because two Pushgateway groups exist: each worker pushes its own
 //! (`job="batch_worker", instance=<worker id>`), and the active tracker pushes the
@@ -11,7 +13,7 @@
 //! Counts with a ground truth (items and jobs by status, job durations) come from the
 //! tracker, which folds every result exactly once and pushes only checkpointed state: they
 //! stay exact whatever worker is killed. Workers push what only they know (latency,
-//! retries, errors, in flight, limits, tokens); a killed worker's increments since its last
+//! retries, errors, in flight, limits, keys); a killed worker's increments since its last
 //! push are lost, which the pusher keeps to about a second while the worker is busy.
 
 use prometheus::{
@@ -44,8 +46,6 @@ pub struct WorkerMetrics {
     pub in_flight: IntGaugeVec,
     /// `batch_dead_letters_total{reason}`: messages this worker parked in the dead queue.
     pub dead_letters: IntCounterVec,
-    /// `batch_tokens_total{provider,kind}`: tokens reported in the providers' `usage`.
-    pub tokens: IntCounterVec,
     /// `batch_push_failures_total`: failed pushes to the Pushgateway.
     pub push_failures: IntCounter,
     /// `batch_worker_up`: 1 while the worker runs; its final push sets 0.
@@ -66,6 +66,11 @@ pub struct WorkerMetrics {
     /// items because the provider rejected every key (probed again; items stay queued for
     /// other workers).
     pub provider_paused: IntGaugeVec,
+    /// `batch_admission_waits_total{provider,reason}`: times a chunk was sent back to wait
+    /// for room in the provider's enqueued-token queue: `budget` (the fleet's own admission
+    /// check, `batch_enqueued_tokens`) or `token_limit_exceeded` (the provider failed its
+    /// batch for a full queue; it is created again later).
+    pub admission_waits: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -97,7 +102,6 @@ impl WorkerMetrics {
             ),
             in_flight: gauge_vec("batch_items_in_flight", "Items being processed now", &["provider"]),
             dead_letters: counter_vec("batch_dead_letters_total", "Messages dead-lettered", &["reason"]),
-            tokens: counter_vec("batch_tokens_total", "Tokens reported by providers", &["provider", "kind"]),
             push_failures: IntCounter::new("batch_push_failures_total", "Failed pushes to the Pushgateway")
                 .expect("valid metric"),
             worker_up: IntGauge::new("batch_worker_up", "1 while the worker runs, 0 after a clean stop")
@@ -128,6 +132,11 @@ impl WorkerMetrics {
                 "1 while the worker takes none of the provider's items: every key was rejected",
                 &["provider"],
             ),
+            admission_waits: counter_vec(
+                "batch_admission_waits_total",
+                "Chunks sent back to wait for room in the provider's enqueued-token queue, by reason",
+                &["provider", "reason"],
+            ),
             registry,
         };
         for c in [
@@ -137,7 +146,6 @@ impl WorkerMetrics {
             Box::new(m.errors.clone()),
             Box::new(m.in_flight.clone()),
             Box::new(m.dead_letters.clone()),
-            Box::new(m.tokens.clone()),
             Box::new(m.push_failures.clone()),
             Box::new(m.worker_up.clone()),
             Box::new(m.concurrency_limit.clone()),
@@ -146,6 +154,7 @@ impl WorkerMetrics {
             Box::new(m.key_rejections.clone()),
             Box::new(m.keys_active.clone()),
             Box::new(m.provider_paused.clone()),
+            Box::new(m.admission_waits.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }
@@ -205,6 +214,15 @@ pub struct TrackerMetrics {
     pub usage_tokens: IntCounterVec,
     /// `batch_usage_cost_total{provider,model}`: their cost at the price table.
     pub usage_cost: prometheus::CounterVec,
+    /// `batch_answers_total{provider,mode}`: succeeded items by how they were answered
+    /// (`online`: a call of their own, `batch`: out of a provider batch), each once.
+    pub answers: IntCounterVec,
+    /// `batch_job_cost{provider,job_id}`: a job's cost so far, for the few jobs the tracker
+    /// shows (capped jobs in progress first, then the costliest; 20 at most): the only
+    /// series labelled by job, bounded so.
+    pub job_cost: GaugeVec,
+    /// `batch_job_max_cost{provider,job_id}`: the spend cap of those jobs that have one.
+    pub job_max_cost: GaugeVec,
     /// `batch_push_failures_total`.
     pub push_failures: IntCounter,
 }
@@ -235,6 +253,24 @@ impl TrackerMetrics {
                 &["provider", "model"],
             )
             .expect("valid metric"),
+            answers: counter_vec(
+                "batch_answers_total",
+                "Succeeded items by how they were answered (online, batch), each once",
+                &["provider", "mode"],
+            ),
+            job_cost: GaugeVec::new(
+                Opts::new(
+                    "batch_job_cost",
+                    "Cost so far of the jobs shown (capped ones in progress, then the costliest)",
+                ),
+                &["provider", "job_id"],
+            )
+            .expect("valid metric"),
+            job_max_cost: GaugeVec::new(
+                Opts::new("batch_job_max_cost", "Spend cap of the jobs shown that have one"),
+                &["provider", "job_id"],
+            )
+            .expect("valid metric"),
             push_failures: IntCounter::new("batch_push_failures_total", "Failed pushes to the Pushgateway")
                 .expect("valid metric"),
             registry,
@@ -248,6 +284,9 @@ impl TrackerMetrics {
             Box::new(m.queue_backlog.clone()),
             Box::new(m.usage_tokens.clone()),
             Box::new(m.usage_cost.clone()),
+            Box::new(m.answers.clone()),
+            Box::new(m.job_cost.clone()),
+            Box::new(m.job_max_cost.clone()),
             Box::new(m.push_failures.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");

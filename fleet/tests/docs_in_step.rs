@@ -291,7 +291,6 @@ fn code_metrics() -> BTreeMap<String, Metric> {
         errors,
         in_flight,
         dead_letters,
-        tokens,
         push_failures,
         worker_up,
         concurrency_limit,
@@ -300,6 +299,7 @@ fn code_metrics() -> BTreeMap<String, Metric> {
         key_rejections,
         keys_active,
         provider_paused,
+        admission_waits,
     } = &worker;
     let by = fleet::push::WORKER_JOB;
     add(&mut out, registry, items, by);
@@ -308,7 +308,6 @@ fn code_metrics() -> BTreeMap<String, Metric> {
     add(&mut out, registry, errors, by);
     add(&mut out, registry, in_flight, by);
     add(&mut out, registry, dead_letters, by);
-    add(&mut out, registry, tokens, by);
     add(&mut out, registry, push_failures, by);
     add(&mut out, registry, worker_up, by);
     add(&mut out, registry, concurrency_limit, by);
@@ -317,6 +316,7 @@ fn code_metrics() -> BTreeMap<String, Metric> {
     add(&mut out, registry, key_rejections, by);
     add(&mut out, registry, keys_active, by);
     add(&mut out, registry, provider_paused, by);
+    add(&mut out, registry, admission_waits, by);
     // Registered by workers that serve a provider in batch mode.
     let provider_batches = fleet::metrics::register_provider_batches(registry);
     add(&mut out, registry, &provider_batches, by);
@@ -332,6 +332,9 @@ fn code_metrics() -> BTreeMap<String, Metric> {
         queue_backlog,
         usage_tokens,
         usage_cost,
+        answers,
+        job_cost,
+        job_max_cost,
         push_failures,
     } = &tracker;
     let by = fleet::push::TRACKER_JOB;
@@ -343,6 +346,9 @@ fn code_metrics() -> BTreeMap<String, Metric> {
     add(&mut out, registry, queue_backlog, by);
     add(&mut out, registry, usage_tokens, by);
     add(&mut out, registry, usage_cost, by);
+    add(&mut out, registry, answers, by);
+    add(&mut out, registry, job_cost, by);
+    add(&mut out, registry, job_max_cost, by);
     add(&mut out, registry, push_failures, by);
 
     let api = ApiMetrics::new("ns");

@@ -31,20 +31,24 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// State shared by every request of one server.
 #[derive(Debug)]
 pub(crate) struct AppState {
-    faults: FaultInjector,
+    pub(crate) faults: FaultInjector,
     // Std mutex for the same reason as the fault generator: a few float operations, never held
     // across an await.
-    limiter: Option<Mutex<TokenBucket>>,
+    pub(crate) limiter: Option<Mutex<TokenBucket>>,
     /// `--tpm`: the same bucket, charged each request's counted tokens.
-    tokens: Option<Mutex<TokenBucket>>,
+    pub(crate) tokens: Option<Mutex<TokenBucket>>,
     /// `--valid-keys` (empty: any key, or none, is accepted); replaced at run time by
     /// `PUT /admin/valid-keys`, so a test can make a rejected key good again.
-    valid_keys: std::sync::RwLock<Vec<String>>,
+    pub(crate) valid_keys: std::sync::RwLock<Vec<String>>,
     /// `--forbidden-models`: answered 403, the key stays good.
-    forbidden_models: Vec<String>,
-    stats: Stats,
+    pub(crate) forbidden_models: Vec<String>,
+    /// `--answer-model-suffix`: appended to the `model` of online answers.
+    answer_model_suffix: String,
+    pub(crate) stats: Stats,
     next_request: AtomicU64,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
+    /// The Gemini knobs (the Gemini routes live in `crate::gemini`).
+    pub(crate) gemini: crate::gemini::GeminiKnobs,
     litellm: Option<GatewayMode>,
     batches: Arc<Batches>,
 }
@@ -57,10 +61,12 @@ impl AppState {
             tokens: knobs.tpm.map(|tpm| Mutex::new(TokenBucket::new(tpm, Instant::now()))),
             valid_keys: std::sync::RwLock::new(knobs.valid_keys.iter().map(|k| k.0.clone()).collect()),
             forbidden_models: knobs.forbidden_models.clone(),
+            answer_model_suffix: knobs.answer_model_suffix.clone(),
             stats: Stats::default(),
             next_request: AtomicU64::new(0),
             shutdown,
             litellm: knobs.litellm,
+            gemini: knobs.gemini.clone(),
             batches: Arc::new(Batches::new(&knobs.batch, knobs.seed)),
         }
     }
@@ -68,7 +74,7 @@ impl AppState {
 
 /// The request number assigned by [`request_id`], available to handlers as an extension.
 #[derive(Clone, Copy, Debug)]
-struct RequestId(u64);
+pub(crate) struct RequestId(pub(crate) u64);
 
 /// Builds the router serving the provider endpoints, the batch APIs, `/stats`, `/stats/reset`
 /// and `/healthz`.
@@ -85,6 +91,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route(MODELS_PATH, get(models))
         .route("/admin/valid-keys", put(set_valid_keys))
         .merge(batches::router(state.batches.clone()))
+        .merge(crate::gemini::router())
         // The key is checked first, as a provider's edge does (`--valid-keys`).
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
         // A middleware rather than per-handler code so that every answer, including axum's own
@@ -239,7 +246,8 @@ async fn admitted(
     // neither consumes a fault draw nor waits for the simulated latency.
     let created = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     let success = match api::success_body(endpoint, body, n, created) {
-        Ok(bytes) => bytes,
+        Ok(bytes) if state.answer_model_suffix.is_empty() => bytes,
+        Ok(bytes) => with_model_suffix(bytes, &state.answer_model_suffix),
         Err(message) => {
             let body = api::error_body(endpoint, 400, &message);
             return answer(state, endpoint, 400, body, admission);
@@ -310,4 +318,12 @@ fn add_rate_headers(response: &mut Response, admission: Option<&Admission>, endp
     if let Some(admission) = admission {
         admission.write_headers(response.headers_mut(), api::is_anthropic(endpoint));
     }
+}
+
+/// An answer whose `model` has `suffix` appended (the dated name a provider answers with).
+fn with_model_suffix(bytes: Vec<u8>, suffix: &str) -> Vec<u8> {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return bytes };
+    let Some(model) = v.get("model").and_then(|m| m.as_str()).map(|m| format!("{m}{suffix}")) else { return bytes };
+    v["model"] = model.into();
+    serde_json::to_vec(&v).unwrap_or(bytes)
 }

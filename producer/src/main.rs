@@ -109,6 +109,11 @@ struct SubmitArgs {
     /// it, its remaining items end `cancelled` (reason `budget`).
     #[arg(long, value_parser = max_cost)]
     max_cost: Option<f64>,
+    /// Validate the file and show what would be submitted (lines per endpoint, the chunks
+    /// batch mode would cut, estimated tokens and cost from the price table); publish
+    /// nothing.
+    #[arg(long, conflicts_with_all = ["wait", "resume"])]
+    dry_run: bool,
 }
 
 /// The arguments of `producer wait`.
@@ -155,6 +160,10 @@ struct RetryArgs {
     /// Print `{"job_id": ..., "total": ...}` of the new job on stdout.
     #[arg(long)]
     json: bool,
+    /// Spend cap of the new job (as `submit --max-cost`); default: the cap of JOB, if it
+    /// had one.
+    #[arg(long, value_parser = max_cost)]
+    max_cost: Option<f64>,
 }
 
 /// The arguments of `producer status`.
@@ -248,7 +257,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     let usage = e.downcast_ref::<Refused>().is_some()
         || e.downcast_ref::<InputError>().is_some()
         || e.downcast_ref::<collect::OutputError>().is_some()
-        || e.downcast_ref::<producer::serve::KeysError>().is_some();
+        || e.downcast_ref::<producer::serve::KeysError>().is_some()
+        || e.downcast_ref::<producer::spend::UnpricedCap>().is_some();
     if usage {
         2
     } else {
@@ -277,6 +287,15 @@ async fn submit(cfg: &fleet::Config, args: SubmitArgs, progress: bool) -> anyhow
         priority: args.priority,
         max_cost: args.max_cost,
     };
+    if args.dry_run {
+        let plan = producer::dry_run::dry_run(cfg, &req)?;
+        if args.json {
+            println!("{}", serde_json::to_string(&plan)?);
+        } else {
+            println!("{plan}");
+        }
+        return Ok(());
+    }
     let job = submit::submit(cfg, &req).await?;
     report::submitted(&job, args.json);
     if !args.wait {
@@ -325,7 +344,7 @@ async fn retry(cfg: &fleet::Config, args: RetryArgs, progress: bool) -> anyhow::
         mode: ModeArg::Online,
         fallback_online: false,
         priority: fleet::wire::DEFAULT_PRIORITY,
-        max_cost: None,
+        max_cost: producer::spend::retry_cap(cfg, &args.job, args.max_cost).await,
     };
     let new = submit::submit(cfg, &req).await?;
     report::retried(&new, &plan, &args.job, args.json);
@@ -344,14 +363,23 @@ async fn status(cfg: &fleet::Config, args: StatusArgs) -> anyhow::Result<()> {
         return producer::watch::watch(cfg, &args.job, timeout, args.json).await;
     }
     let reply = inspect::status(cfg, &args.job, timeout).await?;
-    report::jobs(&reply.jobs, args.json);
+    let stuck = producer::status_diagnosis::diagnose(cfg, &reply.jobs).await?;
+    report::statuses(&reply.jobs, &stuck, args.json);
     Ok(())
 }
 
-/// `producer cancel`.
+/// `producer cancel`: the request, then, when no worker serves the job's provider, the
+/// job's queued items ended here.
 async fn cancel(cfg: &fleet::Config, args: CancelArgs) -> anyhow::Result<()> {
     cancel::cancel(cfg, &args.job).await?;
-    eprintln!("cancel requested for job {}: unstarted items end `cancelled`", args.job);
+    match producer::status_diagnosis::end_unserved(cfg, &args.job).await? {
+        None => eprintln!("cancel requested for job {}: unstarted items end `cancelled`", args.job),
+        Some(done) => eprintln!(
+            "cancel requested for job {}: no worker serves provider {}, so its {} queued items were ended \
+             `cancelled` here; items waiting elsewhere (delay queues, batch chunks) end when a worker for {} runs",
+            args.job, done.provider, done.ended, done.provider
+        ),
+    }
     Ok(())
 }
 
@@ -365,7 +393,8 @@ async fn dead(cfg: &fleet::Config, args: DeadArgs) -> anyhow::Result<()> {
 /// `producer jobs`.
 async fn jobs(cfg: &fleet::Config, args: JobsArgs) -> anyhow::Result<()> {
     let reply = inspect::ask(cfg, &TrackerRequest::Jobs, Duration::from_secs(args.timeout)).await?;
-    report::jobs(&reply.jobs, args.json);
+    let stuck = producer::status_diagnosis::diagnose(cfg, &reply.jobs).await?;
+    report::statuses(&reply.jobs, &stuck, args.json);
     Ok(())
 }
 

@@ -5,7 +5,9 @@
 //! different modules run side by side; the few that need a broker or a Pushgateway to
 //! themselves start private ones. One area: `cargo test -p e2e --test all <module>::`.
 
+mod announcements;
 mod api;
+mod batch_chunks;
 mod batch_mode;
 mod batch_users;
 mod broker_restart;
@@ -15,14 +17,17 @@ mod failover;
 mod fairness;
 mod first_day;
 mod gateways;
+mod gemini;
 mod grouped_results;
 mod hostile;
 mod inputs;
 mod key_pools;
+mod money;
 mod nothing_lost;
 mod observability;
 mod resume_submit;
 mod secrets;
+mod silent_node;
 mod teams;
 mod tokens;
 mod usage;

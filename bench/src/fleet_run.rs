@@ -54,6 +54,11 @@ impl<'a> FleetRun<'a> {
         Topology::names(&self.ns)
     }
 
+    /// Its config file (what `producer serve` of this fleet reads too).
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
     /// The stack this fleet runs on.
     pub fn stack(&self) -> &'a Stack {
         self.stack

@@ -5,6 +5,7 @@
 //! Every scenario uses a fresh namespace and its own mock provider, and removes its
 //! processes, queues and Pushgateway groups when done, also on failure or Ctrl-C.
 
+mod api;
 mod fleet_run;
 mod probes;
 mod procs;
@@ -32,6 +33,11 @@ const DEFAULT_WINDOW_S: u64 = 180;
 /// Lines of the fairness scenario's big job: enough to last the warm-up and both windows
 /// at about 10,000 items/s (200,000, the figure, ran dry on a quiet machine).
 const FAIRNESS_LINES: u64 = 400_000;
+
+/// Files of the api scenario compared with the CLI (the sizes), in lines.
+const API_LINES: [u64; 2] = [2_000, 100_000];
+/// The api scenario's large upload, MiB: under the server's 200 MB default file limit.
+const API_UPLOAD_MIB: u64 = 190;
 
 /// Benchmark the fleet on the local stack against a bare lapin + reqwest pipeline.
 #[derive(Parser)]
@@ -81,7 +87,15 @@ impl Cli {
         let items = self.items.unwrap_or(if self.quick { DEFAULT_ITEMS / 10 } else { DEFAULT_ITEMS });
         let window = self.window_s.unwrap_or(if self.quick { 30 } else { DEFAULT_WINDOW_S });
         let fairness_lines = if self.quick { FAIRNESS_LINES / 10 } else { FAIRNESS_LINES };
-        Settings { items, submit_lines: items * SUBMIT_LINES_PER_ITEM, ratelimit_window_s: window, fairness_lines }
+        let scale = if self.quick { 10 } else { 1 };
+        Settings {
+            items,
+            submit_lines: items * SUBMIT_LINES_PER_ITEM,
+            ratelimit_window_s: window,
+            fairness_lines,
+            api_lines: API_LINES.iter().map(|n| n / scale).collect(),
+            api_upload_mib: API_UPLOAD_MIB / scale,
+        }
     }
 
     /// The scenarios to run, in canonical order (the reference before overhead).
@@ -165,6 +179,8 @@ async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &
     for &scenario in plan {
         let variants: Vec<(String, usize)> = match scenario {
             Scenario::Overhead => vec![("overhead (1 worker)".into(), 1), ("overhead (2 workers)".into(), 2)],
+            // The variant number picks the file: each size of `api_lines`, then the upload.
+            Scenario::Api => (0..=settings.api_lines.len()).map(|i| (format!("api #{}", i + 1), i)).collect(),
             other => vec![(format!("{other:?}").to_lowercase(), 0)],
         };
         if scenario == Scenario::Probes {
@@ -184,6 +200,10 @@ async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &
                 Scenario::Tpm => scenarios::tpm(stack, settings).await,
                 Scenario::Submit => scenarios::submit(stack, settings).await,
                 Scenario::Fairness => scenarios::fairness(stack, settings).await,
+                Scenario::Api => match settings.api_lines.get(workers) {
+                    Some(&lines) => api::versus_cli(stack, lines).await,
+                    None => api::large_upload(stack, settings.api_upload_mib).await,
+                },
                 Scenario::Probes => unreachable!("probes run above"),
             };
             let row = res.unwrap_or_else(|e| Row::failed(&name, &e));

@@ -50,6 +50,9 @@ pub enum Scenario {
     /// A 10-line job submitted while a 400,000-line job runs (mock 50 ms): the small job's
     /// time and the big job's throughput loss.
     Fairness,
+    /// The batch HTTP API (`producer serve`, driven with curl) against `submit` + `wait` on
+    /// 2,000 and 100,000 lines, and the server's peak RSS for a 190 MiB upload.
+    Api,
     /// The broker's cost of single choices (ledger queue type, grouped acks), one row each.
     Probes,
 }
@@ -65,6 +68,10 @@ pub struct Settings {
     pub ratelimit_window_s: u64,
     /// Lines of the fairness scenario's big job.
     pub fairness_lines: u64,
+    /// Files of the api scenario compared with the CLI, in lines.
+    pub api_lines: Vec<u64>,
+    /// Size of the api scenario's large upload, MiB.
+    pub api_upload_mib: u64,
 }
 
 impl Settings {

@@ -47,6 +47,32 @@ pub fn write_requests_asking(path: &Path, n: u64, max_tokens: Option<u64>) -> an
     Ok(())
 }
 
+/// Bytes of each line of [`write_padded_requests`] (a long user prompt, as real batch files
+/// have).
+const PADDED_LINE_BYTES: usize = 1000;
+
+/// Writes requests of about [`PADDED_LINE_BYTES`] each to `path` until it holds at least
+/// `bytes` bytes; returns how many lines it wrote.
+pub fn write_padded_requests(path: &Path, bytes: u64) -> anyhow::Result<u64> {
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create input file {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let (mut written, mut lines) = (0u64, 0u64);
+    while written < bytes {
+        let head = format!(r#"{{"custom_id":"{}","method":"POST","url":"{CHAT_URL}","body":"#, custom_id(lines));
+        let prompt_len = PADDED_LINE_BYTES.saturating_sub(head.len() + 80);
+        let body = format!(
+            r#"{{"model":"mock-model","messages":[{{"role":"user","content":"{} {lines}"}}]}}"#,
+            "lorem ipsum ".repeat(prompt_len / 12)
+        );
+        let line = format!("{head}{body}}}\n");
+        out.write_all(line.as_bytes())?;
+        written += line.len() as u64;
+        lines += 1;
+    }
+    out.flush()?;
+    Ok(lines)
+}
+
 /// Item `i` of `total` of job `job_id`, exactly as `producer submit` would queue it.
 pub fn item(job_id: &str, i: u64, total: u64, submitted_at_ms: u64) -> anyhow::Result<Item> {
     Ok(Item {
@@ -61,6 +87,7 @@ pub fn item(job_id: &str, i: u64, total: u64, submitted_at_ms: u64) -> anyhow::R
         submitted_at_ms,
         deadline_ms: None,
         first_delay_ms: None,
+        flex: false,
     })
 }
 

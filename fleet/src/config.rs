@@ -66,6 +66,7 @@ key_envs = []
 max_file_bytes = 209715200
 max_file_lines = 50000
 file_retention_s = 604800
+max_requests_per_key = 32
 "#;
 
 /// The built-in `mock` provider (the workspace's mock server on its default port). It
@@ -124,6 +125,9 @@ pub struct ApiConfig {
     pub max_file_lines: u64,
     /// How long uploaded files and the records of files and batches are kept, seconds.
     pub file_retention_s: u64,
+    /// Requests of one key in progress at once; beyond, the server answers 429 with
+    /// `Retry-After` (one key cannot take the server from the others).
+    pub max_requests_per_key: usize,
 }
 
 /// RabbitMQ connection and queue settings. `Debug` redacts the URL's password.
@@ -693,8 +697,14 @@ impl ApiConfig {
                 "api.key_envs[{i}] is not the name of an environment variable (name the variable, not the key)"
             );
         }
-        if self.max_file_bytes == 0 || self.max_file_lines == 0 || self.file_retention_s == 0 {
-            anyhow::bail!("api.max_file_bytes, api.max_file_lines and api.file_retention_s must be > 0");
+        if self.max_file_bytes == 0
+            || self.max_file_lines == 0
+            || self.file_retention_s == 0
+            || self.max_requests_per_key == 0
+        {
+            anyhow::bail!(
+                "api.max_file_bytes, api.max_file_lines, api.file_retention_s and api.max_requests_per_key must be > 0"
+            );
         }
         Ok(())
     }

@@ -496,3 +496,65 @@ fn a_replica_killed_mid_upload_leaves_no_file_and_its_stream_is_deleted() {
     assert!(fleet.worker_log("serve-b").contains("deleted the stream of an upload that did not finish"));
     cleanup(&fleet, &[], &[&file_id]);
 }
+
+#[test]
+fn a_key_over_its_requests_in_progress_gets_429_and_other_keys_do_not() {
+    use std::io::Write as _;
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("api-429", &mock.url, "");
+    let server = serve(&fleet, "serve", &[("FLEET__API__MAX_REQUESTS_PER_KEY", "1")]);
+
+    // Key A's one request in progress: an upload whose body never ends.
+    let lines = fleet.dir.join("part.jsonl");
+    write_requests(&lines, 50);
+    let head = "--B\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--B\r\n\
+                Content-Disposition: form-data; name=\"file\"; filename=\"slow.jsonl\"\r\n\r\n";
+    let addr = server.url.trim_start_matches("http://");
+    let mut sock = std::net::TcpStream::connect(addr).expect("connect to serve");
+    write!(
+        sock,
+        "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\n{}\r\n\
+         Content-Type: multipart/form-data; boundary=B\r\nContent-Length: 5000000\r\n\r\n{head}",
+        auth(KEY_A)
+    )
+    .unwrap();
+    sock.write_all(&std::fs::read(&lines).unwrap()).unwrap();
+    sock.flush().unwrap();
+    eventually(Duration::from_secs(30), "the upload started", || fleet.worker_log("serve").contains("upload started"));
+
+    // Another request of key A: 429 in OpenAI's shape with Retry-After, and the real SDK
+    // raises its RateLimitError; key B is served.
+    let files = format!("{}/v1/files", server.url);
+    let out = Command::new("curl").args(["-s", "-i", "-H", &auth(KEY_A), &files]).output().expect("curl");
+    let answer = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("retry-after: 1"), "{answer}");
+    let body: Value = serde_json::from_str(answer.rsplit("\r\n\r\n").next().unwrap()).expect("a JSON body");
+    assert_eq!(body["error"]["code"], "rate_limit_exceeded", "{body}");
+    assert_eq!(body["error"]["type"], "rate_limit_error", "{body}");
+    let (code, body) = curl(&["-H", &format!("x-api-key: {KEY_A}"), &format!("{}/v1/messages/batches", server.url)]);
+    let v: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!((code, v["error"]["type"].as_str()), (429, Some("rate_limit_error")), "Anthropic's shape: {body}");
+    let out = run_python(&fleet.dir, "rate_limited.py", RATE_LIMITED, &server.url, &[]);
+    assert!(out.contains("limited=RateLimitError status=429"), "{out}");
+    let (code, body) = curl(&["-H", &auth(KEY_B), &files]);
+    assert_eq!(code, 200, "another key is not held back: {body}");
+
+    // The upload ends (the client went away): key A is served again.
+    drop(sock);
+    eventually(Duration::from_secs(30), "key A is served again", || curl(&["-H", &auth(KEY_A), &files]).0 == 200);
+    let metrics = curl(&[&format!("{}/metrics", server.url)]).1;
+    assert!(metrics.contains("status=\"429\""), "429s are counted: {metrics}");
+    cleanup(&fleet, &[], &[]);
+}
+
+const RATE_LIMITED: &str = r#"
+import os, openai
+from openai import OpenAI
+c = OpenAI(base_url=os.environ["API_URL"] + "/v1", api_key=os.environ["KEY_A"], max_retries=0)
+try:
+    c.files.list()
+    print("limited=none")
+except openai.RateLimitError as e:
+    print(f"limited=RateLimitError status={e.status_code}")
+"#;

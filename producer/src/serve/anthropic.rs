@@ -73,7 +73,7 @@ fn base_url(headers: &HeaderMap) -> String {
 /// `POST /v1/messages/batches`.
 pub async fn create(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
@@ -110,7 +110,7 @@ pub async fn create(
 /// `GET /v1/messages/batches/{id}`.
 pub async fn retrieve(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -129,7 +129,7 @@ pub struct ListQuery {
 /// `GET /v1/messages/batches` (newest first; `after_id` pages on, `limit` 1 to 1000).
 pub async fn list(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
@@ -152,7 +152,7 @@ pub async fn list(
 /// `POST /v1/messages/batches/{id}/cancel`.
 pub async fn cancel(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
@@ -164,7 +164,7 @@ pub async fn cancel(
 /// `GET /v1/messages/batches/{id}/results`: one Anthropic result line per request.
 pub async fn results(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let entry = app.store.batch(&owner, &id, Api::Anthropic).await.map_err(shaped)?;
@@ -175,7 +175,7 @@ pub async fn results(
 /// `DELETE /v1/messages/batches/{id}`: only an ended batch (its results go with it).
 pub async fn delete(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = app.store.batch(&owner, &id, Api::Anthropic).await.map_err(shaped)?;

@@ -2,6 +2,13 @@
 //! `x-api-key` for Anthropic clients), checked against the keys in the variables
 //! `api.key_envs` names. A key is compared in constant time and never logged; what is
 //! stored with a file or batch is its owner id, a one-way hash of the key.
+//!
+//! One key cannot take the server from the others: each holds at most
+//! `api.max_requests_per_key` requests in progress ([`InProgress`]); beyond, it is answered
+//! 429 with `Retry-After`, which the `openai` and `anthropic` SDKs honour.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -67,9 +74,48 @@ pub fn owner_id(key: &[u8]) -> String {
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Requests in progress, per owner.
+#[derive(Default)]
+pub struct InProgress {
+    by_owner: Mutex<HashMap<String, usize>>,
+}
+
+impl InProgress {
+    /// Counts one more request of `owner` unless it has `max` in progress (then `Err` with
+    /// the count); the slot is given back when the returned guard drops.
+    pub fn enter(self: &Arc<Self>, owner: &str, max: usize) -> Result<Slot, usize> {
+        let mut by_owner = self.by_owner.lock().unwrap_or_else(|e| e.into_inner());
+        let n = by_owner.entry(owner.to_string()).or_insert(0);
+        if *n >= max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(Slot { counts: self.clone(), owner: owner.to_string() })
+    }
+}
+
+/// One request's place in [`InProgress`].
+pub struct Slot {
+    counts: Arc<InProgress>,
+    owner: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by_owner = self.counts.by_owner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = by_owner.get_mut(&self.owner) {
+            *n -= 1;
+            if *n == 0 {
+                by_owner.remove(&self.owner);
+            }
+        }
+    }
+}
+
 /// The owner of an authenticated request; extracting it answers 401 for a missing or
-/// unknown key.
-pub struct Owner(pub String);
+/// unknown key, and 429 when the key has `api.max_requests_per_key` requests in progress.
+/// It holds the request's slot until the handler is done with it.
+pub struct Owner(pub String, pub Slot);
 
 impl FromRequestParts<super::AppState> for Owner {
     type Rejection = ApiError;
@@ -82,9 +128,13 @@ impl FromRequestParts<super::AppState> for Owner {
             .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
             .map(<[u8]>::trim_ascii);
         let presented = parts.headers.get("x-api-key").map(|v| v.as_bytes()).or(bearer);
-        match presented.and_then(|k| app.keys.owner_of(k)) {
-            Some(owner) => Ok(Owner(owner.to_string())),
-            None => Err(ApiError::unauthorized().answer(dialect)),
+        let Some(owner) = presented.and_then(|k| app.keys.owner_of(k)) else {
+            return Err(ApiError::unauthorized().answer(dialect));
+        };
+        match app.in_progress.enter(owner, app.cfg.api.max_requests_per_key.max(1)) {
+            Ok(slot) => Ok(Owner(owner.to_string(), slot)),
+            // Counted in `batch_api_requests_total{status="429"}`.
+            Err(n) => Err(ApiError::too_many(n).answer(dialect)),
         }
     }
 }
@@ -92,6 +142,17 @@ impl FromRequestParts<super::AppState> for Owner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_holds_at_most_its_share_of_requests_and_gets_it_back() {
+        let counts = Arc::new(InProgress::default());
+        let a1 = counts.enter("a", 2).unwrap();
+        let _a2 = counts.enter("a", 2).unwrap();
+        assert_eq!(counts.enter("a", 2).err(), Some(2), "a third request of the same key waits");
+        let _b = counts.enter("b", 2).expect("another key is not held back");
+        drop(a1);
+        assert!(counts.enter("a", 2).is_ok(), "a finished request gives its slot back");
+    }
 
     #[test]
     fn only_a_configured_key_has_an_owner_and_owners_differ() {

@@ -183,7 +183,7 @@ pub fn batch_object(entry: &BatchEntry, job: Option<&JobSummary>) -> Value {
 /// `POST /v1/batches`.
 pub async fn create(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
@@ -213,7 +213,7 @@ pub async fn create(
 /// `GET /v1/batches/{id}`.
 pub async fn retrieve(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = app.store.batch(&owner, &id, Api::OpenAi).await?;
@@ -231,7 +231,7 @@ pub struct ListQuery {
 /// `GET /v1/batches`.
 pub async fn list(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = super::page_limit(q.limit.as_deref(), 100)?;
@@ -261,7 +261,7 @@ pub async fn cancel_batch(app: &AppState, entry: BatchEntry) -> Result<(BatchEnt
 /// `POST /v1/batches/{id}/cancel`.
 pub async fn cancel(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = app.store.batch(&owner, &id, Api::OpenAi).await?;

@@ -39,6 +39,8 @@ pub enum Kind {
     Conflict,
     /// 413: the body or file is over a limit.
     TooLarge,
+    /// 429: this key has too many requests in progress; try again shortly.
+    TooMany,
     /// 503: the broker or the tracker cannot be reached: try again.
     Unavailable,
 }
@@ -85,6 +87,14 @@ impl ApiError {
         tracing::warn!(error = %e, "answering 503");
         ApiError::new(Kind::Unavailable, "The batch service cannot reach its broker right now; try again.")
     }
+    /// 429: `key_requests` requests of this key are in progress already.
+    pub fn too_many(in_progress: usize) -> ApiError {
+        ApiError::new(
+            Kind::TooMany,
+            format!("This key has {in_progress} requests in progress (api.max_requests_per_key); retry shortly."),
+        )
+        .code("rate_limit_exceeded")
+    }
     /// With OpenAI's `param`.
     pub fn param(mut self, param: &'static str) -> ApiError {
         self.param = Some(param);
@@ -109,6 +119,7 @@ impl ApiError {
             Kind::NotFound => StatusCode::NOT_FOUND,
             Kind::Conflict => StatusCode::CONFLICT,
             Kind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Kind::TooMany => StatusCode::TOO_MANY_REQUESTS,
             Kind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -119,6 +130,7 @@ impl ApiError {
             Dialect::OpenAi => {
                 let kind = match self.kind {
                     Kind::Unauthorized => "invalid_request_error",
+                    Kind::TooMany => "rate_limit_error",
                     Kind::Unavailable => "server_error",
                     _ => "invalid_request_error",
                 };
@@ -130,6 +142,7 @@ impl ApiError {
                     Kind::Unauthorized => "authentication_error",
                     Kind::NotFound => "not_found_error",
                     Kind::TooLarge => "request_too_large",
+                    Kind::TooMany => "rate_limit_error",
                     Kind::Unavailable => "api_error",
                 };
                 json!({"type": "error", "error": {"type": kind, "message": self.message}})
@@ -152,7 +165,12 @@ impl From<fleet::amqp::PublishError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), axum::Json(self.body())).into_response()
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if self.kind == Kind::TooMany {
+            // Both SDKs wait as long as Retry-After says before their next try.
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 

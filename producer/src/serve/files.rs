@@ -41,7 +41,7 @@ pub fn file_object(f: &FileRecord) -> Value {
 /// `POST /v1/files`.
 pub async fn create(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -122,7 +122,7 @@ pub struct ListQuery {
 /// `GET /v1/files`.
 pub async fn list(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let files = app.store.files_of(&owner, Some(q.purpose.as_deref().unwrap_or("batch"))).await?;
@@ -156,7 +156,7 @@ async fn lookup(app: &AppState, owner: &str, id: &str) -> Result<Named, ApiError
 /// `GET /v1/files/{id}`.
 pub async fn retrieve(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     match lookup(&app, &owner, &id).await? {
@@ -181,7 +181,7 @@ pub async fn retrieve(
 /// `GET /v1/files/{id}/content`: the file's lines, streamed.
 pub async fn content(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let body = match lookup(&app, &owner, &id).await? {
@@ -212,7 +212,7 @@ fn stored_content(app: AppState, file: FileRecord) -> Body {
 /// `DELETE /v1/files/{id}`.
 pub async fn delete(
     State(app): State<AppState>,
-    Owner(owner): Owner,
+    Owner(owner, _slot): Owner,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let file = app.store.file(&owner, &id).await?;

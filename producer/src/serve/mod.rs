@@ -52,6 +52,8 @@ pub struct App {
     store: Arc<store::Store>,
     rules: upload::LineRules,
     metrics: metrics::Metrics,
+    /// Requests in progress per key (`api.max_requests_per_key`).
+    in_progress: Arc<auth::InProgress>,
 }
 
 /// The state handlers get.
@@ -77,6 +79,7 @@ pub async fn serve(cfg: Config, listener: tokio::net::TcpListener, shutdown: Can
         rules: upload::LineRules::of(&cfg),
         metrics: metrics::Metrics::new(&cfg.namespace),
         keys,
+        in_progress: Arc::default(),
         store: store.clone(),
         cfg,
     });

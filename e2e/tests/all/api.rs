@@ -558,3 +558,63 @@ try:
 except openai.RateLimitError as e:
     print(f"limited=RateLimitError status={e.status_code}")
 "#;
+
+/// A batch keeps its final status after the tracker forgets its job
+/// (`tracker.retention_s`): the first replica that saw it end recorded it.
+#[test]
+fn a_batch_keeps_its_final_status_after_the_tracker_forgets_the_job() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("api-forgot", &mock.url, "[tracker]\nretention_s = 2\n[pushgateway]\nstale_group_s = 2\n");
+    let _w = fleet.worker("w1", &[]);
+    let server = serve(&fleet, "serve", &[]);
+    let input = fleet.dir.join("in.jsonl");
+    write_requests(&input, 20);
+    let (code, body) = curl(&[
+        "-H",
+        &auth(KEY_A),
+        "-F",
+        "purpose=batch",
+        "-F",
+        &format!("file=@{}", input.display()),
+        &format!("{}/v1/files", server.url),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    let file: Value = serde_json::from_str(&body).unwrap();
+    let create = serde_json::json!({
+        "input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"
+    })
+    .to_string();
+    let (code, body) = curl(&[
+        "-H",
+        &auth(KEY_A),
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &create,
+        &format!("{}/v1/batches", server.url),
+    ]);
+    assert_eq!(code, 200, "{body}");
+    let batch: Value = serde_json::from_str(&body).unwrap();
+    let url = format!("{}/v1/batches/{}", server.url, batch["id"].as_str().unwrap());
+    let retrieve = || -> Value { serde_json::from_str(&curl(&["-H", &auth(KEY_A), &url]).1).unwrap() };
+    eventually(Duration::from_secs(60), "the batch completes", || retrieve()["status"] == "completed");
+    let job = fleet
+        .producer(&["jobs", "--json"])
+        .stdout
+        .split(|b| *b == b'"')
+        .map(|s| String::from_utf8_lossy(s).to_string())
+        .find(|s| s.starts_with("job_"))
+        .expect("the batch's job is listed");
+    eventually(Duration::from_secs(30), "the tracker forgets the job", || {
+        !fleet.producer(&["status", &job, "--timeout", "20"]).status.success()
+    });
+    let after = retrieve();
+    assert_eq!(after["status"], "completed", "{after}");
+    assert_eq!(after["request_counts"]["completed"], 20, "{after}");
+    assert!(after["output_file_id"].is_string(), "{after}");
+    // The same from the batch list.
+    let (_, list) = curl(&["-H", &auth(KEY_A), &format!("{}/v1/batches", server.url)]);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list["data"][0]["status"], "completed", "{list}");
+    cleanup(&fleet, &[&job], &[file["id"].as_str().unwrap()]);
+}

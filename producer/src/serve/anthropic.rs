@@ -103,7 +103,7 @@ pub async fn create(
         metadata: None,
     };
     let entry = batches::create_batch(&app, &owner, &file, new).await.map_err(shaped)?;
-    let job = super::tracker::job(&app.store, &entry.record.job_id).await.map_err(shaped)?;
+    let job = super::tracker::summary(&app.store, &entry).await.map_err(shaped)?;
     Ok(Json(batch_object(&entry, job.as_ref(), &base_url(&headers))))
 }
 
@@ -115,7 +115,7 @@ pub async fn retrieve(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = app.store.batch(&owner, &id, Api::Anthropic).await.map_err(shaped)?;
-    let job = super::tracker::job(&app.store, &entry.record.job_id).await.map_err(shaped)?;
+    let job = super::tracker::summary(&app.store, &entry).await.map_err(shaped)?;
     Ok(Json(batch_object(&entry, job.as_ref(), &base_url(&headers))))
 }
 
@@ -139,8 +139,11 @@ pub async fn list(
     let (start, end) = super::page(&ids, q.after_id.as_deref(), limit);
     let jobs = super::tracker::jobs(&app.store).await.map_err(shaped)?;
     let base = base_url(&headers);
-    let data: Vec<Value> =
-        batches[start..end].iter().map(|b| batch_object(b, jobs.get(&b.record.job_id), &base)).collect();
+    let mut data = Vec::new();
+    for b in &batches[start..end] {
+        let job = super::tracker::settle(&app.store, b, jobs.get(&b.record.job_id).cloned()).await;
+        data.push(batch_object(b, job.as_ref(), &base));
+    }
     Ok(Json(json!({
         "data": data,
         "has_more": end < batches.len(),
@@ -179,7 +182,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = app.store.batch(&owner, &id, Api::Anthropic).await.map_err(shaped)?;
-    let job = super::tracker::job(&app.store, &entry.record.job_id).await.map_err(shaped)?;
+    let job = super::tracker::summary(&app.store, &entry).await.map_err(shaped)?;
     if !job.is_some_and(|j| JobStatus::ENDED.contains(&j.status)) {
         return Err(shaped(ApiError::invalid("A batch can be deleted only once it has ended; cancel it first.")));
     }

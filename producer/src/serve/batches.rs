@@ -133,7 +133,7 @@ pub async fn create_batch(
     };
     app.store.append(&Record::Batch(record.clone())).await?;
     tracing::info!(batch = %record.id, job = %record.job_id, total = record.total, "batch created");
-    Ok(BatchEntry { record, cancelling_at: None })
+    Ok(BatchEntry { record, cancelling_at: None, ended: None })
 }
 
 /// The OpenAI Batch object.
@@ -206,7 +206,7 @@ pub async fn create(
         metadata: req.metadata,
     };
     let entry = create_batch(&app, &owner, &file, new).await?;
-    let job = super::tracker::job(&app.store, &entry.record.job_id).await?;
+    let job = super::tracker::summary(&app.store, &entry).await?;
     Ok(Json(batch_object(&entry, job.as_ref())))
 }
 
@@ -217,7 +217,7 @@ pub async fn retrieve(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let entry = app.store.batch(&owner, &id, Api::OpenAi).await?;
-    let job = super::tracker::job(&app.store, &entry.record.job_id).await?;
+    let job = super::tracker::summary(&app.store, &entry).await?;
     Ok(Json(batch_object(&entry, job.as_ref())))
 }
 
@@ -239,13 +239,17 @@ pub async fn list(
     let ids: Vec<&str> = batches.iter().map(|b| b.record.id.as_str()).collect();
     let (start, end) = super::page(&ids, q.after.as_deref(), limit);
     let jobs = super::tracker::jobs(&app.store).await?;
-    let data: Vec<Value> = batches[start..end].iter().map(|b| batch_object(b, jobs.get(&b.record.job_id))).collect();
+    let mut data = Vec::new();
+    for b in &batches[start..end] {
+        let job = super::tracker::settle(&app.store, b, jobs.get(&b.record.job_id).cloned()).await;
+        data.push(batch_object(b, job.as_ref()));
+    }
     Ok(Json(super::list_object(data, end < batches.len())))
 }
 
 /// Asks the fleet to cancel `entry`'s job and records when. A batch that ended answers 409.
 pub async fn cancel_batch(app: &AppState, entry: BatchEntry) -> Result<(BatchEntry, Option<JobSummary>), ApiError> {
-    let job = super::tracker::job(&app.store, &entry.record.job_id).await?;
+    let job = super::tracker::summary(&app.store, &entry).await?;
     if job.as_ref().is_some_and(|j| fleet::wire::JobStatus::ENDED.contains(&j.status)) {
         return Ok((entry, job));
     }

@@ -139,6 +139,7 @@ mod tests {
 
     fn entry(cancelling: bool) -> BatchEntry {
         BatchEntry {
+            ended: None,
             record: BatchRecord {
                 id: "batch_1".into(),
                 owner: "o".into(),

@@ -103,6 +103,9 @@ pub enum Record {
     BatchCancel { id: String, at: u64 },
     /// The (ended) batch was deleted.
     BatchDeleted { id: String },
+    /// The batch's job ended as `summary` says (recorded by the first replica that saw it
+    /// end), so the batch keeps its final status after the tracker forgets the job.
+    BatchEnded { id: String, summary: Box<fleet::wire::JobSummary> },
     /// A replica's read barrier (see the module's header).
     Sync { nonce: String },
     /// An upload began writing the file's stream at `at` (Unix seconds), holding its lock.
@@ -117,6 +120,8 @@ pub struct BatchEntry {
     pub record: BatchRecord,
     /// When a cancel was asked, Unix seconds.
     pub cancelling_at: Option<u64>,
+    /// The job's summary once it ended, as recorded on the metadata stream.
+    pub ended: Option<fleet::wire::JobSummary>,
 }
 
 #[derive(Default)]
@@ -289,7 +294,11 @@ impl Store {
             }
             Record::Batch(b) => {
                 let id = b.id.clone();
-                let entry = index.batches.entry(id).or_insert(BatchEntry { record: b.clone(), cancelling_at: None });
+                let entry = index.batches.entry(id).or_insert(BatchEntry {
+                    record: b.clone(),
+                    cancelling_at: None,
+                    ended: None,
+                });
                 entry.record = b;
             }
             Record::BatchCancel { id, at } => {
@@ -299,6 +308,11 @@ impl Store {
             }
             Record::BatchDeleted { id } => {
                 index.batches.remove(&id);
+            }
+            Record::BatchEnded { id, summary } => {
+                if let Some(b) = index.batches.get_mut(&id) {
+                    b.ended.get_or_insert(*summary);
+                }
             }
             Record::UploadStarted { id, at } => {
                 if !index.files.contains_key(&id) {

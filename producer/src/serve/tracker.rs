@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use fleet::wire::{JobSummary, TrackerReply, TrackerRequest};
+use fleet::wire::{JobStatus, JobSummary, TrackerReply, TrackerRequest};
 use futures::StreamExt as _;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
 
 use super::error::ApiError;
-use super::store::Store;
+use super::store::{BatchEntry, Record, Store};
 
 /// RabbitMQ's pseudo-queue for replies without declaring a queue.
 const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
@@ -59,6 +59,31 @@ async fn ask(store: &Store, req: &TrackerRequest) -> Result<Option<TrackerReply>
 pub async fn job(store: &Store, job_id: &str) -> Result<Option<JobSummary>, ApiError> {
     let reply = ask(store, &TrackerRequest::Status { job_id: job_id.to_string() }).await?;
     Ok(reply.filter(|r| r.error.is_none()).and_then(|r| r.jobs.into_iter().next()))
+}
+
+/// The summary of `entry`'s job: the tracker's, or, once the tracker has forgotten the
+/// ended job (`tracker.retention_s`) or does not answer, the final one recorded on the
+/// metadata stream. The first replica to see the job ended records it there.
+pub async fn summary(store: &Store, entry: &BatchEntry) -> Result<Option<JobSummary>, ApiError> {
+    let job = job(store, &entry.record.job_id).await?;
+    Ok(settle(store, entry, job).await)
+}
+
+/// `job` (the tracker's summary of `entry`'s job, if any) with the recorded end as its
+/// fallback; records the end when the tracker shows it first.
+pub async fn settle(store: &Store, entry: &BatchEntry, job: Option<JobSummary>) -> Option<JobSummary> {
+    match job {
+        Some(job) if JobStatus::ENDED.contains(&job.status) && entry.ended.is_none() => {
+            let ended = Record::BatchEnded { id: entry.record.id.clone(), summary: Box::new(job.clone()) };
+            // Best effort: another replica, or the next request, records it otherwise.
+            if let Err(e) = store.append(&ended).await {
+                tracing::debug!(batch = %entry.record.id, error = %e.message, "cannot record the batch's end yet");
+            }
+            Some(job)
+        }
+        None => entry.ended.clone(),
+        job => job,
+    }
 }
 
 /// Every job the tracker knows, by id (empty when it does not answer).

@@ -234,6 +234,18 @@ impl Fleet {
         read_output(&output)
     }
 
+    /// Collects `job` like [`Fleet::collect`], for a job some of whose items failed for a
+    /// reason of the fleet's (dead-lettered, poison, keys): `producer wait` writes every
+    /// line and exits 3, naming `code`.
+    pub fn collect_fleet_side(&self, job: &str, code: &str) -> Vec<Value> {
+        let output = self.dir.join(format!("{job}.jsonl"));
+        let out = self.wait(job, &output, 180);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "producer wait exits 3: {stderr}");
+        assert!(stderr.contains("for a reason of the fleet's") && stderr.contains(code), "{stderr}");
+        read_output(&output)
+    }
+
     /// `producer status JOB --json` once the tracker has seen the job end.
     pub fn final_status(&self, job: &str) -> Value {
         let mut last = Value::Null;

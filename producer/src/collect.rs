@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use fleet::messages::ResultsMessage;
 use fleet::topology::Topology;
-use fleet::wire::{ItemResult, JobCounts, JobStatus};
+use fleet::wire::{error_code, ItemResult, JobCounts, JobStatus};
 use fleet::Config;
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -155,6 +155,29 @@ pub struct Collected {
     /// every result yet (it trails the results stream under load); `producer status` later
     /// gives the final one.
     pub usage_final: bool,
+    /// Items that failed for a reason of the fleet's, not of their request or the
+    /// provider's answer ([`FLEET_SIDE`]), by error code. `wait` exits 3 when there are any.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub fleet_side: std::collections::BTreeMap<String, u64>,
+}
+
+/// Error codes of failures the fleet caused: its keys (every key of the provider refused,
+/// or the last one tried), and its queues (an item the broker dead-lettered, one that kept
+/// killing workers, a batch-mode item missing from its stream). Running the same request
+/// again on a healthy fleet may succeed; the operator, not the request, needs fixing.
+pub const FLEET_SIDE: [&str; 5] = [
+    error_code::API_KEYS_REJECTED,
+    error_code::KEY_REJECTED,
+    error_code::DEAD_LETTERED,
+    error_code::POISON,
+    error_code::MISSING_ITEM,
+];
+
+/// Counts `code` in `tally` if it is one of [`FLEET_SIDE`].
+fn tally_fleet_side(tally: &mut std::collections::BTreeMap<String, u64>, code: Option<&str>) {
+    if let Some(code) = code.filter(|c| FLEET_SIDE.contains(c)) {
+        *tally.entry(code.to_string()).or_default() += 1;
+    }
 }
 
 /// Options of a wait.
@@ -177,6 +200,8 @@ pub(crate) struct ReadBack {
     /// The custom_ids of the complete lines.
     seen: HashSet<String>,
     counts: JobCounts,
+    /// Fleet-side failures among the lines (see [`FLEET_SIDE`]; read from `error.code`).
+    fleet_side: std::collections::BTreeMap<String, u64>,
     /// The job the lines belong to (`None` without a complete line).
     job: Option<String>,
     /// Bytes of complete lines; past them, a torn last line of ours.
@@ -202,6 +227,7 @@ impl ReadBack {
                     file: None,
                     seen: HashSet::new(),
                     counts: JobCounts::default(),
+                    fleet_side: Default::default(),
                     job: None,
                     good_len: 0,
                     len: 0,
@@ -211,6 +237,7 @@ impl ReadBack {
         };
         let mut seen = HashSet::new();
         let mut counts = JobCounts::default();
+        let mut fleet_side = std::collections::BTreeMap::new();
         let mut job: Option<String> = None;
         let mut good_len = 0u64;
         let mut reader = std::io::BufReader::new(&file);
@@ -248,12 +275,13 @@ impl ReadBack {
             let id = v["custom_id"].as_str().unwrap_or_default().to_string();
             if seen.insert(id) {
                 counts.add(status);
+                tally_fleet_side(&mut fleet_side, v.pointer("/error/code").and_then(|c| c.as_str()));
             }
             good_len += n as u64;
         }
         drop(reader);
         let len = good_len + line.len() as u64;
-        Ok(ReadBack { file: Some(file), seen, counts, job, good_len, len })
+        Ok(ReadBack { file: Some(file), seen, counts, fleet_side, job, good_len, len })
     }
 
     /// Whether a file was found at the path.
@@ -296,6 +324,8 @@ struct Collector {
     out: std::io::BufWriter<std::fs::File>,
     seen: HashSet<String>,
     counts: JobCounts,
+    /// See [`Collected::fleet_side`].
+    fleet_side: std::collections::BTreeMap<String, u64>,
     total: Option<u64>,
     job_status: Option<JobStatus>,
     usage: Option<fleet::wire::JobUsage>,
@@ -368,6 +398,7 @@ impl Collector {
         if self.seen.insert(result.custom_id.clone()) {
             self.format.write_line(&mut self.out, result)?;
             self.counts.add(result.status);
+            tally_fleet_side(&mut self.fleet_side, result.error.as_ref().map(|e| e.code.as_str()));
             self.bar.inc(1);
         }
         Ok(())
@@ -438,6 +469,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     let back = ReadBack::read(req.output, Some(req.job_id), req.format)?;
     let mut conn = crate::connect(cfg, "producer wait").await?;
     require_job(&conn, &topology, req.job_id).await?;
+    let fleet_side = back.fleet_side.clone();
     let (file, seen, counts) = back.open(req.output)?;
     let bar = crate::progress::bar(0, req.progress, "collecting");
     bar.set_position(seen.len() as u64);
@@ -445,6 +477,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         out: std::io::BufWriter::with_capacity(1 << 16, file),
         seen,
         counts,
+        fleet_side,
         total: None,
         job_status: None,
         usage: None,
@@ -497,6 +530,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
         job_status: c.job_status,
         usage: c.usage,
         usage_final: c.usage_final,
+        fleet_side: c.fleet_side,
     })
 }
 

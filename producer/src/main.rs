@@ -252,8 +252,12 @@ async fn main() -> ExitCode {
 #[error("{0:#}")]
 struct Refused(anyhow::Error);
 
-/// 2 for bad input or configuration (nothing was published), 1 for any other failure.
+/// 2 for bad input or configuration (nothing was published), 3 for a job collected whose
+/// items failed for a reason of the fleet's, 1 for any other failure.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.downcast_ref::<report::FleetSideFailures>().is_some() {
+        return 3;
+    }
     let usage = e.downcast_ref::<Refused>().is_some()
         || e.downcast_ref::<InputError>().is_some()
         || e.downcast_ref::<collect::OutputError>().is_some()
@@ -304,7 +308,7 @@ async fn submit(cfg: &fleet::Config, args: SubmitArgs, progress: bool) -> anyhow
     let output = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.jsonl", job.job_id)));
     let req = WaitRequest { job_id: &job.job_id, output: &output, progress, timeout: None, format: args.output_format };
     let collected = collect::wait(cfg, &req).await?;
-    report::summary(cfg, collected, &output, args.json).await;
+    report::summary(cfg, collected, &output, args.json).await?;
     Ok(())
 }
 
@@ -319,7 +323,7 @@ async fn wait(cfg: &fleet::Config, args: WaitArgs, progress: bool) -> anyhow::Re
     };
     let finish = Finish { ordered: args.ordered, errors: args.errors.as_deref(), format: args.output_format };
     let collected = finish::wait(cfg, &req, &finish).await?;
-    report::summary(cfg, collected, &args.output, args.json).await;
+    report::summary(cfg, collected, &args.output, args.json).await?;
     Ok(())
 }
 
@@ -351,7 +355,7 @@ async fn retry(cfg: &fleet::Config, args: RetryArgs, progress: bool) -> anyhow::
     if let Some(output) = &args.output {
         let req = WaitRequest { job_id: &new.job_id, output, progress, timeout: None, format: OutputFormat::default() };
         let collected = collect::wait(cfg, &req).await?;
-        report::summary(cfg, collected, output, args.json).await;
+        report::summary(cfg, collected, output, args.json).await?;
     }
     Ok(())
 }

@@ -95,7 +95,34 @@ pub fn dead(messages: &[DeadMessage], json: bool) {
 
 /// The summary of a collected job, with its usage (asked of the tracker if the results
 /// stream did not carry it).
-pub async fn summary(cfg: &fleet::Config, mut c: Collected, output: &Path, json: bool) {
+/// Items of a collected job failed for a reason of the fleet's ([`crate::collect::FLEET_SIDE`]):
+/// the job ran, but the command exits 3 so scripts notice that the fleet needs fixing.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{failed} items of job {job_id} failed for a reason of the fleet's, not of their requests ({codes}): \
+     fix the fleet (its keys, its queues; see `producer status` and the workers' logs), then `producer retry {job_id}`"
+)]
+pub struct FleetSideFailures {
+    pub job_id: String,
+    pub failed: u64,
+    pub codes: String,
+}
+
+/// Prints the summary of a collected job (JSON with `json`), then fails with
+/// [`FleetSideFailures`] when some of its items failed for a reason of the fleet's.
+pub async fn summary(cfg: &fleet::Config, c: Collected, output: &Path, json: bool) -> anyhow::Result<()> {
+    let fleet_side = c.fleet_side.clone();
+    let job_id = c.job_id.clone();
+    print_summary(cfg, c, output, json).await;
+    let failed: u64 = fleet_side.values().sum();
+    if failed == 0 {
+        return Ok(());
+    }
+    let codes = fleet_side.iter().map(|(code, n)| format!("{code} {n}")).collect::<Vec<_>>().join(", ");
+    Err(FleetSideFailures { job_id, failed, codes }.into())
+}
+
+async fn print_summary(cfg: &fleet::Config, mut c: Collected, output: &Path, json: bool) {
     if c.usage.is_none() {
         let req = TrackerRequest::Status { job_id: c.job_id.clone() };
         if let Ok(reply) = inspect::ask(cfg, &req, USAGE_QUERY_TIMEOUT).await {

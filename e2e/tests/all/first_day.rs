@@ -199,7 +199,7 @@ fn an_item_the_broker_dead_letters_ends_failed_and_the_job_ends() {
         item["custom_id"].as_str().unwrap().to_string()
     });
     let _w = fleet.worker("w1", &[]);
-    let lines = fleet.collect(&job);
+    let lines = fleet.collect_fleet_side(&job, "dead_lettered 1");
     assert_exactly_once(&lines, 30);
     let dead: Vec<&Value> = lines.iter().filter(|l| l["custom_id"] == rejected.as_str()).collect();
     assert_eq!(dead[0]["error"]["code"], "dead_lettered", "{}", dead[0]);

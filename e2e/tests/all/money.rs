@@ -250,7 +250,7 @@ fn a_job_no_worker_serves_is_diagnosed_cancel_ends_it_and_dead_letters_agree() {
         said.contains("no worker serves provider ghost, so its 19 queued items were ended `cancelled` here"),
         "{said}"
     );
-    let lines = fleet.collect(&job);
+    let lines = fleet.collect_fleet_side(&job, "dead_lettered 1");
     assert_exactly_once(&lines, 20);
     let ended = fleet.final_status(&job);
     assert_eq!(ended["status"], "cancelled", "{ended}");

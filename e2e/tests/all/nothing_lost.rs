@@ -67,7 +67,7 @@ fn a_message_that_keeps_killing_workers_is_parked_as_poison_and_the_job_finishes
         eventually(Duration::from_secs(30), "connection gone", || mock.stats()["in_flight"].as_u64() == Some(0));
     }
     let _survivor = fleet.worker("survivor", &[]);
-    let lines = fleet.collect(&job);
+    let lines = fleet.collect_fleet_side(&job, "poison 1");
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["error"]["code"], "poison", "{}", lines[0]);
     assert_eq!(mock.stats()["requests"].as_u64(), Some(2), "the survivor did not call the provider");

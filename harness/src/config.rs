@@ -13,13 +13,15 @@ pub struct FleetConfig {
 }
 
 impl FleetConfig {
-    /// `namespace`, `amqp.url` and `pushgateway.url`: what every fleet needs.
+    /// `namespace`, `amqp.url` and `pushgateway.url`: what every fleet needs; and
+    /// `fleet.signing_key_env` naming [`crate::TEST_SIGNING_KEY_ENV`], which
+    /// [`crate::worker_command`] sets, so every fleet here signs its internal messages.
     pub fn new(namespace: &str, amqp_url: &str, pushgateway_url: &str) -> FleetConfig {
-        FleetConfig { table: toml::Table::new() }.set("", "namespace", namespace).set("amqp", "url", amqp_url).set(
-            "pushgateway",
-            "url",
-            pushgateway_url,
-        )
+        FleetConfig { table: toml::Table::new() }
+            .set("", "namespace", namespace)
+            .set("amqp", "url", amqp_url)
+            .set("pushgateway", "url", pushgateway_url)
+            .set("fleet", "signing_key_env", crate::TEST_SIGNING_KEY_ENV)
     }
 
     /// `amqp.urls`, which replaces `amqp.url` when not empty (a cluster's nodes).

@@ -70,11 +70,24 @@ pub fn namespace(prefix: &str, name: &str) -> String {
     format!("{prefix}.{name}.{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
 }
 
-/// `worker --config CONFIG`, to which the caller adds the worker's id
-/// (`FLEET__WORKER__ID`) and environment.
+/// The variable test fleets' workers read their signing key from
+/// (`fleet.signing_key_env`, set by [`FleetConfig::new`]).
+pub const TEST_SIGNING_KEY_ENV: &str = "FLEET_TEST_SIGNING_KEY";
+
+/// The signing key of every test fleet (a test value, not a secret): tests sign what they
+/// publish in a worker's name with [`test_signing_key`].
+pub const TEST_SIGNING_KEY: &str = "test-fleet-signing-key-0123456789abcdef";
+
+/// [`TEST_SIGNING_KEY`] as a key, to sign a message as the fleet's workers would.
+pub fn test_signing_key() -> fleet::signing::SigningKey {
+    fleet::signing::SigningKey::new(TEST_SIGNING_KEY_ENV, TEST_SIGNING_KEY.as_bytes()).expect("long enough")
+}
+
+/// `worker --config CONFIG` with the test fleets' signing key in its environment, to
+/// which the caller adds the worker's id (`FLEET__WORKER__ID`) and environment.
 pub fn worker_command(config: &Path) -> Command {
     let mut cmd = Command::new(bin("worker"));
-    cmd.arg("--config").arg(config);
+    cmd.arg("--config").arg(config).env(TEST_SIGNING_KEY_ENV, TEST_SIGNING_KEY);
     cmd
 }
 

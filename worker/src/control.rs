@@ -3,6 +3,12 @@
 //! too (and knows every open job's queue, see [`crate::jobs`]). What it learns is kept in
 //! [`crate::known`], which outlives reconnections (the stream is re-read from the start
 //! after each, which is idempotent).
+//!
+//! Producers write to this stream too (`job_opened`, a user's `cancel_job`), so what only
+//! the tracker says is believed only with the fleet's signature ([`fleet::signing`]): an
+//! unsigned `job_closed` is ignored with a WARN (it would stop every worker consuming a
+//! live job), and an unsigned `cancel_job` naming the tracker's reason (`budget`) is applied
+//! as the plain cancel any producer may send.
 
 use fleet::topology::Topology;
 use fleet::wire::ControlMessage;
@@ -70,7 +76,12 @@ impl Follower {
                     tracing::warn!(error = %msg.check().unwrap_err(), "ignoring a control message out of bounds");
                 }
                 Ok(msg) => {
-                    self.apply(&msg);
+                    let signed = fleet::signing::verify(&delivery.properties, &delivery.data);
+                    if let (ControlMessage::JobClosed { job_id }, Err(e)) = (&msg, signed) {
+                        tracing::warn!(job_id = %job_id, error = %e, "ignoring a job_closed not from the tracker");
+                        continue;
+                    }
+                    self.apply(&msg, signed.is_ok());
                     return Ok(Some(msg));
                 }
                 Err(e) => tracing::warn!(error = %e, "ignoring a malformed control message"),
@@ -78,13 +89,16 @@ impl Follower {
         }
     }
 
-    /// Applies a checked control message to the worker's view of the fleet's jobs.
-    fn apply(&self, msg: &ControlMessage) {
+    /// Applies a checked control message to the worker's view of the fleet's jobs; `signed`:
+    /// it carries the fleet's signature (always true in an unsigned fleet).
+    fn apply(&self, msg: &ControlMessage, signed: bool) {
         match msg {
             ControlMessage::CancelJob { job_id, reason } => {
+                // Only the tracker gives a reason; anyone else's cancel is a plain one.
+                let reason = if signed { reason.as_deref() } else { None };
                 if !self.cancelled.contains(job_id) {
-                    tracing::info!(job_id = %job_id, reason = reason.as_deref().unwrap_or("cancel"), "job cancelled");
-                    self.cancelled.insert_with_reason(job_id.clone(), reason.as_deref(), fleet::now_ms());
+                    tracing::info!(job_id = %job_id, reason = reason.unwrap_or("cancel"), "job cancelled");
+                    self.cancelled.insert_with_reason(job_id.clone(), reason, fleet::now_ms());
                 }
             }
             ControlMessage::JobOpened { job_id, provider, priority } => {

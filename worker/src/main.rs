@@ -35,6 +35,11 @@ async fn main() -> ExitCode {
         eprintln!("worker: API key variable(s) unset or empty: {}", missing.join(", "));
         return ExitCode::from(2);
     }
+    // The key signing internal messages (fleet.signing_key_env), read once; never logged.
+    if let Err(e) = fleet::signing::install(cfg.fleet.signing_key_env.as_deref()) {
+        eprintln!("worker: {e}");
+        return ExitCode::from(2);
+    }
     let shutdown = fleet::shutdown::on_signals();
     match worker::run(cfg, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

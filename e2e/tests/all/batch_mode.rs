@@ -413,7 +413,11 @@ fn a_forged_chunk_cannot_cancel_or_delete_another_batch() {
     f.amqp(|conn, _| async move {
         let ch = fleet::amqp::confirm_channel(&conn).await.unwrap();
         let payload = serde_json::to_vec(&forged).unwrap();
-        fleet::amqp::publish_confirmed(&ch, "", &queue, &payload, fleet::amqp::persistent_json()).await.unwrap();
+        // Signed with the fleet's key (as by a worker with a bug, or in a fleet without a
+        // key): the tag check must still hold. Unsigned, it is refused before any poll
+        // (principals::a_forged_unsigned_created_chunk_is_dead_lettered_untouched).
+        let props = harness::test_signing_key().sign_props(fleet::amqp::persistent_json(), &payload);
+        fleet::amqp::publish_confirmed(&ch, "", &queue, &payload, props).await.unwrap();
     });
     eventually(Duration::from_secs(30), "the forged chunk is dead-lettered", || {
         String::from_utf8_lossy(&f.producer(&["dead", "--json"]).stdout).contains("forged chunk")

@@ -7,9 +7,12 @@
 //! replace the checkpoint and no worker could take the role again. A takeover reads both
 //! and restores the newest readable one (by [`State::checkpoint_seq`]); with neither
 //! readable it starts empty, says so at WARN and parks the unreadable messages in the
-//! dead-letter queue, so the role is held and new jobs run. (A well-formed forged
-//! checkpoint is not caught here: the broker's permissions keep producers off these
-//! queues, see docs/teams.md.)
+//! dead-letter queue, so the role is held and new jobs run.
+//!
+//! A well-formed forged checkpoint is caught by its signature: with a fleet key
+//! (`fleet.signing_key_env`, see [`fleet::signing`]) every checkpoint is written signed, and
+//! one without a valid signature counts as unreadable (parked, never restored). Without a
+//! key only the broker's permissions keep producers off these queues (docs/teams.md).
 
 use anyhow::Context as _;
 use fleet::amqp;
@@ -29,12 +32,15 @@ pub(super) async fn restore(ch: &Channel, topology: &Topology) -> anyhow::Result
     for queue in [topology.tracker_state_queue(), topology.tracker_state_copy_queue()] {
         let Some(msg) = ch.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? else { continue };
         found += 1;
-        let parsed = serde_json::from_slice::<State>(&msg.delivery.data);
+        // The signature first: a forged checkpoint is never parsed into the state.
+        let parsed = fleet::signing::verify(&msg.delivery.properties, &msg.delivery.data)
+            .map_err(|e| e.to_string())
+            .and_then(|()| serde_json::from_slice::<State>(&msg.delivery.data).map_err(|e| e.to_string()));
         msg.delivery.acker.nack(BasicNackOptions { requeue: true, ..Default::default() }).await?;
         match parsed {
             Ok(state) if best.as_ref().is_none_or(|b| state.checkpoint_seq > b.checkpoint_seq) => best = Some(state),
             Ok(_) => {}
-            Err(e) => unreadable.push((queue, e.to_string(), msg.delivery.data)),
+            Err(e) => unreadable.push((queue, e, msg.delivery.data)),
         }
     }
     for (queue, error, data) in &unreadable {
@@ -73,8 +79,9 @@ async fn park(ch: &Channel, topology: &Topology, queue: &str, error: &str, data:
 pub(super) async fn write(ch: &Channel, topology: &Topology, state: &mut State) -> anyhow::Result<()> {
     state.checkpoint_seq += 1;
     let payload = serde_json::to_vec(state)?;
+    let props = fleet::signing::sign(amqp::persistent_json(), &payload);
     for queue in [topology.tracker_state_queue(), topology.tracker_state_copy_queue()] {
-        amqp::publish_confirmed(ch, "", &queue, &payload, amqp::persistent_json())
+        amqp::publish_confirmed(ch, "", &queue, &payload, props.clone())
             .await
             .with_context(|| format!("writing the tracker checkpoint to {queue}"))?;
     }

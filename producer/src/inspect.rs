@@ -140,6 +140,10 @@ pub fn render(job: &JobSummary) -> String {
         out.push_str("\n    usage: ");
         out.push_str(&u.describe());
     }
+    if let Some(w) = &job.webhook {
+        out.push_str("\n    webhook: ");
+        out.push_str(&w.describe());
+    }
     if let Some(p) = &job.progress {
         out.push_str("\n    ");
         out.push_str(&progress_line(p));

@@ -151,6 +151,7 @@ mod tests {
                 max_cost: Some(0.001),
             }),
             dead_lettered: 5,
+            webhook: None,
         }
     }
 

@@ -64,6 +64,7 @@ impl<'a> Active<'a> {
     ) -> anyhow::Result<Active<'a>> {
         let ch = amqp::confirm_channel(conn).await?;
         topology.declare_common(&ch).await?;
+        topology.declare_webhook_queues(&ch, &fleet::webhooks::ALL_DELAY_TIERS_S).await?;
         let mut state = checkpoint::restore(&ch, &topology).await?;
         state.prices = cfg.providers.iter().map(|(name, p)| (name.clone(), p.prices.clone())).collect();
         let metrics = TrackerMetrics::new();
@@ -186,7 +187,7 @@ impl<'a> Active<'a> {
         };
         self.cancel_over_budget().await;
         if let Some(ended) = ended {
-            self.finished(&ended).await;
+            self.finished(&ended).await?;
         }
         Ok(())
     }
@@ -210,13 +211,17 @@ impl<'a> Active<'a> {
         let ended = self.state.abandon_stalled(fleet::now_ms(), timeout_ms);
         for ended in &ended {
             tracing::warn!(job_id = %ended.summary.job_id, "submission abandoned: the job ends failed (incomplete_submission)");
-            self.finished(ended).await;
+            if let Err(e) = self.finished(ended).await {
+                tracing::warn!(job_id = %ended.summary.job_id, error = %e, "cannot publish the job's webhook delivery");
+            }
         }
         !ended.is_empty()
     }
 
-    /// Logs, measures and announces a job that ended.
-    async fn finished(&self, ended: &state::Ended) {
+    /// Logs, measures and announces a job that ended; fails only when its webhook delivery
+    /// cannot be published (confirmed before the checkpoint that covers the end, so a
+    /// tracker killed in between folds the end again and publishes it again).
+    async fn finished(&self, ended: &state::Ended) -> anyhow::Result<()> {
         let s = &ended.summary;
         tracing::info!(job_id = %s.job_id, status = %s.status, total = s.counts.total, succeeded = s.counts.succeeded,
             failed = s.counts.failed, duration_s = ended.duration_s, "job finished");
@@ -226,6 +231,7 @@ impl<'a> Active<'a> {
             .observe(ended.duration_s);
         self.announce(s).await;
         self.close_job_queue(&s.job_id, &s.provider).await;
+        self.publish_webhook(ended).await
     }
 
     /// Checkpoint, then ack what it covers, then expose its metrics.

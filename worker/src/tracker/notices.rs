@@ -1,10 +1,12 @@
 //! What the tracker tells others: `job_finished` on a job's results stream, control
-//! messages to every worker, and the closing of an ended job's items queue.
+//! messages to every worker, the closing of an ended job's items queue, and the delivery
+//! of its completion webhook.
 
 use fleet::amqp;
 use fleet::wire::{ControlMessage, JobSummary, KIND_JOB_FINISHED};
 
 use super::active::Active;
+use super::state;
 use crate::settle::detach_confirm;
 
 impl Active<'_> {
@@ -34,11 +36,35 @@ impl Active<'_> {
         self.control(&ControlMessage::JobClosed { job_id: job_id.to_string() }).await;
     }
 
+    /// Publishes the completion-webhook delivery of a job that ended with a webhook URL to
+    /// `<ns>.webhooks`, confirmed: any worker's sender POSTs it (see `crate::webhooks`).
+    pub(super) async fn publish_webhook(&self, ended: &state::Ended) -> anyhow::Result<()> {
+        let Some(url) = &ended.webhook_url else { return Ok(()) };
+        let s = &ended.summary;
+        let Some(event) = fleet::webhooks::WebhookEvent::of(s, self.topology.results_queue(&s.job_id)) else {
+            return Ok(());
+        };
+        let delivery = fleet::webhooks::WebhookDelivery {
+            url: url.clone(),
+            event,
+            first_at_ms: s.finished_at_ms.unwrap_or_else(fleet::now_ms),
+            attempts: 0,
+            last_error: None,
+        };
+        let payload = serde_json::to_vec(&delivery)?;
+        amqp::publish_confirmed(&self.ch, "", &self.topology.webhooks_queue(), &payload, amqp::persistent_json())
+            .await?;
+        tracing::debug!(job_id = %s.job_id, host = %fleet::webhooks::url_host(url), "webhook delivery queued");
+        Ok(())
+    }
+
     /// Publishes a control message to every worker (confirm awaited off the loop: a lost
     /// one only delays what the broker tells the workers anyway).
     pub(super) async fn control(&self, msg: &ControlMessage) {
         let payload = serde_json::to_vec(msg).expect("control messages serialize");
-        let res = amqp::publish(&self.ch, "", &self.topology.control_stream(), &payload, amqp::persistent_json()).await;
+        // Signed: workers believe `job_closed` and a reasoned cancel only from the tracker.
+        let props = fleet::signing::sign(amqp::persistent_json(), &payload);
+        let res = amqp::publish(&self.ch, "", &self.topology.control_stream(), &payload, props).await;
         match res {
             Ok(pending) => detach_confirm(pending),
             Err(e) => tracing::warn!(error = %e, "cannot publish to the control stream"),

@@ -132,7 +132,7 @@ proptest! {
         let item = Item {
             job_id: job, index, total: index + extra, custom_id: custom, provider: "p".into(),
             url: Endpoint::ChatCompletions.path().into(), body, attempt, submitted_at_ms: 1,
-            deadline_ms: deadline, first_delay_ms: None,
+            deadline_ms: deadline, first_delay_ms: None, flex: false,
         };
         prop_assert_eq!(item.check(), Ok(()));
         let back: Item = serde_json::from_slice(&serde_json::to_vec(&item).unwrap()).unwrap();

@@ -16,9 +16,16 @@
 //!    poison: a failed result, and the message parked;
 //! 6. an item whose body asks for `"stream": true` fails with `stream_not_supported` without a
 //!    call (a streamed answer is not JSON, and retrying it would pay again);
-//! 7. otherwise the provider is called, and [`after_call`] decides: the answer becomes the
-//!    result; a transient failure with delay budget left goes to a delay queue; any other
+//! 7. a flex item (`--mode flex`) on a provider whose kind has no flex tier fails with
+//!    `flex_not_supported` without a call (the producer refuses such a job; the provider
+//!    would answer at full price, or not at all);
+//! 8. otherwise the provider is called, and [`after_call`] decides: the answer becomes the
+//!    result (a flex item's usage marked flex, so the tracker prices it at the flex
+//!    factor); a transient failure with delay budget left goes to a delay queue; any other
 //!    failure becomes a failed result that keeps its request (for `producer retry`).
+//!
+//! A flex item makes one call per delivery (see [`crate::provider`]): every retry of it is
+//! a trip through the delay queues, which hold no worker and no delivery.
 
 use fleet::config::RetryConfig;
 use fleet::topology::DeadLabel;
@@ -43,6 +50,8 @@ pub struct Facts<'a> {
     pub worker_id: &'a str,
     /// The cancels this worker has read.
     pub cancelled: &'a Cancelled,
+    /// Whether the provider's kind has a flex tier (`--mode flex` items need one).
+    pub flex_tier: bool,
 }
 
 /// What to do with a delivery, decided before any provider call.
@@ -95,6 +104,12 @@ pub fn decide(data: &[u8], facts: &Facts<'_>, target_of: impl FnOnce(&str) -> Re
         let result = ItemResult::without_answer(&item, ItemStatus::Failed, error, facts.worker_id);
         return Verdict::Finish(Box::new(result));
     }
+    if item.flex && !facts.flex_tier {
+        let message = "a --mode flex request on a provider whose kind has no flex tier (service_tier)";
+        let error = ErrorRecord { code: error_code::FLEX_NOT_SUPPORTED.into(), message: message.into() };
+        let result = ItemResult::without_answer(&item, ItemStatus::Failed, error, facts.worker_id);
+        return Verdict::Finish(Box::new(result));
+    }
     Verdict::Call { item: Box::new(item), target }
 }
 
@@ -131,6 +146,9 @@ pub fn after_call(item: Item, outcome: Outcome, retry: &RetryConfig, worker_id: 
             };
             result.attempts = outcome.attempts;
             result.usage = result.response.as_ref().and_then(|r| fleet::usage::parse(r.body.get()));
+            if let Some(usage) = result.usage.as_mut() {
+                usage.flex = item.flex;
+            }
             Decision::Finish(Box::new(result))
         }
         Err(e) if e.is_transient() && may_delay(retry, &item, now_ms) => Decision::Delay(Box::new(item), e),
@@ -219,6 +237,7 @@ mod tests {
             now_ms: NOW,
             worker_id: "w1",
             cancelled,
+            flex_tier: true,
         };
         decide(data.as_bytes(), &facts, |_| Ok(target()))
     }
@@ -265,6 +284,7 @@ mod tests {
             now_ms: NOW,
             worker_id: "w1",
             cancelled: &Cancelled::new(60_000),
+            flex_tier: true,
         };
         let v = decide(item_json("").as_bytes(), &facts, |url| Err(ForbiddenUrl::Escapes(url.to_string())));
         assert!(
@@ -313,6 +333,35 @@ mod tests {
         let streaming = item_json("").replace(r#"{"model":"m"}"#, r#"{"model":"m","stream":true}"#);
         let r = finished(verdict(&streaming));
         assert_eq!((r.status, r.error.unwrap().code.as_str()), (ItemStatus::Failed, "stream_not_supported"));
+    }
+
+    #[test]
+    fn a_flex_item_needs_a_provider_with_a_flex_tier() {
+        let flex = item_json(r#","flex":true"#);
+        let cancelled = Cancelled::new(60_000);
+        let facts = Facts {
+            provider: "mock",
+            max_message_bytes: 1024,
+            delivery_limit: 3,
+            deliveries: 1,
+            now_ms: NOW,
+            worker_id: "w1",
+            cancelled: &cancelled,
+            flex_tier: false,
+        };
+        let r = finished(decide(flex.as_bytes(), &facts, |_| Ok(target())));
+        assert_eq!(
+            (r.status, r.error.unwrap().code.as_str(), r.attempts),
+            (ItemStatus::Failed, "flex_not_supported", 0)
+        );
+        match verdict(&flex) {
+            Verdict::Call { item, .. } => assert!(item.flex),
+            other => panic!("expected a call, got {other:?}"),
+        }
+        // Without the flag (an item of an online job, or of an earlier producer): online.
+        assert!(
+            matches!(decide(item_json("").as_bytes(), &facts, |_| Ok(target())), Verdict::Call { item, .. } if !item.flex)
+        );
     }
 
     #[test]
@@ -366,6 +415,30 @@ mod tests {
                 assert_eq!((r.status, r.error.unwrap().code.as_str()), (ItemStatus::Failed, "invalid_response"))
             }
             other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_flex_answer_is_marked_flex_and_a_flex_tier_without_capacity_waits_in_a_delay_queue() {
+        let mut flex = item(0, None);
+        flex.flex = true;
+        let success = Success { answer: answer(200), prompt_tokens: 1, completion_tokens: 1 };
+        match after_call(flex.clone(), Outcome { result: Ok(success), attempts: 1 }, &retry(), "w1", NOW) {
+            Decision::Finish(r) => assert!(r.usage.is_some_and(|u| u.flex && !u.batch)),
+            other => panic!("expected the answer, got {other:?}"),
+        }
+        let online = Success { answer: answer(200), prompt_tokens: 1, completion_tokens: 1 };
+        match after_call(item(0, None), Outcome { result: Ok(online), attempts: 1 }, &retry(), "w1", NOW) {
+            Decision::Finish(r) => assert!(r.usage.is_some_and(|u| !u.flex)),
+            other => panic!("expected the answer, got {other:?}"),
+        }
+        let unavailable =
+            || Outcome { result: Err(CallError::Unavailable { answer: answer(498), retry_after: None }), attempts: 1 };
+        assert!(matches!(after_call(flex.clone(), unavailable(), &retry(), "w1", NOW), Decision::Delay(..)));
+        flex.attempt = 2;
+        match after_call(flex, unavailable(), &retry(), "w1", NOW) {
+            Decision::Finish(r) => assert_eq!(r.error.unwrap().code, "capacity_unavailable"),
+            other => panic!("expected a failure once the delays are spent, got {other:?}"),
         }
     }
 

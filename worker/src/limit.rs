@@ -11,6 +11,10 @@
 //!   under a tenth of the most it reported. Requests are paced evenly at that rate.
 //!
 //! Overload (503, 529, a 429 that says nothing) and timeouts shrink only the in-flight limit.
+//! A flex tier without capacity (OpenAI's 429 "resource unavailable", Groq's 498
+//! `capacity_exceeded`: [`Signal::Unavailable`]) shrinks neither: it says the provider's
+//! spare capacity is gone for now, not that this worker sends too much or too fast, and
+//! the item waits in a delay queue, not here.
 //!
 //! Which 429s are about rate ([`Throttle`]): one with a retry hint (`retry-after`,
 //! `retry-after-ms` or a gateway's `llm_provider-retry-after[-ms]`), or from a provider that
@@ -85,6 +89,9 @@ pub enum Signal {
     /// A 429; the limiter decides from `throttle` and what it has seen whether it is a
     /// [`Signal::RateLimited`] or an [`Signal::Overloaded`].
     TooManyRequests { retry_after: Option<Duration>, throttle: Throttle },
+    /// The provider's flex tier had no capacity for the call (see the module header):
+    /// neither the in-flight limit nor the rate changes, and no pause is taken.
+    Unavailable,
 }
 
 struct State {
@@ -311,6 +318,9 @@ impl Limiter {
                     s.limit = (s.limit * DECREASE).max(1.0);
                 }
             }
+            // Not counted as a success either: the silent-429 rule compares throttles with
+            // answers, and this was neither.
+            Signal::Unavailable => {}
             Signal::TooManyRequests { .. } => unreachable!("classified above"),
         }
         self.limit_gauge.set(s.limit.floor() as i64);
@@ -429,6 +439,23 @@ mod tests {
             l.observe(Signal::Ok { remaining: None });
         }
         assert_eq!(l.limit(), 100, "about one per window of successes, capped at the maximum");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flex_tier_without_capacity_shrinks_neither_the_limit_nor_the_rate() {
+        let l = limiter(100, None);
+        for _ in 0..50 {
+            l.observe(Signal::Unavailable);
+            tokio::time::advance(RATE_DECREASE_WINDOW).await;
+        }
+        assert_eq!(l.limit(), 100, "no decrease");
+        assert_eq!(l.state.lock().unwrap().rate, None, "no pacing started");
+        // Once paced, it still leaves the limit and the rate alone.
+        l.observe(Signal::RateLimited { retry_after: None });
+        let (limit, rate) = (l.limit(), l.state.lock().unwrap().rate);
+        tokio::time::advance(RATE_DECREASE_WINDOW).await;
+        l.observe(Signal::Unavailable);
+        assert_eq!((l.limit(), l.state.lock().unwrap().rate), (limit, rate));
     }
 
     #[tokio::test(start_paused = true)]

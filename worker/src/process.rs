@@ -29,6 +29,7 @@ pub async fn handle(ctx: Arc<Context>, client: Arc<ProviderClient>, delivery: Tr
         now_ms: fleet::now_ms(),
         worker_id: &ctx.worker_id,
         cancelled: &ctx.cancelled,
+        flex_tier: client.kind().has_flex_tier(),
     };
     let decision = match decide(&delivery.data, &facts, |url| client.target(url)) {
         Verdict::DeadLetter { label, reason } => {

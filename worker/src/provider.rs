@@ -5,6 +5,7 @@
 //! | what happened                              | error            | path                 |
 //! |--------------------------------------------|------------------|----------------------|
 //! | 429, or 408/409/425                        | `RateLimited`    | retry (Retry-After)  |
+//! | 498, or a 429 "resource unavailable"       | `Unavailable`    | retry (delay queue for flex) |
 //! | 503, 529                                   | `Overloaded`     | retry                |
 //! | other 5xx                                  | `Server`         | retry                |
 //! | request timed out                          | `Timeout`        | retry                |
@@ -15,6 +16,13 @@
 //! | body over `max_response_bytes`             | `TooLarge`       | fail at once         |
 //! | 401/403 for the key                        | `KeyRejected`    | retry (another key)  |
 //! | every key of the provider rejected         | `NoKeys`         | back to the queue, no call |
+//!
+//! A flex tier without capacity (Groq's 498 `capacity_exceeded`, OpenAI's 429 whose error is
+//! `resource_unavailable`: [`capacity_unavailable`]) is no rate signal: the limiter leaves
+//! its window alone ([`Signal::Unavailable`]). A `--mode flex` item ([`Item::flex`]) is
+//! sent with `"service_tier": "flex"` added to its body ([`flex_body`]), makes one call per
+//! delivery with `flex_timeout_s` (a failure goes to the delay queues, see
+//! [`crate::decide`]), so a call of many minutes never holds a delivery for several.
 //!
 //! A Gemini-kind provider's items are translated before the call and its answers read back
 //! into this taxonomy by [`crate::gemini`] (a 429's `RetryInfo.retryDelay` is its wait hint).
@@ -77,6 +85,10 @@ pub enum CallError {
     RateLimited { answer: Answer, retry_after: Option<Duration> },
     #[error("provider overloaded (HTTP {})", .answer.status)]
     Overloaded { answer: Answer, retry_after: Option<Duration> },
+    /// The provider's flex tier had no capacity (498, or a 429 "resource unavailable"):
+    /// retried, but not a sign that this fleet sends too much.
+    #[error("the provider's flex capacity is unavailable (HTTP {})", .answer.status)]
+    Unavailable { answer: Answer, retry_after: Option<Duration> },
     #[error("provider server error (HTTP {})", .answer.status)]
     Server { answer: Answer },
     #[error("request timed out after {0:?}")]
@@ -120,7 +132,9 @@ impl CallError {
     /// How long the provider asked us to wait, if it said.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            CallError::RateLimited { retry_after, .. } | CallError::Overloaded { retry_after, .. } => *retry_after,
+            CallError::RateLimited { retry_after, .. }
+            | CallError::Overloaded { retry_after, .. }
+            | CallError::Unavailable { retry_after, .. } => *retry_after,
             _ => None,
         }
     }
@@ -130,6 +144,7 @@ impl CallError {
         match self {
             CallError::RateLimited { .. } => error_code::RATE_LIMITED,
             CallError::Overloaded { .. } => error_code::OVERLOADED,
+            CallError::Unavailable { .. } => error_code::CAPACITY_UNAVAILABLE,
             CallError::Server { .. } => error_code::SERVER_ERROR,
             CallError::Timeout(_) => error_code::TIMEOUT,
             CallError::Connection(_) => error_code::CONNECTION,
@@ -147,6 +162,7 @@ impl CallError {
         match self {
             CallError::RateLimited { answer, .. }
             | CallError::Overloaded { answer, .. }
+            | CallError::Unavailable { answer, .. }
             | CallError::Server { answer }
             | CallError::InvalidResponse { answer, .. }
             | CallError::Client { answer, .. }
@@ -173,6 +189,8 @@ struct ItemCall<'a> {
     op: &'static str,
     body: Bytes,
     est_tokens: u64,
+    /// How long the call may take: `timeout_s`, or `flex_timeout_s` for a flex item.
+    timeout: Duration,
     /// Whether this item has retired a key already (see the module header).
     retired_one: AtomicBool,
     /// Whether the job still wants the item (asked after every wait).
@@ -227,6 +245,8 @@ pub struct ProviderClient {
     max_response_bytes: usize,
     http: reqwest::Client,
     timeout: Duration,
+    /// `flex_timeout_s`: how long one call of a flex item may take.
+    flex_timeout: Duration,
     retry: RetryConfig,
     metrics: WorkerMetrics,
     /// The provider's keys, each with its adaptive in-flight limit and pacing.
@@ -266,6 +286,7 @@ impl ProviderClient {
             max_response_bytes: cfg.max_response_bytes,
             http,
             timeout,
+            flex_timeout: Duration::from_secs(cfg.flex_timeout_s),
             retry: retry.clone(),
             keys: KeyPool::new(name, cfg, max_in_flight, &metrics)?,
             metrics,
@@ -358,7 +379,20 @@ impl ProviderClient {
         key: Option<usize>,
         wanted: &(dyn Fn() -> bool + Send + Sync),
     ) -> Outcome {
-        let body = Bytes::from(item.body.get().to_owned());
+        // A flex item asks for the flex tier; the rest of the user's body goes unchanged.
+        let flex = item.flex && self.kind.has_flex_tier();
+        let body = if flex {
+            match flex_body(item.body.get()) {
+                Some(body) => Bytes::from(body),
+                None => {
+                    let answer = Answer { status: 0, request_id: String::new(), body: None };
+                    let message = "a flex request's body must be a JSON object".to_string();
+                    return Outcome { result: Err(CallError::Client { answer, message }), attempts: 0 };
+                }
+            }
+        } else {
+            Bytes::from(item.body.get().to_owned())
+        };
         // Gemini takes the line translated, at a path of its own (see `crate::gemini`).
         let gemini = match self.kind {
             ProviderKind::Gemini => match crate::gemini::prepare(&self.base_url, target.endpoint, item.body.get()) {
@@ -375,15 +409,19 @@ impl ProviderClient {
             // output.
             est_tokens: fleet::tokens::estimate_request_tokens(&body),
             body: gemini.as_ref().map_or(body, |g| g.body.clone()),
+            timeout: if flex { self.flex_timeout } else { self.timeout },
             retired_one: AtomicBool::new(false),
             wanted,
         };
         self.revisit_retired_keys().await;
         let attempts = AtomicU32::new(0);
+        // A flex item makes one call per delivery: a call may take `flex_timeout_s`, and a
+        // second one in the same delivery could hold it past the broker's consumer timeout.
+        let retries = if flex { 0 } else { self.retry.max_attempts.saturating_sub(1) as usize };
         let backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(self.retry.initial_backoff_ms))
             .with_max_delay(Duration::from_millis(self.retry.max_backoff_ms))
-            .with_max_times(self.retry.max_attempts.saturating_sub(1) as usize)
+            .with_max_times(retries)
             .with_total_delay(Some(Duration::from_secs(self.retry.max_elapsed_s)))
             .with_jitter();
         let result = (|| {
@@ -421,8 +459,12 @@ impl ProviderClient {
             return Err(CallError::Unwanted);
         }
         let key = self.keys.key(k);
-        let mut req =
-            self.http.post(call.url.clone()).header("content-type", "application/json").body(call.body.clone());
+        let mut req = self
+            .http
+            .post(call.url.clone())
+            .timeout(call.timeout)
+            .header("content-type", "application/json")
+            .body(call.body.clone());
         if let Some((name, value)) = &key.auth {
             req = req.header(name.clone(), value.clone());
         }
@@ -430,13 +472,14 @@ impl ProviderClient {
             req = req.header("anthropic-version", "2023-06-01");
         }
         let started = Instant::now();
-        let (mut result, remaining, mut throttle, tokens) = self.send(req).await;
+        let (mut result, remaining, mut throttle, tokens) = self.send(req, call.timeout).await;
         if let Some(g) = call.gemini {
             (result, throttle) = crate::gemini::read_answer(g, result, throttle, self.retry_after_cap());
         }
         self.metrics.provider_latency.with_label_values(&[&self.name, op]).observe(started.elapsed().as_secs_f64());
         key.limiter.observe_tokens(tokens.remaining);
         key.limiter.observe(match &result {
+            Err(CallError::Unavailable { .. }) => Signal::Unavailable,
             Err(CallError::RateLimited { retry_after, answer }) if answer.status == 429 => {
                 Signal::TooManyRequests { retry_after: *retry_after, throttle }
             }
@@ -531,10 +574,11 @@ impl ProviderClient {
     async fn send(
         &self,
         req: reqwest::RequestBuilder,
+        timeout: Duration,
     ) -> (Result<Success, CallError>, Option<f64>, Throttle, TokenHeadroom) {
         let resp = match req.send().await {
             Ok(r) => r,
-            Err(e) => return (Err(self.transport_error(e)), None, Throttle::Unhinted, TokenHeadroom::default()),
+            Err(e) => return (Err(transport_error(e, timeout)), None, Throttle::Unhinted, TokenHeadroom::default()),
         };
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
@@ -552,7 +596,7 @@ impl ProviderClient {
                     tokens,
                 )
             }
-            Err(e) => return (Err(self.transport_error(e)), remaining, throttle, tokens),
+            Err(e) => return (Err(transport_error(e, timeout)), remaining, throttle, tokens),
         };
         let parsed: Result<Box<RawValue>, _> = serde_json::from_slice(&bytes);
         let answer = Answer { status, request_id, body: parsed.as_ref().ok().cloned() };
@@ -568,6 +612,7 @@ impl ProviderClient {
                 }
                 Err(e) => Err(CallError::InvalidResponse { answer, reason: format!("body is not JSON: {e}") }),
             },
+            _ if capacity_unavailable(status, &bytes) => Err(CallError::Unavailable { answer, retry_after }),
             429 | 408 | 409 | 425 => Err(CallError::RateLimited { answer, retry_after }),
             503 | 529 => Err(CallError::Overloaded { answer, retry_after }),
             500..=599 => Err(CallError::Server { answer }),
@@ -585,15 +630,52 @@ impl ProviderClient {
     fn retry_after_cap(&self) -> Duration {
         Duration::from_secs(self.retry.max_elapsed_s.max(1))
     }
+}
 
-    fn transport_error(&self, e: reqwest::Error) -> CallError {
-        if e.is_timeout() {
-            CallError::Timeout(self.timeout)
-        } else {
-            // reqwest's Display does not include the URL's credentials; it has none here.
-            CallError::Connection(e.without_url().to_string())
-        }
+/// A transport failure of a call that could take `timeout`, classified.
+fn transport_error(e: reqwest::Error, timeout: Duration) -> CallError {
+    if e.is_timeout() {
+        CallError::Timeout(timeout)
+    } else {
+        // reqwest's Display does not include the URL's credentials; it has none here.
+        CallError::Connection(e.without_url().to_string())
     }
+}
+
+/// Whether an answer says the provider's flex tier has no capacity now: HTTP 498 (Groq's
+/// `capacity_exceeded`, its only use of the status), or a 429 whose error's `code` or
+/// `type` is `resource_unavailable` or whose message says "resource unavailable" (OpenAI's
+/// and Azure's flex tier). Any other 429 is about rate.
+pub(crate) fn capacity_unavailable(status: u16, body: &[u8]) -> bool {
+    match status {
+        498 => true,
+        429 => {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(body) else { return false };
+            let e = &v["error"];
+            let named = |k: &str| e[k].as_str().is_some_and(|c| c.eq_ignore_ascii_case("resource_unavailable"));
+            let said = e["message"].as_str().is_some_and(|m| m.to_ascii_lowercase().contains("resource unavailable"));
+            named("code") || named("type") || said
+        }
+        _ => false,
+    }
+}
+
+/// `body` asking for the flex tier: `"service_tier": "flex"` put first in the object, every
+/// other byte of it unchanged; a body with a `service_tier` of its own gets it replaced
+/// (the object rebuilt). `None` when the body is not a JSON object.
+pub(crate) fn flex_body(body: &str) -> Option<String> {
+    let object: serde_json::Map<String, serde_json::Value> = match serde_json::from_str(body) {
+        Ok(object) => object,
+        Err(_) => return None,
+    };
+    if object.contains_key("service_tier") {
+        let mut object = object;
+        object.insert("service_tier".into(), serde_json::Value::String("flex".into()));
+        return serde_json::to_string(&object).ok();
+    }
+    let rest = body.trim_start().strip_prefix('{')?;
+    let separator = if object.is_empty() { "" } else { "," };
+    Some(format!(r#"{{"service_tier":"flex"{separator}{rest}"#))
 }
 
 /// Returns once `wanted` says no, asking every [`UNWANTED_POLL`] (cancels arrive on the
@@ -778,6 +860,7 @@ mod tests {
         let errors = [
             CallError::RateLimited { answer: answer(), retry_after: None },
             CallError::Overloaded { answer: answer(), retry_after: None },
+            CallError::Unavailable { answer: answer(), retry_after: None },
             CallError::Server { answer: answer() },
             CallError::Timeout(Duration::ZERO),
             CallError::Connection(String::new()),
@@ -888,6 +971,51 @@ mod tests {
             throttle(&headers(&[("content-type", "application/json"), ("content-length", "10")])),
             Throttle::Silent
         );
+    }
+
+    #[test]
+    fn a_flex_tier_without_capacity_is_told_from_a_rate_limit() {
+        assert!(capacity_unavailable(498, br#"{"error":{"code":"capacity_exceeded","message":"flex capacity"}}"#));
+        assert!(capacity_unavailable(498, b"not json"), "498 is Groq's flex status, whatever its body");
+        for body in [
+            r#"{"error":{"code":"resource_unavailable","message":"x"}}"#,
+            r#"{"error":{"type":"resource_unavailable"}}"#,
+            r#"{"error":{"message":"Resource Unavailable: flex capacity is exhausted, retry later"}}"#,
+        ] {
+            assert!(capacity_unavailable(429, body.as_bytes()), "{body}");
+        }
+        for body in [
+            r#"{"error":{"code":"rate_limit_exceeded","message":"Rate limit reached for requests"}}"#,
+            r#"{"error":"resource_unavailable"}"#,
+            "",
+            "[1]",
+        ] {
+            assert!(!capacity_unavailable(429, body.as_bytes()), "{body}");
+        }
+        assert!(!capacity_unavailable(503, br#"{"error":{"code":"resource_unavailable"}}"#), "only 429 and 498");
+        let e = CallError::Unavailable {
+            answer: Answer { status: 498, request_id: String::new(), body: None },
+            retry_after: None,
+        };
+        assert!(e.is_transient());
+        assert_eq!(e.kind(), "capacity_unavailable");
+    }
+
+    #[test]
+    fn a_flex_body_asks_for_the_tier_and_keeps_the_rest() {
+        let body = r#" {"model":"m","temperature":0.10000000000000001,"messages":[]}"#;
+        assert_eq!(
+            flex_body(body).unwrap(),
+            r#"{"service_tier":"flex","model":"m","temperature":0.10000000000000001,"messages":[]}"#
+        );
+        assert_eq!(flex_body("{}").unwrap(), r#"{"service_tier":"flex"}"#);
+        assert_eq!(flex_body("{ }").unwrap(), r#"{"service_tier":"flex" }"#);
+        let own: serde_json::Value =
+            serde_json::from_str(&flex_body(r#"{"model":"m","service_tier":"auto"}"#).unwrap()).unwrap();
+        assert_eq!(own, serde_json::json!({"model": "m", "service_tier": "flex"}));
+        for bad in ["[]", "\"x\"", "", "{"] {
+            assert_eq!(flex_body(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -476,6 +476,80 @@ fn embeddings_response(v: &Value, request: &Request) -> Result<Value, String> {
     }))
 }
 
+/// An OpenAI answer body as Gemini would have answered it, for `wait --output-format gemini`
+/// (the reverse of [`translate_response`]): a `chat.completion` becomes a
+/// `GenerateContentResponse` (choices → `candidates`, `finish_reason` → `finishReason`,
+/// `usage` → `usageMetadata`, `model` → `modelVersion`, `id` → `responseId`); an embedding
+/// list becomes `{"embedding"}` (one) or `{"embeddings"}`. `None` for any other body (it is
+/// then written as it came).
+pub fn to_gemini_answer(body: &Value) -> Option<Value> {
+    match body.get("object").and_then(Value::as_str)? {
+        "chat.completion" => {
+            let candidates: Vec<Value> = body
+                .get("choices")
+                .and_then(Value::as_array)?
+                .iter()
+                .map(|c| {
+                    let text = c["message"]["content"].as_str();
+                    let parts: Vec<Value> = text.map(|t| json!({ "text": t })).into_iter().collect();
+                    let reason = match c["finish_reason"].as_str() {
+                        Some("stop") => "STOP",
+                        Some("length") => "MAX_TOKENS",
+                        Some("content_filter") => "SAFETY",
+                        _ => "OTHER",
+                    };
+                    json!({
+                        "content": { "role": "model", "parts": parts },
+                        "finishReason": reason,
+                        "index": c.get("index").cloned().unwrap_or(json!(0)),
+                    })
+                })
+                .collect();
+            let usage = body.get("usage");
+            let n = |v: Option<&Value>| v.and_then(Value::as_u64).unwrap_or(0).min(MAX_TOKENS);
+            let prompt = n(usage.and_then(|u| u.get("prompt_tokens")));
+            let completion = n(usage.and_then(|u| u.get("completion_tokens")));
+            let thoughts =
+                n(usage.and_then(|u| u.get("completion_tokens_details")).and_then(|d| d.get("reasoning_tokens")))
+                    .min(completion);
+            let cached =
+                n(usage.and_then(|u| u.get("prompt_tokens_details")).and_then(|d| d.get("cached_tokens"))).min(prompt);
+            let mut meta = json!({
+                "promptTokenCount": prompt,
+                "candidatesTokenCount": completion - thoughts,
+                "totalTokenCount": prompt + completion,
+            });
+            if thoughts > 0 {
+                meta["thoughtsTokenCount"] = json!(thoughts);
+            }
+            if cached > 0 {
+                meta["cachedContentTokenCount"] = json!(cached);
+            }
+            let mut answer = json!({ "candidates": candidates, "usageMetadata": meta });
+            if let Some(model) = bounded_str(body.get("model")) {
+                answer["modelVersion"] = json!(model);
+            }
+            if let Some(id) = bounded_str(body.get("id")) {
+                answer["responseId"] = json!(id);
+            }
+            Some(answer)
+        }
+        "list" => {
+            let values: Vec<Value> = body
+                .get("data")
+                .and_then(Value::as_array)?
+                .iter()
+                .map(|d| json!({ "values": d["embedding"] }))
+                .collect();
+            Some(match values.as_slice() {
+                [one] => json!({ "embedding": one }),
+                _ => json!({ "embeddings": values }),
+            })
+        }
+        _ => None,
+    }
+}
+
 /// The wait a Gemini error body asks for: `error.details[]` of type `google.rpc.RetryInfo`,
 /// whose `retryDelay` is a protobuf duration (`"2s"`, `"0.5s"`). Not bounded here: the
 /// caller caps it to its retry budget. `None` when the body says nothing usable.
@@ -724,5 +798,34 @@ mod tests {
         ] {
             assert_eq!(retry_delay(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn an_openai_answer_goes_back_to_geminis_shape() {
+        let request = translate_request(
+            Endpoint::ChatCompletions,
+            r#"{"model":"gemini-2.0-flash","messages":[{"role":"user","content":"hi"}]}"#,
+        )
+        .unwrap();
+        let gemini = r#"{"candidates":[{"content":{"role":"model","parts":[{"text":"yo"}]},"finishReason":"MAX_TOKENS","index":0}],
+            "usageMetadata":{"promptTokenCount":7,"candidatesTokenCount":2,"cachedContentTokenCount":4,"thoughtsTokenCount":3},
+            "modelVersion":"gemini-2.0-flash","responseId":"r1"}"#;
+        let openai = translate_response(&request, gemini, 0, "x").unwrap();
+        let back = to_gemini_answer(&openai).unwrap();
+        assert_eq!(back["candidates"][0]["content"]["parts"][0]["text"], "yo");
+        assert_eq!(back["candidates"][0]["finishReason"], "MAX_TOKENS");
+        assert_eq!(
+            (back["modelVersion"].as_str(), back["responseId"].as_str()),
+            (Some("gemini-2.0-flash"), Some("r1"))
+        );
+        let u = &back["usageMetadata"];
+        assert_eq!(
+            (u["promptTokenCount"].as_u64(), u["candidatesTokenCount"].as_u64(), u["thoughtsTokenCount"].as_u64()),
+            (Some(7), Some(2), Some(3))
+        );
+        assert_eq!((u["cachedContentTokenCount"].as_u64(), u["totalTokenCount"].as_u64()), (Some(4), Some(12)));
+        let list = json!({"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.5]}]});
+        assert_eq!(to_gemini_answer(&list).unwrap(), json!({"embedding": {"values": [0.5]}}));
+        assert_eq!(to_gemini_answer(&json!({"type": "message"})), None);
     }
 }

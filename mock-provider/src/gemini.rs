@@ -7,7 +7,9 @@
 //!   + `responseId` out;
 //! - `POST /v1beta/models/{model}:embedContent` and `:batchEmbedContents`: `embedding.values`
 //!   / `embeddings[].values`;
-//! - `GET /v1beta/models`: the model list (a key-only probe; counted in `models_listed`).
+//! - `GET /v1beta/models`: the model list (a key-only probe; counted in `models_listed`);
+//! - `POST /v1beta/models/{model}:batchGenerateContent`: handed to the batch API
+//!   (`crate::batches::gemini`, which also serves `/v1beta/batches/...`).
 //!
 //! The key goes in `x-goog-api-key`; with `--valid-keys`, another key is answered 400
 //! `INVALID_ARGUMENT` with an `ErrorInfo` of reason `API_KEY_INVALID`, as Gemini answers it.
@@ -113,6 +115,13 @@ async fn call(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if let Some(model) = call.strip_suffix(":batchGenerateContent") {
+        // The batch API (`crate::batches::gemini`), under the same key check.
+        if let Some(refused) = refuse_key(&state, &headers) {
+            return refused;
+        }
+        return crate::batches::gemini::create(&state.batches, model, &body);
+    }
     let Some((model, method)) = call.split_once(':').and_then(|(m, a)| Some((m, Method::from_action(a)?))) else {
         return error(&state, 404, &format!("mock-provider: no method {:?}", quote(&call)), None);
     };

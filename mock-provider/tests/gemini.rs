@@ -1,6 +1,8 @@
 //! The mock's Gemini endpoints over real HTTP: the documented shapes of `generateContent`,
 //! `embedContent` and `batchEmbedContents`, Google's error bodies (a 429 with
-//! `RetryInfo.retryDelay` and no `Retry-After`), the key in `x-goog-api-key`, and `/stats`.
+//! `RetryInfo.retryDelay` and no `Retry-After`), the key in `x-goog-api-key`, `/stats`, and
+//! the Batch API (`batchGenerateContent` with inline requests, `batches/{id}` get, list,
+//! cancel, delete).
 
 use std::net::SocketAddr;
 
@@ -117,5 +119,84 @@ async fn the_key_goes_in_x_goog_api_key() {
     assert_eq!(list.await.unwrap().status(), StatusCode::OK);
     let s = stats(addr).await;
     assert_eq!((s.unauthorized, s.models_listed), (1, 1));
+    stop.cancel();
+}
+
+/// A `batchGenerateContent` body of `n` inline requests, each keyed `k<i>`.
+fn batch_body(name: &str, n: usize) -> Value {
+    let requests: Vec<Value> = (0..n)
+        .map(|i| {
+            json!({"request": {"contents": [{"role": "user", "parts": [{"text": format!("hello {i}")}]}]},
+                        "metadata": {"key": format!("k{i}")}})
+        })
+        .collect();
+    json!({"batch": {"displayName": name, "inputConfig": {"requests": {"requests": requests}}}})
+}
+
+async fn get(addr: SocketAddr, path: &str) -> reqwest::Response {
+    Client::new().get(format!("http://{addr}{path}")).send().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_batch_of_inline_requests_runs_lists_cancels_and_deletes() {
+    let knobs =
+        Knobs { batch: mock_provider::BatchKnobs { batch_complete_ms: 300, ..Default::default() }, ..Knobs::default() };
+    let (addr, stop, _task) = mock_provider::spawn(knobs).await;
+    let create = "/v1beta/models/gemini-2.0-flash:batchGenerateContent";
+    let op: Value = post(addr, create, batch_body("tag-a", 3)).await.json().await.unwrap();
+    let name = op["name"].as_str().unwrap().to_string();
+    assert!(name.starts_with("batches/"), "{op}");
+    assert_eq!(op["metadata"]["state"], "BATCH_STATE_PENDING", "{op}");
+    assert_eq!(op["metadata"]["displayName"], "tag-a");
+    assert_eq!(op["metadata"]["model"], "models/gemini-2.0-flash");
+    assert_eq!(op["metadata"]["batchStats"]["requestCount"], "3");
+
+    // Ended: the responses, in request order, with their keys and usage; the operation done.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let op: Value = get(addr, &format!("/v1beta/{name}")).await.json().await.unwrap();
+    assert_eq!((op["done"].as_bool(), op["metadata"]["state"].as_str()), (Some(true), Some("BATCH_STATE_SUCCEEDED")));
+    let responses = op["metadata"]["output"]["inlinedResponses"]["inlinedResponses"].as_array().unwrap();
+    let keys: Vec<&str> = responses.iter().map(|r| r["metadata"]["key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["k0", "k1", "k2"]);
+    assert_eq!(responses[1]["response"]["candidates"][0]["content"]["parts"][0]["text"], "mock reply to: hello 1");
+    let prompt: u64 =
+        responses.iter().map(|r| r["response"]["usageMetadata"]["promptTokenCount"].as_u64().unwrap()).sum();
+
+    // A second batch, cancelled while it runs; an ended one cannot be cancelled.
+    let op2: Value = post(addr, create, batch_body("tag-b", 2)).await.json().await.unwrap();
+    let name2 = op2["name"].as_str().unwrap().to_string();
+    let cancel = post(addr, &format!("/v1beta/{name2}:cancel"), json!({})).await;
+    assert_eq!(cancel.status(), StatusCode::OK);
+    let ended = post(addr, &format!("/v1beta/{name}:cancel"), json!({})).await;
+    assert_eq!(ended.status(), StatusCode::BAD_REQUEST);
+    let e: Value = ended.json().await.unwrap();
+    assert_eq!(e["error"]["status"], "INVALID_ARGUMENT", "{e}");
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let op2: Value = get(addr, &format!("/v1beta/{name2}")).await.json().await.unwrap();
+    assert_eq!(op2["metadata"]["state"], "BATCH_STATE_CANCELLED", "{op2}");
+
+    // The list: newest first, paged by token.
+    let page: Value = get(addr, "/v1beta/batches?pageSize=1").await.json().await.unwrap();
+    assert_eq!(page["operations"][0]["metadata"]["displayName"], "tag-b", "{page}");
+    let token = page["nextPageToken"].as_str().unwrap();
+    let page: Value = get(addr, &format!("/v1beta/batches?pageSize=1&pageToken={token}")).await.json().await.unwrap();
+    assert_eq!(page["operations"][0]["metadata"]["displayName"], "tag-a", "{page}");
+    assert!(page.get("nextPageToken").is_none(), "{page}");
+
+    // Deleted: gone.
+    let deleted = Client::new().delete(format!("http://{addr}/v1beta/{name}")).send().await.unwrap();
+    assert_eq!(deleted.status(), StatusCode::OK);
+    assert_eq!(get(addr, &format!("/v1beta/{name}")).await.status(), StatusCode::NOT_FOUND);
+
+    let s = stats(addr).await;
+    assert_eq!(s.batches.gemini_created.get("tag-a"), Some(&1));
+    assert_eq!(s.batches.gemini_created.get("tag-b"), Some(&1));
+    assert_eq!((s.batches.gemini_deleted, s.batches.cancelled), (1, 1));
+    assert!(s.batches.gemini_input_tokens >= prompt, "{:?}", s.batches);
+    // Bad creates: Google's error shape.
+    let bad = post(addr, create, json!({"batch": {"displayName": "x"}})).await;
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    let v: Value = bad.json().await.unwrap();
+    assert_eq!(v["error"]["status"], "INVALID_ARGUMENT", "{v}");
     stop.cancel();
 }

@@ -8,6 +8,14 @@
 //!   holds, so an interrupted `wait` resumes its file and refuses another job's. Readers of
 //!   Anthropic results ignore the extra key.
 //!
+//! - `gemini`: Gemini batch result lines, `{"key", "response"}` (a `GenerateContentResponse`)
+//!   or `{"key", "error"}` (a `google.rpc.Status`: `code`, `message`, `status`), `key`
+//!   being the line's `custom_id`; plus the fleet's `id` and the `custom_id` (as for
+//!   `anthropic`: they let `wait` resume its file). An OpenAI answer (what every provider
+//!   kind's answers are stored as, Gemini's translated) is turned back into Gemini's shape
+//!   ([`fleet::gemini::to_gemini_answer`]); any other body is written as it came. A
+//!   cancelled item's error is `CANCELLED`, an expired one's `DEADLINE_EXCEEDED`.
+//!
 //! A succeeded item's `message` is the provider's answer body as it came (an Anthropic
 //! Message from an Anthropic-kind provider). A failed item's `error` is the provider's own
 //! Anthropic error body when it sent one, else an Anthropic-shaped error made from the
@@ -28,6 +36,8 @@ pub enum OutputFormat {
     Openai,
     /// Anthropic Message Batches result lines.
     Anthropic,
+    /// Gemini batch result lines (`{"key", "response" | "error"}`).
+    Gemini,
 }
 
 impl std::fmt::Display for OutputFormat {
@@ -35,6 +45,7 @@ impl std::fmt::Display for OutputFormat {
         f.write_str(match self {
             OutputFormat::Openai => "openai",
             OutputFormat::Anthropic => "anthropic",
+            OutputFormat::Gemini => "gemini",
         })
     }
 }
@@ -45,6 +56,7 @@ impl OutputFormat {
         match self {
             OutputFormat::Openai => serde_json::to_writer(&mut *out, &result.to_output_line())?,
             OutputFormat::Anthropic => serde_json::to_writer(&mut *out, &anthropic_line(result))?,
+            OutputFormat::Gemini => serde_json::to_writer(&mut *out, &gemini_line(result))?,
         }
         out.write_all(b"\n")?;
         Ok(())
@@ -54,8 +66,21 @@ impl OutputFormat {
     /// of this format.
     pub fn status_of(self, line: &Value) -> Option<ItemStatus> {
         match self {
-            // An Anthropic line read as OpenAI would look like a failure without an error.
-            OutputFormat::Openai => line.get("result").is_none().then(|| output_line_status(line)),
+            // An Anthropic or Gemini line read as OpenAI would look like a failure without an
+            // error.
+            OutputFormat::Openai => {
+                (line.get("result").is_none() && line.get("key").is_none()).then(|| output_line_status(line))
+            }
+            OutputFormat::Gemini => {
+                line.get("key")?.as_str()?;
+                match (line.get("response"), line["error"]["status"].as_str()) {
+                    (Some(_), None) => Some(ItemStatus::Succeeded),
+                    (None, Some("CANCELLED")) => Some(ItemStatus::Cancelled),
+                    (None, Some("DEADLINE_EXCEEDED")) => Some(ItemStatus::Expired),
+                    (None, Some(_)) => Some(ItemStatus::Failed),
+                    _ => None,
+                }
+            }
             OutputFormat::Anthropic => match line["result"]["type"].as_str()? {
                 "succeeded" => Some(ItemStatus::Succeeded),
                 "errored" => Some(ItemStatus::Failed),
@@ -65,6 +90,47 @@ impl OutputFormat {
             },
         }
     }
+}
+
+/// A Gemini batch result line as JSON (see the module header).
+fn gemini_line(result: &ItemResult) -> Value {
+    let mut line = serde_json::json!({
+        "id": format!("batch_req_{}_{}", result.job_id, result.index),
+        "key": result.custom_id,
+        "custom_id": result.custom_id,
+    });
+    match (result.status, &result.response) {
+        (ItemStatus::Succeeded, Some(response)) => {
+            let body: Value = serde_json::from_str(response.body.get()).unwrap_or(Value::Null);
+            line["response"] = fleet::gemini::to_gemini_answer(&body).unwrap_or(body);
+        }
+        (status, response) => line["error"] = gemini_error(status, response.as_ref(), result.error.as_ref()),
+    }
+    line
+}
+
+/// The `google.rpc.Status` of an item that did not succeed: the provider's own when it is a
+/// Google error body, else one made from the fleet's record (its code kept in the message).
+fn gemini_error(status: ItemStatus, response: Option<&ResponseRecord>, error: Option<&ErrorRecord>) -> Value {
+    if let Some(own) = response.and_then(|r| serde_json::from_str::<Value>(r.body.get()).ok()) {
+        if own["error"]["status"].is_string() && own["error"]["message"].is_string() {
+            return own["error"].clone();
+        }
+    }
+    let (code, message) = error.map_or(("unknown", "no error was recorded"), |e| (e.code.as_str(), e.message.as_str()));
+    // google.rpc.Code numbers.
+    let (number, name) = match (status, code, response.map(|r| r.status_code)) {
+        (ItemStatus::Cancelled, ..) => (1, "CANCELLED"),
+        (ItemStatus::Expired, ..) => (4, "DEADLINE_EXCEEDED"),
+        (_, "rate_limited", _) | (.., Some(429)) => (8, "RESOURCE_EXHAUSTED"),
+        (_, "overloaded", _) | (.., Some(503 | 529)) => (14, "UNAVAILABLE"),
+        (.., Some(401)) => (16, "UNAUTHENTICATED"),
+        (.., Some(403)) => (7, "PERMISSION_DENIED"),
+        (.., Some(404)) => (5, "NOT_FOUND"),
+        (.., Some(400..=499)) | (_, "client_error", _) => (3, "INVALID_ARGUMENT"),
+        _ => (13, "INTERNAL"),
+    };
+    serde_json::json!({ "code": number, "message": format!("{code}: {message}"), "status": name })
 }
 
 /// An Anthropic result line.
@@ -210,6 +276,35 @@ mod tests {
             assert_eq!(OutputFormat::Anthropic.status_of(&v), Some(r.status), "{v}");
             assert_eq!(OutputFormat::Openai.status_of(&v), None, "an anthropic line is not an openai one");
         }
+    }
+
+    #[test]
+    fn gemini_lines_carry_responses_in_geminis_shape_and_read_back() {
+        let chat = r#"{"id":"r1","object":"chat.completion","model":"gemini-2.0-flash","choices":[{"index":0,
+            "message":{"role":"assistant","content":"yo"},"finish_reason":"stop"}],
+            "usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}"#;
+        let google = r#"{"error":{"code":400,"message":"bad","status":"INVALID_ARGUMENT"}}"#;
+        let ok = line(OutputFormat::Gemini, &result(ItemStatus::Succeeded, Some((200, chat)), None));
+        assert_eq!((ok["key"].as_str(), ok["id"].as_str()), (Some("c7"), Some("batch_req_job_1_7")));
+        assert_eq!(ok["response"]["candidates"][0]["content"]["parts"][0]["text"], "yo");
+        assert_eq!(ok["response"]["usageMetadata"]["promptTokenCount"], 7);
+        assert!(ok.get("error").is_none(), "{ok}");
+        let cases = [
+            (result(ItemStatus::Succeeded, Some((200, chat)), None), None),
+            (result(ItemStatus::Failed, Some((400, google)), Some(("client_error", "bad"))), Some("INVALID_ARGUMENT")),
+            (result(ItemStatus::Failed, None, Some(("timeout", "no answer"))), Some("INTERNAL")),
+            (result(ItemStatus::Cancelled, None, Some(("cancelled", "job cancelled"))), Some("CANCELLED")),
+            (result(ItemStatus::Expired, None, Some(("expired", "deadline"))), Some("DEADLINE_EXCEEDED")),
+        ];
+        for (r, status) in cases {
+            let v = line(OutputFormat::Gemini, &r);
+            assert_eq!(v["error"]["status"].as_str(), status, "{v}");
+            assert_eq!(OutputFormat::Gemini.status_of(&v), Some(r.status), "{v}");
+            assert_eq!(OutputFormat::Openai.status_of(&v), None, "a gemini line is not an openai one");
+            assert_eq!(OutputFormat::Anthropic.status_of(&v), None, "a gemini line is not an anthropic one");
+        }
+        let openai = line(OutputFormat::Openai, &result(ItemStatus::Succeeded, Some((200, "{}")), None));
+        assert_eq!(OutputFormat::Gemini.status_of(&openai), None, "an openai line is not a gemini one");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - OpenAI: its `metadata`, as `key=value` pairs sorted by key and joined by `,`
 //!   (`chunk=3,job=j-1`; the empty string for a batch without metadata);
 //! - Anthropic (whose batches carry no metadata): `custom_id=` and the custom_id of the
-//!   batch's first request (`custom_id=j-1-c3-0`).
+//!   batch's first request (`custom_id=j-1-c3-0`);
+//! - Gemini: its `displayName`.
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -28,6 +29,17 @@ pub struct BatchStats {
     pub openai_created: BTreeMap<String, u64>,
     /// Anthropic message batches created (`POST /v1/messages/batches` answered 200), per tag.
     pub anthropic_created: BTreeMap<String, u64>,
+    /// Gemini batches created (`:batchGenerateContent` answered 200), per `displayName`.
+    pub gemini_created: BTreeMap<String, u64>,
+    /// Gemini batches deleted (`DELETE /v1beta/batches/{id}`).
+    pub gemini_deleted: u64,
+    /// `promptTokenCount` of the Gemini batch responses served (the answered requests of
+    /// ended batches), cached ones included.
+    pub gemini_input_tokens: u64,
+    /// `cachedContentTokenCount` of the Gemini batch responses served.
+    pub gemini_cached_tokens: u64,
+    /// `candidatesTokenCount` of the Gemini batch responses served.
+    pub gemini_output_tokens: u64,
     /// Batches rejected by validation: OpenAI batches that ended `failed`, Anthropic creates
     /// answered 400 for the content of their requests.
     pub rejected: u64,
@@ -58,13 +70,14 @@ pub struct BatchStats {
 pub enum Api {
     OpenAi,
     Anthropic,
+    Gemini,
 }
 
 /// The live counters (the two gauges are read from the stores when a snapshot is taken).
 #[derive(Debug, Default)]
 pub struct Counters {
     stats: BatchStats,
-    seen: [HashSet<String>; 2],
+    seen: [HashSet<String>; 3],
 }
 
 impl Counters {
@@ -74,6 +87,7 @@ impl Counters {
         let per_tag = match api {
             Api::OpenAi => &mut self.stats.openai_created,
             Api::Anthropic => &mut self.stats.anthropic_created,
+            Api::Gemini => &mut self.stats.gemini_created,
         };
         let key = if per_tag.len() < MAX_TAGS || per_tag.contains_key(&tag) { tag } else { OTHER_TAG.to_owned() };
         *per_tag.entry(key).or_default() += 1;
@@ -117,6 +131,17 @@ impl Counters {
 
     pub fn cancelled(&mut self) {
         self.stats.cancelled += 1;
+    }
+
+    /// Counts the tokens of Gemini batch responses served.
+    pub fn gemini_usage(&mut self, prompt: u64, cached: u64, output: u64) {
+        self.stats.gemini_input_tokens += prompt;
+        self.stats.gemini_cached_tokens += cached;
+        self.stats.gemini_output_tokens += output;
+    }
+
+    pub fn gemini_deleted(&mut self) {
+        self.stats.gemini_deleted += 1;
     }
 
     pub fn file_uploaded(&mut self) {

@@ -7,7 +7,10 @@
 //! - Anthropic Message Batches: `POST /v1/messages/batches`, `GET /v1/messages/batches`
 //!   (`before_id`, `after_id`, `limit`), `GET /v1/messages/batches/{id}`,
 //!   `GET /v1/messages/batches/{id}/results`, `POST /v1/messages/batches/{id}/cancel`
-//!   ([`anthropic`]).
+//!   ([`anthropic`]);
+//! - Gemini Batch (inline requests): `POST /v1beta/models/{model}:batchGenerateContent`
+//!   (routed by `crate::gemini`), `GET /v1beta/batches` (`pageSize`, `pageToken`),
+//!   `GET` / `DELETE /v1beta/batches/{id}`, `POST /v1beta/batches/{id}:cancel` ([`gemini`]).
 //!
 //! Every line of a batch is answered, when the batch is created, by the online answer logic,
 //! so the same request gets the same body online and in a batch. When the batch is seen to
@@ -23,6 +26,7 @@
 mod anthropic;
 mod counters;
 mod files;
+pub(crate) mod gemini;
 mod lifecycle;
 mod lines;
 mod openai;
@@ -127,6 +131,7 @@ struct Inner {
     files: files::FileStore,
     openai: registry::Registry<openai::Batch>,
     anthropic: registry::Registry<anthropic::Batch>,
+    gemini: registry::Registry<gemini::Batch>,
     counters: counters::Counters,
     ids: Ids,
 }
@@ -137,6 +142,7 @@ struct Ids {
     file: registry::Ids,
     batch: registry::Ids,
     message_batch: registry::Ids,
+    gemini_batch: registry::Ids,
 }
 
 impl Batches {
@@ -151,11 +157,13 @@ impl Batches {
                 files: files::FileStore::new(keep, knobs.batch_store_bytes),
                 openai: registry::Registry::new(keep),
                 anthropic: registry::Registry::new(keep),
+                gemini: registry::Registry::new(keep),
                 counters: counters::Counters::default(),
                 ids: Ids {
                     file: registry::Ids::new("file-", salt),
                     batch: registry::Ids::new("batch_", salt),
                     message_batch: registry::Ids::new("msgbatch_", salt),
+                    gemini_batch: registry::Ids::new("g", salt),
                 },
             }),
             next_line: AtomicU64::new(FIRST_LINE_NUMBER),
@@ -205,7 +213,12 @@ impl Inner {
 
 /// The routes of the batch APIs, for the server's router.
 pub(crate) fn router<S>(batches: Arc<Batches>) -> Router<S> {
-    Router::new().merge(files::routes()).merge(openai::routes()).merge(anthropic::routes()).with_state(batches)
+    Router::new()
+        .merge(files::routes())
+        .merge(openai::routes())
+        .merge(anthropic::routes())
+        .merge(gemini::routes())
+        .with_state(batches)
 }
 
 /// Which API family an error answer follows.
@@ -213,6 +226,8 @@ pub(crate) fn router<S>(batches: Arc<Batches>) -> Router<S> {
 enum Family {
     OpenAi,
     Anthropic,
+    /// Google's `{"error": {"code", "message", "status"}}`.
+    Gemini,
 }
 
 /// An error answer, in its API family's shape.
@@ -257,6 +272,10 @@ impl IntoResponse for ApiError {
                     _ => "invalid_request_error",
                 };
                 serde_json::json!({"type": "error", "error": {"type": kind, "message": self.message}})
+            }
+            Family::Gemini => {
+                let body = crate::gemini::error_body(self.status.as_u16(), &self.message, None);
+                return (self.status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response();
             }
         };
         (self.status, Json(body)).into_response()

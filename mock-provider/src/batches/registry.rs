@@ -85,6 +85,11 @@ impl<T: Kept> Registry<T> {
         self.items.insert(seq, item);
     }
 
+    /// Forgets batch number `seq` (a delete), returning it.
+    pub fn remove(&mut self, seq: u64) -> Option<T> {
+        self.items.remove(&seq)
+    }
+
     pub fn get_mut(&mut self, seq: u64) -> Option<&mut T> {
         self.items.get_mut(&seq)
     }

@@ -1,6 +1,7 @@
 //! What the chunk handler asks of a provider's batch API, whatever its kind: find the batch
 //! a chunk may already have, create one, poll it, cancel it, read its result lines, delete
-//! what was uploaded. [`BatchApi`] dispatches to the OpenAI or the Anthropic dialect.
+//! what was uploaded. [`BatchApi`] dispatches to the OpenAI, the Anthropic or the Gemini
+//! dialect.
 //!
 //! Everything a provider answers is untrusted: bodies are read up to a cap, ids are checked
 //! before they go into a URL, result lines are mapped back to items only through our own
@@ -16,7 +17,7 @@ use fleet::config::ProviderKind;
 use fleet::wire::{ErrorRecord, Item, ResponseRecord};
 use serde::de::DeserializeOwned;
 
-use super::{anthropic, openai};
+use super::{anthropic, gemini, openai};
 use crate::provider::ProviderClient;
 
 /// Uploads and result downloads may take much longer than one online call.
@@ -98,8 +99,8 @@ impl Polled {
         match kind {
             ProviderKind::Openai => self.tag.as_deref() == Some(tag),
             ProviderKind::Anthropic => true,
-            // The fleet creates no Gemini batch (batch mode is refused for the kind).
-            ProviderKind::Gemini => false,
+            // Gemini's `displayName`.
+            ProviderKind::Gemini => self.tag.as_deref() == Some(tag),
         }
     }
 }
@@ -151,6 +152,7 @@ pub fn index_of(prefix: &str, custom_id: &str, chunk: &ChunkTask) -> Option<u64>
 pub enum BatchApi<'a> {
     Openai(openai::Openai<'a>),
     Anthropic(anthropic::Anthropic<'a>),
+    Gemini(gemini::Gemini<'a>),
 }
 
 impl<'a> BatchApi<'a> {
@@ -159,10 +161,7 @@ impl<'a> BatchApi<'a> {
         match client.kind() {
             ProviderKind::Openai => BatchApi::Openai(openai::Openai { http, namespace }),
             ProviderKind::Anthropic => BatchApi::Anthropic(anthropic::Anthropic { http, namespace }),
-            // Never reached: `batch = true` is refused for kind gemini at load, so no chunk
-            // consumer runs for it. Were one to, OpenAI's batch paths are unknown at a Gemini
-            // host: every call is refused (4xx) and the chunk's items end failed.
-            ProviderKind::Gemini => BatchApi::Openai(openai::Openai { http, namespace }),
+            ProviderKind::Gemini => BatchApi::Gemini(gemini::Gemini { http, namespace }),
         }
     }
 
@@ -183,6 +182,7 @@ impl<'a> BatchApi<'a> {
         match self {
             BatchApi::Openai(a) => a.find(chunk).await,
             BatchApi::Anthropic(a) => a.find(chunk).await,
+            BatchApi::Gemini(a) => a.find(chunk).await,
         }
     }
 
@@ -191,6 +191,7 @@ impl<'a> BatchApi<'a> {
         match self {
             BatchApi::Openai(a) => a.create(chunk, items).await,
             BatchApi::Anthropic(a) => a.create(chunk, items).await,
+            BatchApi::Gemini(a) => a.create(chunk, items).await,
         }
     }
 
@@ -198,6 +199,7 @@ impl<'a> BatchApi<'a> {
         match self {
             BatchApi::Openai(a) => a.poll(batch_id).await,
             BatchApi::Anthropic(a) => a.poll(batch_id).await,
+            BatchApi::Gemini(a) => a.poll(batch_id).await,
         }
     }
 
@@ -205,29 +207,36 @@ impl<'a> BatchApi<'a> {
         match self {
             BatchApi::Openai(a) => a.cancel(batch_id).await,
             BatchApi::Anthropic(a) => a.cancel(batch_id).await,
+            BatchApi::Gemini(a) => a.cancel(batch_id).await,
         }
     }
 
     /// Reads every result line of an ended batch, calling `each` with the ones that map to
-    /// an item of the chunk.
+    /// an item of the chunk. `order`: the indices of the items put in the batch, in request
+    /// order (Gemini's inline responses may be placed by position).
     pub async fn fetch(
         &self,
         chunk: &ChunkTask,
         batch_id: &str,
         polled: &Polled,
+        order: &[u64],
         each: &mut (dyn FnMut(Fetched) + Send),
     ) -> Result<(), ApiError> {
         match self {
             BatchApi::Openai(a) => a.fetch(chunk, polled, each).await,
             BatchApi::Anthropic(a) => a.fetch(chunk, batch_id, each).await,
+            BatchApi::Gemini(a) => a.fetch(chunk, batch_id, order, each).await,
         }
     }
 
     /// Deletes what the batch left at the provider that is ours to delete (OpenAI's input
-    /// and result files). Best effort: a failure is logged, never retried forever.
+    /// and result files, the Gemini batch itself). Best effort: a failure is logged, never
+    /// retried forever.
     pub async fn clean_up(&self, polled: &Polled) {
-        if let BatchApi::Openai(a) = self {
-            a.clean_up(polled).await;
+        match self {
+            BatchApi::Openai(a) => a.clean_up(polled).await,
+            BatchApi::Gemini(a) => a.clean_up(polled).await,
+            BatchApi::Anthropic(_) => {}
         }
     }
 }

@@ -13,6 +13,8 @@
 //!   chunk as `created` (batch id) to the poll queue, confirmed, and only then ack: a
 //!   worker killed in between leaves a redelivered `pending` chunk, whose taker finds the
 //!   batch by its tag instead of creating a second one;
+//! - `created` without the fleet's signature (only workers write this state, signed, see
+//!   `fleet::signing`) → dead-lettered, nothing done at the provider;
 //! - `created` → one poll pass: the batch must be the chunk's (OpenAI kind: its
 //!   `metadata.fleet_tag`), or the chunk is dead-lettered as forged and nothing is done to
 //!   the batch; then (cancelling the batch when the job was cancelled or its deadline
@@ -29,6 +31,7 @@
 
 pub mod anthropic;
 pub mod api;
+pub mod gemini;
 pub mod items;
 pub mod openai;
 mod outcome;
@@ -169,6 +172,14 @@ async fn handle(b: &Batch, delivery: Tracked) {
     if task.provider != provider {
         let reason = format!("chunk for provider {:?} on the chunk queue of {provider:?}", task.provider);
         return dead_letter(b, delivery, &reason).await;
+    }
+    // Producers publish chunks `pending`; only workers write one naming a provider batch,
+    // and sign it: an unsigned `created` chunk is never acted on (fleet::signing).
+    if let ChunkState::Created { batch_id, .. } = &task.state {
+        if let Err(e) = fleet::signing::verify(&delivery.properties, &delivery.data) {
+            let reason = format!("unsigned chunk in state created (batch {batch_id}): {e}");
+            return dead_letter(b, delivery, &reason).await;
+        }
     }
     let redelivered = delivery.redelivered || delivery_count(&delivery) > 0;
     match task.state.clone() {
@@ -359,13 +370,15 @@ async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, del
             lines.entry(f.index).or_insert(f.outcome);
         }
     };
-    if let Err(e) = api.fetch(&task, &created.batch_id, &polled, &mut keep).await {
+    let refused = unbatchable(&b.client, &items.items);
+    // The items put in the batch, in request order (as `pending` put them).
+    let order: Vec<u64> = items.items.keys().copied().filter(|i| !refused.contains_key(i)).collect();
+    if let Err(e) = api.fetch(&task, &created.batch_id, &polled, &order, &mut keep).await {
         tracing::info!(batch_id = %created.batch_id, error = %e, "cannot read the batch's results yet; trying again later");
         to_poll_queue(b, &task, delivery).await;
         return;
     }
     let wanted = unwanted(b, &task);
-    let refused = unbatchable(&b.client, &items.items);
     let (results, fallback) =
         outcome::of_lines(&b.ctx.worker_id, &task, &items, &refused, lines, polled.ending.clone(), wanted);
     tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %created.batch_id, results = results.len(), online_fallback = fallback.len(), "fetched provider batch");
@@ -378,7 +391,8 @@ async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, del
 /// Items of the chunk that are not put in its provider batch, with the reason: a `url`
 /// that is not an endpoint of the provider (only the producer, which validates every line,
 /// should write items; anyone else is suspect), or another endpoint than the chunk's first
-/// item (one endpoint per batch; the producer cuts chunks that way).
+/// item (one endpoint per batch; the producer cuts chunks that way); for Gemini, what its
+/// batch API cannot take ([`gemini::unbatchable`]).
 fn unbatchable(client: &ProviderClient, items: &BTreeMap<u64, Item>) -> HashMap<u64, String> {
     let mut endpoint: Option<&str> = None;
     let mut refused = HashMap::new();
@@ -388,6 +402,10 @@ fn unbatchable(client: &ProviderClient, items: &BTreeMap<u64, Item>) -> HashMap<
         } else if *endpoint.get_or_insert(&item.url) != item.url {
             refused.insert(item.index, "another endpoint than the rest of its chunk".to_string());
         }
+    }
+    if client.kind() == fleet::config::ProviderKind::Gemini {
+        let more = gemini::unbatchable(items, &refused);
+        refused.extend(more);
     }
     refused
 }
@@ -431,7 +449,8 @@ async fn poll_again(
 async fn to_poll_queue(b: &Batch, task: &ChunkTask, delivery: Tracked) {
     let payload = serde_json::to_vec(task).expect("chunks serialize");
     let queue = b.ctx.publisher.topology.poll_queue(&b.client.name, b.poll_s);
-    match b.ctx.publisher.publish_confirmed("", &queue, &payload, amqp::persistent_json()).await {
+    let props = fleet::signing::sign(amqp::persistent_json(), &payload);
+    match b.ctx.publisher.publish_confirmed("", &queue, &payload, props).await {
         Ok(()) => {
             if let Err(e) = delivery.ack().await {
                 tracing::warn!(error = %e, "ack failed after moving a chunk to the poll queue; it may be taken twice");

@@ -21,6 +21,7 @@ pub mod process;
 pub mod provider;
 pub mod settle;
 pub mod tracker;
+pub mod webhooks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -99,6 +100,8 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         Err(_) => {}
     }
     let tracker_role = tracker::spawn_candidate(&cfg, &worker_id, pg, shutdown.clone());
+    // Completion webhooks: every worker sends them, on a connection of its own.
+    let webhook_sender = webhooks::spawn_sender(&cfg, &worker_id, metrics.clone(), shutdown.clone())?;
     let mut retry_delay = Duration::from_millis(200);
     while !shutdown.is_cancelled() {
         let name = format!("worker {worker_id}");
@@ -129,12 +132,13 @@ pub async fn run(cfg: Config, shutdown: CancellationToken) -> anyhow::Result<()>
         }
         if shutdown.is_cancelled() {
             drain(&worker.in_flight, Duration::from_secs(cfg.worker.drain_timeout_s)).await;
-            let _ = conn.close(200, "worker shutting down".into()).await;
+            fleet::amqp::close(&conn, "worker shutting down").await;
         }
     }
     if let Some(handle) = tracker_role {
         let _ = handle.await;
     }
+    let _ = webhook_sender.await;
     metrics.worker_up.set(0);
     for name in worker.clients.keys() {
         metrics.in_flight.with_label_values(&[name.as_str()]).set(0);

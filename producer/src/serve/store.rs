@@ -121,7 +121,7 @@ pub struct BatchEntry {
     /// When a cancel was asked, Unix seconds.
     pub cancelling_at: Option<u64>,
     /// The job's summary once it ended, as recorded on the metadata stream.
-    pub ended: Option<fleet::wire::JobSummary>,
+    pub ended: Option<Box<fleet::wire::JobSummary>>,
 }
 
 #[derive(Default)]
@@ -311,7 +311,7 @@ impl Store {
             }
             Record::BatchEnded { id, summary } => {
                 if let Some(b) = index.batches.get_mut(&id) {
-                    b.ended.get_or_insert(*summary);
+                    b.ended.get_or_insert(summary);
                 }
             }
             Record::UploadStarted { id, at } => {

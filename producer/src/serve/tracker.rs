@@ -81,7 +81,7 @@ pub async fn settle(store: &Store, entry: &BatchEntry, job: Option<JobSummary>) 
             }
             Some(job)
         }
-        None => entry.ended.clone(),
+        None => entry.ended.as_deref().cloned(),
         job => job,
     }
 }

@@ -66,7 +66,7 @@ pub fn spawn_candidate(
                     }
                 }
             }
-            let _ = conn.close(200, "tracker stopping".into()).await;
+            fleet::amqp::close(&conn, "tracker stopping").await;
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = tokio::time::sleep(wait) => {}

@@ -32,6 +32,9 @@ pub enum JobMode {
     Online,
     /// Through the provider's batch API, chunk by chunk.
     Batch,
+    /// One call per item on the provider's flex tier (`service_tier: "flex"`): the items
+    /// queue, as online, each item marked [`crate::wire::Item::flex`].
+    Flex,
 }
 
 /// Most items in one chunk, whatever a message claims (Anthropic's limit, the larger one).

@@ -60,6 +60,14 @@ enabled = true
 checkpoint_interval_ms = 500
 retention_s = 86400
 
+[webhooks]
+default_url = ""
+secret_env = ""
+timeout_s = 10
+initial_backoff_s = 5
+max_backoff_s = 3600
+max_age_s = 86400
+
 [api]
 listen = "127.0.0.1:8090"
 key_envs = []
@@ -108,6 +116,66 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     /// `producer serve`: the OpenAI Files + Batches and Anthropic Message Batches HTTP API.
     pub api: ApiConfig,
+    /// What the fleet's workers share that producers must not: the key signing internal
+    /// messages.
+    #[serde(default)]
+    pub fleet: FleetConfig,
+    /// Completion webhooks (`submit --webhook`): the default URL, the secret's variable,
+    /// how deliveries are retried.
+    pub webhooks: WebhooksConfig,
+}
+
+/// Completion webhooks (see [`crate::webhooks`]). Only the NAME of the variable that holds
+/// the signing secret is configured, never the secret.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WebhooksConfig {
+    /// URL of jobs submitted without `--webhook` (`""`: none).
+    pub default_url: String,
+    /// Name of the environment variable holding the signing secret (`whsec_<base64>` or
+    /// any string), read by workers; `""`: deliveries are sent unsigned.
+    pub secret_env: String,
+    /// Timeout of one delivery attempt (connect to end of the answer), seconds.
+    pub timeout_s: u64,
+    /// Wait before the first retry, seconds; doubles per attempt up to `max_backoff_s`.
+    pub initial_backoff_s: u64,
+    /// Longest wait between attempts, seconds.
+    pub max_backoff_s: u64,
+    /// A delivery is retried for this long after the job ended, seconds (default a day);
+    /// then it is parked in `<ns>.webhooks.dead`.
+    pub max_age_s: u64,
+}
+
+impl WebhooksConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.default_url.is_empty() {
+            crate::webhooks::check_url(&self.default_url).map_err(|e| anyhow::anyhow!("webhooks.default_url: {e}"))?;
+        }
+        if !self.secret_env.is_empty() && !is_env_var_name(&self.secret_env) {
+            anyhow::bail!(
+                "webhooks.secret_env must be the NAME of an environment variable holding the secret, not the \
+                 secret itself; the value given is not shown"
+            );
+        }
+        if !(1..=60).contains(&self.timeout_s) {
+            anyhow::bail!("webhooks.timeout_s must be 1..=60");
+        }
+        if self.initial_backoff_s == 0 || self.max_backoff_s < self.initial_backoff_s || self.max_age_s == 0 {
+            anyhow::bail!(
+                "webhooks: initial_backoff_s must be > 0, max_backoff_s at least initial_backoff_s, max_age_s > 0"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Settings only the fleet's workers use (see [`crate::signing`]).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct FleetConfig {
+    /// Name of the environment variable holding the key (at least 32 bytes) that signs the
+    /// messages only workers write: the tracker's checkpoint and announcements, chunks past
+    /// `pending`. Unset: the fleet runs unsigned. Producers never read it.
+    #[serde(default)]
+    pub signing_key_env: Option<String>,
 }
 
 /// Settings of `producer serve` (see docs/api.md). Only the names of the variables that
@@ -377,6 +445,13 @@ pub struct ProviderConfig {
     /// Seconds one provider call may take.
     #[serde(default = "default_timeout_s")]
     pub timeout_s: u64,
+    /// Seconds one call of a `--mode flex` item may take (OpenAI's flex tier queues a
+    /// request for minutes; OpenAI's guide sets a 15-minute client timeout). A flex item
+    /// makes one call per delivery (a failure waits in the delay queues), so with
+    /// `retry.max_elapsed_s` (the longest wait for a slot) it must stay within the
+    /// 20-minute rule.
+    #[serde(default = "default_flex_timeout_s")]
+    pub flex_timeout_s: u64,
     /// Upper bound of this provider's adaptive in-flight limit in one worker.
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u16,
@@ -441,6 +516,7 @@ impl ProviderConfig {
             api_key_envs: Vec::new(),
             key_retry_s: default_key_retry_s(),
             timeout_s: default_timeout_s(),
+            flex_timeout_s: default_flex_timeout_s(),
             max_in_flight: default_max_in_flight(),
             rpm: None,
             tpm: None,
@@ -454,6 +530,10 @@ impl ProviderConfig {
             models: Vec::new(),
         }
     }
+}
+
+fn default_flex_timeout_s() -> u64 {
+    900
 }
 
 fn default_key_retry_s() -> u64 {
@@ -474,8 +554,20 @@ impl ProviderKind {
         match self {
             ProviderKind::Openai => (50_000, 200 * 1_000_000),
             ProviderKind::Anthropic => (100_000, 256 * 1_000_000),
-            // Not used yet: batch mode is refused for this kind (see `Config::validate`).
-            ProviderKind::Gemini => (100_000, 2_000 * 1_000_000),
+            // Inline requests only (Google takes up to 20 MB of them per batch; the Files API
+            // upload is not used): 10 MB of OpenAI-format lines leaves room for what the
+            // translation and the per-request wrapping add (see `worker::batch::gemini`).
+            ProviderKind::Gemini => (10_000, 10 * 1_000_000),
+        }
+    }
+
+    /// Whether the kind's API has a flex tier (`service_tier: "flex"` in the request body:
+    /// OpenAI, Azure OpenAI, Groq and OpenAI-compatible servers that honour it), which
+    /// `submit --mode flex` needs. Anthropic and Gemini have none.
+    pub fn has_flex_tier(self) -> bool {
+        match self {
+            ProviderKind::Openai => true,
+            ProviderKind::Anthropic | ProviderKind::Gemini => false,
         }
     }
 
@@ -588,6 +680,13 @@ impl Config {
         self.amqp.check_addresses()?;
         crate::amqp::check_heartbeat(self.amqp.heartbeat_s)?;
         self.api.validate()?;
+        self.webhooks.validate()?;
+        if self.fleet.signing_key_env.as_deref().is_some_and(|v| !is_env_var_name(v)) {
+            anyhow::bail!(
+                "fleet.signing_key_env must be the NAME of an environment variable holding the key, not the key \
+                 itself; the value given is not shown"
+            );
+        }
         if self.namespace.is_empty() || self.namespace.contains(char::is_whitespace) {
             anyhow::bail!("namespace must be a non-empty word, got {:?}", self.namespace);
         }
@@ -621,9 +720,6 @@ impl Config {
                      1..={max_bytes} (the provider's own limits)"
                 );
             }
-            if p.batch && p.kind == ProviderKind::Gemini {
-                anyhow::bail!("provider {name}: batch = true is not available for kind gemini yet (online calls only)");
-            }
             if !(1..=86_400).contains(&p.batch_poll_interval_s) {
                 anyhow::bail!("provider {name}: batch_poll_interval_s must be 1..=86400");
             }
@@ -636,7 +732,7 @@ impl Config {
             p.check_key_envs(name)?;
             if let Some((model, _)) = p.prices.iter().find(|(_, price)| !price.is_valid()) {
                 anyhow::bail!(
-                    "providers.{name}.prices.{model:?}: prices must be finite and not negative, batch_factor at most 1"
+                    "providers.{name}.prices.{model:?}: prices must be finite and not negative, batch_factor and flex_factor at most 1"
                 );
             }
             // An item is unacked for all its in-process attempts; RabbitMQ closes the channel
@@ -647,6 +743,15 @@ impl Config {
                 anyhow::bail!(
                     "provider {name}: retry.max_attempts x timeout_s + retry.max_elapsed_s = {worst} s, \
                      over {MAX_UNACKED_S} s (RabbitMQ's consumer timeout is 30 min): lower them"
+                );
+            }
+            // A flex item holds its delivery for one call (up to flex_timeout_s) after
+            // waiting at most retry.max_elapsed_s for a slot: the same rule applies.
+            let flex_worst = p.flex_timeout_s + self.retry.max_elapsed_s;
+            if p.flex_timeout_s == 0 || flex_worst > MAX_UNACKED_S {
+                anyhow::bail!(
+                    "provider {name}: flex_timeout_s + retry.max_elapsed_s = {flex_worst} s must be over 0 and at most \
+                     {MAX_UNACKED_S} s (RabbitMQ's consumer timeout is 30 min)"
                 );
             }
         }
@@ -667,6 +772,8 @@ impl Config {
         self.served_providers()
             .into_iter()
             .flat_map(|(_, p)| p.key_envs())
+            // A webhook secret's variable too: deliveries would otherwise go out unsigned.
+            .chain((!self.webhooks.secret_env.is_empty()).then(|| self.webhooks.secret_env.clone()))
             .filter(|var| std::env::var_os(var).is_none_or(|v| v.is_empty()))
             .collect()
     }
@@ -916,7 +1023,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gemini_provider_loads_and_refuses_batch_mode_for_now() {
+    fn a_gemini_provider_loads_with_batch_mode_under_the_inline_limits() {
         let toml = format!(
             "[providers.g]\nkind = \"gemini\"\nbase_url = \"{}\"\napi_key_env = \"GEMINI_API_KEY\"\n",
             crate::gemini::DEFAULT_BASE_URL
@@ -924,8 +1031,22 @@ mod tests {
         let cfg = load_str("gemini", &toml).unwrap();
         assert_eq!(cfg.providers["g"].kind, ProviderKind::Gemini);
         assert_eq!(ProviderKind::Gemini.name(), "gemini");
-        let err = load_str("gemini-batch", &format!("{toml}batch = true\n")).unwrap_err().to_string();
-        assert!(err.contains("not available for kind gemini"), "{err}");
+        let cfg = load_str("gemini-batch", &format!("{toml}batch = true\n")).unwrap();
+        assert!(cfg.providers["g"].batch);
+        assert_eq!(cfg.providers["g"].batch_limits(), (10_000, 10_000_000));
+        let err = load_str("gemini-big", &format!("{toml}batch = true\nbatch_max_bytes = 20000000\n")).unwrap_err();
+        assert!(err.to_string().contains("batch_max_bytes 1..=10000000"), "{err}");
+    }
+
+    #[test]
+    fn the_signing_key_is_named_never_pasted() {
+        let cfg = load_str("sig", "[fleet]\nsigning_key_env = \"FLEET_SIGNING_KEY\"\n").unwrap();
+        assert_eq!(cfg.fleet.signing_key_env.as_deref(), Some("FLEET_SIGNING_KEY"));
+        assert_eq!(load_str("nosig", "").unwrap().fleet.signing_key_env, None, "unset by default: unsigned");
+        let pasted = "[fleet]\nsigning_key_env = \"k3y-0123456789abcdef0123456789abcdef\"\n";
+        let err = format!("{:#}", load_str("sigpaste", pasted).unwrap_err());
+        assert!(err.contains("fleet.signing_key_env must be the NAME"), "{err}");
+        assert!(!err.contains("k3y-0123"), "the value is not shown: {err}");
     }
 
     #[test]

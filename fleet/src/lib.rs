@@ -16,10 +16,12 @@ pub mod messages;
 pub mod metrics;
 pub mod push;
 pub mod shutdown;
+pub mod signing;
 pub mod telemetry;
 pub mod tokens;
 pub mod topology;
 pub mod usage;
+pub mod webhooks;
 pub mod wire;
 
 pub use config::Config;

@@ -71,6 +71,11 @@ pub struct WorkerMetrics {
     /// check, `batch_enqueued_tokens`) or `token_limit_exceeded` (the provider failed its
     /// batch for a full queue; it is created again later).
     pub admission_waits: IntCounterVec,
+    /// `batch_webhook_deliveries_total{outcome}`: completion-webhook attempts this worker
+    /// made, by outcome: `delivered` (a 2xx), `retried` (failed, another attempt is
+    /// scheduled) or `failed` (retries ran out or the delivery was refused: parked in
+    /// `<ns>.webhooks.dead`).
+    pub webhook_deliveries: IntCounterVec,
 }
 
 impl WorkerMetrics {
@@ -137,6 +142,11 @@ impl WorkerMetrics {
                 "Chunks sent back to wait for room in the provider's enqueued-token queue, by reason",
                 &["provider", "reason"],
             ),
+            webhook_deliveries: counter_vec(
+                "batch_webhook_deliveries_total",
+                "Completion-webhook delivery attempts, by outcome (delivered, retried, failed)",
+                &["outcome"],
+            ),
             registry,
         };
         for c in [
@@ -155,6 +165,7 @@ impl WorkerMetrics {
             Box::new(m.keys_active.clone()),
             Box::new(m.provider_paused.clone()),
             Box::new(m.admission_waits.clone()),
+            Box::new(m.webhook_deliveries.clone()),
         ] {
             m.registry.register(c).expect("metric registered once");
         }
@@ -162,6 +173,9 @@ impl WorkerMetrics {
         // alerts on them work before the first event.
         for reason in crate::topology::DeadLabel::ALL {
             m.dead_letters.with_label_values(&[reason.as_str()]);
+        }
+        for outcome in ["delivered", "retried", "failed"] {
+            m.webhook_deliveries.with_label_values(&[outcome]);
         }
         m
     }

@@ -268,6 +268,46 @@ impl Topology {
         format!("{}.control", self.ns)
     }
 
+    /// Queue of completion-webhook deliveries ([`crate::webhooks::WebhookDelivery`]): the
+    /// tracker publishes one when a job with a webhook ends, any worker's sender POSTs it.
+    pub fn webhooks_queue(&self) -> String {
+        format!("{}.webhooks", self.ns)
+    }
+    /// Delay tier of webhook deliveries waiting `secs` before their next attempt; it
+    /// dead-letters each back to [`Topology::webhooks_queue`].
+    pub fn webhooks_delay_queue(&self, secs: u64) -> String {
+        format!("{}.webhooks.delayed.{secs}s", self.ns)
+    }
+    /// Webhook deliveries given up (retries ran out, refused as malformed, or delivered
+    /// too often), each with its reason ([`DEAD_REASON_HEADER`]).
+    pub fn webhooks_dead_queue(&self) -> String {
+        format!("{}.webhooks.dead", self.ns)
+    }
+
+    /// Declares the webhook queues: `<ns>.webhooks` (quorum, with the delivery limit; a
+    /// delivery that keeps killing senders goes to `<ns>.webhooks.dead`), its dead queue,
+    /// and one delay tier per `tiers_s` (quorum, TTL, at-least-once dead-lettering back).
+    pub async fn declare_webhook_queues(&self, ch: &Channel, tiers_s: &[u64]) -> lapin::Result<()> {
+        declare_queue(ch, &self.webhooks_dead_queue(), quorum()).await?;
+        let mut args = quorum();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.webhooks_dead_queue().into()));
+        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        declare_queue(ch, &self.webhooks_queue(), args).await?;
+        for secs in tiers_s {
+            let mut args = quorum();
+            args.insert("x-message-ttl".into(), AMQPValue::LongLongInt((*secs * 1000) as i64));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.webhooks_queue().into()));
+            args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+            args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+            declare_queue(ch, &self.webhooks_delay_queue(*secs), args).await?;
+        }
+        Ok(())
+    }
+
     /// Declares the exchanges and the shared queues (dead letters, ledger, tracker).
     pub async fn declare_common(&self, ch: &Channel) -> lapin::Result<()> {
         let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
@@ -508,7 +548,10 @@ impl Topology {
             self.tracker_rpc_queue(),
             self.tracker_state_queue(),
             self.tracker_state_copy_queue(),
+            self.webhooks_queue(),
+            self.webhooks_dead_queue(),
         ]);
+        queues.extend(crate::webhooks::ALL_DELAY_TIERS_S.iter().map(|s| self.webhooks_delay_queue(*s)));
         let exchanges = vec![
             self.items_exchange(),
             self.results_exchange(),

@@ -49,6 +49,11 @@ pub struct Usage {
     /// answer itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub batch: bool,
+    /// The answer came from the provider's flex tier (`--mode flex`: `service_tier: "flex"`
+    /// on the ordinary API): priced at the model's [`Price::flex_factor`]. Set by the worker
+    /// that made the call for a flex item, never by the answer itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flex: bool,
 }
 
 /// Reads the usage of an answer body; `None` when it reports none (or is not an object).
@@ -92,6 +97,7 @@ pub fn parse(body: &str) -> Option<Usage> {
         cached_input_tokens: cached.min(input),
         output_tokens: output,
         batch: false,
+        flex: false,
     })
 }
 
@@ -155,6 +161,11 @@ pub struct Price {
     /// OpenAI's and Anthropic's batch APIs charge). Applied to answers of batch mode only.
     #[serde(default = "default_batch_factor")]
     pub batch_factor: f64,
+    /// Fraction of the price charged on the provider's flex tier (`--mode flex`; OpenAI
+    /// bills flex at batch rates); absent: [`Price::batch_factor`]. Applied to flex answers
+    /// only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flex_factor: Option<f64>,
 }
 
 fn default_batch_factor() -> f64 {
@@ -163,14 +174,21 @@ fn default_batch_factor() -> f64 {
 
 impl Price {
     /// Cost of `usage` at this price: [`Price::batch_factor`] of it for an answer out of a
-    /// provider batch ([`Usage::batch`]).
+    /// provider batch ([`Usage::batch`]), [`Price::flex_factor`] for one of the flex tier
+    /// ([`Usage::flex`]).
     pub fn cost(&self, usage: &Usage) -> f64 {
         let uncached = usage.input_tokens.saturating_sub(usage.cached_input_tokens) as f64;
         let cached_price = self.cached_input_per_mtok.unwrap_or(self.input_per_mtok);
         let full = uncached * self.input_per_mtok
             + usage.cached_input_tokens as f64 * cached_price
             + usage.output_tokens as f64 * self.output_per_mtok;
-        let factor = if usage.batch { self.batch_factor } else { 1.0 };
+        let factor = if usage.batch {
+            self.batch_factor
+        } else if usage.flex {
+            self.flex_factor()
+        } else {
+            1.0
+        };
         full / 1_000_000.0 * factor
     }
 
@@ -182,6 +200,12 @@ impl Price {
             && self.cached_input_per_mtok.is_none_or(ok)
             && ok(self.batch_factor)
             && self.batch_factor <= 1.0
+            && self.flex_factor.is_none_or(|f| ok(f) && f <= 1.0)
+    }
+
+    /// The fraction charged for a flex answer: `flex_factor`, else `batch_factor`.
+    pub fn flex_factor(&self) -> f64 {
+        self.flex_factor.unwrap_or(self.batch_factor)
     }
 }
 
@@ -248,7 +272,8 @@ mod tests {
                 input_tokens: 100,
                 cached_input_tokens: 60,
                 output_tokens: 20,
-                batch: false
+                batch: false,
+                flex: false
             })
         );
         let responses = r#"{"model":"o3","output":[],"usage":{"input_tokens":50,"output_tokens":7,
@@ -299,20 +324,33 @@ mod tests {
 
     #[test]
     fn prices_turn_tokens_into_money() {
-        let p =
-            Price { input_per_mtok: 2.0, output_per_mtok: 8.0, cached_input_per_mtok: Some(0.5), batch_factor: 0.5 };
+        let p = Price {
+            input_per_mtok: 2.0,
+            output_per_mtok: 8.0,
+            cached_input_per_mtok: Some(0.5),
+            batch_factor: 0.5,
+            flex_factor: None,
+        };
         let u = Usage {
             model: "m".into(),
             input_tokens: 1_000_000,
             cached_input_tokens: 400_000,
             output_tokens: 500_000,
             batch: false,
+            flex: false,
         };
         let direct = 0.6 * 2.0 + 0.4 * 0.5 + 0.5 * 8.0;
         assert!((p.cost(&u) - direct).abs() < 1e-9);
         assert!((p.cost(&Usage { batch: true, ..u.clone() }) - direct / 2.0).abs() < 1e-9);
         assert!(p.is_valid());
         assert!(!Price { batch_factor: 2.0, ..p.clone() }.is_valid());
+        // A flex answer is priced at flex_factor, batch_factor when none is set.
+        assert!((p.cost(&Usage { flex: true, ..u.clone() }) - direct / 2.0).abs() < 1e-9);
+        let flex = Price { flex_factor: Some(0.25), ..p.clone() };
+        assert!((flex.cost(&Usage { flex: true, ..u.clone() }) - direct / 4.0).abs() < 1e-9);
+        assert!((flex.cost(&Usage { batch: true, ..u.clone() }) - direct / 2.0).abs() < 1e-9, "batch stays batch");
+        assert!(!Price { flex_factor: Some(1.5), ..p.clone() }.is_valid());
+        assert!(!Price { flex_factor: Some(f64::NAN), ..p.clone() }.is_valid());
         let table = BTreeMap::from([("m".to_string(), p)]);
         assert_eq!(model_label(&table, "m"), "m");
         assert_eq!(model_label(&table, "evil\"}"), "other");
@@ -326,6 +364,7 @@ mod tests {
             output_per_mtok: 0.0,
             cached_input_per_mtok: None,
             batch_factor: 0.5,
+            flex_factor: None,
         };
         let table = BTreeMap::from([
             ("gpt-4o".to_string(), price(2.5)),

@@ -181,6 +181,11 @@ pub struct Item {
     /// When the item was first sent to a delay queue (the long-retry budget starts there).
     #[serde(default)]
     pub first_delay_ms: Option<u64>,
+    /// A `--mode flex` item: called on the provider's flex tier (the worker adds
+    /// `"service_tier": "flex"` to the body it sends, one call per delivery, with
+    /// `flex_timeout_s`), its answer priced at the model's flex factor.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub flex: bool,
 }
 crate::versioned!(Item);
 
@@ -348,9 +353,15 @@ pub mod error_code {
     pub const MISSING_FROM_BATCH_OUTPUT: &str = "missing_from_batch_output";
     /// A provider batch's line with an error status and no usable body.
     pub const PROVIDER_ERROR: &str = "provider_error";
+    /// The provider's flex tier had no capacity (a 429 "resource unavailable", a 498
+    /// `capacity_exceeded`) until the item's delays were spent.
+    pub const CAPACITY_UNAVAILABLE: &str = "capacity_unavailable";
+    /// A flex item on a provider whose kind has no flex tier (only the producer refuses
+    /// these; a worker fails one without a call).
+    pub const FLEX_NOT_SUPPORTED: &str = "flex_not_supported";
 
     /// Every code, as the docs list them.
-    pub const ALL: [&str; 22] = [
+    pub const ALL: [&str; 24] = [
         RATE_LIMITED,
         OVERLOADED,
         SERVER_ERROR,
@@ -373,6 +384,8 @@ pub mod error_code {
         NOT_BATCHABLE,
         MISSING_FROM_BATCH_OUTPUT,
         PROVIDER_ERROR,
+        CAPACITY_UNAVAILABLE,
+        FLEX_NOT_SUPPORTED,
     ];
 }
 
@@ -802,6 +815,9 @@ pub struct JobSummary {
     /// ended; their messages stay listed by `producer dead` until requeued.
     #[serde(default)]
     pub dead_lettered: u64,
+    /// The job's completion webhook and its last delivery, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<crate::webhooks::WebhookStatus>,
 }
 crate::versioned!(JobSummary);
 
@@ -945,6 +961,10 @@ pub enum LedgerEvent {
         /// Spend cap (`submit --max-cost`): reached, the job is cancelled (reason `budget`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_cost: Option<f64>,
+        /// Completion webhook (`submit --webhook`): told when the job ends
+        /// ([`crate::webhooks`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        webhook_url: Option<String>,
     },
     /// Every item of the job is published and confirmed.
     SubmissionComplete {
@@ -957,6 +977,19 @@ pub enum LedgerEvent {
     JobCancel {
         /// The job to cancel.
         job_id: String,
+    },
+    /// A worker's webhook sender made an attempt at a job's completion webhook (its state
+    /// after it: delivered, retrying or failed), for `status`.
+    WebhookAttempt {
+        /// The job whose webhook it was.
+        job_id: String,
+        /// Where the delivery is now.
+        state: crate::webhooks::DeliveryState,
+        /// Attempts made so far.
+        attempts: u32,
+        /// What a failed attempt got (`HTTP 500`, ...).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// A worker sent an item to a delay queue: the provider keeps failing.
     ItemDelayed {
@@ -980,7 +1013,9 @@ impl LedgerEvent {
                 check_job_id(job_id)?;
                 check_position(0, *total)
             }
-            LedgerEvent::JobCancel { job_id } | LedgerEvent::SubmissionComplete { job_id } => check_job_id(job_id),
+            LedgerEvent::JobCancel { job_id }
+            | LedgerEvent::SubmissionComplete { job_id }
+            | LedgerEvent::WebhookAttempt { job_id, .. } => check_job_id(job_id),
             LedgerEvent::ItemDelayed { job_id, index, .. } => {
                 check_job_id(job_id)?;
                 check_position(*index, MAX_JOB_ITEMS)
@@ -1051,6 +1086,7 @@ mod tests {
             submitted_at_ms: 1,
             deadline_ms: None,
             first_delay_ms: None,
+            flex: false,
         };
         let bytes = serde_json::to_vec(&item).unwrap();
         let back: Item = serde_json::from_slice(&bytes).unwrap();
@@ -1186,6 +1222,7 @@ mod tests {
             deadline_ms: None,
             submitting: false,
             max_cost: None,
+            webhook_url: None,
         };
         assert!(e.check().is_err());
     }

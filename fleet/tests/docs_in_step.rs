@@ -34,7 +34,8 @@ const PRICE: &str = "providers.<name>.prices.\"<model>\".";
 /// Who exposes `producer serve`'s metrics: Prometheus scrapes them (scrape job `batch_api`).
 const API_SCRAPE_JOB: &str = "batch_api";
 
-const SECTIONS: [&str; 8] = ["amqp", "pushgateway", "worker", "retry", "producer", "tracker", "providers", "api"];
+const SECTIONS: [&str; 9] =
+    ["amqp", "pushgateway", "worker", "retry", "producer", "tracker", "providers", "api", "webhooks"];
 /// Endings that make a `batch_*` word a metric (or a histogram's series) in the docs.
 const METRIC_SUFFIXES: [&str; 5] = ["_total", "_seconds", "_bucket", "_sum", "_count"];
 /// Key-looking mentions that are not keys on purpose: the typo in the example of the
@@ -213,7 +214,13 @@ fn code_keys() -> BTreeMap<String, Option<Value>> {
 
     // A price with every field set names them all (a new field fails to compile here);
     // one with only the required ones gives the defaults of the others.
-    let full = Price { input_per_mtok: 1.0, output_per_mtok: 1.0, cached_input_per_mtok: Some(1.0), batch_factor: 1.0 };
+    let full = Price {
+        input_per_mtok: 1.0,
+        output_per_mtok: 1.0,
+        cached_input_per_mtok: Some(1.0),
+        batch_factor: 1.0,
+        flex_factor: Some(1.0),
+    };
     let mut price_keys = BTreeMap::new();
     walk(&serde_json::to_value(full).unwrap(), PRICE, &mut price_keys);
     let least: Price = serde_json::from_value(json!({"input_per_mtok": 0.0, "output_per_mtok": 0.0})).unwrap();
@@ -300,6 +307,7 @@ fn code_metrics() -> BTreeMap<String, Metric> {
         keys_active,
         provider_paused,
         admission_waits,
+        webhook_deliveries,
     } = &worker;
     let by = fleet::push::WORKER_JOB;
     add(&mut out, registry, items, by);
@@ -317,6 +325,7 @@ fn code_metrics() -> BTreeMap<String, Metric> {
     add(&mut out, registry, keys_active, by);
     add(&mut out, registry, provider_paused, by);
     add(&mut out, registry, admission_waits, by);
+    add(&mut out, registry, webhook_deliveries, by);
     // Registered by workers that serve a provider in batch mode.
     let provider_batches = fleet::metrics::register_provider_batches(registry);
     add(&mut out, registry, &provider_batches, by);

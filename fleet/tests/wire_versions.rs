@@ -216,6 +216,7 @@ fn ledger_events_of_the_previous_release_decode_through_the_trackers_reader() {
             deadline_ms: Some(1_765_086_400_000),
             submitting: true,
             max_cost: Some(2.5),
+            webhook_url: None,
         }
     );
     assert_eq!(event("ledger_submission_complete.json"), LedgerEvent::SubmissionComplete { job_id: job_id.clone() });

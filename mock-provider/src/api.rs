@@ -23,6 +23,35 @@ pub(crate) fn requested_model(body: &[u8]) -> Option<String> {
     }
     serde_json::from_slice::<Named>(body).ok()?.model
 }
+
+/// The `service_tier` a request body asks for (`"flex"`, `"auto"`, ...), if any.
+pub(crate) fn requested_service_tier(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Tiered {
+        service_tier: Option<String>,
+    }
+    serde_json::from_slice::<Tiered>(body).ok()?.service_tier
+}
+
+/// The answer to a flex request the flex tier has no capacity for: OpenAI's 429 "resource
+/// unavailable" (`429`) or Groq's 498 `capacity_exceeded` (`498`). OpenAI documents the
+/// status and the words, not the body: the body here has OpenAI's error shape with
+/// `resource_unavailable` as its type and code.
+pub fn flex_unavailable_body(status: u16) -> Vec<u8> {
+    let value = if status == 498 {
+        serde_json::json!({"error": {
+            "message": "mock-provider: flex tier capacity exceeded, retry later",
+            "type": "capacity_exceeded", "code": "capacity_exceeded",
+        }})
+    } else {
+        serde_json::json!({"error": {
+            "message": "mock-provider: Resource unavailable: the flex tier has no capacity now, retry later",
+            "type": "resource_unavailable", "param": null, "code": "resource_unavailable",
+        }})
+    };
+    render(&value)
+}
+
 /// How much of the prompt the canned reply quotes.
 const QUOTE_CHARS: usize = 40;
 /// Dimension of the fake embeddings.

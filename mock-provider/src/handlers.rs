@@ -50,7 +50,12 @@ pub(crate) struct AppState {
     /// The Gemini knobs (the Gemini routes live in `crate::gemini`).
     pub(crate) gemini: crate::gemini::GeminiKnobs,
     litellm: Option<GatewayMode>,
-    batches: Arc<Batches>,
+    pub(crate) batches: Arc<Batches>,
+    /// `--flex-latency-ms` and `--flex-unavailable`.
+    flex_latency: Duration,
+    flex_unavailable: f64,
+    /// Flex requests seen so far: refusals are spread evenly over them.
+    flex_seen: AtomicU64,
 }
 
 impl AppState {
@@ -68,6 +73,9 @@ impl AppState {
             litellm: knobs.litellm,
             gemini: knobs.gemini.clone(),
             batches: Arc::new(Batches::new(&knobs.batch, knobs.seed)),
+            flex_latency: Duration::from_millis(knobs.flex_latency_ms),
+            flex_unavailable: knobs.flex_unavailable,
+            flex_seen: AtomicU64::new(0),
         }
     }
 }
@@ -266,6 +274,20 @@ async fn admitted(
         return hostile.answer(n);
     }
 
+    // The flex tier: slower, refused now and then for capacity, and says it was used.
+    let flex = api::requested_service_tier(body).is_some_and(|t| t == "flex");
+    let success = if flex {
+        if let Some(status) = flex_refusal(state) {
+            state.stats.record_flex(true);
+            return answer(state, endpoint, status, api::flex_unavailable_body(status), admission);
+        }
+        state.stats.record_flex(false);
+        tokio::time::sleep(state.flex_latency).await;
+        with_service_tier(success, "flex")
+    } else {
+        success
+    };
+
     let decision = state.faults.decide();
     if decision.fault == Fault::Hang {
         state.stats.record_hung();
@@ -318,6 +340,25 @@ fn add_rate_headers(response: &mut Response, admission: Option<&Admission>, endp
     if let Some(admission) = admission {
         admission.write_headers(response.headers_mut(), api::is_anthropic(endpoint));
     }
+}
+
+/// Whether this flex request is refused for capacity, and with which status: of every
+/// flex request, the `--flex-unavailable` share is, spread evenly (request `i` is refused
+/// when the running total of the share crosses a whole number there), alternately 429 and 498.
+fn flex_refusal(state: &AppState) -> Option<u16> {
+    let i = state.flex_seen.fetch_add(1, Relaxed);
+    let share = state.flex_unavailable;
+    let refusals_before = (i as f64 * share).floor();
+    let refusals_after = ((i + 1) as f64 * share).floor();
+    (refusals_after > refusals_before).then_some(if refusals_after as u64 % 2 == 1 { 429 } else { 498 })
+}
+
+/// An answer with `service_tier` set, as OpenAI echoes the tier that served a request.
+fn with_service_tier(bytes: Vec<u8>, tier: &str) -> Vec<u8> {
+    let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&bytes) else { return bytes };
+    let Some(object) = v.as_object_mut() else { return bytes };
+    object.insert("service_tier".into(), tier.into());
+    serde_json::to_vec(&v).unwrap_or(bytes)
 }
 
 /// An answer whose `model` has `suffix` appended (the dated name a provider answers with).

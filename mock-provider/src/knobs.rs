@@ -77,6 +77,16 @@ pub struct Knobs {
     #[arg(long, env = "MOCK_LITELLM", value_enum)]
     pub litellm: Option<crate::gateway::GatewayMode>,
 
+    /// Extra delay, in milliseconds, before answering a request that asks for the flex tier
+    /// (`"service_tier": "flex"`): flex is slower than the ordinary path.
+    #[arg(long, env = "MOCK_FLEX_LATENCY_MS", default_value_t = 0)]
+    pub flex_latency_ms: u64,
+
+    /// Fraction of flex requests refused for capacity, spread evenly and alternating
+    /// OpenAI's 429 "resource unavailable" and Groq's 498 `capacity_exceeded`.
+    #[arg(long, env = "MOCK_FLEX_UNAVAILABLE", default_value_t = 0.0, value_parser = parse_rate)]
+    pub flex_unavailable: f64,
+
     /// Seed of the random generator behind every fault and jitter decision.
     #[arg(long, env = "MOCK_SEED", default_value_t = 42)]
     pub seed: u64,
@@ -110,6 +120,8 @@ impl Default for Knobs {
             forbidden_models: Vec::new(),
             answer_model_suffix: String::new(),
             litellm: None,
+            flex_latency_ms: 0,
+            flex_unavailable: 0.0,
             seed: 42,
             batch: crate::batches::BatchKnobs::default(),
             gemini: crate::gemini::GeminiKnobs::default(),
@@ -207,6 +219,9 @@ mod tests {
         assert!(Cli::try_parse_from(["mock", "--hang-rate", "NaN"]).is_err());
         assert!(Cli::try_parse_from(["mock", "--rpm", "0"]).is_err());
         assert!(Cli::try_parse_from(["mock", "--litellm", "loud"]).is_err());
+        assert!(Cli::try_parse_from(["mock", "--flex-unavailable", "1.2"]).is_err());
+        let k = Cli::try_parse_from(["mock", "--flex-latency-ms", "300", "--flex-unavailable", "0.2"]).unwrap().knobs;
+        assert_eq!((k.flex_latency_ms, k.flex_unavailable), (300, 0.2));
     }
 
     #[test]

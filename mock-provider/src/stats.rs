@@ -34,6 +34,8 @@ pub struct Stats {
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
     cached_input_tokens: AtomicU64,
+    flex_requests: AtomicU64,
+    flex_refused: AtomicU64,
 }
 
 /// The JSON document served by `GET /stats`.
@@ -81,6 +83,19 @@ pub struct StatsSnapshot {
     /// `output_tokens`): what a client summing usage must find.
     #[serde(default)]
     pub usage: UsageTotals,
+    /// The flex tier: requests that asked for it (`service_tier: "flex"`), and those refused
+    /// for capacity (`--flex-unavailable`).
+    #[serde(default)]
+    pub flex: FlexTotals,
+}
+
+/// Requests on the flex tier.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlexTotals {
+    /// Valid requests whose body asked for `service_tier: "flex"`.
+    pub requests: u64,
+    /// Of those, the ones answered 429 "resource unavailable" or 498 `capacity_exceeded`.
+    pub refused: u64,
 }
 
 /// Token totals of the answers sent.
@@ -113,6 +128,8 @@ impl Default for Stats {
             input_tokens: AtomicU64::new(0),
             output_tokens: AtomicU64::new(0),
             cached_input_tokens: AtomicU64::new(0),
+            flex_requests: AtomicU64::new(0),
+            flex_refused: AtomicU64::new(0),
         }
     }
 }
@@ -171,6 +188,14 @@ impl Stats {
         self.output_tokens.fetch_add(output_tokens, Relaxed);
     }
 
+    /// Counts a valid request for the flex tier, and whether it was refused for capacity.
+    pub fn record_flex(&self, refused: bool) {
+        self.flex_requests.fetch_add(1, Relaxed);
+        if refused {
+            self.flex_refused.fetch_add(1, Relaxed);
+        }
+    }
+
     /// Counts a request that will never be answered.
     pub fn record_hung(&self) {
         self.hung.fetch_add(1, Relaxed);
@@ -219,7 +244,14 @@ impl Stats {
         self.hung.store(0, Relaxed);
         self.garbage.store(0, Relaxed);
         self.stolen.store(0, Relaxed);
-        for counter in [&self.tokens_admitted, &self.tpm_refused, &self.unauthorized, &self.models_listed] {
+        for counter in [
+            &self.tokens_admitted,
+            &self.tpm_refused,
+            &self.unauthorized,
+            &self.models_listed,
+            &self.flex_requests,
+            &self.flex_refused,
+        ] {
             counter.store(0, Relaxed);
         }
         self.input_tokens.store(0, Relaxed);
@@ -271,6 +303,7 @@ impl Stats {
                 output_tokens: self.output_tokens.load(Relaxed),
                 cached_input_tokens: self.cached_input_tokens.load(Relaxed),
             },
+            flex: FlexTotals { requests: self.flex_requests.load(Relaxed), refused: self.flex_refused.load(Relaxed) },
         }
     }
 }
@@ -339,6 +372,7 @@ mod tests {
                 "unauthorized": 0,
                 "models_listed": 0,
                 "usage": {"input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0},
+                "flex": {"requests": 0, "refused": 0},
             })
         );
     }

@@ -314,6 +314,7 @@ async fn garbage_and_mixed_stats_and_reset() {
             "batches",
             "by_path",
             "by_status",
+            "flex",
             "garbage",
             "hung",
             "in_flight",

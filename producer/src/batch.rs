@@ -1,4 +1,4 @@
-//! `submit --mode online|batch|auto`: which execution mode a job gets, and, for batch mode,
+//! `submit --mode online|batch|flex|auto`: which execution mode a job gets, and, for batch mode,
 //! where its items go (the job's batch items stream, grouped by endpoint) and how it is cut
 //! into chunks (one [`ChunkTask`] per slice of an endpoint's group within the provider's
 //! batch limits, published to the provider's chunk queue once every item is confirmed on
@@ -20,7 +20,11 @@ pub enum ModeArg {
     Online,
     /// Through the provider's batch API (half price, done within 24 h).
     Batch,
-    /// Batch when the provider has a batch API and the job's deadline allows 24 h.
+    /// One call per request on the provider's flex tier (`service_tier: "flex"`: batch
+    /// price, slower answers); openai-kind providers only.
+    Flex,
+    /// Batch when the provider has a batch API and the job's deadline allows 24 h (never
+    /// flex).
     Auto,
 }
 
@@ -33,11 +37,14 @@ pub enum FallbackArg {
 
 /// The mode of a job: `auto` becomes `batch` when the provider has a batch API
 /// (`providers.<name>.batch`) and the deadline (none, or seconds from now) is at least the
-/// provider's completion window.
+/// provider's completion window. `auto` never picks flex: an openai-kind provider may be a
+/// server or gateway without a flex tier (answering 400 to every flex request), so flex is
+/// only ever asked for by name.
 pub fn resolve(mode: ModeArg, provider: &ProviderConfig, deadline_s: Option<u64>) -> JobMode {
     match mode {
         ModeArg::Online => JobMode::Online,
         ModeArg::Batch => JobMode::Batch,
+        ModeArg::Flex => JobMode::Flex,
         ModeArg::Auto if provider.batch && deadline_s.is_none_or(|d| d >= BATCH_COMPLETION_WINDOW_S) => JobMode::Batch,
         ModeArg::Auto => JobMode::Online,
     }
@@ -70,7 +77,8 @@ pub fn destination(topology: &Topology, mode: JobMode, job_id: &str) -> (String,
     match mode {
         // The job's own items queue (routing key = job id), which workers consume side by
         // side with the provider's other jobs.
-        JobMode::Online => (topology.jobs_exchange(), job_id.to_string()),
+        // Flex items go the same way, each marked to be called on the flex tier.
+        JobMode::Online | JobMode::Flex => (topology.jobs_exchange(), job_id.to_string()),
         // The default exchange routes by queue name.
         JobMode::Batch => (String::new(), topology.batch_items_stream(job_id)),
     }
@@ -152,6 +160,8 @@ mod tests {
         assert_eq!(resolve(ModeArg::Auto, &p, Some(86_400)), JobMode::Batch);
         assert_eq!(resolve(ModeArg::Auto, &p, Some(3_600)), JobMode::Online, "deadline shorter than 24 h");
         assert_eq!(resolve(ModeArg::Online, &p, None), JobMode::Online);
+        assert_eq!(resolve(ModeArg::Flex, &p, None), JobMode::Flex);
+        assert_ne!(resolve(ModeArg::Auto, &p, Some(7_200)), JobMode::Flex, "auto never picks flex");
         assert!(auto_reason("p", &p, Some(3_600)).starts_with("online: the deadline"));
         let day_from_now = fleet::now_ms() + BATCH_COMPLETION_WINDOW_S * 1000;
         assert_eq!(resolve(ModeArg::Auto, &p, seconds_left(Some(day_from_now - 5))), JobMode::Batch, "rounded up");

@@ -100,6 +100,10 @@ pub fn dry_run(cfg: &fleet::Config, req: &SubmitRequest<'_>) -> anyhow::Result<D
     if mode == JobMode::Batch && !provider.batch {
         return Err(InputError::NoBatchApi { name: req.provider.to_string() }.into());
     }
+    if mode == JobMode::Flex && !provider.kind.has_flex_tier() {
+        let (name, kind) = (req.provider.to_string(), provider.kind.name());
+        return Err(InputError::NoFlexTier { name, kind }.into());
+    }
     let mode_reason = (req.mode == ModeArg::Auto).then(|| batch::auto_reason(req.provider, provider, deadline_s));
     let groups = batch::lay_out(req.file, &rules, provider)?;
     let models = tally_models(req, &rules, provider, mode)?;
@@ -165,6 +169,7 @@ fn tally_models(
                 input_tokens: m.input_tokens,
                 output_tokens: m.max_output_tokens,
                 batch: mode == JobMode::Batch,
+                flex: mode == JobMode::Flex,
                 ..Usage::default()
             };
             m.priced_as = Some(name.to_string());
@@ -179,6 +184,7 @@ impl std::fmt::Display for DryRun {
         let mode = match self.mode {
             JobMode::Online => "online",
             JobMode::Batch => "batch",
+            JobMode::Flex => "flex",
         };
         writeln!(f, "dry run: nothing was published")?;
         writeln!(f, "{} requests for provider {}, mode {mode}", self.total, self.provider)?;
@@ -260,6 +266,7 @@ mod tests {
             fallback_online: false,
             priority: 1,
             max_cost: None,
+            webhook_url: None,
         };
         let d = dry_run(&cfg, &req).unwrap();
         assert_eq!(d.mode, JobMode::Batch);

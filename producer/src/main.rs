@@ -92,8 +92,9 @@ struct SubmitArgs {
     #[arg(long, value_parser = job_id)]
     resume: Option<String>,
     /// How the requests run: `online` (one call each), `batch` (the provider's batch
-    /// API: half price, within 24 h) or `auto` (batch when the provider has one and the
-    /// deadline allows 24 h).
+    /// API: half price, within 24 h), `flex` (one call each on the provider's flex tier:
+    /// batch price, slower; openai-kind providers) or `auto` (batch when the provider has
+    /// one and the deadline allows 24 h, else online; never flex).
     #[arg(long, value_enum, default_value = "online")]
     mode: ModeArg,
     /// `online`: requests a provider batch lets expire are re-run online while the
@@ -109,6 +110,10 @@ struct SubmitArgs {
     /// it, its remaining items end `cancelled` (reason `budget`).
     #[arg(long, value_parser = max_cost)]
     max_cost: Option<f64>,
+    /// http(s) URL POSTed a signed event (`batch.completed`, `batch.failed`, ...) when the
+    /// job ends (default: `webhooks.default_url`; see README "Completion webhooks").
+    #[arg(long, value_name = "URL")]
+    webhook: Option<String>,
     /// Validate the file and show what would be submitted (lines per endpoint, the chunks
     /// batch mode would cut, estimated tokens and cost from the price table); publish
     /// nothing.
@@ -290,6 +295,7 @@ async fn submit(cfg: &fleet::Config, args: SubmitArgs, progress: bool) -> anyhow
         fallback_online: args.fallback == Some(FallbackArg::Online),
         priority: args.priority,
         max_cost: args.max_cost,
+        webhook_url: args.webhook.as_deref().or(Some(cfg.webhooks.default_url.as_str()).filter(|u| !u.is_empty())),
     };
     if args.dry_run {
         let plan = producer::dry_run::dry_run(cfg, &req)?;
@@ -349,6 +355,7 @@ async fn retry(cfg: &fleet::Config, args: RetryArgs, progress: bool) -> anyhow::
         fallback_online: false,
         priority: fleet::wire::DEFAULT_PRIORITY,
         max_cost: producer::spend::retry_cap(cfg, &args.job, args.max_cost).await,
+        webhook_url: Some(cfg.webhooks.default_url.as_str()).filter(|u| !u.is_empty()),
     };
     let new = submit::submit(cfg, &req).await?;
     report::retried(&new, &plan, &args.job, args.json);

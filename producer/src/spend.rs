@@ -181,7 +181,13 @@ mod tests {
     use std::io::Write;
 
     fn provider(models: &[&str]) -> ProviderConfig {
-        let price = Price { input_per_mtok: 1.0, output_per_mtok: 1.0, cached_input_per_mtok: None, batch_factor: 0.5 };
+        let price = Price {
+            input_per_mtok: 1.0,
+            output_per_mtok: 1.0,
+            cached_input_per_mtok: None,
+            batch_factor: 0.5,
+            flex_factor: None,
+        };
         let mut p = ProviderConfig::new(fleet::config::ProviderKind::Openai, "http://127.0.0.1:1");
         p.prices = models.iter().map(|m| (m.to_string(), price.clone())).collect();
         p

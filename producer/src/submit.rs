@@ -61,6 +61,9 @@ pub struct SubmitRequest<'a> {
     pub priority: u32,
     /// Spend cap: reached, the tracker cancels the job (reason `budget`).
     pub max_cost: Option<f64>,
+    /// Completion webhook (`--webhook`, or `webhooks.default_url`): an http(s) URL told
+    /// when the job ends.
+    pub webhook_url: Option<&'a str>,
 }
 
 /// A submitted job.
@@ -89,10 +92,17 @@ pub enum InputError {
     #[error("provider {name:?} has no batch API configured (set providers.{name}.batch = true, or use --mode online)")]
     NoBatchApi { name: String },
     #[error(
+        "provider {name:?} is of kind {kind}, which has no flex tier: --mode flex needs an openai-kind provider \
+         (OpenAI, Azure OpenAI, Groq); use --mode online or batch"
+    )]
+    NoFlexTier { name: String, kind: &'static str },
+    #[error(
         "the interrupted submission of job {job} was started by an earlier version, which published a file of \
          several endpoints in another order; delete {record} and submit the file again as a new job"
     )]
     EarlierLayout { job: String, record: String },
+    #[error("--webhook: {0}")]
+    Webhook(String),
 }
 
 /// A submission stopped by SIGINT or SIGTERM before it completed. Its record holds every
@@ -136,6 +146,9 @@ pub async fn submit_until(
         name: req.provider.to_string(),
         known: cfg.providers.keys().cloned().collect::<Vec<_>>().join(", "),
     })?;
+    if let Some(url) = req.webhook_url {
+        fleet::webhooks::check_url(url).map_err(InputError::Webhook)?;
+    }
     let rules = Rules { kind: provider.kind, max_body_bytes: cfg.producer.max_body_bytes };
     let total = validate::validate_file(req.file, &rules).map_err(InputError::from)?;
     if total > fleet::wire::MAX_JOB_ITEMS {
@@ -152,6 +165,10 @@ pub async fn submit_until(
     let mode = batch::resolve(req.mode, provider, deadline_s);
     if mode == JobMode::Batch && !provider.batch {
         return Err(InputError::NoBatchApi { name: req.provider.to_string() }.into());
+    }
+    if mode == JobMode::Flex && !provider.kind.has_flex_tier() {
+        let (name, kind) = (req.provider.to_string(), provider.kind.name());
+        return Err(InputError::NoFlexTier { name, kind }.into());
     }
     // A resumed submission may have published chunk messages already (see `ChunkPlan`).
     let resumed = resume::load(req.file)?.is_some();
@@ -395,6 +412,7 @@ impl Job {
                 // by the tracker if that never comes (see `producer.submit_timeout_s`).
                 submitting: true,
                 max_cost: req.max_cost,
+                webhook_url: req.webhook_url.map(str::to_string),
             };
             let event = serde_json::to_vec(&event).map_err(|e| Interrupted::Fatal(e.into()))?;
             amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &event, amqp::persistent_json())
@@ -466,6 +484,7 @@ impl Job {
                     submitted_at_ms: self.submitted_at_ms,
                     deadline_ms: req.deadline_ms,
                     first_delay_ms: None,
+                    flex: self.mode == JobMode::Flex,
                 };
                 payload.clear();
                 serde_json::to_writer(&mut payload, &item).map_err(|e| fatal(e.into()))?;

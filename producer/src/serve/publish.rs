@@ -43,6 +43,7 @@ pub async fn publish(store: &Store, rules: &LineRules, plan: &JobPlan<'_>) -> Re
         deadline_ms: plan.deadline_ms,
         submitting: true,
         max_cost: None,
+        webhook_url: None,
     };
     amqp::publish_confirmed(&ch, "", &t.ledger_queue(), &to_json(&submitted)?, amqp::persistent_json()).await?;
     let opened = ControlMessage::JobOpened {
@@ -73,6 +74,7 @@ pub async fn publish(store: &Store, rules: &LineRules, plan: &JobPlan<'_>) -> Re
                 submitted_at_ms: plan.submitted_at_ms,
                 deadline_ms: plan.deadline_ms,
                 first_delay_ms: None,
+                flex: false,
             };
             index += 1;
             payload.clear();

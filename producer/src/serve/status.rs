@@ -171,6 +171,7 @@ mod tests {
             progress: None,
             usage: None,
             dead_lettered: 0,
+            webhook: None,
         }
     }
 

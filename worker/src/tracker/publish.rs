@@ -20,7 +20,7 @@ impl Active<'_> {
                 self.metrics.items.with_label_values(&[provider, status.as_str()]);
             }
             self.metrics.jobs_submitted.with_label_values(&[provider]);
-            for mode in [state::AnswerMode::Online, state::AnswerMode::Batch] {
+            for mode in [state::AnswerMode::Online, state::AnswerMode::Batch, state::AnswerMode::Flex] {
                 self.metrics.answers.with_label_values(&[provider, mode.as_str()]);
             }
             self.metrics.jobs_in_progress.with_label_values(&[provider]);

@@ -92,6 +92,12 @@ pub struct JobState {
     /// Tokens and cost of the job's first results.
     #[serde(default)]
     pub usage: JobUsage,
+    /// Completion webhook URL (checked when folded), told when the job ends.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+    /// How the job's webhook delivery fares (from the senders' `webhook_attempt` events).
+    #[serde(default)]
+    pub webhook: Option<fleet::webhooks::WebhookStatus>,
 }
 
 impl JobState {
@@ -116,6 +122,7 @@ impl JobState {
             submitted_at_ms: self.submitted_at_ms,
             finished_at_ms: self.finished_at_ms,
             dead_lettered: self.dead_lettered,
+            webhook: self.webhook.clone(),
         }
     }
 
@@ -141,6 +148,8 @@ impl JobState {
 pub struct Ended {
     pub summary: JobSummary,
     pub duration_s: f64,
+    /// The job's completion webhook, told by the tracker.
+    pub webhook_url: Option<String>,
 }
 
 /// Everything the tracker checkpoints.
@@ -222,16 +231,18 @@ pub enum AnswerMode {
     Online,
     /// Out of a provider batch ([`Usage::batch`]).
     Batch,
+    /// A call of its own on the provider's flex tier ([`Usage::flex`], `--mode flex`).
+    Flex,
 }
 
 impl AnswerMode {
     /// The mode of an answer with this usage (an answer that reports none was a call of
     /// its own: batch outputs are read with their usage).
     pub fn of(usage: Option<&Usage>) -> AnswerMode {
-        if usage.is_some_and(|u| u.batch) {
-            AnswerMode::Batch
-        } else {
-            AnswerMode::Online
+        match usage {
+            Some(u) if u.batch => AnswerMode::Batch,
+            Some(u) if u.flex => AnswerMode::Flex,
+            _ => AnswerMode::Online,
         }
     }
 
@@ -240,6 +251,7 @@ impl AnswerMode {
         match self {
             AnswerMode::Online => "online",
             AnswerMode::Batch => "batch",
+            AnswerMode::Flex => "flex",
         }
     }
 }
@@ -334,6 +346,8 @@ impl State {
             reason: None,
             max_cost: None,
             usage: JobUsage::default(),
+            webhook_url: None,
+            webhook: None,
         })
     }
 
@@ -348,6 +362,7 @@ impl State {
                 deadline_ms,
                 submitting,
                 max_cost,
+                webhook_url,
             } => {
                 if self.jobs.get(job_id).is_some_and(|j| j.total.is_none()) {
                     let n = self.unsubmitted();
@@ -367,6 +382,14 @@ impl State {
                 job.submitted_at_ms = *submitted_at_ms;
                 job.deadline_ms = *deadline_ms;
                 job.max_cost = max_cost.filter(|c| c.is_finite() && *c >= 0.0);
+                // Checked again here: the ledger is written by producers, not by the fleet.
+                job.webhook_url = webhook_url.clone().filter(|u| fleet::webhooks::check_url(u).is_ok());
+                job.webhook = job.webhook_url.as_deref().map(|url| fleet::webhooks::WebhookStatus {
+                    host: fleet::webhooks::url_host(url),
+                    state: fleet::webhooks::DeliveryState::Pending,
+                    attempts: 0,
+                    last_error: None,
+                });
                 let provider = provider.clone();
                 *self.jobs_total.entry(provider_key(&provider, "submitted")).or_default() += 1;
                 job_id
@@ -389,6 +412,19 @@ impl State {
                 let job = self.jobs.get_mut(job_id)?;
                 job.cancel_requested = true;
                 job_id
+            }
+            LedgerEvent::WebhookAttempt { job_id, state, attempts, error } => {
+                // Only a job with a webhook, and never back from an end state (a sender's
+                // late duplicate after another's success changes nothing).
+                let status = self.jobs.get_mut(job_id)?.webhook.as_mut()?;
+                let ended =
+                    |s| matches!(s, fleet::webhooks::DeliveryState::Delivered | fleet::webhooks::DeliveryState::Failed);
+                if !ended(status.state) {
+                    status.state = *state;
+                    status.attempts = status.attempts.max(*attempts);
+                    status.last_error = error.as_deref().map(bounded);
+                }
+                return None;
             }
         };
         self.maybe_end(job_id, now_ms)
@@ -452,11 +488,12 @@ impl State {
         job.finished_at_ms = Some(now_ms);
         job.done = Bitmap::default();
         let summary = job.summary(now_ms);
+        let webhook_url = job.webhook_url.clone();
         let duration_s = now_ms.saturating_sub(job.submitted_at_ms) as f64 / 1000.0;
         let key = provider_key(&job.provider, status.as_str());
         *self.jobs_total.entry(key.clone()).or_default() += 1;
         self.durations.entry(key).or_default().push(duration_s);
-        Ended { summary, duration_s }
+        Ended { summary, duration_s, webhook_url }
     }
 
     /// Counts one answer's usage for its job and the provider's totals, and notes the job
@@ -590,6 +627,7 @@ mod tests {
             deadline_ms: None,
             submitting: false,
             max_cost: None,
+            webhook_url: None,
         }
     }
 
@@ -715,7 +753,13 @@ mod tests {
     #[test]
     fn usage_is_summed_once_per_item_and_a_cap_cancels_the_job_once() {
         let mut s = State::default();
-        let price = Price { input_per_mtok: 1e6, output_per_mtok: 2e6, cached_input_per_mtok: None, batch_factor: 0.5 };
+        let price = Price {
+            input_per_mtok: 1e6,
+            output_per_mtok: 2e6,
+            cached_input_per_mtok: None,
+            batch_factor: 0.5,
+            flex_factor: None,
+        };
         s.prices.insert("p".into(), BTreeMap::from([("m".to_string(), price)]));
         let mut ev = submitted("j", 4);
         if let LedgerEvent::JobSubmitted { max_cost, .. } = &mut ev {
@@ -723,7 +767,14 @@ mod tests {
         }
         s.apply(&ev, 1);
         let used_in = |index, model: &str, batch: bool| -> Vec<ItemResult> {
-            let usage = Usage { model: model.into(), input_tokens: 2, cached_input_tokens: 0, output_tokens: 1, batch };
+            let usage = Usage {
+                model: model.into(),
+                input_tokens: 2,
+                cached_input_tokens: 0,
+                output_tokens: 1,
+                batch,
+                flex: false,
+            };
             let [r] = <[ItemResult; 1]>::try_from(finished("j", &[(index, ItemStatus::Succeeded)])).unwrap();
             vec![ItemResult { usage: Some(usage), ..r }]
         };
@@ -771,7 +822,13 @@ mod tests {
     #[test]
     fn dated_answers_are_priced_by_their_undated_entry_and_fire_the_cap() {
         let mut s = State::default();
-        let price = Price { input_per_mtok: 1e6, output_per_mtok: 2e6, cached_input_per_mtok: None, batch_factor: 0.5 };
+        let price = Price {
+            input_per_mtok: 1e6,
+            output_per_mtok: 2e6,
+            cached_input_per_mtok: None,
+            batch_factor: 0.5,
+            flex_factor: None,
+        };
         s.prices.insert("p".into(), BTreeMap::from([("m".to_string(), price)]));
         let mut ev = submitted("j", 3);
         if let LedgerEvent::JobSubmitted { max_cost, .. } = &mut ev {

@@ -36,19 +36,34 @@ const POLL: Duration = Duration::from_millis(250);
 /// Longest a benchmark job may take.
 const JOB_TIMEOUT: Duration = Duration::from_secs(1800);
 
-/// The same `lines`-line file through the API and through the CLI: one row.
-pub async fn versus_cli(stack: &Stack, lines: u64) -> anyhow::Result<Row> {
+/// What one api row measures.
+#[derive(Debug, Clone, Copy)]
+pub enum Variant {
+    /// The same file of this many lines through the API and through the CLI.
+    VersusCli(u64),
+    /// A file of about this many MiB through the API alone.
+    LargeUpload(u64),
+}
+
+/// One row of the api scenario on a fleet of its own (2 workers, a zero-latency mock).
+pub async fn run(stack: &Stack, variant: Variant) -> anyhow::Result<Row> {
     let mock = Mock::try_start(0, &[])?;
     let mut fleet = FleetRun::new(stack, "api", &mock.url, IN_FLIGHT)?;
-    let res = drive_versus(&mut fleet, lines).await;
+    let res = async {
+        fleet.start_workers(WORKERS)?;
+        fleet.wait_for_consumers(Duration::from_secs(60)).await?;
+        match variant {
+            Variant::VersusCli(lines) => drive_versus(&mut fleet, lines).await,
+            Variant::LargeUpload(mib) => drive_large(&mut fleet, mib).await,
+        }
+    }
+    .await;
     fleet.cleanup().await;
     let _ = procs::stop_mock(mock).await;
     res
 }
 
 async fn drive_versus(fleet: &mut FleetRun<'_>, lines: u64) -> anyhow::Result<Row> {
-    fleet.start_workers(WORKERS)?;
-    fleet.wait_for_consumers(Duration::from_secs(60)).await?;
     let input = fleet.dir.join("input.jsonl");
     workload::write_requests(&input, lines)?;
 
@@ -69,43 +84,21 @@ async fn drive_versus(fleet: &mut FleetRun<'_>, lines: u64) -> anyhow::Result<Ro
     anyhow::ensure!(api.output_lines == lines, "the API's output has {} of {lines} lines", api.output_lines);
     let rss = usage?.peak_rss_mib();
     let ratio = api.wall_s / cli_s;
-    Ok(Row {
-        scenario: format!("api vs submit+wait ({} lines)", thousands(lines)),
-        items: lines,
-        wall_s: api.wall_s,
-        items_per_s: lines as f64 / api.wall_s,
-        worker_cpu_s_per_1k: None,
-        worker_peak_rss_mib: None,
-        broker_cpu_us_per_item: None,
-        worker_cpu_us_per_item: None,
-        broker_bytes_per_item: None,
-        figure: format!(
-            "API {:.1} s vs CLI {cli_s:.1} s = {ratio:.2}x (target <= {MAX_RATIO}x); server peak RSS {rss:.0} MiB",
-            api.wall_s
-        ),
-        targets_met: Some(ratio <= MAX_RATIO),
-        details: Default::default(),
-    }
-    .detail("cli_wall_s", round2(cli_s))
-    .detail("api_upload_s", round2(api.upload_s))
-    .detail("api_download_s", round2(api.download_s))
-    .detail("server_peak_rss_mib", round2(rss)))
+    let figure = format!(
+        "API {:.1} s vs CLI {cli_s:.1} s = {ratio:.2}x (target <= {MAX_RATIO}x); server peak RSS {rss:.0} MiB",
+        api.wall_s
+    );
+    Ok(api
+        .row(format!("api vs submit+wait ({} lines)", thousands(lines)), lines, figure, ratio <= MAX_RATIO)
+        .detail("cli_wall_s", round2(cli_s))
+        .detail("api_upload_s", round2(api.upload_s))
+        .detail("api_download_s", round2(api.download_s))
+        .detail("server_peak_rss_mib", round2(rss)))
 }
 
 /// A file of about `mib` MiB through the API alone: the server's peak RSS while it takes
 /// the upload, the job runs and the output is downloaded.
-pub async fn large_upload(stack: &Stack, mib: u64) -> anyhow::Result<Row> {
-    let mock = Mock::try_start(0, &[])?;
-    let mut fleet = FleetRun::new(stack, "api-large", &mock.url, IN_FLIGHT)?;
-    let res = drive_large(&mut fleet, mib).await;
-    fleet.cleanup().await;
-    let _ = procs::stop_mock(mock).await;
-    res
-}
-
 async fn drive_large(fleet: &mut FleetRun<'_>, mib: u64) -> anyhow::Result<Row> {
-    fleet.start_workers(WORKERS)?;
-    fleet.wait_for_consumers(Duration::from_secs(60)).await?;
     let input = fleet.dir.join("large.jsonl");
     let lines = workload::write_padded_requests(&input, mib << 20)?;
     let bytes = std::fs::metadata(&input)?.len();
@@ -117,27 +110,16 @@ async fn drive_large(fleet: &mut FleetRun<'_>, mib: u64) -> anyhow::Result<Row> 
     anyhow::ensure!(api.output_lines == lines, "the output has {} of {lines} lines", api.output_lines);
     let rss = usage?.peak_rss_mib();
     let mb = bytes as f64 / 1e6;
-    Ok(Row {
-        scenario: format!("api {mb:.0} MB upload + download"),
-        items: lines,
-        wall_s: api.wall_s,
-        items_per_s: lines as f64 / api.wall_s,
-        worker_cpu_s_per_1k: None,
-        worker_peak_rss_mib: None,
-        broker_cpu_us_per_item: None,
-        worker_cpu_us_per_item: None,
-        broker_bytes_per_item: None,
-        figure: format!(
-            "server peak RSS {rss:.0} MiB (target < {MAX_SERVER_RSS_MIB:.0}); upload {:.1} s, download {:.1} s",
-            api.upload_s, api.download_s
-        ),
-        targets_met: Some(rss < MAX_SERVER_RSS_MIB),
-        details: Default::default(),
-    }
-    .detail("input_bytes", bytes)
-    .detail("server_peak_rss_mib", round2(rss))
-    .detail("api_upload_s", round2(api.upload_s))
-    .detail("api_download_s", round2(api.download_s)))
+    let figure = format!(
+        "server peak RSS {rss:.0} MiB (target < {MAX_SERVER_RSS_MIB:.0}); upload {:.1} s, download {:.1} s",
+        api.upload_s, api.download_s
+    );
+    Ok(api
+        .row(format!("api {mb:.0} MB upload + download"), lines, figure, rss < MAX_SERVER_RSS_MIB)
+        .detail("input_bytes", bytes)
+        .detail("server_peak_rss_mib", round2(rss))
+        .detail("api_upload_s", round2(api.upload_s))
+        .detail("api_download_s", round2(api.download_s)))
 }
 
 /// What one batch through the API took.
@@ -146,6 +128,26 @@ struct ApiRun {
     upload_s: f64,
     download_s: f64,
     output_lines: u64,
+}
+
+impl ApiRun {
+    /// The row of this run: `items` over its wall time.
+    fn row(&self, scenario: String, items: u64, figure: String, met: bool) -> Row {
+        Row {
+            scenario,
+            items,
+            wall_s: self.wall_s,
+            items_per_s: items as f64 / self.wall_s,
+            worker_cpu_s_per_1k: None,
+            worker_peak_rss_mib: None,
+            broker_cpu_us_per_item: None,
+            worker_cpu_us_per_item: None,
+            broker_bytes_per_item: None,
+            figure,
+            targets_met: Some(met),
+            details: Default::default(),
+        }
+    }
 }
 
 /// One `producer serve` of the fleet.

@@ -200,10 +200,13 @@ async fn run_plan(stack: &Stack, settings: &Settings, plan: &[Scenario], rows: &
                 Scenario::Tpm => scenarios::tpm(stack, settings).await,
                 Scenario::Submit => scenarios::submit(stack, settings).await,
                 Scenario::Fairness => scenarios::fairness(stack, settings).await,
-                Scenario::Api => match settings.api_lines.get(workers) {
-                    Some(&lines) => api::versus_cli(stack, lines).await,
-                    None => api::large_upload(stack, settings.api_upload_mib).await,
-                },
+                Scenario::Api => {
+                    let variant = match settings.api_lines.get(workers) {
+                        Some(&lines) => api::Variant::VersusCli(lines),
+                        None => api::Variant::LargeUpload(settings.api_upload_mib),
+                    };
+                    api::run(stack, variant).await
+                }
                 Scenario::Probes => unreachable!("probes run above"),
             };
             let row = res.unwrap_or_else(|e| Row::failed(&name, &e));

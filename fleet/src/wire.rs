@@ -859,8 +859,11 @@ impl JobUsage {
     /// One line for people: `1,234 in (12 cached) / 567 out tokens, cost 0.0123 (cap 1)`.
     pub fn describe(&self) -> String {
         let mut s = format!(
-            "{} in ({} cached) / {} out tokens, cost {:.4}",
-            self.input_tokens, self.cached_input_tokens, self.output_tokens, self.cost
+            "{} in ({} cached) / {} out tokens, cost {}",
+            self.input_tokens,
+            self.cached_input_tokens,
+            self.output_tokens,
+            money(self.cost)
         );
         if let Some(cap) = self.max_cost {
             s.push_str(&format!(" (cap {cap})")); // as given: 0.001 is not 0.00
@@ -870,6 +873,16 @@ impl JobUsage {
         }
         s
     }
+}
+
+/// An amount of money for people: 4 decimals, or 3 significant digits below 0.01, so a
+/// small job's cost does not show as `0.0000`.
+pub fn money(amount: f64) -> String {
+    if amount == 0.0 || !amount.is_finite() || amount.abs() >= 0.01 {
+        return format!("{amount:.4}");
+    }
+    let decimals = (2 - amount.abs().log10().floor() as i32).clamp(4, 12) as usize;
+    format!("{amount:.decimals$}")
 }
 
 /// Where the unfinished items of a job in progress are, as far as the tracker knows.
@@ -1048,6 +1061,16 @@ impl ControlMessage {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn small_costs_show_significant_digits_not_zeros() {
+        assert_eq!(super::money(0.0), "0.0000");
+        assert_eq!(super::money(1.5), "1.5000");
+        assert_eq!(super::money(0.0123), "0.0123");
+        assert_eq!(super::money(0.001), "0.00100");
+        assert_eq!(super::money(0.00001645), "0.0000165");
+        assert!(super::money(f64::NAN).contains("NaN"));
+    }
+
     use super::*;
 
     #[test]

@@ -89,7 +89,7 @@ pub fn compact(job: &JobSummary, stuck: Option<&str>, width: usize) -> String {
     }
     lines.push(rate);
     if let Some(u) = &job.usage {
-        let mut money = format!("cost {:.4}", u.cost);
+        let mut money = format!("cost {}", fleet::wire::money(u.cost));
         if let Some(cap) = u.max_cost {
             money.push_str(&format!(" of cap {cap}"));
         }

@@ -4,7 +4,7 @@
 # rustup installs into ~/.cargo/bin, which a fresh shell may not have on its PATH yet.
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: tools up down status build install demo test bench chaos cluster assets interop
+.PHONY: tools up down status build install demo test bench chaos cluster cluster-soak assets interop
 
 tools:
 	scripts/ensure-tools.sh
@@ -52,6 +52,13 @@ chaos: up
 # and the results queue's leader nodes are lost and restarted; stops the nodes at the end.
 cluster: up
 	scripts/cluster.sh run
+
+# The same cluster, 1,000,000 requests (ITEMS=n for another count) through a rolling
+# restart of every node, a node paused for 30 s and worker SIGKILLs every 5 s; prints one
+# table of faults, checks and costs (docs/scale.md). Not part of `make test`.
+cluster-soak: ITEMS ?= 1000000
+cluster-soak: up
+	scripts/cluster.sh soak $(ITEMS)
 
 # The fleet behind the LiteLLM proxy (installed from PyPI into .run/litellm-venv on first
 # use), with LiteLLM's mocked responses: see "Running behind LiteLLM" in the README.

@@ -12,6 +12,17 @@
 #   scripts/cluster.sh kill-node NODE  SIGKILL of the node's Erlang VM (a crash)
 #   scripts/cluster.sh start-node NODE start a stopped node again; it rejoins the cluster
 #   scripts/cluster.sh disk-bytes      bytes the live nodes wrote to disk since they started
+#   scripts/cluster.sh soak [ITEMS]    up, the soak (default 1,000,000 items, every fault), down
+#   scripts/cluster.sh roll-node NODE [QUEUE...]
+#                                      one step of a rolling restart: wait until no quorum
+#                                      queue would lose its quorum without NODE
+#                                      (`rabbitmq-upgrade await_online_quorum_plus_one`),
+#                                      stop it, start it, wait until its members of QUEUEs
+#                                      caught up; prints the seconds of each step
+#   scripts/cluster.sh pause-node NODE SECONDS
+#                                      SIGSTOP of the node's VM, SIGCONT after SECONDS: a
+#                                      silent node (connections stay open, nothing answers)
+#   scripts/cluster.sh busiest         the node with the most client connections
 #
 # The machine's own RabbitMQ (rabbit@<host>, 127.0.0.1:5672) is never touched: the nodes
 # have their own names, AMQP ports (5681-5683), distribution ports (25681-25683), config,
@@ -150,7 +161,11 @@ up() {
 }
 
 down() {
-    local i
+    local i pid
+    for i in 1 2 3; do
+        # A node paused by pause-node (the run ended during its pause) must run to stop.
+        pid=$(node_pid "$i") && kill -CONT "$pid" 2>/dev/null
+    done
     for i in 1 2 3; do
         stop_node "$i" &
     done
@@ -170,7 +185,9 @@ urls() {
 any_live() {
     local i
     for i in 1 2 3; do
-        node_pid "$i" >/dev/null && ctl "$i" status >/dev/null 2>&1 && { echo "$i"; return; }
+        # (A bound: a paused node's CLI call would wait for minutes.)
+        node_pid "$i" >/dev/null && timeout 10 env HOME="$DIR/home" "$RMQ_BIN/rabbitmqctl" -q \
+            -n "${NODES[$((i - 1))]}@localhost" status >/dev/null 2>&1 && { echo "$i"; return; }
     done
     die "no node of the cluster is running"
 }
@@ -210,6 +227,87 @@ run() {
         cargo run --quiet -p e2e --bin cluster -- "$items"
 }
 
+# Seconds since the epoch, with decimals.
+now() { date +%s.%N; }
+since() { python3 -c 'import sys; print(f"{float(sys.argv[2]) - float(sys.argv[1]):.1f}")' "$1" "$(now)"; }
+
+# One step of a rolling restart (see the header). The catch-up test: the node's member of
+# each QUEUE is a follower (or leader) again and has committed at least what the leader
+# had committed when the node came back, so it holds everything it missed while down.
+roll_node() {
+    local i=$1 node t0 t1 t2 q
+    shift
+    node="${NODES[$((i - 1))]}@localhost"
+    t0=$(now)
+    env HOME="$DIR/home" "$RMQ_BIN/rabbitmq-upgrade" -q -n "$node" await_online_quorum_plus_one -t 600 >/dev/null ||
+        die "await_online_quorum_plus_one on $node did not succeed within 600 s"
+    local waited down caught
+    waited=$(since "$t0")
+    stop_node "$i"
+    t1=$(now)
+    start_node "$i"
+    down=$(since "$t1")
+    t2=$(now)
+    local q target state raft mine leader
+    for q in "$@"; do
+        target=""
+        for _ in $(seq 600); do
+            state=$(quorum_member "$i" "$q") || { sleep 1; continue; }
+            # state: "<raft state> <node's commit index> <leader's commit index>"
+            read -r raft mine leader <<<"$state"
+            [[ -z $target ]] && target=$leader
+            if [[ $raft == follower || $raft == leader ]] && ((mine >= target)); then
+                break
+            fi
+            sleep 1
+        done
+        [[ -n $target ]] || die "no quorum status of $q from $node"
+    done
+    caught=$(since "$t2")
+    echo "waited_s=$waited down_s=$down catchup_s=$caught"
+}
+
+# "<raft state> <commit index of node I's member> <leader's commit index>" of quorum queue Q.
+quorum_member() {
+    local i=$1 q=$2 j
+    j=$(any_live) || return 1
+    env HOME="$DIR/home" "$RMQ_BIN/rabbitmq-queues" -q -n "${NODES[$((j - 1))]}@localhost" quorum_status "$q" \
+        --formatter json 2>/dev/null |
+        python3 -c '
+import json, sys
+node, rows = sys.argv[1], json.load(sys.stdin)
+me = next(r for r in rows if r["Node Name"] == node)
+lead = next(r for r in rows if r["Raft State"] == "leader")
+print(me["Raft State"], int(me["Commit Index"]), int(lead["Commit Index"]))' "${NODES[$((i - 1))]}@localhost"
+}
+
+pause_node() {
+    local i=$1 secs=$2 pid
+    pid=$(node_pid "$i") || die "${NODES[$((i - 1))]} is not running"
+    kill -STOP "$pid"
+    sleep "$secs"
+    kill -CONT "$pid"
+}
+
+# The node with the most client connections (where a fault hurts the clients most).
+busiest() {
+    local i port
+    i=$(any_live) || exit 1
+    # One line per connection of the cluster: the AMQP port it came in on, i.e. its node.
+    port=$(ctl "$i" list_connections port --no-table-headers | sort | uniq -c | sort -rn | awk 'NR == 1 {print $2}')
+    [[ -n $port ]] || die "no client connections"
+    echo "${NODES[$((port - AMQP_PORT_BASE - 1))]}@localhost"
+}
+
+soak() {
+    local items=${1:-1000000}
+    trap down EXIT
+    up
+    cargo build --quiet --bins
+    FLEET__AMQP__URLS=$(urls) CLUSTER_SCRIPT="$ROOT/scripts/cluster.sh" \
+        cargo run --quiet -p e2e --bin cluster -- soak "$items"
+}
+
 cmd=${1:-run}
 [[ $# -gt 0 ]] && shift
 case $cmd in
@@ -226,6 +324,14 @@ stop-node) stop_node "$(index "${1:?node}")" ;;
 kill-node) kill_node "$(index "${1:?node}")" ;;
 start-node) start_node "$(index "${1:?node}")" ;;
 disk-bytes) disk_bytes "$@" ;;
+soak) soak "$@" ;;
+roll-node)
+    n=$(index "${1:?node}")
+    shift
+    roll_node "$n" "$@"
+    ;;
+pause-node) pause_node "$(index "${1:?node}")" "${2:?seconds}" ;;
+busiest) busiest ;;
 [0-9]*) run "$cmd" ;;
-*) die "unknown command $cmd (run, up, down, status, urls, leader, stop-node, kill-node, start-node, disk-bytes)" ;;
+*) die "unknown command $cmd (run, soak, up, down, status, urls, leader, stop-node, kill-node, start-node, roll-node, pause-node, busiest, disk-bytes)" ;;
 esac

@@ -11,9 +11,18 @@
 //! On a cluster (`make cluster`, [`ClusterFaults`]) the broker faults are node losses
 //! instead: the node leading the items queue is stopped and restarted, later the node
 //! leading the job's results queue is killed (SIGKILL) and restarted.
+//!
+//! The soak (`make cluster-soak`, [`SoakFaults`]) replaces those with what a
+//! cluster's operators live through: a rolling restart of every node, one after another,
+//! each waiting until no quorum queue would lose its quorum without it and then until its
+//! members caught up; then the node with the most clients paused (SIGSTOP, SIGCONT 30 s
+//! later: a silent node, not a partition: its peers see it silent too). It also measures
+//! what the run cost: broker CPU and disk, the tracker's checkpoint, each process's peak RSS.
 
 use std::collections::HashMap;
+use std::io::{BufRead, Read, Seek};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::*;
@@ -42,17 +51,36 @@ pub struct ClusterFaults {
     pub script: PathBuf,
     /// How long a stopped node stays down before it is started again.
     pub down_for: Duration,
+    /// The soak's faults instead of the two leader losses: `Some` for `make cluster-soak`.
+    pub soak: Option<SoakFaults>,
+}
+
+/// The soak's node faults.
+#[derive(Debug, Clone)]
+pub struct SoakFaults {
+    /// Progress (output lines / requests) at which the rolling restart begins.
+    pub roll_at: f64,
+    /// Progress after which, once the rolling restart is over, a node is paused.
+    pub pause_at: f64,
+    /// How long the paused node stays silent (`None`: no pause).
+    pub pause_for: Option<Duration>,
 }
 
 impl ClusterFaults {
     fn script(&self, args: &[&str]) -> String {
+        self.try_script(args).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_script(&self, args: &[&str]) -> Result<String, String> {
         let out = std::process::Command::new(&self.script)
             .args(args)
             .stderr(std::process::Stdio::inherit())
             .output()
-            .expect("run scripts/cluster.sh");
-        assert!(out.status.success(), "cluster.sh {args:?} failed");
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+            .map_err(|e| format!("cannot run {}: {e}", self.script.display()))?;
+        if !out.status.success() {
+            return Err(format!("cluster.sh {args:?} failed"));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// The node leading a quorum queue (`fleet-c2@localhost`), if the queue exists.
@@ -129,6 +157,136 @@ impl NodeFaults {
     }
 }
 
+/// The soak's node faults, run one after another on a thread of their own while the main
+/// loop goes on killing workers and sampling: each appends a line with its times (seconds
+/// since the run started) and the job's progress when it began.
+struct SoakRunner {
+    /// Progress in thousandths, updated by the main loop.
+    progress: Arc<std::sync::atomic::AtomicU64>,
+    log: Arc<Mutex<Vec<String>>>,
+    /// Faults that could not be done, or began after the job had ended.
+    failed: Arc<Mutex<Vec<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SoakRunner {
+    fn start(c: &ClusterFaults, soak: &SoakFaults, queues: Vec<String>, started: Instant) -> SoakRunner {
+        let progress = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(Mutex::new(Vec::new()));
+        let (c, soak) = (c.clone(), soak.clone());
+        let (p, l, f) = (progress.clone(), log.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let at = |p: &std::sync::atomic::AtomicU64| p.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1000.0;
+            let wait_for = |goal: f64| {
+                while at(&p) < goal {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            };
+            let t = || started.elapsed().as_secs_f64();
+            let began = |what: &str| {
+                let progress = at(&p);
+                if progress >= 1.0 {
+                    f.lock().unwrap().push(format!("{what} began after the job had ended"));
+                }
+                format!("{what} at {:.0} % (t={:.0} s)", progress * 100.0, t())
+            };
+            wait_for(soak.roll_at);
+            for node in ["fleet-c1", "fleet-c2", "fleet-c3"] {
+                let what = began(&format!("rolling restart of {node}@localhost"));
+                let mut args = vec!["roll-node", node];
+                args.extend(queues.iter().map(String::as_str));
+                match c.try_script(&args) {
+                    Ok(times) => l.lock().unwrap().push(format!("{what}: {times} (end t={:.0} s)", t())),
+                    Err(e) => f.lock().unwrap().push(format!("{what}: {e}")),
+                }
+            }
+            if let Some(pause) = soak.pause_for {
+                wait_for(soak.pause_at);
+                match c.try_script(&["busiest"]) {
+                    Ok(node) if !node.is_empty() => {
+                        let what = began(&format!("{node} paused (SIGSTOP) for {} s", pause.as_secs()));
+                        match c.try_script(&["pause-node", &node, &pause.as_secs().to_string()]) {
+                            Ok(_) => l.lock().unwrap().push(format!("{what}, resumed (SIGCONT) at t={:.0} s", t())),
+                            Err(e) => f.lock().unwrap().push(format!("{what}: {e}")),
+                        }
+                    }
+                    other => f.lock().unwrap().push(format!("no node to pause: {other:?}")),
+                }
+            }
+        });
+        SoakRunner { progress, log, failed, thread: Some(thread) }
+    }
+
+    fn set_progress(&self, progress: f64) {
+        self.progress.store((progress * 1000.0) as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Lets the faults still planned run (the job ended: they are then reported as late),
+    /// and moves their log into the report.
+    fn finish(mut self, report: &mut Report) {
+        self.set_progress(1.0);
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                report.wrong_counts.push("the soak's fault thread panicked".into());
+            }
+        }
+        report.node_faults.extend(self.log.lock().unwrap().drain(..));
+        report.wrong_counts.extend(self.failed.lock().unwrap().drain(..));
+    }
+}
+
+/// Peak resident memory (`VmHWM`) of the run's processes, by name, sampled while they run
+/// (a process killed with SIGKILL keeps its last sample).
+#[derive(Default)]
+struct PeakRss {
+    kib: Vec<(String, u64)>,
+}
+
+impl PeakRss {
+    fn sample(&mut self, name: &str, pid: u32) {
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return };
+        let Some(kib) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        else {
+            return;
+        };
+        match self.kib.iter_mut().find(|(n, _)| n == name) {
+            Some((_, k)) => *k = (*k).max(kib),
+            None => self.kib.push((name.to_string(), kib)),
+        }
+    }
+}
+
+/// Counts the output file's lines as it grows, reading only what is new.
+#[derive(Default)]
+struct OutputCounter {
+    offset: u64,
+    lines: usize,
+}
+
+impl OutputCounter {
+    fn count(&mut self, path: &Path) -> usize {
+        if let Ok(mut f) = std::fs::File::open(path) {
+            // `wait` may rewrite the file from the start (a fresh run): count again then.
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < self.offset {
+                *self = OutputCounter::default();
+            }
+            if f.seek(std::io::SeekFrom::Start(self.offset)).is_ok() {
+                let mut buf = Vec::new();
+                if f.take(64 << 20).read_to_end(&mut buf).is_ok() {
+                    self.offset += buf.len() as u64;
+                    self.lines += buf.iter().filter(|c| **c == b'\n').count();
+                }
+            }
+        }
+        self.lines
+    }
+}
+
 /// Disk bytes written and CPU used by the cluster's nodes over a run whose nodes restart
 /// (a restarted node's counters start again from zero under a new PID).
 #[derive(Default)]
@@ -180,6 +338,18 @@ pub struct Report {
     /// Mismatches between the tracker's final counts / the metrics and the output.
     pub wrong_counts: Vec<String>,
     pub wall_s: f64,
+    /// Seconds `producer submit` took (the soak).
+    pub submit_s: Option<f64>,
+    /// Seconds from the start of `submit` to the end of `wait`.
+    pub job_s: f64,
+    /// CPU seconds and bytes written to disk by the cluster's nodes over the run.
+    pub broker_cpu_s: Option<f64>,
+    pub broker_disk_bytes: Option<u64>,
+    /// The tracker's checkpoint when the job had ended: (bytes of one copy, checkpoints
+    /// written in the namespace's life).
+    pub checkpoint: Option<(usize, u64)>,
+    /// Peak RSS in KiB by process (each worker slot: the largest of its processes).
+    pub peak_rss_kib: Vec<(String, u64)>,
 }
 
 impl Report {
@@ -206,6 +376,35 @@ impl Report {
         let mut s = String::from("| chaos | value |\n|---|---|\n");
         for (k, v) in rows {
             s.push_str(&format!("| {k} | {v} |\n"));
+        }
+        let mut more = Vec::new();
+        if self.job_s > 0.0 {
+            more.push(("job: submit start to output complete (s)", format!("{:.1}", self.job_s)));
+            more.push(("items/s (job)", format!("{:.0}", self.requests as f64 / self.job_s)));
+        }
+        if let Some(t) = self.submit_s {
+            more.push(("producer submit (s)", format!("{t:.1}")));
+        }
+        if let (Some(cpu), Some(disk)) = (self.broker_cpu_s, self.broker_disk_bytes) {
+            let n = self.requests.max(1) as f64;
+            more.push(("broker CPU, 3 nodes (s)", format!("{cpu:.0}")));
+            more.push(("broker CPU per request (µs)", format!("{:.0}", cpu * 1e6 / n)));
+            more.push(("broker disk written, 3 nodes (MB)", format!("{:.0}", disk as f64 / 1e6)));
+            more.push(("broker disk per request (bytes)", format!("{:.0}", disk as f64 / n)));
+        }
+        if let Some((bytes, seq)) = self.checkpoint {
+            // Its size at the end: an ended job's bitmaps are no longer in it.
+            more.push(("tracker checkpoint once the job ended (bytes, one of 2 copies)", bytes.to_string()));
+            more.push(("tracker checkpoints written (namespace's life)", seq.to_string()));
+            if self.job_s > 0.0 {
+                more.push(("checkpoints/s over the job", format!("{:.2}", seq as f64 / self.job_s)));
+            }
+        }
+        for (k, v) in &more {
+            s.push_str(&format!("| {k} | {v} |\n"));
+        }
+        for (name, kib) in &self.peak_rss_kib {
+            s.push_str(&format!("| peak RSS {name} (MiB) | {:.1} |\n", *kib as f64 / 1024.0));
         }
         for f in &self.node_faults {
             s.push_str(&format!("node fault: {f}\n"));
@@ -262,9 +461,22 @@ pub fn run(plan: &Plan) -> Report {
         (id.clone(), fleet.worker(&id, &env))
     };
     let mut workers: Vec<(String, Proc)> = (0..plan.workers).map(&mut start_worker).collect();
-    let (job, _) = fleet.submit(&input);
+    let mut rss = PeakRss::default();
+    let job_started = Instant::now();
+    let job = submit_sampled(&fleet, &input, &mut rss);
+    if plan.cluster.as_ref().is_some_and(|c| c.soak.is_some()) {
+        report.submit_s = Some(job_started.elapsed().as_secs_f64());
+    }
     let output = fleet.dir.join("out.jsonl");
-    let mut waiter = fleet.producer_spawn(&["wait", &job, "--output", output.to_str().unwrap(), "--timeout", "900"]);
+    // A million lines take longer than the small runs' 15 minutes.
+    let timeout = (plan.items / 100).max(900).to_string();
+    let mut waiter = fleet.producer_spawn(&["wait", &job, "--output", output.to_str().unwrap(), "--timeout", &timeout]);
+    let mut counter = OutputCounter::default();
+    let mut soak = plan.cluster.as_ref().and_then(|c| {
+        let queues = vec![fleet.topology().items_queue(MOCK), fleet.topology().ledger_queue()];
+        c.soak.as_ref().map(|s| SoakRunner::start(c, s, queues, started))
+    });
+    let mut last_disk_sample = Instant::now();
 
     let mut rng = uuid::Uuid::new_v4().as_u128();
     let mut next_kill = Instant::now() + plan.kill_every;
@@ -280,7 +492,20 @@ pub fn run(plan: &Plan) -> Report {
     let done = |w: &mut Proc| w.child.try_wait().ok().flatten().is_some();
     while !done(&mut waiter) {
         std::thread::sleep(Duration::from_millis(100));
-        let progress = read_output_count(&output) as f64 / plan.items as f64;
+        let progress = counter.count(&output) as f64 / plan.items as f64;
+        for (slot, (_, w)) in workers.iter().enumerate() {
+            rss.sample(&format!("worker slot {slot} (all its processes)"), w.pid());
+        }
+        rss.sample("producer wait", waiter.pid());
+        rss.sample("mock-provider", mock.proc.pid());
+        if let Some(r) = &soak {
+            r.set_progress(progress);
+        }
+        // A node stopped by the soak's thread loses its counters: sample often.
+        if let Some(c) = plan.cluster.as_ref().filter(|_| last_disk_sample.elapsed() > Duration::from_secs(1)) {
+            disk.sample(c, false);
+            last_disk_sample = Instant::now();
+        }
         if Instant::now() >= next_kill {
             next_kill = Instant::now() + plan.kill_every;
             rng = rng.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
@@ -305,7 +530,7 @@ pub fn run(plan: &Plan) -> Report {
             report.broker_restarts += 1;
             broker_restarted = true;
         }
-        if let Some(c) = &plan.cluster {
+        if let Some(c) = plan.cluster.as_ref().filter(|c| c.soak.is_none()) {
             node_faults.step(c, progress, &fleet.topology(), &job, &mut disk, &mut report);
         }
         if !pg_done && pg_stopped_at.is_none() && progress > 0.1 {
@@ -322,18 +547,33 @@ pub fn run(plan: &Plan) -> Report {
         pg = Some(start_pushgateway(pg_port));
     }
     let wait_ok = waiter.child.wait().map(|s| s.success()).unwrap_or(false);
+    report.job_s = job_started.elapsed().as_secs_f64();
     if let Some(c) = &plan.cluster {
         disk.sample(c, false);
         let [bytes, cpu_ms] = disk.total();
         report.disk_bytes_per_request = Some(bytes / plan.items.max(1) as u64);
         report.broker_cpu_us_per_request = Some(cpu_ms * 1000 / plan.items.max(1) as u64);
-        // A node still down when the job ended comes back before the checks.
-        while node_faults.down.is_some() {
-            std::thread::sleep(Duration::from_millis(200));
-            node_faults.step(c, 1.0, &fleet.topology(), &job, &mut disk, &mut report);
-        }
-        if report.node_faults.len() < 2 {
-            report.wrong_counts.push(format!("{} of 2 planned node faults happened", report.node_faults.len()));
+        report.broker_disk_bytes = Some(bytes);
+        report.broker_cpu_s = Some(cpu_ms as f64 / 1000.0);
+        if let Some(r) = soak.take() {
+            // Faults not yet done run now (and are reported as late) so that the checks
+            // below see every node up again.
+            r.finish(&mut report);
+            let planned = 3 + usize::from(c.soak.as_ref().is_some_and(|s| s.pause_for.is_some()));
+            if report.node_faults.len() < planned {
+                report
+                    .wrong_counts
+                    .push(format!("{} of {planned} planned node faults happened", report.node_faults.len()));
+            }
+        } else {
+            // A node still down when the job ended comes back before the checks.
+            while node_faults.down.is_some() {
+                std::thread::sleep(Duration::from_millis(200));
+                node_faults.step(c, 1.0, &fleet.topology(), &job, &mut disk, &mut report);
+            }
+            if report.node_faults.len() < 2 {
+                report.wrong_counts.push(format!("{} of 2 planned node faults happened", report.node_faults.len()));
+            }
         }
     }
     if !wait_ok {
@@ -341,17 +581,23 @@ pub fn run(plan: &Plan) -> Report {
     }
 
     // The output file: every custom_id exactly once, each succeeded (only transient faults).
-    let text = std::fs::read_to_string(&output).unwrap_or_default();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for line in text.lines() {
-        let v: Value = serde_json::from_str(line).unwrap_or(Value::Null);
-        *seen.entry(v["custom_id"].as_str().unwrap_or("").to_string()).or_default() += 1;
+    // Read line by line: a million lines are most of a GB.
+    let mut seen = vec![0u32; plan.items];
+    let file = std::fs::File::open(&output).map(std::io::BufReader::new);
+    for line in file.into_iter().flat_map(|f| f.lines()).map_while(Result::ok) {
+        let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+        let index =
+            v["custom_id"].as_str().and_then(|id| id.strip_prefix("req-")).and_then(|i| i.parse::<usize>().ok());
+        match index.filter(|i| *i < plan.items) {
+            Some(i) => seen[i] += 1,
+            None => report.wrong_status += 1,
+        }
         if !v["error"].is_null() || v["response"]["status_code"] != 200 {
             report.wrong_status += 1;
         }
     }
-    report.duplicated = seen.values().filter(|n| **n > 1).map(|n| n - 1).sum();
-    report.lost = (0..plan.items).filter(|i| !seen.contains_key(&format!("req-{i}"))).count();
+    report.duplicated = seen.iter().filter(|n| **n > 1).map(|n| *n as usize - 1).sum();
+    report.lost = seen.iter().filter(|n| **n == 0).count();
     let stats = mock.stats();
     report.mock_transient_errors =
         ["500", "503", "429", "529"].iter().map(|s| stats["by_status"][s].as_u64().unwrap_or(0)).sum();
@@ -370,6 +616,7 @@ pub fn run(plan: &Plan) -> Report {
     // The job-level metrics, as pushed by whichever tracker is active now.
     let metrics_url = format!("{pg_url}/metrics");
     let mut completed = None;
+    let mut items_succeeded = None;
     for _ in 0..100 {
         let text = std::process::Command::new("curl")
             .args(["-fs", &metrics_url])
@@ -382,7 +629,15 @@ pub fn run(plan: &Plan) -> Report {
             .find(|l| l.starts_with("batch_jobs_total{") && l.contains(&fleet.ns) && l.contains("status=\"completed\""))
             .and_then(|l| l.rsplit(' ').next())
             .and_then(|v| v.parse::<f64>().ok());
-        if completed == Some(1.0) {
+        // One line per provider, all in the tracker's one group.
+        items_succeeded = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("batch_items_total{") && l.contains(&fleet.ns) && l.contains("status=\"succeeded\"")
+            })
+            .map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+            .sum::<Option<f64>>();
+        if completed == Some(1.0) && items_succeeded == Some(plan.items as f64) {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -390,13 +645,57 @@ pub fn run(plan: &Plan) -> Report {
     if completed != Some(1.0) {
         report.wrong_counts.push(format!("batch_jobs_total{{status=\"completed\"}} is {completed:?}, want 1"));
     }
+    if items_succeeded != Some(plan.items as f64) {
+        report
+            .wrong_counts
+            .push(format!("batch_items_total{{status=\"succeeded\"}} is {items_succeeded:?}, want {}", plan.items));
+    }
     drop(workers);
     drop(pg);
+    if plan.cluster.as_ref().is_some_and(|c| c.soak.is_some()) {
+        report.checkpoint = last_checkpoint(&fleet);
+    }
+    report.peak_rss_kib = rss.kib;
     report.wall_s = started.elapsed().as_secs_f64();
     fleet.cleanup(&[&job]);
+    if plan.cluster.as_ref().is_some_and(|c| c.soak.is_some()) && report.ok() {
+        // A million lines in and out are over 600 MB: kept only when something failed.
+        let _ = std::fs::remove_file(&input);
+        let _ = std::fs::remove_file(&output);
+    }
     report
 }
 
-fn read_output_count(path: &Path) -> usize {
-    std::fs::read(path).map(|b| b.iter().filter(|c| **c == b'\n').count()).unwrap_or(0)
+/// Runs `producer submit` to `mock`, sampling its peak RSS; returns the job id.
+fn submit_sampled(fleet: &Fleet, input: &Path, rss: &mut PeakRss) -> String {
+    let mut p = fleet.producer_spawn(&["submit", input.to_str().unwrap(), "--provider", MOCK, "--json"]);
+    let status = loop {
+        rss.sample("producer submit", p.pid());
+        if let Some(status) = p.child.try_wait().expect("wait for submit") {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let (mut out, mut err) = (String::new(), String::new());
+    p.child.stdout.take().map(|mut o| o.read_to_string(&mut out));
+    p.child.stderr.take().map(|mut e| e.read_to_string(&mut err));
+    assert!(status.success(), "submit failed: {err}");
+    let v: Value = serde_json::from_str(&out).expect("submit --json prints JSON");
+    v["job_id"].as_str().expect("job_id").to_string()
+}
+
+/// The tracker's newest checkpoint, read once every worker is gone: (its bytes, its
+/// `checkpoint_seq`, i.e. how many the namespace's trackers wrote).
+fn last_checkpoint(fleet: &Fleet) -> Option<(usize, u64)> {
+    let queue = fleet.topology().tracker_state_queue();
+    // The cluster's nodes (`amqp.urls`), not the fleet's `amqp.url`.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    let data = rt.block_on(async move {
+        let conn = fleet::amqp::connect_any(&amqp_urls(), "e2e").await.ok()?;
+        let ch = fleet::amqp::open_channel(&conn).await.ok()?;
+        let msg = ch.basic_get(queue.as_str().into(), lapin::options::BasicGetOptions::default()).await.ok()??;
+        Some(msg.delivery.data.clone())
+    })?;
+    let seq = serde_json::from_slice::<Value>(&data).ok()?["checkpoint_seq"].as_u64()?;
+    Some((data.len(), seq))
 }

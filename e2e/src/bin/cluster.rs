@@ -1,14 +1,28 @@
-//! `cluster`: the cluster run (`make cluster`, started by `scripts/cluster.sh`, which
-//! brings up the 3 nodes first and passes their URLs in `FLEET__AMQP__URLS`): 20,000
-//! requests through 3 workers while the node leading the items queue is stopped and the
-//! node leading the job's results queue is killed, each restarted. Prints the chaos table;
-//! exits non-zero if anything was lost, duplicated or miscounted.
+//! `cluster`: the cluster runs, started by `scripts/cluster.sh`, which brings up the 3
+//! nodes first and passes their URLs in `FLEET__AMQP__URLS`:
+//!
+//! - `cluster [ITEMS]` (`make cluster`): 20,000 requests through 3 workers while the node
+//!   leading the items queue is stopped and the node leading the job's results queue is
+//!   killed, each restarted.
+//! - `cluster soak [ITEMS]` (`make cluster-soak`): 1,000,000 requests through 3 workers
+//!   while every node is restarted in turn (a rolling restart), then the busiest node is
+//!   paused for 30 s, a worker is SIGKILLed every 5 s and the tracker's worker once; the
+//!   table adds what the run cost (broker CPU and disk per request, the tracker's
+//!   checkpoint, each process's peak RSS).
+//!
+//! Prints the chaos table; exits non-zero if anything was lost, duplicated or miscounted.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    let items = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let soak = args.first().is_some_and(|a| a == "soak");
+    if soak {
+        args.remove(0);
+    }
+    let default = if soak { 1_000_000 } else { 20_000 };
+    let items = args.first().and_then(|a| a.parse().ok()).unwrap_or(default);
     let Ok(script) = std::env::var("CLUSTER_SCRIPT") else {
         eprintln!("cluster: run through `make cluster` (scripts/cluster.sh), which starts the nodes");
         return ExitCode::FAILURE;
@@ -18,7 +32,22 @@ fn main() -> ExitCode {
         eprintln!("cluster: FLEET__AMQP__URLS must list the cluster's nodes, got {urls:?}");
         return ExitCode::FAILURE;
     }
-    let plan = e2e::chaos::Plan {
+    let plan = if soak { soak_plan(items, script.into()) } else { leader_loss_plan(items, script.into()) };
+    eprintln!("cluster: {plan:?}");
+    let report = e2e::chaos::run(&plan);
+    println!("{}", report.table());
+    if report.ok() {
+        println!("cluster: OK (0 lost, 0 duplicated, counts exact, {} node faults)", report.node_faults.len());
+        ExitCode::SUCCESS
+    } else {
+        println!("cluster: FAILED");
+        ExitCode::FAILURE
+    }
+}
+
+/// `make cluster`: two leader losses in a slow job.
+fn leader_loss_plan(items: usize, script: std::path::PathBuf) -> e2e::chaos::Plan {
+    e2e::chaos::Plan {
         items,
         workers: 3,
         // Slow enough (at most 3 x 16 in flight / ~0.25 s = ~190 requests/s, so 20,000 take
@@ -43,16 +72,43 @@ fn main() -> ExitCode {
         ]
         .map(String::from)
         .to_vec(),
-        cluster: Some(e2e::chaos::ClusterFaults { script: script.into(), down_for: Duration::from_secs(5) }),
-    };
-    eprintln!("cluster: {plan:?}");
-    let report = e2e::chaos::run(&plan);
-    println!("{}", report.table());
-    if report.ok() {
-        println!("cluster: OK (0 lost, 0 duplicated, counts exact, {} node faults)", report.node_faults.len());
-        ExitCode::SUCCESS
-    } else {
-        println!("cluster: FAILED");
-        ExitCode::FAILURE
+        cluster: Some(e2e::chaos::ClusterFaults { script, down_for: Duration::from_secs(5), soak: None }),
+    }
+}
+
+/// `make cluster-soak`: as fast as this machine goes (the broker is the bottleneck, not the
+/// mock), with every fault.
+fn soak_plan(items: usize, script: std::path::PathBuf) -> e2e::chaos::Plan {
+    e2e::chaos::Plan {
+        items,
+        workers: 3,
+        max_in_flight: 128,
+        kill_every: Duration::from_secs(5),
+        kill_tracker: true,
+        restart_broker: false,
+        stop_pushgateway: false,
+        mock_args: [
+            "--latency-ms",
+            "20",
+            "--jitter-ms",
+            "20",
+            "--error-500",
+            "0.01",
+            "--error-429",
+            "0.005",
+            "--seed",
+            "2026",
+        ]
+        .map(String::from)
+        .to_vec(),
+        cluster: Some(e2e::chaos::ClusterFaults {
+            script,
+            down_for: Duration::from_secs(5),
+            soak: Some(e2e::chaos::SoakFaults {
+                roll_at: 0.05,
+                pause_at: 0.6,
+                pause_for: Some(Duration::from_secs(30)),
+            }),
+        }),
     }
 }

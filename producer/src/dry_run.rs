@@ -96,14 +96,7 @@ pub fn dry_run(cfg: &fleet::Config, req: &SubmitRequest<'_>) -> anyhow::Result<D
         return Err(InputError::TooMany { total }.into());
     }
     let deadline_s = batch::seconds_left(req.deadline_ms);
-    let mode = batch::resolve(req.mode, provider, deadline_s);
-    if mode == JobMode::Batch && !provider.batch {
-        return Err(InputError::NoBatchApi { name: req.provider.to_string() }.into());
-    }
-    if mode == JobMode::Flex && !provider.kind.has_flex_tier() {
-        let (name, kind) = (req.provider.to_string(), provider.kind.name());
-        return Err(InputError::NoFlexTier { name, kind }.into());
-    }
+    let mode = crate::submit::checked_mode(req, provider, deadline_s)?;
     let mode_reason = (req.mode == ModeArg::Auto).then(|| batch::auto_reason(req.provider, provider, deadline_s));
     let groups = batch::lay_out(req.file, &rules, provider)?;
     let models = tally_models(req, &rules, provider, mode)?;

@@ -73,6 +73,25 @@ pub struct Submitted {
     pub total: u64,
 }
 
+/// The mode `req` runs in (`--mode auto` resolved against `provider` and `deadline_s`),
+/// refused when the provider cannot run it: batch without a batch API, flex on a kind
+/// without a flex tier. `submit` and `submit --dry-run` both ask here.
+pub(crate) fn checked_mode(
+    req: &SubmitRequest,
+    provider: &fleet::config::ProviderConfig,
+    deadline_s: Option<u64>,
+) -> Result<JobMode, InputError> {
+    let mode = batch::resolve(req.mode, provider, deadline_s);
+    if mode == JobMode::Batch && !provider.batch {
+        return Err(InputError::NoBatchApi { name: req.provider.to_string() });
+    }
+    if mode == JobMode::Flex && !provider.kind.has_flex_tier() {
+        let (name, kind) = (req.provider.to_string(), provider.kind.name());
+        return Err(InputError::NoFlexTier { name, kind });
+    }
+    Ok(mode)
+}
+
 /// Errors the CLI maps to exit code 2 (the user's input, not the system, is at fault).
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
@@ -162,14 +181,7 @@ pub async fn submit_until(
     }
 
     let deadline_s = batch::seconds_left(req.deadline_ms);
-    let mode = batch::resolve(req.mode, provider, deadline_s);
-    if mode == JobMode::Batch && !provider.batch {
-        return Err(InputError::NoBatchApi { name: req.provider.to_string() }.into());
-    }
-    if mode == JobMode::Flex && !provider.kind.has_flex_tier() {
-        let (name, kind) = (req.provider.to_string(), provider.kind.name());
-        return Err(InputError::NoFlexTier { name, kind }.into());
-    }
+    let mode = checked_mode(req, provider, deadline_s)?;
     // A resumed submission may have published chunk messages already (see `ChunkPlan`).
     let resumed = resume::load(req.file)?.is_some();
     let record = start_or_resume(req, total, mode)?;

@@ -133,20 +133,7 @@ struct ApiRun {
 impl ApiRun {
     /// The row of this run: `items` over its wall time.
     fn row(&self, scenario: String, items: u64, figure: String, met: bool) -> Row {
-        Row {
-            scenario,
-            items,
-            wall_s: self.wall_s,
-            items_per_s: items as f64 / self.wall_s,
-            worker_cpu_s_per_1k: None,
-            worker_peak_rss_mib: None,
-            broker_cpu_us_per_item: None,
-            worker_cpu_us_per_item: None,
-            broker_bytes_per_item: None,
-            figure,
-            targets_met: Some(met),
-            details: Default::default(),
-        }
+        Row::measured(scenario, items, self.wall_s, items as f64 / self.wall_s, figure, Some(met))
     }
 }
 

@@ -581,27 +581,16 @@ async fn drive_submit(fleet: &mut FleetRun<'_>, lines: u64) -> anyhow::Result<Ro
     let t = &submitted.timed;
     let rate = lines as f64 / t.wall_s;
     let rss = t.usage.peak_rss_mib();
-    let row = Row {
-        scenario: "submit (no workers)".into(),
-        items: lines,
-        wall_s: t.wall_s,
-        items_per_s: rate,
-        worker_cpu_s_per_1k: None,
-        worker_peak_rss_mib: None,
-        broker_cpu_us_per_item: None,
-        worker_cpu_us_per_item: None,
-        broker_bytes_per_item: None,
-        figure: format!(
-            "{} lines/s (target >= {}); producer peak RSS {rss:.0} MiB (target < 100)",
-            thousands(rate.round() as u64),
-            thousands(SUBMIT_MIN_RATE as u64)
-        ),
-        targets_met: Some(rate >= SUBMIT_MIN_RATE && rss < 100.0),
-        details: Default::default(),
-    }
-    .detail("input_mib", round2(input_mib))
-    .detail("producer_cpu_s", round2(t.usage.cpu_s))
-    .detail("producer_peak_rss_mib", round2(rss));
+    let figure = format!(
+        "{} lines/s (target >= {}); producer peak RSS {rss:.0} MiB (target < 100)",
+        thousands(rate.round() as u64),
+        thousands(SUBMIT_MIN_RATE as u64)
+    );
+    let met = Some(rate >= SUBMIT_MIN_RATE && rss < 100.0);
+    let row = Row::measured("submit (no workers)".into(), lines, t.wall_s, rate, figure, met)
+        .detail("input_mib", round2(input_mib))
+        .detail("producer_cpu_s", round2(t.usage.cpu_s))
+        .detail("producer_peak_rss_mib", round2(rss));
     Ok(with_costs(after.add_since(before, row), bytes))
 }
 

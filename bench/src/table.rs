@@ -35,22 +35,35 @@ pub struct Row {
 }
 
 impl Row {
-    /// A row for a scenario that could not be measured.
-    pub fn failed(scenario: &str, error: &anyhow::Error) -> Row {
+    /// A row with its throughput and figure, and no cost columns (a scenario that sets
+    /// them does so on the row, or through `CpuMark::add_since` / `with_costs`).
+    pub fn measured(
+        scenario: String,
+        items: u64,
+        wall_s: f64,
+        items_per_s: f64,
+        figure: String,
+        targets_met: Option<bool>,
+    ) -> Row {
         Row {
-            scenario: scenario.to_string(),
-            items: 0,
-            wall_s: 0.0,
-            items_per_s: 0.0,
+            scenario,
+            items,
+            wall_s,
+            items_per_s,
             worker_cpu_s_per_1k: None,
             worker_peak_rss_mib: None,
             broker_cpu_us_per_item: None,
             worker_cpu_us_per_item: None,
             broker_bytes_per_item: None,
-            figure: format!("FAILED: {error:#}"),
-            targets_met: None,
+            figure,
+            targets_met,
             details: Default::default(),
         }
+    }
+
+    /// A row for a scenario that could not be measured.
+    pub fn failed(scenario: &str, error: &anyhow::Error) -> Row {
+        Row::measured(scenario.to_string(), 0, 0.0, 0.0, format!("FAILED: {error:#}"), None)
     }
 
     /// Adds a raw number to `details`.

@@ -51,19 +51,26 @@ fn clients_leave_a_silent_node_within_the_heartbeat_bound_and_nothing_is_lost_or
     assert_eq!(live.accepted(), 0, "no client was on the live node before");
     let silent_at = Instant::now();
     doomed.go_silent();
-    let written_at_silence = lines_in(&output);
+    // Nothing can flow through the live node before a client has noticed (two heartbeats
+    // at least); what reaches the output before then is the producer draining results it
+    // had already received (up to its prefetch: a CI run saw 64 more within 0.4 s).
+    let drained_by = Duration::from_secs(u64::from(heartbeat_s) * 2) - SLACK;
+    let mut written_before_notice = lines_in(&output);
 
     // When each client noticed (its warning) and when results flowed again to the producer.
     let mut noticed: [Option<Duration>; 2] = [None, None];
     let mut flowing: Option<Duration> = None;
     while silent_at.elapsed() < resume + SLACK && (noticed.contains(&None) || flowing.is_none()) {
+        if silent_at.elapsed() < drained_by {
+            written_before_notice = lines_in(&output);
+        }
         for (i, w) in ["w1", "w2"].into_iter().enumerate() {
             if noticed[i].is_none() && fleet.worker_log(w).contains("lost the broker") {
                 noticed[i] = Some(silent_at.elapsed());
             }
         }
         // More than the tail a collector may still have had in flight at the switch.
-        if flowing.is_none() && lines_in(&output) > written_at_silence + 64 {
+        if flowing.is_none() && silent_at.elapsed() >= drained_by && lines_in(&output) > written_before_notice + 64 {
             flowing = Some(silent_at.elapsed());
         }
         std::thread::sleep(Duration::from_millis(200));

@@ -224,9 +224,13 @@ fn wait_resumes_after_interruption_without_duplicates() {
     first.signal("INT");
     let _ = first.wait_exit(Duration::from_secs(10));
     drop(first);
-    // A torn last line, as a crash mid-write would leave.
+    // A torn last line of this job, as a crash mid-write would leave (the interrupted wait
+    // may have left one already, or ended on a line boundary: either way the file ends in an
+    // unfinished line of the job). `wait` refuses to cut off an unfinished line that is not
+    // the job's (unit tests of `producer::collect`).
     let mut f = std::fs::OpenOptions::new().append(true).open(&output).unwrap();
-    std::io::Write::write_all(&mut f, br#"{"id":"batch_req_x","custom_id":"req-"#).unwrap();
+    let torn = format!(r#"{{"id":"batch_req_{job}_7","custom_id":"req-"#);
+    std::io::Write::write_all(&mut f, torn.as_bytes()).unwrap();
     drop(f);
     let out = fleet.wait(&job, &output, WAIT.as_secs());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

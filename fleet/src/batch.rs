@@ -1,5 +1,6 @@
 //! Provider batch mode on the wire: the chunk message that moves between a provider's chunk
-//! queue and its poll delay queue, and the names both the producer and the worker use.
+//! queue and its poll delay queue, and how a job's items are cut into chunks. The batch
+//! queues and streams are named and declared in [`crate::topology`], with every other name.
 //!
 //! A batch-mode job's items are not put on the items queue: the producer appends them to the
 //! job's batch items stream (`<ns>.batch.items.<job>`, read by offset) **grouped by
@@ -17,11 +18,8 @@
 //! Everything here is read from a queue, so [`ChunkTask::check`] bounds it before use; a
 //! batch id goes into a URL path, so it may only hold `[A-Za-z0-9_-]`.
 
-use lapin::types::{AMQPValue, FieldTable};
-use lapin::Channel;
 use serde::{Deserialize, Serialize};
 
-use crate::topology::{declare_queue, quorum, Topology, RESULTS_MAX_AGE};
 use crate::wire::{check_job_id, Invalid, MAX_JOB_ITEMS};
 
 /// How a job's requests are executed.
@@ -354,69 +352,6 @@ impl ChunkLayout {
 /// envelope (custom id, method, url and JSON punctuation; 200 bytes is generous).
 pub fn line_bytes(body_bytes: usize) -> u64 {
     body_bytes as u64 + 200
-}
-
-/// The batch-mode part of the topology (see `docs/architecture.md`):
-///
-/// ```text
-/// (default) --> <ns>.batch.items.<job>            stream: the job's items, read by offset
-/// (default) --> <ns>.batch.<provider>             quorum: chunks ready for a worker
-/// (default) --> <ns>.batch.<provider>.poll.<n>s   quorum, TTL n s, dead-letters (at least
-///                                                once) back to <ns>.batch.<provider>
-/// ```
-impl Topology {
-    /// The stream holding a batch-mode job's items, in index order (resumed submissions may
-    /// append an item again: readers skip what they have).
-    pub fn batch_items_stream(&self, job_id: &str) -> String {
-        format!("{}.batch.items.{job_id}", self.namespace())
-    }
-
-    /// Chunks of `provider` waiting for a worker (to create, poll or fetch their batch).
-    pub fn chunk_queue(&self, provider: &str) -> String {
-        format!("{}.batch.{provider}", self.namespace())
-    }
-
-    /// Chunks of `provider` waiting `secs` until their next poll.
-    pub fn poll_queue(&self, provider: &str, secs: u64) -> String {
-        format!("{}.batch.{provider}.poll.{secs}s", self.namespace())
-    }
-
-    /// Declares a job's batch items stream (kept as long as a results stream at most; the
-    /// tracker deletes it with the results when it forgets the job).
-    pub async fn declare_batch_items_stream(&self, ch: &Channel, job_id: &str) -> lapin::Result<()> {
-        let mut args = FieldTable::default();
-        args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
-        args.insert("x-max-age".into(), AMQPValue::LongString(RESULTS_MAX_AGE.into()));
-        declare_queue(ch, &self.batch_items_stream(job_id), args).await
-    }
-
-    /// Declares the chunk queue of `provider` and its poll queue. The chunk queue has the
-    /// items queues' delivery limit and dead-lettering; the poll queue holds each chunk
-    /// `poll_s` seconds and hands it back (at least once) to the chunk queue.
-    pub async fn declare_chunk_queues(&self, ch: &Channel, provider: &str, poll_s: u64) -> lapin::Result<()> {
-        let mut args = quorum();
-        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit().into()));
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
-        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
-        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-        declare_queue(ch, &self.chunk_queue(provider), args).await?;
-        let mut poll = quorum();
-        poll.insert("x-message-ttl".into(), AMQPValue::LongLongInt((poll_s * 1000) as i64));
-        // The default exchange routes by queue name: back to the chunk queue.
-        poll.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-        poll.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.chunk_queue(provider).into()));
-        poll.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
-        poll.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-        declare_queue(ch, &self.poll_queue(provider, poll_s), poll).await
-    }
-
-    /// Deletes the chunk queues of `provider` (tests tidying up).
-    pub async fn delete_chunk_queues(&self, ch: &Channel, provider: &str, poll_s: u64) -> lapin::Result<()> {
-        for q in [self.chunk_queue(provider), self.poll_queue(provider, poll_s)] {
-            ch.queue_delete(q.into(), Default::default()).await?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

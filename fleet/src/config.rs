@@ -16,8 +16,14 @@ use serde::{Deserialize, Serialize};
 /// The built-in defaults: a local broker and a local Pushgateway. With no provider
 /// configured, [`MOCK_PROVIDER_TOML`] is added too, so the demo needs no file at all.
 ///
-/// This text is the one source of every default it sets: a field it sets has no serde
-/// default of its own (a test checks that the two never disagree).
+/// [`Config::load`] hands this text to the `config` crate as the first source, under the
+/// file and the environment, so every key it sets is already filled in when serde reads the
+/// merged table: this text, not a `#[serde(default)]`, is where those defaults live. Two
+/// keys it sets also have a serde default (`worker.result_group_max` and
+/// `worker.result_group_linger_ms`), which never applies while this text is loaded first; a
+/// test checks that the two never disagree. A key it does not set takes its serde default
+/// when the file and the environment leave it out too (`amqp.urls`, `worker.id`, a
+/// provider's optional settings, ...), or is required (a provider's `kind` and `base_url`).
 pub const DEFAULTS_TOML: &str = r#"
 namespace = "fleet"
 
@@ -90,6 +96,12 @@ batch = true
 /// Keys whose environment value is a comma-separated list (`FLEET__WORKER__PROVIDERS=a,b`).
 const LIST_KEYS: &[&str] = &["worker.providers", "retry.delay_tiers_s", "amqp.urls", "api.key_envs"];
 
+/// Settings read from the environment as the exact text given: `try_parsing` would turn a
+/// password such as `0123` or `1e3` into a number (`123`, `1000`) before it reached the
+/// string field.
+const VERBATIM_ENV_KEYS: [&str; 6] =
+    ["amqp.url", "pushgateway.url", "pushgateway.username", "pushgateway.password", "namespace", "worker.id"];
+
 /// Longest time an item may stay unacked in a worker (in-process retries included), kept
 /// well under RabbitMQ's default consumer timeout of 30 minutes.
 pub const MAX_UNACKED_S: u64 = 20 * 60;
@@ -123,528 +135,6 @@ pub struct Config {
     /// Completion webhooks (`submit --webhook`): the default URL, the secret's variable,
     /// how deliveries are retried.
     pub webhooks: WebhooksConfig,
-}
-
-/// Completion webhooks (see [`crate::webhooks`]). Only the NAME of the variable that holds
-/// the signing secret is configured, never the secret.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct WebhooksConfig {
-    /// URL of jobs submitted without `--webhook` (`""`: none).
-    pub default_url: String,
-    /// Name of the environment variable holding the signing secret (`whsec_<base64>` or
-    /// any string), read by workers; `""`: deliveries are sent unsigned.
-    pub secret_env: String,
-    /// Timeout of one delivery attempt (connect to end of the answer), seconds.
-    pub timeout_s: u64,
-    /// Wait before the first retry, seconds; doubles per attempt up to `max_backoff_s`.
-    pub initial_backoff_s: u64,
-    /// Longest wait between attempts, seconds.
-    pub max_backoff_s: u64,
-    /// A delivery is retried for this long after the job ended, seconds (default a day);
-    /// then it is parked in `<ns>.webhooks.dead`.
-    pub max_age_s: u64,
-}
-
-impl WebhooksConfig {
-    fn validate(&self) -> anyhow::Result<()> {
-        if !self.default_url.is_empty() {
-            crate::webhooks::check_url(&self.default_url).map_err(|e| anyhow::anyhow!("webhooks.default_url: {e}"))?;
-        }
-        if !self.secret_env.is_empty() && !is_env_var_name(&self.secret_env) {
-            anyhow::bail!(
-                "webhooks.secret_env must be the NAME of an environment variable holding the secret, not the \
-                 secret itself; the value given is not shown"
-            );
-        }
-        if !(1..=60).contains(&self.timeout_s) {
-            anyhow::bail!("webhooks.timeout_s must be 1..=60");
-        }
-        if self.initial_backoff_s == 0 || self.max_backoff_s < self.initial_backoff_s || self.max_age_s == 0 {
-            anyhow::bail!(
-                "webhooks: initial_backoff_s must be > 0, max_backoff_s at least initial_backoff_s, max_age_s > 0"
-            );
-        }
-        Ok(())
-    }
-}
-
-/// Settings only the fleet's workers use (see [`crate::signing`]).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-pub struct FleetConfig {
-    /// Name of the environment variable holding the key (at least 32 bytes) that signs the
-    /// messages only workers write: the tracker's checkpoint and announcements, chunks past
-    /// `pending`. Unset: the fleet runs unsigned. Producers never read it.
-    #[serde(default)]
-    pub signing_key_env: Option<String>,
-}
-
-/// Settings of `producer serve` (see docs/api.md). Only the names of the variables that
-/// hold the clients' keys are configured, never the keys.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ApiConfig {
-    /// Address the HTTP server listens on (`FLEET__API__LISTEN`; port 0 picks a free one).
-    pub listen: String,
-    /// Names of the environment variables each holding one key clients present (`Bearer`
-    /// or `x-api-key`); `FLEET__API__KEY_ENVS=A,B`. The server refuses to start without one.
-    pub key_envs: Vec<String>,
-    /// Largest uploaded file (or inline Message Batch), bytes: larger ones answer 413.
-    pub max_file_bytes: u64,
-    /// Most requests in one uploaded file (OpenAI's limit is 50,000).
-    pub max_file_lines: u64,
-    /// How long uploaded files and the records of files and batches are kept, seconds.
-    pub file_retention_s: u64,
-    /// Requests of one key in progress at once; beyond, the server answers 429 with
-    /// `Retry-After` (one key cannot take the server from the others).
-    pub max_requests_per_key: usize,
-}
-
-/// RabbitMQ connection and queue settings. `Debug` redacts the URL's password.
-#[derive(Clone, Deserialize, Serialize)]
-pub struct AmqpConfig {
-    /// `amqp://user:pass@host:port/vhost`; credentials belong here or in `FLEET__AMQP__URL`.
-    pub url: String,
-    /// The nodes of a cluster, each a URL like `url`; when set, it replaces `url`. Clients
-    /// connect to one that answers and move to another when theirs goes away. From the
-    /// environment: `FLEET__AMQP__URLS=amqp://..,amqp://..` (percent-encode commas).
-    #[serde(default)]
-    pub urls: Vec<String>,
-    /// Deliveries of one item before the broker dead-letters it (quorum `x-delivery-limit`).
-    /// RabbitMQ 3.10 has no default, so a message that crashes workers would loop forever.
-    pub delivery_limit: u32,
-    /// Messages larger than this on an items queue are dead-lettered unread.
-    pub max_message_bytes: usize,
-    /// AMQP heartbeat asked of the broker, seconds (1 to [`crate::amqp::MAX_HEARTBEAT_S`]): a
-    /// node that goes silent without closing the connection is noticed within 2.5 times
-    /// this. A URL's own `?heartbeat=` wins.
-    pub heartbeat_s: u16,
-}
-
-impl AmqpConfig {
-    /// The broker addresses to connect to: `urls`, or `url` alone when `urls` is empty.
-    pub fn addresses(&self) -> Vec<String> {
-        if self.urls.is_empty() {
-            vec![self.url.clone()]
-        } else {
-            self.urls.clone()
-        }
-    }
-
-    /// Every address must be an AMQP URL: a typo is refused at start-up rather than
-    /// retried forever as an unreachable broker.
-    fn check_addresses(&self) -> anyhow::Result<()> {
-        for url in self.addresses() {
-            // lapin's parse error quotes the whole URL, password included: not shown.
-            if url.parse::<lapin::uri::AMQPUri>().is_err() {
-                let key = if self.urls.is_empty() { "amqp.url" } else { "amqp.urls" };
-                anyhow::bail!(
-                    "{key}: {:?} is not a valid AMQP URL (amqp[s]://user:password@host:port/vhost)",
-                    crate::amqp::redact_url(&url)
-                );
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Where and how often metrics are pushed. `Debug` redacts the password and the URL's.
-#[derive(Clone, Deserialize, Serialize)]
-pub struct PushgatewayConfig {
-    /// Base URL; an empty string disables pushing.
-    pub url: String,
-    /// Seconds between two pushes of a group that has not changed, so its push time stays
-    /// fresh (a changed one is pushed within a second); at least 1.
-    pub push_interval_s: u64,
-    /// Groups of workers that have not pushed for this long are deleted by the tracker.
-    pub stale_group_s: u64,
-    /// Seconds one request to the Pushgateway (a push, a delete, a listing) may take; at
-    /// least 1.
-    pub timeout_s: u64,
-    /// Optional basic-auth user; the password comes from `FLEET__PUSHGATEWAY__PASSWORD`.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Basic-auth password, sent with `username`; best set through
-    /// `FLEET__PUSHGATEWAY__PASSWORD` (`Debug` shows `***`).
-    #[serde(default)]
-    pub password: Option<String>,
-}
-
-impl std::fmt::Debug for AmqpConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpConfig")
-            .field("url", &crate::amqp::redact_url(&self.url))
-            .field("urls", &self.urls.iter().map(|u| crate::amqp::redact_url(u)).collect::<Vec<_>>())
-            .field("delivery_limit", &self.delivery_limit)
-            .field("max_message_bytes", &self.max_message_bytes)
-            .field("heartbeat_s", &self.heartbeat_s)
-            .finish()
-    }
-}
-
-impl std::fmt::Debug for PushgatewayConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PushgatewayConfig")
-            .field("url", &crate::amqp::redact_url(&self.url))
-            .field("push_interval_s", &self.push_interval_s)
-            .field("stale_group_s", &self.stale_group_s)
-            .field("timeout_s", &self.timeout_s)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .finish()
-    }
-}
-
-/// Settings read from the environment as the exact text given: `try_parsing` would turn a
-/// password such as `0123` or `1e3` into a number (`123`, `1000`) before it reached the
-/// string field.
-const VERBATIM_ENV_KEYS: [&str; 6] =
-    ["amqp.url", "pushgateway.url", "pushgateway.username", "pushgateway.password", "namespace", "worker.id"];
-
-/// Worker process settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct WorkerConfig {
-    /// Identity in logs, results and the Pushgateway group; generated when empty.
-    #[serde(default)]
-    pub id: Option<String>,
-    /// Upper bound on requests in flight per provider in this process (AMQP prefetch).
-    pub max_in_flight: u16,
-    /// On SIGTERM, how long in-flight items may take to finish before the worker exits.
-    pub drain_timeout_s: u64,
-    /// Providers to serve; empty means every provider in the config.
-    pub providers: Vec<String>,
-    /// Most results of one job sent in one broker message (1: every result alone).
-    #[serde(default = "default_result_group_max")]
-    pub result_group_max: usize,
-    /// Longest a result waits for others of its job before its group is sent, ms.
-    #[serde(default = "default_result_group_linger_ms")]
-    pub result_group_linger_ms: u64,
-}
-
-/// Longest accepted `worker.result_group_linger_ms`: a grouped result holds its item's
-/// prefetch slot while it waits, so a long linger starves the worker.
-const MAX_RESULT_GROUP_LINGER_MS: u64 = 10_000;
-
-fn default_result_group_max() -> usize {
-    64
-}
-
-fn default_result_group_linger_ms() -> u64 {
-    5
-}
-
-/// In-process retries of transient provider failures.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct RetryConfig {
-    /// Calls to the provider for one item, the first included.
-    pub max_attempts: u32,
-    /// Wait before the first retry, ms; later waits grow exponentially, with jitter, and
-    /// are never shorter than the provider's `Retry-After`.
-    pub initial_backoff_ms: u64,
-    /// Longest wait between two attempts, ms (a provider's `Retry-After` may ask for more,
-    /// and is obeyed within `max_elapsed_s`).
-    pub max_backoff_ms: u64,
-    /// Total time spent sleeping between attempts of one item before giving up.
-    pub max_elapsed_s: u64,
-    /// Delay-queue tiers: after the in-process budget, an item waits in the tier for its
-    /// attempt number (the last tier repeats) instead of holding a prefetch slot.
-    pub delay_tiers_s: Vec<u64>,
-    /// Passes through a delay queue before the item ends failed with its last error.
-    pub max_delays: u32,
-    /// Time from an item's first delay after which it ends failed rather than wait again.
-    pub delay_budget_s: u64,
-}
-
-fn default_timeout_s() -> u64 {
-    60
-}
-
-fn default_max_in_flight() -> u16 {
-    256
-}
-
-/// Producer settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ProducerConfig {
-    /// Largest accepted request body (bytes of the `body` JSON).
-    pub max_body_bytes: usize,
-    /// Publishes awaiting a broker confirm at once.
-    pub confirm_window: usize,
-    /// Deadline of a job when `submit --deadline` is not given (0: none).
-    pub default_deadline_s: u64,
-    /// A job whose submission stopped half-way (and was not resumed) ends `failed` with
-    /// reason `incomplete_submission` after this long without any event (decided by the
-    /// tracker, so workers read it too).
-    pub submit_timeout_s: u64,
-}
-
-/// The job tracker role.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct TrackerConfig {
-    /// Whether this worker may take the tracker role.
-    pub enabled: bool,
-    /// How often the active tracker checkpoints its state and acks the ledger events folded
-    /// since, ms (at least 50; sooner when many events wait).
-    pub checkpoint_interval_ms: u64,
-    /// How long finished jobs stay queryable.
-    pub retention_s: u64,
-}
-
-/// The API dialect a provider speaks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase", try_from = "String")]
-pub enum ProviderKind {
-    /// OpenAI or any OpenAI-compatible server (vLLM, llama.cpp, the mock).
-    Openai,
-    /// Anthropic's Messages API.
-    Anthropic,
-    /// Google's Gemini API (`generateContent`): OpenAI-format lines are translated (see
-    /// [`crate::gemini`]); the key goes in `x-goog-api-key`.
-    Gemini,
-}
-
-impl TryFrom<String> for ProviderKind {
-    type Error = String;
-
-    fn try_from(kind: String) -> Result<Self, String> {
-        match kind.as_str() {
-            "openai" => Ok(ProviderKind::Openai),
-            "anthropic" => Ok(ProviderKind::Anthropic),
-            "gemini" => Ok(ProviderKind::Gemini),
-            _ => Err(format!(
-                "unknown provider kind {kind:?}: use \"openai\" (OpenAI and OpenAI-compatible servers such as \
-                 LiteLLM or vLLM), \"anthropic\" or \"gemini\""
-            )),
-        }
-    }
-}
-
-/// One provider the fleet can call. `kind` and `base_url` are required; the rest have
-/// defaults.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ProviderConfig {
-    /// The API dialect the provider speaks: which endpoints it serves, how it is called and
-    /// which batch API it has.
-    pub kind: ProviderKind,
-    /// The request's `url` (e.g. `/v1/chat/completions`) is appended to this.
-    pub base_url: String,
-    /// Name of the environment variable holding the API key (never the key itself). A
-    /// worker refuses to start when the variable is unset or empty.
-    #[serde(default)]
-    pub api_key_env: Option<String>,
-    /// A key pool: names of environment variables each holding one key of this provider
-    /// (instead of `api_key_env`). Calls are spread over the keys, each with its own adaptive
-    /// limiter and `rpm`/`tpm` ceilings (providers limit per key); a key the provider
-    /// refuses as a key (401 `invalid_api_key`, `authentication_error`, or a key-only probe
-    /// that fails) leaves the rotation until a probe finds it good again.
-    #[serde(default)]
-    pub api_key_envs: Vec<String>,
-    /// Seconds a rejected key stays out of the rotation before a key-only probe
-    /// (`GET /v1/models`) may bring it back; it stays out another period when the probe
-    /// fails.
-    #[serde(default = "default_key_retry_s")]
-    pub key_retry_s: u64,
-    /// Seconds one provider call may take.
-    #[serde(default = "default_timeout_s")]
-    pub timeout_s: u64,
-    /// Seconds one call of a `--mode flex` item may take (OpenAI's flex tier queues a
-    /// request for minutes; OpenAI's guide sets a 15-minute client timeout). A flex item
-    /// makes one call per delivery (a failure waits in the delay queues), so with
-    /// `retry.max_elapsed_s` (the longest wait for a slot) it must stay within the
-    /// 20-minute rule.
-    #[serde(default = "default_flex_timeout_s")]
-    pub flex_timeout_s: u64,
-    /// Upper bound of this provider's adaptive in-flight limit in one worker.
-    #[serde(default = "default_max_in_flight")]
-    pub max_in_flight: u16,
-    /// Optional requests-per-minute ceiling for this worker and key (the adaptive rate stays
-    /// below).
-    #[serde(default)]
-    pub rpm: Option<u32>,
-    /// Optional tokens-per-minute ceiling for this worker and key (tokens estimated as
-    /// providers count them: the body's size plus the requested maximum output).
-    #[serde(default)]
-    pub tpm: Option<u32>,
-    /// Largest response body read from this provider; a larger one is cut off and the item
-    /// ends failed with `response_too_large` (a misbehaving server cannot exhaust memory).
-    #[serde(default = "default_max_response_bytes")]
-    pub max_response_bytes: usize,
-    /// Whether the provider has a batch API the fleet may use (`submit --mode batch|auto`):
-    /// OpenAI's `/v1/files` + `/v1/batches`, or Anthropic's `/v1/messages/batches`. Off by
-    /// default: many OpenAI-compatible servers (vLLM, gateways) have no batch API.
-    #[serde(default)]
-    pub batch: bool,
-    /// Most requests in one provider batch (a chunk); unset: the kind's limit (OpenAI
-    /// 50,000, Anthropic 100,000).
-    #[serde(default)]
-    pub batch_max_requests: Option<u64>,
-    /// Most bytes of one provider batch's input; unset: the kind's limit (OpenAI 200 MB,
-    /// Anthropic 256 MB).
-    #[serde(default)]
-    pub batch_max_bytes: Option<u64>,
-    /// Seconds between two polls of a provider batch (the TTL of its poll delay queue).
-    #[serde(default = "default_batch_poll_interval_s")]
-    pub batch_poll_interval_s: u64,
-    /// The account's enqueued-token limit for batches (OpenAI's per-model "batch queue
-    /// limit", e.g. 2,000,000 on Tier 1); unset: no admission. When set, a chunk's provider
-    /// batch is created only while the estimated tokens of the fleet's batches in progress
-    /// plus its own fit (else the chunk waits in the poll queue), and the producer cuts no
-    /// chunk larger than it (OpenAI kind: the batches in progress are read from the
-    /// provider's batch list).
-    #[serde(default)]
-    pub batch_enqueued_tokens: Option<u64>,
-    /// Price per model (`prices."<model>" = { input_per_mtok, output_per_mtok }`): turns
-    /// each job's token usage into its cost; the models named here are also the `model`
-    /// label values of the usage metrics (any other model counts as `other`).
-    #[serde(default)]
-    pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
-    /// Glob patterns (`*` any run of characters, `?` one) of the request `model`s this
-    /// provider serves, e.g. `["gpt-*", "o?-mini"]`. `producer serve` routes a batch by
-    /// its lines' models when several providers serve its endpoint; empty (the default):
-    /// the provider takes no batch by model, only by `metadata.provider` or being the only
-    /// one.
-    #[serde(default)]
-    pub models: Vec<String>,
-}
-
-impl ProviderConfig {
-    /// A provider of `kind` at `base_url` with every other setting at its default, as a
-    /// config file naming only those two keys gets (tools and tests build on it).
-    pub fn new(kind: ProviderKind, base_url: &str) -> ProviderConfig {
-        ProviderConfig {
-            kind,
-            base_url: base_url.to_string(),
-            api_key_env: None,
-            api_key_envs: Vec::new(),
-            key_retry_s: default_key_retry_s(),
-            timeout_s: default_timeout_s(),
-            flex_timeout_s: default_flex_timeout_s(),
-            max_in_flight: default_max_in_flight(),
-            rpm: None,
-            tpm: None,
-            max_response_bytes: default_max_response_bytes(),
-            batch: false,
-            batch_max_requests: None,
-            batch_max_bytes: None,
-            batch_poll_interval_s: default_batch_poll_interval_s(),
-            batch_enqueued_tokens: None,
-            prices: Default::default(),
-            models: Vec::new(),
-        }
-    }
-}
-
-fn default_flex_timeout_s() -> u64 {
-    900
-}
-
-fn default_key_retry_s() -> u64 {
-    60
-}
-
-fn default_batch_poll_interval_s() -> u64 {
-    60
-}
-
-/// How long a provider takes at most to finish a batch (both kinds promise 24 hours):
-/// `submit --mode auto` picks batch mode only for a job whose deadline is at least this far.
-pub const BATCH_COMPLETION_WINDOW_S: u64 = 24 * 3600;
-
-impl ProviderKind {
-    /// The provider's own limits on one batch: (requests, bytes of input).
-    pub fn batch_limits(self) -> (u64, u64) {
-        match self {
-            ProviderKind::Openai => (50_000, 200 * 1_000_000),
-            ProviderKind::Anthropic => (100_000, 256 * 1_000_000),
-            // Inline requests only (Google takes up to 20 MB of them per batch; the Files API
-            // upload is not used): 10 MB of OpenAI-format lines leaves room for what the
-            // translation and the per-request wrapping add (see `worker::batch::gemini`).
-            ProviderKind::Gemini => (10_000, 10 * 1_000_000),
-        }
-    }
-
-    /// Whether the kind's API has a flex tier (`service_tier: "flex"` in the request body:
-    /// OpenAI, Azure OpenAI, Groq and OpenAI-compatible servers that honour it), which
-    /// `submit --mode flex` needs. Anthropic and Gemini have none.
-    pub fn has_flex_tier(self) -> bool {
-        match self {
-            ProviderKind::Openai => true,
-            ProviderKind::Anthropic | ProviderKind::Gemini => false,
-        }
-    }
-
-    /// The kind's name as configuration files spell it.
-    pub fn name(self) -> &'static str {
-        match self {
-            ProviderKind::Openai => "openai",
-            ProviderKind::Anthropic => "anthropic",
-            ProviderKind::Gemini => "gemini",
-        }
-    }
-}
-
-impl ProviderConfig {
-    /// The chunk limits of this provider: configured, else the kind's own.
-    pub fn batch_limits(&self) -> (u64, u64) {
-        let (requests, bytes) = self.kind.batch_limits();
-        (self.batch_max_requests.unwrap_or(requests), self.batch_max_bytes.unwrap_or(bytes))
-    }
-}
-
-impl ProviderConfig {
-    /// The environment variables holding this provider's keys: the pool, or the single
-    /// `api_key_env`, or none (a provider that needs no key).
-    pub fn key_envs(&self) -> Vec<String> {
-        match &self.api_key_env {
-            Some(var) => vec![var.clone()],
-            None => self.api_key_envs.clone(),
-        }
-    }
-
-    /// One way of naming keys, each variable once.
-    fn check_key_envs(&self, name: &str) -> anyhow::Result<()> {
-        if self.api_key_env.is_some() && !self.api_key_envs.is_empty() {
-            anyhow::bail!("provider {name}: set api_key_env (one key) or api_key_envs (a pool), not both");
-        }
-        // First, before anything quotes a name: a key pasted where its variable's name
-        // belongs must not reach a message or a log.
-        for (key, var) in self
-            .api_key_env
-            .iter()
-            .map(|v| ("api_key_env", v))
-            .chain(self.api_key_envs.iter().map(|v| ("api_key_envs", v)))
-        {
-            if !is_env_var_name(var) {
-                anyhow::bail!(
-                    "provider {name}: {key} must be the NAME of an environment variable holding the key \
-                     (letters, digits and _, at most {MAX_ENV_NAME} characters), not the key itself; \
-                     the value given is not shown"
-                );
-            }
-        }
-        let mut seen = std::collections::BTreeSet::new();
-        for var in &self.api_key_envs {
-            if !seen.insert(var) {
-                anyhow::bail!("provider {name}: api_key_envs must name distinct variables ({var:?} twice)");
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Longest accepted name of a key's environment variable: longer ones are more likely a
-/// pasted key than a name.
-const MAX_ENV_NAME: usize = 64;
-
-/// Whether `s` can be an environment variable's name as shells write them
-/// (`[A-Za-z_][A-Za-z0-9_]*`, at most [`MAX_ENV_NAME`]). Keys have dashes (`sk-...`,
-/// `sk-ant-...`) or are long: neither passes.
-fn is_env_var_name(s: &str) -> bool {
-    let mut chars = s.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
-    first_ok && s.len() <= MAX_ENV_NAME && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn default_max_response_bytes() -> usize {
-    16 << 20
 }
 
 impl Config {
@@ -792,6 +282,79 @@ impl Config {
     }
 }
 
+/// Completion webhooks (see [`crate::webhooks`]). Only the NAME of the variable that holds
+/// the signing secret is configured, never the secret.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WebhooksConfig {
+    /// URL of jobs submitted without `--webhook` (`""`: none).
+    pub default_url: String,
+    /// Name of the environment variable holding the signing secret (`whsec_<base64>` or
+    /// any string), read by workers; `""`: deliveries are sent unsigned.
+    pub secret_env: String,
+    /// Timeout of one delivery attempt (connect to end of the answer), seconds.
+    pub timeout_s: u64,
+    /// Wait before the first retry, seconds; doubles per attempt up to `max_backoff_s`.
+    pub initial_backoff_s: u64,
+    /// Longest wait between attempts, seconds.
+    pub max_backoff_s: u64,
+    /// A delivery is retried for this long after the job ended, seconds (default a day);
+    /// then it is parked in `<ns>.webhooks.dead`.
+    pub max_age_s: u64,
+}
+
+impl WebhooksConfig {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.default_url.is_empty() {
+            crate::webhooks::check_url(&self.default_url).map_err(|e| anyhow::anyhow!("webhooks.default_url: {e}"))?;
+        }
+        if !self.secret_env.is_empty() && !is_env_var_name(&self.secret_env) {
+            anyhow::bail!(
+                "webhooks.secret_env must be the NAME of an environment variable holding the secret, not the \
+                 secret itself; the value given is not shown"
+            );
+        }
+        if !(1..=60).contains(&self.timeout_s) {
+            anyhow::bail!("webhooks.timeout_s must be 1..=60");
+        }
+        if self.initial_backoff_s == 0 || self.max_backoff_s < self.initial_backoff_s || self.max_age_s == 0 {
+            anyhow::bail!(
+                "webhooks: initial_backoff_s must be > 0, max_backoff_s at least initial_backoff_s, max_age_s > 0"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Settings only the fleet's workers use (see [`crate::signing`]).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct FleetConfig {
+    /// Name of the environment variable holding the key (at least 32 bytes) that signs the
+    /// messages only workers write: the tracker's checkpoint and announcements, chunks past
+    /// `pending`. Unset: the fleet runs unsigned. Producers never read it.
+    #[serde(default)]
+    pub signing_key_env: Option<String>,
+}
+
+/// Settings of `producer serve` (see docs/api.md). Only the names of the variables that
+/// hold the clients' keys are configured, never the keys.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ApiConfig {
+    /// Address the HTTP server listens on (`FLEET__API__LISTEN`; port 0 picks a free one).
+    pub listen: String,
+    /// Names of the environment variables each holding one key clients present (`Bearer`
+    /// or `x-api-key`); `FLEET__API__KEY_ENVS=A,B`. The server refuses to start without one.
+    pub key_envs: Vec<String>,
+    /// Largest uploaded file (or inline Message Batch), bytes: larger ones answer 413.
+    pub max_file_bytes: u64,
+    /// Most requests in one uploaded file (OpenAI's limit is 50,000).
+    pub max_file_lines: u64,
+    /// How long uploaded files and the records of files and batches are kept, seconds.
+    pub file_retention_s: u64,
+    /// Requests of one key in progress at once; beyond, the server answers 429 with
+    /// `Retry-After` (one key cannot take the server from the others).
+    pub max_requests_per_key: usize,
+}
+
 impl ApiConfig {
     /// Checks the limits and the variable names (a key pasted where its variable's name
     /// belongs is refused without being shown).
@@ -815,6 +378,449 @@ impl ApiConfig {
         }
         Ok(())
     }
+}
+
+/// RabbitMQ connection and queue settings. `Debug` redacts the URL's password.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct AmqpConfig {
+    /// `amqp://user:pass@host:port/vhost`; credentials belong here or in `FLEET__AMQP__URL`.
+    pub url: String,
+    /// The nodes of a cluster, each a URL like `url`; when set, it replaces `url`. Clients
+    /// connect to one that answers and move to another when theirs goes away. From the
+    /// environment: `FLEET__AMQP__URLS=amqp://..,amqp://..` (percent-encode commas).
+    #[serde(default)]
+    pub urls: Vec<String>,
+    /// Deliveries of one item before the broker dead-letters it (quorum `x-delivery-limit`).
+    /// RabbitMQ 3.10 has no default, so a message that crashes workers would loop forever.
+    pub delivery_limit: u32,
+    /// Messages larger than this on an items queue are dead-lettered unread.
+    pub max_message_bytes: usize,
+    /// AMQP heartbeat asked of the broker, seconds (1 to [`crate::amqp::MAX_HEARTBEAT_S`]): a
+    /// node that goes silent without closing the connection is noticed within 2.5 times
+    /// this. A URL's own `?heartbeat=` wins.
+    pub heartbeat_s: u16,
+}
+
+impl AmqpConfig {
+    /// The broker addresses to connect to: `urls`, or `url` alone when `urls` is empty.
+    pub fn addresses(&self) -> Vec<String> {
+        if self.urls.is_empty() {
+            vec![self.url.clone()]
+        } else {
+            self.urls.clone()
+        }
+    }
+
+    /// Every address must be an AMQP URL: a typo is refused at start-up rather than
+    /// retried forever as an unreachable broker.
+    fn check_addresses(&self) -> anyhow::Result<()> {
+        for url in self.addresses() {
+            // lapin's parse error quotes the whole URL, password included: not shown.
+            if url.parse::<lapin::uri::AMQPUri>().is_err() {
+                let key = if self.urls.is_empty() { "amqp.url" } else { "amqp.urls" };
+                anyhow::bail!(
+                    "{key}: {:?} is not a valid AMQP URL (amqp[s]://user:password@host:port/vhost)",
+                    crate::amqp::redact_url(&url)
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &crate::amqp::redact_url(&self.url))
+            .field("urls", &self.urls.iter().map(|u| crate::amqp::redact_url(u)).collect::<Vec<_>>())
+            .field("delivery_limit", &self.delivery_limit)
+            .field("max_message_bytes", &self.max_message_bytes)
+            .field("heartbeat_s", &self.heartbeat_s)
+            .finish()
+    }
+}
+
+/// Where and how often metrics are pushed. `Debug` redacts the password and the URL's.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct PushgatewayConfig {
+    /// Base URL; an empty string disables pushing.
+    pub url: String,
+    /// Seconds between two pushes of a group that has not changed, so its push time stays
+    /// fresh (a changed one is pushed within a second); at least 1.
+    pub push_interval_s: u64,
+    /// Groups of workers that have not pushed for this long are deleted by the tracker.
+    pub stale_group_s: u64,
+    /// Seconds one request to the Pushgateway (a push, a delete, a listing) may take; at
+    /// least 1.
+    pub timeout_s: u64,
+    /// Optional basic-auth user; the password comes from `FLEET__PUSHGATEWAY__PASSWORD`.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Basic-auth password, sent with `username`; best set through
+    /// `FLEET__PUSHGATEWAY__PASSWORD` (`Debug` shows `***`).
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for PushgatewayConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushgatewayConfig")
+            .field("url", &crate::amqp::redact_url(&self.url))
+            .field("push_interval_s", &self.push_interval_s)
+            .field("stale_group_s", &self.stale_group_s)
+            .field("timeout_s", &self.timeout_s)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .finish()
+    }
+}
+
+/// Worker process settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WorkerConfig {
+    /// Identity in logs, results and the Pushgateway group; generated when empty.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Upper bound on requests in flight per provider in this process: a provider's adaptive
+    /// limit is at most the smaller of this and its own `max_in_flight`. Not the AMQP
+    /// prefetch: the worker sets that a quarter (at least 2) above the bound, as items whose
+    /// result is being confirmed still hold their delivery, and a job's queue gets its
+    /// priority times as much.
+    pub max_in_flight: u16,
+    /// On SIGTERM, how long in-flight items may take to finish before the worker exits.
+    pub drain_timeout_s: u64,
+    /// Providers to serve; empty means every provider in the config.
+    pub providers: Vec<String>,
+    /// Most results of one job sent in one broker message (1: every result alone).
+    #[serde(default = "default_result_group_max")]
+    pub result_group_max: usize,
+    /// Longest a result waits for others of its job before its group is sent, ms.
+    #[serde(default = "default_result_group_linger_ms")]
+    pub result_group_linger_ms: u64,
+}
+
+/// Longest accepted `worker.result_group_linger_ms`: a grouped result holds its item's
+/// prefetch slot while it waits, so a long linger starves the worker.
+const MAX_RESULT_GROUP_LINGER_MS: u64 = 10_000;
+
+fn default_result_group_max() -> usize {
+    64
+}
+
+fn default_result_group_linger_ms() -> u64 {
+    5
+}
+
+/// In-process retries of transient provider failures.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RetryConfig {
+    /// Calls to the provider for one item, the first included.
+    pub max_attempts: u32,
+    /// Wait before the first retry, ms; later waits grow exponentially, with jitter, and
+    /// are never shorter than the provider's `Retry-After`.
+    pub initial_backoff_ms: u64,
+    /// Longest wait between two attempts, ms (a provider's `Retry-After` may ask for more,
+    /// and is obeyed within `max_elapsed_s`).
+    pub max_backoff_ms: u64,
+    /// Total time spent sleeping between attempts of one item before giving up.
+    pub max_elapsed_s: u64,
+    /// Delay-queue tiers: after the in-process budget, an item waits in the tier for its
+    /// attempt number (the last tier repeats) instead of holding a prefetch slot.
+    pub delay_tiers_s: Vec<u64>,
+    /// Passes through a delay queue before the item ends failed with its last error.
+    pub max_delays: u32,
+    /// Time from an item's first delay after which it ends failed rather than wait again.
+    pub delay_budget_s: u64,
+}
+
+/// Producer settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ProducerConfig {
+    /// Largest accepted request body (bytes of the `body` JSON).
+    pub max_body_bytes: usize,
+    /// Publishes awaiting a broker confirm at once.
+    pub confirm_window: usize,
+    /// Deadline of a job when `submit --deadline` is not given (0: none).
+    pub default_deadline_s: u64,
+    /// A job whose submission stopped half-way (and was not resumed) ends `failed` with
+    /// reason `incomplete_submission` after this long without any event (decided by the
+    /// tracker, so workers read it too).
+    pub submit_timeout_s: u64,
+}
+
+/// The job tracker role.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct TrackerConfig {
+    /// Whether this worker may take the tracker role.
+    pub enabled: bool,
+    /// How often the active tracker checkpoints its state and acks the ledger events folded
+    /// since, ms (at least 50; sooner when many events wait).
+    pub checkpoint_interval_ms: u64,
+    /// How long finished jobs stay queryable.
+    pub retention_s: u64,
+}
+
+/// The API dialect a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum ProviderKind {
+    /// OpenAI or any OpenAI-compatible server (vLLM, llama.cpp, the mock).
+    Openai,
+    /// Anthropic's Messages API.
+    Anthropic,
+    /// Google's Gemini API (`generateContent`): OpenAI-format lines are translated (see
+    /// [`crate::gemini`]); the key goes in `x-goog-api-key`.
+    Gemini,
+}
+
+impl TryFrom<String> for ProviderKind {
+    type Error = String;
+
+    fn try_from(kind: String) -> Result<Self, String> {
+        match kind.as_str() {
+            "openai" => Ok(ProviderKind::Openai),
+            "anthropic" => Ok(ProviderKind::Anthropic),
+            "gemini" => Ok(ProviderKind::Gemini),
+            _ => Err(format!(
+                "unknown provider kind {kind:?}: use \"openai\" (OpenAI and OpenAI-compatible servers such as \
+                 LiteLLM or vLLM), \"anthropic\" or \"gemini\""
+            )),
+        }
+    }
+}
+
+impl ProviderKind {
+    /// The provider's own limits on one batch: (requests, bytes of input).
+    pub fn batch_limits(self) -> (u64, u64) {
+        match self {
+            ProviderKind::Openai => (50_000, 200 * 1_000_000),
+            ProviderKind::Anthropic => (100_000, 256 * 1_000_000),
+            // Inline requests only (Google takes up to 20 MB of them per batch; the Files API
+            // upload is not used): 10 MB of OpenAI-format lines leaves room for what the
+            // translation and the per-request wrapping add (see `worker::batch::gemini`).
+            ProviderKind::Gemini => (10_000, 10 * 1_000_000),
+        }
+    }
+
+    /// Whether the kind's API has a flex tier (`service_tier: "flex"` in the request body:
+    /// OpenAI, Azure OpenAI, Groq and OpenAI-compatible servers that honour it), which
+    /// `submit --mode flex` needs. Anthropic and Gemini have none.
+    pub fn has_flex_tier(self) -> bool {
+        match self {
+            ProviderKind::Openai => true,
+            ProviderKind::Anthropic | ProviderKind::Gemini => false,
+        }
+    }
+
+    /// The kind's name as configuration files spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Gemini => "gemini",
+        }
+    }
+}
+
+/// How long a provider takes at most to finish a batch (both kinds promise 24 hours):
+/// `submit --mode auto` picks batch mode only for a job whose deadline is at least this far.
+pub const BATCH_COMPLETION_WINDOW_S: u64 = 24 * 3600;
+
+/// One provider the fleet can call. `kind` and `base_url` are required; the rest have
+/// defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ProviderConfig {
+    /// The API dialect the provider speaks: which endpoints it serves, how it is called and
+    /// which batch API it has.
+    pub kind: ProviderKind,
+    /// The request's `url` (e.g. `/v1/chat/completions`) is appended to this.
+    pub base_url: String,
+    /// Name of the environment variable holding the API key (never the key itself). A
+    /// worker refuses to start when the variable is unset or empty.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// A key pool: names of environment variables each holding one key of this provider
+    /// (instead of `api_key_env`). Calls are spread over the keys, each with its own adaptive
+    /// limiter and `rpm`/`tpm` ceilings (providers limit per key); a key the provider
+    /// refuses as a key (401 `invalid_api_key`, `authentication_error`, or a key-only probe
+    /// that fails) leaves the rotation until a probe finds it good again.
+    #[serde(default)]
+    pub api_key_envs: Vec<String>,
+    /// Seconds a rejected key stays out of the rotation before a key-only probe
+    /// (`GET /v1/models`) may bring it back; it stays out another period when the probe
+    /// fails.
+    #[serde(default = "default_key_retry_s")]
+    pub key_retry_s: u64,
+    /// Seconds one provider call may take.
+    #[serde(default = "default_timeout_s")]
+    pub timeout_s: u64,
+    /// Seconds one call of a `--mode flex` item may take (OpenAI's flex tier queues a
+    /// request for minutes; OpenAI's guide sets a 15-minute client timeout). A flex item
+    /// makes one call per delivery (a failure waits in the delay queues), so with
+    /// `retry.max_elapsed_s` (the longest wait for a slot) it must stay within the
+    /// 20-minute rule.
+    #[serde(default = "default_flex_timeout_s")]
+    pub flex_timeout_s: u64,
+    /// Upper bound of this provider's adaptive in-flight limit in one worker.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u16,
+    /// Optional requests-per-minute ceiling for this worker and key (the adaptive rate stays
+    /// below).
+    #[serde(default)]
+    pub rpm: Option<u32>,
+    /// Optional tokens-per-minute ceiling for this worker and key (tokens estimated as
+    /// providers count them: the body's size plus the requested maximum output).
+    #[serde(default)]
+    pub tpm: Option<u32>,
+    /// Largest response body read from this provider; a larger one is cut off and the item
+    /// ends failed with `response_too_large` (a misbehaving server cannot exhaust memory).
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// Whether the provider has a batch API the fleet may use (`submit --mode batch|auto`):
+    /// OpenAI's `/v1/files` + `/v1/batches`, or Anthropic's `/v1/messages/batches`. Off by
+    /// default: many OpenAI-compatible servers (vLLM, gateways) have no batch API.
+    #[serde(default)]
+    pub batch: bool,
+    /// Most requests in one provider batch (a chunk); unset: the kind's limit (OpenAI
+    /// 50,000, Anthropic 100,000).
+    #[serde(default)]
+    pub batch_max_requests: Option<u64>,
+    /// Most bytes of one provider batch's input; unset: the kind's limit (OpenAI 200 MB,
+    /// Anthropic 256 MB).
+    #[serde(default)]
+    pub batch_max_bytes: Option<u64>,
+    /// Seconds between two polls of a provider batch (the TTL of its poll delay queue).
+    #[serde(default = "default_batch_poll_interval_s")]
+    pub batch_poll_interval_s: u64,
+    /// The account's enqueued-token limit for batches (OpenAI's per-model "batch queue
+    /// limit", e.g. 2,000,000 on Tier 1); unset: no admission. When set, a chunk's provider
+    /// batch is created only while the estimated tokens of the fleet's batches in progress
+    /// plus its own fit (else the chunk waits in the poll queue), and the producer cuts no
+    /// chunk larger than it (OpenAI kind: the batches in progress are read from the
+    /// provider's batch list).
+    #[serde(default)]
+    pub batch_enqueued_tokens: Option<u64>,
+    /// Price per model (`prices."<model>" = { input_per_mtok, output_per_mtok }`): turns
+    /// each job's token usage into its cost; the models named here are also the `model`
+    /// label values of the usage metrics (any other model counts as `other`).
+    #[serde(default)]
+    pub prices: std::collections::BTreeMap<String, crate::usage::Price>,
+    /// Glob patterns (`*` any run of characters, `?` one) of the request `model`s this
+    /// provider serves, e.g. `["gpt-*", "o?-mini"]`. `producer serve` routes a batch by
+    /// its lines' models when several providers serve its endpoint; empty (the default):
+    /// the provider takes no batch by model, only by `metadata.provider` or being the only
+    /// one.
+    #[serde(default)]
+    pub models: Vec<String>,
+}
+
+impl ProviderConfig {
+    /// A provider of `kind` at `base_url` with every other setting at its default, as a
+    /// config file naming only those two keys gets (tools and tests build on it).
+    pub fn new(kind: ProviderKind, base_url: &str) -> ProviderConfig {
+        ProviderConfig {
+            kind,
+            base_url: base_url.to_string(),
+            api_key_env: None,
+            api_key_envs: Vec::new(),
+            key_retry_s: default_key_retry_s(),
+            timeout_s: default_timeout_s(),
+            flex_timeout_s: default_flex_timeout_s(),
+            max_in_flight: default_max_in_flight(),
+            rpm: None,
+            tpm: None,
+            max_response_bytes: default_max_response_bytes(),
+            batch: false,
+            batch_max_requests: None,
+            batch_max_bytes: None,
+            batch_poll_interval_s: default_batch_poll_interval_s(),
+            batch_enqueued_tokens: None,
+            prices: Default::default(),
+            models: Vec::new(),
+        }
+    }
+
+    /// The chunk limits of this provider: configured, else the kind's own.
+    pub fn batch_limits(&self) -> (u64, u64) {
+        let (requests, bytes) = self.kind.batch_limits();
+        (self.batch_max_requests.unwrap_or(requests), self.batch_max_bytes.unwrap_or(bytes))
+    }
+
+    /// The environment variables holding this provider's keys: the pool, or the single
+    /// `api_key_env`, or none (a provider that needs no key).
+    pub fn key_envs(&self) -> Vec<String> {
+        match &self.api_key_env {
+            Some(var) => vec![var.clone()],
+            None => self.api_key_envs.clone(),
+        }
+    }
+
+    /// One way of naming keys, each variable once.
+    fn check_key_envs(&self, name: &str) -> anyhow::Result<()> {
+        if self.api_key_env.is_some() && !self.api_key_envs.is_empty() {
+            anyhow::bail!("provider {name}: set api_key_env (one key) or api_key_envs (a pool), not both");
+        }
+        // First, before anything quotes a name: a key pasted where its variable's name
+        // belongs must not reach a message or a log.
+        for (key, var) in self
+            .api_key_env
+            .iter()
+            .map(|v| ("api_key_env", v))
+            .chain(self.api_key_envs.iter().map(|v| ("api_key_envs", v)))
+        {
+            if !is_env_var_name(var) {
+                anyhow::bail!(
+                    "provider {name}: {key} must be the NAME of an environment variable holding the key \
+                     (letters, digits and _, at most {MAX_ENV_NAME} characters), not the key itself; \
+                     the value given is not shown"
+                );
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for var in &self.api_key_envs {
+            if !seen.insert(var) {
+                anyhow::bail!("provider {name}: api_key_envs must name distinct variables ({var:?} twice)");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_timeout_s() -> u64 {
+    60
+}
+
+fn default_max_in_flight() -> u16 {
+    256
+}
+
+fn default_flex_timeout_s() -> u64 {
+    900
+}
+
+fn default_key_retry_s() -> u64 {
+    60
+}
+
+fn default_batch_poll_interval_s() -> u64 {
+    60
+}
+
+fn default_max_response_bytes() -> usize {
+    16 << 20
+}
+
+/// Longest accepted name of a key's environment variable: longer ones are more likely a
+/// pasted key than a name.
+const MAX_ENV_NAME: usize = 64;
+
+/// Whether `s` can be an environment variable's name as shells write them
+/// (`[A-Za-z_][A-Za-z0-9_]*`, at most [`MAX_ENV_NAME`]). Keys have dashes (`sk-...`,
+/// `sk-ant-...`) or are long: neither passes.
+fn is_env_var_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_');
+    first_ok && s.len() <= MAX_ENV_NAME && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// The configuration sources in order: defaults (with the built-in mock provider when

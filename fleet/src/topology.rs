@@ -21,7 +21,19 @@
 //! <ns>.delay   (headers, fleet-delay-s)   --> <ns>.delayed.<n>s    quorum, TTL n s, dead-
 //!                                                            letters back to <ns>.jobs under
 //!                                                            the job id it was published with
+//! (default)    ------------------> <ns>.batch.items.<job>    stream: a batch-mode job's items,
+//!                                                            read by offset, one per job
+//! (default)    ------------------> <ns>.batch.<provider>     quorum, delivery limit, DLX
+//!                                                            <ns>.dead: chunks ready for a
+//!                                                            worker (provider batch mode)
+//! (default)    ------------------> <ns>.batch.<provider>.poll.<n>s  quorum, TTL n s, dead-
+//!                                                            letters (at least once) back to
+//!                                                            <ns>.batch.<provider>
 //! ```
+//!
+//! Also named here, outside the picture: the tracker's lock, status queries and checkpoints
+//! (`<ns>.tracker.*`), the completion webhooks (`<ns>.webhooks`, its delay tiers and dead
+//! queue) and `producer serve`'s streams and upload locks (`<ns>.api.*`).
 
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -29,7 +41,7 @@ use lapin::{Channel, ExchangeKind};
 
 /// Results streams keep a job's results for a week at most (the tracker deletes a job's
 /// stream earlier, when it forgets the finished job after `tracker.retention_s`).
-pub(crate) const RESULTS_MAX_AGE: &str = "7D";
+const RESULTS_MAX_AGE: &str = "7D";
 /// [`RESULTS_MAX_AGE`] in seconds: how long a job's results (and its failed items' requests)
 /// stay readable, measured from when each was written.
 pub const RESULTS_MAX_AGE_S: u64 = 7 * 86_400;
@@ -284,6 +296,38 @@ impl Topology {
         format!("{}.webhooks.dead", self.ns)
     }
 
+    /// The stream holding a batch-mode job's items, in the order the producer laid them out
+    /// ([`crate::batch::ChunkLayout`]: grouped by endpoint, in file order within a group), read
+    /// by offset (resumed submissions may append an item again: readers skip what they have).
+    pub fn batch_items_stream(&self, job_id: &str) -> String {
+        format!("{}.batch.items.{job_id}", self.ns)
+    }
+    /// Chunks of `provider` waiting for a worker (to create, poll or fetch their batch).
+    pub fn chunk_queue(&self, provider: &str) -> String {
+        format!("{}.batch.{provider}", self.ns)
+    }
+    /// Chunks of `provider` waiting `secs` until their next poll.
+    pub fn poll_queue(&self, provider: &str, secs: u64) -> String {
+        format!("{}.batch.{provider}.poll.{secs}s", self.ns)
+    }
+
+    /// Stream of `producer serve`'s records (uploaded files, batches, cancels, deletions):
+    /// append-only, replayed by every replica, so any replica answers any request.
+    pub fn api_meta_stream(&self) -> String {
+        format!("{}.api.meta", self.ns)
+    }
+    /// Stream holding the lines of one file uploaded to `producer serve`; the file exists
+    /// for clients only once its record is on [`Topology::api_meta_stream`].
+    pub fn api_file_stream(&self, file_id: &str) -> String {
+        format!("{}.api.file.{file_id}", self.ns)
+    }
+    /// The lock of an upload in progress to `producer serve`: an exclusive queue
+    /// `<file stream>.lock` held on the uploading replica's connection, so the broker
+    /// deletes it when that replica dies (see `producer::serve::lease`).
+    pub fn api_file_lock_queue(&self, file_id: &str) -> String {
+        format!("{}.lock", self.api_file_stream(file_id))
+    }
+
     /// Declares the webhook queues: `<ns>.webhooks` (quorum, with the delivery limit; a
     /// delivery that keeps killing senders goes to `<ns>.webhooks.dead`), its dead queue,
     /// and one delay tier per `tiers_s` (quorum, TTL, at-least-once dead-lettering back).
@@ -489,17 +533,6 @@ impl Topology {
         args
     }
 
-    /// Stream of `producer serve`'s records (uploaded files, batches, cancels, deletions):
-    /// append-only, replayed by every replica, so any replica answers any request.
-    pub fn api_meta_stream(&self) -> String {
-        format!("{}.api.meta", self.ns)
-    }
-    /// Stream holding the lines of one file uploaded to `producer serve`; the file exists
-    /// for clients only once its record is on [`Topology::api_meta_stream`].
-    pub fn api_file_stream(&self, file_id: &str) -> String {
-        format!("{}.api.file.{file_id}", self.ns)
-    }
-
     /// Declares the results stream of a job and binds it to the results exchange. A stream
     /// (not a queue) so that reading does not consume: `wait` can run any number of times.
     pub async fn declare_results_queue(&self, ch: &Channel, job_id: &str) -> lapin::Result<()> {
@@ -517,6 +550,43 @@ impl Topology {
             FieldTable::default(),
         )
         .await
+    }
+
+    /// Declares a job's batch items stream (kept as long as a results stream at most; the
+    /// tracker deletes it with the results when it forgets the job).
+    pub async fn declare_batch_items_stream(&self, ch: &Channel, job_id: &str) -> lapin::Result<()> {
+        let mut args = FieldTable::default();
+        args.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+        args.insert("x-max-age".into(), AMQPValue::LongString(RESULTS_MAX_AGE.into()));
+        declare_queue(ch, &self.batch_items_stream(job_id), args).await
+    }
+
+    /// Declares the chunk queue of `provider` and its poll queue. The chunk queue has the
+    /// items queues' delivery limit and dead-lettering; the poll queue holds each chunk
+    /// `poll_s` seconds and hands it back (at least once) to the chunk queue.
+    pub async fn declare_chunk_queues(&self, ch: &Channel, provider: &str, poll_s: u64) -> lapin::Result<()> {
+        let mut args = quorum();
+        args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(self.delivery_limit.into()));
+        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(self.dead_exchange().into()));
+        args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        declare_queue(ch, &self.chunk_queue(provider), args).await?;
+        let mut poll = quorum();
+        poll.insert("x-message-ttl".into(), AMQPValue::LongLongInt((poll_s * 1000) as i64));
+        // The default exchange routes by queue name: back to the chunk queue.
+        poll.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+        poll.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(self.chunk_queue(provider).into()));
+        poll.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+        poll.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+        declare_queue(ch, &self.poll_queue(provider, poll_s), poll).await
+    }
+
+    /// Deletes the chunk queues of `provider` (tests tidying up).
+    pub async fn delete_chunk_queues(&self, ch: &Channel, provider: &str, poll_s: u64) -> lapin::Result<()> {
+        for q in [self.chunk_queue(provider), self.poll_queue(provider, poll_s)] {
+            ch.queue_delete(q.into(), Default::default()).await?;
+        }
+        Ok(())
     }
 
     /// Whether `job_id` was submitted in this namespace and is still retained: `submit`
@@ -608,13 +678,13 @@ pub fn is_not_found(e: &lapin::Error) -> bool {
     crate::amqp::refusal(e) == Some(crate::amqp::Refusal::NotFound)
 }
 
-pub(crate) fn quorum() -> FieldTable {
+fn quorum() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
     args
 }
 
-pub(crate) async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
+async fn declare_queue(ch: &Channel, name: &str, args: FieldTable) -> lapin::Result<()> {
     let name: ShortString = name.into();
     ch.queue_declare(name, QueueDeclareOptions { durable: true, ..Default::default() }, args).await.map(|_| ())
 }
@@ -631,6 +701,10 @@ mod tests {
         assert_eq!(t.ledger_queue(), "t42.ledger");
         assert_eq!(t.job_items_queue("mock", "job_1"), "t42.items.mock.job_1");
         assert_eq!(t.job_delay_queue(30), "t42.delayed.30s");
+        assert_eq!(t.batch_items_stream("job1"), "t42.batch.items.job1");
+        assert_eq!(t.chunk_queue("mock"), "t42.batch.mock");
+        assert_eq!(t.poll_queue("mock", 60), "t42.batch.mock.poll.60s");
+        assert_eq!(t.api_file_lock_queue("file-1"), "t42.api.file.file-1.lock");
     }
 
     #[test]

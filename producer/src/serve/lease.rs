@@ -28,15 +28,10 @@ use super::store::{Record, Store};
 /// passive declare per upload in progress, and an orphaned stream holds broker disk.
 const REAP_EVERY: Duration = Duration::from_secs(5);
 
-/// The name of the lock queue of `file_id`'s upload.
-pub fn lock_queue(store: &Store, file_id: &str) -> String {
-    format!("{}.lock", store.topology.api_file_stream(file_id))
-}
-
 /// An upload's lock, held until dropped; dropping it deletes the lock queue (in a spawned
 /// task, as a drop cannot wait), so an upload that ends any way, even by its request being
 /// dropped mid-body, lets the reaper decide about its stream.
-pub struct Lease {
+pub(crate) struct Lease {
     ch: lapin::Channel,
     queue: String,
 }
@@ -44,10 +39,10 @@ pub struct Lease {
 impl Lease {
     /// Declares `file_id`'s lock on the shared connection, then writes the
     /// `upload_started` record (in that order: a record always has a lock to ask about).
-    pub async fn take(store: &Store, file_id: &str) -> Result<Lease, ApiError> {
+    pub(crate) async fn take(store: &Store, file_id: &str) -> Result<Lease, ApiError> {
         let conn = store.broker.conn().await?;
         let ch = fleet::amqp::open_channel(&conn).await?;
-        let queue = lock_queue(store, file_id);
+        let queue = store.topology.api_file_lock_queue(file_id);
         let opts = QueueDeclareOptions { exclusive: true, ..Default::default() };
         ch.queue_declare(queue.as_str().into(), opts, FieldTable::default()).await?;
         let lease = Lease { ch, queue };
@@ -76,7 +71,8 @@ async fn alive(store: &Store, file_id: &str) -> Result<bool, ApiError> {
     // A failed passive declare closes its channel: one channel per question.
     let ch = fleet::amqp::open_channel(&conn).await?;
     let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-    match ch.queue_declare(lock_queue(store, file_id).as_str().into(), passive, FieldTable::default()).await {
+    let queue = store.topology.api_file_lock_queue(file_id);
+    match ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await {
         Ok(_) => {
             let _ = ch.close(200, "asked".into()).await;
             Ok(true)
@@ -89,7 +85,7 @@ async fn alive(store: &Store, file_id: &str) -> Result<bool, ApiError> {
 
 /// Deletes the streams of uploads whose replica died, every [`REAP_EVERY`], until
 /// `shutdown` (see the module's header).
-pub async fn reap(store: Arc<Store>, shutdown: CancellationToken) {
+pub(crate) async fn reap(store: Arc<Store>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(REAP_EVERY) => {}

@@ -38,7 +38,7 @@ const JOB_TIMEOUT: Duration = Duration::from_secs(1800);
 
 /// What one api row measures.
 #[derive(Debug, Clone, Copy)]
-pub enum Variant {
+pub(crate) enum Variant {
     /// The same file of this many lines through the API and through the CLI.
     VersusCli(u64),
     /// A file of about this many MiB through the API alone.
@@ -46,7 +46,7 @@ pub enum Variant {
 }
 
 /// One row of the api scenario on a fleet of its own (2 workers, a zero-latency mock).
-pub async fn run(stack: &Stack, variant: Variant) -> anyhow::Result<Row> {
+pub(crate) async fn run(stack: &Stack, variant: Variant) -> anyhow::Result<Row> {
     let mock = Mock::try_start(0, &[])?;
     let mut fleet = FleetRun::new(stack, "api", &mock.url, IN_FLIGHT)?;
     let res = async {

@@ -18,7 +18,7 @@ use crate::workload::PROVIDER;
 const STOP_GRACE: Duration = Duration::from_secs(20);
 
 /// A fleet under test.
-pub struct FleetRun<'a> {
+pub(crate) struct FleetRun<'a> {
     stack: &'a Stack,
     /// Its namespace (`bench.<scenario>.<random>`).
     pub ns: String,
@@ -29,7 +29,7 @@ pub struct FleetRun<'a> {
 }
 
 /// A finished `producer submit`.
-pub struct Submitted {
+pub(crate) struct Submitted {
     pub job_id: String,
     pub total: u64,
     pub timed: Timed,
@@ -38,7 +38,7 @@ pub struct Submitted {
 impl<'a> FleetRun<'a> {
     /// Writes the config of a fleet on a fresh namespace whose `mock` provider is
     /// `mock_url`, with `max_in_flight` both per worker and for the provider.
-    pub fn new(stack: &'a Stack, scenario: &str, mock_url: &str, max_in_flight: u16) -> anyhow::Result<Self> {
+    pub(crate) fn new(stack: &'a Stack, scenario: &str, mock_url: &str, max_in_flight: u16) -> anyhow::Result<Self> {
         let (ns, dir) = stack.namespace(scenario)?;
         let config = dir.join("fleet.toml");
         config_toml(&ns, &stack.amqp_url, &stack.pushgateway_url, mock_url, max_in_flight).write(&config)?;
@@ -50,22 +50,22 @@ impl<'a> FleetRun<'a> {
     }
 
     /// The names of its queues and exchanges.
-    pub fn topology(&self) -> Topology {
+    pub(crate) fn topology(&self) -> Topology {
         Topology::names(&self.ns)
     }
 
     /// Its config file (what `producer serve` of this fleet reads too).
-    pub fn config(&self) -> &Path {
+    pub(crate) fn config(&self) -> &Path {
         &self.config
     }
 
     /// The stack this fleet runs on.
-    pub fn stack(&self) -> &'a Stack {
+    pub(crate) fn stack(&self) -> &'a Stack {
         self.stack
     }
 
     /// Starts `n` more workers (`bench-w<i>`, logs in the scratch directory).
-    pub fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
+    pub(crate) fn start_workers(&mut self, n: usize) -> anyhow::Result<()> {
         for _ in 0..n {
             let id = format!("bench-w{}", self.workers.len() + 1);
             let mut cmd = harness::worker_command(&self.config);
@@ -78,7 +78,7 @@ impl<'a> FleetRun<'a> {
     }
 
     /// Waits until every started worker consumes the items queue.
-    pub async fn wait_for_consumers(&mut self, timeout: Duration) -> anyhow::Result<()> {
+    pub(crate) async fn wait_for_consumers(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let queue = self.topology().items_queue(PROVIDER);
         let want = self.workers.len() as u32;
         let started = Instant::now();
@@ -100,7 +100,7 @@ impl<'a> FleetRun<'a> {
     }
 
     /// Runs `producer submit FILE --provider mock --json` under GNU time.
-    pub async fn submit(&mut self, input: &Path) -> anyhow::Result<Submitted> {
+    pub(crate) async fn submit(&mut self, input: &Path) -> anyhow::Result<Submitted> {
         let timed = self
             .producer(&[
                 OsStr::new("submit"),
@@ -120,7 +120,7 @@ impl<'a> FleetRun<'a> {
     }
 
     /// Runs `producer wait JOB --output FILE --json` under GNU time; returns its summary.
-    pub async fn wait(
+    pub(crate) async fn wait(
         &self,
         job_id: &str,
         output: &Path,
@@ -151,12 +151,12 @@ impl<'a> FleetRun<'a> {
     }
 
     /// CPU time and peak RSS of every worker so far.
-    pub fn worker_usage(&self) -> anyhow::Result<Vec<Usage>> {
+    pub(crate) fn worker_usage(&self) -> anyhow::Result<Vec<Usage>> {
         self.workers.iter().map(procs::usage_of).collect()
     }
 
     /// Measures the workers, then stops them (SIGTERM, drain, SIGKILL after a grace).
-    pub async fn stop_workers(&mut self) -> anyhow::Result<Vec<Usage>> {
+    pub(crate) async fn stop_workers(&mut self) -> anyhow::Result<Vec<Usage>> {
         let usage = self.worker_usage();
         for w in self.workers.drain(..) {
             let name = w.name.clone();
@@ -169,7 +169,7 @@ impl<'a> FleetRun<'a> {
     }
 
     /// Stops what is still running and deletes the namespace's queues and groups.
-    pub async fn cleanup(mut self) {
+    pub(crate) async fn cleanup(mut self) {
         if let Err(e) = self.stop_workers().await {
             eprintln!("bench: stopping workers of {}: {e:#}", self.ns);
         }

@@ -5,6 +5,9 @@
 //! Every scenario uses a fresh namespace and its own mock provider, and removes its
 //! processes, queues and Pushgateway groups when done, also on failure or Ctrl-C.
 
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
+
 mod api;
 mod fleet_run;
 mod probes;

@@ -90,7 +90,7 @@ const PROBES: [Probe; 6] = [
 ];
 
 /// Runs every probe; a probe that fails gets a FAILED row.
-pub async fn run(stack: &Stack) -> Vec<Row> {
+pub(crate) async fn run(stack: &Stack) -> Vec<Row> {
     let mut rows = Vec::new();
     for probe in PROBES {
         let row = match measure(stack, probe).await {

@@ -17,7 +17,7 @@ const GNU_TIME: &str = "/usr/bin/time";
 
 /// CPU time and peak resident memory of a process.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// User plus system CPU seconds.
     pub cpu_s: f64,
     /// Peak resident set size (`VmHWM`), KiB.
@@ -26,7 +26,7 @@ pub struct Usage {
 
 impl Usage {
     /// Peak RSS in MiB.
-    pub fn peak_rss_mib(&self) -> f64 {
+    pub(crate) fn peak_rss_mib(&self) -> f64 {
         self.peak_rss_kib as f64 / 1024.0
     }
 }
@@ -46,7 +46,7 @@ fn clock_ticks() -> f64 {
 }
 
 /// Usage of process `pid` (`"self"` for this one) so far, from `/proc`.
-pub fn read_usage(pid: &str) -> anyhow::Result<Usage> {
+pub(crate) fn read_usage(pid: &str) -> anyhow::Result<Usage> {
     let stat =
         std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name (field 2) is in parentheses and may hold spaces: count fields from
@@ -71,7 +71,7 @@ pub fn read_usage(pid: &str) -> anyhow::Result<Usage> {
 /// listening on the AMQP `port` (found with `ss -tlnp`; every `beam.smp` when none is
 /// found, e.g. without the rights to see the owner), or `None` when it is not visible from
 /// here. Only read, to show where the CPU went.
-pub fn broker_cpu_s(port: u16) -> Option<f64> {
+pub(crate) fn broker_cpu_s(port: u16) -> Option<f64> {
     if let Some(pid) = listener_pid(port) {
         return read_usage(&pid.to_string()).ok().map(|u| u.cpu_s);
     }
@@ -101,18 +101,18 @@ fn listener_pid(port: u16) -> Option<u32> {
 }
 
 /// CPU time and peak RSS of a running process so far.
-pub fn usage_of(proc: &Proc) -> anyhow::Result<Usage> {
+pub(crate) fn usage_of(proc: &Proc) -> anyhow::Result<Usage> {
     read_usage(&proc.pid().to_string()).with_context(|| format!("measuring {}", proc.name))
 }
 
 /// Stops `proc` (SIGTERM, SIGKILL after `grace`) off the async threads.
-pub async fn stop(proc: Proc, grace: Duration) -> anyhow::Result<ExitStatus> {
+pub(crate) async fn stop(proc: Proc, grace: Duration) -> anyhow::Result<ExitStatus> {
     tokio::task::spawn_blocking(move || proc.stop(grace)).await?
 }
 
 /// Answer counts of the mock provider (`GET /stats`).
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct MockStats {
+pub(crate) struct MockStats {
     /// Requests received on the `/v1` routes.
     pub requests: u64,
     /// Answers by HTTP status (decimal string keys).
@@ -128,18 +128,18 @@ pub struct MockStats {
 
 impl MockStats {
     /// The mock's counters now (one short request on loopback).
-    pub fn of(mock: &Mock) -> anyhow::Result<MockStats> {
+    pub(crate) fn of(mock: &Mock) -> anyhow::Result<MockStats> {
         Ok(serde_json::from_value(mock.try_stats()?)?)
     }
 
     /// Answers with HTTP `status`.
-    pub fn status(&self, status: u16) -> u64 {
+    pub(crate) fn status(&self, status: u16) -> u64 {
         self.by_status.get(&status.to_string()).copied().unwrap_or(0)
     }
 }
 
 /// Stops the mock and returns its CPU use.
-pub async fn stop_mock(mock: Mock) -> anyhow::Result<Usage> {
+pub(crate) async fn stop_mock(mock: Mock) -> anyhow::Result<Usage> {
     let usage = usage_of(&mock.proc)?;
     stop(mock.proc, Duration::from_secs(5)).await?;
     Ok(usage)
@@ -147,7 +147,7 @@ pub async fn stop_mock(mock: Mock) -> anyhow::Result<Usage> {
 
 /// A finished short-lived command and what it cost.
 #[derive(Debug)]
-pub struct Timed {
+pub(crate) struct Timed {
     pub output: Output,
     /// Wall time from spawn to exit, seconds.
     pub wall_s: f64,
@@ -157,7 +157,7 @@ pub struct Timed {
 
 impl Timed {
     /// Fails with the command's stderr unless it exited 0.
-    pub fn ensure_success(&self, what: &str) -> anyhow::Result<()> {
+    pub(crate) fn ensure_success(&self, what: &str) -> anyhow::Result<()> {
         anyhow::ensure!(
             self.output.status.success(),
             "{what} failed ({}): {}",
@@ -170,7 +170,7 @@ impl Timed {
 
 /// Runs `program args` to completion under GNU time (its report goes to `report`, so the
 /// program's own stdout and stderr stay untouched).
-pub async fn run_timed(program: &Path, args: &[&std::ffi::OsStr], report: PathBuf) -> anyhow::Result<Timed> {
+pub(crate) async fn run_timed(program: &Path, args: &[&std::ffi::OsStr], report: PathBuf) -> anyhow::Result<Timed> {
     anyhow::ensure!(Path::new(GNU_TIME).exists(), "{GNU_TIME} is missing (apt-get install time)");
     let mut cmd = Command::new(GNU_TIME);
     cmd.arg("-o").arg(&report).args(["-f", "%M %U %S"]).arg(program).args(args).stdin(Stdio::null());
@@ -197,7 +197,7 @@ fn parse_time_report(text: &str) -> Option<Usage> {
 }
 
 /// Removes inherited `FLEET*` variables: they would override the config file we write.
-pub fn clear_fleet_env(cmd: &mut Command) {
+pub(crate) fn clear_fleet_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("FLEET") {
             cmd.env_remove(key);

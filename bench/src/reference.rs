@@ -39,7 +39,7 @@ const STALL: Duration = Duration::from_secs(60);
 
 /// What the reference achieved.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub items: u64,
     /// First publish to last result collected, seconds.
     pub wall_s: f64,
@@ -51,13 +51,13 @@ pub struct Outcome {
 
 impl Outcome {
     /// Items per second.
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.items as f64 / self.wall_s
     }
 }
 
 /// Runs the reference pipeline for `items` items against the mock at `mock_url`.
-pub async fn run(stack: &Stack, mock_url: &str, items: u64) -> anyhow::Result<Outcome> {
+pub(crate) async fn run(stack: &Stack, mock_url: &str, items: u64) -> anyhow::Result<Outcome> {
     let (ns, _dir) = stack.namespace("reference")?;
     let (items_q, results_q) = crate::stack::pipeline_names(&ns);
     let res = pipeline(stack, mock_url, items, &items_q, &results_q).await;

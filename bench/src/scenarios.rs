@@ -33,7 +33,7 @@ const DEFAULT_IN_FLIGHT: u16 = 256;
 
 /// A scenario, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
-pub enum Scenario {
+pub(crate) enum Scenario {
     /// Bare lapin + reqwest pipeline in this process (the overhead baseline).
     Reference,
     /// The fleet on a zero-latency mock, 1 then 2 workers, against the reference.
@@ -59,7 +59,7 @@ pub enum Scenario {
 
 /// How big each scenario is.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// Items of the reference, overhead and latency scenarios.
     pub items: u64,
     /// Lines of the submit scenario's file.
@@ -187,13 +187,13 @@ fn worker_columns(cpu_s: f64, usages: &[Usage], items: u64) -> (Option<f64>, Opt
 
 /// What the overhead scenario is measured against: the reference's rate and broker cost.
 #[derive(Debug, Clone, Copy)]
-pub struct Baseline {
+pub(crate) struct Baseline {
     pub rate: f64,
     pub broker_cpu_us_per_item: Option<f64>,
 }
 
 impl Baseline {
-    pub fn of(reference: &Row) -> Baseline {
+    pub(crate) fn of(reference: &Row) -> Baseline {
         Baseline { rate: reference.items_per_s, broker_cpu_us_per_item: reference.broker_cpu_us_per_item }
     }
 }
@@ -208,7 +208,7 @@ const LATENCY_MIN_FRACTION: f64 = 0.90;
 const SUBMIT_MIN_RATE: f64 = 30_000.0;
 
 /// The reference pipeline and its row.
-pub async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+pub(crate) async fn reference(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     let mock = Mock::try_start(0, &[])?;
     let before = CpuMark::now(stack, Some(&mock));
     let traffic = Sampler::start(stack.amqp_port(), Scope::OwnProcess);
@@ -388,7 +388,7 @@ fn remove(path: &Path) {
 }
 
 /// The fleet on a zero-latency mock with `workers` workers, against the reference rate.
-pub async fn overhead(
+pub(crate) async fn overhead(
     stack: &Stack,
     settings: &Settings,
     workers: usize,
@@ -426,7 +426,7 @@ pub async fn overhead(
 }
 
 /// One worker, 1,000 in flight, on a mock answering after 200 ms.
-pub async fn latency(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+pub(crate) async fn latency(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     let latency = LATENCY_MS.to_string();
     let run = run_job(stack, "latency", &["--latency-ms", &latency], 1, LATENCY_IN_FLIGHT, settings.items).await?;
     let mut row = run.row(format!("latency (1 worker, {LATENCY_IN_FLIGHT} in flight, {LATENCY_MS} ms)"));
@@ -447,14 +447,14 @@ pub async fn latency(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> 
 
 /// Four workers against a mock limited to 6,000 requests per minute, measured over a fixed
 /// window with the mock's own counters.
-pub async fn ratelimit(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+pub(crate) async fn ratelimit(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     limited(stack, settings, Limit::Rpm(RATELIMIT_RPM), "ratelimit").await
 }
 
 /// Four workers (no `tpm` configured: they adapt to the 429s and the token headers)
 /// against a mock limited to 600,000 tokens per minute, measured like `ratelimit` with the
 /// mock's own token count.
-pub async fn tpm(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+pub(crate) async fn tpm(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     limited(stack, settings, Limit::Tpm(TPM_LIMIT), "tpm").await
 }
 
@@ -558,7 +558,7 @@ async fn drive_ratelimit(
 }
 
 /// `producer submit` of a large file with no worker running.
-pub async fn submit(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+pub(crate) async fn submit(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     // No worker calls the provider here: any URL will do.
     let mut fleet = FleetRun::new(stack, "submit", "http://127.0.0.1:9", DEFAULT_IN_FLIGHT)?;
     let res = drive_submit(&mut fleet, settings.submit_lines).await;
@@ -607,7 +607,7 @@ const FAIRNESS_WINDOW: Duration = Duration::from_secs(10);
 /// A big job runs; a small one is submitted: how long the small one takes (submit to the
 /// end of `wait`), and how much of its rate the big one loses in the window around it
 /// compared with the window before.
-pub async fn fairness(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
+pub(crate) async fn fairness(stack: &Stack, settings: &Settings) -> anyhow::Result<Row> {
     let latency = FAIRNESS_LATENCY_MS.to_string();
     let mock = Mock::try_start(0, &["--latency-ms", &latency])?;
     let mut fleet = FleetRun::new(stack, "fairness", &mock.url, DEFAULT_IN_FLIGHT)?;

@@ -13,7 +13,7 @@ use harness::Names;
 use crate::workload::PROVIDER;
 
 /// What every scenario shares.
-pub struct Stack {
+pub(crate) struct Stack {
     /// `amqp://...` of the broker.
     pub amqp_url: String,
     /// Base URL of the Pushgateway the workers push to.
@@ -31,7 +31,7 @@ pub struct Stack {
 
 /// What must go with a namespace besides its fixed queues.
 #[derive(Debug, Clone, Default)]
-pub struct Leftover {
+pub(crate) struct Leftover {
     /// Jobs submitted (one results queue each).
     pub jobs: Vec<String>,
     /// The workers' delay-queue tiers (one delay queue per tier).
@@ -41,14 +41,14 @@ pub struct Leftover {
 /// The plain queue and exchange of the bench's own pipelines (reference, probes) on
 /// namespace `ns`: named like the fleet's items and results exchanges, so the namespace's
 /// clean-up deletes them with the rest.
-pub fn pipeline_names(ns: &str) -> (String, String) {
+pub(crate) fn pipeline_names(ns: &str) -> (String, String) {
     let t = Topology::names(ns);
     (t.items_exchange(), t.results_exchange())
 }
 
 impl Stack {
     /// Connects to the broker and creates the scratch directory.
-    pub async fn connect(amqp_url: String, pushgateway_url: String) -> anyhow::Result<Stack> {
+    pub(crate) async fn connect(amqp_url: String, pushgateway_url: String) -> anyhow::Result<Stack> {
         for bin in ["worker", "producer", "mock-provider"] {
             let path = harness::bin(bin);
             anyhow::ensure!(path.exists(), "{} is missing: run `cargo build --release --bins` first", path.display());
@@ -62,12 +62,12 @@ impl Stack {
     }
 
     /// The broker's AMQP port (of `amqp_url`), whose connections are measured.
-    pub fn amqp_port(&self) -> u16 {
+    pub(crate) fn amqp_port(&self) -> u16 {
         self.amqp_url.parse::<lapin::uri::AMQPUri>().map_or(5672, |u| u.authority.port)
     }
 
     /// A fresh namespace `bench.<scenario>.<random>` and its own scratch subdirectory.
-    pub fn namespace(&self, scenario: &str) -> anyhow::Result<(String, PathBuf)> {
+    pub(crate) fn namespace(&self, scenario: &str) -> anyhow::Result<(String, PathBuf)> {
         let ns = harness::namespace("bench", scenario);
         let dir = self.scratch.join(&ns);
         std::fs::create_dir_all(&dir)?;
@@ -76,7 +76,7 @@ impl Stack {
     }
 
     /// Records what must go with namespace `ns` besides its fixed queues.
-    pub fn track(&self, ns: &str, update: impl FnOnce(&mut Leftover)) {
+    pub(crate) fn track(&self, ns: &str, update: impl FnOnce(&mut Leftover)) {
         update(self.lock_leftovers().entry(ns.to_string()).or_default());
     }
 
@@ -85,7 +85,7 @@ impl Stack {
     }
 
     /// Deletes every namespace not cleaned up yet (after an interruption or a failure).
-    pub async fn delete_leftovers(&self) {
+    pub(crate) async fn delete_leftovers(&self) {
         let namespaces: Vec<String> = self.lock_leftovers().keys().cloned().collect();
         for ns in namespaces {
             if let Err(e) = self.delete_namespace(&ns).await {
@@ -95,7 +95,7 @@ impl Stack {
     }
 
     /// `(messages ready, consumers)` of a queue, or `None` if it does not exist.
-    pub async fn queue_state(&self, queue: &str) -> anyhow::Result<Option<(u32, u32)>> {
+    pub(crate) async fn queue_state(&self, queue: &str) -> anyhow::Result<Option<(u32, u32)>> {
         Ok(fleet::topology::queue_stats(&self.admin, queue).await?)
     }
 
@@ -103,7 +103,7 @@ impl Stack {
     /// what `rabbitmqctl` lists, the names known here, for a broker it cannot see: the
     /// jobs' results and items queues, the fleet's fixed queues and exchanges, the
     /// pipelines' plain queues.
-    pub async fn delete_namespace(&self, ns: &str) -> anyhow::Result<()> {
+    pub(crate) async fn delete_namespace(&self, ns: &str) -> anyhow::Result<()> {
         let topology = Topology::names(ns);
         let left = self.lock_leftovers().get(ns).cloned().unwrap_or_default();
         let (mut queues, exchanges) = topology.fixed_names(&[PROVIDER], &left.delay_tiers_s);
@@ -121,13 +121,13 @@ impl Stack {
     }
 
     /// Removes the scratch directory.
-    pub fn remove_scratch(&self) {
+    pub(crate) fn remove_scratch(&self) {
         let _ = std::fs::remove_dir_all(&self.scratch);
     }
 }
 
 /// The load averages (1, 5, 15 min) from `/proc/loadavg`.
-pub fn load_average() -> [f64; 3] {
+pub(crate) fn load_average() -> [f64; 3] {
     let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut f = text.split_whitespace().map(|v| v.parse().unwrap_or(f64::NAN));
     [f.next().unwrap_or(f64::NAN), f.next().unwrap_or(f64::NAN), f.next().unwrap_or(f64::NAN)]

@@ -5,7 +5,7 @@ use serde::Serialize;
 
 /// One measured configuration.
 #[derive(Debug, Clone, Serialize)]
-pub struct Row {
+pub(crate) struct Row {
     /// Scenario and variant, e.g. `overhead (2 workers)`.
     pub scenario: String,
     /// Items (or lines, or successful requests) the figures are about.
@@ -37,7 +37,7 @@ pub struct Row {
 impl Row {
     /// A row with its throughput and figure, and no cost columns (a scenario that sets
     /// them does so on the row, or through `CpuMark::add_since` / `with_costs`).
-    pub fn measured(
+    pub(crate) fn measured(
         scenario: String,
         items: u64,
         wall_s: f64,
@@ -62,12 +62,12 @@ impl Row {
     }
 
     /// A row for a scenario that could not be measured.
-    pub fn failed(scenario: &str, error: &anyhow::Error) -> Row {
+    pub(crate) fn failed(scenario: &str, error: &anyhow::Error) -> Row {
         Row::measured(scenario.to_string(), 0, 0.0, 0.0, format!("FAILED: {error:#}"), None)
     }
 
     /// Adds a raw number to `details`.
-    pub fn detail(mut self, key: &str, value: impl Into<serde_json::Value>) -> Row {
+    pub(crate) fn detail(mut self, key: &str, value: impl Into<serde_json::Value>) -> Row {
         self.details.insert(key.to_string(), value.into());
         self
     }
@@ -86,7 +86,7 @@ const HEADERS: [&str; 9] = [
 ];
 
 /// The rows as a markdown table with aligned columns.
-pub fn render(rows: &[Row]) -> String {
+pub(crate) fn render(rows: &[Row]) -> String {
     let cells: Vec<[String; 9]> = rows
         .iter()
         .map(|r| {
@@ -138,7 +138,7 @@ pub fn render(rows: &[Row]) -> String {
 }
 
 /// `1234567` as `1,234,567`.
-pub fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {

@@ -20,7 +20,7 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// Whose connections count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
+pub(crate) enum Scope {
     /// This process's own (the reference pipeline runs in it).
     OwnProcess,
     /// Processes this one started, and theirs (a fleet's workers and producer runs).
@@ -31,7 +31,7 @@ pub enum Scope {
 type Counters = (u64, u64);
 
 /// A running sampler; [`Sampler::finish`] returns the bytes both ways since it started.
-pub struct Sampler {
+pub(crate) struct Sampler {
     stop: watch::Sender<bool>,
     task: JoinHandle<u64>,
 }
@@ -39,7 +39,7 @@ pub struct Sampler {
 impl Sampler {
     /// Starts sampling the connections to `port` in `scope`. Connections already open count
     /// only their traffic from now on.
-    pub fn start(port: u16, scope: Scope) -> Sampler {
+    pub(crate) fn start(port: u16, scope: Scope) -> Sampler {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let me = std::process::id();
@@ -66,7 +66,7 @@ impl Sampler {
     }
 
     /// Takes a last sample and returns the bytes sent and received since the start.
-    pub async fn finish(self) -> Option<u64> {
+    pub(crate) async fn finish(self) -> Option<u64> {
         let _ = self.stop.send(true);
         self.task.await.ok()
     }

@@ -10,30 +10,30 @@ use fleet::wire::Item;
 use serde_json::value::RawValue;
 
 /// Endpoint every benchmark request goes to.
-pub const CHAT_URL: &str = "/v1/chat/completions";
+pub(crate) const CHAT_URL: &str = "/v1/chat/completions";
 
 /// The provider name the benchmark configures (the items queue's routing key).
-pub const PROVIDER: &str = "mock";
+pub(crate) const PROVIDER: &str = "mock";
 
 /// The request body of request `i` (the same template as the e2e tests use).
-pub fn body(i: u64) -> String {
+pub(crate) fn body(i: u64) -> String {
     format!(
         r#"{{"model":"mock-model","messages":[{{"role":"user","content":"Say something about the number {i}."}}]}}"#
     )
 }
 
 /// The `custom_id` of request `i`.
-pub fn custom_id(i: u64) -> String {
+fn custom_id(i: u64) -> String {
     format!("req-{i}")
 }
 
 /// Writes `n` requests to `path` as OpenAI Batch input lines.
-pub fn write_requests(path: &Path, n: u64) -> anyhow::Result<()> {
+pub(crate) fn write_requests(path: &Path, n: u64) -> anyhow::Result<()> {
     write_requests_asking(path, n, None)
 }
 
 /// [`write_requests`] whose bodies ask for at most `max_tokens` of output, when given.
-pub fn write_requests_asking(path: &Path, n: u64, max_tokens: Option<u64>) -> anyhow::Result<()> {
+pub(crate) fn write_requests_asking(path: &Path, n: u64, max_tokens: Option<u64>) -> anyhow::Result<()> {
     let file = std::fs::File::create(path).with_context(|| format!("cannot create input file {}", path.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     for i in 0..n {
@@ -53,7 +53,7 @@ const PADDED_LINE_BYTES: usize = 1000;
 
 /// Writes requests of about [`PADDED_LINE_BYTES`] each to `path` until it holds at least
 /// `bytes` bytes; returns how many lines it wrote.
-pub fn write_padded_requests(path: &Path, bytes: u64) -> anyhow::Result<u64> {
+pub(crate) fn write_padded_requests(path: &Path, bytes: u64) -> anyhow::Result<u64> {
     let file = std::fs::File::create(path).with_context(|| format!("cannot create input file {}", path.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
     let (mut written, mut lines) = (0u64, 0u64);
@@ -74,7 +74,7 @@ pub fn write_padded_requests(path: &Path, bytes: u64) -> anyhow::Result<u64> {
 }
 
 /// Item `i` of `total` of job `job_id`, exactly as `producer submit` would queue it.
-pub fn item(job_id: &str, i: u64, total: u64, submitted_at_ms: u64) -> anyhow::Result<Item> {
+pub(crate) fn item(job_id: &str, i: u64, total: u64, submitted_at_ms: u64) -> anyhow::Result<Item> {
     Ok(Item {
         job_id: job_id.to_string(),
         index: i,
@@ -92,7 +92,7 @@ pub fn item(job_id: &str, i: u64, total: u64, submitted_at_ms: u64) -> anyhow::R
 }
 
 /// A job id of the same length as the producer's (`job_` + 16 hex digits).
-pub fn job_id() -> String {
+pub(crate) fn job_id() -> String {
     format!("job_{}", &uuid::Uuid::new_v4().simple().to_string()[..16])
 }
 

@@ -57,8 +57,11 @@ impl Default for GeminiKnobs {
 /// A Gemini method the mock serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
+    /// `:generateContent`: a chat completion in Gemini's shape.
     GenerateContent,
+    /// `:embedContent`: one embedding.
     EmbedContent,
+    /// `:batchEmbedContents`: several embeddings in one call.
     BatchEmbedContents,
 }
 

@@ -31,8 +31,11 @@ const ABSURD_WAITS: [(&str, &str); 7] = [
 /// A misbehaviour a request asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Hostile {
+    /// `hostile-redirect`: a `307` to [`STOLEN_PATH`], to catch clients that follow redirects.
     Redirect,
+    /// `hostile-endless`: a `200` whose body never ends, to catch clients without a size cap.
     EndlessBody,
+    /// `hostile-retry`: a `429` with an impossible wait hint, to catch clients that trust it.
     AbsurdRetry,
 }
 

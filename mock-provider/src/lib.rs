@@ -17,6 +17,9 @@
 //!   Batches) and their knobs;
 //! - `handlers`: the axum router and the per-request pipeline.
 
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
+
 pub mod api;
 pub mod batches;
 pub mod faults;

@@ -106,7 +106,9 @@ const A_RESET_TOKENS: HeaderName = HeaderName::from_static("anthropic-ratelimit-
 /// What a bucket limits, which decides the names of its headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Unit {
+    /// A bucket of requests (`--rpm`): the `*-requests` headers.
     Requests,
+    /// A bucket of tokens (`--tpm`): the `*-tokens` headers.
     Tokens,
 }
 

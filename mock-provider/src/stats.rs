@@ -101,7 +101,9 @@ pub struct FlexTotals {
 /// Token totals of the answers sent.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UsageTotals {
+    /// Prompt tokens (OpenAI's `prompt_tokens`, Anthropic's `input_tokens`).
     pub input_tokens: u64,
+    /// Generated tokens (OpenAI's `completion_tokens`, Anthropic's `output_tokens`).
     pub output_tokens: u64,
     /// Of the input tokens, those reported as read from a cache (Gemini's
     /// `cachedContentTokenCount`).

@@ -86,12 +86,19 @@ pub fn destination(topology: &Topology, mode: JobMode, job_id: &str) -> (String,
 
 /// What a chunk of the job needs besides its range.
 pub struct ChunkPlan<'a> {
+    /// Names the provider's chunk queue the messages go to.
     pub topology: &'a Topology,
+    /// The batch-mode job being cut into chunks.
     pub job_id: &'a str,
+    /// The provider whose batch API runs the chunks.
     pub provider: &'a str,
+    /// Items of the whole job, copied into every chunk.
     pub total: u64,
+    /// When the job was submitted, ms since the Unix epoch.
     pub submitted_at_ms: u64,
+    /// After this instant (ms since the epoch) unfinished items end `expired`.
     pub deadline_ms: Option<u64>,
+    /// Items the provider lets expire are re-run online while the deadline allows.
     pub fallback_online: bool,
     /// The job's chunk messages may be on the broker already (a resumed or retried
     /// submission publishes them again): each is then marked `maybe_created`, so whichever

@@ -52,32 +52,70 @@ const BROKER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum OutputError {
     /// The file already holds results of another job.
     #[error("{path} already holds results of job {other}; write job {job}'s results to another file")]
-    OtherJob { path: String, other: String, job: String },
+    OtherJob {
+        /// The output file.
+        path: String,
+        /// The job whose results it holds.
+        other: String,
+        /// The job being collected.
+        job: String,
+    },
     /// `submit --wait` is about to create a job, and the file already holds results.
     #[error("{path} already holds results (of job {other}); choose a new output file for a new job")]
-    NotEmpty { path: String, other: String },
+    NotEmpty {
+        /// The output file.
+        path: String,
+        /// The job whose results it holds.
+        other: String,
+    },
     /// A line that is not a result of this fleet, in the format asked for.
     #[error("{path} line {line} is not a result line (in the {format} output format); refusing to change it")]
-    NotResults { path: String, line: usize, format: OutputFormat },
+    NotResults {
+        /// The output file.
+        path: String,
+        /// The offending line's number, from 1.
+        line: usize,
+        /// The format the lines were checked against.
+        format: OutputFormat,
+    },
     /// The last line has no newline and is not a torn write of this job's results (one comes
     /// only after a complete result line, and starts as a result line of the job).
     #[error(
         "{path} line {line} is unfinished (no newline) and is not a torn result line of this job; refusing to cut \
          it off or write to the file"
     )]
-    Unfinished { path: String, line: usize },
+    Unfinished {
+        /// The output file.
+        path: String,
+        /// The unfinished line's number, from 1.
+        line: usize,
+    },
     /// The file changed between being checked and being opened for writing.
     #[error("{path} changed while it was being checked; run again")]
-    Changed { path: String },
+    Changed {
+        /// The output file.
+        path: String,
+    },
     /// `--errors` names the output (or its collection): the two need files of their own.
     #[error("the error file {path} is the output file (or its collection); give the errors a file of their own")]
-    SameFile { path: String },
+    SameFile {
+        /// The error file, as given.
+        path: String,
+    },
     /// A file that is not one of ours sits where a temporary file of the producer goes.
     #[error("{path} is in the way of a temporary file of the producer and is not one of its own; move it away and run again")]
-    InTheWay { path: String },
+    InTheWay {
+        /// The stranger file at the temporary file's path.
+        path: String,
+    },
     /// The file cannot be opened for appending.
     #[error("cannot open {path} for writing: {source}")]
-    Unwritable { path: String, source: std::io::Error },
+    Unwritable {
+        /// The output file.
+        path: String,
+        /// Why the open failed.
+        source: std::io::Error,
+    },
 }
 
 /// The job id in an output line's `id` (`batch_req_<job id>_<index>`).
@@ -142,8 +180,11 @@ async fn require_job(conn: &lapin::Connection, topology: &Topology, job_id: &str
 /// How a wait ended.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Collected {
+    /// The job whose results were collected.
     pub job_id: String,
+    /// Results in the output file by outcome, and the job's item total.
     pub counts: JobCounts,
+    /// Wall-clock seconds the wait took.
     pub elapsed_s: f64,
     /// Set when the tracker reported the job's end before every result arrived.
     pub job_status: Option<JobStatus>,
@@ -182,8 +223,11 @@ fn tally_fleet_side(tally: &mut std::collections::BTreeMap<String, u64>, code: O
 
 /// Options of a wait.
 pub struct WaitRequest<'a> {
+    /// The job to collect.
     pub job_id: &'a str,
+    /// The file the results are appended to (resumable: lines already there are kept).
     pub output: &'a Path,
+    /// Show a progress bar on stderr.
     pub progress: bool,
     /// Give up after this long (the file keeps what arrived; run again to resume).
     pub timeout: Option<Duration>,

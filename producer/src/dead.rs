@@ -12,10 +12,15 @@ use lapin::options::{BasicAckOptions, BasicGetOptions};
 /// who can publish may have written it): [`DeadMessage::line`] escapes it for a terminal.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DeadMessage {
+    /// Why it was parked: the fleet's dead-reason header, else the broker's `x-death` record.
     pub reason: String,
+    /// The item's job; `None` when the message is not an item.
     pub job_id: Option<String>,
+    /// The item's `custom_id`; `None` when the message is not an item.
     pub custom_id: Option<String>,
+    /// The provider the item was for; `None` when the message is not an item.
     pub provider: Option<String>,
+    /// Size of the message body.
     pub bytes: usize,
     /// Whether `--requeue` put it back on its items queue.
     pub requeued: bool,

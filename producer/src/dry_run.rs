@@ -30,7 +30,9 @@ const OTHER_MODELS: &str = "(other models)";
 /// What a submission would do.
 #[derive(Debug, Clone, Serialize)]
 pub struct DryRun {
+    /// The provider the job would be submitted to.
     pub provider: String,
+    /// Requests (valid lines) in the file: the job's items.
     pub total: u64,
     /// The mode the job would run in.
     pub mode: JobMode,
@@ -54,7 +56,9 @@ pub struct DryRun {
 /// One endpoint's part of the job.
 #[derive(Debug, Clone, Serialize)]
 pub struct EndpointPlan {
+    /// The endpoint path of its lines' `url` (`/v1/chat/completions`, ...).
     pub endpoint: String,
+    /// Lines of the file that call it.
     pub lines: u64,
     /// Estimated tokens (input estimate plus requested output) of its lines.
     pub tokens: u64,
@@ -65,13 +69,16 @@ pub struct EndpointPlan {
 /// One chunk batch mode would cut.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChunkPlan {
+    /// Requests in the chunk (its provider batch).
     pub requests: u64,
 }
 
 /// One model's tokens and cost.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ModelPlan {
+    /// The model as the lines name it, or `(other models)` for those past the report's limit.
     pub model: String,
+    /// Lines of the file that ask for it.
     pub lines: u64,
     /// Estimated input tokens (body size / 4).
     pub input_tokens: u64,

@@ -1,6 +1,9 @@
 //! The producer CLI's library: submitting jobs, collecting results, and (through the job
 //! tracker) inspecting and controlling jobs; and how SIGINT and SIGTERM stop a submission.
 
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
+
 pub mod batch;
 pub mod cancel;
 pub mod collect;

@@ -2,6 +2,7 @@
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+/// A bar counting to `total`, labelled `what`, drawn on stderr only when `visible`.
 pub fn bar(total: u64, visible: bool, what: &str) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(
         Some(total),

@@ -103,8 +103,11 @@ pub fn dead(messages: &[DeadMessage], json: bool) {
      fix the fleet (its keys, its queues; see `producer status` and the workers' logs), then `producer retry {job_id}`"
 )]
 pub struct FleetSideFailures {
+    /// The job collected.
     pub job_id: String,
+    /// Items that failed for a reason of the fleet's.
     pub failed: u64,
+    /// Their error codes with counts, `code n, code n` (for the message).
     pub codes: String,
 }
 

@@ -16,14 +16,20 @@ use serde::{Deserialize, Serialize};
 /// A submission that has started and not completed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
+    /// The job the submission started.
     pub job_id: String,
     /// xxh3-128 of the input file's bytes, in hex: a resumed submission must publish the
     /// very file the job was started with.
     pub content_hash: String,
+    /// The provider it was submitted to; a resumed submission must name the same.
     pub provider: String,
+    /// The `--model` override of the first run, which the resumed items keep.
     pub model: Option<String>,
+    /// Requests in the file: the job's items.
     pub total: u64,
+    /// When the job was submitted, ms since the Unix epoch; a resumed run keeps it.
     pub submitted_at_ms: u64,
+    /// The first run's deadline (ms since the epoch), which the resumed items keep.
     pub deadline_ms: Option<u64>,
     /// Every item with an index below this is confirmed by the broker.
     pub confirmed: u64,
@@ -31,6 +37,7 @@ pub struct Record {
     /// (absent in records of earlier versions: online).
     #[serde(default)]
     pub mode: Option<fleet::batch::JobMode>,
+    /// The first run's `--fallback online`, kept like the mode (absent in earlier records: off).
     #[serde(default)]
     pub fallback_online: bool,
     /// `confirmed` counts positions of a batch-mode job's by-endpoint order (see

@@ -29,8 +29,11 @@ const MAX_NAMED: usize = 5;
     names(.unpriced)
 )]
 pub struct UnpricedCap {
+    /// The provider whose price table has no entry for the file's models.
     pub provider: String,
+    /// The input file, as given.
     pub file: String,
+    /// The `--max-cost` cap that could not be enforced.
     pub max_cost: f64,
     /// Some of the models asked for, with how many lines ask for each.
     pub unpriced: BTreeMap<String, u64>,

@@ -43,12 +43,15 @@ use crate::validate::{self, Rules};
 
 /// What the user asked for.
 pub struct SubmitRequest<'a> {
+    /// The JSONL input file, one request a line.
     pub file: &'a Path,
+    /// Name of the configured provider that runs the job.
     pub provider: &'a str,
     /// Replaces `body.model` of every request.
     pub model: Option<&'a str>,
     /// Items not finished by this instant (ms since epoch) end `expired`.
     pub deadline_ms: Option<u64>,
+    /// Show a progress bar on stderr.
     pub progress: bool,
     /// Resume this job's unfinished submission (refused unless the file is the one it was
     /// started with).
@@ -69,7 +72,9 @@ pub struct SubmitRequest<'a> {
 /// A submitted job.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Submitted {
+    /// The new job's id, for `wait`, `status` and `cancel`.
     pub job_id: String,
+    /// Requests submitted: the job's items.
     pub total: u64,
 }
 
@@ -95,31 +100,73 @@ pub(crate) fn checked_mode(
 /// Errors the CLI maps to exit code 2 (the user's input, not the system, is at fault).
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
+    /// The provider named is not in the configuration.
     #[error("unknown provider {name:?}; configured providers: {known}")]
-    UnknownProvider { name: String, known: String },
+    UnknownProvider {
+        /// The name given.
+        name: String,
+        /// The configured providers' names, comma-separated.
+        known: String,
+    },
+    /// The file has lines that are not valid requests (or cannot be read).
     #[error(transparent)]
     Invalid(#[from] validate::ValidationError),
+    /// `--resume JOB`, and the file's submission record is missing or names another job.
     #[error("no unfinished submission of job {job} is recorded for this file ({record} does not name it)")]
-    NoRecord { job: String, record: String },
+    NoRecord {
+        /// The job asked to resume.
+        job: String,
+        /// Path of the record that was looked for.
+        record: String,
+    },
+    /// The file (or the provider) differs from the one the resumed job was started with.
     #[error(
         "job {job} was started from other content than this file (or with provider {provider}); \
          resume it with the file it was started with, or delete {record} to start a new job"
     )]
-    NotTheSameFile { job: String, provider: String, record: String },
+    NotTheSameFile {
+        /// The job being resumed.
+        job: String,
+        /// The provider the job was started with.
+        provider: String,
+        /// Path of its submission record.
+        record: String,
+    },
+    /// More requests than one job may hold.
     #[error("the file has {total} requests; one job holds at most {} (split the file)", fleet::wire::MAX_JOB_ITEMS)]
-    TooMany { total: u64 },
+    TooMany {
+        /// Requests in the file.
+        total: u64,
+    },
+    /// Batch mode asked (or picked) for a provider without a batch API configured.
     #[error("provider {name:?} has no batch API configured (set providers.{name}.batch = true, or use --mode online)")]
-    NoBatchApi { name: String },
+    NoBatchApi {
+        /// The provider's name.
+        name: String,
+    },
+    /// `--mode flex` for a provider kind that has no flex tier.
     #[error(
         "provider {name:?} is of kind {kind}, which has no flex tier: --mode flex needs an openai-kind provider \
          (OpenAI, Azure OpenAI, Groq); use --mode online or batch"
     )]
-    NoFlexTier { name: String, kind: &'static str },
+    NoFlexTier {
+        /// The provider's name.
+        name: String,
+        /// Its kind (`anthropic`, ...).
+        kind: &'static str,
+    },
+    /// A resumed batch-mode submission whose first run published the endpoints in the old order.
     #[error(
         "the interrupted submission of job {job} was started by an earlier version, which published a file of \
          several endpoints in another order; delete {record} and submit the file again as a new job"
     )]
-    EarlierLayout { job: String, record: String },
+    EarlierLayout {
+        /// The job being resumed.
+        job: String,
+        /// Path of its submission record.
+        record: String,
+    },
+    /// The webhook URL is refused (why is carried).
     #[error("--webhook: {0}")]
     Webhook(String),
 }
@@ -132,9 +179,11 @@ pub enum InputError {
      run the same command again to submit the rest: {command}"
 )]
 pub struct Stopped {
+    /// The job whose submission stopped.
     pub job_id: String,
     /// Every item below this index is queued.
     pub confirmed: u64,
+    /// Requests in the file: the job's items.
     pub total: u64,
     /// The command line of this run, quoted for a POSIX shell.
     pub command: String,

@@ -28,6 +28,7 @@ const MAX_REPORTED: usize = 50;
 pub struct LineError {
     /// 1-based line number.
     pub line: u64,
+    /// What is wrong with it, for the user.
     pub message: String,
 }
 
@@ -40,12 +41,30 @@ impl fmt::Display for LineError {
 /// Why a file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ValidationError {
+    /// The file cannot be read.
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        /// The input file.
+        path: String,
+        /// Why reading failed.
+        source: std::io::Error,
+    },
+    /// The file holds no request: a job needs at least one.
     #[error("{path} contains no requests")]
-    Empty { path: String },
+    Empty {
+        /// The input file.
+        path: String,
+    },
+    /// Some lines are not valid requests.
     #[error("{path} has {count} invalid line(s):\n{}", render(.errors, *.count))]
-    Lines { path: String, errors: Vec<LineError>, count: usize },
+    Lines {
+        /// The input file.
+        path: String,
+        /// The first problems found, at most `MAX_REPORTED`.
+        errors: Vec<LineError>,
+        /// Invalid lines in all, listed or not.
+        count: usize,
+    },
 }
 
 fn render(errors: &[LineError], count: usize) -> String {
@@ -58,7 +77,9 @@ fn render(errors: &[LineError], count: usize) -> String {
 
 /// Rules a file is checked against.
 pub struct Rules {
+    /// The kind of the job's provider: decides the endpoints and line formats allowed.
     pub kind: ProviderKind,
+    /// Largest request body accepted (`producer.max_body_bytes`).
     pub max_body_bytes: usize,
 }
 

@@ -20,15 +20,20 @@ use crate::settle::Publisher;
 
 /// What a worker keeps across reconnections.
 pub struct Worker {
+    /// The configuration the worker started with.
     pub cfg: Config,
+    /// This worker's id, in logs, metrics and the results it publishes.
     pub worker_id: String,
+    /// The namespace's queue and exchange names.
     pub topology: Topology,
+    /// The worker's metrics, pushed to the Pushgateway.
     pub metrics: WorkerMetrics,
     /// Provider clients by name, with their AMQP prefetch (the in-flight limit plus room
     /// for items that are publishing their result).
     pub clients: BTreeMap<String, (Arc<ProviderClient>, u16)>,
     /// Items in flight; the drain waits for all of them.
     pub in_flight: TaskTracker,
+    /// Jobs cancelled fleet-wide, as the control stream announced them.
     pub cancelled: Cancelled,
     /// `batch_provider_batches{provider,status}` (batch mode).
     pub provider_batches: prometheus::IntGaugeVec,
@@ -40,12 +45,17 @@ pub struct Worker {
 
 /// What every delivery handler of one connection shares.
 pub struct Context {
+    /// This worker's id, recorded in the results it publishes.
     pub worker_id: String,
     /// Confirm-mode channel, names and counters: what settling a delivery needs.
     pub publisher: Publisher,
+    /// `amqp.max_message_bytes`: larger deliveries are dead-lettered unread.
     pub max_message_bytes: usize,
+    /// `amqp.delivery_limit`: an item delivered more often is poison.
     pub delivery_limit: u32,
+    /// How failed calls are retried and delayed (`retry.*`).
     pub retry: RetryConfig,
+    /// Jobs cancelled fleet-wide (shared with [`Worker`]).
     pub cancelled: Cancelled,
     /// Fired at SIGTERM: items that have not started calling the provider are released.
     pub shutdown: CancellationToken,

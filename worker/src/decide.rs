@@ -31,8 +31,9 @@ use fleet::config::RetryConfig;
 use fleet::topology::DeadLabel;
 use fleet::wire::{error_code, ErrorRecord, Item, ItemResult, ItemStatus, RequestRecord, REASON_BUDGET};
 
+use crate::answer::CallError;
 use crate::known::Cancelled;
-use crate::provider::{CallError, ForbiddenUrl, Outcome, Target};
+use crate::provider::{ForbiddenUrl, Outcome, Target};
 
 /// What the worker knows about a delivery besides its bytes.
 pub struct Facts<'a> {
@@ -58,13 +59,28 @@ pub struct Facts<'a> {
 #[derive(Debug)]
 pub enum Verdict {
     /// Not an item this worker may act on: park it with this reason.
-    DeadLetter { label: DeadLabel, reason: String },
+    DeadLetter {
+        /// The `reason` label of `batch_dead_letters_total`.
+        label: DeadLabel,
+        /// Why, in words, for the operator (`producer dead`).
+        reason: String,
+    },
     /// The item ends without a call: publish this result, then ack.
     Finish(Box<ItemResult>),
     /// The item keeps killing workers: publish this failed result, then park the message.
-    Poison { result: Box<ItemResult>, reason: String },
+    Poison {
+        /// The item's failed result.
+        result: Box<ItemResult>,
+        /// Why the message is parked, for the operator.
+        reason: String,
+    },
     /// Call the provider at `target`.
-    Call { item: Box<Item>, target: Target },
+    Call {
+        /// The item to call the provider for.
+        item: Box<Item>,
+        /// Where and how to send its request.
+        target: Target,
+    },
 }
 
 /// Decides what to do with a delivery's bytes; `target_of` resolves an item's `url` against
@@ -209,7 +225,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::provider::{Answer, Success};
+    use crate::answer::{Answer, Success};
 
     const NOW: u64 = 1_000_000;
 

@@ -18,8 +18,8 @@ use fleet::endpoint::Endpoint;
 use fleet::gemini::Request;
 use reqwest::Url;
 
+use crate::answer::{Answer, CallError, Success};
 use crate::limit::Throttle;
-use crate::provider::{Answer, CallError, Success};
 
 /// One item's Gemini call: the translated request and where it goes.
 #[derive(Debug)]

@@ -56,7 +56,9 @@ pub enum ConsumerEnd {
 /// When a consumer gives its slot back: it held no delivery for `after`, and `others_wait`
 /// says other jobs wait for one.
 pub struct GiveBack {
+    /// How long a consumer may hold no delivery before it gives its slot back.
     pub after: Duration,
+    /// Whether other jobs wait for a consumer slot (no slot is given back otherwise).
     pub others_wait: Box<dyn Fn() -> bool + Send + Sync>,
 }
 
@@ -65,12 +67,17 @@ type JobTask = std::pin::Pin<Box<dyn std::future::Future<Output = anyhow::Result
 
 /// What every job consumer of one provider shares.
 pub struct ProviderJobs {
+    /// The connection's publishing channel and settings.
     pub ctx: Arc<Context>,
+    /// The provider's client, which makes the calls.
     pub client: Arc<ProviderClient>,
     /// The provider's prefetch: a job of priority `p` gets `p` times it.
     pub prefetch: u16,
+    /// Items in flight, which the drain waits for.
     pub in_flight: TaskTracker,
+    /// Jobs whose items queues exist, as the control stream announced them.
     pub open_jobs: OpenJobs,
+    /// This worker's id, in its consumer tags.
     pub worker_id: String,
     /// Asks whether an announced job's queue exists before a channel is opened for it.
     pub probe: Arc<fleet::amqp::Probe>,

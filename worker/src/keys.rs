@@ -35,6 +35,7 @@ pub struct PooledKey {
     pub env: Option<String>,
     /// The key header, marked sensitive (never logged, never shown by `Debug`).
     pub auth: Option<(HeaderName, HeaderValue)>,
+    /// Paces this key's calls within its own limits (`rpm`, `tpm`, in flight).
     pub limiter: Limiter,
     retired: AtomicBool,
     /// When the key may be probed again (set while it is retired).

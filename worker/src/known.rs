@@ -52,6 +52,7 @@ impl Cancelled {
         self.insert(job_id, now_ms);
     }
 
+    /// Whether `job_id` was cancelled (and the cancel is still remembered).
     pub fn contains(&self, job_id: &str) -> bool {
         self.jobs.read().map(|s| s.contains_key(job_id)).unwrap_or(false)
     }

@@ -5,7 +5,11 @@
 //! connection fails (then reconnect) or shutdown fires (then stop consuming, drain the
 //! items in flight within `worker.drain_timeout_s`, push metrics one last time, exit).
 
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
+
 pub mod acks;
+pub mod answer;
 pub mod batch;
 pub mod consume;
 pub mod context;

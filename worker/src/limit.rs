@@ -79,16 +79,27 @@ pub enum Signal {
     },
     /// A 429 that says it is about a rate limit (`Retry-After` or no requests remaining):
     /// slow the rate and the in-flight limit; `retry_after` pauses sending.
-    RateLimited { retry_after: Option<Duration> },
+    RateLimited {
+        /// How long the provider asked us to wait, if it said.
+        retry_after: Option<Duration>,
+    },
     /// 503/529 (or a bare 429): the provider is overloaded, which is about concurrency,
     /// not rate. Errors like these also come at random; treating them as rate signals
     /// would collapse the rate of a healthy fleet.
-    Overloaded { retry_after: Option<Duration> },
+    Overloaded {
+        /// How long the provider asked us to wait, if it said.
+        retry_after: Option<Duration>,
+    },
     /// Timed out: the provider is struggling with what is in flight.
     Timeout,
     /// A 429; the limiter decides from `throttle` and what it has seen whether it is a
     /// [`Signal::RateLimited`] or an [`Signal::Overloaded`].
-    TooManyRequests { retry_after: Option<Duration>, throttle: Throttle },
+    TooManyRequests {
+        /// How long the provider asked us to wait, if it said.
+        retry_after: Option<Duration>,
+        /// What the 429 carried that says whether it is about rate.
+        throttle: Throttle,
+    },
     /// The provider's flex tier had no capacity for the call (see the module header):
     /// neither the in-flight limit nor the rate changes, and no pause is taken.
     Unavailable,
@@ -161,6 +172,8 @@ impl Drop for CountedRoom<'_> {
 }
 
 impl Limiter {
+    /// A limiter allowing up to `max_in_flight` calls, with optional `rpm`/`tpm` ceilings;
+    /// it shows its in-flight limit and rate on the two gauges.
     pub fn new(
         max_in_flight: u16,
         rpm: Option<u32>,

@@ -65,6 +65,7 @@ struct Member {
 }
 
 impl Outbox {
+    /// An outbox sending a group at `max_results` results, or `linger` after its first.
     pub fn new(max_results: usize, linger: Duration) -> Outbox {
         Outbox { max_results: max_results.max(1), linger, open: Mutex::new(HashMap::new()), next_id: AtomicU64::new(0) }
     }

@@ -13,9 +13,10 @@ use fleet::wire::{Item, ItemResult, ItemStatus};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::acks::Tracked;
+use crate::answer::CallError;
 use crate::context::Context;
 use crate::decide::{after_call, decide, unwanted, Decision, Facts, Verdict};
-use crate::provider::{CallError, ProviderClient, Target};
+use crate::provider::{ProviderClient, Target};
 use crate::settle::{delivery_count, detach_confirm, requeue_after_pause};
 
 /// Handles one delivery to completion. Never panics on bad input; never returns an error:

@@ -48,7 +48,9 @@ use bytes::Bytes;
 use fleet::config::{ProviderConfig, ProviderKind, RetryConfig};
 use fleet::endpoint::Endpoint;
 use fleet::metrics::WorkerMetrics;
-use fleet::wire::{error_code, ErrorRecord, Item, ResponseRecord};
+use fleet::wire::Item;
+
+use crate::answer::{Answer, CallError, Success};
 use reqwest::Url;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -58,128 +60,6 @@ use crate::limit::{Signal, Throttle};
 
 /// Longest a key-only probe may take.
 const KEY_PROBE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What the provider answered, kept for the output file.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub status: u16,
-    pub request_id: String,
-    /// The raw body when it was JSON (non-JSON bodies are summarised in the error).
-    pub body: Option<Box<RawValue>>,
-}
-
-impl Answer {
-    pub fn to_record(&self) -> Option<ResponseRecord> {
-        self.body.as_ref().map(|b| ResponseRecord {
-            status_code: self.status,
-            request_id: self.request_id.clone(),
-            body: b.clone(),
-        })
-    }
-}
-
-/// A failed provider call; the variant decides whether to retry.
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    #[error("rate limited (HTTP {})", .answer.status)]
-    RateLimited { answer: Answer, retry_after: Option<Duration> },
-    #[error("provider overloaded (HTTP {})", .answer.status)]
-    Overloaded { answer: Answer, retry_after: Option<Duration> },
-    /// The provider's flex tier had no capacity (498, or a 429 "resource unavailable"):
-    /// retried, but not a sign that this fleet sends too much.
-    #[error("the provider's flex capacity is unavailable (HTTP {})", .answer.status)]
-    Unavailable { answer: Answer, retry_after: Option<Duration> },
-    #[error("provider server error (HTTP {})", .answer.status)]
-    Server { answer: Answer },
-    #[error("request timed out after {0:?}")]
-    Timeout(Duration),
-    #[error("connection failed: {0}")]
-    Connection(String),
-    #[error("invalid response (HTTP {}): {reason}", .answer.status)]
-    InvalidResponse { answer: Answer, reason: String },
-    #[error("request rejected (HTTP {}): {message}", .answer.status)]
-    Client { answer: Answer, message: String },
-    #[error("provider answered with a redirect (HTTP {}); redirects are not followed", .answer.status)]
-    Redirect { answer: Answer },
-    #[error("response body over {limit} bytes (HTTP {status}); raise providers.<name>.max_response_bytes if it is legitimate")]
-    TooLarge { status: u16, limit: usize },
-    /// The provider rejected the key of this call (401/403); other keys are left to retry on.
-    #[error("the provider rejected the API key (HTTP {}); retrying with another key", .answer.status)]
-    KeyRejected { answer: Answer },
-    /// The job stopped wanting the item (cancelled, deadline passed) while it waited to be
-    /// called: no call is made.
-    #[error("the job no longer wants this request (cancelled, or past its deadline)")]
-    Unwanted,
-    /// Every key of the provider was rejected: no call is made, and the item goes back to
-    /// the queue for a worker whose keys work.
-    #[error("every API key of this provider was rejected (401/403): {envs}; each is probed again every key_retry_s")]
-    NoKeys { envs: String },
-}
-
-impl CallError {
-    /// Transient errors are retried; the rest end the item at once.
-    pub fn is_transient(&self) -> bool {
-        !matches!(
-            self,
-            CallError::Client { .. }
-                | CallError::Redirect { .. }
-                | CallError::TooLarge { .. }
-                | CallError::NoKeys { .. }
-                | CallError::Unwanted
-        )
-    }
-
-    /// How long the provider asked us to wait, if it said.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            CallError::RateLimited { retry_after, .. }
-            | CallError::Overloaded { retry_after, .. }
-            | CallError::Unavailable { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-
-    /// The `error_type` / `retry_reason` label and the output file's error code.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            CallError::RateLimited { .. } => error_code::RATE_LIMITED,
-            CallError::Overloaded { .. } => error_code::OVERLOADED,
-            CallError::Unavailable { .. } => error_code::CAPACITY_UNAVAILABLE,
-            CallError::Server { .. } => error_code::SERVER_ERROR,
-            CallError::Timeout(_) => error_code::TIMEOUT,
-            CallError::Connection(_) => error_code::CONNECTION,
-            CallError::InvalidResponse { .. } => error_code::INVALID_RESPONSE,
-            CallError::Client { .. } => error_code::CLIENT_ERROR,
-            CallError::Redirect { .. } => error_code::REDIRECT,
-            CallError::TooLarge { .. } => error_code::RESPONSE_TOO_LARGE,
-            CallError::KeyRejected { .. } => error_code::KEY_REJECTED,
-            CallError::NoKeys { .. } => error_code::API_KEYS_REJECTED,
-            CallError::Unwanted => error_code::UNWANTED,
-        }
-    }
-
-    pub fn answer(&self) -> Option<&Answer> {
-        match self {
-            CallError::RateLimited { answer, .. }
-            | CallError::Overloaded { answer, .. }
-            | CallError::Unavailable { answer, .. }
-            | CallError::Server { answer }
-            | CallError::InvalidResponse { answer, .. }
-            | CallError::Client { answer, .. }
-            | CallError::Redirect { answer }
-            | CallError::KeyRejected { answer } => Some(answer),
-            CallError::Timeout(_)
-            | CallError::Connection(_)
-            | CallError::TooLarge { .. }
-            | CallError::NoKeys { .. }
-            | CallError::Unwanted => None,
-        }
-    }
-
-    pub fn to_record(&self) -> ErrorRecord {
-        ErrorRecord { code: self.kind().to_string(), message: self.to_string() }
-    }
-}
 
 /// What every call of one item shares, across its in-process retries.
 struct ItemCall<'a> {
@@ -197,17 +77,11 @@ struct ItemCall<'a> {
     wanted: &'a (dyn Fn() -> bool + Send + Sync),
 }
 
-/// A successful call.
-#[derive(Debug)]
-pub struct Success {
-    pub answer: Answer,
-    pub prompt_tokens: u64,
-    pub completion_tokens: u64,
-}
-
 /// The outcome of an item after retries, with the number of calls made.
 pub struct Outcome {
+    /// The last call's success, or the failure that ended the retries.
     pub result: Result<Success, CallError>,
+    /// Calls made (0 when the item was refused before any).
     pub attempts: u32,
 }
 
@@ -215,8 +89,10 @@ pub struct Outcome {
 /// producer (which validates every line), so it is dead-lettered, not answered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ForbiddenUrl {
+    /// The url (shortened) is none of the provider kind's endpoints (listed).
     #[error("url {0:?} is not an endpoint of this provider (allowed: {1})")]
     NotAnEndpoint(String, String),
+    /// The url (shortened) would resolve outside the provider's base URL.
     #[error("url {0:?} would leave the provider's base URL")]
     Escapes(String),
 }
@@ -224,7 +100,9 @@ pub enum ForbiddenUrl {
 /// Where one item's calls go: a known endpoint under the provider's base URL.
 #[derive(Debug, Clone)]
 pub struct Target {
+    /// The provider endpoint the item's `url` names.
     pub endpoint: Endpoint,
+    /// The full URL called: the endpoint under the provider's base URL.
     pub url: Url,
 }
 
@@ -239,6 +117,7 @@ fn shorten(s: &str) -> String {
 
 /// An HTTP client for one configured provider.
 pub struct ProviderClient {
+    /// The provider's name in the configuration (and in metric labels).
     pub name: String,
     kind: ProviderKind,
     base_url: Url,
@@ -776,6 +655,7 @@ fn remaining_requests(headers: &reqwest::header::HeaderMap) -> Option<f64> {
 /// `anthropic-ratelimit-tokens-remaining`.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct TokenHeadroom {
+    /// Tokens remaining in the provider's window, if it said.
     pub remaining: Option<f64>,
     /// Until the window is full again, at most the retry budget.
     pub reset: Option<Duration>,
@@ -853,29 +733,6 @@ impl Usage {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_error_kind_is_a_documented_result_code() {
-        let answer = || Answer { status: 400, request_id: String::new(), body: None };
-        let errors = [
-            CallError::RateLimited { answer: answer(), retry_after: None },
-            CallError::Overloaded { answer: answer(), retry_after: None },
-            CallError::Unavailable { answer: answer(), retry_after: None },
-            CallError::Server { answer: answer() },
-            CallError::Timeout(Duration::ZERO),
-            CallError::Connection(String::new()),
-            CallError::InvalidResponse { answer: answer(), reason: String::new() },
-            CallError::Client { answer: answer(), message: String::new() },
-            CallError::Redirect { answer: answer() },
-            CallError::TooLarge { status: 200, limit: 1 },
-            CallError::KeyRejected { answer: answer() },
-            CallError::NoKeys { envs: String::new() },
-            CallError::Unwanted,
-        ];
-        for e in errors {
-            assert!(error_code::ALL.contains(&e.kind()), "{} is not in error_code::ALL", e.kind());
-        }
-    }
 
     const CAP: Duration = Duration::from_secs(60);
 
@@ -1016,14 +873,6 @@ mod tests {
         for bad in ["[]", "\"x\"", "", "{"] {
             assert_eq!(flex_body(bad), None, "{bad:?}");
         }
-    }
-
-    #[test]
-    fn client_errors_are_permanent_and_others_transient() {
-        let answer = Answer { status: 400, request_id: String::new(), body: None };
-        assert!(!CallError::Client { answer: answer.clone(), message: "x".into() }.is_transient());
-        assert!(CallError::Server { answer }.is_transient());
-        assert!(CallError::Timeout(Duration::from_secs(1)).is_transient());
     }
 
     fn client(kind: ProviderKind, base_url: &str) -> ProviderClient {

@@ -33,7 +33,9 @@ pub const REQUEUE_PAUSE: Duration = Duration::from_secs(1);
 pub struct Publisher {
     /// Confirm-mode channel for results, delays and dead letters.
     channel: Channel,
+    /// The namespace's names: where results, delays and dead letters go.
     pub topology: Topology,
+    /// Counters of what was published, settled or parked.
     pub metrics: WorkerMetrics,
     /// Fired once the connection must be given up, with why.
     lost: CancellationToken,

@@ -36,9 +36,9 @@ use super::{unix_ms_now, ApiError, Batches, Family, Inner, COMPLETION_WINDOW, IN
 use crate::api::Endpoint;
 
 /// The most requests in one batch (Anthropic's documented limit).
-pub const MAX_REQUESTS: usize = 100_000;
+pub(crate) const MAX_REQUESTS: usize = 100_000;
 /// The largest create body (Anthropic's documented limit, 256 MB).
-pub const MAX_BODY_BYTES: usize = 256_000_000;
+pub(crate) const MAX_BODY_BYTES: usize = 256_000_000;
 /// The longest custom_id, as documented (`^[a-zA-Z0-9_-]{1,64}$`).
 const MAX_CUSTOM_ID_CHARS: usize = 64;
 /// The longest `Host` header trusted to build `results_url`.
@@ -46,7 +46,7 @@ const MAX_HOST_BYTES: usize = 255;
 
 /// One Anthropic message batch.
 #[derive(Debug)]
-pub struct Batch {
+pub(crate) struct Batch {
     created_unix_ms: u64,
     life: Lifecycle,
     /// Where the results are served, from the `Host` the batch was created through.

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// metadata cannot grow the stats without bound.
 const MAX_TAGS: usize = 10_000;
 /// Where batches with a tag beyond [`MAX_TAGS`] are counted.
-pub const OTHER_TAG: &str = "(other)";
+const OTHER_TAG: &str = "(other)";
 /// The most custom_ids remembered per API for [`BatchStats::resubmitted_custom_ids`]; ids seen
 /// beyond it are not remembered (and [`BatchStats::custom_ids_forgotten`] counts them).
 const MAX_REMEMBERED_IDS: usize = 1_000_000;
@@ -67,7 +67,7 @@ pub struct BatchStats {
 
 /// Which batch API a batch belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Api {
+pub(crate) enum Api {
     OpenAi,
     Anthropic,
     Gemini,
@@ -75,7 +75,7 @@ pub enum Api {
 
 /// The live counters (the two gauges are read from the stores when a snapshot is taken).
 #[derive(Debug, Default)]
-pub struct Counters {
+pub(crate) struct Counters {
     stats: BatchStats,
     seen: [HashSet<String>; 3],
 }
@@ -83,7 +83,13 @@ pub struct Counters {
 impl Counters {
     /// Counts a created batch of `api` with `tag`, and, if it was accepted (will run its
     /// requests), remembers its custom_ids.
-    pub fn created<'a>(&mut self, api: Api, tag: String, accepted: bool, custom_ids: impl Iterator<Item = &'a str>) {
+    pub(crate) fn created<'a>(
+        &mut self,
+        api: Api,
+        tag: String,
+        accepted: bool,
+        custom_ids: impl Iterator<Item = &'a str>,
+    ) {
         let per_tag = match api {
             Api::OpenAi => &mut self.stats.openai_created,
             Api::Anthropic => &mut self.stats.anthropic_created,
@@ -109,7 +115,7 @@ impl Counters {
 
     /// Counts an OpenAI batch created with `tag` that will fail for the full enqueued-token
     /// queue (its requests will not run).
-    pub fn token_limited(&mut self, tag: String) {
+    pub(crate) fn token_limited(&mut self, tag: String) {
         let key = if self.stats.openai_created.len() < MAX_TAGS || self.stats.openai_created.contains_key(&tag) {
             tag
         } else {
@@ -120,56 +126,56 @@ impl Counters {
     }
 
     /// Notes that `n` OpenAI batches are in progress now.
-    pub fn in_progress(&mut self, n: u64) {
+    pub(crate) fn in_progress(&mut self, n: u64) {
         self.stats.most_in_progress = self.stats.most_in_progress.max(n);
     }
 
     /// Counts an Anthropic create refused for its requests' content.
-    pub fn refused(&mut self) {
+    pub(crate) fn refused(&mut self) {
         self.stats.rejected += 1;
     }
 
-    pub fn cancelled(&mut self) {
+    pub(crate) fn cancelled(&mut self) {
         self.stats.cancelled += 1;
     }
 
     /// Counts the tokens of Gemini batch responses served.
-    pub fn gemini_usage(&mut self, prompt: u64, cached: u64, output: u64) {
+    pub(crate) fn gemini_usage(&mut self, prompt: u64, cached: u64, output: u64) {
         self.stats.gemini_input_tokens += prompt;
         self.stats.gemini_cached_tokens += cached;
         self.stats.gemini_output_tokens += output;
     }
 
-    pub fn gemini_deleted(&mut self) {
+    pub(crate) fn gemini_deleted(&mut self) {
         self.stats.gemini_deleted += 1;
     }
 
-    pub fn file_uploaded(&mut self) {
+    pub(crate) fn file_uploaded(&mut self) {
         self.stats.files_uploaded += 1;
     }
 
-    pub fn file_deleted(&mut self) {
+    pub(crate) fn file_deleted(&mut self) {
         self.stats.files_deleted += 1;
     }
 
     /// The counters, with the stores' current gauges.
-    pub fn snapshot(&self, files_stored: u64, bytes_stored: u64) -> BatchStats {
+    pub(crate) fn snapshot(&self, files_stored: u64, bytes_stored: u64) -> BatchStats {
         BatchStats { files_stored, bytes_stored, ..self.stats.clone() }
     }
 
     /// Zeroes the counters and forgets the custom_ids seen (stored batches and files stay).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         *self = Self::default();
     }
 }
 
 /// The tag of an OpenAI batch with `metadata` (see the module documentation).
-pub fn metadata_tag(metadata: &BTreeMap<String, String>) -> String {
+pub(crate) fn metadata_tag(metadata: &BTreeMap<String, String>) -> String {
     metadata.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
 }
 
 /// The tag of an Anthropic batch whose first request has `first_custom_id`.
-pub fn anthropic_tag(first_custom_id: &str) -> String {
+pub(crate) fn anthropic_tag(first_custom_id: &str) -> String {
     format!("custom_id={first_custom_id}")
 }
 

@@ -19,7 +19,7 @@ use serde::Serialize;
 use super::{unix_ms_now, ApiError, Batches, Family};
 
 /// The largest batch input file OpenAI accepts (200 MB).
-pub const MAX_UPLOAD_BYTES: usize = 200_000_000;
+const MAX_UPLOAD_BYTES: usize = 200_000_000;
 /// Room for the multipart framing and the small fields around the file.
 const MULTIPART_SLACK: usize = 64 * 1024;
 /// The largest small field (`purpose`, anything unknown) read.
@@ -30,14 +30,14 @@ const MAX_FILENAME_CHARS: usize = 255;
 /// The purpose of a file: what was uploaded, or what a batch wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Purpose {
+pub(crate) enum Purpose {
     Batch,
     BatchOutput,
 }
 
 /// One stored file.
 #[derive(Debug)]
-pub struct StoredFile {
+pub(crate) struct StoredFile {
     pub filename: String,
     pub purpose: Purpose,
     pub created_at: u64,
@@ -46,7 +46,7 @@ pub struct StoredFile {
 
 /// The files, and the byte budget shared with the batches' held answers and results.
 #[derive(Debug)]
-pub struct FileStore {
+pub(crate) struct FileStore {
     files: BTreeMap<u64, StoredFile>,
     keep: usize,
     bytes: u64,
@@ -54,7 +54,7 @@ pub struct FileStore {
 }
 
 impl FileStore {
-    pub fn new(keep: usize, max_bytes: u64) -> Self {
+    pub(crate) fn new(keep: usize, max_bytes: u64) -> Self {
         Self { files: BTreeMap::new(), keep, bytes: 0, max_bytes }
     }
 
@@ -73,12 +73,12 @@ impl FileStore {
 
     /// Stores a file a batch wrote, as number `seq`. Never refused: the batch's answers were
     /// charged when it was created, and are released as its outputs are written.
-    pub fn add_output(&mut self, seq: u64, file: StoredFile) {
+    pub(crate) fn add_output(&mut self, seq: u64, file: StoredFile) {
         self.bytes += file.content.len() as u64;
         self.files.insert(seq, file);
     }
 
-    pub fn get(&self, seq: u64) -> Option<&StoredFile> {
+    pub(crate) fn get(&self, seq: u64) -> Option<&StoredFile> {
         self.files.get(&seq)
     }
 
@@ -89,7 +89,7 @@ impl FileStore {
     }
 
     /// Takes `n` bytes from the budget, or explains (in `family`'s shape) why not.
-    pub fn charge(&mut self, n: u64, family: Family) -> Result<(), ApiError> {
+    pub(crate) fn charge(&mut self, n: u64, family: Family) -> Result<(), ApiError> {
         if self.bytes.saturating_add(n) > self.max_bytes {
             return Err(ApiError::new(
                 family,
@@ -106,20 +106,20 @@ impl FileStore {
 
     /// Takes `n` bytes from the budget without asking: for what replaces bytes already
     /// charged (a batch's results replacing its answers).
-    pub fn add_held(&mut self, n: u64) {
+    pub(crate) fn add_held(&mut self, n: u64) {
         self.bytes += n;
     }
 
     /// Gives `n` bytes back to the budget.
-    pub fn release(&mut self, n: u64) {
+    pub(crate) fn release(&mut self, n: u64) {
         self.bytes = self.bytes.saturating_sub(n);
     }
 
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.files.len() as u64
     }
 
-    pub fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         self.bytes
     }
 }

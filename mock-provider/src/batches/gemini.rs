@@ -47,9 +47,9 @@ use super::shared::{self, BatchApi};
 use super::{unix_ms_now, ApiError, Batches, Family, Inner, INJECTED_REJECTION};
 
 /// The most requests in one batch the mock takes.
-pub const MAX_REQUESTS: usize = 100_000;
+pub(crate) const MAX_REQUESTS: usize = 100_000;
 /// The largest create body: Google's documented limit of inline requests (20 MB).
-pub const MAX_BODY_BYTES: usize = 20 * 1_000_000;
+pub(crate) const MAX_BODY_BYTES: usize = 20 * 1_000_000;
 /// The longest `displayName` kept (longer ones are refused).
 const MAX_DISPLAY_NAME: usize = 512;
 /// The most batches in one page of the list.
@@ -57,7 +57,7 @@ const MAX_PAGE: usize = 1000;
 
 /// One Gemini batch.
 #[derive(Debug)]
-pub struct Batch {
+pub(crate) struct Batch {
     created_unix_ms: u64,
     life: Lifecycle,
     display_name: String,

@@ -21,7 +21,7 @@ const MAX_STEP: Duration = Duration::from_secs(1);
 
 /// How a batch will end if nobody cancels it; drawn once, when it is created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fate {
+pub(crate) enum Fate {
     /// Every line is answered.
     Complete,
     /// The completion window runs out first: a part of the lines are answered.
@@ -32,7 +32,7 @@ pub enum Fate {
 
 /// Where a batch is at one instant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
+pub(crate) enum Stage {
     Validating,
     InProgress,
     Finalizing,
@@ -42,7 +42,7 @@ pub enum Stage {
 
 /// How a batch ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
+pub(crate) enum Ending {
     Completed,
     Expired,
     Failed,
@@ -51,7 +51,7 @@ pub enum Ending {
 
 /// The timeline of one batch.
 #[derive(Debug, Clone)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     created: Instant,
     duration: Duration,
     fate: Fate,
@@ -62,17 +62,17 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// A batch created at `created` that takes `duration` to complete and ends as `fate`.
-    pub fn new(created: Instant, duration: Duration, fate: Fate, partial: f64) -> Self {
+    pub(crate) fn new(created: Instant, duration: Duration, fate: Fate, partial: f64) -> Self {
         Self { created, duration, fate, partial: partial.clamp(0.0, 1.0), cancelled_at: None }
     }
 
     /// The instant the batch was created.
-    pub fn created(&self) -> Instant {
+    pub(crate) fn created(&self) -> Instant {
         self.created
     }
 
     /// When cancellation was requested, if it was (and took effect).
-    pub fn cancelled_at(&self) -> Option<Instant> {
+    pub(crate) fn cancelled_at(&self) -> Option<Instant> {
         self.cancelled_at
     }
 
@@ -89,26 +89,26 @@ impl Lifecycle {
     }
 
     /// When the batch ends (or ended), given the cancel requested so far.
-    pub fn ends_at(&self) -> Instant {
+    pub(crate) fn ends_at(&self) -> Instant {
         self.cancelled_at.map_or_else(|| self.natural_end(), |c| c + self.step())
     }
 
     /// When the in-progress stage began, if it was reached by `now`.
-    pub fn in_progress_since(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn in_progress_since(&self, now: Instant) -> Option<Instant> {
         let start = self.created + self.step();
         let reached = self.fate != Fate::Reject && now >= start && self.cancelled_at.is_none_or(|c| c >= start);
         reached.then_some(start)
     }
 
     /// When the finalizing stage began, if it was reached by `now`.
-    pub fn finalizing_since(&self, now: Instant) -> Option<Instant> {
+    pub(crate) fn finalizing_since(&self, now: Instant) -> Option<Instant> {
         let start = self.created + self.duration.saturating_sub(self.step());
         let reached = self.fate == Fate::Complete && now >= start && self.cancelled_at.is_none_or(|c| c >= start);
         reached.then_some(start)
     }
 
     /// The stage at `now`.
-    pub fn stage(&self, now: Instant) -> Stage {
+    pub(crate) fn stage(&self, now: Instant) -> Stage {
         if let Some(cancelled) = self.cancelled_at {
             return if now < cancelled + self.step() { Stage::Cancelling } else { Stage::Ended(Ending::Cancelled) };
         }
@@ -130,7 +130,7 @@ impl Lifecycle {
 
     /// Requests cancellation at `now`. Returns whether the batch is (now or already) being
     /// cancelled; a batch that has ended cannot be cancelled.
-    pub fn cancel(&mut self, now: Instant) -> bool {
+    pub(crate) fn cancel(&mut self, now: Instant) -> bool {
         if self.cancelled_at.is_some() {
             return true;
         }
@@ -145,7 +145,7 @@ impl Lifecycle {
     ///
     /// Lines are answered at a steady pace through the in-progress stage. A batch cut short
     /// keeps at least the `partial` fraction, and an expiring batch never gets beyond it.
-    pub fn answered(&self, lines: usize, now: Instant) -> usize {
+    pub(crate) fn answered(&self, lines: usize, now: Instant) -> usize {
         let cut_short = |at: Instant| self.paced(lines, at).max(fraction(lines, self.partial));
         match self.stage(now) {
             Stage::Ended(Ending::Completed) => lines,
@@ -185,7 +185,7 @@ fn fraction(lines: usize, f: f64) -> usize {
 
 /// Formats Unix milliseconds as an RFC 3339 UTC timestamp with milliseconds
 /// (`2024-09-24T18:37:24.100Z`), the way Anthropic's API writes times.
-pub fn rfc3339(unix_ms: u64) -> String {
+pub(crate) fn rfc3339(unix_ms: u64) -> String {
     let (secs, ms) = (unix_ms / 1000, unix_ms % 1000);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days);

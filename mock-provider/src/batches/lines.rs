@@ -15,7 +15,7 @@ const INJECTED_LINE_ERROR: &str = "mock-provider: injected batch line error";
 
 /// What a batch line was answered, decided when the batch is created.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Answer {
+pub(crate) enum Answer {
     /// The online success body.
     Success(String),
     /// The request is invalid for its endpoint (what online answers 400), with the reason.
@@ -26,7 +26,14 @@ pub enum Answer {
 
 /// Answers `body` on `endpoint` as the online endpoint would; `n` numbers the response id,
 /// `created` is Unix seconds, and a draw from `rng` against `error_rate` may fail the line.
-pub fn answer(endpoint: Endpoint, body: &[u8], n: u64, created: u64, error_rate: f64, rng: &mut StdRng) -> Answer {
+pub(crate) fn answer(
+    endpoint: Endpoint,
+    body: &[u8],
+    n: u64,
+    created: u64,
+    error_rate: f64,
+    rng: &mut StdRng,
+) -> Answer {
     // The draw comes first and always, so which lines fail depends only on the seed and the
     // line's position, not on whether earlier lines were valid.
     let injected = rng.random::<f64>() < error_rate;
@@ -40,7 +47,7 @@ pub fn answer(endpoint: Endpoint, body: &[u8], n: u64, created: u64, error_rate:
 
 impl Answer {
     /// Whether the line succeeded.
-    pub fn is_success(&self) -> bool {
+    pub(crate) fn is_success(&self) -> bool {
         matches!(self, Answer::Success(_))
     }
 }
@@ -69,7 +76,7 @@ struct OpenAiLineError {
 
 /// Why an OpenAI line was never executed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotRun {
+pub(crate) enum NotRun {
     /// The batch was cancelled first (`batch_cancelled`).
     Cancelled,
     /// The completion window ran out first (`batch_expired`).
@@ -79,7 +86,7 @@ pub enum NotRun {
 impl NotRun {
     /// Why the lines not answered by a batch that ended as `ending` were never run (only a
     /// cancelled or an expired batch leaves lines unanswered).
-    pub fn after(ending: Ending) -> Self {
+    pub(crate) fn after(ending: Ending) -> Self {
         if ending == Ending::Expired {
             NotRun::Expired
         } else {
@@ -91,7 +98,7 @@ impl NotRun {
 /// The OpenAI output line (success) or error-file line (anything else) of an answered line
 /// number `n`, newline included. A failed request keeps its HTTP status and error body, as
 /// OpenAI writes it.
-pub fn openai_line(endpoint: Endpoint, custom_id: &str, n: u64, answer: &Answer) -> String {
+pub(crate) fn openai_line(endpoint: Endpoint, custom_id: &str, n: u64, answer: &Answer) -> String {
     let (status_code, body) = match answer {
         Answer::Success(body) => (200, body.clone()),
         Answer::Invalid(reason) => (400, utf8(api::error_body(endpoint, 400, reason))),
@@ -103,7 +110,7 @@ pub fn openai_line(endpoint: Endpoint, custom_id: &str, n: u64, answer: &Answer)
 }
 
 /// The OpenAI error-file line of a line that was never run, newline included.
-pub fn openai_not_run(custom_id: &str, n: u64, why: NotRun) -> String {
+pub(crate) fn openai_not_run(custom_id: &str, n: u64, why: NotRun) -> String {
     let error = match why {
         NotRun::Cancelled => OpenAiLineError {
             code: "batch_cancelled",
@@ -148,7 +155,7 @@ struct AnthropicError {
 }
 
 /// The Anthropic result line of an answered line, newline included.
-pub fn anthropic_line(custom_id: &str, answer: &Answer) -> String {
+pub(crate) fn anthropic_line(custom_id: &str, answer: &Answer) -> String {
     let errored = |kind, message: &str| AnthropicResult::Errored {
         error: AnthropicErrorResponse { kind: "error", error: AnthropicError { kind, message: message.to_owned() } },
     };
@@ -163,7 +170,7 @@ pub fn anthropic_line(custom_id: &str, answer: &Answer) -> String {
 }
 
 /// The Anthropic result line of a line that was never run, newline included.
-pub fn anthropic_not_run(custom_id: &str, why: NotRun) -> String {
+pub(crate) fn anthropic_not_run(custom_id: &str, why: NotRun) -> String {
     let result = match why {
         NotRun::Cancelled => AnthropicResult::Canceled,
         NotRun::Expired => AnthropicResult::Expired,

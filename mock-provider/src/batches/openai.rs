@@ -36,7 +36,7 @@ use crate::api::Endpoint;
 use fleet::config::ProviderKind;
 
 /// The most requests in one input file (OpenAI's documented limit).
-pub const MAX_LINES: usize = 50_000;
+const MAX_LINES: usize = 50_000;
 /// The most validation errors listed in a failed batch's `errors` (the rest are not listed).
 const MAX_LISTED_ERRORS: usize = 1000;
 /// The longest custom_id accepted: the fleet's own bound on ids it carries.
@@ -48,7 +48,7 @@ const MAX_METADATA_VALUE_CHARS: usize = 512;
 
 /// One OpenAI batch.
 #[derive(Debug)]
-pub struct Batch {
+pub(crate) struct Batch {
     endpoint: Endpoint,
     input_file_id: String,
     metadata: Option<BTreeMap<String, String>>,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 /// Something the registry keeps: it only needs to know whether it may be evicted.
-pub trait Kept {
+pub(crate) trait Kept {
     /// Whether the batch has ended by `now` (an ended batch may be evicted, a live one never).
     fn has_ended(&mut self, now: Instant) -> bool;
 }
@@ -15,24 +15,24 @@ pub trait Kept {
 /// Mints and reads the ids of one kind of object: `prefix`, then 8 hex digits of a salt
 /// drawn when the server starts (ids of two runs never collide), then 16 of the sequence.
 #[derive(Debug, Clone)]
-pub struct Ids {
+pub(crate) struct Ids {
     prefix: &'static str,
     salt: u32,
 }
 
 impl Ids {
-    pub fn new(prefix: &'static str, salt: u32) -> Self {
+    pub(crate) fn new(prefix: &'static str, salt: u32) -> Self {
         Self { prefix, salt }
     }
 
     /// The id of object number `seq`.
-    pub fn id(&self, seq: u64) -> String {
+    pub(crate) fn id(&self, seq: u64) -> String {
         format!("{}{:08x}{seq:016x}", self.prefix, self.salt)
     }
 
     /// The sequence number of `id`, if it is an id this server minted (anything else, from
     /// path traversal to a stranger's id, is simply unknown).
-    pub fn seq(&self, id: &str) -> Option<u64> {
+    pub(crate) fn seq(&self, id: &str) -> Option<u64> {
         let rest = id.strip_prefix(self.prefix)?;
         let (salt, seq) = (rest.get(..8)?, rest.get(8..)?);
         let is_hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
@@ -45,7 +45,7 @@ impl Ids {
 
 /// Where a page of a newest-first list starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cursor {
+pub(crate) enum Cursor {
     /// From the newest.
     Start,
     /// The items listed after this one (older).
@@ -56,23 +56,23 @@ pub enum Cursor {
 
 /// The batches of one API, by sequence number.
 #[derive(Debug)]
-pub struct Registry<T> {
+pub(crate) struct Registry<T> {
     items: BTreeMap<u64, T>,
     keep: usize,
 }
 
 /// The registry holds `keep` live batches: none can be evicted to make room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Full;
+pub(crate) struct Full;
 
 impl<T: Kept> Registry<T> {
-    pub fn new(keep: usize) -> Self {
+    pub(crate) fn new(keep: usize) -> Self {
         Self { items: BTreeMap::new(), keep: keep.max(1) }
     }
 
     /// Makes room for one more batch, evicting the oldest ended one if the registry is full.
     /// Returns what was evicted (its stored data is freed by the caller).
-    pub fn make_room(&mut self, now: Instant) -> Result<Option<T>, Full> {
+    pub(crate) fn make_room(&mut self, now: Instant) -> Result<Option<T>, Full> {
         if self.items.len() < self.keep {
             return Ok(None);
         }
@@ -81,27 +81,27 @@ impl<T: Kept> Registry<T> {
     }
 
     /// Adds batch number `seq` (call [`Registry::make_room`] first).
-    pub fn insert(&mut self, seq: u64, item: T) {
+    pub(crate) fn insert(&mut self, seq: u64, item: T) {
         self.items.insert(seq, item);
     }
 
     /// Forgets batch number `seq` (a delete), returning it.
-    pub fn remove(&mut self, seq: u64) -> Option<T> {
+    pub(crate) fn remove(&mut self, seq: u64) -> Option<T> {
         self.items.remove(&seq)
     }
 
-    pub fn get_mut(&mut self, seq: u64) -> Option<&mut T> {
+    pub(crate) fn get_mut(&mut self, seq: u64) -> Option<&mut T> {
         self.items.get_mut(&seq)
     }
 
     /// Every batch kept, oldest first.
-    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+    pub(crate) fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
         self.items.values_mut()
     }
 
     /// Up to `limit` sequence numbers, newest first, from `cursor`; and whether more follow
     /// in that direction.
-    pub fn page(&self, cursor: Cursor, limit: usize) -> (Vec<u64>, bool) {
+    pub(crate) fn page(&self, cursor: Cursor, limit: usize) -> (Vec<u64>, bool) {
         match cursor {
             Cursor::Start => take(self.items.keys().rev().copied(), limit),
             Cursor::After(seq) => take(self.items.range(..seq).rev().map(|(&s, _)| s), limit),

@@ -71,7 +71,7 @@ fn base_url(headers: &HeaderMap) -> String {
 }
 
 /// `POST /v1/messages/batches`.
-pub async fn create(
+pub(crate) async fn create(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     headers: HeaderMap,
@@ -108,7 +108,7 @@ pub async fn create(
 }
 
 /// `GET /v1/messages/batches/{id}`.
-pub async fn retrieve(
+pub(crate) async fn retrieve(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     headers: HeaderMap,
@@ -121,13 +121,13 @@ pub async fn retrieve(
 
 /// Query of `GET /v1/messages/batches`.
 #[derive(serde::Deserialize)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     after_id: Option<String>,
     limit: Option<String>,
 }
 
 /// `GET /v1/messages/batches` (newest first; `after_id` pages on, `limit` 1 to 1000).
-pub async fn list(
+pub(crate) async fn list(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     headers: HeaderMap,
@@ -153,7 +153,7 @@ pub async fn list(
 }
 
 /// `POST /v1/messages/batches/{id}/cancel`.
-pub async fn cancel(
+pub(crate) async fn cancel(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     headers: HeaderMap,
@@ -165,7 +165,7 @@ pub async fn cancel(
 }
 
 /// `GET /v1/messages/batches/{id}/results`: one Anthropic result line per request.
-pub async fn results(
+pub(crate) async fn results(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Path(id): Path<String>,
@@ -176,7 +176,7 @@ pub async fn results(
 }
 
 /// `DELETE /v1/messages/batches/{id}`: only an ended batch (its results go with it).
-pub async fn delete(
+pub(crate) async fn delete(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Path(id): Path<String>,

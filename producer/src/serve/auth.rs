@@ -19,20 +19,22 @@ use super::error::{ApiError, Dialect};
 /// Why the server cannot start with the configured keys.
 #[derive(Debug, thiserror::Error)]
 pub enum KeysError {
+    /// `api.key_envs` is empty: a server without client keys would let anyone in.
     #[error("api.key_envs names no variable: the API needs at least one client key (e.g. FLEET__API__KEY_ENVS=FLEET_API_KEY)")]
     None,
+    /// A variable `api.key_envs` names holds no key (its name is carried).
     #[error("the variable {0} named in api.key_envs is unset or empty")]
     Unset(String),
 }
 
 /// The clients' keys, each with its owner id.
-pub struct Keys {
+pub(crate) struct Keys {
     keys: Vec<(Vec<u8>, String)>,
 }
 
 impl Keys {
     /// Reads the keys from the variables named `names`.
-    pub fn from_env(names: &[String]) -> Result<Keys, KeysError> {
+    pub(crate) fn from_env(names: &[String]) -> Result<Keys, KeysError> {
         if names.is_empty() {
             return Err(KeysError::None);
         }
@@ -48,7 +50,7 @@ impl Keys {
 
     /// The owner id of `presented`, if it is one of the keys. Every key is compared, each
     /// in constant time, so the time taken says nothing about which key came close.
-    pub fn owner_of(&self, presented: &[u8]) -> Option<&str> {
+    fn owner_of(&self, presented: &[u8]) -> Option<&str> {
         let mut found = None;
         for (key, owner) in &self.keys {
             if constant_time_eq(key, presented) {
@@ -69,21 +71,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// The owner id stored with a key's files and batches: 128 bits of SHA-256 over a
 /// domain-separated key, so the broker's contents never reveal a key.
-pub fn owner_id(key: &[u8]) -> String {
+fn owner_id(key: &[u8]) -> String {
     let digest = sha2::Sha256::new().chain_update(b"fleet-api-owner\0").chain_update(key).finalize();
     digest[..16].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Requests in progress, per owner.
 #[derive(Default)]
-pub struct InProgress {
+pub(crate) struct InProgress {
     by_owner: Mutex<HashMap<String, usize>>,
 }
 
 impl InProgress {
     /// Counts one more request of `owner` unless it has `max` in progress (then `Err` with
     /// the count); the slot is given back when the returned guard drops.
-    pub fn enter(self: &Arc<Self>, owner: &str, max: usize) -> Result<Slot, usize> {
+    fn enter(self: &Arc<Self>, owner: &str, max: usize) -> Result<Slot, usize> {
         let mut by_owner = self.by_owner.lock().unwrap_or_else(|e| e.into_inner());
         let n = by_owner.entry(owner.to_string()).or_insert(0);
         if *n >= max {
@@ -95,7 +97,7 @@ impl InProgress {
 }
 
 /// One request's place in [`InProgress`].
-pub struct Slot {
+pub(crate) struct Slot {
     counts: Arc<InProgress>,
     owner: String,
 }
@@ -115,7 +117,7 @@ impl Drop for Slot {
 /// The owner of an authenticated request; extracting it answers 401 for a missing or
 /// unknown key, and 429 when the key has `api.max_requests_per_key` requests in progress.
 /// It holds the request's slot until the handler is done with it.
-pub struct Owner(pub String, pub Slot);
+pub(crate) struct Owner(pub String, pub Slot);
 
 impl FromRequestParts<super::AppState> for Owner {
     type Rejection = ApiError;

@@ -21,7 +21,7 @@ use super::store::{Api, BatchEntry, BatchRecord, FileRecord, Record};
 use super::AppState;
 
 /// Largest JSON body of a create request (the requests themselves come in files).
-pub const MAX_CREATE_BODY: usize = 1024 * 1024;
+const MAX_CREATE_BODY: usize = 1024 * 1024;
 /// OpenAI's metadata limits: pairs, key length, value length.
 const METADATA_PAIRS: usize = 16;
 const METADATA_KEY_CHARS: usize = 64;
@@ -38,7 +38,7 @@ struct CreateBatch {
 }
 
 /// Checks `metadata` against OpenAI's limits.
-pub fn check_metadata(metadata: &Map<String, Value>) -> Result<(), ApiError> {
+fn check_metadata(metadata: &Map<String, Value>) -> Result<(), ApiError> {
     let bad = |m: String| Err(ApiError::invalid(m).param("metadata"));
     if metadata.len() > METADATA_PAIRS {
         return bad(format!("metadata has {} keys; at most {METADATA_PAIRS} are allowed.", metadata.len()));
@@ -58,7 +58,7 @@ pub fn check_metadata(metadata: &Map<String, Value>) -> Result<(), ApiError> {
 
 /// The hex of a new batch: from the owner and the `Idempotency-Key` when one is given (so
 /// a retried create is the same batch), random otherwise.
-pub fn batch_hex(owner: &str, headers: &HeaderMap) -> String {
+pub(crate) fn batch_hex(owner: &str, headers: &HeaderMap) -> String {
     match headers.get("idempotency-key").map(|v| v.as_bytes()) {
         Some(key) => {
             let d = sha2::Sha256::new().chain_update(owner.as_bytes()).chain_update(b"\0").chain_update(key).finalize();
@@ -69,7 +69,7 @@ pub fn batch_hex(owner: &str, headers: &HeaderMap) -> String {
 }
 
 /// What a new batch is.
-pub struct NewBatch {
+pub(crate) struct NewBatch {
     pub id: String,
     pub hex: String,
     pub api: Api,
@@ -80,7 +80,7 @@ pub struct NewBatch {
 
 /// Creates the batch of `file`: publishes its job, then writes its record. A batch that
 /// exists already (a retried create with the same `Idempotency-Key`) is returned as it is.
-pub async fn create_batch(
+pub(crate) async fn create_batch(
     app: &AppState,
     owner: &str,
     file: &FileRecord,
@@ -137,7 +137,7 @@ pub async fn create_batch(
 }
 
 /// The OpenAI Batch object.
-pub fn batch_object(entry: &BatchEntry, job: Option<&JobSummary>) -> Value {
+pub(crate) fn batch_object(entry: &BatchEntry, job: Option<&JobSummary>) -> Value {
     let r = &entry.record;
     let v = status::openai(entry, job);
     let hex = r.id.strip_prefix("batch_").unwrap_or(&r.id);
@@ -181,7 +181,7 @@ pub fn batch_object(entry: &BatchEntry, job: Option<&JobSummary>) -> Value {
 }
 
 /// `POST /v1/batches`.
-pub async fn create(
+pub(crate) async fn create(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     headers: HeaderMap,
@@ -211,7 +211,7 @@ pub async fn create(
 }
 
 /// `GET /v1/batches/{id}`.
-pub async fn retrieve(
+pub(crate) async fn retrieve(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Path(id): Path<String>,
@@ -223,13 +223,13 @@ pub async fn retrieve(
 
 /// Query of the list routes.
 #[derive(serde::Deserialize)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     after: Option<String>,
     limit: Option<String>,
 }
 
 /// `GET /v1/batches`.
-pub async fn list(
+pub(crate) async fn list(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Query(q): Query<ListQuery>,
@@ -248,7 +248,10 @@ pub async fn list(
 }
 
 /// Asks the fleet to cancel `entry`'s job and records when. A batch that ended answers 409.
-pub async fn cancel_batch(app: &AppState, entry: BatchEntry) -> Result<(BatchEntry, Option<JobSummary>), ApiError> {
+pub(crate) async fn cancel_batch(
+    app: &AppState,
+    entry: BatchEntry,
+) -> Result<(BatchEntry, Option<JobSummary>), ApiError> {
     let job = super::tracker::summary(&app.store, &entry).await?;
     if job.as_ref().is_some_and(|j| fleet::wire::JobStatus::ENDED.contains(&j.status)) {
         return Ok((entry, job));
@@ -263,7 +266,7 @@ pub async fn cancel_batch(app: &AppState, entry: BatchEntry) -> Result<(BatchEnt
 }
 
 /// `POST /v1/batches/{id}/cancel`.
-pub async fn cancel(
+pub(crate) async fn cancel(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Path(id): Path<String>,

@@ -17,19 +17,19 @@ use super::error::ApiError;
 const ACK_EVERY: usize = 64;
 
 /// One connection shared by every request, opened again after it fails.
-pub struct Broker {
+pub(crate) struct Broker {
     urls: Vec<String>,
     conn: tokio::sync::Mutex<Option<Arc<lapin::Connection>>>,
 }
 
 impl Broker {
     /// A broker reached at any of `urls`; nothing is connected before the first use.
-    pub fn new(urls: Vec<String>) -> Broker {
+    pub(crate) fn new(urls: Vec<String>) -> Broker {
         Broker { urls, conn: tokio::sync::Mutex::new(None) }
     }
 
     /// The connection, opened (again) if there is none or it failed.
-    pub async fn conn(&self) -> Result<Arc<lapin::Connection>, ApiError> {
+    pub(crate) async fn conn(&self) -> Result<Arc<lapin::Connection>, ApiError> {
         let mut conn = self.conn.lock().await;
         if let Some(c) = conn.as_ref().filter(|c| c.status().connected()) {
             return Ok(c.clone());
@@ -40,12 +40,12 @@ impl Broker {
     }
 
     /// A channel in confirm mode on the shared connection.
-    pub async fn confirm_channel(&self) -> Result<lapin::Channel, ApiError> {
+    pub(crate) async fn confirm_channel(&self) -> Result<lapin::Channel, ApiError> {
         Ok(fleet::amqp::confirm_channel(&*self.conn().await?).await?)
     }
 
     /// Closes the connection (at shutdown).
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         if let Some(c) = self.conn.lock().await.take() {
             fleet::amqp::close(&c, "serve stopped").await;
         }
@@ -53,7 +53,7 @@ impl Broker {
 }
 
 /// A consumer of a stream from its first message, acking in runs.
-pub struct StreamReader {
+pub(crate) struct StreamReader {
     ch: lapin::Channel,
     consumer: lapin::Consumer,
     unacked: Option<lapin::Acker>,
@@ -62,7 +62,7 @@ pub struct StreamReader {
 
 impl StreamReader {
     /// Starts reading `queue` (a stream) from its first message on a channel of `conn`.
-    pub async fn open(conn: &lapin::Connection, queue: &str) -> lapin::Result<StreamReader> {
+    pub(crate) async fn open(conn: &lapin::Connection, queue: &str) -> lapin::Result<StreamReader> {
         let ch = fleet::amqp::open_channel(conn).await?;
         ch.basic_qos(2 * ACK_EVERY as u16, BasicQosOptions::default()).await?;
         let mut from_first = FieldTable::default();
@@ -75,7 +75,7 @@ impl StreamReader {
 
     /// The next message, or `None` when none came for `idle` (the reader is at the
     /// stream's end, as far as it can tell).
-    pub async fn next(&mut self, idle: Duration) -> Result<Option<Delivery>, ApiError> {
+    pub(crate) async fn next(&mut self, idle: Duration) -> Result<Option<Delivery>, ApiError> {
         if self.unacked_n >= ACK_EVERY {
             self.ack().await?;
         }
@@ -98,7 +98,7 @@ impl StreamReader {
     }
 
     /// Stops reading (a stream keeps delivering until its consumer's channel closes).
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.ch.close(200, "done".into())).await;
     }
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 
 /// Which API a request belongs to: it decides how an error and the key are read and shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
+pub(crate) enum Dialect {
     /// OpenAI Files + Batches (`Authorization: Bearer`).
     OpenAi,
     /// Anthropic Message Batches (`x-api-key`).
@@ -17,7 +17,7 @@ pub enum Dialect {
 
 impl Dialect {
     /// The dialect of a request path.
-    pub fn of_path(path: &str) -> Dialect {
+    pub(crate) fn of_path(path: &str) -> Dialect {
         if path.starts_with("/v1/messages") {
             Dialect::Anthropic
         } else {
@@ -28,7 +28,7 @@ impl Dialect {
 
 /// What went wrong, by the HTTP status it answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// 400: the request is wrong.
     Invalid,
     /// 401: no key, or not one of ours.
@@ -47,7 +47,7 @@ pub enum Kind {
 
 /// An error answer of the API.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     pub kind: Kind,
     pub message: String,
     /// The request field at fault (OpenAI's `param`).
@@ -63,32 +63,32 @@ impl ApiError {
         ApiError { kind, message: message.into(), param: None, code: None, dialect: Dialect::OpenAi }
     }
     /// 400.
-    pub fn invalid(message: impl Into<String>) -> ApiError {
+    pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
         ApiError::new(Kind::Invalid, message)
     }
     /// 401 (the key is never part of the message).
-    pub fn unauthorized() -> ApiError {
+    pub(crate) fn unauthorized() -> ApiError {
         ApiError::new(Kind::Unauthorized, "Incorrect or missing API key.").code("invalid_api_key")
     }
     /// 404 for `what` (e.g. "file") `id`: unknown, expired, or another key's.
-    pub fn not_found(what: &str, id: &str) -> ApiError {
+    pub(crate) fn not_found(what: &str, id: &str) -> ApiError {
         ApiError::new(Kind::NotFound, format!("No {what} found with id '{id}'.")).code("not_found")
     }
     /// 409.
-    pub fn conflict(message: impl Into<String>) -> ApiError {
+    pub(crate) fn conflict(message: impl Into<String>) -> ApiError {
         ApiError::new(Kind::Conflict, message)
     }
     /// 413.
-    pub fn too_large(message: impl Into<String>) -> ApiError {
+    pub(crate) fn too_large(message: impl Into<String>) -> ApiError {
         ApiError::new(Kind::TooLarge, message).code("request_too_large")
     }
     /// 503, logging the cause (the client gets no internals).
-    pub fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    pub(crate) fn unavailable(e: impl std::fmt::Display) -> ApiError {
         tracing::warn!(error = %e, "answering 503");
         ApiError::new(Kind::Unavailable, "The batch service cannot reach its broker right now; try again.")
     }
     /// 429: `key_requests` requests of this key are in progress already.
-    pub fn too_many(in_progress: usize) -> ApiError {
+    pub(crate) fn too_many(in_progress: usize) -> ApiError {
         ApiError::new(
             Kind::TooMany,
             format!("This key has {in_progress} requests in progress (api.max_requests_per_key); retry shortly."),
@@ -96,23 +96,23 @@ impl ApiError {
         .code("rate_limit_exceeded")
     }
     /// With OpenAI's `param`.
-    pub fn param(mut self, param: &'static str) -> ApiError {
+    pub(crate) fn param(mut self, param: &'static str) -> ApiError {
         self.param = Some(param);
         self
     }
     /// With OpenAI's `code`.
-    pub fn code(mut self, code: &'static str) -> ApiError {
+    pub(crate) fn code(mut self, code: &'static str) -> ApiError {
         self.code = Some(code);
         self
     }
     /// Shown in `dialect`.
-    pub fn answer(mut self, dialect: Dialect) -> ApiError {
+    pub(crate) fn answer(mut self, dialect: Dialect) -> ApiError {
         self.dialect = dialect;
         self
     }
 
     /// The HTTP status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self.kind {
             Kind::Invalid => StatusCode::BAD_REQUEST,
             Kind::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -125,7 +125,7 @@ impl ApiError {
     }
 
     /// The JSON body.
-    pub fn body(&self) -> serde_json::Value {
+    pub(crate) fn body(&self) -> serde_json::Value {
         match self.dialect {
             Dialect::OpenAi => {
                 let kind = match self.kind {

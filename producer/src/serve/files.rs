@@ -24,7 +24,7 @@ use super::AppState;
 const MULTIPART_SLACK: u64 = 64 * 1024;
 
 /// The File object of a stored file.
-pub fn file_object(f: &FileRecord) -> Value {
+fn file_object(f: &FileRecord) -> Value {
     json!({
         "id": f.id,
         "object": "file",
@@ -39,7 +39,7 @@ pub fn file_object(f: &FileRecord) -> Value {
 }
 
 /// `POST /v1/files`.
-pub async fn create(
+pub(crate) async fn create(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     headers: HeaderMap,
@@ -113,14 +113,14 @@ pub async fn create(
 
 /// Query of `GET /v1/files`.
 #[derive(serde::Deserialize)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     purpose: Option<String>,
     after: Option<String>,
     limit: Option<String>,
 }
 
 /// `GET /v1/files`.
-pub async fn list(
+pub(crate) async fn list(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Query(q): Query<ListQuery>,
@@ -154,7 +154,7 @@ async fn lookup(app: &AppState, owner: &str, id: &str) -> Result<Named, ApiError
 }
 
 /// `GET /v1/files/{id}`.
-pub async fn retrieve(
+pub(crate) async fn retrieve(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Path(id): Path<String>,
@@ -179,7 +179,7 @@ pub async fn retrieve(
 }
 
 /// `GET /v1/files/{id}/content`: the file's lines, streamed.
-pub async fn content(
+pub(crate) async fn content(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Path(id): Path<String>,
@@ -210,7 +210,7 @@ fn stored_content(app: AppState, file: FileRecord) -> Body {
 }
 
 /// `DELETE /v1/files/{id}`.
-pub async fn delete(
+pub(crate) async fn delete(
     State(app): State<AppState>,
     Owner(owner, _slot): Owner,
     Path(id): Path<String>,

@@ -15,7 +15,7 @@ const COUNT_OPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(15)
 
 /// The server's metrics: their names and shapes live with the fleet's others
 /// ([`fleet::metrics::ApiMetrics`]).
-pub type Metrics = fleet::metrics::ApiMetrics;
+pub(crate) type Metrics = fleet::metrics::ApiMetrics;
 
 /// The text exposition of every metric.
 fn render(metrics: &Metrics) -> String {
@@ -25,7 +25,7 @@ fn render(metrics: &Metrics) -> String {
 }
 
 /// Middleware counting each request by its route template and answer's status.
-pub async fn count(State(app): State<super::AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn count(State(app): State<super::AppState>, req: Request, next: Next) -> Response {
     let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |m| m.as_str()).to_string();
     let res = next.run(req).await;
     app.metrics.requests.with_label_values(&[route.as_str(), res.status().as_str()]).inc();
@@ -35,7 +35,7 @@ pub async fn count(State(app): State<super::AppState>, req: Request, next: Next)
 /// Counts the open batches every [`COUNT_OPEN_EVERY`] until `shutdown`: those of the
 /// records this replica has read whose job the tracker knows and shows not ended (a
 /// tracker that does not answer leaves the last count).
-pub async fn count_open(app: super::AppState, shutdown: CancellationToken) {
+pub(crate) async fn count_open(app: super::AppState, shutdown: CancellationToken) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(COUNT_OPEN_EVERY) => {}
@@ -52,7 +52,7 @@ pub async fn count_open(app: super::AppState, shutdown: CancellationToken) {
 }
 
 /// `GET /metrics`.
-pub async fn serve(State(app): State<super::AppState>) -> impl IntoResponse {
+pub(crate) async fn serve(State(app): State<super::AppState>) -> impl IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], render(&app.metrics))
 }
 

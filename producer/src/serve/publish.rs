@@ -17,7 +17,7 @@ use super::store::{FileRecord, Store};
 use super::upload::{self, LineRules};
 
 /// What the job is.
-pub struct JobPlan<'a> {
+pub(crate) struct JobPlan<'a> {
     pub job_id: &'a str,
     pub provider: &'a str,
     pub file: &'a FileRecord,
@@ -28,7 +28,7 @@ pub struct JobPlan<'a> {
 }
 
 /// Publishes the job of `plan` (online mode: one call per request).
-pub async fn publish(store: &Store, rules: &LineRules, plan: &JobPlan<'_>) -> Result<(), ApiError> {
+pub(crate) async fn publish(store: &Store, rules: &LineRules, plan: &JobPlan<'_>) -> Result<(), ApiError> {
     let t = &store.topology;
     let ch = store.broker.confirm_channel().await?;
     t.declare_common(&ch).await?;

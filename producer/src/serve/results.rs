@@ -20,7 +20,7 @@ use crate::output_format::OutputFormat;
 
 /// Which results a file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Which {
+pub(crate) enum Which {
     /// The succeeded requests (OpenAI's output file).
     Output,
     /// The others (OpenAI's error file).
@@ -31,7 +31,7 @@ pub enum Which {
 
 impl Which {
     /// Whether a result of `status` belongs in the file.
-    pub fn holds(self, status: ItemStatus) -> bool {
+    pub(crate) fn holds(self, status: ItemStatus) -> bool {
         match self {
             Which::Output => status == ItemStatus::Succeeded,
             Which::Errors => status != ItemStatus::Succeeded,
@@ -40,7 +40,7 @@ impl Which {
     }
 
     /// Its name in a file name.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Which::Output => "output",
             Which::Errors => "errors",
@@ -97,7 +97,7 @@ impl ResultsReader {
 }
 
 /// The lines of `which` results of `batch` in `format`, streamed.
-pub fn body(app: AppState, batch: BatchRecord, which: Which, format: OutputFormat) -> Body {
+pub(crate) fn body(app: AppState, batch: BatchRecord, which: Which, format: OutputFormat) -> Body {
     super::streamed_body(|tx| async move {
         let mut reader = ResultsReader::open(&app, &batch).await?;
         while let Some(results) = reader.next().await? {
@@ -115,7 +115,7 @@ pub fn body(app: AppState, batch: BatchRecord, which: Which, format: OutputForma
 }
 
 /// Bytes of the `which` file of `batch` (read through once).
-pub async fn count_bytes(app: &AppState, batch: &BatchRecord, which: Which) -> Result<u64, ApiError> {
+pub(crate) async fn count_bytes(app: &AppState, batch: &BatchRecord, which: Which) -> Result<u64, ApiError> {
     let mut bytes = 0u64;
     let mut reader = ResultsReader::open(app, batch).await?;
     let mut line = Vec::new();

@@ -18,11 +18,11 @@ use fleet::endpoint::Endpoint;
 use super::error::ApiError;
 
 /// Distinct models kept per file: enough for any real file, and a file record stays small.
-pub const MAX_MODELS: usize = 256;
+pub(crate) const MAX_MODELS: usize = 256;
 
 /// The models a file's lines name, each with the first line (1-based) that names it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Models {
+pub(crate) struct Models {
     /// Distinct models in order of first appearance, at most [`MAX_MODELS`].
     pub seen: Vec<(String, u64)>,
     /// More than [`MAX_MODELS`] distinct models: the file cannot be routed by model.
@@ -32,7 +32,7 @@ pub struct Models {
 impl Models {
     /// Notes the `model` of the request on `line` (a body without one is routed like the
     /// rest of the file).
-    pub fn note(&mut self, body: &str, line: u64) {
+    pub(crate) fn note(&mut self, body: &str, line: u64) {
         #[derive(serde::Deserialize)]
         struct ModelOnly {
             model: Option<String>,
@@ -50,7 +50,7 @@ impl Models {
 }
 
 /// Whether `text` matches the glob `pattern` (`*` any run of characters, `?` one).
-pub fn glob_match(pattern: &str, text: &str) -> bool {
+fn glob_match(pattern: &str, text: &str) -> bool {
     let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
     // Iterative matching with one backtrack point (the last `*`): linear in practice and
     // never exponential, whatever a configured pattern looks like.
@@ -75,7 +75,7 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 }
 
 /// The provider a batch of `endpoint` runs on (see the module's header for the order).
-pub fn choose_provider(
+pub(crate) fn choose_provider(
     providers: &BTreeMap<String, ProviderConfig>,
     endpoint: &str,
     named: Option<&str>,

@@ -8,7 +8,7 @@ use super::store::BatchEntry;
 
 /// OpenAI's view of a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct OpenAiView {
+pub(crate) struct OpenAiView {
     pub status: &'static str,
     pub in_progress_at: Option<u64>,
     pub finalizing_at: Option<u64>,
@@ -29,7 +29,7 @@ pub struct OpenAiView {
 
 /// The OpenAI view of `entry`, whose job the tracker summarises as `job` (`None`: it has
 /// not read the job yet, or does not answer).
-pub fn openai(entry: &BatchEntry, job: Option<&JobSummary>) -> OpenAiView {
+pub(crate) fn openai(entry: &BatchEntry, job: Option<&JobSummary>) -> OpenAiView {
     let created = entry.record.created_at;
     let mut v = OpenAiView { total: entry.record.total, cancelling_at: entry.cancelling_at, ..OpenAiView::default() };
     let Some(job) = job else {
@@ -78,7 +78,7 @@ pub fn openai(entry: &BatchEntry, job: Option<&JobSummary>) -> OpenAiView {
 
 /// Anthropic's view of a batch.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AnthropicView {
+pub(crate) struct AnthropicView {
     /// `in_progress`, `canceling` or `ended`.
     pub processing_status: &'static str,
     pub processing: u64,
@@ -91,7 +91,7 @@ pub struct AnthropicView {
 }
 
 /// The Anthropic view of `entry` (see [`openai`]).
-pub fn anthropic(entry: &BatchEntry, job: Option<&JobSummary>) -> AnthropicView {
+pub(crate) fn anthropic(entry: &BatchEntry, job: Option<&JobSummary>) -> AnthropicView {
     let total = entry.record.total;
     let Some(job) = job else {
         let processing_status = if entry.cancelling_at.is_some() { "canceling" } else { "in_progress" };
@@ -115,7 +115,7 @@ pub fn anthropic(entry: &BatchEntry, job: Option<&JobSummary>) -> AnthropicView 
 }
 
 /// Unix seconds as RFC 3339 (UTC), as Anthropic's timestamps are written.
-pub fn rfc3339(secs: u64) -> String {
+pub(crate) fn rfc3339(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Howard Hinnant's civil-from-days.

@@ -36,7 +36,7 @@ const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Which API created a batch (it decides its ids and shapes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Api {
+pub(crate) enum Api {
     /// `POST /v1/batches`.
     OpenAi,
     /// `POST /v1/messages/batches`.
@@ -45,7 +45,7 @@ pub enum Api {
 
 /// An uploaded file, stored whole.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FileRecord {
+pub(crate) struct FileRecord {
     /// `file-<hex>`.
     pub id: String,
     /// Owner id of the key that uploaded it.
@@ -70,7 +70,7 @@ pub struct FileRecord {
 
 /// A batch: one job of the fleet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BatchRecord {
+pub(crate) struct BatchRecord {
     /// `batch_<hex>` or `msgbatch_<hex>`; the job is `job_<hex>`.
     pub id: String,
     pub owner: String,
@@ -92,7 +92,7 @@ pub struct BatchRecord {
 /// One message of the metadata stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-pub enum Record {
+pub(crate) enum Record {
     /// Every line of the file is stored: it exists from now on.
     File(FileRecord),
     /// The file was deleted.
@@ -116,7 +116,7 @@ pub enum Record {
 
 /// A batch with what happened to it since.
 #[derive(Debug, Clone)]
-pub struct BatchEntry {
+pub(crate) struct BatchEntry {
     pub record: BatchRecord,
     /// When a cancel was asked, Unix seconds.
     pub cancelling_at: Option<u64>,
@@ -135,7 +135,7 @@ struct Index {
 }
 
 /// The records, as this replica has read them, and the way to write more.
-pub struct Store {
+pub(crate) struct Store {
     pub topology: Topology,
     pub broker: Broker,
     retention_s: u64,
@@ -145,18 +145,18 @@ pub struct Store {
 
 impl Store {
     /// A store of `topology`'s records, kept `retention_s`.
-    pub fn new(topology: Topology, broker: Broker, retention_s: u64) -> Store {
+    pub(crate) fn new(topology: Topology, broker: Broker, retention_s: u64) -> Store {
         Store { topology, broker, retention_s, index: RwLock::default(), waiters: Mutex::default() }
     }
 
     /// How long files and records are kept, seconds (`api.file_retention_s`).
-    pub fn retention_s(&self) -> u64 {
+    pub(crate) fn retention_s(&self) -> u64 {
         self.retention_s
     }
 
     /// Declares the metadata stream (idempotent; a stream declared with another retention
     /// by an earlier configuration keeps it).
-    pub async fn declare(&self) -> Result<(), ApiError> {
+    pub(crate) async fn declare(&self) -> Result<(), ApiError> {
         let conn = self.broker.conn().await?;
         let ch = fleet::amqp::open_channel(&conn).await?;
         let mut args = FieldTable::default();
@@ -179,7 +179,7 @@ impl Store {
     }
 
     /// Appends `record` to the metadata stream (confirmed).
-    pub async fn append(&self, record: &Record) -> Result<(), ApiError> {
+    pub(crate) async fn append(&self, record: &Record) -> Result<(), ApiError> {
         let ch = self.broker.confirm_channel().await?;
         let body = serde_json::to_vec(record).map_err(ApiError::unavailable)?;
         let res = fleet::amqp::publish_confirmed(
@@ -195,7 +195,7 @@ impl Store {
     }
 
     /// Returns once every record written before the call is in this replica's index.
-    pub async fn sync(&self) -> Result<(), ApiError> {
+    pub(crate) async fn sync(&self) -> Result<(), ApiError> {
         let nonce = uuid::Uuid::new_v4().simple().to_string();
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.waiters.lock().unwrap_or_else(|e| e.into_inner()).insert(nonce.clone(), tx);
@@ -216,7 +216,7 @@ impl Store {
     }
 
     /// `owner`'s file `id` (404 when unknown, expired or another key's).
-    pub async fn file(&self, owner: &str, id: &str) -> Result<FileRecord, ApiError> {
+    pub(crate) async fn file(&self, owner: &str, id: &str) -> Result<FileRecord, ApiError> {
         let find = || self.read().files.get(id).filter(|f| f.owner == owner && !expired(f)).cloned();
         if let Some(f) = find() {
             return Ok(f);
@@ -226,7 +226,7 @@ impl Store {
     }
 
     /// `owner`'s batch `id` of `api` (404 when unknown or another key's).
-    pub async fn batch(&self, owner: &str, id: &str, api: Api) -> Result<BatchEntry, ApiError> {
+    pub(crate) async fn batch(&self, owner: &str, id: &str, api: Api) -> Result<BatchEntry, ApiError> {
         let find = || self.read().batches.get(id).filter(|b| b.record.owner == owner && b.record.api == api).cloned();
         if let Some(b) = find() {
             return Ok(b);
@@ -236,13 +236,13 @@ impl Store {
     }
 
     /// Whether a batch `id` exists (of any owner): an idempotent create looks it up.
-    pub async fn batch_exists(&self, id: &str) -> Result<Option<BatchEntry>, ApiError> {
+    pub(crate) async fn batch_exists(&self, id: &str) -> Result<Option<BatchEntry>, ApiError> {
         self.sync().await?;
         Ok(self.read().batches.get(id).cloned())
     }
 
     /// `owner`'s files of `purpose`, newest first (after a sync).
-    pub async fn files_of(&self, owner: &str, purpose: Option<&str>) -> Result<Vec<FileRecord>, ApiError> {
+    pub(crate) async fn files_of(&self, owner: &str, purpose: Option<&str>) -> Result<Vec<FileRecord>, ApiError> {
         self.sync().await?;
         let mut files: Vec<FileRecord> = self
             .read()
@@ -256,7 +256,7 @@ impl Store {
     }
 
     /// `owner`'s batches of `api`, newest first (after a sync).
-    pub async fn batches_of(&self, owner: &str, api: Api) -> Result<Vec<BatchEntry>, ApiError> {
+    pub(crate) async fn batches_of(&self, owner: &str, api: Api) -> Result<Vec<BatchEntry>, ApiError> {
         self.sync().await?;
         let mut batches: Vec<BatchEntry> =
             self.read().batches.values().filter(|b| b.record.owner == owner && b.record.api == api).cloned().collect();
@@ -265,17 +265,17 @@ impl Store {
     }
 
     /// The job of every batch (of any owner) this replica has read.
-    pub fn batch_jobs(&self) -> Vec<String> {
+    pub(crate) fn batch_jobs(&self) -> Vec<String> {
         self.read().batches.values().map(|b| b.record.job_id.clone()).collect()
     }
 
     /// The uploads this replica has read as started and not stored.
-    pub fn uploads(&self) -> Vec<String> {
+    pub(crate) fn uploads(&self) -> Vec<String> {
         self.read().uploading.keys().cloned().collect()
     }
 
     /// Whether upload `id` is started and not stored, as far as this replica has read.
-    pub fn is_uploading(&self, id: &str) -> bool {
+    pub(crate) fn is_uploading(&self, id: &str) -> bool {
         self.read().uploading.contains_key(id)
     }
 
@@ -333,7 +333,7 @@ impl Store {
 
     /// Reads the metadata stream into the index until `shutdown`, from its first message
     /// and again after a broker failure (records are applied idempotently).
-    pub async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) async fn follow(self: Arc<Self>, shutdown: CancellationToken) {
         while !shutdown.is_cancelled() {
             let res = tokio::select! {
                 res = self.follow_once() => res,
@@ -365,7 +365,7 @@ impl Store {
 
     /// Deletes the streams of deleted and expired files, every [`SWEEP_EVERY`], until
     /// `shutdown` (any replica may: deleting a missing queue is a no-op).
-    pub async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
+    pub(crate) async fn sweep(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
                 () = tokio::time::sleep(SWEEP_EVERY) => {}
@@ -390,7 +390,7 @@ impl Store {
     }
 
     /// Deletes a file's stream.
-    pub async fn delete_file_stream(&self, id: &str) -> Result<(), ApiError> {
+    pub(crate) async fn delete_file_stream(&self, id: &str) -> Result<(), ApiError> {
         let conn = self.broker.conn().await?;
         let ch = fleet::amqp::open_channel(&conn).await?;
         ch.queue_delete(self.topology.api_file_stream(id).as_str().into(), Default::default()).await?;

@@ -56,7 +56,7 @@ async fn ask(store: &Store, req: &TrackerRequest) -> Result<Option<TrackerReply>
 
 /// The tracker's summary of `job_id`: `None` when it does not know the job (yet, or any
 /// more) or does not answer.
-pub async fn job(store: &Store, job_id: &str) -> Result<Option<JobSummary>, ApiError> {
+pub(crate) async fn job(store: &Store, job_id: &str) -> Result<Option<JobSummary>, ApiError> {
     let reply = ask(store, &TrackerRequest::Status { job_id: job_id.to_string() }).await?;
     Ok(reply.filter(|r| r.error.is_none()).and_then(|r| r.jobs.into_iter().next()))
 }
@@ -64,14 +64,14 @@ pub async fn job(store: &Store, job_id: &str) -> Result<Option<JobSummary>, ApiE
 /// The summary of `entry`'s job: the tracker's, or, once the tracker has forgotten the
 /// ended job (`tracker.retention_s`) or does not answer, the final one recorded on the
 /// metadata stream. The first replica to see the job ended records it there.
-pub async fn summary(store: &Store, entry: &BatchEntry) -> Result<Option<JobSummary>, ApiError> {
+pub(crate) async fn summary(store: &Store, entry: &BatchEntry) -> Result<Option<JobSummary>, ApiError> {
     let job = job(store, &entry.record.job_id).await?;
     Ok(settle(store, entry, job).await)
 }
 
 /// `job` (the tracker's summary of `entry`'s job, if any) with the recorded end as its
 /// fallback; records the end when the tracker shows it first.
-pub async fn settle(store: &Store, entry: &BatchEntry, job: Option<JobSummary>) -> Option<JobSummary> {
+pub(crate) async fn settle(store: &Store, entry: &BatchEntry, job: Option<JobSummary>) -> Option<JobSummary> {
     match job {
         Some(job) if JobStatus::ENDED.contains(&job.status) && entry.ended.is_none() => {
             let ended = Record::BatchEnded { id: entry.record.id.clone(), summary: Box::new(job.clone()) };
@@ -87,7 +87,7 @@ pub async fn settle(store: &Store, entry: &BatchEntry, job: Option<JobSummary>) 
 }
 
 /// Every job the tracker knows, by id (empty when it does not answer).
-pub async fn jobs(store: &Store) -> Result<HashMap<String, JobSummary>, ApiError> {
+pub(crate) async fn jobs(store: &Store) -> Result<HashMap<String, JobSummary>, ApiError> {
     let reply = ask(store, &TrackerRequest::Jobs).await?;
     Ok(reply.map(|r| r.jobs.into_iter().map(|j| (j.job_id.clone(), j)).collect()).unwrap_or_default())
 }

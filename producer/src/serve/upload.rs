@@ -33,13 +33,13 @@ const CONFIRM_WINDOW: usize = 64;
 const MAX_REPORTED: usize = 20;
 
 /// The rules a line must meet: those of any configured provider's kind.
-pub struct LineRules {
+pub(crate) struct LineRules {
     rules: Vec<Rules>,
 }
 
 impl LineRules {
     /// The rules of every kind among `cfg`'s providers.
-    pub fn of(cfg: &fleet::Config) -> LineRules {
+    pub(crate) fn of(cfg: &fleet::Config) -> LineRules {
         let mut kinds: Vec<ProviderKind> = Vec::new();
         for p in cfg.providers.values() {
             if !kinds.contains(&p.kind) {
@@ -51,7 +51,7 @@ impl LineRules {
     }
 
     /// Checks one line: valid for some provider kind, or the first kind's complaint.
-    pub fn check(&self, raw: &[u8]) -> Result<fleet::wire::BatchInputLine, String> {
+    pub(crate) fn check(&self, raw: &[u8]) -> Result<fleet::wire::BatchInputLine, String> {
         let mut first = None;
         for rules in &self.rules {
             match validate::check_line(raw, rules) {
@@ -71,7 +71,7 @@ impl LineRules {
 }
 
 /// A file being written to its stream.
-pub struct FileWriter<'a> {
+pub(crate) struct FileWriter<'a> {
     /// Held until the writer is dropped (see [`super::lease`]).
     _lease: Lease,
     store: &'a Store,
@@ -117,7 +117,7 @@ fn refusal(errors: &[LineError], count: usize) -> ApiError {
 
 impl<'a> FileWriter<'a> {
     /// Declares the stream of a new file (kept `retention_s`).
-    pub async fn start(
+    pub(crate) async fn start(
         store: &'a Store,
         rules: &'a LineRules,
         api: &fleet::config::ApiConfig,
@@ -159,7 +159,7 @@ impl<'a> FileWriter<'a> {
     }
 
     /// Takes the next bytes of the file and publishes the chunks they complete.
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), ApiError> {
+    pub(crate) async fn write(&mut self, data: &[u8]) -> Result<(), ApiError> {
         self.bytes += data.len() as u64;
         if self.bytes > self.max_bytes {
             return Err(ApiError::too_large(format!(
@@ -279,7 +279,7 @@ impl<'a> FileWriter<'a> {
     /// Ends the file: its last line, every confirm, the duplicate check, then its record
     /// (only now does the file exist: every line is on its stream). Returns the record, or
     /// the refusal, the stream deleted. The lease goes last, after the record.
-    pub async fn finish(mut self, owner: &str, filename: &str, purpose: &str) -> Result<FileRecord, ApiError> {
+    pub(crate) async fn finish(mut self, owner: &str, filename: &str, purpose: &str) -> Result<FileRecord, ApiError> {
         let result = match self.finish_inner(owner, filename, purpose).await {
             Ok(record) => self.store.append(&Record::File(record.clone())).await.map(|()| record),
             Err(e) => Err(e),
@@ -366,7 +366,7 @@ impl<'a> FileWriter<'a> {
     }
 
     /// Deletes what was stored of the file.
-    pub async fn abort(&self) {
+    pub(crate) async fn abort(&self) {
         if let Err(e) = self.store.delete_file_stream(&self.id).await {
             tracing::warn!(file = %self.id, error = %e.message, "cannot delete a refused file's stream; the sweeper will");
         }
@@ -375,7 +375,7 @@ impl<'a> FileWriter<'a> {
 
 /// A reader of a stored file's lines, in order, a stream message (a chunk of lines) at a
 /// time.
-pub struct FileReader {
+pub(crate) struct FileReader {
     reader: StreamReader,
     left: u64,
     id: String,
@@ -383,14 +383,14 @@ pub struct FileReader {
 
 impl FileReader {
     /// Starts reading `file`.
-    pub async fn open(store: &Store, file: &FileRecord) -> Result<FileReader, ApiError> {
+    pub(crate) async fn open(store: &Store, file: &FileRecord) -> Result<FileReader, ApiError> {
         let conn = store.broker.conn().await?;
         let reader = StreamReader::open(&conn, &store.topology.api_file_stream(&file.id)).await?;
         Ok(FileReader { reader, left: file.lines, id: file.id.clone() })
     }
 
     /// The next chunk: its lines joined by newlines; `None` after the last line.
-    pub async fn next(&mut self) -> Result<Option<Vec<u8>>, ApiError> {
+    pub(crate) async fn next(&mut self) -> Result<Option<Vec<u8>>, ApiError> {
         if self.left == 0 {
             return Ok(None);
         }
@@ -403,7 +403,7 @@ impl FileReader {
     }
 
     /// Stops reading.
-    pub async fn close(self) {
+    pub(crate) async fn close(self) {
         self.reader.close().await;
     }
 }

@@ -28,8 +28,11 @@ use super::api::{
 /// Pages of `GET /v1/messages/batches` read when looking for a chunk's batch.
 const FIND_PAGES: usize = 5;
 
+/// Anthropic's Message Batches API: the requests go inline in the create call.
 pub struct Anthropic<'a> {
+    /// Calls to the provider, timed and classified.
     pub http: Http<'a>,
+    /// The fleet's namespace, part of each chunk's tag.
     pub namespace: &'a str,
 }
 
@@ -99,6 +102,8 @@ impl Anthropic<'_> {
         custom_id_prefix(self.namespace, chunk)
     }
 
+    /// The ended batch whose results carry the chunk's custom-id prefix; a transient error
+    /// while a batch of the chunk's size is still processing (it may be the chunk's).
     pub async fn find(&self, chunk: &ChunkTask) -> Result<Option<Created>, ApiError> {
         let prefix = self.prefix(chunk);
         let mut after: Option<String> = None;
@@ -160,6 +165,7 @@ impl Anthropic<'_> {
         Ok(serde_json::from_slice::<Id>(first).ok().map(|i| i.custom_id))
     }
 
+    /// Creates a batch of the items, each custom id made of the chunk's prefix and the item's index.
     pub async fn create(&self, chunk: &ChunkTask, items: &[Item]) -> Result<Created, ApiError> {
         let prefix = self.prefix(chunk);
         let mut body = Vec::with_capacity(items.iter().map(|i| i.body.get().len() + 64).sum::<usize>() + 32);
@@ -187,6 +193,7 @@ impl Anthropic<'_> {
         Ok(Created { batch_id: b.id, input_file_id: None })
     }
 
+    /// Retrieves the batch's processing status, and how it ended.
     pub async fn poll(&self, batch_id: &str) -> Result<Polled, ApiError> {
         let req = self.http.client.batch_request(Method::GET, &format!("/v1/messages/batches/{batch_id}"));
         let b: BatchObject = self.http.json(req, "retrieve").await?;
@@ -205,11 +212,14 @@ impl Anthropic<'_> {
         Ok(Polled { status, ending, output_file_id: None, error_file_id: None, input_file_id: None, tag: None })
     }
 
+    /// Asks Anthropic to cancel the batch.
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {
         let req = self.http.client.batch_request(Method::POST, &format!("/v1/messages/batches/{batch_id}/cancel"));
         self.http.send(req, "cancel").await.map(|_| ())
     }
 
+    /// Reads the ended batch's results (from the documented path, never its `results_url`),
+    /// calling `each` for the chunk's lines.
     pub async fn fetch(
         &self,
         chunk: &ChunkTask,

@@ -33,7 +33,12 @@ pub enum ApiError {
     Transient(String),
     /// The provider refused the request (4xx): it will refuse it again.
     #[error("HTTP {status}: {message}")]
-    Refused { status: u16, message: String },
+    Refused {
+        /// The HTTP status of the refusal.
+        status: u16,
+        /// The provider's error message (`HTTP <status>` when it gave none).
+        message: String,
+    },
 }
 
 impl ApiError {
@@ -49,7 +54,9 @@ impl ApiError {
 /// A provider batch that exists.
 #[derive(Debug, Clone)]
 pub struct Created {
+    /// The provider's id of the batch (checked plain: it goes into URLs).
     pub batch_id: String,
+    /// The uploaded input file the batch reads (OpenAI kind only).
     pub input_file_id: Option<String>,
 }
 
@@ -60,7 +67,12 @@ pub enum Ending {
     Completed,
     /// The provider refused the batch: per input line (1-based) reasons where it gave them,
     /// and one reason for the rest.
-    Rejected { lines: Vec<(u64, String)>, reason: String },
+    Rejected {
+        /// Input line number (from 1) and the provider's reason for it.
+        lines: Vec<(u64, String)>,
+        /// The reason given to every line not in `lines`.
+        reason: String,
+    },
     /// The completion window passed; requests that did not run are expired.
     Expired,
     /// Cancelled; requests that did not run are cancelled.
@@ -81,6 +93,7 @@ pub struct Polled {
     pub ending: Option<Ending>,
     /// Files holding the results (OpenAI kind), when the batch has ended.
     pub output_file_id: Option<String>,
+    /// The file of the requests that failed (OpenAI kind), when the batch has ended.
     pub error_file_id: Option<String>,
     /// The batch's input file, as the provider names it (OpenAI kind): the one a worker
     /// deletes after the fetch, never one a chunk message names.
@@ -121,7 +134,9 @@ pub enum LineOutcome {
 /// One result line mapped back to the chunk.
 #[derive(Debug)]
 pub struct Fetched {
+    /// The item's index in the job.
     pub index: u64,
+    /// How its request ended.
     pub outcome: LineOutcome,
 }
 
@@ -150,12 +165,16 @@ pub fn index_of(prefix: &str, custom_id: &str, chunk: &ChunkTask) -> Option<u64>
 
 /// A provider's batch API.
 pub enum BatchApi<'a> {
+    /// An OpenAI-kind provider: Files and Batch API.
     Openai(openai::Openai<'a>),
+    /// An Anthropic-kind provider: Message Batches API.
     Anthropic(anthropic::Anthropic<'a>),
+    /// A Gemini-kind provider: batches of inline requests.
     Gemini(gemini::Gemini<'a>),
 }
 
 impl<'a> BatchApi<'a> {
+    /// The batch API of `client`'s provider kind; `namespace` goes into the chunks' tags.
     pub fn new(client: &'a ProviderClient, namespace: &'a str) -> BatchApi<'a> {
         let http = Http { client };
         match client.kind() {
@@ -195,6 +214,7 @@ impl<'a> BatchApi<'a> {
         }
     }
 
+    /// Asks the provider how the batch is doing.
     pub async fn poll(&self, batch_id: &str) -> Result<Polled, ApiError> {
         match self {
             BatchApi::Openai(a) => a.poll(batch_id).await,
@@ -203,6 +223,7 @@ impl<'a> BatchApi<'a> {
         }
     }
 
+    /// Asks the provider to cancel the batch; requests that have not run end cancelled.
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {
         match self {
             BatchApi::Openai(a) => a.cancel(batch_id).await,
@@ -244,6 +265,7 @@ impl<'a> BatchApi<'a> {
 /// HTTP calls to the provider's batch API, timed into
 /// `batch_provider_latency_seconds{operation}` and classified into [`ApiError`].
 pub struct Http<'a> {
+    /// The provider's client: its base URL, keys and metrics.
     pub client: &'a ProviderClient,
 }
 

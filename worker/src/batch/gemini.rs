@@ -61,8 +61,11 @@ const FIND_PAGES: usize = 5;
 /// The prefix of a batch's resource name.
 const NAME_PREFIX: &str = "batches/";
 
+/// Gemini's batch API: the requests go inline, and the batch holds the responses.
 pub struct Gemini<'a> {
+    /// Calls to the provider, timed and classified.
     pub http: Http<'a>,
+    /// The fleet's namespace, part of each chunk's tag.
     pub namespace: &'a str,
 }
 
@@ -199,6 +202,7 @@ impl Gemini<'_> {
         custom_id_prefix(self.namespace, chunk)
     }
 
+    /// The batch whose `displayName` is the chunk's tag among the newest, if one did not fail.
     pub async fn find(&self, chunk: &ChunkTask) -> Result<Option<Created>, ApiError> {
         let tag = chunk.tag(self.namespace);
         let mut token: Option<String> = None;
@@ -227,6 +231,7 @@ impl Gemini<'_> {
         Ok(None)
     }
 
+    /// Creates a batch of the items inline, named after the chunk's tag.
     pub async fn create(&self, chunk: &ChunkTask, items: &[Item]) -> Result<Created, ApiError> {
         let prefix = self.prefix(chunk);
         let mut model: Option<String> = None;
@@ -283,6 +288,7 @@ impl Gemini<'_> {
         Ok(Created { batch_id: id.to_string(), input_file_id: None })
     }
 
+    /// Retrieves the batch operation's state and `displayName`.
     pub async fn poll(&self, batch_id: &str) -> Result<Polled, ApiError> {
         let req = self.http.client.batch_request(Method::GET, &format!("/v1beta/batches/{batch_id}"));
         let bytes = self.read(req, "retrieve").await?;
@@ -300,6 +306,7 @@ impl Gemini<'_> {
         })
     }
 
+    /// Asks Gemini to cancel the batch.
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {
         let req = self.http.client.batch_request(Method::POST, &format!("/v1beta/batches/{batch_id}:cancel"));
         self.http.send(req, "cancel").await.map(|_| ())

@@ -67,10 +67,15 @@ const PUBLISH_CONCURRENCY: usize = 1024;
 
 /// What the chunk handlers of one provider share.
 pub struct Batch {
+    /// The connection's publishing channel and settings, shared with the online handlers.
     pub ctx: Arc<Context>,
+    /// The connection, on which reading a chunk's items opens channels of its own.
     pub conn: Arc<Connection>,
+    /// The provider's client, whose batch API runs the chunks.
     pub client: Arc<ProviderClient>,
+    /// `providers.<p>.batch_poll_interval_s`: how long a chunk waits between polls.
     pub poll_s: u64,
+    /// The `batch_provider_batches` gauge of this provider's batches.
     pub batches: ProviderBatches,
     /// `providers.<p>.batch_enqueued_tokens`: the account's enqueued-token limit, if set.
     pub enqueued_budget: Option<u64>,
@@ -548,6 +553,7 @@ struct Seen {
 }
 
 impl ProviderBatches {
+    /// Counts `provider`'s batches into `gauge`, forgetting those not polled for two `poll_s` intervals.
     pub fn new(gauge: IntGaugeVec, provider: &str, poll_s: u64) -> ProviderBatches {
         ProviderBatches {
             gauge,

@@ -27,8 +27,11 @@ use super::api::{
 /// newest first: a batch created moments before a crash is on the first page).
 const FIND_PAGES: usize = 5;
 
+/// OpenAI's Files and Batch API: the JSONL input is uploaded, then a batch made of it.
 pub struct Openai<'a> {
+    /// Calls to the provider, timed and classified.
     pub http: Http<'a>,
+    /// The fleet's namespace, part of each chunk's tag.
     pub namespace: &'a str,
 }
 
@@ -115,6 +118,7 @@ const TOKEN_LIMIT_EXCEEDED: &str = "token_limit_exceeded";
 const ENQUEUED: [&str; 4] = ["validating", "in_progress", "finalizing", "cancelling"];
 
 impl Openai<'_> {
+    /// The batch tagged with the chunk's tag (`metadata.fleet_tag`) among the newest, if one did not fail.
     pub async fn find(&self, chunk: &ChunkTask) -> Result<Option<Created>, ApiError> {
         let tag = chunk.tag(self.namespace);
         let mut after: Option<String> = None;
@@ -166,6 +170,7 @@ impl Openai<'_> {
         Ok(tokens)
     }
 
+    /// Uploads the items as a JSONL file and creates a 24 h batch of it, tagged with the chunk's tag.
     pub async fn create(&self, chunk: &ChunkTask, items: &[Item]) -> Result<Created, ApiError> {
         let endpoint = items.first().map(|i| i.url.clone()).unwrap_or_default();
         let tokens = estimate_tokens(items);
@@ -219,6 +224,7 @@ impl Openai<'_> {
         }
     }
 
+    /// Retrieves the batch: its status, files and tag.
     pub async fn poll(&self, batch_id: &str) -> Result<Polled, ApiError> {
         let req = self.http.client.batch_request(Method::GET, &format!("/v1/batches/{batch_id}"));
         let b: BatchObject = self.http.json(req, "retrieve").await?;
@@ -245,11 +251,13 @@ impl Openai<'_> {
         })
     }
 
+    /// Asks OpenAI to cancel the batch.
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {
         let req = self.http.client.batch_request(Method::POST, &format!("/v1/batches/{batch_id}/cancel"));
         self.http.send(req, "cancel").await.map(|_| ())
     }
 
+    /// Reads the output and error files of an ended batch, calling `each` for the chunk's lines.
     pub async fn fetch(
         &self,
         chunk: &ChunkTask,
@@ -277,6 +285,7 @@ impl Openai<'_> {
         Ok(())
     }
 
+    /// Deletes the batch's input, output and error files (best effort).
     pub async fn clean_up(&self, polled: &Polled) {
         let files = [&polled.input_file_id, &polled.output_file_id, &polled.error_file_id];
         for file in files.into_iter().flatten() {

@@ -58,7 +58,7 @@ fn error(code: &str, message: &str) -> ErrorRecord {
 }
 
 /// Every item of a chunk whose batch never ran: `cancelled` or `expired`.
-pub fn all_unrun(worker_id: &str, task: &ChunkTask, chunk: &ChunkItems, status: ItemStatus) -> Vec<ItemResult> {
+pub(crate) fn all_unrun(worker_id: &str, task: &ChunkTask, chunk: &ChunkItems, status: ItemStatus) -> Vec<ItemResult> {
     let message = match status {
         ItemStatus::Cancelled => "job cancelled before its provider batch was created",
         _ => "job deadline passed before its provider batch was created",
@@ -72,7 +72,7 @@ pub fn all_unrun(worker_id: &str, task: &ChunkTask, chunk: &ChunkItems, status: 
 }
 
 /// Every item of a chunk whose batch the provider refused, failed with its reason.
-pub fn refused(worker_id: &str, task: &ChunkTask, chunk: &ChunkItems, message: &str) -> Vec<ItemResult> {
+pub(crate) fn refused(worker_id: &str, task: &ChunkTask, chunk: &ChunkItems, message: &str) -> Vec<ItemResult> {
     let e = error(error_code::BATCH_REJECTED, message);
     let items = &chunk.items;
     chunk.indices.iter().map(|&i| unanswered(worker_id, task, items, i, ItemStatus::Failed, e.clone())).collect()
@@ -81,7 +81,7 @@ pub fn refused(worker_id: &str, task: &ChunkTask, chunk: &ChunkItems, message: &
 /// The results of an ended batch from its lines; `wanted` says why the job stopped wanting
 /// the chunk (cancelled, deadline), if it did. Returns the results and the items to run
 /// online instead (`--fallback online`).
-pub fn of_lines(
+pub(crate) fn of_lines(
     worker_id: &str,
     task: &ChunkTask,
     chunk: &ChunkItems,

@@ -49,18 +49,25 @@ fn bounded(message: &str) -> String {
 /// One job as the tracker knows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobState {
+    /// The job's id.
     pub job_id: String,
+    /// The provider the job was submitted to.
     pub provider: String,
     /// `None` until `job_submitted` is seen (item events may in theory arrive first).
     pub total: Option<u64>,
+    /// When the job was submitted, ms since the Unix epoch.
     pub submitted_at_ms: u64,
+    /// After this instant (ms since the epoch) the job's unfinished items end `expired`.
     pub deadline_ms: Option<u64>,
     /// Finished item indices; dropped once the job ends.
     pub done: Bitmap,
+    /// Finished items by status (`total` is filled in by [`JobState::summary`]).
     pub counts: JobCounts,
+    /// A cancel was read for the job (by `producer cancel`, or the tracker's own at the spend cap).
     pub cancel_requested: bool,
     /// Set when the job ended: `completed`, `failed`, `cancelled` or `expired`.
     pub end_status: Option<JobStatus>,
+    /// When the job ended, ms since the epoch; `None` while it runs.
     pub finished_at_ms: Option<u64>,
     /// Items sent to a delay queue at least once; with `done`, says which wait there now.
     #[serde(default)]
@@ -101,6 +108,7 @@ pub struct JobState {
 }
 
 impl JobState {
+    /// The job as `producer status` shows it at `now_ms`: counts, rate, and (while it runs) progress.
     pub fn summary(&self, now_ms: u64) -> JobSummary {
         let mut counts = self.counts.clone();
         counts.total = self.total.unwrap_or(0);
@@ -146,7 +154,9 @@ impl JobState {
 /// A job that just ended (for metrics and the `job_finished` message).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ended {
+    /// The job's final summary.
     pub summary: JobSummary,
+    /// Seconds from submission to end (for the job-duration histogram).
     pub duration_s: f64,
     /// The job's completion webhook, told by the tracker.
     pub webhook_url: Option<String>,
@@ -160,6 +170,7 @@ pub struct State {
     /// readable copy; 0 in checkpoints of earlier versions).
     #[serde(default)]
     pub checkpoint_seq: u64,
+    /// Jobs in progress and recently ended, by id.
     pub jobs: BTreeMap<String, JobState>,
     /// `batch_jobs_total` by `provider/status`, restored on takeover so it never decreases.
     pub jobs_total: BTreeMap<String, u64>,
@@ -259,7 +270,9 @@ impl AnswerMode {
 /// One job's spend, as the per-job cost series show it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpend<'a> {
+    /// The job whose spend this is.
     pub job_id: &'a str,
+    /// Its provider.
     pub provider: &'a str,
     /// Cost so far at the price table.
     pub cost: f64,
@@ -270,9 +283,13 @@ pub struct JobSpend<'a> {
 /// Token and cost counters of one provider and model label.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct UsageTotals {
+    /// Prompt tokens the answers reported.
     pub input_tokens: u64,
+    /// Of the prompt tokens, those read from the provider's cache.
     pub cached_input_tokens: u64,
+    /// Generated tokens the answers reported.
     pub output_tokens: u64,
+    /// Their cost at the price table, in its currency (0 for unpriced models).
     pub cost: f64,
 }
 

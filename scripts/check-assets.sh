@@ -14,6 +14,8 @@
 #   `replicas` in it) on ready + unacked items, cooldownPeriod only with minReplicaCount 0,
 #   a PodDisruptionBudget, a 3-replica RabbitmqCluster whose metrics are scraped.
 #   The linters install from PyPI into .run/venv-assets on first use.
+# - The dashboard and the alerts name only metrics the code exports (the list in
+#   fleet/src/metrics.rs, printed by `cargo run -p fleet --example metric_names`).
 # - Every PromQL expression of the dashboard goes through the running Prometheus' query API
 #   ($PROMETHEUS_ADDR, default 127.0.0.1:9090) and must parse. Start it with
 #   `scripts/stack.sh up` (which also installs promtool, from the `prometheus` package).
@@ -76,9 +78,17 @@ if [[ -z $PYTHON ]]; then
     PYTHON=/usr/bin/python3
 fi
 
+# --- The metrics the code exports (the list in fleet/src/metrics.rs) ----------------------------
+# The dashboard and the alerts may name only these. Under `make test` the workspace is built by
+# now, so this compiles and links one small example, no more.
+METRIC_NAMES="$ROOT/.run/metric-names.json"
+mkdir -p "$ROOT/.run"
+run_check "list the code's metrics (cargo run -p fleet --example metric_names)" \
+    bash -c 'cargo run -q -p fleet --example metric_names >"$1"' _ "$METRIC_NAMES"
+
 # --- Everything else (Python: one line per check, exit 1 on any failure) -------------------------
 
-if ! "$PYTHON" "$ROOT/scripts/check_assets.py" "$ROOT"; then
+if ! "$PYTHON" "$ROOT/scripts/check_assets.py" "$ROOT" "$METRIC_NAMES"; then
     FAILED=1
 fi
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """The observability and deployment assets' structural checks, run by scripts/check-assets.sh.
 
-Usage: check_assets.py ROOT. One line per check (ok or FAIL with the problems); exit 1 on
-any failure. Needs PyYAML (check-assets.sh installs python3-yaml when missing) and, for the
-PromQL checks, the local Prometheus.
+Usage: check_assets.py ROOT METRIC_NAMES. One line per check (ok or FAIL with the
+problems); exit 1 on any failure. METRIC_NAMES is a JSON file of every metric the code
+exports, as `cargo run -p fleet --example metric_names` prints it. Needs PyYAML
+(check-assets.sh installs python3-yaml when missing) and, for the PromQL checks, the local
+Prometheus.
 """
 import json
 import os
@@ -41,24 +43,36 @@ def load_yaml(rel, multi=False):
         return list(yaml.safe_load_all(f)) if multi else yaml.safe_load(f)
 
 
-# The metric-name contract with the Rust code (fleet crate). Histograms also expose
+# The metric-name contract with the Rust code: every metric it exports, from the list in
+# fleet/src/metrics.rs (the `metric_names` example prints it). Histograms also expose
 # _bucket/_sum/_count; the Pushgateway adds push_time_seconds / push_failure_time_seconds.
-COUNTERS = {"batch_jobs_total", "batch_jobs_submitted_total", "batch_items_total",
-            "batch_worker_items_total", "batch_retry_attempts_total",
-            "batch_errors_total", "batch_dead_letters_total", "batch_usage_tokens_total",
-            "batch_usage_cost_total", "batch_answers_total", "batch_api_key_rejections_total",
-            "batch_push_failures_total",
-            # producer serve's own /metrics (producer/src/serve/metrics.rs), scraped.
-            "batch_api_requests_total", "batch_api_upload_bytes_total"}
-HISTOGRAMS = {"batch_job_duration_seconds", "batch_poll_cycle_seconds",
-              "batch_provider_latency_seconds"}
-GAUGES = {"batch_jobs_in_progress", "batch_items_in_flight", "batch_worker_up", "batch_provider_batches",
-          "batch_queue_backlog", "batch_concurrency_limit", "batch_provider_paused",
-          "batch_api_batches_open", "batch_api_keys_active", "batch_job_cost", "batch_job_max_cost"}
-KNOWN = COUNTERS | GAUGES | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
+def load_known(file):
+    """Every series name the code's metrics expose, or None (and a failed check) without it."""
+    try:
+        with open(file) as f:
+            metrics = json.load(f)
+        known = set()
+        for m in metrics:
+            name, kind = m["name"], m["kind"]
+            known |= {name + s for s in ("_bucket", "_sum", "_count")} if kind == "histogram" else {name}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        check("the code's metric names", [f"{file}: {e}"])
+        return None
+    check(f"the code's metric names: {len(metrics)} metrics", [] if metrics else [f"{file} lists none"])
+    return known
+
+
+if len(sys.argv) > 2:
+    KNOWN = load_known(sys.argv[2])
+else:
+    KNOWN = None
+    check("the code's metric names", ["no METRIC_NAMES file given (see the usage)"])
 
 
 def unknown_metrics(expr):
+    """The batch_* metric names of `expr` the code does not export (none when unknown)."""
+    if KNOWN is None:
+        return []
     code = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # label values are not metric names
     return sorted({m for m in re.findall(r"\bbatch_[a-z_]+\b", code) if m not in KNOWN})
 

@@ -30,12 +30,19 @@ use crate::*;
 /// What to run and which faults to inject.
 #[derive(Debug, Clone)]
 pub struct Plan {
+    /// Requests in the job.
     pub items: usize,
+    /// Workers running at once.
     pub workers: usize,
+    /// Each worker's `worker.max_in_flight`.
     pub max_in_flight: u16,
+    /// How often a random worker is SIGKILLed (and started again under a new id).
     pub kill_every: Duration,
+    /// SIGKILL the worker holding the tracker role once, past 20 % of the job.
     pub kill_tracker: bool,
+    /// Restart RabbitMQ (`stop_app`, `start_app`) once, past 40 % of the job.
     pub restart_broker: bool,
+    /// Stop the run's private Pushgateway for about 10 s, past 10 % of the job.
     pub stop_pushgateway: bool,
     /// Mock knobs (latency, transient errors).
     pub mock_args: Vec<String>,
@@ -48,6 +55,7 @@ pub struct Plan {
 /// nodes and alone knows how to stop and start them).
 #[derive(Debug, Clone)]
 pub struct ClusterFaults {
+    /// `scripts/cluster.sh`.
     pub script: PathBuf,
     /// How long a stopped node stays down before it is started again.
     pub down_for: Duration,
@@ -319,10 +327,15 @@ impl DiskMeter {
 /// What happened and what was checked.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// Requests in the job.
     pub requests: usize,
+    /// Random workers SIGKILLed.
     pub worker_kills: usize,
+    /// Workers SIGKILLed while holding the tracker role.
     pub tracker_kills: usize,
+    /// RabbitMQ restarts (`stop_app`, `start_app`).
     pub broker_restarts: usize,
+    /// Seconds the Pushgateway was down.
     pub pushgateway_outage_s: u64,
     /// Node faults of a cluster run, e.g. `stopped fleet-c2@localhost (items queue leader)`.
     pub node_faults: Vec<String>,
@@ -330,20 +343,25 @@ pub struct Report {
     pub disk_bytes_per_request: Option<u64>,
     /// CPU the cluster's nodes used per request, in µs (cluster runs only).
     pub broker_cpu_us_per_request: Option<u64>,
+    /// Transient failures the mock answered (500, 503, 429, 529).
     pub mock_transient_errors: u64,
+    /// Requests missing from the output.
     pub lost: usize,
+    /// Extra copies of requests in the output.
     pub duplicated: usize,
     /// Lines whose status is not what the mock's answers allow (all transient: succeeded).
     pub wrong_status: usize,
     /// Mismatches between the tracker's final counts / the metrics and the output.
     pub wrong_counts: Vec<String>,
+    /// Seconds the whole run took, set-up and checks included.
     pub wall_s: f64,
     /// Seconds `producer submit` took (the soak).
     pub submit_s: Option<f64>,
     /// Seconds from the start of `submit` to the end of `wait`.
     pub job_s: f64,
-    /// CPU seconds and bytes written to disk by the cluster's nodes over the run.
+    /// CPU seconds the cluster's nodes used over the run (cluster runs only).
     pub broker_cpu_s: Option<f64>,
+    /// Bytes the cluster's nodes wrote to disk over the run (cluster runs only).
     pub broker_disk_bytes: Option<u64>,
     /// The tracker's checkpoint when the job had ended: (bytes of one copy, checkpoints
     /// written in the namespace's life).
@@ -353,6 +371,7 @@ pub struct Report {
 }
 
 impl Report {
+    /// Nothing lost or duplicated, every line succeeded, and every count agreed.
     pub fn ok(&self) -> bool {
         self.lost == 0 && self.duplicated == 0 && self.wrong_status == 0 && self.wrong_counts.is_empty()
     }
@@ -614,16 +633,10 @@ pub fn run(plan: &Plan) -> Report {
         report.wrong_counts.push(format!("tracker status: {status}"));
     }
     // The job-level metrics, as pushed by whichever tracker is active now.
-    let metrics_url = format!("{pg_url}/metrics");
     let mut completed = None;
     let mut items_succeeded = None;
     for _ in 0..100 {
-        let text = std::process::Command::new("curl")
-            .args(["-fs", &metrics_url])
-            .output()
-            .map(|o| o.stdout)
-            .unwrap_or_default();
-        let text = String::from_utf8_lossy(&text).to_string();
+        let text = pushgateway_metrics_at(&pg_url);
         completed = text
             .lines()
             .find(|l| l.starts_with("batch_jobs_total{") && l.contains(&fleet.ns) && l.contains("status=\"completed\""))
@@ -668,20 +681,9 @@ pub fn run(plan: &Plan) -> Report {
 
 /// Runs `producer submit` to `mock`, sampling its peak RSS; returns the job id.
 fn submit_sampled(fleet: &Fleet, input: &Path, rss: &mut PeakRss) -> String {
-    let mut p = fleet.producer_spawn(&["submit", input.to_str().unwrap(), "--provider", MOCK, "--json"]);
-    let status = loop {
-        rss.sample("producer submit", p.pid());
-        if let Some(status) = p.child.try_wait().expect("wait for submit") {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let (mut out, mut err) = (String::new(), String::new());
-    p.child.stdout.take().map(|mut o| o.read_to_string(&mut out));
-    p.child.stderr.take().map(|mut e| e.read_to_string(&mut err));
-    assert!(status.success(), "submit failed: {err}");
-    let v: Value = serde_json::from_str(&out).expect("submit --json prints JSON");
-    v["job_id"].as_str().expect("job_id").to_string()
+    harness::submit_watched(&fleet.config, input, MOCK, &[], |p| rss.sample("producer submit", p.pid()))
+        .unwrap_or_else(|e| panic!("{e:#}"))
+        .job_id
 }
 
 /// The tracker's newest checkpoint, read once every worker is gone: (its bytes, its

@@ -4,6 +4,9 @@
 //! `harness` crate (shared with the benchmark); this crate adds a test's [`Fleet`] and the
 //! checks the tests share.
 
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
+
 pub mod chaos;
 pub mod proxy;
 pub mod restart;
@@ -21,7 +24,7 @@ pub use serde_json::Value;
 
 /// `GET` of a JSON document (a test fails if it is not one).
 pub fn get_json(url: &str) -> Value {
-    harness::http_get_json(url).unwrap_or_else(|e| panic!("GET {url}: {e:#}"))
+    harness::http::get_json(url, &[]).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Delay tiers of the tests' fleets: short, so long-retry paths finish quickly.
@@ -60,9 +63,13 @@ pub fn namespace(test: &str) -> String {
 
 /// One test's fleet: a namespace, a config file, and the processes it started.
 pub struct Fleet {
+    /// The namespace (`t.<test>.<random>`), which every queue and exchange name starts with.
     pub ns: String,
+    /// The test's scratch directory: config, inputs, outputs, the workers' logs.
     pub dir: PathBuf,
+    /// The config file every worker and producer of the fleet reads.
     pub config: PathBuf,
+    /// The `mock` provider's base URL.
     pub mock_url: String,
     /// The broker this fleet uses (`amqp.url` of its config: the shared one unless the
     /// test's extra config names another, e.g. a [`restart::PrivateBroker`]).
@@ -132,8 +139,8 @@ impl Fleet {
     }
 
     fn producer_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("producer"));
-        cmd.arg("--config").arg(&self.config).arg("--quiet").args(args);
+        let mut cmd = harness::producer_command(&self.config);
+        cmd.args(args);
         cmd
     }
 
@@ -148,12 +155,10 @@ impl Fleet {
         Proc::spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()), "producer").expect("start producer")
     }
 
-    /// Submits `file` to `mock` and returns the job id.
+    /// Submits `file` to `mock` ([`harness::submit`]); returns the job id and its item count.
     pub fn submit(&self, file: &Path) -> (String, u64) {
-        let out = self.producer(&["submit", file.to_str().unwrap(), "--provider", MOCK, "--json"]);
-        assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-        let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
-        (v["job_id"].as_str().unwrap().to_string(), v["total"].as_u64().unwrap())
+        let s = harness::submit(&self.config, file, MOCK, &[]).unwrap_or_else(|e| panic!("{e:#}"));
+        (s.job_id, s.total)
     }
 
     /// Waits for a job's results into `output`, failing after `timeout_s`.
@@ -323,18 +328,8 @@ pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 /// Runs an instant PromQL query; returns `(labels, value)` per series. Panics on a query
 /// error (a bad expression is a test failure, not an empty result).
 pub fn prom_query(expr: &str) -> Vec<(serde_json::Map<String, Value>, f64)> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let v: Value = rt.block_on(async {
-        ::reqwest::Client::new()
-            .get(format!("{}/api/v1/query", prometheus_url()))
-            .query(&[("query", expr)])
-            .send()
-            .await
-            .expect("Prometheus reachable")
-            .json()
-            .await
-            .expect("JSON")
-    });
+    let url = format!("{}/api/v1/query", prometheus_url());
+    let v = harness::http::get_json(&url, &[("query", expr)]).unwrap_or_else(|e| panic!("query {expr}: {e:#}"));
     assert_eq!(v["status"], "success", "query {expr} failed: {v}");
     v["data"]["result"]
         .as_array()
@@ -352,12 +347,8 @@ pub fn prom_value(expr: &str) -> Option<f64> {
     prom_query(expr).first().map(|(_, v)| *v)
 }
 
-/// Every panel query of the dashboard, with template variables set to All.
-pub fn dashboard_queries() -> Vec<(String, String)> {
-    dashboard_queries_for(".*")
-}
-
-/// Every panel query with the `namespace` variable set to `namespace` (a regex).
+/// Every panel query of the dashboard, `(panel title, expression)`, with the `namespace`
+/// variable set to `namespace` (a regex) and the other variables to All.
 pub fn dashboard_queries_for(namespace: &str) -> Vec<(String, String)> {
     let path =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../observability/grafana/dashboards/json/batch-observability.json");
@@ -387,9 +378,7 @@ pub fn start_pushgateway(port: u16) -> Proc {
     let proc =
         Proc::spawn(&mut cmd, "pushgateway").expect("start prometheus-pushgateway (installed by scripts/stack.sh up)");
     let url = format!("http://127.0.0.1:{port}/-/ready");
-    eventually(Duration::from_secs(10), "pushgateway ready", || {
-        std::process::Command::new("curl").args(["-fs", "-o", "/dev/null", &url]).status().is_ok_and(|s| s.success())
-    });
+    eventually(Duration::from_secs(10), "pushgateway ready", || harness::http::get_text(&url).is_ok());
     proc
 }
 
@@ -416,9 +405,11 @@ pub fn succeeded(line: &Value) -> bool {
 
 /// The Pushgateway's `/metrics` text (empty when it does not answer).
 pub fn pushgateway_metrics() -> String {
-    Command::new("curl")
-        .args(["-fs", &format!("{}/metrics", pushgateway_url())])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-        .unwrap_or_default()
+    pushgateway_metrics_at(&pushgateway_url())
+}
+
+/// The `/metrics` text of the Pushgateway at `url`, e.g. a test's own (empty when it does
+/// not answer).
+pub fn pushgateway_metrics_at(url: &str) -> String {
+    harness::http::get_text(&format!("{url}/metrics")).unwrap_or_default()
 }

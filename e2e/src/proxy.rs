@@ -15,6 +15,7 @@ use std::time::Duration;
 
 /// One forwarding listener.
 pub struct Proxy {
+    /// The loopback port clients connect to.
     pub port: u16,
     stop: Arc<AtomicBool>,
     silent: Arc<AtomicBool>,

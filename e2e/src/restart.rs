@@ -12,7 +12,9 @@ use crate::*;
 
 /// A private RabbitMQ node on a free port, stopped (and its data deleted) when dropped.
 pub struct PrivateBroker {
+    /// The node's data and logs.
     pub dir: PathBuf,
+    /// The node's AMQP port (it also takes `port + 1`).
     pub port: u16,
 }
 
@@ -62,16 +64,23 @@ impl Drop for PrivateBroker {
 /// What the scenario saw.
 #[derive(Debug, Default)]
 pub struct RestartReport {
+    /// Requests in the job.
     pub items: usize,
     /// Items waiting in the delay queues just before the broker stopped.
     pub delayed_at_restart: u32,
+    /// Lines of the output.
     pub lines: usize,
+    /// Requests missing from the output.
     pub lost: usize,
+    /// Extra copies of requests in the output.
     pub duplicated: usize,
+    /// The job's final status per the tracker.
     pub job_status: String,
     /// `(succeeded, failed)` per the tracker.
     pub tracker_counts: (u64, u64),
+    /// `(succeeded, failed)` lines of the output.
     pub output_counts: (u64, u64),
+    /// Seconds the scenario took, broker start included.
     pub elapsed_s: f64,
 }
 

@@ -20,6 +20,75 @@ use prometheus::{
     GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
+/// The Prometheus type of a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum MetricKind {
+    /// Only goes up (`_total`).
+    Counter,
+    /// Goes up and down.
+    Gauge,
+    /// Observations in buckets: also exposed as `<name>_bucket`, `_sum` and `_count`.
+    Histogram,
+}
+
+impl MetricKind {
+    /// The type's name in Prometheus' text format (its `# TYPE` lines).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+            MetricKind::Histogram => "histogram",
+        }
+    }
+}
+
+/// Every metric a worker pushes: [`WorkerMetrics`] and [`register_provider_batches`]'s.
+/// With [`TRACKER_METRICS`] and [`API_METRICS`], the names the dashboard and the alerts may
+/// use (`scripts/check-assets.sh` reads them from the `metric_names` example); a test holds
+/// each list equal to what its registry defines.
+pub const WORKER_METRICS: &[(&str, MetricKind)] = &[
+    ("batch_worker_items_total", MetricKind::Counter),
+    ("batch_provider_latency_seconds", MetricKind::Histogram),
+    ("batch_retry_attempts_total", MetricKind::Counter),
+    ("batch_errors_total", MetricKind::Counter),
+    ("batch_items_in_flight", MetricKind::Gauge),
+    ("batch_dead_letters_total", MetricKind::Counter),
+    ("batch_push_failures_total", MetricKind::Counter),
+    ("batch_worker_up", MetricKind::Gauge),
+    ("batch_concurrency_limit", MetricKind::Gauge),
+    ("batch_rate_limit_rps", MetricKind::Gauge),
+    ("batch_poll_cycle_seconds", MetricKind::Histogram),
+    ("batch_api_key_rejections_total", MetricKind::Counter),
+    ("batch_api_keys_active", MetricKind::Gauge),
+    ("batch_provider_paused", MetricKind::Gauge),
+    ("batch_admission_waits_total", MetricKind::Counter),
+    ("batch_webhook_deliveries_total", MetricKind::Counter),
+    ("batch_provider_batches", MetricKind::Gauge),
+];
+
+/// Every metric the active tracker pushes ([`TrackerMetrics`]).
+pub const TRACKER_METRICS: &[(&str, MetricKind)] = &[
+    ("batch_jobs_total", MetricKind::Counter),
+    ("batch_jobs_submitted_total", MetricKind::Counter),
+    ("batch_items_total", MetricKind::Counter),
+    ("batch_job_duration_seconds", MetricKind::Histogram),
+    ("batch_jobs_in_progress", MetricKind::Gauge),
+    ("batch_queue_backlog", MetricKind::Gauge),
+    ("batch_usage_tokens_total", MetricKind::Counter),
+    ("batch_usage_cost_total", MetricKind::Counter),
+    ("batch_answers_total", MetricKind::Counter),
+    ("batch_job_cost", MetricKind::Gauge),
+    ("batch_job_max_cost", MetricKind::Gauge),
+    ("batch_push_failures_total", MetricKind::Counter),
+];
+
+/// Every metric `producer serve` serves on its `/metrics` ([`ApiMetrics`]).
+pub const API_METRICS: &[(&str, MetricKind)] = &[
+    ("batch_api_requests_total", MetricKind::Counter),
+    ("batch_api_upload_bytes_total", MetricKind::Counter),
+    ("batch_api_batches_open", MetricKind::Gauge),
+];
+
 /// Provider latency buckets: 5 ms to 5 minutes (LLM calls range that widely).
 const LATENCY_BUCKETS: &[f64] =
     &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -385,6 +454,105 @@ impl ApiMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metrics `registry` gathers, by name and kind.
+    fn gathered(registry: &Registry) -> std::collections::BTreeSet<(String, MetricKind)> {
+        use prometheus::proto::MetricType;
+        let kind = |t| match t {
+            MetricType::COUNTER => MetricKind::Counter,
+            MetricType::GAUGE => MetricKind::Gauge,
+            MetricType::HISTOGRAM => MetricKind::Histogram,
+            other => panic!("no metric of the fleet is a {other:?}"),
+        };
+        registry.gather().iter().map(|f| (f.name().to_string(), kind(f.get_field_type()))).collect()
+    }
+
+    fn listed(list: &[(&str, MetricKind)]) -> std::collections::BTreeSet<(String, MetricKind)> {
+        let set: std::collections::BTreeSet<_> = list.iter().map(|(n, k)| (n.to_string(), *k)).collect();
+        assert_eq!(set.len(), list.len(), "a name listed twice");
+        set
+    }
+
+    /// Gives a metric vector one series: a registry gathers only metrics that have one.
+    fn touch<T: prometheus::core::MetricVecBuilder>(v: &prometheus::core::MetricVec<T>) {
+        let labels = vec![""; prometheus::core::Collector::desc(v)[0].variable_labels.len()];
+        v.with_label_values(&labels);
+    }
+
+    /// The structs are taken apart field by field, with no `..`: a metric added to one
+    /// fails to compile here until its vector (if it is one) gets a series below.
+    #[test]
+    fn the_lists_of_metrics_are_what_the_registries_define() {
+        let worker = WorkerMetrics::new();
+        let WorkerMetrics {
+            registry,
+            items,
+            provider_latency,
+            retries,
+            errors,
+            in_flight,
+            dead_letters,
+            push_failures: _,
+            worker_up: _,
+            concurrency_limit,
+            rate_limit,
+            poll_cycle: _,
+            key_rejections,
+            keys_active,
+            provider_paused,
+            admission_waits,
+            webhook_deliveries,
+        } = &worker;
+        touch(items);
+        touch(provider_latency);
+        touch(retries);
+        touch(errors);
+        touch(in_flight);
+        touch(dead_letters);
+        touch(concurrency_limit);
+        touch(rate_limit);
+        touch(key_rejections);
+        touch(keys_active);
+        touch(provider_paused);
+        touch(admission_waits);
+        touch(webhook_deliveries);
+        touch(&register_provider_batches(registry));
+        assert_eq!(gathered(registry), listed(WORKER_METRICS), "WORKER_METRICS");
+
+        let tracker = TrackerMetrics::new();
+        let TrackerMetrics {
+            registry,
+            jobs,
+            jobs_submitted,
+            items,
+            job_duration,
+            jobs_in_progress,
+            queue_backlog,
+            usage_tokens,
+            usage_cost,
+            answers,
+            job_cost,
+            job_max_cost,
+            push_failures: _,
+        } = &tracker;
+        touch(jobs);
+        touch(jobs_submitted);
+        touch(items);
+        touch(job_duration);
+        touch(jobs_in_progress);
+        touch(queue_backlog);
+        touch(usage_tokens);
+        touch(usage_cost);
+        touch(answers);
+        touch(job_cost);
+        touch(job_max_cost);
+        assert_eq!(gathered(registry), listed(TRACKER_METRICS), "TRACKER_METRICS");
+
+        let api = ApiMetrics::new("ns");
+        let ApiMetrics { registry, requests, upload_bytes: _, batches_open: _ } = &api;
+        touch(requests);
+        assert_eq!(gathered(registry), listed(API_METRICS), "API_METRICS");
+    }
 
     #[test]
     fn worker_metrics_encode_with_seed_names() {

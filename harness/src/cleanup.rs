@@ -13,7 +13,9 @@ pub const KEEP_QUEUES_ENV: &str = "FLEET_TEST_KEEP_QUEUES";
 /// Queue and exchange names.
 #[derive(Debug, Clone, Default)]
 pub struct Names {
+    /// Queue names.
     pub queues: Vec<String>,
+    /// Exchange names.
     pub exchanges: Vec<String>,
 }
 

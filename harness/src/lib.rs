@@ -2,33 +2,36 @@
 //! local services (RabbitMQ, Pushgateway, Prometheus), for the end-to-end tests (`e2e`) and
 //! the benchmark (`bench`) alike: where the binaries are ([`bin`]), a kill-on-drop process
 //! handle ([`Proc`]), the mock provider ([`Mock`]), a fleet's config file
-//! ([`FleetConfig`]), the services' addresses, and the clean-up of what a namespace left on
-//! them ([`delete_namespace`]).
+//! ([`FleetConfig`]), `producer` and its `submit` ([`submit`]), HTTP calls ([`http`]), the
+//! services' addresses, and the clean-up of what a namespace left on them
+//! ([`delete_namespace`]).
 //!
 //! Everything here is synchronous (std threads and processes). Functions named `try_*`
 //! return errors, for the benchmark; their plain twins panic with the error, for tests. A
 //! function that talks to RabbitMQ or the Pushgateway runs its own short-lived tokio
-//! runtime, so async code calls it from `tokio::task::spawn_blocking`.
+//! runtime, so async code calls it from `tokio::task::spawn_blocking`; the HTTP calls
+//! alone ([`http`], [`Mock::try_stats`]) may also be made from async code.
+
+#![deny(missing_docs)]
+#![deny(unreachable_pub)]
 
 mod bins;
 mod cleanup;
 mod config;
+pub mod http;
 mod mock;
 mod process;
+mod producer;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
-
-use anyhow::Context as _;
 
 pub use bins::{bin, bin_dir, set_bin_dir};
 pub use cleanup::{delete_namespace, delete_push_groups, Names, KEEP_QUEUES_ENV};
 pub use config::FleetConfig;
 pub use mock::Mock;
 pub use process::Proc;
+pub use producer::{producer_command, submit, submit_watched, Submitted};
 
 /// RabbitMQ of the local stack (`scripts/stack.sh up`).
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -94,36 +97,6 @@ pub fn worker_command(config: &Path) -> Command {
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// `GET` of a JSON document from a plain `http://host:port/path` URL (the mock's `/stats`).
-pub fn http_get_json(url: &str) -> anyhow::Result<serde_json::Value> {
-    let (status, body) = http_request("GET", url, None)?;
-    anyhow::ensure!(status == 200, "{url} answered HTTP {status}");
-    serde_json::from_str(&body).with_context(|| format!("{url} answered no JSON"))
-}
-
-/// One request to a plain `http://host:port/path` URL, with an optional JSON body, over
-/// one HTTP/1.0 connection: no runtime, so sync and async callers alike can use it.
-/// Returns the status and the body.
-pub fn http_request(method: &str, url: &str, json_body: Option<&str>) -> anyhow::Result<(u16, String)> {
-    let rest = url.strip_prefix("http://").with_context(|| format!("{url} is not an http:// URL"))?;
-    let (host, path) = rest.find('/').map_or((rest, "/"), |i| (&rest[..i], &rest[i..]));
-    let mut stream = TcpStream::connect(host).with_context(|| format!("connecting to {host}"))?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let body = json_body.unwrap_or("");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.0\r\nHost: {host}\r\nAccept: application/json\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).with_context(|| format!("reading the answer of {url}"))?;
-    let text = String::from_utf8_lossy(&response);
-    let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("{url}: malformed HTTP answer"))?;
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok());
-    let status = status.with_context(|| format!("{url}: no status in {:?}", head.lines().next()))?;
-    Ok((status, body.to_string()))
 }
 
 /// A current-thread tokio runtime for one blocking call into async code.

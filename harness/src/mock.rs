@@ -8,13 +8,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 
-use crate::{bin, http_get_json, http_request, Proc};
+use crate::{bin, http, Proc};
 
 /// How long the mock may take to print its address.
 const BANNER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running mock provider.
 pub struct Mock {
+    /// The mock's process (killed when the mock is dropped).
     pub proc: Proc,
     /// `http://127.0.0.1:PORT`.
     pub url: String,
@@ -64,9 +65,9 @@ impl Mock {
         self.url.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in url")
     }
 
-    /// The mock's `/stats`.
+    /// The mock's `/stats`. Async code may call it too (see [`crate::http`]).
     pub fn try_stats(&self) -> anyhow::Result<Value> {
-        http_get_json(&format!("{}/stats", self.url))
+        http::get_json(&format!("{}/stats", self.url), &[])
     }
 
     /// [`Mock::try_stats`], panicking when it fails.
@@ -81,9 +82,7 @@ impl Mock {
 
     /// Replaces the keys the mock accepts (`--valid-keys`) while it runs.
     pub fn set_valid_keys(&self, keys: &[&str]) {
-        let body = serde_json::to_string(keys).expect("keys serialize");
         let url = format!("{}/admin/valid-keys", self.url);
-        let (status, _) = http_request("PUT", &url, Some(&body)).unwrap_or_else(|e| panic!("{e:#}"));
-        assert_eq!(status, 204, "PUT {url}");
+        http::put_json(&url, &serde_json::json!(keys)).unwrap_or_else(|e| panic!("{e:#}"));
     }
 }

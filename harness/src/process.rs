@@ -8,6 +8,7 @@ use anyhow::Context as _;
 
 /// A running child process, killed (SIGKILL) when dropped if it still runs.
 pub struct Proc {
+    /// The process, for its pipes and exit status.
     pub child: Child,
     /// Name for messages (`w1`, `worker bench-w1`, `mock-provider`).
     pub name: String,
@@ -27,6 +28,7 @@ impl Proc {
         Proc::spawn(cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log), name)
     }
 
+    /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

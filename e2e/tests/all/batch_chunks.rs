@@ -239,6 +239,19 @@ fn through_a_full_queue(test: &str, budget: bool) {
         assert!(tags.keys().any(|t| t.contains("/g1")), "a new generation's tag: {tags:?}");
         assert!(log_lines(&f, &workers, "token_limit_exceeded") >= 2);
     }
+    // The waits are counted by reason, and the dashboard's panel shows them.
+    let reason = if budget { "budget" } else { "token_limit_exceeded" };
+    let waits = format!("sum(batch_admission_waits_total{{namespace=\"{}\",reason=\"{reason}\"}})", f.ns);
+    eventually(Duration::from_secs(30), "the admission waits scraped", || prom_value(&waits).is_some_and(|n| n >= 2.0));
+    let (_, panel) = dashboard_queries_for(&f.ns)
+        .into_iter()
+        .find(|(title, _)| title == "Admission waits by reason")
+        .expect("the dashboard has the admission panel");
+    eventually(Duration::from_secs(30), "the panel shows the waits", || {
+        prom_query(&panel)
+            .iter()
+            .any(|(labels, rate)| labels.get("reason").and_then(|r| r.as_str()) == Some(reason) && *rate > 0.0)
+    });
     assert_quiet(&f, &workers);
     tidy(&f, &[&job]);
 }

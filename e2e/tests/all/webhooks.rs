@@ -10,7 +10,7 @@ use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use e2e::{assert_exactly_once, eventually, Fleet, Mock};
+use e2e::{assert_exactly_once, dashboard_queries_for, eventually, prom_query, prom_value, Fleet, Mock};
 use fleet::webhooks::{verify, Secret};
 use serde_json::Value;
 
@@ -169,7 +169,32 @@ fn a_failing_receiver_gets_the_event_once_it_accepts_with_the_same_id() {
     assert!(!log.contains("not-logged") && !log.contains(SECRET), "no URL token or secret in the log");
     let loud: Vec<&str> = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
     assert!(loud.is_empty(), "a failing receiver is retried quietly: {loud:?}");
+
+    // The counter behind the dashboard's webhook panel counts what the receiver saw: two
+    // attempts retried, one delivered, none failed for good; the panel shows both outcomes.
+    let counted = |outcome: &str| deliveries(&fleet, outcome);
+    eventually(Duration::from_secs(30), "the attempts scraped", || {
+        counted("retried") == Some(2.0) && counted("delivered") == Some(1.0)
+    });
+    assert_eq!(counted("failed"), Some(0.0));
+    let (_, panel) = dashboard_queries_for(&fleet.ns)
+        .into_iter()
+        .find(|(title, _)| title == "Webhook deliveries by outcome")
+        .expect("the dashboard has the webhook panel");
+    eventually(Duration::from_secs(30), "the panel shows retried and delivered attempts", || {
+        let shown: Vec<String> = prom_query(&panel)
+            .into_iter()
+            .filter(|(_, rate)| *rate > 0.0)
+            .filter_map(|(labels, _)| labels.get("outcome").and_then(Value::as_str).map(str::to_string))
+            .collect();
+        shown.contains(&"retried".to_string()) && shown.contains(&"delivered".to_string())
+    });
     fleet.cleanup(&[&job]);
+}
+
+/// `batch_webhook_deliveries_total` of one outcome in a fleet's namespace, as Prometheus has it.
+fn deliveries(fleet: &Fleet, outcome: &str) -> Option<f64> {
+    prom_value(&format!("sum(batch_webhook_deliveries_total{{namespace=\"{}\",outcome=\"{outcome}\"}})", fleet.ns))
 }
 
 #[test]
@@ -180,6 +205,10 @@ fn a_redirect_is_not_followed() {
     let port = elsewhere.port;
     let receiver = Receiver::start(move |_| Answer::Redirect(port));
     let _w = fleet.worker("w1", &[(SECRET_ENV, SECRET)]);
+    // Prometheus must see the failure counter at 0 first, or the alert's `increase` sees none.
+    eventually(Duration::from_secs(30), "the failure counter scraped at 0", || {
+        deliveries(&fleet, "failed") == Some(0.0)
+    });
     let job = submit_with_webhook(&fleet, 5, &receiver.url());
     assert_exactly_once(&fleet.collect(&job), 5);
     // Retried until `max_age_s`, then parked with its reason; the redirect's target never hears of it.
@@ -195,6 +224,12 @@ fn a_redirect_is_not_followed() {
         status["webhook"]["state"] == "failed"
     });
     assert!(status["webhook"]["last_error"].as_str().unwrap().contains("302"), "{status}");
+    // Counted as failed for good, and Prometheus's rule for it (alerts.yml) takes notice.
+    eventually(Duration::from_secs(30), "the failure scraped", || deliveries(&fleet, "failed") == Some(1.0));
+    let alert = format!("ALERTS{{alertname=\"BatchWebhookDeliveriesFailing\",namespace=\"{}\"}}", fleet.ns);
+    eventually(Duration::from_secs(60), "BatchWebhookDeliveriesFailing pending or firing", || {
+        !prom_query(&alert).is_empty()
+    });
     fleet.cleanup(&[&job]);
 }
 

@@ -63,8 +63,17 @@ pub enum ChunkState {
         /// A cancel was sent to the provider already.
         #[serde(default)]
         cancel_sent: bool,
+        /// The variable name of the API key the batch was created (or found) with: every
+        /// later call about the batch uses that key, because a provider shows a batch and its
+        /// files only to keys of the project that created it. Absent in chunks of earlier
+        /// versions (the worker's batch key is used then).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_env: Option<String>,
     },
 }
+
+/// Longest key variable name a chunk may carry ([`ChunkState::Created`]'s `key_env`).
+pub const MAX_KEY_ENV_BYTES: usize = 128;
 
 /// The stream message header holding an item's position in its job's batch items stream
 /// (see the module documentation); absent in streams of earlier versions, whose items were
@@ -135,10 +144,14 @@ impl ChunkTask {
         if self.start >= self.end || self.end > self.total || self.end - self.start > MAX_CHUNK_ITEMS {
             return Err(ChunkInvalid::Range { start: self.start, end: self.end, total: self.total });
         }
-        if let ChunkState::Created { batch_id, input_file_id, .. } = &self.state {
+        if let ChunkState::Created { batch_id, input_file_id, key_env, .. } = &self.state {
             check_provider_id(batch_id)?;
             if let Some(file) = input_file_id {
                 check_provider_id(file)?;
+            }
+            let variable_name = |v: &str| v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if key_env.as_deref().is_some_and(|v| v.is_empty() || v.len() > MAX_KEY_ENV_BYTES || !variable_name(v)) {
+                return Err(ChunkInvalid::KeyEnv);
             }
         }
         Ok(())
@@ -185,6 +198,9 @@ pub enum ChunkInvalid {
     /// other than `[A-Za-z0-9_-]`: it could not go into a URL path as it is.
     #[error("provider id is empty, over {MAX_PROVIDER_ID_BYTES} bytes or holds characters other than [A-Za-z0-9_-]")]
     ProviderId,
+    /// The key variable name is empty, over [`MAX_KEY_ENV_BYTES`] or not `[A-Za-z0-9_]`.
+    #[error("key variable name is empty, over {MAX_KEY_ENV_BYTES} bytes or holds characters other than [A-Za-z0-9_]")]
+    KeyEnv,
 }
 
 /// A provider batch or file id is put into a URL path: only plain id characters pass.
@@ -380,13 +396,28 @@ mod tests {
     #[test]
     fn chunks_round_trip_and_are_bounded() {
         let mut c = chunk();
-        c.state = ChunkState::Created { batch_id: "batch_abc".into(), input_file_id: None, cancel_sent: false };
+        c.state = ChunkState::Created {
+            batch_id: "batch_abc".into(),
+            input_file_id: None,
+            cancel_sent: false,
+            key_env: Some("OPENAI_KEY_2".into()),
+        };
         let back: ChunkTask = serde_json::from_slice(&serde_json::to_vec(&c).unwrap()).unwrap();
         assert_eq!(back, c);
         assert_eq!(c.check(), Ok(()));
         for bad in ["../admin", "a/b", "", "x?y", &"a".repeat(201)] {
-            c.state = ChunkState::Created { batch_id: bad.into(), input_file_id: None, cancel_sent: false };
+            c.state =
+                ChunkState::Created { batch_id: bad.into(), input_file_id: None, cancel_sent: false, key_env: None };
             assert_eq!(c.check(), Err(ChunkInvalid::ProviderId), "{bad:?}");
+        }
+        for bad in ["", "KEY-1", "$(id)", &"K".repeat(129)] {
+            c.state = ChunkState::Created {
+                batch_id: "batch_abc".into(),
+                input_file_id: None,
+                cancel_sent: false,
+                key_env: Some(bad.into()),
+            };
+            assert_eq!(c.check(), Err(ChunkInvalid::KeyEnv), "{bad:?}");
         }
         let mut c = chunk();
         c.end = 11;

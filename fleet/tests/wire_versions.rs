@@ -274,7 +274,8 @@ fn chunks_of_the_previous_release_decode_in_both_states() {
         ChunkState::Created {
             batch_id: "batch_68a1b2c3".into(),
             input_file_id: Some("file-9xYz".into()),
-            cancel_sent: false
+            cancel_sent: false,
+            key_env: None
         }
     );
     assert_eq!(created.polls, 4);

@@ -42,6 +42,8 @@ pub(crate) struct AppState {
     pub(crate) valid_keys: std::sync::RwLock<Vec<String>>,
     /// `--forbidden-models`: answered 403, the key stays good.
     pub(crate) forbidden_models: Vec<String>,
+    /// `--key-projects`: the key that created each batch or file, by its id.
+    projects: Option<Mutex<std::collections::HashMap<String, String>>>,
     /// `--answer-model-suffix`: appended to the `model` of online answers.
     answer_model_suffix: String,
     pub(crate) stats: Stats,
@@ -66,6 +68,7 @@ impl AppState {
             tokens: knobs.tpm.map(|tpm| Mutex::new(TokenBucket::new(tpm, Instant::now()))),
             valid_keys: std::sync::RwLock::new(knobs.valid_keys.iter().map(|k| k.0.clone()).collect()),
             forbidden_models: knobs.forbidden_models.clone(),
+            projects: knobs.key_projects.then(Default::default),
             answer_model_suffix: knobs.answer_model_suffix.clone(),
             stats: Stats::default(),
             next_request: AtomicU64::new(0),
@@ -100,6 +103,8 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/admin/valid-keys", put(set_valid_keys))
         .merge(batches::router(state.batches.clone()))
         .merge(crate::gemini::router())
+        // Inside the key check: only a valid key owns or reaches a project's batches.
+        .layer(middleware::from_fn_with_state(state.clone(), key_projects))
         // The key is checked first, as a provider's edge does (`--valid-keys`).
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
         // A middleware rather than per-handler code so that every answer, including axum's own
@@ -154,6 +159,55 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
     *response.status_mut() = StatusCode::UNAUTHORIZED;
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// The key of a request (`Authorization: Bearer <key>` or `x-api-key`), `""` without one.
+fn request_key(headers: &axum::http::HeaderMap) -> String {
+    let bearer =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    bearer.or(x_api_key).unwrap_or_default().to_string()
+}
+
+/// Paths that create a batch or a file: the answer's `id` then belongs to the request's key.
+const PROJECT_CREATES: [&str; 3] = ["/v1/batches", "/v1/files", "/v1/messages/batches"];
+
+/// The batch or file id a path asks for (`/v1/batches/{id}[/...]`, `/v1/files/{id}[/...]`,
+/// `/v1/messages/batches/{id}[/...]`).
+fn project_id(path: &str) -> Option<&str> {
+    let rest = ["/v1/batches/", "/v1/files/", "/v1/messages/batches/"].iter().find_map(|p| path.strip_prefix(p))?;
+    rest.split('/').next().filter(|id| !id.is_empty())
+}
+
+/// With `--key-projects`, a batch or file belongs to the key that created it, as it belongs
+/// to a project at OpenAI or a workspace at Anthropic: another key asking for it by id gets
+/// 404, as from a provider that does not show it to that key.
+async fn key_projects(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let Some(projects) = &state.projects else { return next.run(req).await };
+    let key = request_key(req.headers());
+    let path = req.uri().path().to_string();
+    if let Some(id) = project_id(&path) {
+        let owner = projects.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned();
+        if owner.is_some_and(|owner| owner != key) {
+            state.stats.record_other_project();
+            let body = serde_json::json!({"error": {"message": format!("No such object: {id}"), "type": "invalid_request_error", "code": "not_found"}});
+            return (StatusCode::NOT_FOUND, Json(body)).into_response();
+        }
+    }
+    let creates = req.method() == axum::http::Method::POST && PROJECT_CREATES.contains(&path.as_str());
+    let response = next.run(req).await;
+    if !creates || !response.status().is_success() {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let id = serde_json::from_slice::<serde_json::Value>(&bytes).ok().and_then(|v| v["id"].as_str().map(String::from));
+    if let Some(id) = id {
+        projects.lock().unwrap_or_else(|e| e.into_inner()).insert(id, key);
+    }
+    Response::from_parts(parts, Body::from(bytes))
 }
 
 /// The handler of `endpoint`'s route: every provider endpoint goes through [`handle`].

@@ -66,6 +66,12 @@ pub struct Knobs {
     #[arg(long, env = "MOCK_FORBIDDEN_MODELS", value_delimiter = ',')]
     pub forbidden_models: Vec<String>,
 
+    /// Batches and uploaded files belong to the key that created them, as they belong to a
+    /// provider's project: another key asking for one by id is answered 404 (counted in
+    /// `other_project`). Listing is not filtered.
+    #[arg(long, env = "MOCK_KEY_PROJECTS")]
+    pub key_projects: bool,
+
     /// Appended to the model an online answer names (e.g. `-2024-07-18`), as providers
     /// answer a request for `gpt-4o-mini` with their dated snapshot `gpt-4o-mini-2024-07-18`.
     #[arg(long, env = "MOCK_ANSWER_MODEL_SUFFIX", default_value = "")]
@@ -118,6 +124,7 @@ impl Default for Knobs {
             tpm: None,
             valid_keys: Vec::new(),
             forbidden_models: Vec::new(),
+            key_projects: false,
             answer_model_suffix: String::new(),
             litellm: None,
             flex_latency_ms: 0,

@@ -30,6 +30,7 @@ pub struct Stats {
     tokens_admitted: AtomicU64,
     tpm_refused: AtomicU64,
     unauthorized: AtomicU64,
+    other_project: AtomicU64,
     models_listed: AtomicU64,
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
@@ -75,6 +76,9 @@ pub struct StatsSnapshot {
     /// Requests answered 401 because their key is not one of `--valid-keys`.
     #[serde(default)]
     pub unauthorized: u64,
+    /// Requests for a batch or file of another key's project, answered 404 (`--key-projects`).
+    #[serde(default)]
+    pub other_project: u64,
     /// `GET /v1/models` calls answered (a client checking its key).
     #[serde(default)]
     pub models_listed: u64,
@@ -126,6 +130,7 @@ impl Default for Stats {
             tokens_admitted: AtomicU64::new(0),
             tpm_refused: AtomicU64::new(0),
             unauthorized: AtomicU64::new(0),
+            other_project: AtomicU64::new(0),
             models_listed: AtomicU64::new(0),
             input_tokens: AtomicU64::new(0),
             output_tokens: AtomicU64::new(0),
@@ -225,6 +230,12 @@ impl Stats {
         self.record_status(401);
     }
 
+    /// Counts a request for another key's batch or file (also counted as status 404).
+    pub fn record_other_project(&self) {
+        self.other_project.fetch_add(1, Relaxed);
+        self.record_status(404);
+    }
+
     /// Counts a `GET /v1/models`.
     pub fn record_models_listed(&self) {
         self.models_listed.fetch_add(1, Relaxed);
@@ -250,6 +261,7 @@ impl Stats {
             &self.tokens_admitted,
             &self.tpm_refused,
             &self.unauthorized,
+            &self.other_project,
             &self.models_listed,
             &self.flex_requests,
             &self.flex_refused,
@@ -299,6 +311,7 @@ impl Stats {
             tokens_admitted: self.tokens_admitted.load(Relaxed),
             tpm_refused: self.tpm_refused.load(Relaxed),
             unauthorized: self.unauthorized.load(Relaxed),
+            other_project: self.other_project.load(Relaxed),
             models_listed: self.models_listed.load(Relaxed),
             usage: UsageTotals {
                 input_tokens: self.input_tokens.load(Relaxed),
@@ -372,6 +385,7 @@ mod tests {
                 "tokens_admitted": 0,
                 "tpm_refused": 0,
                 "unauthorized": 0,
+                "other_project": 0,
                 "models_listed": 0,
                 "usage": {"input_tokens": 0, "output_tokens": 0, "cached_input_tokens": 0},
                 "flex": {"requests": 0, "refused": 0},

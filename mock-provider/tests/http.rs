@@ -320,6 +320,7 @@ async fn garbage_and_mixed_stats_and_reset() {
             "in_flight",
             "max_in_flight",
             "models_listed",
+            "other_project",
             "requests",
             "stolen",
             "tokens_admitted",

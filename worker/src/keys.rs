@@ -115,12 +115,22 @@ impl KeyPool {
         &self.keys[i]
     }
 
-    /// The key of provider batch-API calls (batch mode): the first key still in rotation.
-    /// Always the same key while it is accepted, because a provider shows a batch and its
-    /// files only to keys of the project that created them.
-    pub fn batch_auth(&self) -> Option<&(HeaderName, HeaderValue)> {
-        let first = self.active().first().copied().unwrap_or(0);
-        self.keys.get(first).and_then(|k| k.auth.as_ref())
+    /// The key a new provider batch is created with (batch mode): the first key still in
+    /// rotation (the first key when none is). The chunk then records the key's variable
+    /// ([`KeyPool::by_env`] finds it again), because a provider shows a batch and its files
+    /// only to keys of the project that created them.
+    pub fn batch_key(&self) -> usize {
+        self.active().first().copied().unwrap_or(0)
+    }
+
+    /// The key read from variable `env`, if this worker has it.
+    pub fn by_env(&self, env: &str) -> Option<usize> {
+        self.keys.iter().position(|k| k.env.as_deref() == Some(env))
+    }
+
+    /// Whether the key at `i` is out of the rotation (rejected, waiting for its probe).
+    pub fn is_retired(&self, i: usize) -> bool {
+        self.keys[i].retired.load(Ordering::Relaxed)
     }
 
     fn active(&self) -> Vec<usize> {

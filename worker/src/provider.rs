@@ -208,8 +208,9 @@ impl ProviderClient {
     /// ...; built by the batch module from fixed segments and checked ids), placed under
     /// `base_url` as [`ProviderClient::target`] places endpoints, with the key attached.
     /// Redirects are not followed (the client's policy), so the key stays on this host.
-    pub fn batch_request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        self.api_request(method, path, self.keys.batch_auth())
+    /// `key` is the pool's index of the key the batch belongs to ([`KeyPool::batch_key`]).
+    pub fn batch_request(&self, key: usize, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.api_request(method, path, self.keys.key(key).auth.as_ref())
     }
 
     /// A request to a fixed API path under `base_url` with `auth` (and the kind's version

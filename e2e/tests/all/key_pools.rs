@@ -191,3 +191,49 @@ fn a_rejected_key_comes_back_once_a_probe_finds_it_good() {
     );
     fleet.cleanup(&[&job, &job2]);
 }
+
+/// A provider batch belongs to the key's project that created it (the mock's
+/// `--key-projects`: another key asking for it gets 404): the chunk records the key's
+/// variable and every poll and fetch uses that key. When the key leaves the rotation meanwhile
+/// (a 401 on an online call), the chunk waits for it instead of asking with another key,
+/// which would not find the batch and fail its items; once the key is good again the batch
+/// is fetched and every item succeeds.
+#[test]
+fn a_provider_batch_is_polled_with_the_key_that_created_it() {
+    let tag = &uuid::Uuid::new_v4().simple().to_string()[..12];
+    let (key_a, key_b) = (format!("sk-proj-a-{tag}"), format!("sk-proj-b-{tag}"));
+    let both = [key_a.as_str(), key_b.as_str()];
+    let mock = Mock::start(&["--key-projects", "--valid-keys", &both.join(","), "--batch-complete-ms", "6000"]);
+    let config = "[providers.mock]\nbatch = true\nbatch_poll_interval_s = 1\n\
+                  api_key_envs = [\"PROJ_KEY_A\", \"PROJ_KEY_B\"]\nkey_retry_s = 2\n";
+    let fleet = Fleet::new("keyproj", &mock.url, config);
+    let _w = fleet.worker("kj1", &[("PROJ_KEY_A", key_a.as_str()), ("PROJ_KEY_B", key_b.as_str())]);
+
+    let input = fleet.dir.join("batch.jsonl");
+    write_requests(&input, 20);
+    let batch_job = harness::submit(&fleet.config, &input, MOCK, &["--mode", "batch"]).expect("submit").job_id;
+    eventually(Duration::from_secs(60), "the chunk's provider batch created", || {
+        mock.stats()["batches"]["openai_created"].as_object().is_some_and(|m| !m.is_empty())
+    });
+
+    // Key A is revoked: the next online call retires it, and key B answers the online job.
+    mock.set_valid_keys(&[key_b.as_str()]);
+    let online = fleet.submit_requests(10);
+    let by_status = assert_exactly_once(&fleet.collect(&online), 10);
+    assert_eq!(by_status.get(&200), Some(&10), "the online job runs on key B: {by_status:?}");
+    // Polls go on (every second) while key A is out; none may ask with key B.
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(mock.stats()["other_project"], 0, "a poll asked for the batch with another key: {}", mock.stats());
+
+    // Key A good again: probed back into the rotation, and the batch's results fetched.
+    mock.set_valid_keys(&both);
+    let lines = fleet.collect(&batch_job);
+    let by_status = assert_exactly_once(&lines, 20);
+    assert_eq!(by_status.get(&200), Some(&20), "every item of the batch succeeded: {by_status:?}");
+    let stats = mock.stats();
+    assert_eq!(stats["other_project"], 0, "{stats}");
+    assert!(stats["unauthorized"].as_u64().unwrap() >= 1, "key A was refused while revoked: {stats}");
+    let log = fleet.worker_log("kj1");
+    assert!(log.contains("out of rotation") || log.contains("refused the chunk's key"), "the chunk waited for its key");
+    fleet.cleanup(&[&batch_job, &online]);
+}

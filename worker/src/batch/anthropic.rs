@@ -109,8 +109,7 @@ impl Anthropic<'_> {
         let mut after: Option<String> = None;
         let mut unconfirmed = 0;
         for _ in 0..FIND_PAGES {
-            let mut req =
-                self.http.client.batch_request(Method::GET, "/v1/messages/batches").query(&[("limit", "100")]);
+            let mut req = self.http.request(Method::GET, "/v1/messages/batches").query(&[("limit", "100")]);
             if let Some(a) = &after {
                 req = req.query(&[("after_id", a.as_str())]);
             }
@@ -145,8 +144,7 @@ impl Anthropic<'_> {
     async fn first_custom_id(&self, batch_id: &str) -> Result<Option<String>, ApiError> {
         let req = self
             .http
-            .client
-            .batch_request(Method::GET, &format!("/v1/messages/batches/{batch_id}/results"))
+            .request(Method::GET, &format!("/v1/messages/batches/{batch_id}/results"))
             .timeout(TRANSFER_TIMEOUT);
         let mut resp = self.http.response(req, "find").await?;
         let mut head = Vec::new();
@@ -183,8 +181,7 @@ impl Anthropic<'_> {
         body.extend_from_slice(b"]}");
         let req = self
             .http
-            .client
-            .batch_request(Method::POST, "/v1/messages/batches")
+            .request(Method::POST, "/v1/messages/batches")
             .header("content-type", "application/json")
             .timeout(TRANSFER_TIMEOUT)
             .body(body);
@@ -195,7 +192,7 @@ impl Anthropic<'_> {
 
     /// Retrieves the batch's processing status, and how it ended.
     pub async fn poll(&self, batch_id: &str) -> Result<Polled, ApiError> {
-        let req = self.http.client.batch_request(Method::GET, &format!("/v1/messages/batches/{batch_id}"));
+        let req = self.http.request(Method::GET, &format!("/v1/messages/batches/{batch_id}"));
         let b: BatchObject = self.http.json(req, "retrieve").await?;
         let (status, ending) = match b.processing_status.as_str() {
             "in_progress" => ("in_progress", None),
@@ -214,7 +211,7 @@ impl Anthropic<'_> {
 
     /// Asks Anthropic to cancel the batch.
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {
-        let req = self.http.client.batch_request(Method::POST, &format!("/v1/messages/batches/{batch_id}/cancel"));
+        let req = self.http.request(Method::POST, &format!("/v1/messages/batches/{batch_id}/cancel"));
         self.http.send(req, "cancel").await.map(|_| ())
     }
 
@@ -229,8 +226,7 @@ impl Anthropic<'_> {
         let prefix = self.prefix(chunk);
         let req = self
             .http
-            .client
-            .batch_request(Method::GET, &format!("/v1/messages/batches/{batch_id}/results"))
+            .request(Method::GET, &format!("/v1/messages/batches/{batch_id}/results"))
             .timeout(TRANSFER_TIMEOUT);
         let started = std::time::Instant::now();
         let resp = self.http.response(req, "results").await?;

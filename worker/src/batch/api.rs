@@ -174,9 +174,10 @@ pub enum BatchApi<'a> {
 }
 
 impl<'a> BatchApi<'a> {
-    /// The batch API of `client`'s provider kind; `namespace` goes into the chunks' tags.
-    pub fn new(client: &'a ProviderClient, namespace: &'a str) -> BatchApi<'a> {
-        let http = Http { client };
+    /// The batch API of `client`'s provider kind, called with the key at `key` of its pool;
+    /// `namespace` goes into the chunks' tags.
+    pub fn new(client: &'a ProviderClient, namespace: &'a str, key: usize) -> BatchApi<'a> {
+        let http = Http { client, key };
         match client.kind() {
             ProviderKind::Openai => BatchApi::Openai(openai::Openai { http, namespace }),
             ProviderKind::Anthropic => BatchApi::Anthropic(anthropic::Anthropic { http, namespace }),
@@ -267,9 +268,16 @@ impl<'a> BatchApi<'a> {
 pub struct Http<'a> {
     /// The provider's client: its base URL, keys and metrics.
     pub client: &'a ProviderClient,
+    /// The pool's index of the key every call is made with (see [`BatchApi::new`]).
+    pub key: usize,
 }
 
 impl Http<'_> {
+    /// A request to one of the batch API's paths, with the key of this chunk's batch.
+    pub fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client.batch_request(self.key, method, path)
+    }
+
     /// Sends `req` and parses a JSON answer of at most `max_response_bytes`.
     pub async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder, op: &str) -> Result<T, ApiError> {
         let bytes = self.send(req, op).await?;

@@ -207,7 +207,7 @@ impl Gemini<'_> {
         let tag = chunk.tag(self.namespace);
         let mut token: Option<String> = None;
         for _ in 0..FIND_PAGES {
-            let mut req = self.http.client.batch_request(Method::GET, "/v1beta/batches").query(&[("pageSize", "100")]);
+            let mut req = self.http.request(Method::GET, "/v1beta/batches").query(&[("pageSize", "100")]);
             if let Some(t) = &token {
                 req = req.query(&[("pageToken", t.as_str())]);
             }
@@ -277,8 +277,7 @@ impl Gemini<'_> {
         }
         let req = self
             .http
-            .client
-            .batch_request(Method::POST, &format!("/v1beta/models/{model}:batchGenerateContent"))
+            .request(Method::POST, &format!("/v1beta/models/{model}:batchGenerateContent"))
             .header("content-type", "application/json")
             .timeout(TRANSFER_TIMEOUT)
             .body(body);
@@ -290,7 +289,7 @@ impl Gemini<'_> {
 
     /// Retrieves the batch operation's state and `displayName`.
     pub async fn poll(&self, batch_id: &str) -> Result<Polled, ApiError> {
-        let req = self.http.client.batch_request(Method::GET, &format!("/v1beta/batches/{batch_id}"));
+        let req = self.http.request(Method::GET, &format!("/v1beta/batches/{batch_id}"));
         let bytes = self.read(req, "retrieve").await?;
         let op: Operation = parse(&bytes, "retrieve")?;
         let meta = op.metadata.unwrap_or_default();
@@ -308,7 +307,7 @@ impl Gemini<'_> {
 
     /// Asks Gemini to cancel the batch.
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {
-        let req = self.http.client.batch_request(Method::POST, &format!("/v1beta/batches/{batch_id}:cancel"));
+        let req = self.http.request(Method::POST, &format!("/v1beta/batches/{batch_id}:cancel"));
         self.http.send(req, "cancel").await.map(|_| ())
     }
 
@@ -321,11 +320,7 @@ impl Gemini<'_> {
         order: &[u64],
         each: &mut (dyn FnMut(Fetched) + Send),
     ) -> Result<(), ApiError> {
-        let req = self
-            .http
-            .client
-            .batch_request(Method::GET, &format!("/v1beta/batches/{batch_id}"))
-            .timeout(TRANSFER_TIMEOUT);
+        let req = self.http.request(Method::GET, &format!("/v1beta/batches/{batch_id}")).timeout(TRANSFER_TIMEOUT);
         let started = std::time::Instant::now();
         let bytes = self.read(req, "results").await;
         self.http.observe("results", started);
@@ -344,7 +339,7 @@ impl Gemini<'_> {
     /// Deletes the ended batch (`polled.output_file_id` names it). Best effort.
     pub async fn clean_up(&self, polled: &Polled) {
         let Some(id) = polled.output_file_id.as_deref().filter(|id| check_provider_id(id).is_ok()) else { return };
-        let req = self.http.client.batch_request(Method::DELETE, &format!("/v1beta/batches/{id}"));
+        let req = self.http.request(Method::DELETE, &format!("/v1beta/batches/{id}"));
         if let Err(e) = self.http.send(req, "delete").await {
             tracing::info!(batch_id = %id, error = %e, "cannot delete the Gemini batch; it stays at the provider");
         }

@@ -189,7 +189,7 @@ async fn handle(b: &Batch, delivery: Tracked) {
     let redelivered = delivery.redelivered || delivery_count(&delivery) > 0;
     match task.state.clone() {
         ChunkState::Pending { maybe_created } => pending(b, task, maybe_created || redelivered, delivery).await,
-        ChunkState::Created { batch_id, input_file_id, cancel_sent } => {
+        ChunkState::Created { batch_id, input_file_id, cancel_sent, .. } => {
             let created = Created { batch_id, input_file_id };
             poll(b, task, created, cancel_sent, delivery).await
         }
@@ -207,9 +207,35 @@ fn unwanted(b: &Batch, task: &ChunkTask) -> Option<fleet::wire::ItemStatus> {
     }
 }
 
+/// The key of every call about the chunk's provider batch: the one it was created with (a
+/// provider shows a batch and its files only to keys of the project that created it), else
+/// (a chunk of an earlier version, or a variable this worker lacks) the pool's batch key.
+/// `Err` names the chunk's key while it is out of this worker's rotation: calling with it
+/// would be refused, and calling with another key would not find the batch.
+fn chunk_key(b: &Batch, task: &ChunkTask) -> Result<usize, String> {
+    let ChunkState::Created { key_env: Some(env), .. } = &task.state else { return Ok(b.client.keys.batch_key()) };
+    match b.client.keys.by_env(env) {
+        Some(i) if b.client.keys.is_retired(i) => Err(env.clone()),
+        Some(i) => Ok(i),
+        None => {
+            tracing::info!(job_id = %task.job_id, chunk = task.chunk, key_env = %env, "this worker has no key from the chunk's variable; using its batch key");
+            Ok(b.client.keys.batch_key())
+        }
+    }
+}
+
+/// The chunk's recorded key variable (see [`chunk_key`]), carried into its next state.
+fn key_env_of(task: &ChunkTask) -> Option<String> {
+    match &task.state {
+        ChunkState::Created { key_env, .. } => key_env.clone(),
+        ChunkState::Pending { .. } => None,
+    }
+}
+
 /// A chunk with no known provider batch: find or create one.
 async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: Tracked) {
-    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace());
+    let key = b.client.keys.batch_key();
+    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace(), key);
     let Some((items, delivery)) = read_items(b, &task, delivery).await else { return };
     if let Some(status) = unwanted(b, &task) {
         let results = outcome::all_unrun(&b.ctx.worker_id, &task, &items, status);
@@ -255,8 +281,12 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
         Ok(c) => {
             test_pause("created").await;
             tracing::info!(job_id = %task.job_id, chunk = task.chunk, batch_id = %c.batch_id, items = task.len(), "chunk's provider batch recorded; polling it");
-            task.state =
-                ChunkState::Created { batch_id: c.batch_id, input_file_id: c.input_file_id, cancel_sent: false };
+            task.state = ChunkState::Created {
+                batch_id: c.batch_id,
+                input_file_id: c.input_file_id,
+                cancel_sent: false,
+                key_env: b.client.keys.key(key).env.clone(),
+            };
             to_poll_queue(b, &task, delivery).await;
         }
         Err(ApiError::Transient(e)) => {
@@ -276,12 +306,25 @@ async fn pending(b: &Batch, mut task: ChunkTask, maybe_created: bool, delivery: 
 /// One poll pass of a chunk whose provider batch exists.
 async fn poll(b: &Batch, task: ChunkTask, created: Created, mut cancel_sent: bool, delivery: Tracked) {
     let started = Instant::now();
-    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace());
+    let key = match chunk_key(b, &task) {
+        Ok(key) => key,
+        Err(env) => {
+            tracing::info!(batch_id = %created.batch_id, key_env = %env, "the chunk's key is out of rotation; polling again later");
+            return poll_again(b, task, created, cancel_sent, delivery, started).await;
+        }
+    };
+    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace(), key);
     let tag = task.tag(b.ctx.publisher.topology.namespace());
     let polled = match api.poll(&created.batch_id).await {
         Ok(p) => p,
         Err(ApiError::Transient(e)) => {
             tracing::info!(batch_id = %created.batch_id, error = %e, "cannot poll the provider batch; trying again later");
+            return poll_again(b, task, created, cancel_sent, delivery, started).await;
+        }
+        // The key was refused, not the batch: the items wait for the key (probed back into
+        // rotation by the online calls' key checks), as online items wait for a good key.
+        Err(ApiError::Refused { status: status @ (401 | 403), message }) => {
+            tracing::info!(batch_id = %created.batch_id, status, message = %message, "the provider refused the chunk's key; polling again later");
             return poll_again(b, task, created, cancel_sent, delivery, started).await;
         }
         Err(ApiError::Refused { status, message }) => {
@@ -366,7 +409,10 @@ async fn queue_full(b: &Batch, mut task: ChunkTask, api: &BatchApi<'_>, polled: 
 
 /// An ended provider batch: every item gets its result.
 async fn fetch(b: &Batch, task: ChunkTask, created: Created, polled: Polled, delivery: Tracked) {
-    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace());
+    // The poll just used the chunk's key; should it have left the rotation since, the
+    // fetch waits for it with the chunk.
+    let Ok(key) = chunk_key(b, &task) else { return to_poll_queue(b, &task, delivery).await };
+    let api = BatchApi::new(&b.client, b.ctx.publisher.topology.namespace(), key);
     let Some((items, delivery)) = read_items(b, &task, delivery).await else { return };
     let mut lines = HashMap::new();
     // Only lines of the chunk's own items are kept: a provider cannot grow this map.
@@ -446,7 +492,9 @@ async fn poll_again(
     started: Instant,
 ) {
     task.polls += 1;
-    task.state = ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent };
+    let key_env = key_env_of(&task);
+    task.state =
+        ChunkState::Created { batch_id: created.batch_id, input_file_id: created.input_file_id, cancel_sent, key_env };
     to_poll_queue(b, &task, delivery).await;
     b.ctx.publisher.metrics.poll_cycle.observe(started.elapsed().as_secs_f64());
 }

@@ -123,7 +123,7 @@ impl Openai<'_> {
         let tag = chunk.tag(self.namespace);
         let mut after: Option<String> = None;
         for _ in 0..FIND_PAGES {
-            let mut req = self.http.client.batch_request(Method::GET, "/v1/batches").query(&[("limit", "100")]);
+            let mut req = self.http.request(Method::GET, "/v1/batches").query(&[("limit", "100")]);
             if let Some(a) = &after {
                 req = req.query(&[("after", a.as_str())]);
             }
@@ -152,7 +152,7 @@ impl Openai<'_> {
         let mut after: Option<String> = None;
         let mut tokens = 0u64;
         for _ in 0..FIND_PAGES {
-            let mut req = self.http.client.batch_request(Method::GET, "/v1/batches").query(&[("limit", "100")]);
+            let mut req = self.http.request(Method::GET, "/v1/batches").query(&[("limit", "100")]);
             if let Some(a) = &after {
                 req = req.query(&[("after", a.as_str())]);
             }
@@ -189,8 +189,7 @@ impl Openai<'_> {
         let (content_type, body) = multipart(&chunk.tag(self.namespace), jsonl);
         let req = self
             .http
-            .client
-            .batch_request(Method::POST, "/v1/files")
+            .request(Method::POST, "/v1/files")
             .header("content-type", content_type)
             .timeout(TRANSFER_TIMEOUT)
             .body(body);
@@ -207,7 +206,7 @@ impl Openai<'_> {
                 TOKENS_KEY: tokens.to_string(),
             },
         });
-        let req = self.http.client.batch_request(Method::POST, "/v1/batches").json(&create);
+        let req = self.http.request(Method::POST, "/v1/batches").json(&create);
         match self.http.json::<BatchObject>(req, "create").await {
             Ok(batch) => {
                 check_provider_id(&batch.id)
@@ -226,7 +225,7 @@ impl Openai<'_> {
 
     /// Retrieves the batch: its status, files and tag.
     pub async fn poll(&self, batch_id: &str) -> Result<Polled, ApiError> {
-        let req = self.http.client.batch_request(Method::GET, &format!("/v1/batches/{batch_id}"));
+        let req = self.http.request(Method::GET, &format!("/v1/batches/{batch_id}"));
         let b: BatchObject = self.http.json(req, "retrieve").await?;
         let (status, ending) = match b.status.as_str() {
             "validating" => ("validating", None),
@@ -253,7 +252,7 @@ impl Openai<'_> {
 
     /// Asks OpenAI to cancel the batch.
     pub async fn cancel(&self, batch_id: &str) -> Result<(), ApiError> {
-        let req = self.http.client.batch_request(Method::POST, &format!("/v1/batches/{batch_id}/cancel"));
+        let req = self.http.request(Method::POST, &format!("/v1/batches/{batch_id}/cancel"));
         self.http.send(req, "cancel").await.map(|_| ())
     }
 
@@ -266,11 +265,7 @@ impl Openai<'_> {
     ) -> Result<(), ApiError> {
         let prefix = custom_id_prefix(self.namespace, chunk);
         for file in [&polled.output_file_id, &polled.error_file_id].into_iter().flatten() {
-            let req = self
-                .http
-                .client
-                .batch_request(Method::GET, &format!("/v1/files/{file}/content"))
-                .timeout(TRANSFER_TIMEOUT);
+            let req = self.http.request(Method::GET, &format!("/v1/files/{file}/content")).timeout(TRANSFER_TIMEOUT);
             let started = std::time::Instant::now();
             let resp = self.http.response(req, "content").await?;
             let read = for_each_line(resp, |line| {
@@ -294,7 +289,7 @@ impl Openai<'_> {
     }
 
     async fn delete_file(&self, file: &str) {
-        let req = self.http.client.batch_request(Method::DELETE, &format!("/v1/files/{file}"));
+        let req = self.http.request(Method::DELETE, &format!("/v1/files/{file}"));
         match self.http.send(req, "delete").await {
             Ok(_) | Err(ApiError::Refused { status: 404, .. }) => {}
             Err(e) => tracing::info!(file, error = %e, "cannot delete a batch file at the provider; it expires there"),

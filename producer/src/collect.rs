@@ -19,7 +19,6 @@
 //! is followed, but only to a file that passes the same checks (empty, or this job's
 //! results), so nothing else is ever written through it.
 
-use std::collections::HashSet;
 use std::io::{BufRead, Seek, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,6 +32,7 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
 
 use crate::output_format::OutputFormat;
+use crate::seen::Seen;
 
 /// Results acked at once (one multiple-ack per batch, after an fsync). On a stream an ack
 /// only makes room for more deliveries (the prefetch window); it removes nothing.
@@ -121,6 +121,11 @@ pub enum OutputError {
 /// The job id in an output line's `id` (`batch_req_<job id>_<index>`).
 fn line_job_id(v: &serde_json::Value) -> Option<&str> {
     v["id"].as_str()?.strip_prefix("batch_req_")?.rsplit_once('_').map(|(job, _)| job)
+}
+
+/// The item index in an output line's `id` (`batch_req_<job id>_<index>`).
+fn line_index(v: &serde_json::Value) -> Option<u64> {
+    v["id"].as_str()?.strip_prefix("batch_req_")?.rsplit_once('_')?.1.parse().ok()
 }
 
 /// Whether `tail`, an unfinished last line, can be a line of `job` torn by an interrupted
@@ -242,7 +247,7 @@ pub(crate) struct ReadBack {
     /// The file, opened for reading and appending; `None` when nothing is at the path.
     file: Option<std::fs::File>,
     /// The custom_ids of the complete lines.
-    seen: HashSet<String>,
+    seen: Seen,
     counts: JobCounts,
     /// Fleet-side failures among the lines (see [`FLEET_SIDE`]; read from `error.code`).
     fleet_side: std::collections::BTreeMap<String, u64>,
@@ -269,7 +274,7 @@ impl ReadBack {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Ok(ReadBack {
                     file: None,
-                    seen: HashSet::new(),
+                    seen: Seen::default(),
                     counts: JobCounts::default(),
                     fleet_side: Default::default(),
                     job: None,
@@ -279,7 +284,7 @@ impl ReadBack {
             }
             Err(source) => return Err(OutputError::Unwritable { path: shown(), source }.into()),
         };
-        let mut seen = HashSet::new();
+        let mut seen = Seen::default();
         let mut counts = JobCounts::default();
         let mut fleet_side = std::collections::BTreeMap::new();
         let mut job: Option<String> = None;
@@ -316,8 +321,8 @@ impl ReadBack {
                 .into());
             }
             job.get_or_insert_with(|| line_job.to_string());
-            let id = v["custom_id"].as_str().unwrap_or_default().to_string();
-            if seen.insert(id) {
+            let index = line_index(&v).ok_or_else(not_results)?;
+            if seen.insert(index) {
                 counts.add(status);
                 tally_fleet_side(&mut fleet_side, v.pointer("/error/code").and_then(|c| c.as_str()));
             }
@@ -336,7 +341,7 @@ impl ReadBack {
     /// Makes the file read back ready for appending at `path` (where it may have been
     /// renamed since): created if there was none, its torn last line cut off. Returns it
     /// with the custom_ids already in it and their counts.
-    pub(crate) fn open(self, path: &Path) -> anyhow::Result<(std::fs::File, HashSet<String>, JobCounts)> {
+    pub(crate) fn open(self, path: &Path) -> anyhow::Result<(std::fs::File, Seen, JobCounts)> {
         let mut file = match self.file {
             Some(file) => file,
             None => create_new(path)?,
@@ -366,7 +371,7 @@ enum Interrupted {
 /// Collection state that survives reconnections.
 struct Collector {
     out: std::io::BufWriter<std::fs::File>,
-    seen: HashSet<String>,
+    seen: Seen,
     counts: JobCounts,
     /// See [`Collected::fleet_side`].
     fleet_side: std::collections::BTreeMap<String, u64>,
@@ -389,7 +394,7 @@ impl Collector {
     fn complete(&self) -> bool {
         // A job abandoned mid-submission never gets all its results; the tracker announces
         // it only after every published item has finished, so nothing more will come.
-        self.total.is_some_and(|t| self.seen.len() as u64 >= t) || self.abandoned.is_some()
+        self.total.is_some_and(|t| self.seen.len() >= t) || self.abandoned.is_some()
     }
 
     /// Makes the written lines durable, then acks every message up to the last one.
@@ -433,13 +438,15 @@ impl Collector {
         Ok(results.len())
     }
 
-    /// Writes a result to the file unless its `custom_id` is there already.
+    /// Writes a result to the file unless its item's is there already. A result whose index
+    /// is past the job's total names no item of it: it is not written, and cannot make the
+    /// wait end early by counting as one.
     fn write(&mut self, result: &ItemResult) -> anyhow::Result<()> {
         if self.total.is_none() {
             self.bar.set_length(result.total);
         }
-        self.total.get_or_insert(result.total);
-        if self.seen.insert(result.custom_id.clone()) {
+        let total = *self.total.get_or_insert(result.total);
+        if result.index < total && self.seen.insert(result.index) {
             self.format.write_line(&mut self.out, result)?;
             self.counts.add(result.status);
             tally_fleet_side(&mut self.fleet_side, result.error.as_ref().map(|e| e.code.as_str()));
@@ -516,7 +523,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     let fleet_side = back.fleet_side.clone();
     let (file, seen, counts) = back.open(req.output)?;
     let bar = crate::progress::bar(0, req.progress, "collecting");
-    bar.set_position(seen.len() as u64);
+    bar.set_position(seen.len());
     let mut c = Collector {
         out: std::io::BufWriter::with_capacity(1 << 16, file),
         seen,
@@ -557,7 +564,7 @@ pub async fn wait(cfg: &Config, req: &WaitRequest<'_>) -> anyhow::Result<Collect
     }
     c.bar.finish_and_clear();
     fleet::amqp::close(&conn, "done").await;
-    c.counts.total = c.total.unwrap_or(c.seen.len() as u64);
+    c.counts.total = c.total.unwrap_or(c.seen.len());
     if let Some(reason) = &c.abandoned {
         anyhow::bail!(
             "job {} ended failed ({reason}): its submission stopped before every item was published and was \
@@ -610,7 +617,7 @@ mod tests {
         path: &Path,
         job_id: Option<&str>,
         format: OutputFormat,
-    ) -> anyhow::Result<(std::fs::File, HashSet<String>, JobCounts, Option<String>)> {
+    ) -> anyhow::Result<(std::fs::File, Seen, JobCounts, Option<String>)> {
         let back = ReadBack::read(path, job_id, format)?;
         let job = back.job.clone();
         let (file, seen, counts) = back.open(path)?;

@@ -18,6 +18,7 @@ pub mod progress;
 pub mod report;
 pub mod resume;
 pub mod retry;
+mod seen;
 pub mod serve;
 pub mod spend;
 pub mod status_diagnosis;

@@ -61,6 +61,8 @@ cluster-soak: up
 	scripts/cluster.sh soak $(ITEMS)
 
 # The fleet behind the LiteLLM proxy (installed from PyPI into .run/litellm-venv on first
-# use), with LiteLLM's mocked responses: see "Running behind LiteLLM" in the README.
+# use), with LiteLLM's mocked responses: see "Running behind LiteLLM" in the README. The
+# run (e2e/src/bin/interop.rs) builds the release worker and producer first, unless
+# INTEROP_BIN_DIR names binaries built elsewhere.
 interop: up
-	scripts/interop.sh
+	cargo run --release --quiet -p e2e --bin interop

@@ -111,10 +111,7 @@ impl<'a> FleetRun<'a> {
             ])
             .await?;
         timed.ensure_success("producer submit")?;
-        let v: serde_json::Value =
-            serde_json::from_slice(&timed.output.stdout).context("producer submit --json printed no JSON")?;
-        let job_id = v["job_id"].as_str().context("no job_id")?.to_string();
-        let total = v["total"].as_u64().context("no total")?;
+        let harness::Submitted { job_id, total } = harness::Submitted::from_json(&timed.output.stdout)?;
         self.stack.track(&self.ns, |left| left.jobs.push(job_id.clone()));
         Ok(Submitted { job_id, total, timed })
     }

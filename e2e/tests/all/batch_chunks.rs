@@ -65,8 +65,7 @@ fn submit(f: &Fleet, file: &Path, args: &[&str]) -> (String, String) {
     let out = f.producer(&all);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "submit failed: {stderr}");
-    let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
-    (v["job_id"].as_str().unwrap().to_string(), stderr)
+    (harness::Submitted::from_json(&out.stdout).unwrap().job_id, stderr)
 }
 
 /// Batches the mock created for `job`, per tag.

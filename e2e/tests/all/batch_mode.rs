@@ -57,14 +57,9 @@ fn write_messages_requests(path: &Path, n: usize) {
     }
 }
 
-/// `producer submit FILE --provider P --json ARGS...`; the job id.
+/// `producer submit FILE --provider P --json ARGS...` ([`harness::submit`]); the job id.
 fn submit(f: &Fleet, file: &Path, provider: &str, args: &[&str]) -> String {
-    let mut all = vec!["submit", file.to_str().unwrap(), "--provider", provider, "--json"];
-    all.extend_from_slice(args);
-    let out = f.producer(&all);
-    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
-    v["job_id"].as_str().unwrap().to_string()
+    harness::submit(&f.config, file, provider, args).unwrap().job_id
 }
 
 fn input(f: &Fleet, name: &str, n: usize, anthropic: bool) -> PathBuf {

@@ -9,7 +9,6 @@
 use std::time::{Duration, Instant};
 
 use e2e::{assert_exactly_once, eventually, pushgateway_metrics, succeeded, Fleet, Mock};
-use serde_json::Value;
 
 const LINES: usize = 200;
 const MAX_IN_FLIGHT: u64 = 16;
@@ -27,10 +26,7 @@ fn config() -> String {
 
 /// Submits `file` to `mock` in `mode`; returns the job id.
 fn submit(fleet: &Fleet, file: &std::path::Path, mode: &str) -> String {
-    let out = fleet.producer(&["submit", file.to_str().unwrap(), "--provider", "mock", "--mode", mode, "--json"]);
-    assert!(out.status.success(), "submit --mode {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
-    v["job_id"].as_str().unwrap().to_string()
+    harness::submit(&fleet.config, file, e2e::MOCK, &["--mode", mode]).unwrap().job_id
 }
 
 /// The value of the Pushgateway series `name` of this fleet's worker for provider `mock`.

@@ -172,10 +172,7 @@ fn lines_that_cannot_be_translated_are_refused_at_submit_with_their_numbers() {
 
 /// `producer submit FILE --provider mock --mode batch --json`; the job id.
 fn submit_batch(fleet: &Fleet, file: &Path) -> String {
-    let out = fleet.producer(&["submit", file.to_str().unwrap(), "--provider", MOCK, "--mode", "batch", "--json"]);
-    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
-    v["job_id"].as_str().unwrap().to_string()
+    harness::submit(&fleet.config, file, MOCK, &["--mode", "batch"]).unwrap().job_id
 }
 
 /// The Gemini batches the mock created, per `displayName` (the chunk tags name the job).
@@ -317,20 +314,8 @@ fn expired_and_failed_gemini_batches_end_each_request_as_the_provider_says() {
     let codes = error_codes(&lines);
     assert_eq!(codes.get(&None), Some(&100), "the answered half: {codes:?}");
     assert_eq!(codes.get(&Some("expired".to_string())), Some(&100), "the rest expired: {codes:?}");
-    let out = fleet.producer(&[
-        "submit",
-        input.to_str().unwrap(),
-        "--provider",
-        MOCK,
-        "--mode",
-        "batch",
-        "--fallback",
-        "online",
-        "--json",
-    ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let again: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let again = again["job_id"].as_str().unwrap().to_string();
+    let again =
+        harness::submit(&fleet.config, &input, MOCK, &["--mode", "batch", "--fallback", "online"]).unwrap().job_id;
     let lines = fleet.collect(&again);
     let by_status = assert_exactly_once(&lines, 200);
     assert_eq!(by_status.get(&200), Some(&200), "the expired half ran online: {by_status:?}");

@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
@@ -22,12 +21,7 @@ fn write_lines(path: &Path, lines: &[Value]) {
 
 /// Submits `file` to `mock` with extra `args`; returns the job id.
 fn submit(fleet: &Fleet, file: &Path, args: &[&str]) -> String {
-    let mut all = vec!["submit", file.to_str().unwrap(), "--provider", "mock", "--json"];
-    all.extend_from_slice(args);
-    let out = fleet.producer(&all);
-    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("submit --json prints JSON");
-    v["job_id"].as_str().unwrap().to_string()
+    harness::submit(&fleet.config, file, MOCK, args).unwrap().job_id
 }
 
 /// Collects `job` with `--output-format anthropic`; returns the lines by custom_id, checking
@@ -52,12 +46,6 @@ fn collect_anthropic(fleet: &Fleet, job: &str) -> (std::path::PathBuf, HashMap<S
         assert!(by_id.insert(id.clone(), line).is_none(), "{id} appears twice");
     }
     (output, by_id)
-}
-
-/// The Pushgateway's metrics text.
-fn pushgateway_metrics() -> String {
-    let out = Command::new("curl").args(["-fs", &format!("{}/metrics", pushgateway_url())]).output().expect("curl");
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use e2e::*;
@@ -45,18 +44,18 @@ fn requests_for(path: &Path, n: usize, model: &str) {
 
 /// `producer ARGS` run in the fleet's directory (where `retry` writes its input file).
 fn producer_in_dir(fleet: &Fleet, args: &[&str]) -> std::process::Output {
-    Command::new(bin("producer"))
-        .current_dir(&fleet.dir)
-        .args(["--config", fleet.config.to_str().unwrap(), "--quiet"])
-        .args(args)
-        .output()
-        .expect("run producer")
+    harness::producer_command(&fleet.config).current_dir(&fleet.dir).args(args).output().expect("run producer")
 }
 
+/// The new job of a `producer retry --json` that succeeded.
 fn job_of(out: &std::process::Output) -> String {
     assert!(out.status.success(), "producer failed: {}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("--json prints JSON");
-    v["job_id"].as_str().expect("job_id").to_string()
+    harness::Submitted::from_json(&out.stdout).unwrap().job_id
+}
+
+/// `producer submit FILE --provider PROVIDER --json ARGS` ([`harness::submit`]); the job id.
+fn submit(fleet: &Fleet, file: &Path, provider: &str, args: &[&str]) -> String {
+    harness::submit(&fleet.config, file, provider, args).unwrap().job_id
 }
 
 /// The series of a dashboard panel's query for this namespace, by the given labels.
@@ -95,15 +94,7 @@ fn a_cap_on_dated_answers_fires_retry_keeps_it_and_the_money_panels_equal_the_jo
     // A capped job of dated answers: priced by the undated entry, cancelled by its cap.
     let input = fleet.dir.join("in.jsonl");
     requests_for(&input, 200, "gpt-4o-mini");
-    let capped = job_of(&fleet.producer(&[
-        "submit",
-        input.to_str().unwrap(),
-        "--provider",
-        "mock",
-        "--json",
-        "--max-cost",
-        CAP,
-    ]));
+    let capped = submit(&fleet, &input, MOCK, &["--max-cost", CAP]);
     let lines = fleet.collect(&capped);
     assert_exactly_once(&lines, 200);
     let answered: Vec<&Value> = lines.iter().filter(|l| succeeded(l)).collect();
@@ -192,15 +183,7 @@ fn max_cost_is_refused_when_no_line_can_be_priced() {
     assert_eq!(fleet.queue_len(&fleet.topology().items_queue("mock")), None);
     // A dated request name is priced by its entry: accepted.
     requests_for(&input, 20, "gpt-4o-mini-2024-07-18");
-    let job = job_of(&fleet.producer(&[
-        "submit",
-        input.to_str().unwrap(),
-        "--provider",
-        "mock",
-        "--json",
-        "--max-cost",
-        "5",
-    ]));
+    let job = submit(&fleet, &input, MOCK, &["--max-cost", "5"]);
     fleet.cleanup(&[&job]);
 }
 
@@ -218,7 +201,7 @@ fn a_job_no_worker_serves_is_diagnosed_cancel_ends_it_and_dead_letters_agree() {
     fleet.wait_for_tracker();
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 20);
-    let job = job_of(&fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "ghost", "--json"]));
+    let job = submit(&fleet, &input, "ghost", &[]);
 
     // The broker dead-letters one item (rejected without requeue): the tracker ends it
     // failed, and `producer dead` lists it.
@@ -296,12 +279,10 @@ fn batch_answers_count_in_the_money_panels_at_the_batch_factor() {
     fleet.wait_for_tracker();
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 30);
-    let submit = |mode: &str| {
-        job_of(&fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--json", "--mode", mode]))
-    };
-    let online = submit("online");
+    let submit_as = |mode: &str| submit(&fleet, &input, MOCK, &["--mode", mode]);
+    let online = submit_as("online");
     assert_exactly_once(&fleet.collect(&online), 30);
-    let batch = submit("batch");
+    let batch = submit_as("batch");
     assert_exactly_once(&fleet.collect(&batch), 30);
     let (o, b) = (fleet.final_status(&online), fleet.final_status(&batch));
     // The batch job's answers cost half the price of their tokens (batch_factor 0.5).

@@ -149,9 +149,7 @@ fn a_deadline_wins_over_pacing() {
     let _w1 = fleet.worker("w1", &[]);
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 200);
-    let out = fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--json", "--deadline", "5s"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let job = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_string();
+    let job = harness::submit(&fleet.config, &input, MOCK, &["--deadline", "5s"]).unwrap().job_id;
     let started = std::time::Instant::now();
     let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 200);
@@ -203,9 +201,7 @@ fn items_past_the_deadline_end_expired_without_a_provider_call() {
     let fleet = Fleet::new("deadline", &mock.url, "");
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 40);
-    let out = fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--json", "--deadline", "1s"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let job = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_string();
+    let job = harness::submit(&fleet.config, &input, MOCK, &["--deadline", "1s"]).unwrap().job_id;
     std::thread::sleep(Duration::from_millis(1500));
     let _w = fleet.worker("w1", &[]);
     let lines = fleet.collect(&job);

@@ -131,23 +131,16 @@ fn tracker_takeover_after_sigkill_keeps_job_counts_exact_and_monotonic() {
     });
     // batch_jobs_total never went down at any scrape during the takeover.
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let v: Value = rt.block_on(async {
-        reqwest::Client::new()
-            .get(format!("{}/api/v1/query_range", prometheus_url()))
-            .query(&[
-                ("query", format!("sum(batch_jobs_total{{namespace=\"{}\"}})", fleet.ns)),
-                ("start", started.to_string()),
-                ("end", now.to_string()),
-                ("step", "1".to_string()),
-            ])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
-    });
+    let v = harness::http::get_json(
+        &format!("{}/api/v1/query_range", prometheus_url()),
+        &[
+            ("query", &format!("sum(batch_jobs_total{{namespace=\"{}\"}})", fleet.ns)),
+            ("start", &started.to_string()),
+            ("end", &now.to_string()),
+            ("step", "1"),
+        ],
+    )
+    .unwrap();
     let values: Vec<f64> = v["data"]["result"][0]["values"]
         .as_array()
         .expect("a series")
@@ -213,14 +206,7 @@ fn a_pushgateway_outage_does_not_stop_the_job_and_pushes_resume() {
     let mock = Mock::start(&["--latency-ms", "2"]);
     let fleet = Fleet::new("pg_outage", &mock.url, "");
     let _w = fleet.worker("pgo-w1", &[("FLEET__PUSHGATEWAY__URL", &pg_url)]);
-    let metrics_text = || {
-        std::process::Command::new("curl")
-            .args(["-fs", &format!("{pg_url}/metrics")])
-            .output()
-            .ok()
-            .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
-            .unwrap_or_default()
-    };
+    let metrics_text = || pushgateway_metrics_at(&pg_url);
     eventually(Duration::from_secs(20), "first push", || metrics_text().contains("batch_worker_up"));
     // Hang the Pushgateway (accepts connections, never answers), then run a job.
     pg.signal("STOP");

@@ -154,9 +154,7 @@ fn a_forged_unsigned_created_chunk_is_dead_lettered_untouched() {
     let _w = f.worker("w1", &[]);
     let input = f.dir.join("in.jsonl");
     write_requests(&input, 10);
-    let out = f.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--mode", "batch", "--json"]);
-    assert!(out.status.success(), "submit: {}", String::from_utf8_lossy(&out.stderr));
-    let job = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_string();
+    let job = harness::submit(&f.config, &input, MOCK, &["--mode", "batch"]).unwrap().job_id;
     eventually(Duration::from_secs(30), "the job's batch exists", || {
         mock.stats()["batches"]["openai_created"].as_object().is_some_and(|m| !m.is_empty())
     });

@@ -38,8 +38,8 @@ fn a_killed_submit_is_resumed_with_the_same_file_and_the_job_completes() {
 
     let out = fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--resume", &job, "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let resumed: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(resumed["job_id"], job.as_str(), "the same job");
+    let resumed = harness::Submitted::from_json(&out.stdout).unwrap();
+    assert_eq!(resumed.job_id, job, "the same job");
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("from item {confirmed}")));
     assert!(!record_path.exists(), "the record is deleted once the submission completes");
 

@@ -77,10 +77,8 @@ fn no_secret_reaches_a_log_a_result_a_status_or_a_metric() {
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, 20);
     let submitted = run(&["submit", input.to_str().unwrap(), "--provider", "mock", "--json"]);
-    let job = serde_json::from_str::<Value>(submitted.lines().find(|l| l.starts_with('{')).unwrap()).unwrap()["job_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let json_line = submitted.lines().find(|l| l.starts_with('{')).unwrap();
+    let job = harness::Submitted::from_json(json_line.as_bytes()).unwrap().job_id;
     let output = fleet.dir.join("out.jsonl");
     let waited = run(&["wait", &job, "--output", output.to_str().unwrap(), "--timeout", "120"]);
     let status = run(&["status", &job, "--json"]);
@@ -93,7 +91,7 @@ fn no_secret_reaches_a_log_a_result_a_status_or_a_metric() {
             .as_array()
             .is_some_and(|groups| groups.iter().any(|g| g["labels"]["instance"] == "sw1"))
     });
-    let metrics = Command::new("curl").args(["-fs", &format!("http://127.0.0.1:{pg_port}/metrics")]).output().unwrap();
+    let metrics = pushgateway_metrics_at(&format!("http://127.0.0.1:{pg_port}"));
     worker.signal("TERM");
     assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(0), "the worker drains and exits");
 
@@ -106,7 +104,7 @@ fn no_secret_reaches_a_log_a_result_a_status_or_a_metric() {
         ("status", status),
         ("jobs", jobs),
         ("output file", std::fs::read_to_string(&output).unwrap()),
-        ("pushgateway", String::from_utf8_lossy(&metrics.stdout).to_string()),
+        ("pushgateway", metrics),
     ];
     for (what, text) in &everything {
         for secret in secrets {

@@ -85,9 +85,7 @@ fn a_spend_cap_cancels_the_job_within_the_overshoot_bound() {
     fleet.wait_for_tracker();
     let input = fleet.dir.join("in.jsonl");
     e2e::write_requests(&input, 300);
-    let out = fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--json", "--max-cost", "20"]);
-    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-    let job = serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_string();
+    let job = harness::submit(&fleet.config, &input, e2e::MOCK, &["--max-cost", "20"]).unwrap().job_id;
 
     let lines = fleet.collect(&job);
     assert_exactly_once(&lines, 300);

@@ -119,9 +119,7 @@ fn config() -> String {
 fn submit_with_webhook(fleet: &Fleet, n: usize, url: &str) -> String {
     let input = fleet.dir.join(format!("in-{n}.jsonl"));
     e2e::write_requests(&input, n);
-    let out = fleet.producer(&["submit", input.to_str().unwrap(), "--provider", "mock", "--json", "--webhook", url]);
-    assert!(out.status.success(), "submit failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice::<Value>(&out.stdout).unwrap()["job_id"].as_str().unwrap().to_string()
+    harness::submit(&fleet.config, &input, e2e::MOCK, &["--webhook", url]).unwrap().job_id
 }
 
 #[test]

@@ -6,11 +6,16 @@ use std::process::Command;
 use std::sync::{Once, OnceLock};
 
 static DIR: OnceLock<PathBuf> = OnceLock::new();
+/// Whether [`set_bin_dir`] chose the directory (its binaries are then used as they are),
+/// as opposed to [`bin_dir`] having found it beside the executable.
+static CHOSEN: OnceLock<()> = OnceLock::new();
 
 /// Uses the binaries in `dir` (e.g. the benchmark's `--bin-dir`). Call it before the first
-/// [`bin`]; later calls change nothing.
+/// [`bin`] or [`bin_dir`]; later calls change nothing.
 pub fn set_bin_dir(dir: PathBuf) {
-    let _ = DIR.set(dir);
+    if DIR.set(dir).is_ok() {
+        let _ = CHOSEN.set(());
+    }
 }
 
 /// The directory of the binaries: [`set_bin_dir`]'s, else `target/<profile>/` of the running
@@ -29,7 +34,8 @@ pub fn bin_dir() -> &'static Path {
 /// benchmark) uses what is there.
 pub fn bin(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
-    let own_dir = DIR.get().is_none();
+    // Asking for the directory first (bin_dir) must not skip the build.
+    let own_dir = CHOSEN.get().is_none();
     let dir = bin_dir();
     let test_exe = std::env::current_exe().is_ok_and(|e| e.parent().is_some_and(|d| d.ends_with("deps")));
     if own_dir && (std::env::var_os("CARGO").is_some() || test_exe) {

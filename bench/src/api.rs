@@ -157,6 +157,9 @@ impl Server {
             .env("FLEET__API__LISTEN", format!("127.0.0.1:{port}"))
             .env("FLEET__API__KEY_ENVS", "BENCH_API_KEY")
             .env("FLEET__API__MAX_FILE_LINES", lines.max(1).to_string())
+            // Online, as `submit` runs the same file: the bench's `mock` has a batch API (the
+            // built-in mock's `batch = true`), which `api.mode = "auto"` would use for 24 h.
+            .env("FLEET__API__MODE", "online")
             .env("BENCH_API_KEY", KEY);
         let proc = Proc::spawn_logged(&mut cmd, "producer serve", &fleet.dir.join("serve.log"))?;
         let url = format!("http://127.0.0.1:{port}");

@@ -81,6 +81,7 @@ max_file_bytes = 209715200
 max_file_lines = 50000
 file_retention_s = 604800
 max_requests_per_key = 32
+mode = "auto"
 "#;
 
 /// The built-in `mock` provider (the workspace's mock server on its default port). It
@@ -353,6 +354,38 @@ pub struct ApiConfig {
     /// Requests of one key in progress at once; beyond, the server answers 429 with
     /// `Retry-After` (one key cannot take the server from the others).
     pub max_requests_per_key: usize,
+    /// How the API's batches run: `auto` (the default) runs a batch whose
+    /// `completion_window` is at least [`BATCH_COMPLETION_WINDOW_S`] through its provider's
+    /// batch API when the provider has one (`providers.<name>.batch`), and online otherwise;
+    /// `batch` uses the provider's batch API whenever it has one, whatever the window;
+    /// `online` never does (one call per request).
+    pub mode: ApiMode,
+}
+
+/// `api.mode`: which batches of `producer serve` run through the provider's batch API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase", try_from = "String")]
+pub enum ApiMode {
+    /// One provider call per request, always.
+    Online,
+    /// The provider's batch API whenever the provider has one (a window shorter than the
+    /// provider's 24 h may then end with requests `expired`).
+    Batch,
+    /// The provider's batch API when it has one and the batch's window allows its 24 h.
+    Auto,
+}
+
+impl TryFrom<String> for ApiMode {
+    type Error = String;
+
+    fn try_from(mode: String) -> Result<Self, String> {
+        match mode.as_str() {
+            "online" => Ok(ApiMode::Online),
+            "batch" => Ok(ApiMode::Batch),
+            "auto" => Ok(ApiMode::Auto),
+            _ => Err(format!("api.mode must be \"online\", \"batch\" or \"auto\", got {mode:?}")),
+        }
+    }
 }
 
 impl ApiConfig {
@@ -1066,6 +1099,15 @@ mod tests {
             let err = load_str("url", &toml).unwrap_err().to_string();
             assert!(err.contains("providers.x.base_url"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn api_mode_defaults_to_auto_and_takes_only_its_three_values() {
+        assert_eq!(load_str("api-mode-default", "").unwrap().api.mode, ApiMode::Auto);
+        assert_eq!(load_str("api-mode-online", "[api]\nmode = \"online\"\n").unwrap().api.mode, ApiMode::Online);
+        assert_eq!(load_str("api-mode-batch", "[api]\nmode = \"batch\"\n").unwrap().api.mode, ApiMode::Batch);
+        let err = format!("{:#}", load_str("api-mode-bad", "[api]\nmode = \"flex\"\n").unwrap_err());
+        assert!(err.contains("api.mode must be \"online\", \"batch\" or \"auto\", got \"flex\""), "{err}");
     }
 
     #[test]

@@ -7,9 +7,13 @@
 use std::path::Path;
 
 use fleet::amqp;
-use fleet::batch::{ChunkLayout, ChunkLimits, ChunkState, ChunkTask, EndpointGroup, JobMode};
+use fleet::batch::{
+    ChunkLayout, ChunkLimits, ChunkState, ChunkTask, EndpointGroup, JobMode, TooManyEndpoints, POSITION_HEADER,
+};
 use fleet::config::{ProviderConfig, BATCH_COMPLETION_WINDOW_S};
 use fleet::topology::Topology;
+use fleet::wire::BatchInputLine;
+use lapin::types::{AMQPValue, FieldTable};
 
 use crate::validate::{self, Rules};
 
@@ -115,13 +119,27 @@ pub fn lay_out(file: &Path, rules: &Rules, provider: &ProviderConfig) -> anyhow:
     validate::for_each_line(file, |line_no, raw| {
         let line = validate::check_line(raw, rules)
             .map_err(|e| std::io::Error::other(format!("file changed since it was validated: line {line_no}: {e}")))?;
-        let tokens = fleet::tokens::estimate_request_tokens(line.body.get().as_bytes());
-        layout
-            .push(&line.url, fleet::batch::line_bytes(raw.len()), tokens)
-            .map_err(|e| std::io::Error::other(format!("line {line_no}: {e}")))
+        lay_out_line(&mut layout, raw, &line).map_err(|e| std::io::Error::other(format!("line {line_no}: {e}")))
     })
     .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     Ok(layout.finish())
+}
+
+/// Adds one checked line (`raw`, as read, and its parsed `line`) to `layout`: its endpoint,
+/// input bytes and estimated tokens. [`lay_out`] and `producer serve` (which reads its file
+/// from the broker) measure a line the same way, so a file gets the same chunks either way.
+pub fn lay_out_line(layout: &mut ChunkLayout, raw: &[u8], line: &BatchInputLine) -> Result<(), TooManyEndpoints> {
+    let tokens = fleet::tokens::estimate_request_tokens(line.body.get().as_bytes());
+    layout.push(&line.url, fleet::batch::line_bytes(raw.len()), tokens)
+}
+
+/// The properties of a batch-mode item message at `position` of its job's batch items
+/// stream: persistent JSON carrying the position in [`POSITION_HEADER`] (a reader of a
+/// job of several endpoints needs it).
+pub fn item_properties(position: u64) -> lapin::BasicProperties {
+    let mut headers = FieldTable::default();
+    headers.insert(POSITION_HEADER.into(), AMQPValue::LongLongInt(position as i64));
+    amqp::persistent_json().with_headers(headers)
 }
 
 /// Publishes one chunk message per chunk of `groups` (confirmed), in stream order, numbered

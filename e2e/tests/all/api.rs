@@ -29,6 +29,10 @@ fn serve(fleet: &Fleet, name: &str, env: &[(&str, &str)]) -> Server {
         .env("FLEET__API__KEY_ENVS", "E2E_API_KEY_A,E2E_API_KEY_B")
         .env("E2E_API_KEY_A", KEY_A)
         .env("E2E_API_KEY_B", KEY_B)
+        // These tests watch batches run online (cancelled mid-run, done in seconds); the
+        // test fleets' `mock` has a batch API (the built-in mock's `batch = true`), so
+        // `api.mode = "auto"` would run their 24 h batches through it (see api_modes.rs).
+        .env("FLEET__API__MODE", "online")
         .envs(env.iter().copied());
     let proc = Proc::spawn_logged(&mut cmd, name, &fleet.dir.join(format!("{name}.log"))).expect("start serve");
     let url = format!("http://127.0.0.1:{port}");

@@ -7,6 +7,7 @@
 
 mod announcements;
 mod api;
+mod api_modes;
 mod batch_chunks;
 mod batch_mode;
 mod batch_users;

@@ -3,7 +3,9 @@
 //! creation of a batch's job, shared with the Anthropic routes.
 //!
 //! A batch is one job of the fleet (`batch_<hex>` runs as `job_<hex>`). Its provider is
-//! chosen by [`super::route`]. Its `completion_window` is the job's deadline.
+//! chosen by [`super::route`]. Its `completion_window` is the job's deadline, and decides
+//! with `api.mode` whether it runs online or through the provider's batch API
+//! ([`publish::mode_of`]).
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -105,15 +107,23 @@ pub(crate) async fn create_batch(
         })?;
     let named = new.metadata.as_ref().and_then(|m| m.get("provider")).and_then(Value::as_str);
     let provider = super::route::choose_provider(&app.cfg.providers, &new.endpoint, named, &file.models)?;
+    let provider_cfg = app
+        .cfg
+        .providers
+        .get(&provider)
+        .ok_or_else(|| ApiError::unavailable(format!("provider {provider} was chosen but is not configured")))?;
+    let mode = publish::mode_of(app.cfg.api.mode, provider_cfg, window.as_secs());
     let now_ms = fleet::now_ms();
     let deadline_ms = now_ms + window.as_millis() as u64;
     let job_id = format!("job_{}", new.hex);
     let plan = JobPlan {
         job_id: &job_id,
         provider: &provider,
+        provider_cfg,
         file,
         submitted_at_ms: now_ms,
         deadline_ms: Some(deadline_ms),
+        mode,
         window: app.cfg.producer.confirm_window,
     };
     publish::publish(&app.store, &app.rules, &plan).await?;
@@ -132,7 +142,15 @@ pub(crate) async fn create_batch(
         expires_at: Some(deadline_ms / 1000),
     };
     app.store.append(&Record::Batch(record.clone())).await?;
-    tracing::info!(batch = %record.id, job = %record.job_id, total = record.total, "batch created");
+    tracing::info!(
+        batch = %record.id,
+        job = %record.job_id,
+        total = record.total,
+        provider = %record.provider,
+        completion_window = %record.completion_window,
+        mode = publish::mode_name(mode),
+        "batch created"
+    );
     Ok(BatchEntry { record, cancelling_at: None, ended: None })
 }
 

@@ -109,7 +109,9 @@ async fn reap_one(store: &Store, id: &str) -> Result<(), ApiError> {
         return Ok(());
     }
     store.delete_file_stream(id).await?;
-    store.append(&Record::UploadEnded { id: id.to_string() }).await?;
+    // Logged as soon as the stream is gone, before the record (a broker round trip): whoever
+    // sees the stream gone finds the line.
     tracing::info!(file = %id, "deleted the stream of an upload that did not finish");
+    store.append(&Record::UploadEnded { id: id.to_string() }).await?;
     Ok(())
 }

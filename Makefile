@@ -50,15 +50,18 @@ chaos: up
 # A private 3-node RabbitMQ cluster (ports 5681-5683, state in .run/cluster; the machine's
 # own RabbitMQ is left alone), 20,000 requests through 3 workers while the items queue's
 # and the results queue's leader nodes are lost and restarted; stops the nodes at the end.
+# The run (e2e/src/bin/cluster.rs) starts and stops the nodes itself (e2e/src/cluster.rs).
 cluster: up
-	scripts/cluster.sh run
+	cargo build --quiet --bins
+	cargo run --quiet -p e2e --bin cluster
 
 # The same cluster, 1,000,000 requests (ITEMS=n for another count) through a rolling
 # restart of every node, a node paused for 30 s and worker SIGKILLs every 5 s; prints one
 # table of faults, checks and costs (docs/scale.md). Not part of `make test`.
 cluster-soak: ITEMS ?= 1000000
 cluster-soak: up
-	scripts/cluster.sh soak $(ITEMS)
+	cargo build --quiet --bins
+	cargo run --quiet -p e2e --bin cluster -- soak $(ITEMS)
 
 # The fleet behind the LiteLLM proxy (installed from PyPI into .run/litellm-venv on first
 # use), with LiteLLM's mocked responses: see "Running behind LiteLLM" in the README. The

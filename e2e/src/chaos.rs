@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, Read, Seek};
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -51,12 +50,12 @@ pub struct Plan {
     pub cluster: Option<ClusterFaults>,
 }
 
-/// Node faults of a cluster run, done through `scripts/cluster.sh` (which started the
-/// nodes and alone knows how to stop and start them).
+/// Node faults of a cluster run, done by the [`crate::cluster::Cluster`] that started the
+/// nodes (and stops them once the last holder of it is gone).
 #[derive(Debug, Clone)]
 pub struct ClusterFaults {
-    /// `scripts/cluster.sh`.
-    pub script: PathBuf,
+    /// The private cluster, up.
+    pub cluster: Arc<crate::cluster::Cluster>,
     /// How long a stopped node stays down before it is started again.
     pub down_for: Duration,
     /// The soak's faults instead of the two leader losses: `Some` for `make cluster-soak`.
@@ -75,38 +74,15 @@ pub struct SoakFaults {
 }
 
 impl ClusterFaults {
-    fn script(&self, args: &[&str]) -> String {
-        self.try_script(args).unwrap_or_else(|e| panic!("{e}"))
-    }
-
-    fn try_script(&self, args: &[&str]) -> Result<String, String> {
-        let out = std::process::Command::new(&self.script)
-            .args(args)
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", self.script.display()))?;
-        if !out.status.success() {
-            return Err(format!("cluster.sh {args:?} failed"));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-    }
-
     /// The node leading a quorum queue (`fleet-c2@localhost`), if the queue exists.
     fn leader(&self, queue: &str) -> Option<String> {
-        Some(self.script(&["leader", queue])).filter(|l| !l.is_empty())
+        self.cluster.leader(queue).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// Bytes each live node's VM wrote to disk and its CPU milliseconds since it started,
     /// by `(node, pid)`.
     fn disk(&self) -> HashMap<(String, u32), [u64; 2]> {
-        self.script(&["disk-bytes", "--per-node"])
-            .lines()
-            .filter_map(|l| {
-                let mut w = l.split_whitespace();
-                let vm = (w.next()?.to_string(), w.next()?.parse().ok()?);
-                Some((vm, [w.next()?.parse().ok()?, w.next()?.parse().ok()?]))
-            })
-            .collect()
+        self.cluster.disk()
     }
 }
 
@@ -135,15 +111,15 @@ impl NodeFaults {
                 self.down = Some((node, since, what));
                 return;
             }
-            c.script(&["start-node", &node]);
+            c.cluster.start_node(&node).unwrap_or_else(|e| panic!("{e}"));
             disk.sample(c, false);
             report.node_faults.push(format!("{what}, back after {:.0} s", since.elapsed().as_secs_f64()));
             self.done += 1;
             return;
         }
-        let (at, queue, role, how, verb) = match self.done {
-            0 => (0.2, topology.items_queue(MOCK), "items queue leader", "stop-node", "stopped"),
-            1 => (0.5, topology.results_queue(job), "results queue leader", "kill-node", "killed (SIGKILL)"),
+        let (at, queue, role, kill, verb) = match self.done {
+            0 => (0.2, topology.items_queue(MOCK), "items queue leader", false, "stopped"),
+            1 => (0.5, topology.results_queue(job), "results queue leader", true, "killed (SIGKILL)"),
             _ => return,
         };
         if progress < at || progress >= 1.0 {
@@ -153,7 +129,8 @@ impl NodeFaults {
             Some(node) => {
                 disk.sample(c, false);
                 let since = Instant::now();
-                c.script(&[how, &node]);
+                let fault = if kill { c.cluster.kill_node(&node) } else { c.cluster.stop_node(&node) };
+                fault.unwrap_or_else(|e| panic!("{e}"));
                 let what = format!("{verb} {node} ({role}) at {:.0} %", progress * 100.0);
                 self.down = Some((node, since, what));
             }
@@ -202,24 +179,22 @@ impl SoakRunner {
             wait_for(soak.roll_at);
             for node in ["fleet-c1", "fleet-c2", "fleet-c3"] {
                 let what = began(&format!("rolling restart of {node}@localhost"));
-                let mut args = vec!["roll-node", node];
-                args.extend(queues.iter().map(String::as_str));
-                match c.try_script(&args) {
+                match c.cluster.roll_node(node, &queues) {
                     Ok(times) => l.lock().unwrap().push(format!("{what}: {times} (end t={:.0} s)", t())),
                     Err(e) => f.lock().unwrap().push(format!("{what}: {e}")),
                 }
             }
             if let Some(pause) = soak.pause_for {
                 wait_for(soak.pause_at);
-                match c.try_script(&["busiest"]) {
-                    Ok(node) if !node.is_empty() => {
+                match c.cluster.busiest() {
+                    Ok(node) => {
                         let what = began(&format!("{node} paused (SIGSTOP) for {} s", pause.as_secs()));
-                        match c.try_script(&["pause-node", &node, &pause.as_secs().to_string()]) {
+                        match c.cluster.pause_node(&node, pause) {
                             Ok(_) => l.lock().unwrap().push(format!("{what}, resumed (SIGCONT) at t={:.0} s", t())),
                             Err(e) => f.lock().unwrap().push(format!("{what}: {e}")),
                         }
                     }
-                    other => f.lock().unwrap().push(format!("no node to pause: {other:?}")),
+                    Err(e) => f.lock().unwrap().push(format!("no node to pause: {e}")),
                 }
             }
         });

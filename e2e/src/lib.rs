@@ -8,6 +8,7 @@
 #![deny(unreachable_pub)]
 
 pub mod chaos;
+pub mod cluster;
 pub mod proxy;
 pub mod restart;
 

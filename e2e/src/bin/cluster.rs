@@ -1,5 +1,6 @@
-//! `cluster`: the cluster runs, started by `scripts/cluster.sh`, which brings up the 3
-//! nodes first and passes their URLs in `FLEET__AMQP__URLS`:
+//! `cluster`: the cluster runs. Each brings up the private 3-node cluster first
+//! ([`e2e::cluster::Cluster`]: `fleet-c1..3@localhost`, state in `.run/cluster`), gives
+//! the fleet their URLs in `FLEET__AMQP__URLS`, and stops the nodes at the end:
 //!
 //! - `cluster [ITEMS]` (`make cluster`): 20,000 requests through 3 workers while the node
 //!   leading the items queue is stopped and the node leading the job's results queue is
@@ -13,7 +14,10 @@
 //! Prints the chaos table; exits non-zero if anything was lost, duplicated or miscounted.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
+
+use e2e::cluster::Cluster;
 
 fn main() -> ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
@@ -23,16 +27,16 @@ fn main() -> ExitCode {
     }
     let default = if soak { 1_000_000 } else { 20_000 };
     let items = args.first().and_then(|a| a.parse().ok()).unwrap_or(default);
-    let Ok(script) = std::env::var("CLUSTER_SCRIPT") else {
-        eprintln!("cluster: run through `make cluster` (scripts/cluster.sh), which starts the nodes");
-        return ExitCode::FAILURE;
-    };
-    let urls = e2e::amqp_urls();
-    if urls.len() < 3 {
-        eprintln!("cluster: FLEET__AMQP__URLS must list the cluster's nodes, got {urls:?}");
+    let cluster = Arc::new(Cluster::new());
+    let _down = StopNodes(cluster.clone());
+    if let Err(e) = cluster.up() {
+        eprintln!("cluster: {e}");
         return ExitCode::FAILURE;
     }
-    let plan = if soak { soak_plan(items, script.into()) } else { leader_loss_plan(items, script.into()) };
+    // Read by the fleet's processes (`amqp.urls`) and by the checks (`e2e::amqp_urls`);
+    // set before any thread starts.
+    std::env::set_var("FLEET__AMQP__URLS", cluster.urls().join(","));
+    let plan = if soak { soak_plan(items, cluster) } else { leader_loss_plan(items, cluster) };
     eprintln!("cluster: {plan:?}");
     let report = e2e::chaos::run(&plan);
     println!("{}", report.table());
@@ -45,8 +49,18 @@ fn main() -> ExitCode {
     }
 }
 
+/// Stops the cluster's nodes when main ends, however it ends (a panic included), even if
+/// the soak's fault thread still holds the cluster then.
+struct StopNodes(Arc<Cluster>);
+
+impl Drop for StopNodes {
+    fn drop(&mut self) {
+        self.0.down();
+    }
+}
+
 /// `make cluster`: two leader losses in a slow job.
-fn leader_loss_plan(items: usize, script: std::path::PathBuf) -> e2e::chaos::Plan {
+fn leader_loss_plan(items: usize, cluster: Arc<Cluster>) -> e2e::chaos::Plan {
     e2e::chaos::Plan {
         items,
         workers: 3,
@@ -72,13 +86,13 @@ fn leader_loss_plan(items: usize, script: std::path::PathBuf) -> e2e::chaos::Pla
         ]
         .map(String::from)
         .to_vec(),
-        cluster: Some(e2e::chaos::ClusterFaults { script, down_for: Duration::from_secs(5), soak: None }),
+        cluster: Some(e2e::chaos::ClusterFaults { cluster, down_for: Duration::from_secs(5), soak: None }),
     }
 }
 
 /// `make cluster-soak`: as fast as this machine goes (the broker is the bottleneck, not the
 /// mock), with every fault.
-fn soak_plan(items: usize, script: std::path::PathBuf) -> e2e::chaos::Plan {
+fn soak_plan(items: usize, cluster: Arc<Cluster>) -> e2e::chaos::Plan {
     e2e::chaos::Plan {
         items,
         workers: 3,
@@ -102,7 +116,7 @@ fn soak_plan(items: usize, script: std::path::PathBuf) -> e2e::chaos::Plan {
         .map(String::from)
         .to_vec(),
         cluster: Some(e2e::chaos::ClusterFaults {
-            script,
+            cluster,
             down_for: Duration::from_secs(5),
             soak: Some(e2e::chaos::SoakFaults {
                 roll_at: 0.05,

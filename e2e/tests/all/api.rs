@@ -9,17 +9,19 @@ use std::time::Duration;
 
 use e2e::*;
 
-const KEY_A: &str = "sk-e2e-key-a-0123456789";
+/// The API keys the tests' servers accept (api_modes.rs uses them too).
+pub(crate) const KEY_A: &str = "sk-e2e-key-a-0123456789";
 const KEY_B: &str = "sk-e2e-key-b-9876543210";
 
 /// One `producer serve` process.
-struct Server {
+pub(crate) struct Server {
     proc: Proc,
-    url: String,
+    pub(crate) url: String,
 }
 
-/// Starts `producer serve` for `fleet` with keys A and B (and `env`), ready when it answers.
-fn serve(fleet: &Fleet, name: &str, env: &[(&str, &str)]) -> Server {
+/// Starts `producer serve` for `fleet` with keys A and B (and `env`, which may set
+/// another `FLEET__API__MODE`), ready when it answers.
+pub(crate) fn serve(fleet: &Fleet, name: &str, env: &[(&str, &str)]) -> Server {
     let port = free_port();
     let mut cmd = Command::new(bin("producer"));
     cmd.arg("--config")
@@ -41,14 +43,15 @@ fn serve(fleet: &Fleet, name: &str, env: &[(&str, &str)]) -> Server {
 }
 
 /// Runs curl; returns (HTTP status, body).
-fn curl(args: &[&str]) -> (u16, String) {
+pub(crate) fn curl(args: &[&str]) -> (u16, String) {
     let out = Command::new("curl").args(["-s", "-w", "\n%{http_code}"]).args(args).output().expect("curl");
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
-fn auth(key: &str) -> String {
+/// The bearer header of `key`.
+pub(crate) fn auth(key: &str) -> String {
     format!("Authorization: Bearer {key}")
 }
 

@@ -7,51 +7,21 @@
 //! (curl), a real worker, the real RabbitMQ.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use e2e::*;
 
-const KEY: &str = "sk-e2e-modes-key-0123456789";
+use super::api::{curl, serve, Server, KEY_A};
+
 /// The poll interval of the tests' provider.
 const POLL_S: u64 = 1;
 /// Requests per provider batch: a file of [`LINES`] makes 3 chunks.
 const MAX_REQUESTS: u64 = 120;
 const LINES: usize = 300;
 
-/// One `producer serve` process (kept alive while the test runs).
-struct Server {
-    _proc: Proc,
-    url: String,
-}
-
-/// Starts `producer serve` for `fleet` with [`KEY`] (and `env`), ready when it answers.
-fn serve(fleet: &Fleet, name: &str, env: &[(&str, &str)]) -> Server {
-    let port = free_port();
-    let mut cmd = Command::new(bin("producer"));
-    cmd.arg("--config")
-        .arg(&fleet.config)
-        .arg("serve")
-        .env("FLEET__API__LISTEN", format!("127.0.0.1:{port}"))
-        .env("FLEET__API__KEY_ENVS", "E2E_API_MODES_KEY")
-        .env("E2E_API_MODES_KEY", KEY)
-        .envs(env.iter().copied());
-    let proc = Proc::spawn_logged(&mut cmd, name, &fleet.dir.join(format!("{name}.log"))).expect("start serve");
-    let url = format!("http://127.0.0.1:{port}");
-    eventually(Duration::from_secs(30), "producer serve answers", || curl(&["-f", &format!("{url}/metrics")]).0 == 200);
-    Server { _proc: proc, url }
-}
-
-/// Runs curl; returns (HTTP status, body).
-fn curl(args: &[&str]) -> (u16, String) {
-    let out = Command::new("curl").args(["-s", "-w", "\n%{http_code}"]).args(args).output().expect("curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
+/// The bearer header of the servers' key A.
 fn auth() -> String {
-    format!("Authorization: Bearer {KEY}")
+    super::api::auth(KEY_A)
 }
 
 fn json(s: &str) -> Value {
@@ -174,7 +144,8 @@ fn auto_runs_a_24h_batch_through_the_provider_batch_api_and_a_1h_batch_online() 
     let mock = Mock::start(&["--batch-complete-ms", "1500"]);
     let fleet = batch_fleet("api-modes-auto", &mock);
     let _w = fleet.worker("w1", &[]);
-    let server = serve(&fleet, "serve", &[]);
+    // The default, said explicitly: api.rs's servers run online unless told otherwise.
+    let server = serve(&fleet, "serve", &[("FLEET__API__MODE", "auto")]);
     let input = fleet.dir.join("in.jsonl");
     write_requests(&input, LINES);
 

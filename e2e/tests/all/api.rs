@@ -105,7 +105,7 @@ fn field(out: &str, tag: &str, key: &str) -> String {
 }
 
 /// Deletes the namespace's API streams and the jobs' queues.
-fn cleanup(fleet: &Fleet, jobs: &[&str], files: &[&str]) {
+pub(crate) fn cleanup(fleet: &Fleet, jobs: &[&str], files: &[&str]) {
     let files: Vec<String> = files.iter().map(|f| f.to_string()).collect();
     fleet.amqp(|conn, t| async move {
         let ch = conn.create_channel().await.expect("channel");

@@ -114,17 +114,11 @@ fn online_requests(mock: &Mock) -> u64 {
 
 /// Deletes the namespace's API streams, the jobs' queues and the provider's chunk queues.
 fn cleanup(fleet: &Fleet, jobs: &[&str], files: &[&str]) {
-    let files: Vec<String> = files.iter().map(|f| f.to_string()).collect();
     fleet.amqp(|conn, t| async move {
         let ch = conn.create_channel().await.expect("channel");
-        let mut names = vec![t.api_meta_stream()];
-        names.extend(files.iter().map(|f| t.api_file_stream(f)));
-        for q in names {
-            let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
-        }
         let _ = t.delete_chunk_queues(&ch, MOCK, POLL_S).await;
     });
-    fleet.cleanup(jobs);
+    super::api::cleanup(fleet, jobs, files);
 }
 
 /// The mode the server logged when it created the batch of `job` (`mode=` of its

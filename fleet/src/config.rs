@@ -73,6 +73,7 @@ timeout_s = 10
 initial_backoff_s = 5
 max_backoff_s = 3600
 max_age_s = 86400
+allow_private = false
 
 [api]
 listen = "127.0.0.1:8090"
@@ -301,6 +302,10 @@ pub struct WebhooksConfig {
     /// A delivery is retried for this long after the job ended, seconds (default a day);
     /// then it is parked in `<ns>.webhooks.dead`.
     pub max_age_s: u64,
+    /// Whether deliveries may go to the fleet's own networks: loopback, private, link-local
+    /// (the cloud metadata address among them) and other non-public addresses. Off: a
+    /// user's `--webhook` URL cannot make a worker POST inside the fleet's network.
+    pub allow_private: bool,
 }
 
 impl WebhooksConfig {

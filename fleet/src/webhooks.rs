@@ -265,6 +265,43 @@ pub fn check_url(url: &str) -> Result<reqwest::Url, String> {
     Ok(parsed)
 }
 
+/// Whether a webhook may be sent to `ip` when `webhooks.allow_private` is off: a public
+/// unicast address. Loopback, private (RFC 1918, IPv6 unique local), link-local (the cloud
+/// metadata address 169.254.169.254 among them), shared (100.64.0.0/10), unspecified,
+/// benchmarking, documentation, multicast and broadcast addresses are the fleet's own
+/// network or nobody's; an IPv4 address inside IPv6 is judged as the IPv4 one.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    use std::net::IpAddr;
+    match ip {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+                || (a == 198 && (b == 18 || b == 19))
+                || a >= 240)
+        }
+        IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(IpAddr::V4(v4));
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+        }
+    }
+}
+
 /// The host (and port, if any) of a URL, for status and logs: never its path or query,
 /// which may hold a token.
 pub fn url_host(url: &str) -> String {
@@ -470,5 +507,34 @@ mod tests {
             Err(InvalidDelivery::TooLarge(_))
         ));
         assert!(WebhookDelivery::decode(b"{}").is_err());
+    }
+
+    #[test]
+    fn only_public_addresses_are_public() {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "198.18.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "2001:db8::1",
+        ] {
+            assert!(!is_public(private.parse().unwrap()), "{private}");
+        }
+        for public in ["8.8.8.8", "1.1.1.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(is_public(public.parse().unwrap()), "{public}");
+        }
     }
 }

@@ -10,8 +10,14 @@
 //!   (`<ns>.webhooks.delayed.<n>s`, which dead-letters it back to `<ns>.webhooks` when its
 //!   time is up), confirmed, then acked; the same `webhook-id` goes out on every attempt;
 //! - a delivery whose next attempt would fall past `webhooks.max_age_s` after the job ended,
-//!   or one refused as malformed: parked in `<ns>.webhooks.dead` with its reason
-//!   (confirmed), then acked.
+//!   or one refused as malformed, or one whose host is not a public address: parked in
+//!   `<ns>.webhooks.dead` with its reason (confirmed), then acked.
+//!
+//! A webhook URL is the user's: unless `webhooks.allow_private` is set, a worker sends
+//! nothing to the fleet's own networks ([`fleet::webhooks::is_public`]). An address in the
+//! URL is checked before the call; a name is checked where it is resolved ([`PublicOnly`],
+//! the client's resolver), so a name that resolves to an internal address at call time
+//! (DNS rebinding) is refused too.
 //!
 //! A worker killed mid-POST never acked its delivery: the broker gives it to another
 //! worker. A receiver may so see an event twice, with the same `webhook-id`.
@@ -51,6 +57,41 @@ struct Sender {
 enum Outcome {
     Delivered,
     Failed(String),
+    /// Not sent, and never will be: the destination is not a public address.
+    Refused(String),
+}
+
+/// The webhook client's resolver while `webhooks.allow_private` is off: the system's
+/// answer with every non-public address taken out, and an error when none is left.
+struct PublicOnly;
+
+/// A host that resolves to no public address.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves to no public address (webhooks.allow_private is off)")]
+struct NotPublic(String);
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let public: Vec<std::net::SocketAddr> = found.filter(|a| webhooks::is_public(a.ip())).collect();
+            if public.is_empty() {
+                return Err(Box::new(NotPublic(host)) as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// Why `url` may not be called: an address in it that is not public, while
+/// `webhooks.allow_private` is off (names are checked when resolved, by [`PublicOnly`]).
+fn refused_address(url: &str, allow_private: bool) -> Option<String> {
+    let parsed = reqwest::Url::parse(url).ok()?;
+    // An IPv6 address comes bracketed; a name does not parse as an address.
+    let ip: std::net::IpAddr = parsed.host_str()?.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+    (!allow_private && !webhooks::is_public(ip))
+        .then(|| format!("{ip} is not a public address (webhooks.allow_private is off)"))
 }
 
 /// Starts the sender: consumes `<ns>.webhooks` until `shutdown` fires, reconnecting when the
@@ -74,8 +115,8 @@ pub fn spawn_sender(
         .redirect(reqwest::redirect::Policy::none())
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))
-        .user_agent(concat!("batch-fleet-webhooks/", env!("CARGO_PKG_VERSION")))
-        .build()?;
+        .user_agent(concat!("batch-fleet-webhooks/", env!("CARGO_PKG_VERSION")));
+    let http = if cfg.webhooks.allow_private { http } else { http.dns_resolver(PublicOnly) }.build()?;
     let sender = Arc::new(Sender { cfg: cfg.clone(), topology: Topology::from_config(cfg), metrics, http, secret });
     let name = format!("worker {worker_id} webhooks");
     Ok(tokio::spawn(async move {
@@ -160,6 +201,14 @@ impl Sender {
                 self.tell_tracker(ch, &d, DeliveryState::Delivered, None).await;
                 self.metrics.webhook_deliveries.with_label_values(&["delivered"]).inc();
             }
+            Outcome::Refused(reason) => {
+                tracing::warn!(job_id = %job_id, host = %host, reason = %reason,
+                    "webhook refused: parked in the webhooks dead queue");
+                d.last_error = Some(reason.clone());
+                self.park(ch, &serde_json::to_vec(&d)?, &format!("refused: {reason}")).await?;
+                self.tell_tracker(ch, &d, DeliveryState::Failed, Some(reason)).await;
+                self.metrics.webhook_deliveries.with_label_values(&["failed"]).inc();
+            }
             Outcome::Failed(error) => {
                 let w = &self.cfg.webhooks;
                 let wait_s = webhooks::retry_tier_s(d.attempts, w.initial_backoff_s, w.max_backoff_s);
@@ -189,6 +238,9 @@ impl Sender {
 
     /// One POST of the event, signed. The URL was checked when the delivery was read.
     async fn attempt(&self, d: &WebhookDelivery) -> Outcome {
+        if let Some(reason) = refused_address(&d.url, self.cfg.webhooks.allow_private) {
+            return Outcome::Refused(reason);
+        }
         let body = match serde_json::to_vec(&d.event) {
             Ok(b) => b,
             Err(e) => return Outcome::Failed(format!("cannot encode the event: {e}")),
@@ -212,6 +264,7 @@ impl Sender {
             Ok(resp) => Outcome::Failed(format!("HTTP {}", resp.status().as_u16())),
             // Without the URL: its path or query may hold a token.
             Err(e) if e.is_timeout() => Outcome::Failed("timed out".into()),
+            Err(e) if not_public(&e).is_some() => Outcome::Refused(not_public(&e).unwrap_or_default()),
             Err(e) if e.is_connect() => Outcome::Failed("cannot connect".into()),
             Err(e) => Outcome::Failed(e.without_url().to_string()),
         }
@@ -236,4 +289,16 @@ impl Sender {
             tracing::debug!(error = %e, "cannot tell the tracker about a webhook attempt");
         }
     }
+}
+
+/// The refusal of [`PublicOnly`] in a failed call's causes, as a message.
+fn not_public(e: &reqwest::Error) -> Option<String> {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(refused) = err.downcast_ref::<NotPublic>() {
+            return Some(refused.to_string());
+        }
+        source = err.source();
+    }
+    None
 }

@@ -112,7 +112,14 @@ fn read_request(stream: &TcpStream) -> Option<Received> {
     Some(Received { id, body, verified })
 }
 
+/// The tests' webhooks settings. The receivers listen on 127.0.0.1, which the workers may
+/// reach only with `allow_private` (see `a_webhook_into_the_fleets_own_network_is_refused`).
 fn config() -> String {
+    format!("{}allow_private = true\n", private_refused_config())
+}
+
+/// [`config`] without `allow_private`: the default, which refuses non-public addresses.
+fn private_refused_config() -> String {
     format!("[webhooks]\nsecret_env = \"{SECRET_ENV}\"\ninitial_backoff_s = 1\nmax_backoff_s = 2\ntimeout_s = 20\n")
 }
 
@@ -250,4 +257,35 @@ fn a_worker_killed_mid_delivery_leaves_it_to_another() {
     let event: Value = serde_json::from_slice(&got[1].body).unwrap();
     assert_eq!(event["type"], "batch.completed");
     fleet.cleanup(&[&job]);
+}
+
+/// With `webhooks.allow_private` off (the default), a user's webhook URL cannot make a worker
+/// POST into the fleet's own network: an address in the URL (127.0.0.1) is refused before
+/// the call, a name that resolves to one (localhost) where it is resolved. Each delivery is
+/// parked at once with the reason, `status` says so, and the receiver hears nothing.
+#[test]
+fn a_webhook_into_the_fleets_own_network_is_refused() {
+    let mock = Mock::start(&[]);
+    let fleet = Fleet::new("webhooks-private", &mock.url, &private_refused_config());
+    let receiver = Receiver::start(|_| Answer::Status(200));
+    let _w = fleet.worker("w1", &[(SECRET_ENV, SECRET)]);
+    let by_address = submit_with_webhook(&fleet, 3, &receiver.url());
+    let by_name = submit_with_webhook(&fleet, 3, &receiver.url().replace("127.0.0.1", "localhost"));
+    assert_exactly_once(&fleet.collect(&by_address), 3);
+    assert_exactly_once(&fleet.collect(&by_name), 3);
+    let dead = fleet.topology().webhooks_dead_queue();
+    eventually(Duration::from_secs(60), "both deliveries parked", || fleet.queue_len(&dead) == Some(2));
+    for job in [&by_address, &by_name] {
+        let mut status = Value::Null;
+        eventually(Duration::from_secs(30), "status shows the webhook failed", || {
+            status = fleet.final_status(job);
+            status["webhook"]["state"] == "failed"
+        });
+        let error = status["webhook"]["last_error"].as_str().unwrap_or_default();
+        assert!(error.contains("public address"), "{status}");
+        assert_eq!(status["webhook"]["attempts"], 1, "refused once, not retried: {status}");
+    }
+    assert!(receiver.got().is_empty(), "a POST reached the fleet's own network");
+    assert_eq!(deliveries(&fleet, "retried").unwrap_or(0.0), 0.0);
+    fleet.cleanup(&[&by_address, &by_name]);
 }

@@ -35,6 +35,17 @@ pub enum JobMode {
     Flex,
 }
 
+impl JobMode {
+    /// The mode as `--mode`, logs and `status` write it (the word it serializes as).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobMode::Online => "online",
+            JobMode::Batch => "batch",
+            JobMode::Flex => "flex",
+        }
+    }
+}
+
 /// Most items in one chunk, whatever a message claims (Anthropic's limit, the larger one).
 pub const MAX_CHUNK_ITEMS: u64 = 100_000;
 /// Longest provider batch or file id accepted from a queue or a provider.

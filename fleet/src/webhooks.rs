@@ -470,6 +470,7 @@ mod tests {
         let summary = crate::wire::JobSummary {
             job_id: "job_1".into(),
             provider: "mock".into(),
+            mode: None,
             status: JobStatus::Completed,
             counts: JobCounts { total: 2, succeeded: 2, ..Default::default() },
             submitted_at_ms: 1,

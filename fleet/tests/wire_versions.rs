@@ -217,6 +217,7 @@ fn ledger_events_of_the_previous_release_decode_through_the_trackers_reader() {
             submitting: true,
             max_cost: Some(2.5),
             webhook_url: None,
+            mode: None,
         }
     );
     assert_eq!(event("ledger_submission_complete.json"), LedgerEvent::SubmissionComplete { job_id: job_id.clone() });

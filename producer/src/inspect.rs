@@ -177,10 +177,12 @@ fn summary_line(job: &JobSummary) -> String {
     let c = &job.counts;
     let fmt_ts = |ms: u64| format!("{}s-ago", fleet::now_ms().saturating_sub(ms) / 1000);
     format!(
-        "{id}  {status:<11} provider={p} total={t} succeeded={s} failed={f} cancelled={ca} expired={e} pending={pe} rate={r:.1}/s submitted={sub}{fin}",
+        "{id}  {status:<11} provider={p}{mode} total={t} succeeded={s} failed={f} cancelled={ca} expired={e} pending={pe} rate={r:.1}/s submitted={sub}{fin}",
         id = job.job_id,
         status = job.status,
         p = job.provider,
+        // Unknown (a job from a producer that did not say): left out.
+        mode = job.mode.map(|m| format!(" mode={}", m.as_str())).unwrap_or_default(),
         t = c.total,
         s = c.succeeded,
         f = c.failed,
@@ -191,4 +193,33 @@ fn summary_line(job: &JobSummary) -> String {
         sub = fmt_ts(job.submitted_at_ms),
         fin = job.finished_at_ms.map(|t| format!(" finished={}", fmt_ts(t))).unwrap_or_default(),
     ) + &job.reason.as_ref().map(|r| format!(" reason={r}")).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet::batch::JobMode;
+    use fleet::wire::{JobCounts, JobStatus};
+
+    #[test]
+    fn the_status_line_says_the_mode_when_known() {
+        let mut job = JobSummary {
+            job_id: "job_1".into(),
+            provider: "mock".into(),
+            mode: Some(JobMode::Batch),
+            status: JobStatus::Completed,
+            counts: JobCounts { total: 2, succeeded: 2, ..Default::default() },
+            submitted_at_ms: 0,
+            finished_at_ms: Some(0),
+            rate_per_s: 0.0,
+            reason: None,
+            progress: None,
+            usage: None,
+            dead_lettered: 0,
+            webhook: None,
+        };
+        assert!(render(&job).starts_with("job_1  completed   provider=mock mode=batch total=2 "), "{}", render(&job));
+        job.mode = None;
+        assert!(render(&job).starts_with("job_1  completed   provider=mock total=2 "), "{}", render(&job));
+    }
 }

@@ -474,6 +474,8 @@ impl Job {
                 submitting: true,
                 max_cost: req.max_cost,
                 webhook_url: req.webhook_url.map(str::to_string),
+                // For `status` (a resumed job keeps the mode its first run recorded).
+                mode: Some(self.mode),
             };
             let event = serde_json::to_vec(&event).map_err(|e| Interrupted::Fatal(e.into()))?;
             amqp::publish_confirmed(&ch, "", &self.topology.ledger_queue(), &event, amqp::persistent_json())

@@ -68,6 +68,9 @@ fn render(job: &JobSummary, stuck: Option<&str>, json: bool) -> String {
 pub fn compact(job: &JobSummary, stuck: Option<&str>, width: usize) -> String {
     let c = &job.counts;
     let mut lines = vec![format!("{}  {}  provider={}", job.job_id, job.status, job.provider)];
+    if let Some(m) = job.mode {
+        lines[0].push_str(&format!("  mode={}", m.as_str()));
+    }
     if let Some(r) = &job.reason {
         lines[0].push_str(&format!("  reason={r}"));
     }
@@ -135,6 +138,7 @@ mod tests {
         JobSummary {
             job_id: "job_0123456789abcdef".into(),
             provider: "a-provider-with-a-rather-long-name-from-the-config".into(),
+            mode: Some(fleet::batch::JobMode::Flex),
             status: JobStatus::InProgress,
             counts: JobCounts { total: big, succeeded: big / 2, failed: big / 8, cancelled: big / 8, expired: 12 },
             submitted_at_ms: 0,
@@ -188,7 +192,10 @@ mod tests {
         j.status = JobStatus::Completed;
         j.usage = Some(JobUsage { input_tokens: 1200, output_tokens: 300, cost: 0.0123, ..JobUsage::default() });
         let text = compact(&j, None, WIDTH);
-        assert!(text.starts_with("job_0123456789abcdef  completed  provider=mock\ndone 10/10 (100%)"), "{text}");
+        assert!(
+            text.starts_with("job_0123456789abcdef  completed  provider=mock  mode=flex\ndone 10/10 (100%)"),
+            "{text}"
+        );
         assert!(!text.contains('…'), "{text}");
         assert!(text.ends_with("cost 0.0123  tokens 1200 in / 300 out"), "{text}");
         assert_eq!(duration(95), "1m35s");

@@ -26,6 +26,7 @@ fn message() -> impl Strategy<Value = Option<LedgerMessage>> {
                 submitting: total % 2 == 0,
                 max_cost: None,
                 webhook_url: None,
+                mode: None,
             })
         }),
         (job.clone(), index, prop_oneof![1u64..20, any::<u64>()], status()).prop_map(

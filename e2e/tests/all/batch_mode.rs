@@ -133,6 +133,7 @@ fn the_same_file_online_and_through_both_batch_apis_gives_every_custom_id_once()
         let status = f.final_status(&job);
         assert_eq!(status["status"], "completed", "{provider} {mode}: {status}");
         assert_eq!(status["succeeded"], 2000, "{provider} {mode}: the tracker counted each item once: {status}");
+        assert_eq!(status["mode"], mode, "{provider} {mode}: status says the job's mode: {status}");
         usage.push(status["usage"].clone());
         jobs.push((provider, mode, job));
     }
@@ -369,6 +370,7 @@ fn batch_mode_needs_a_provider_with_a_batch_api_and_auto_falls_back_to_online() 
     let lines = f.collect(&job);
     assert_exactly_once(&lines, 10);
     assert_eq!(mock.stats()["requests"], 10, "called online");
+    assert_eq!(f.final_status(&job)["mode"], "online", "status says what auto picked");
     assert!(mock.stats()["batches"]["openai_created"].as_object().is_none_or(|m| m.is_empty()));
     tidy(&f, &[&job]);
     f.amqp(|conn, t| async move {

@@ -101,6 +101,7 @@ fn a_flex_job_runs_every_line_once_on_the_flex_tier_at_the_flex_price() {
     let after = mock.stats();
     assert_eq!(after["flex"]["requests"].as_u64(), Some(calls), "an online job asks for no tier: {after}");
     let (flex_status, online_status) = (fleet.final_status(&job), fleet.final_status(&online));
+    assert_eq!((&flex_status["mode"], &online_status["mode"]), (&"flex".into(), &"online".into()));
     let (fu, ou) = (&flex_status["usage"], &online_status["usage"]);
     assert_eq!(
         (fu["input_tokens"].as_u64(), fu["output_tokens"].as_u64()),

@@ -116,6 +116,7 @@ mod tests {
             submitting: false,
             max_cost: None,
             webhook_url: None,
+            mode: None,
         };
         assert!(e.check().is_err());
     }

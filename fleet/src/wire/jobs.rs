@@ -118,6 +118,10 @@ pub struct JobSummary {
     pub job_id: String,
     /// Name of the provider the job was submitted to.
     pub provider: String,
+    /// How the job's items run (online, batch or flex), as its submission said; `None`:
+    /// unknown (submitted by a producer from before modes were announced).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<crate::batch::JobMode>,
     /// Where the job is, or how it ended.
     pub status: JobStatus,
     /// The job's items by how they ended, and its total (flattened into the JSON).
@@ -307,5 +311,32 @@ mod tests {
         for status in ItemStatus::ALL {
             assert_eq!(serde_json::to_value(status).unwrap(), status.as_str());
         }
+    }
+
+    #[test]
+    fn a_summarys_mode_is_shown_when_known_and_absent_otherwise() {
+        let mut summary = JobSummary {
+            job_id: "j".into(),
+            provider: "p".into(),
+            mode: Some(crate::batch::JobMode::Flex),
+            status: JobStatus::InProgress,
+            counts: JobCounts { total: 1, ..Default::default() },
+            submitted_at_ms: 0,
+            finished_at_ms: None,
+            rate_per_s: 0.0,
+            reason: None,
+            progress: None,
+            usage: None,
+            dead_lettered: 0,
+            webhook: None,
+        };
+        let v = serde_json::to_value(&summary).unwrap();
+        assert_eq!(v["mode"], "flex");
+        assert_eq!(serde_json::from_value::<JobSummary>(v).unwrap(), summary);
+        summary.mode = None;
+        // Unknown (an older producer's job): not written, and read back as unknown.
+        let v = serde_json::to_value(&summary).unwrap();
+        assert!(v.get("mode").is_none(), "{v}");
+        assert_eq!(serde_json::from_value::<JobSummary>(v).unwrap(), summary);
     }
 }

@@ -39,6 +39,10 @@ pub enum LedgerEvent {
         /// ([`crate::webhooks`]).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         webhook_url: Option<String>,
+        /// How the job's items run (online, batch or flex; what `--mode auto` picked), for
+        /// `status`. `None`: a producer from before modes were announced.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mode: Option<crate::batch::JobMode>,
     },
     /// Every item of the job is published and confirmed.
     SubmissionComplete {
@@ -101,11 +105,38 @@ impl LedgerEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::batch::JobMode;
 
     #[test]
     fn ledger_events_are_tagged() {
         let e = LedgerEvent::JobCancel { job_id: "x".into() };
         let s = serde_json::to_string(&e).unwrap();
         assert_eq!(s, r#"{"v":"1.1","type":"job_cancel","job_id":"x"}"#);
+    }
+
+    #[test]
+    fn a_submissions_mode_is_a_lowercase_word_and_may_be_absent() {
+        let submitted = |mode| LedgerEvent::JobSubmitted {
+            job_id: "j".into(),
+            provider: "p".into(),
+            total: 1,
+            submitted_at_ms: 0,
+            deadline_ms: None,
+            submitting: false,
+            max_cost: None,
+            webhook_url: None,
+            mode,
+        };
+        for (mode, word) in [(JobMode::Online, "online"), (JobMode::Batch, "batch"), (JobMode::Flex, "flex")] {
+            assert_eq!(mode.as_str(), word);
+            let e = submitted(Some(mode));
+            let s = serde_json::to_string(&e).unwrap();
+            assert!(s.contains(&format!(r#""mode":"{word}""#)), "{s}");
+            assert_eq!(serde_json::from_str::<LedgerEvent>(&s).unwrap(), e);
+        }
+        // Unknown mode: not written, and an event without it (an older producer's) reads as unknown.
+        let s = serde_json::to_string(&submitted(None)).unwrap();
+        assert!(!s.contains("mode"), "{s}");
+        assert_eq!(serde_json::from_str::<LedgerEvent>(&s).unwrap(), submitted(None));
     }
 }

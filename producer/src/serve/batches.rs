@@ -148,7 +148,7 @@ pub(crate) async fn create_batch(
         total = record.total,
         provider = %record.provider,
         completion_window = %record.completion_window,
-        mode = publish::mode_name(mode),
+        mode = mode.as_str(),
         "batch created"
     );
     Ok(BatchEntry { record, cancelling_at: None, ended: None })

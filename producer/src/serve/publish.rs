@@ -57,15 +57,6 @@ pub(crate) fn mode_of(api_mode: ApiMode, provider: &ProviderConfig, window_s: u6
     }
 }
 
-/// A mode as logs write it.
-pub(crate) fn mode_name(mode: JobMode) -> &'static str {
-    match mode {
-        JobMode::Online => "online",
-        JobMode::Batch => "batch",
-        JobMode::Flex => "flex",
-    }
-}
-
 /// A stored line that no longer passes (it passed when the file was stored).
 fn changed(what: String) -> ApiError {
     ApiError::unavailable(format!("stored line changed: {what}"))
@@ -103,6 +94,7 @@ pub(crate) async fn publish(store: &Store, rules: &LineRules, plan: &JobPlan<'_>
         submitting: true,
         max_cost: None,
         webhook_url: None,
+        mode: Some(plan.mode),
     };
     amqp::publish_confirmed(&ch, "", &t.ledger_queue(), &to_json(&submitted)?, amqp::persistent_json()).await?;
     let opened = ControlMessage::JobOpened {

@@ -162,6 +162,7 @@ mod tests {
         JobSummary {
             job_id: "job_1".into(),
             provider: "mock".into(),
+            mode: Some(fleet::batch::JobMode::Batch),
             status,
             counts: JobCounts { total: 10, succeeded, failed, cancelled, expired: 0 },
             submitted_at_ms: 100_000,

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use fleet::batch::JobMode;
 use fleet::usage::{Price, Usage};
 use fleet::wire::{
     error_code, ErrorRecord, ItemResult, ItemStatus, JobCounts, JobProgress, JobStatus, JobSummary, JobUsage,
@@ -53,6 +54,10 @@ pub struct JobState {
     pub job_id: String,
     /// The provider the job was submitted to.
     pub provider: String,
+    /// How the job's items run, as `job_submitted` said (`None`: not said, by a producer
+    /// from before modes were announced, or not seen yet).
+    #[serde(default)]
+    pub mode: Option<JobMode>,
     /// `None` until `job_submitted` is seen (item events may in theory arrive first).
     pub total: Option<u64>,
     /// When the job was submitted, ms since the Unix epoch.
@@ -117,6 +122,7 @@ impl JobState {
         JobSummary {
             job_id: self.job_id.clone(),
             provider: self.provider.clone(),
+            mode: self.mode,
             status: self.end_status.unwrap_or(if self.submitting {
                 JobStatus::Submitting
             } else {
@@ -346,6 +352,7 @@ impl State {
         self.jobs.entry(job_id.to_string()).or_insert_with(|| JobState {
             job_id: job_id.to_string(),
             provider: provider.to_string(),
+            mode: None,
             total: None,
             submitted_at_ms: 0,
             deadline_ms: None,
@@ -380,6 +387,7 @@ impl State {
                 submitting,
                 max_cost,
                 webhook_url,
+                mode,
             } => {
                 if self.jobs.get(job_id).is_some_and(|j| j.total.is_none()) {
                     let n = self.unsubmitted();
@@ -398,6 +406,7 @@ impl State {
                 job.submitting = *submitting;
                 job.submitted_at_ms = *submitted_at_ms;
                 job.deadline_ms = *deadline_ms;
+                job.mode = *mode;
                 job.max_cost = max_cost.filter(|c| c.is_finite() && *c >= 0.0);
                 // Checked again here: the ledger is written by producers, not by the fleet.
                 job.webhook_url = webhook_url.clone().filter(|u| fleet::webhooks::check_url(u).is_ok());
@@ -645,6 +654,7 @@ mod tests {
             submitting: false,
             max_cost: None,
             webhook_url: None,
+            mode: None,
         }
     }
 
@@ -745,6 +755,7 @@ mod tests {
         assert_eq!(s.jobs_total["mock/submitted"], 2);
         assert_eq!(s.durations["mock/completed"], vec![3.5]);
         assert_eq!(s.jobs["job_0c9694a7979f485d"].summary(0).status.as_str(), "completed");
+        assert_eq!(s.jobs["job_0c9694a7979f485d"].summary(0).mode, None, "no mode was recorded then");
         let j = &s.jobs["job_1d2e3f4a5b6c7d8e"];
         assert!(j.cancel_requested && j.end_status.is_none());
         for index in [0, 1, 2, 64, 129] {
@@ -892,6 +903,20 @@ mod tests {
         replayed.apply(&submitted("j", 100), 3);
         replayed.apply_results(&finished("j", &[(5, ItemStatus::Succeeded)]), 3);
         assert_eq!(replayed, s);
+    }
+
+    #[test]
+    fn the_submitted_mode_is_kept_through_a_checkpoint_and_summarized() {
+        let mut s = State::default();
+        let mut batch = submitted("b", 2);
+        if let LedgerEvent::JobSubmitted { mode, .. } = &mut batch {
+            *mode = Some(JobMode::Batch);
+        }
+        s.apply(&batch, 1);
+        s.apply(&submitted("old", 2), 1);
+        let restored: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(restored.jobs["b"].summary(2).mode, Some(JobMode::Batch));
+        assert_eq!(restored.jobs["old"].summary(2).mode, None, "a producer that did not say: unknown");
     }
 
     #[test]

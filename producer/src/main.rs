@@ -169,6 +169,11 @@ struct RetryArgs {
     /// had one.
     #[arg(long, value_parser = max_cost)]
     max_cost: Option<f64>,
+    /// How the new job runs (as `submit --mode`); default: `flex` if JOB ran on the flex
+    /// tier (its items keep their price), else `online` (the items to retry are few, and a
+    /// provider batch's window would delay them).
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
 }
 
 /// The arguments of `producer status`.
@@ -343,7 +348,8 @@ async fn retry(cfg: &fleet::Config, args: RetryArgs, progress: bool) -> anyhow::
     let plan = producer::retry::plan(cfg, &args.job, selection, std::path::Path::new(".")).await?;
     let deadline_ms =
         (cfg.producer.default_deadline_s > 0).then(|| fleet::now_ms() + cfg.producer.default_deadline_s * 1000);
-    // Online: the items to retry are few, and the provider's batch window would delay them.
+    let kept = producer::spend::retry_terms(cfg, &args.job).await;
+    let mode = args.mode.unwrap_or(if kept.flex { ModeArg::Flex } else { ModeArg::Online });
     let req = SubmitRequest {
         file: &plan.file,
         provider: &plan.provider,
@@ -351,10 +357,10 @@ async fn retry(cfg: &fleet::Config, args: RetryArgs, progress: bool) -> anyhow::
         deadline_ms,
         progress,
         resume: None,
-        mode: ModeArg::Online,
+        mode,
         fallback_online: false,
         priority: fleet::wire::DEFAULT_PRIORITY,
-        max_cost: producer::spend::retry_cap(cfg, &args.job, args.max_cost).await,
+        max_cost: args.max_cost.or(kept.max_cost),
         webhook_url: Some(cfg.webhooks.default_url.as_str()).filter(|u| !u.is_empty()),
     };
     let new = submit::submit(cfg, &req).await?;

@@ -153,21 +153,31 @@ pub fn check_cap(
 /// How long `retry` asks the tracker for the original job's cap.
 const CAP_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The cap of a retried job: `given` (`retry --max-cost`), else the original job's own cap
-/// as the tracker knows it. When the tracker cannot say, the retry runs without a cap and
-/// says so.
-pub async fn retry_cap(cfg: &fleet::Config, old_job: &str, given: Option<f64>) -> Option<f64> {
-    if given.is_some() {
-        return given;
-    }
+/// What a retry keeps of the original job, as the tracker knows it: its spend cap, and
+/// whether it ran on the flex tier.
+#[derive(Debug, Default)]
+pub struct RetryTerms {
+    /// The original job's cap (`submit --max-cost`), if it had one.
+    pub max_cost: Option<f64>,
+    /// The original job ran with `--mode flex`.
+    pub flex: bool,
+}
+
+/// Asks the tracker for [`RetryTerms`] of `old_job`. When it cannot say, the retry runs
+/// without a cap and online, and says so (`retry --max-cost` and `--mode` set them).
+pub async fn retry_terms(cfg: &fleet::Config, old_job: &str) -> RetryTerms {
     let req = TrackerRequest::Status { job_id: old_job.to_string() };
     match crate::inspect::ask(cfg, &req, CAP_QUERY_TIMEOUT).await {
-        Ok(reply) => reply.jobs.into_iter().next().and_then(|j| j.usage).and_then(|u| u.max_cost),
+        Ok(reply) => reply.jobs.into_iter().next().map_or_else(RetryTerms::default, |j| RetryTerms {
+            max_cost: j.usage.and_then(|u| u.max_cost),
+            flex: j.mode == Some(fleet::batch::JobMode::Flex),
+        }),
         Err(e) => {
             eprintln!(
-                "note: the cap of job {old_job} is unknown ({e:#}); the retry runs without one (--max-cost sets one)"
+                "note: the cap and mode of job {old_job} are unknown ({e:#}); the retry runs online without a cap \
+                 (--max-cost and --mode set them)"
             );
-            None
+            RetryTerms::default()
         }
     }
 }

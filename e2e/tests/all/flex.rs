@@ -144,3 +144,44 @@ fn flex_is_refused_for_a_provider_without_a_flex_tier() {
     assert!(ok.status.success(), "the same file is fine online: {}", String::from_utf8_lossy(&ok.stderr));
     fleet.cleanup(&[]);
 }
+
+/// `producer retry` of a flex job runs on the flex tier again (its items keep their
+/// price); `--mode online` says otherwise.
+#[test]
+fn a_flex_jobs_retry_stays_on_the_flex_tier() {
+    let mock = Mock::start(&["--error-400", "0.3", "--seed", "5"]);
+    let fleet = Fleet::new("flex-retry", &mock.url, &config());
+    let _w = fleet.worker("fr1", &[]);
+    let input = fleet.dir.join("in.jsonl");
+    e2e::write_requests(&input, 60);
+    let job = submit(&fleet, &input, "flex");
+    let failed = fleet.collect(&job).iter().filter(|l| !succeeded(l)).count();
+    assert!(failed > 5, "about 30 % failed: {failed}");
+
+    // Each retry in a directory of its own: a second `retry` of the same job beside the
+    // first one's `<JOB>.retry.jsonl` would resume that one.
+    let retry = |dir: &str, extra: &[&str]| -> String {
+        let dir = fleet.dir.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = std::process::Command::new(e2e::bin("producer"))
+            .current_dir(&dir)
+            .args(["--config", fleet.config.to_str().unwrap(), "--quiet", "retry", &job, "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "retry: {}", String::from_utf8_lossy(&out.stderr));
+        harness::Submitted::from_json(&out.stdout).expect("retry --json").job_id
+    };
+    let flex_before = mock.stats()["flex"]["requests"].as_u64().unwrap();
+    let again = retry("first", &[]);
+    fleet.collect(&again);
+    assert_eq!(fleet.final_status(&again)["mode"], "flex", "the retry of a flex job runs flex");
+    let flex_after = mock.stats()["flex"]["requests"].as_u64().unwrap();
+    assert!(flex_after >= flex_before + failed as u64, "every retried item asked for the flex tier");
+
+    let online = retry("second", &["--mode", "online"]);
+    fleet.collect(&online);
+    assert_eq!(fleet.final_status(&online)["mode"], "online");
+    assert_eq!(mock.stats()["flex"]["requests"].as_u64().unwrap(), flex_after, "--mode online asks for no tier");
+    fleet.cleanup(&[&job, &again, &online]);
+}

@@ -122,7 +122,14 @@ async fn end_unserved_on(
     let message = format!("cancelled by producer cancel: no worker serves provider {provider}");
     let mut ended = 0;
     while ended < MAX_ENDED {
-        let Some(msg) = ch.basic_get(queue.as_str().into(), BasicGetOptions::default()).await? else { break };
+        let msg = match ch.basic_get(queue.as_str().into(), BasicGetOptions::default()).await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break,
+            // The queue is gone: the results published here ended the job, and the tracker
+            // deleted its items queue (it does when a job ends) before this next get.
+            Err(e) if fleet::topology::is_not_found(&e) => break,
+            Err(e) => return Err(e.into()),
+        };
         let d = msg.delivery;
         let item = serde_json::from_slice::<Item>(&d.data).ok().filter(|i| i.check().is_ok() && i.job_id == job_id);
         let Some(item) = item else {

@@ -133,8 +133,7 @@ const MODELS_PATH: &str = "/v1/models";
 /// is not one of them (`Authorization: Bearer <key>` or Anthropic's `x-api-key`), in the
 /// endpoint's error shape.
 async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    let headers = req.headers();
-    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let (bearer, x_api_key) = presented_keys(req.headers());
     let path = req.uri().path();
     let endpoint = Endpoint::from_path(path).or_else(|| {
         (path == MODELS_PATH).then_some(if x_api_key.is_some() {
@@ -147,8 +146,6 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
     let Some(endpoint) = endpoint.filter(|_| checked) else {
         return next.run(req).await;
     };
-    let bearer =
-        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let valid = state.valid_keys.read().unwrap_or_else(|e| e.into_inner()).clone();
     if [bearer, x_api_key].into_iter().flatten().any(|k| valid.iter().any(|v| v == k)) {
         return next.run(req).await;
@@ -161,11 +158,17 @@ async fn require_key(State(state): State<Arc<AppState>>, req: Request, next: Nex
     response
 }
 
-/// The key of a request (`Authorization: Bearer <key>` or `x-api-key`), `""` without one.
-fn request_key(headers: &axum::http::HeaderMap) -> String {
+/// The keys a request presents: `Authorization: Bearer <key>` (OpenAI) and `x-api-key`
+/// (Anthropic).
+fn presented_keys(headers: &axum::http::HeaderMap) -> (Option<&str>, Option<&str>) {
     let bearer =
         headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    (bearer, headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+}
+
+/// The key of a request (the bearer one first), `""` without one.
+fn request_key(headers: &axum::http::HeaderMap) -> String {
+    let (bearer, x_api_key) = presented_keys(headers);
     bearer.or(x_api_key).unwrap_or_default().to_string()
 }
 

@@ -118,14 +118,10 @@ pub enum OutputError {
     },
 }
 
-/// The job id in an output line's `id` (`batch_req_<job id>_<index>`).
-fn line_job_id(v: &serde_json::Value) -> Option<&str> {
-    v["id"].as_str()?.strip_prefix("batch_req_")?.rsplit_once('_').map(|(job, _)| job)
-}
-
-/// The item index in an output line's `id` (`batch_req_<job id>_<index>`).
-fn line_index(v: &serde_json::Value) -> Option<u64> {
-    v["id"].as_str()?.strip_prefix("batch_req_")?.rsplit_once('_')?.1.parse().ok()
+/// The job id and the item index in an output line's `id` (`batch_req_<job id>_<index>`).
+fn line_id(v: &serde_json::Value) -> Option<(&str, u64)> {
+    let (job, index) = v["id"].as_str()?.strip_prefix("batch_req_")?.rsplit_once('_')?;
+    Some((job, index.parse().ok()?))
 }
 
 /// Whether `tail`, an unfinished last line, can be a line of `job` torn by an interrupted
@@ -310,7 +306,7 @@ impl ReadBack {
             }
             let not_results = || OutputError::NotResults { path: shown(), line: number, format };
             let v: serde_json::Value = serde_json::from_slice(&line).map_err(|_| not_results())?;
-            let line_job = line_job_id(&v).ok_or_else(not_results)?;
+            let (line_job, index) = line_id(&v).ok_or_else(not_results)?;
             let status = format.status_of(&v).ok_or_else(not_results)?;
             if let Some(want) = job_id.filter(|want| *want != line_job) {
                 return Err(OutputError::OtherJob {
@@ -321,7 +317,6 @@ impl ReadBack {
                 .into());
             }
             job.get_or_insert_with(|| line_job.to_string());
-            let index = line_index(&v).ok_or_else(not_results)?;
             if seen.insert(index) {
                 counts.add(status);
                 tally_fleet_side(&mut fleet_side, v.pointer("/error/code").and_then(|c| c.as_str()));
@@ -760,7 +755,7 @@ mod tests {
     #[test]
     fn the_job_id_comes_back_out_of_the_line_id() {
         let v: serde_json::Value = serde_json::from_str(&line("job_0123abcd", 42, "null")).unwrap();
-        assert_eq!(line_job_id(&v), Some("job_0123abcd"));
-        assert_eq!(line_job_id(&serde_json::json!({"id": "something"})), None);
+        assert_eq!(line_id(&v), Some(("job_0123abcd", 42)));
+        assert_eq!(line_id(&serde_json::json!({"id": "something"})), None);
     }
 }

@@ -262,11 +262,7 @@ impl Sender {
                 Outcome::Failed(format!("HTTP {} (redirects are not followed)", resp.status().as_u16()))
             }
             Ok(resp) => Outcome::Failed(format!("HTTP {}", resp.status().as_u16())),
-            // Without the URL: its path or query may hold a token.
-            Err(e) if e.is_timeout() => Outcome::Failed("timed out".into()),
-            Err(e) if not_public(&e).is_some() => Outcome::Refused(not_public(&e).unwrap_or_default()),
-            Err(e) if e.is_connect() => Outcome::Failed("cannot connect".into()),
-            Err(e) => Outcome::Failed(e.without_url().to_string()),
+            Err(e) => failure(e),
         }
     }
 
@@ -291,14 +287,22 @@ impl Sender {
     }
 }
 
-/// The refusal of [`PublicOnly`] in a failed call's causes, as a message.
-fn not_public(e: &reqwest::Error) -> Option<String> {
-    let mut source = std::error::Error::source(e);
+/// What a POST that got no answer means: a destination [`PublicOnly`] refused is never
+/// tried again; anything else is, described without the URL (its path or query may hold a
+/// token).
+fn failure(e: reqwest::Error) -> Outcome {
+    let mut source = std::error::Error::source(&e);
     while let Some(err) = source {
         if let Some(refused) = err.downcast_ref::<NotPublic>() {
-            return Some(refused.to_string());
+            return Outcome::Refused(refused.to_string());
         }
         source = err.source();
     }
-    None
+    if e.is_timeout() {
+        Outcome::Failed("timed out".into())
+    } else if e.is_connect() {
+        Outcome::Failed("cannot connect".into())
+    } else {
+        Outcome::Failed(e.without_url().to_string())
+    }
 }

@@ -163,9 +163,9 @@ fn a_flex_jobs_retry_stays_on_the_flex_tier() {
     let retry = |dir: &str, extra: &[&str]| -> String {
         let dir = fleet.dir.join(dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let out = std::process::Command::new(e2e::bin("producer"))
+        let out = harness::producer_command(&fleet.config)
             .current_dir(&dir)
-            .args(["--config", fleet.config.to_str().unwrap(), "--quiet", "retry", &job, "--json"])
+            .args(["retry", &job, "--json"])
             .args(extra)
             .output()
             .unwrap();
